@@ -1,0 +1,1 @@
+"""BPF C sources for memtrace, shipped as package data."""

@@ -1,0 +1,237 @@
+#!/usr/bin/env bash
+# Set up this machine to build, run and test memtrace:  sudo scripts/setup.sh
+#
+# Installs BCC and kernel headers from the distribution (never BCC from PyPI),
+# mounts tracefs/debugfs, creates .venv (with system site packages, so that
+# Debian's python3-bpfcc is importable), installs memtrace into it in editable
+# mode with the dev tools, and links /usr/local/bin/memtrace. Idempotent: a
+# second run installs nothing and takes a second or two.
+set -euo pipefail
+
+SCRIPT="$(readlink -f "${BASH_SOURCE[0]}")"
+REPO="$(cd "$(dirname "$SCRIPT")/.." && pwd -P)"
+
+if [[ $EUID -ne 0 ]]; then
+    if command -v sudo >/dev/null 2>&1; then
+        exec sudo -- bash "$SCRIPT" "$@"
+    fi
+    echo "error: scripts/setup.sh must run as root (sudo not found); run it as root" >&2
+    exit 1
+fi
+
+cd "$REPO"
+export DEBIAN_FRONTEND=noninteractive
+export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
+
+START=$SECONDS
+KREL="$(uname -r)"
+KBUILD="/lib/modules/$KREL/build"
+SYSTEM_PYTHON=/usr/bin/python3
+changed=()
+
+say() { echo "setup: $*"; }
+warn() { echo "setup: WARNING: $*" >&2; }
+
+# --------------------------------------------------------------------------
+# (a) distribution packages
+# --------------------------------------------------------------------------
+if ! command -v apt-get >/dev/null 2>&1; then
+    echo "error: apt-get not found; scripts/setup.sh supports Debian and Ubuntu only" >&2
+    exit 1
+fi
+
+is_installed() {
+    [[ "$(dpkg-query -W -f='${db:Status-Status}' "$1" 2>/dev/null)" == installed ]]
+}
+
+# Kernel headers are satisfied when the running kernel has a usable build dir:
+# its own headers package, or the symlink this script makes to the nearest ones.
+headers_ok() {
+    [[ -f "$KBUILD/Makefile" ]]
+}
+
+# Fallback headers meta-package when the exact linux-headers-$(uname -r) is unknown.
+generic_headers_pkg() {
+    local id="" id_like="" arch
+    if [[ -r /etc/os-release ]]; then
+        # shellcheck disable=SC1091
+        id="$(. /etc/os-release && echo "${ID:-}")"
+        # shellcheck disable=SC1091
+        id_like="$(. /etc/os-release && echo "${ID_LIKE:-}")"
+    fi
+    if [[ $id == ubuntu || " $id_like " == *" ubuntu "* ]]; then
+        echo linux-headers-generic
+        return
+    fi
+    arch="$(dpkg --print-architecture)"
+    case "$arch" in
+        amd64 | arm64 | s390x | riscv64 | loong64) echo "linux-headers-$arch" ;;
+        i386) echo linux-headers-686-pae ;;
+        armhf) echo linux-headers-armmp ;;
+        armel) echo linux-headers-marvell ;;
+        ppc64el) echo linux-headers-powerpc64le ;;
+        mips64el) echo linux-headers-5kc-malta ;;
+        *) echo "linux-headers-$arch" ;;
+    esac
+}
+
+PKGS=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev make)
+missing=()
+for p in "${PKGS[@]}"; do
+    is_installed "$p" || missing+=("$p")
+done
+
+if ((${#missing[@]})) || ! headers_ok; then
+    say "apt-get update"
+    apt-get update -qq
+    if ! headers_ok; then
+        hdr="linux-headers-$KREL"
+        if ! apt-cache show --no-all-versions "$hdr" >/dev/null 2>&1; then
+            hdr="$(generic_headers_pkg)"
+            say "no package linux-headers-$KREL; using $hdr"
+        fi
+        is_installed "$hdr" || missing+=("$hdr")
+    fi
+    if ((${#missing[@]})); then
+        say "apt-get install ${missing[*]}"
+        apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+        changed+=("installed ${missing[*]}")
+    fi
+fi
+
+# Newest /usr/src/linux-headers-* that can build (has a Makefile and generated
+# headers): the arch-specific dir (…-amd64), not …-common. Plain flavours first.
+pick_headers_dir() {
+    local d cands=()
+    for d in /usr/src/linux-headers-*; do
+        [[ -f "$d/Makefile" ]] || continue
+        if [[ -d "$d/include/generated" ]] || compgen -G "$d/arch/*/include/generated" >/dev/null; then
+            cands+=("$d")
+        fi
+    done
+    ((${#cands[@]})) || return 1
+    local plain
+    plain="$(printf '%s\n' "${cands[@]}" | grep -Ev -- '-(rt|cloud)-' | sort -V | tail -n1 || true)"
+    if [[ -n $plain ]]; then
+        echo "$plain"
+    else
+        printf '%s\n' "${cands[@]}" | sort -V | tail -n1
+    fi
+}
+
+if ! headers_ok; then
+    if hdir="$(pick_headers_dir)"; then
+        hver="${hdir#/usr/src/linux-headers-}"
+        if mkdir -p "/lib/modules/$KREL" && ln -sfn "$hdir" "$KBUILD"; then
+            changed+=("linked $KBUILD")
+            warn "no kernel headers for the running kernel $KREL; linked $KBUILD -> $hdir" \
+                "(headers $hver). The headers are mismatched, which works because memtrace" \
+                "only reads tracepoint arguments."
+        else
+            warn "could not create $KBUILD -> $hdir; BCC will not find kernel headers"
+        fi
+    else
+        warn "no usable kernel headers under /usr/src; BCC will not be able to compile"
+    fi
+elif [[ -L $KBUILD ]]; then
+    target="$(readlink -f "$KBUILD")"
+    if [[ $target == /usr/src/linux-headers-* && $target != "/usr/src/linux-headers-$KREL" ]]; then
+        say "note: kernel $KREL uses mismatched headers ${target#/usr/src/linux-headers-} (fine: tracepoints only)"
+    fi
+fi
+
+# --------------------------------------------------------------------------
+# (b) tracefs and debugfs
+# --------------------------------------------------------------------------
+if ! mountpoint -q /sys/kernel/tracing; then
+    if mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null; then
+        changed+=("mounted tracefs")
+    else
+        warn "could not mount tracefs at /sys/kernel/tracing; BPF tracepoints will not work"
+    fi
+fi
+if ! mountpoint -q /sys/kernel/debug; then
+    if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
+        changed+=("mounted debugfs")
+    else
+        say "note: could not mount debugfs at /sys/kernel/debug (not needed with tracefs)"
+    fi
+fi
+
+# --------------------------------------------------------------------------
+# (c) .venv with system site packages + editable install with dev tools
+# --------------------------------------------------------------------------
+VENV="$REPO/.venv"
+venv_ok() {
+    [[ -x "$VENV/bin/python" && -f "$VENV/pyvenv.cfg" ]] &&
+        grep -Eq '^include-system-site-packages *= *true' "$VENV/pyvenv.cfg" &&
+        "$VENV/bin/python" -c 'import sys; sys.exit(sys.base_prefix != "/usr")' 2>/dev/null
+}
+if ! venv_ok; then
+    if [[ -e $VENV ]]; then
+        say "recreating .venv (missing system site packages or broken)"
+        rm -rf "$VENV"
+    fi
+    "$SYSTEM_PYTHON" -m venv --system-site-packages "$VENV"
+    changed+=("created .venv")
+fi
+
+# Reinstall only when something that shapes the install changed: pyproject.toml,
+# setup.py, or the set of packages (an editable install maps packages by name).
+stamp_input() {
+    cat pyproject.toml setup.py 2>/dev/null
+    find memtrace bpf -name __init__.py 2>/dev/null | LC_ALL=C sort
+}
+STAMP="$VENV/.memtrace-install-stamp"
+want="$(stamp_input | sha256sum | cut -d' ' -f1)"
+have="$(cat "$STAMP" 2>/dev/null || true)"
+if [[ $want != "$have" || ! -x "$VENV/bin/memtrace" ]]; then
+    say "pip install -e '.[dev]'"
+    rm -f "$STAMP"
+    # Drop pip's noise about missing local index dirs from machine-wide pip config.
+    { "$VENV/bin/pip" install -q -e '.[dev]' 2>&1 1>&3 |
+        { grep -v 'is ignored: it is neither a file nor a directory' || true; } >&2; } 3>&1
+    echo "$want" >"$STAMP"
+    changed+=("installed memtrace into .venv")
+fi
+
+# When run via sudo from a user's checkout, leave .venv owned by that user.
+owner="$(stat -c %u "$REPO")"
+if [[ $owner != 0 ]] && ((${#changed[@]})); then
+    chown -R "$owner:$(stat -c %g "$REPO")" "$VENV"
+fi
+
+# --------------------------------------------------------------------------
+# (d) /usr/local/bin/memtrace
+# --------------------------------------------------------------------------
+LINK=/usr/local/bin/memtrace
+if [[ "$(readlink "$LINK" 2>/dev/null || true)" != "$VENV/bin/memtrace" ]]; then
+    if [[ -e $LINK && ! -L $LINK ]]; then
+        warn "$LINK exists and is not a symlink; left alone"
+    else
+        mkdir -p /usr/local/bin
+        ln -sfn "$VENV/bin/memtrace" "$LINK"
+        changed+=("linked $LINK")
+    fi
+fi
+
+# --------------------------------------------------------------------------
+# (e) verify and summarise
+# --------------------------------------------------------------------------
+if ! bcc_ver="$("$VENV/bin/python" -c 'import bcc; print(getattr(bcc, "__version__", "?"))' 2>&1)"; then
+    echo "error: .venv/bin/python cannot import bcc (Debian package python3-bpfcc):" >&2
+    echo "$bcc_ver" >&2
+    exit 1
+fi
+
+hdr_desc="none"
+[[ -e $KBUILD ]] && hdr_desc="$(readlink -f "$KBUILD")"
+say "kernel $KREL, headers $hdr_desc"
+say "python $("$VENV/bin/python" -c 'import platform; print(platform.python_version())'), bcc $bcc_ver, venv $VENV"
+say "command $LINK -> $(readlink "$LINK" 2>/dev/null || echo '(not linked)')"
+if ((${#changed[@]})); then
+    say "changed: $(IFS=';'; echo "${changed[*]}" | sed 's/;/; /g')"
+else
+    say "nothing to change"
+fi
+say "done in $((SECONDS - START))s. Test with: sudo scripts/test.sh"
