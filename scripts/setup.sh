@@ -19,6 +19,8 @@ if [[ $EUID -ne 0 ]]; then
     exit 1
 fi
 
+trap 'echo "setup: FAILED (exit $?) at scripts/setup.sh line $LINENO: $BASH_COMMAND" >&2' ERR
+
 cd "$REPO"
 export DEBIAN_FRONTEND=noninteractive
 export PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore PIP_NO_INPUT=1
@@ -180,7 +182,7 @@ fi
 # setup.py, or the set of packages (an editable install maps packages by name).
 stamp_input() {
     cat pyproject.toml setup.py 2>/dev/null
-    find memtrace bpf -name __init__.py 2>/dev/null | LC_ALL=C sort
+    { find memtrace bpf -name __init__.py 2>/dev/null || true; } | LC_ALL=C sort
 }
 STAMP="$VENV/.memtrace-install-stamp"
 want="$(stamp_input | sha256sum | cut -d' ' -f1)"
