@@ -48,8 +48,12 @@ is_installed() {
 
 # Kernel headers are satisfied when the running kernel has a usable build dir:
 # its own headers package, or the symlink this script makes to the nearest ones.
+# BCC needs the build tree and, when Debian splits them, the common source
+# tree (include/linux/kconfig.h lives there).
 headers_ok() {
-    [[ -f "$KBUILD/Makefile" ]]
+    [[ -f "$KBUILD/Makefile" ]] &&
+        { [[ -f "$KBUILD/include/linux/kconfig.h" ]] ||
+          [[ -f "/lib/modules/$KREL/source/include/linux/kconfig.h" ]]; }
 }
 
 # Fallback headers meta-package when the exact linux-headers-$(uname -r) is unknown.
@@ -126,6 +130,12 @@ if ! headers_ok; then
         hver="${hdir#/usr/src/linux-headers-}"
         if mkdir -p "/lib/modules/$KREL" && ln -sfn "$hdir" "$KBUILD"; then
             changed+=("linked $KBUILD")
+            # Debian splits headers into -ARCH and -common: link source too.
+            if [[ -e "/lib/modules/$hver/source" ]]; then
+                ln -sfn "$(readlink -f "/lib/modules/$hver/source")" "/lib/modules/$KREL/source"
+            elif [[ -d "${hdir%-*}-common" ]]; then
+                ln -sfn "${hdir%-*}-common" "/lib/modules/$KREL/source"
+            fi
             warn "no kernel headers for the running kernel $KREL; linked $KBUILD -> $hdir" \
                 "(headers $hver). The headers are mismatched, which works because memtrace" \
                 "only reads tracepoint arguments."
