@@ -1,0 +1,323 @@
+/* memtrace BPF side: marks the 2 MiB chunks whose resident pages may have
+ * changed, counts faults and address-space syscalls per process, and streams
+ * the rare syscall records. Reads tracepoint arguments only (plus, for the raw
+ * rss_stat probe, task_struct.mm at an offset taken from BTF at run time), so
+ * it compiles correctly against mismatched kernel headers.
+ *
+ * Compile-time parameters (-D): MT_MAX_TARGETS, MT_MAX_CHUNKS,
+ * MT_RANGES_PAGES, MT_EVENTS_PAGES, and optionally MT_TASK_MM_OFFSET. */
+#include <uapi/linux/ptrace.h>
+#include "memtrace.h"
+
+BPF_HASH(targets, u32, u32, MT_MAX_TARGETS);
+BPF_HASH(stats, u32, struct mt_stats, MT_MAX_TARGETS);
+BPF_HASH(event_credit, u32, s64, MT_MAX_TARGETS);
+BPF_HASH(dirty, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
+BPF_HASH(inflight, u32, struct mt_inflight, 4096);
+BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);
+BPF_RINGBUF_OUTPUT(ranges, MT_RANGES_PAGES);
+BPF_RINGBUF_OUTPUT(events, MT_EVENTS_PAGES);
+
+static __always_inline int is_target(u32 tgid)
+{
+    return targets.lookup(&tgid) != NULL;
+}
+
+static __always_inline void mark_chunk(u32 tgid, u64 addr, u64 faults)
+{
+    struct mt_chunk_key key = {.tgid = tgid, .chunk = addr >> MT_CHUNK_SHIFT};
+    struct mt_chunk_val zero = {};
+    struct mt_chunk_val *val = dirty.lookup_or_try_init(&key, &zero);
+    if (!val) {
+        /* Map full: ask for a full rescan rather than lose the change. */
+        struct mt_stats *st = stats.lookup(&tgid);
+        if (st)
+            __sync_fetch_and_add(&st->full_rescan_requests, 1);
+        return;
+    }
+    if (faults) {
+        __sync_fetch_and_add(&val->faults, faults);
+        val->last_addr = addr;
+    }
+}
+
+static __always_inline void on_fault(u64 addr)
+{
+    if (addr >= MT_USER_ADDR_MAX)
+        return;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return;
+    mark_chunk(tgid, addr, 1);
+}
+
+TRACEPOINT_PROBE(exceptions, page_fault_user)
+{
+    on_fault(args->address);
+    return 0;
+}
+
+/* Kernel-mode faults on user addresses: read() into a fresh buffer, etc. */
+TRACEPOINT_PROBE(exceptions, page_fault_kernel)
+{
+    on_fault(args->address);
+    return 0;
+}
+
+/* Mark [start, end): inline when small, else hand the range to user space. */
+static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start, u64 end)
+{
+    if (end <= start || start >= MT_USER_ADDR_MAX)
+        return;
+    u64 first = start >> MT_CHUNK_SHIFT;
+    u64 last = (end - 1) >> MT_CHUNK_SHIFT;
+    if (last - first < MT_INLINE_CHUNKS) {
+#pragma unroll
+        for (int i = 0; i < MT_INLINE_CHUNKS; i++) {
+            if (first + i > last)
+                break;
+            mark_chunk(tgid, (first + i) << MT_CHUNK_SHIFT, 0);
+        }
+        return;
+    }
+    struct mt_range *r = ranges.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        __sync_fetch_and_add(&st->ranges_lost, 1);
+        return;
+    }
+    r->tgid = tgid;
+    r->pad = 0;
+    r->start = start;
+    r->end = end;
+    ranges.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline int stash(u32 sys, u32 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    if (!is_target(tgid))
+        return 0;
+    struct mt_inflight in = {.args = {a0, a1, a2, a3, a4}, .sys = sys, .nr = nr};
+    inflight.update(&tid, &in);
+    return 0;
+}
+
+static __always_inline void stream(u32 tgid, u32 tid, struct mt_inflight *in, s64 ret,
+                                   struct mt_stats *st)
+{
+    s64 *credit = event_credit.lookup(&tgid);
+    if (!credit || __sync_fetch_and_add(credit, -1) <= 0) {
+        __sync_fetch_and_add(&st->events_sampled_out, 1);
+        return;
+    }
+    struct mt_event *ev = events.ringbuf_reserve(sizeof(*ev));
+    if (!ev) {
+        __sync_fetch_and_add(&st->events_lost, 1);
+        return;
+    }
+    ev->ts_ns = bpf_ktime_get_ns();
+    ev->tgid = tgid;
+    ev->tid = tid;
+    ev->sys = in->sys;
+    ev->nr = in->nr;
+    ev->ret = ret;
+#pragma unroll
+    for (int i = 0; i < 5; i++)
+        ev->args[i] = in->args[i];
+    events.ringbuf_submit(ev, BPF_RB_NO_WAKEUP);
+}
+
+#define MADV_WILLNEED 3
+#define MADV_DONTNEED 4
+#define MADV_FREE 8
+#define MADV_REMOVE 9
+#define MADV_COLD 20
+#define MADV_PAGEOUT 21
+#define MADV_POPULATE_READ 22
+#define MADV_POPULATE_WRITE 23
+#define MADV_DONTNEED_LOCKED 24
+#define MADV_COLLAPSE 25
+
+static __always_inline int madvise_keeps_layout(u64 advice)
+{
+    switch (advice) {
+    case MADV_WILLNEED: case MADV_DONTNEED: case MADV_FREE: case MADV_REMOVE:
+    case MADV_COLD: case MADV_PAGEOUT: case MADV_POPULATE_READ:
+    case MADV_POPULATE_WRITE: case MADV_DONTNEED_LOCKED: case MADV_COLLAPSE:
+        return 1;
+    }
+    return 0;
+}
+
+static __always_inline u64 page_up(u64 x) { return (x + 4095) & ~4095ULL; }
+
+static __always_inline int finish(s64 ret)
+{
+    u64 id = bpf_get_current_pid_tgid();
+    u32 tgid = id >> 32, tid = (u32)id;
+    struct mt_inflight *in = inflight.lookup(&tid);
+    if (!in)
+        return 0;
+    struct mt_stats zero = {};
+    struct mt_stats *st = stats.lookup_or_try_init(&tgid, &zero);
+    if (!st) {
+        inflight.delete(&tid);
+        return 0;
+    }
+    u32 sys = in->sys;
+    u64 a0 = in->args[0], a1 = in->args[1], a2 = in->args[2];
+    u64 bytes = 0;
+    int layout = 1;
+    int ok = ret >= 0;
+
+    switch (sys) {
+    case MT_SYS_MMAP:
+        if (ok) {
+            bytes = a1;
+            mark_range(tgid, st, (u64)ret, (u64)ret + page_up(a1));
+        }
+        break;
+    case MT_SYS_MUNMAP:
+    case MT_SYS_MPROTECT:
+    case MT_SYS_MLOCK:
+    case MT_SYS_MUNLOCK:
+        bytes = a1;
+        mark_range(tgid, st, a0, a0 + page_up(a1));
+        break;
+    case MT_SYS_MADVISE:
+        bytes = a1;
+        layout = !madvise_keeps_layout(a2);
+        mark_range(tgid, st, a0, a0 + page_up(a1));
+        break;
+    case MT_SYS_MREMAP:
+        mark_range(tgid, st, a0, a0 + page_up(a1));
+        if (ok) {
+            bytes = a2;
+            mark_range(tgid, st, (u64)ret, (u64)ret + page_up(a2));
+        }
+        break;
+    case MT_SYS_BRK: {
+        u64 old = st->brk, cur = (u64)ret;
+        if (old && cur != old) {
+            u64 lo = old < cur ? old : cur, hi = old < cur ? cur : old;
+            bytes = hi - lo;
+            mark_range(tgid, st, lo & ~4095ULL, page_up(hi));
+        } else if (!old) {
+            mark_range(tgid, st, cur & ~4095ULL, page_up(cur) + 1);
+        }
+        layout = cur != old;
+        st->brk = cur;
+        break;
+    }
+    case MT_SYS_EXEC:
+        layout = 0;
+        if (ok) {
+            __sync_fetch_and_add(&st->exec_gen, 1);
+            st->brk = 0;
+        }
+        break;
+    case MT_SYS_SHMAT:
+    case MT_SYS_SHMDT:
+        /* Size unknown here; user space rescans VMAs that appear and drops
+         * pages of VMAs that go. */
+        break;
+    case MT_SYS_OTHER:
+        if (in->nr == 157 || in->nr == 152) /* PR_SET_VMA renames; munlockall frees nothing */
+            break;
+        /* remap_file_pages, mlockall: effect not bounded by the arguments */
+    default:
+        if (ok)
+            __sync_fetch_and_add(&st->full_rescan_requests, 1);
+        break;
+    }
+    if (sys < MT_NSYS) {
+        __sync_fetch_and_add(&st->calls[sys], 1);
+        __sync_fetch_and_add(&st->bytes[sys], bytes);
+    }
+    if (layout && ok)
+        __sync_fetch_and_add(&st->layout_gen, 1);
+    stream(tgid, tid, in, ret, st);
+    inflight.delete(&tid);
+    return 0;
+}
+
+#define ENTER(name, sys, nr, a0, a1, a2, a3, a4) \
+    TRACEPOINT_PROBE(syscalls, sys_enter_##name) \
+    { return stash(sys, nr, (u64)(a0), (u64)(a1), (u64)(a2), (u64)(a3), (u64)(a4)); } \
+    TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return finish(args->ret); }
+
+ENTER(brk, MT_SYS_BRK, 12, args->brk, 0, 0, 0, 0)
+ENTER(mmap, MT_SYS_MMAP, 9, args->addr, args->len, args->prot, args->flags, args->fd)
+ENTER(munmap, MT_SYS_MUNMAP, 11, args->addr, args->len, 0, 0, 0)
+ENTER(mremap, MT_SYS_MREMAP, 25, args->addr, args->old_len, args->new_len, args->flags,
+      args->new_addr)
+ENTER(madvise, MT_SYS_MADVISE, 28, args->start, args->len_in, args->behavior, 0, 0)
+ENTER(mprotect, MT_SYS_MPROTECT, 10, args->start, args->len, args->prot, 0, 0)
+ENTER(pkey_mprotect, MT_SYS_MPROTECT, 329, args->start, args->len, args->prot, args->pkey, 0)
+ENTER(mlock, MT_SYS_MLOCK, 149, args->start, args->len, 0, 0, 0)
+ENTER(mlock2, MT_SYS_MLOCK, 325, args->start, args->len, args->flags, 0, 0)
+ENTER(munlock, MT_SYS_MUNLOCK, 150, args->start, args->len, 0, 0, 0)
+ENTER(mlockall, MT_SYS_OTHER, 151, args->flags, 0, 0, 0, 0)
+ENTER(munlockall, MT_SYS_OTHER, 152, 0, 0, 0, 0, 0)
+ENTER(shmat, MT_SYS_SHMAT, 30, args->shmid, args->shmaddr, args->shmflg, 0, 0)
+ENTER(shmdt, MT_SYS_SHMDT, 67, args->shmaddr, 0, 0, 0, 0)
+ENTER(remap_file_pages, MT_SYS_OTHER, 216, args->start, args->size, args->prot, args->pgoff,
+      args->flags)
+ENTER(execve, MT_SYS_EXEC, 59, 0, 0, 0, 0, 0)
+ENTER(execveat, MT_SYS_EXEC, 322, 0, 0, 0, 0, 0)
+
+#define PR_SET_VMA 0x53564d41
+TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
+{
+    if (args->option != PR_SET_VMA)
+        return 0;
+    return stash(MT_SYS_OTHER, 157, args->option, args->arg2, args->arg3, args->arg4, 0);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_prctl) { return finish(args->ret); }
+
+/* RSS changes of a watched mm made outside its own context (exit, ksmd,
+ * khugepaged, reclaim by others, process_madvise) carry no address: flag
+ * them so user space rescans. */
+#ifdef MT_TASK_MM_OFFSET
+RAW_TRACEPOINT_PROBE(rss_stat)
+{
+    u64 mm = ctx->args[0];
+    u64 cur_mm = 0;
+    char *task = (char *)bpf_get_current_task();
+    bpf_probe_read_kernel(&cur_mm, sizeof(cur_mm), task + MT_TASK_MM_OFFSET);
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (mm == cur_mm) {
+        if (is_target(tgid) && !mm_owner.lookup(&mm))
+            mm_owner.update(&mm, &tgid);
+        return 0;
+    }
+    u32 *owner = mm_owner.lookup(&mm);
+    if (!owner)
+        return 0;
+    u32 o = *owner;
+    struct mt_stats *st = stats.lookup(&o);
+    if (st)
+        __sync_fetch_and_add(&st->remote_rss, 1);
+    return 0;
+}
+#else
+TRACEPOINT_PROBE(kmem, rss_stat)
+{
+    u64 mm = args->mm_id;
+    if (args->curr) {
+        u32 tgid = bpf_get_current_pid_tgid() >> 32;
+        if (is_target(tgid) && !mm_owner.lookup(&mm))
+            mm_owner.update(&mm, &tgid);
+        return 0;
+    }
+    u32 *owner = mm_owner.lookup(&mm);
+    if (!owner)
+        return 0;
+    u32 o = *owner;
+    struct mt_stats *st = stats.lookup(&o);
+    if (st)
+        __sync_fetch_and_add(&st->remote_rss, 1);
+    return 0;
+}
+#endif

@@ -1,0 +1,78 @@
+/* Structures shared between the BPF program (memtrace.bpf.c) and user space
+ * (memtrace/events.py mirrors them with ctypes; keep both in step). */
+#ifndef MEMTRACE_H
+#define MEMTRACE_H
+
+#define MT_CHUNK_SHIFT 21           /* dirty-tracking granule: 2 MiB, one PMD */
+#define MT_INLINE_CHUNKS 4          /* ranges up to this many chunks are marked in BPF */
+#define MT_USER_ADDR_MAX 0x00007ffffffff000ULL
+
+/* Syscall classes counted per process (index into mt_stats arrays). */
+enum mt_syscall {
+    MT_SYS_BRK = 0,
+    MT_SYS_MMAP,
+    MT_SYS_MUNMAP,
+    MT_SYS_MREMAP,
+    MT_SYS_MADVISE,
+    MT_SYS_MPROTECT,
+    MT_SYS_MLOCK,
+    MT_SYS_MUNLOCK,
+    MT_SYS_SHMAT,
+    MT_SYS_SHMDT,
+    MT_SYS_OTHER,                   /* remap_file_pages, prctl(PR_SET_VMA) */
+    MT_SYS_EXEC,
+    MT_NSYS,
+};
+
+struct mt_chunk_key {
+    u32 tgid;
+    u32 pad;
+    u64 chunk;                      /* address >> MT_CHUNK_SHIFT */
+};
+
+struct mt_chunk_val {
+    u64 faults;                     /* user + kernel page faults in this chunk */
+    u64 last_addr;                  /* address of the latest fault */
+};
+
+/* Per-process counters; only BPF writes them (atomic adds), user space reads. */
+struct mt_stats {
+    u64 calls[MT_NSYS];
+    u64 bytes[MT_NSYS];
+    u64 layout_gen;                 /* bumped by every call that may change the VMA list */
+    u64 exec_gen;                   /* bumped by a successful execve: a new address space */
+    u64 remote_rss;                 /* RSS changes of this mm made from another context */
+    u64 full_rescan_requests;       /* calls whose effect cannot be bounded (mlockall...) */
+    u64 ranges_lost;                /* range records that did not fit the ring buffer */
+    u64 events_lost;                /* event records that did not fit the ring buffer */
+    u64 events_sampled_out;         /* event records skipped because the budget was spent */
+    u64 brk;                        /* last program break seen */
+};
+
+/* Arguments of an address-space syscall in flight, per thread. */
+struct mt_inflight {
+    u64 args[5];
+    u32 sys;
+    u32 nr;
+};
+
+/* A range too large to mark inline: user space rescans it. */
+struct mt_range {
+    u32 tgid;
+    u32 pad;
+    u64 start;
+    u64 end;
+};
+
+/* One address-space syscall, streamed for the event log. */
+struct mt_event {
+    u64 ts_ns;
+    u32 tgid;
+    u32 tid;
+    u32 sys;                        /* enum mt_syscall */
+    u32 nr;                         /* raw syscall number */
+    s64 ret;
+    u64 args[5];
+};
+
+#endif

@@ -1,0 +1,3 @@
+from memtrace.cli import main
+
+main()

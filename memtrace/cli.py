@@ -1,0 +1,207 @@
+"""Command line: memtrace watch | run | doctor."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from typing import IO, Any
+
+import click
+
+from memtrace import __version__
+from memtrace.doctor import render, run_checks
+from memtrace.errors import ExitCode, MemtraceError
+from memtrace.procfs import ProcFS
+from memtrace.session import Reporter, Session, log
+
+EXIT_CODES_HELP = """\b
+Exit codes: 0 ok; 2 usage; 3 not root; 4 BCC missing; 5 kernel headers missing;
+6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
+10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted.
+`run` otherwise exits with the command's status (128+N if killed by signal N)."""
+
+
+def _common(f: Any) -> Any:
+    options = [
+        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+                     show_default=True, help="Live table, or JSON Lines (one object per "
+                     "process per interval)."),
+        click.option("--interval", type=click.FloatRange(min=0.01), default=1.0,
+                     show_default=True, help="Seconds between snapshots."),
+        click.option("--reconcile-interval", type=click.FloatRange(min=0.0), default=300.0,
+                     show_default=True, help="Seconds between unconditional full rescans "
+                     "(0 = never; a rescan after a detected mismatch still happens)."),
+        click.option("--no-serve", is_flag=True, help="Do not serve /metrics (the exporter "
+                     "is not built yet: accepted for forward compatibility)."),
+        click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+                     default=None, help="Write the output to this file instead of stdout."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _reporter(fmt: str, output: str | None) -> Reporter:
+    stream: IO[str] | None = open(output, "w") if output else None  # noqa: SIM115
+    if fmt == "json":
+        from memtrace.views.jsonl import JsonReporter
+        return JsonReporter(stream)
+    from rich.console import Console
+
+    from memtrace.views.table import TableReporter
+    return TableReporter(Console(file=stream) if stream else None)
+
+
+@click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="memtrace")
+def cli() -> None:
+    """Exact per-mapping resident memory of processes, from eBPF events."""
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("pids", nargs=-1, required=True, type=int)
+@_common
+def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: float,
+          no_serve: bool, output: str | None) -> None:
+    """Watch running processes: every mapping's resident bytes, faults and calls.
+
+    Exits 0 when every watched process has exited."""
+    procfs = ProcFS()
+    for pid in dict.fromkeys(pids):
+        procfs.check_target(pid)
+    session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
+    session.install_signal_handlers()
+    try:
+        session.load()
+        for pid in dict.fromkeys(pids):
+            session.add_target(pid)
+            session.attach(pid)
+        session.loop(lambda: bool(session.trackers))
+    finally:
+        session.close()
+
+
+def _check_executable(command: tuple[str, ...]) -> str:
+    prog = command[0]
+    path = prog if "/" in prog else shutil.which(prog)
+    if not path or not os.path.exists(path):
+        raise MemtraceError(f"command not found: {prog}", ExitCode.CANNOT_EXECUTE)
+    if os.path.isdir(path) or not os.access(path, os.X_OK):
+        raise MemtraceError(f"cannot execute {prog}: not an executable file",
+                            ExitCode.CANNOT_EXECUTE)
+    return path
+
+
+def _spawn_stopped(path: str, command: tuple[str, ...]) -> tuple[int, int, int]:
+    """Fork a child that waits for a go byte before exec. Returns (pid, go_fd, err_fd)."""
+    go_r, go_w = os.pipe()
+    err_r, err_w = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:  # child: wait until the parent traces us, then exec
+        try:
+            os.close(go_w)
+            os.close(err_r)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.read(go_r, 1)
+            os.close(go_r)
+            os.execv(path, list(command))
+        except OSError as e:
+            os.write(err_w, str(e.errno).encode())
+        finally:
+            os._exit(127)
+    os.close(go_r)
+    os.close(err_w)
+    return pid, go_w, err_r
+
+
+def _status_to_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@_common
+def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
+        no_serve: bool, output: str | None) -> None:
+    """Run COMMAND traced from its first instruction; exit with its status.
+
+    Put -- before the command: memtrace run -- ./server --port 8080"""
+    path = _check_executable(command)
+    session = Session(_reporter(fmt, output), interval, reconcile_interval)
+    child = 0
+    status: int | None = None
+
+    def forward(signum: int) -> None:
+        if child and signum == signal.SIGTERM:
+            os.kill(child, signum)
+
+    session.install_signal_handlers(forward)
+    try:
+        session.load()
+        child, go_w, err_r = _spawn_stopped(path, command)
+        session.add_target(child)
+        os.write(go_w, b"x")
+        os.close(go_w)
+        err = os.read(err_r, 64)
+        os.close(err_r)
+        if err:
+            os.waitpid(child, 0)
+            raise MemtraceError(f"cannot execute {command[0]}: {os.strerror(int(err))}",
+                                ExitCode.CANNOT_EXECUTE)
+        # If it exits before we read it, its status still counts.
+        with contextlib.suppress(MemtraceError):
+            session.attach(child)
+
+        def child_running() -> bool:
+            nonlocal status
+            pid, st = os.waitpid(child, os.WNOHANG)
+            if pid == child:
+                status = st
+                return False
+            return True
+
+        session.loop(child_running)
+        if status is None:  # interrupted: let the command finish on its own signal
+            _, status = os.waitpid(child, 0)
+    finally:
+        session.close()
+    code = _status_to_code(status)
+    log(f"{command[0]} exited with status {code}")
+    sys.exit(code)
+
+
+@cli.command()
+def doctor() -> None:
+    """Check that memtrace can run here, one line per requirement with the fix."""
+    checks = run_checks()
+    click.echo(render(checks))
+    failed = [c for c in checks if c.required and not c.ok]
+    if failed:
+        codes = {"BCC": ExitCode.NO_BCC, "kernel headers": ExitCode.NO_HEADERS,
+                 "privileges": ExitCode.NOT_ROOT, "tracepoints": ExitCode.NO_TRACEFS,
+                 "PAGEMAP_SCAN": ExitCode.KERNEL_UNSUPPORTED}
+        sys.exit(codes.get(failed[0].name, ExitCode.INTERNAL))
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(ExitCode.USAGE)
+    except MemtraceError as e:
+        print(f"memtrace: error: {e.message}", file=sys.stderr)
+        sys.exit(e.code)
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(0)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,33 @@
+"""Exit codes and the one exception type that carries them to the CLI."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """Documented process exit codes (see docs/exit-codes.md)."""
+
+    OK = 0
+    INTERNAL = 1
+    USAGE = 2
+    NOT_ROOT = 3
+    NO_BCC = 4
+    NO_HEADERS = 5
+    NO_SUCH_PROCESS = 6
+    KERNEL_THREAD = 7
+    ZOMBIE = 8
+    OWN_PROCESS = 9
+    CANNOT_EXECUTE = 10
+    BPF_LOAD_FAILED = 11
+    NO_TRACEFS = 12
+    KERNEL_UNSUPPORTED = 13
+
+
+class MemtraceError(Exception):
+    """An error reported to the user as one line, with a distinct exit code."""
+
+    def __init__(self, message: str, code: ExitCode) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code

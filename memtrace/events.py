@@ -1,0 +1,174 @@
+"""Records that cross from BPF to user space, mirrored from bpf/memtrace.h with
+ctypes, and their decoding into plain Python values. Pure: no bcc import, so it
+is tested on recorded bytes."""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+
+CHUNK_SHIFT = 21
+CHUNK_SIZE = 1 << CHUNK_SHIFT
+USER_ADDR_MAX = 0x00007FFFFFFFF000
+
+SYSCALL_CLASSES = ("brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "mlock",
+                   "munlock", "shmat", "shmdt", "other", "exec")
+NSYS = len(SYSCALL_CLASSES)
+
+# x86_64 syscall numbers of the calls traced, for display
+SYSCALL_NAMES = {12: "brk", 9: "mmap", 11: "munmap", 25: "mremap", 28: "madvise",
+                 10: "mprotect", 329: "pkey_mprotect", 149: "mlock", 325: "mlock2",
+                 150: "munlock", 151: "mlockall", 152: "munlockall", 30: "shmat", 67: "shmdt",
+                 216: "remap_file_pages", 59: "execve", 322: "execveat", 157: "prctl"}
+
+MADVISE_NAMES = {0: "NORMAL", 1: "RANDOM", 2: "SEQUENTIAL", 3: "WILLNEED", 4: "DONTNEED",
+                 8: "FREE", 9: "REMOVE", 10: "DONTFORK", 11: "DOFORK", 12: "MERGEABLE",
+                 13: "UNMERGEABLE", 14: "HUGEPAGE", 15: "NOHUGEPAGE", 16: "DONTDUMP",
+                 17: "DODUMP", 18: "WIPEONFORK", 19: "KEEPONFORK", 20: "COLD", 21: "PAGEOUT",
+                 22: "POPULATE_READ", 23: "POPULATE_WRITE", 24: "DONTNEED_LOCKED",
+                 25: "COLLAPSE"}
+
+
+class RawStats(ctypes.Structure):
+    _fields_ = [
+        ("calls", ctypes.c_uint64 * NSYS),
+        ("bytes", ctypes.c_uint64 * NSYS),
+        ("layout_gen", ctypes.c_uint64),
+        ("exec_gen", ctypes.c_uint64),
+        ("remote_rss", ctypes.c_uint64),
+        ("full_rescan_requests", ctypes.c_uint64),
+        ("ranges_lost", ctypes.c_uint64),
+        ("events_lost", ctypes.c_uint64),
+        ("events_sampled_out", ctypes.c_uint64),
+        ("brk", ctypes.c_uint64),
+    ]
+
+
+class RawRange(ctypes.Structure):
+    _fields_ = [("tgid", ctypes.c_uint32), ("pad", ctypes.c_uint32),
+                ("start", ctypes.c_uint64), ("end", ctypes.c_uint64)]
+
+
+class RawEvent(ctypes.Structure):
+    _fields_ = [
+        ("ts_ns", ctypes.c_uint64),
+        ("tgid", ctypes.c_uint32),
+        ("tid", ctypes.c_uint32),
+        ("sys", ctypes.c_uint32),
+        ("nr", ctypes.c_uint32),
+        ("ret", ctypes.c_int64),
+        ("args", ctypes.c_uint64 * 5),
+    ]
+
+
+@dataclass(frozen=True)
+class Stats:
+    """Per-process counters kept in BPF, as of one read."""
+
+    calls: dict[str, int]
+    bytes: dict[str, int]
+    layout_gen: int = 0
+    exec_gen: int = 0
+    remote_rss: int = 0
+    full_rescan_requests: int = 0
+    ranges_lost: int = 0
+    events_lost: int = 0
+    events_sampled_out: int = 0
+    brk: int = 0
+
+    @classmethod
+    def empty(cls) -> Stats:
+        return cls(calls=dict.fromkeys(SYSCALL_CLASSES, 0), bytes=dict.fromkeys(SYSCALL_CLASSES, 0))
+
+
+def decode_stats(raw: RawStats) -> Stats:
+    return Stats(
+        calls={name: int(raw.calls[i]) for i, name in enumerate(SYSCALL_CLASSES)},
+        bytes={name: int(raw.bytes[i]) for i, name in enumerate(SYSCALL_CLASSES)},
+        layout_gen=raw.layout_gen, exec_gen=raw.exec_gen, remote_rss=raw.remote_rss,
+        full_rescan_requests=raw.full_rescan_requests, ranges_lost=raw.ranges_lost,
+        events_lost=raw.events_lost, events_sampled_out=raw.events_sampled_out, brk=raw.brk,
+    )
+
+
+@dataclass(frozen=True)
+class Range:
+    tgid: int
+    start: int
+    end: int
+
+
+def decode_range(data: bytes) -> Range:
+    raw = RawRange.from_buffer_copy(data[:ctypes.sizeof(RawRange)])
+    return Range(tgid=raw.tgid, start=raw.start, end=raw.end)
+
+
+@dataclass(frozen=True)
+class SyscallEvent:
+    ts_ns: int
+    tgid: int
+    tid: int
+    syscall: str          # class name, e.g. "mmap"
+    name: str             # actual syscall, e.g. "mlock2"
+    ret: int
+    args: tuple[int, ...]
+
+    @property
+    def ok(self) -> bool:
+        return self.ret >= 0
+
+    def describe(self) -> str:
+        a = self.args
+        n = self.name
+        if n == "mmap":
+            res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
+            return f"mmap(len={_size(a[1])}, fd={_signed(a[4])}) {res}"
+        if n in ("munmap", "mprotect", "pkey_mprotect", "mlock", "mlock2", "munlock"):
+            return f"{n}({a[0]:#x}, {_size(a[1])}) = {self.ret}"
+        if n == "madvise":
+            advice = MADVISE_NAMES.get(a[2], str(a[2]))
+            return f"madvise({a[0]:#x}, {_size(a[1])}, {advice}) = {self.ret}"
+        if n == "mremap":
+            res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
+            return f"mremap({a[0]:#x}, {_size(a[1])} -> {_size(a[2])}) {res}"
+        if n == "brk":
+            return f"brk({a[0]:#x}) = {self.ret:#x}"
+        return f"{n}(...) = {self.ret}"
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return f"{n / (1 << shift):.1f} {unit}"
+    return f"{n} B"
+
+
+def decode_event(data: bytes) -> SyscallEvent:
+    raw = RawEvent.from_buffer_copy(data[:ctypes.sizeof(RawEvent)])
+    cls = SYSCALL_CLASSES[raw.sys] if raw.sys < NSYS else "other"
+    return SyscallEvent(ts_ns=raw.ts_ns, tgid=raw.tgid, tid=raw.tid, syscall=cls,
+                        name=SYSCALL_NAMES.get(raw.nr, str(raw.nr)), ret=raw.ret,
+                        args=tuple(int(x) for x in raw.args))
+
+
+@dataclass
+class ChunkMark:
+    """A dirty 2 MiB chunk drained from BPF, with the faults counted in it."""
+
+    chunk: int
+    faults: int
+    last_addr: int
+
+
+@dataclass
+class Drained:
+    """Everything one drain of the BPF side produced, grouped by process."""
+
+    chunks: dict[int, list[ChunkMark]]
+    ranges: dict[int, list[tuple[int, int]]]
+    events: list[SyscallEvent]
+    stats: dict[int, Stats]

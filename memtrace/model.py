@@ -1,0 +1,168 @@
+"""The address-space model of one process: resident runs per 2 MiB chunk, the
+VMA list, and the attribution of runs to VMAs.
+
+Runs come from PAGEMAP_SCAN and are stored clipped to their chunk. A VMA's
+resident bytes are the sum of the runs inside it; only VMAs that overlap a
+rescanned chunk, or that are new, are recomputed, so the cost of a tick follows
+what changed, not the size of the process."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from memtrace.events import CHUNK_SHIFT, CHUNK_SIZE
+from memtrace.pagemap import Run
+from memtrace.procfs import Vma
+
+
+@dataclass
+class Chunk:
+    runs: list[Run]
+    anon: int       # bytes of anonymous pages
+    other: int      # bytes of file or shmem pages
+
+
+@dataclass
+class Resident:
+    anon: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.anon + self.other
+
+
+def chunk_span(start: int, end: int) -> tuple[int, int]:
+    """Chunks [first, last) that cover [start, end)."""
+    return start >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1
+
+
+def merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(spans):
+        if merged and first <= merged[-1][1]:
+            if last > merged[-1][1]:
+                merged[-1] = (merged[-1][0], last)
+        else:
+            merged.append((first, last))
+    return merged
+
+
+class AddressSpace:
+    def __init__(self) -> None:
+        self.chunks: dict[int, Chunk] = {}
+        self.vmas: list[Vma] = []
+        self._ends: list[int] = []
+        self.resident: dict[int, Resident] = {}   # by VMA start
+        self._total = Resident()                   # sum of self.resident, kept in step
+
+    # -- resident pages -------------------------------------------------
+    def replace_chunks(self, first: int, last: int, runs: Iterable[Run]) -> None:
+        """Chunks [first, last) now hold exactly `runs` (from one scan of them)."""
+        if last - first <= len(self.chunks):
+            for c in range(first, last):
+                self.chunks.pop(c, None)
+        else:
+            for c in [c for c in self.chunks if first <= c < last]:
+                del self.chunks[c]
+        for start, end, anon in runs:
+            while start < end:
+                c = start >> CHUNK_SHIFT
+                piece_end = min(end, (c + 1) << CHUNK_SHIFT)
+                chunk = self.chunks.get(c)
+                if chunk is None:
+                    chunk = self.chunks[c] = Chunk([], 0, 0)
+                chunk.runs.append((start, piece_end, anon))
+                if anon:
+                    chunk.anon += piece_end - start
+                else:
+                    chunk.other += piece_end - start
+                start = piece_end
+
+    def clear(self) -> None:
+        self.chunks.clear()
+
+    # -- VMAs -------------------------------------------------------------
+    def set_vmas(self, vmas: list[Vma]) -> list[Vma]:
+        """Install a new VMA list; return the VMAs that were not there before."""
+        old = {v.identity for v in self.vmas}
+        self.vmas = vmas
+        self._ends = [v.end for v in self.vmas]
+        starts = {v.start for v in self.vmas}
+        for s in [s for s in self.resident if s not in starts]:
+            self._set(s, None)
+        return [v for v in self.vmas if v.identity not in old]
+
+    def vmas_overlapping(self, start: int, end: int) -> list[Vma]:
+        i = bisect_right(self._ends, start)
+        out = []
+        while i < len(self.vmas) and self.vmas[i].start < end:
+            out.append(self.vmas[i])
+            i += 1
+        return out
+
+    def vma_at(self, addr: int) -> Vma | None:
+        i = bisect_right(self._ends, addr)
+        if i < len(self.vmas) and self.vmas[i].start <= addr:
+            return self.vmas[i]
+        return None
+
+    # -- attribution ----------------------------------------------------------
+    def _measure(self, vma: Vma) -> Resident:
+        first, last = chunk_span(vma.start, vma.end)
+        if last - first <= len(self.chunks):
+            indices: Iterable[int] = range(first, last)
+        else:
+            indices = [c for c in self.chunks if first <= c < last]
+        res = Resident()
+        for c in indices:
+            chunk = self.chunks.get(c)
+            if chunk is None:
+                continue
+            c_start = c << CHUNK_SHIFT
+            if vma.start <= c_start and c_start + CHUNK_SIZE <= vma.end:
+                res.anon += chunk.anon
+                res.other += chunk.other
+                continue
+            for start, end, anon in chunk.runs:
+                lo, hi = max(start, vma.start), min(end, vma.end)
+                if lo < hi:
+                    if anon:
+                        res.anon += hi - lo
+                    else:
+                        res.other += hi - lo
+        return res
+
+    def attribute(self, spans: Iterable[tuple[int, int]], new_vmas: Iterable[Vma] = ()) -> None:
+        """Recompute the VMAs overlapping chunk spans [first, last), and new VMAs."""
+        todo = {v.start: v for v in new_vmas}
+        for first, last in spans:
+            for v in self.vmas_overlapping(first << CHUNK_SHIFT, last << CHUNK_SHIFT):
+                todo[v.start] = v
+        for v in todo.values():
+            self._set(v.start, self._measure(v))
+
+    def attribute_all(self) -> None:
+        self.resident = {v.start: self._measure(v) for v in self.vmas}
+        self._total = Resident()
+        for r in self.resident.values():
+            self._total.anon += r.anon
+            self._total.other += r.other
+
+    def _set(self, start: int, res: Resident | None) -> None:
+        old = self.resident.pop(start, None)
+        if old is not None:
+            self._total.anon -= old.anon
+            self._total.other -= old.other
+        if res is not None:
+            self.resident[start] = res
+            self._total.anon += res.anon
+            self._total.other += res.other
+
+    def resident_of(self, vma: Vma) -> Resident:
+        return self.resident.get(vma.start) or Resident()
+
+    def totals(self) -> Resident:
+        return Resident(self._total.anon, self._total.other)

@@ -1,0 +1,164 @@
+"""Loads bpf/memtrace.bpf.c with BCC and reads its maps. The only module that
+imports bcc."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+from collections import defaultdict
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from memtrace import btf
+from memtrace.errors import ExitCode, MemtraceError
+from memtrace.events import (
+    ChunkMark,
+    Drained,
+    RawStats,
+    Stats,
+    SyscallEvent,
+    decode_event,
+    decode_range,
+    decode_stats,
+)
+
+MAX_TARGETS = 1024
+MAX_CHUNKS = 262144
+RANGES_PAGES = 64       # 256 KiB: ~10k range records per drain
+EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
+EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
+
+
+def bpf_source_dir() -> Path:
+    """bpf/ of a source checkout, else the copy installed as memtrace.bpf."""
+    checkout = Path(__file__).resolve().parent.parent / "bpf"
+    if (checkout / "memtrace.bpf.c").is_file():
+        return checkout
+    return Path(str(resources.files("memtrace.bpf")))
+
+
+def import_bcc() -> Any:
+    try:
+        import bcc  # type: ignore[import-not-found]
+    except ImportError:
+        raise MemtraceError(
+            "BCC is not importable: install the distro packages (sudo scripts/setup.sh, or "
+            "apt-get install python3-bpfcc) and use a Python that sees them",
+            ExitCode.NO_BCC) from None
+    return bcc
+
+
+def headers_dir() -> Path:
+    return Path(f"/lib/modules/{os.uname().release}/build")
+
+
+class Probes:
+    """The loaded BPF program: targets in, dirty chunks, ranges, events, stats out."""
+
+    def __init__(self, use_raw_rss_stat: bool = True) -> None:
+        if os.geteuid() != 0:
+            raise MemtraceError("memtrace needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)",
+                                ExitCode.NOT_ROOT)
+        bcc = import_bcc()
+        if not (headers_dir() / "include").exists() and not headers_dir().exists():
+            raise MemtraceError(
+                f"kernel headers missing: {headers_dir()} does not exist "
+                "(run sudo scripts/setup.sh)", ExitCode.NO_HEADERS)
+        if not os.path.isdir("/sys/kernel/tracing/events") and not os.path.isdir(
+                "/sys/kernel/debug/tracing/events"):
+            raise MemtraceError(
+                "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing",
+                ExitCode.NO_TRACEFS)
+        src = bpf_source_dir()
+        cflags = [f"-I{src}", f"-DMT_MAX_TARGETS={MAX_TARGETS}",
+                  f"-DMT_MAX_CHUNKS={MAX_CHUNKS}", f"-DMT_RANGES_PAGES={RANGES_PAGES}",
+                  f"-DMT_EVENTS_PAGES={EVENTS_PAGES}", "-Wno-macro-redefined"]
+        self.rss_stat_mechanism = "tracepoint kmem:rss_stat (mm_id)"
+        if use_raw_rss_stat:
+            try:
+                offset = btf.member_offset("task_struct", "mm")
+                cflags.append(f"-DMT_TASK_MM_OFFSET={offset}")
+                self.rss_stat_mechanism = (
+                    f"raw tracepoint rss_stat (task_struct.mm at {offset} from BTF)")
+            except btf.BtfError:
+                pass
+        try:
+            self.bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
+            raise MemtraceError(f"loading the BPF program failed: {e}",
+                                ExitCode.BPF_LOAD_FAILED) from None
+        self._targets = self.bpf["targets"]
+        self._stats = self.bpf["stats"]
+        self._credit = self.bpf["event_credit"]
+        self._dirty = self.bpf["dirty"]
+        self._mm_owner = self.bpf["mm_owner"]
+        self._ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        self._events: list[SyscallEvent] = []
+        self.bpf["ranges"].open_ring_buffer(self._on_range)
+        self.bpf["events"].open_ring_buffer(self._on_event)
+
+    def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
+        r = decode_range(ctypes.string_at(data, size))
+        self._ranges[r.tgid].append((r.start, r.end))
+
+    def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
+        self._events.append(decode_event(ctypes.string_at(data, size)))
+
+    def add_target(self, pid: int, brk: int = 0) -> None:
+        key = self._targets.Key(pid)
+        st = RawStats()
+        st.brk = brk
+        self._stats[self._stats.Key(pid)] = self._stats.Leaf.from_buffer_copy(bytes(st))
+        self._credit[self._credit.Key(pid)] = self._credit.Leaf(EVENT_CREDIT)
+        self._targets[key] = self._targets.Leaf(1)
+
+    def remove_target(self, pid: int) -> None:
+        for table in (self._targets, self._stats, self._credit):
+            with contextlib.suppress(KeyError):
+                del table[table.Key(pid)]
+        for k, v in list(self._mm_owner.items()):
+            if v.value == pid:
+                with contextlib.suppress(KeyError):
+                    del self._mm_owner[k]
+
+    def drain(self) -> Drained:
+        self.bpf.ring_buffer_consume()
+        chunks: dict[int, list[ChunkMark]] = defaultdict(list)
+        try:
+            batch = list(self._dirty.items_lookup_and_delete_batch())
+        except Exception:
+            batch = []
+            for k, v in list(self._dirty.items()):
+                try:
+                    del self._dirty[k]
+                except KeyError:
+                    continue
+                batch.append((k, v))
+        for k, v in batch:
+            chunks[k.tgid].append(ChunkMark(chunk=k.chunk, faults=v.faults, last_addr=v.last_addr))
+        stats: dict[int, Stats] = {}
+        for k, v in self._stats.items():
+            stats[k.value] = decode_stats(RawStats.from_buffer_copy(bytes(v)))
+            self._credit[self._credit.Key(k.value)] = self._credit.Leaf(EVENT_CREDIT)
+        ranges, self._ranges = dict(self._ranges), defaultdict(list)
+        events, self._events = self._events, []
+        return Drained(chunks=dict(chunks), ranges=ranges, events=events, stats=stats)
+
+    def close(self) -> None:
+        try:
+            self.bpf.cleanup()
+        except Exception as e:  # detaching must never turn into a traceback at exit
+            print(f"memtrace: warning: detaching probes: {e}", file=sys.stderr)
+
+
+def read_stats_of(probes: Probes, pid: int) -> Stats:
+    """Current BPF counters of one target (zeros if none yet)."""
+    table = probes._stats
+    try:
+        raw = table[table.Key(pid)]
+    except KeyError:
+        return Stats.empty()
+    return decode_stats(RawStats.from_buffer_copy(bytes(raw)))

@@ -1,0 +1,189 @@
+"""Reading and parsing /proc: maps, statm, status, stat. The root is injectable
+so that the parsers run on fixture trees in tests."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from memtrace.errors import ExitCode, MemtraceError
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+PF_KTHREAD = 0x00200000
+
+
+@dataclass(frozen=True)
+class Vma:
+    """One line of /proc/PID/maps. `path` stays bytes: paths need not be UTF-8."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    dev: str
+    inode: int
+    path: bytes
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+    @property
+    def identity(self) -> tuple[int, int, str, int, int, bytes]:
+        """What must stay equal for two reads to name the same VMA."""
+        return (self.start, self.end, self.perms, self.offset, self.inode, self.path)
+
+    @property
+    def display_path(self) -> str:
+        return decode_path(self.path)
+
+
+def decode_path(raw: bytes) -> str:
+    """Bytes from the kernel to text that is always valid UTF-8 (no surrogates)."""
+    return raw.decode("utf-8", errors="backslashreplace")
+
+
+def parse_maps(data: bytes) -> list[Vma]:
+    vmas = []
+    for line in data.splitlines():
+        if not line:
+            continue
+        fields = line.split(None, 5)
+        if len(fields) < 5:
+            continue
+        start_s, _, end_s = fields[0].partition(b"-")
+        path = fields[5] if len(fields) == 6 else b""
+        vmas.append(
+            Vma(
+                start=int(start_s, 16),
+                end=int(end_s, 16),
+                perms=fields[1].decode("ascii", "replace"),
+                offset=int(fields[2], 16),
+                dev=fields[3].decode("ascii", "replace"),
+                inode=int(fields[4]),
+                path=path,
+            )
+        )
+    return vmas
+
+
+@dataclass(frozen=True)
+class Statm:
+    size_pages: int
+    resident_pages: int
+    shared_pages: int
+    text_pages: int
+    data_pages: int
+
+    @property
+    def resident_bytes(self) -> int:
+        return self.resident_pages * PAGE_SIZE
+
+    @property
+    def shared_bytes(self) -> int:
+        return self.shared_pages * PAGE_SIZE
+
+    @property
+    def anon_bytes(self) -> int:
+        return (self.resident_pages - self.shared_pages) * PAGE_SIZE
+
+
+def parse_statm(data: bytes) -> Statm:
+    f = [int(x) for x in data.split()]
+    return Statm(size_pages=f[0], resident_pages=f[1], shared_pages=f[2], text_pages=f[3],
+                 data_pages=f[5])
+
+
+@dataclass(frozen=True)
+class ProcStat:
+    pid: int
+    comm: str
+    state: str
+    ppid: int
+    flags: int
+    start_time: int  # clock ticks after boot; with pid, a process identity that survives reuse
+
+
+def parse_stat(data: bytes) -> ProcStat:
+    open_paren = data.index(b"(")
+    close_paren = data.rindex(b")")
+    rest = data[close_paren + 2:].split()
+    return ProcStat(
+        pid=int(data[:open_paren]),
+        comm=decode_path(data[open_paren + 1:close_paren]),
+        state=rest[0].decode(),
+        ppid=int(rest[1]),
+        flags=int(rest[6]),
+        start_time=int(rest[19]),
+    )
+
+
+def parse_status(data: bytes) -> dict[str, str]:
+    out = {}
+    for line in data.splitlines():
+        key, sep, value = line.partition(b":")
+        if sep:
+            out[key.decode("ascii", "replace")] = value.strip().decode("utf-8", "replace")
+    return out
+
+
+class ProcFS:
+    """Access to one /proc tree (the real one unless a fixture root is given)."""
+
+    def __init__(self, root: str | Path = "/proc") -> None:
+        self.root = Path(root)
+
+    def _read(self, pid: int, name: str) -> bytes:
+        with open(self.root / str(pid) / name, "rb") as f:
+            return f.read()
+
+    def maps(self, pid: int) -> list[Vma]:
+        return parse_maps(self._read(pid, "maps"))
+
+    def statm(self, pid: int) -> Statm:
+        return parse_statm(self._read(pid, "statm"))
+
+    def stat(self, pid: int) -> ProcStat:
+        return parse_stat(self._read(pid, "stat"))
+
+    def status(self, pid: int) -> dict[str, str]:
+        return parse_status(self._read(pid, "status"))
+
+    def exe(self, pid: int) -> bytes:
+        try:
+            return os.readlink(os.fsencode(self.root / str(pid) / "exe"))
+        except OSError:
+            return b""
+
+    def alive(self, pid: int) -> bool:
+        try:
+            return self.stat(pid).state not in ("Z", "X")
+        except (OSError, ValueError, IndexError):
+            return False
+
+    def check_target(self, pid: int, own_pid: int | None = None) -> ProcStat:
+        """Validate a PID given by the user; raise MemtraceError with a clear line."""
+        if pid <= 0:
+            raise MemtraceError(f"invalid PID {pid}", ExitCode.NO_SUCH_PROCESS)
+        try:
+            st = self.stat(pid)
+            tgid = int(self.status(pid).get("Tgid", pid))
+        except FileNotFoundError:
+            raise MemtraceError(f"no such process: {pid}", ExitCode.NO_SUCH_PROCESS) from None
+        except (OSError, ValueError, IndexError) as e:
+            raise MemtraceError(f"cannot read /proc/{pid}: {e}", ExitCode.NO_SUCH_PROCESS) from None
+        if tgid != pid:
+            raise MemtraceError(
+                f"{pid} is a thread of process {tgid}; watch {tgid} instead",
+                ExitCode.NO_SUCH_PROCESS)
+        if pid == (own_pid if own_pid is not None else os.getpid()):
+            raise MemtraceError(f"{pid} is memtrace itself", ExitCode.OWN_PROCESS)
+        if st.flags & PF_KTHREAD:
+            raise MemtraceError(
+                f"{pid} ({st.comm}) is a kernel thread: it has no user address space",
+                ExitCode.KERNEL_THREAD)
+        if st.state in ("Z", "X"):
+            raise MemtraceError(f"{pid} ({st.comm}) is a zombie: its memory is already gone",
+                                ExitCode.ZOMBIE)
+        return st

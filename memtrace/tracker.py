@@ -1,0 +1,211 @@
+"""One watched process: turns drained BPF marks into targeted PAGEMAP_SCANs,
+keeps its AddressSpace exact, checks it against statm, and rescans everything
+only when a check or an event says the targeted path cannot be trusted."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
+from memtrace.model import AddressSpace, chunk_span, merge_spans
+from memtrace.pagemap import PagemapScanner
+from memtrace.procfs import ProcFS, Statm, Vma
+
+# Mismatches with statm while the process is changing are expected (it runs
+# while we scan); after this many in a row we rescan anyway.
+MAX_DEFERRED_MISMATCHES = 5
+
+
+@dataclass
+class TrackerCounters:
+    ticks: int = 0
+    chunks_scanned: int = 0
+    ranges_scanned: int = 0
+    maps_reads: int = 0
+    full_rescans: Counter[str] = field(default_factory=Counter)
+    deferred_mismatches: int = 0
+    last_tick_seconds: float = 0.0
+
+
+class ProcessGone(Exception):
+    pass
+
+
+class ProcessTracker:
+    def __init__(self, pid: int, procfs: ProcFS, reconcile_interval: float = 0.0) -> None:
+        self.pid = pid
+        self.procfs = procfs
+        self.reconcile_interval = reconcile_interval
+        self.space = AddressSpace()
+        self.counters = TrackerCounters()
+        self.stats = Stats.empty()
+        self.faults_by_vma: Counter[int] = Counter()
+        self.faults_total = 0
+        self.comm = ""
+        self.exe = b""
+        self.start_time = 0
+        self.statm: Statm | None = None
+        self.attached_at = time.time()
+        self._scanner: PagemapScanner | None = None
+        self._last_full = 0.0
+        self._mismatch_streak = 0
+        # statm minus model (anon, other) that a full rescan could not remove:
+        # page-table state the RSS counters do not count, or the reverse.
+        self._unexplained: tuple[int, int] = (0, 0)
+
+    # -- lifecycle --------------------------------------------------------------
+    def start(self) -> None:
+        """Read the address space from scratch (attach, exec)."""
+        try:
+            st = self.procfs.stat(self.pid)
+            self.comm, self.start_time = st.comm, st.start_time
+            self.exe = self.procfs.exe(self.pid)
+            if self._scanner:
+                self._scanner.close()
+            self._scanner = PagemapScanner(self.pid, str(self.procfs.root))
+        except OSError as e:
+            raise ProcessGone(self.pid) from e
+        self.space = AddressSpace()
+        self.faults_by_vma.clear()
+        self._full_rescan("attach")
+
+    def close(self) -> None:
+        if self._scanner:
+            self._scanner.close()
+            self._scanner = None
+
+    @property
+    def heap_end(self) -> int:
+        return next((v.end for v in self.space.vmas if v.path == b"[heap]"), 0)
+
+    # -- reading the process ---------------------------------------------------
+    def _read_maps(self) -> list[Vma]:
+        self.counters.maps_reads += 1
+        try:
+            return self.procfs.maps(self.pid)
+        except OSError as e:
+            raise ProcessGone(self.pid) from e
+
+    def _read_statm(self) -> Statm:
+        try:
+            return self.procfs.statm(self.pid)
+        except OSError as e:
+            raise ProcessGone(self.pid) from e
+
+    def _scan_spans(self, spans: list[tuple[int, int]]) -> None:
+        assert self._scanner is not None
+        limit = USER_ADDR_MAX >> CHUNK_SHIFT
+        for first, last in spans:
+            last = min(last, limit)
+            if first >= last:
+                continue
+            try:
+                runs = self._scanner.scan(first << CHUNK_SHIFT, last << CHUNK_SHIFT)
+            except ProcessLookupError as e:
+                raise ProcessGone(self.pid) from e
+            except OSError as e:
+                if not self.procfs.alive(self.pid):
+                    raise ProcessGone(self.pid) from e
+                raise
+            self.space.replace_chunks(first, last, runs)
+            self.counters.ranges_scanned += 1
+            self.counters.chunks_scanned += last - first
+
+    def _full_rescan(self, reason: str) -> None:
+        self.counters.full_rescans[reason] += 1
+        self.space.set_vmas(self._read_maps())
+        self.space.clear()
+        spans = merge_spans(chunk_span(v.start, v.end) for v in self.space.vmas)
+        self._scan_spans(spans)
+        self.space.attribute_all()
+        self.statm = self._read_statm()
+        self._unexplained = self._diff(self.statm)
+        self._last_full = time.monotonic()
+
+    # -- one tick ---------------------------------------------------------------
+    def update(self, marks: list[ChunkMark], ranges: list[tuple[int, int]],
+               stats: Stats | None) -> None:
+        t0 = time.perf_counter()
+        self.counters.ticks += 1
+        old, self.stats = self.stats, stats or self.stats
+        new = self.stats
+        if new.exec_gen != old.exec_gen:
+            self.start()
+            self._finish(t0)
+            return
+        reason = self._rescan_reason(old, new)
+        statm_before = self._read_statm()
+        if reason:
+            self._full_rescan(reason)
+        else:
+            self._targeted(marks, ranges, layout_changed=new.layout_gen != old.layout_gen)
+        self._count_faults(marks)
+        self._check(statm_before)
+        self._finish(t0)
+
+    def _finish(self, t0: float) -> None:
+        self.counters.last_tick_seconds = time.perf_counter() - t0
+
+    def _rescan_reason(self, old: Stats, new: Stats) -> str | None:
+        if new.remote_rss != old.remote_rss:
+            return "remote_change"
+        if new.ranges_lost != old.ranges_lost:
+            return "ranges_lost"
+        if new.full_rescan_requests != old.full_rescan_requests:
+            return "unbounded_call"
+        if self.reconcile_interval > 0 and (
+                time.monotonic() - self._last_full >= self.reconcile_interval):
+            return "periodic"
+        return None
+
+    def _targeted(self, marks: list[ChunkMark], ranges: list[tuple[int, int]],
+                  layout_changed: bool) -> None:
+        spans = [(m.chunk, m.chunk + 1) for m in marks]
+        spans += [chunk_span(s, e) for s, e in ranges if e > s]
+        new_vmas: list[Vma] = []
+        if layout_changed:
+            new_vmas = self.space.set_vmas(self._read_maps())
+            spans += [chunk_span(v.start, v.end) for v in new_vmas]
+        merged = merge_spans(spans)
+        self._scan_spans(merged)
+        self.space.attribute(merged, new_vmas)
+
+    def _count_faults(self, marks: list[ChunkMark]) -> None:
+        for m in marks:
+            if not m.faults:
+                continue
+            self.faults_total += m.faults
+            vma = self.space.vma_at(m.last_addr)
+            if vma is not None:
+                self.faults_by_vma[vma.start] += m.faults
+
+    def _check(self, statm_before: Statm) -> None:
+        """Compare the model with statm; rescan when a mismatch is real."""
+        statm = self._read_statm()
+        self.statm = statm
+        if self._matches(statm):
+            self._mismatch_streak = 0
+            return
+        if statm != statm_before and self._mismatch_streak < MAX_DEFERRED_MISMATCHES:
+            # The process changed while we scanned: the marks of the change are
+            # already queued for the next tick.
+            self._mismatch_streak += 1
+            self.counters.deferred_mismatches += 1
+            return
+        self._mismatch_streak = 0
+        self._full_rescan("statm_mismatch")
+
+    def _diff(self, statm: Statm) -> tuple[int, int]:
+        total = self.space.totals()
+        return statm.anon_bytes - total.anon, statm.shared_bytes - total.other
+
+    def _matches(self, statm: Statm) -> bool:
+        return self._diff(statm) == self._unexplained
+
+    def drift_bytes(self) -> int:
+        """Model total minus the kernel's statm resident at the last check."""
+        if self.statm is None:
+            return 0
+        return self.space.totals().total - self.statm.resident_bytes

@@ -1,0 +1,1 @@
+"""Views of the model: JSON Lines, the live terminal table."""

@@ -1,0 +1,104 @@
+"""The live terminal view (rich)."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from memtrace.events import SyscallEvent
+
+
+def human(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if abs(n) >= 1 << shift:
+            return f"{n / (1 << shift):.1f}{unit}"
+    return str(n)
+
+
+class TableReporter:
+    def __init__(self, console: Console | None = None, max_rows: int | None = None) -> None:
+        self.console = console or Console(stderr=False)
+        self.max_rows = max_rows
+        self.snaps: dict[int, dict[str, Any]] = {}
+        self.recent: deque[SyscallEvent] = deque(maxlen=8)
+        self.notes: deque[str] = deque(maxlen=3)
+        self.live = Live(console=self.console, auto_refresh=False, screen=False)
+        self.live.start()
+
+    def snapshot(self, snap: dict[str, Any]) -> None:
+        self.snaps[snap["pid"]] = snap
+        self._render()
+
+    def events(self, events: list[SyscallEvent]) -> None:
+        self.recent.extend(events)
+
+    def tick_done(self) -> None:
+        self._render()
+
+    def message(self, text: str) -> None:
+        self.notes.append(f"{time.strftime('%H:%M:%S')} {text}")
+        self.snaps = {p: s for p, s in self.snaps.items() if f"pid {p} " not in text}
+        self._render()
+
+    def close(self) -> None:
+        self.live.stop()
+
+    def _rows_per_process(self) -> int:
+        if self.max_rows is not None:
+            return self.max_rows
+        height = self.console.size.height
+        n = max(1, len(self.snaps))
+        return max(3, (height - 14) // n - 6)
+
+    def _render(self) -> None:
+        parts: list[Any] = []
+        for snap in self.snaps.values():
+            parts.append(self._process(snap))
+        if self.recent:
+            parts.append(Text("recent calls:", style="bold"))
+            for ev in self.recent:
+                parts.append(Text(f"  [{ev.tgid}] {ev.describe()}"))
+        for note in self.notes:
+            parts.append(Text(note, style="dim"))
+        self.live.update(Group(*parts), refresh=True)
+
+    def _process(self, snap: dict[str, Any]) -> Any:
+        head = Text.assemble(
+            (f"{snap['pid']} {snap['comm']}", "bold"),
+            f"  rss {human(snap['rss_bytes'])} (anon {human(snap['anon_bytes'])}, "
+            f"file {human(snap['file_bytes'])}, shmem {human(snap['shmem_bytes'])})"
+            f"  virt {human(snap['virtual_bytes'])}  statm {human(snap['statm_rss_bytes'])}"
+            f"  drift {snap['drift_bytes']}B  faults {snap['faults']}",
+        )
+        calls = ", ".join(f"{k} {v}" for k, v in snap["syscalls"].items() if v)
+        rescans = ", ".join(f"{k} {v}" for k, v in snap["full_rescans"].items())
+        info = Text(f"calls: {calls or '-'}   full rescans: {rescans or '-'}   "
+                    f"lost {snap['events_lost']}", style="dim")
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for col, justify in (("range", "left"), ("perms", "left"), ("kind", "left"),
+                             ("virt", "right"), ("rss", "right"), ("anon", "right"),
+                             ("file", "right"), ("shmem", "right"), ("faults", "right"),
+                             ("path", "left")):
+            table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        maps = sorted(snap["mappings"], key=lambda m: m["rss_bytes"], reverse=True)
+        limit = self._rows_per_process()
+        for m in maps[:limit]:
+            table.add_row(f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
+                          human(m["virtual_bytes"]), human(m["rss_bytes"]),
+                          human(m["anon_bytes"]), human(m["file_bytes"]),
+                          human(m["shmem_bytes"]), str(m["faults"]), m["path"])
+        parts: list[Any] = [head, info, table]
+        hidden = maps[limit:]
+        if hidden:
+            parts.append(Text(
+                f"… {len(hidden)} more mappings not shown "
+                f"({human(sum(m['rss_bytes'] for m in hidden))} resident)", style="dim"))
+        return Group(*parts)
