@@ -14,7 +14,8 @@ BPF_HASH(stats, u32, struct mt_stats, MT_MAX_TARGETS);
 BPF_HASH(event_credit, u32, s64, MT_MAX_TARGETS);
 BPF_HASH(dirty, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
 BPF_HASH(inflight, u32, struct mt_inflight, 4096);
-BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);
+BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);   /* mm -> tgid */
+BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
 BPF_RINGBUF_OUTPUT(ranges, MT_RANGES_PAGES);
 BPF_RINGBUF_OUTPUT(events, MT_EVENTS_PAGES);
 
@@ -279,6 +280,35 @@ TRACEPOINT_PROBE(syscalls, sys_exit_prctl) { return finish(args->ret); }
 /* RSS changes of a watched mm made outside its own context (exit, ksmd,
  * khugepaged, reclaim by others, process_madvise) carry no address: flag
  * them so user space rescans. */
+static __always_inline void learn_mm(u64 mm)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return;
+    u64 *known = tgid_mm.lookup(&tgid);
+    if (known && *known == mm)
+        return;
+    tgid_mm.update(&tgid, &mm);
+    mm_owner.update(&mm, &tgid);
+}
+
+static __always_inline void remote_change(u64 mm)
+{
+    u32 *owner = mm_owner.lookup(&mm);
+    if (!owner)
+        return;
+    u32 o = *owner;
+    u64 *current_mm = tgid_mm.lookup(&o);
+    if (!current_mm || *current_mm != mm) {
+        /* The mm of a process before exec, or a freed and reused pointer. */
+        mm_owner.delete(&mm);
+        return;
+    }
+    struct mt_stats *st = stats.lookup(&o);
+    if (st)
+        __sync_fetch_and_add(&st->remote_rss, 1);
+}
+
 #ifdef MT_TASK_MM_OFFSET
 RAW_TRACEPOINT_PROBE(rss_stat)
 {
@@ -286,38 +316,20 @@ RAW_TRACEPOINT_PROBE(rss_stat)
     u64 cur_mm = 0;
     char *task = (char *)bpf_get_current_task();
     bpf_probe_read_kernel(&cur_mm, sizeof(cur_mm), task + MT_TASK_MM_OFFSET);
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (mm == cur_mm) {
-        if (is_target(tgid) && !mm_owner.lookup(&mm))
-            mm_owner.update(&mm, &tgid);
-        return 0;
-    }
-    u32 *owner = mm_owner.lookup(&mm);
-    if (!owner)
-        return 0;
-    u32 o = *owner;
-    struct mt_stats *st = stats.lookup(&o);
-    if (st)
-        __sync_fetch_and_add(&st->remote_rss, 1);
+    if (mm == cur_mm)
+        learn_mm(mm);
+    else
+        remote_change(mm);
     return 0;
 }
 #else
 TRACEPOINT_PROBE(kmem, rss_stat)
 {
     u64 mm = args->mm_id;
-    if (args->curr) {
-        u32 tgid = bpf_get_current_pid_tgid() >> 32;
-        if (is_target(tgid) && !mm_owner.lookup(&mm))
-            mm_owner.update(&mm, &tgid);
-        return 0;
-    }
-    u32 *owner = mm_owner.lookup(&mm);
-    if (!owner)
-        return 0;
-    u32 o = *owner;
-    struct mt_stats *st = stats.lookup(&o);
-    if (st)
-        __sync_fetch_and_add(&st->remote_rss, 1);
+    if (args->curr)
+        learn_mm(mm);
+    else
+        remote_change(mm);
     return 0;
 }
 #endif

@@ -95,6 +95,7 @@ class Probes:
         self._credit = self.bpf["event_credit"]
         self._dirty = self.bpf["dirty"]
         self._mm_owner = self.bpf["mm_owner"]
+        self._tgid_mm = self.bpf["tgid_mm"]
         self._ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._events: list[SyscallEvent] = []
         self.bpf["ranges"].open_ring_buffer(self._on_range)
@@ -116,7 +117,7 @@ class Probes:
         self._targets[key] = self._targets.Leaf(1)
 
     def remove_target(self, pid: int) -> None:
-        for table in (self._targets, self._stats, self._credit):
+        for table in (self._targets, self._stats, self._credit, self._tgid_mm):
             with contextlib.suppress(KeyError):
                 del table[table.Key(pid)]
         for k, v in list(self._mm_owner.items()):

@@ -4,6 +4,8 @@ only when a check or an event says the targeted path cannot be trusted."""
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -16,6 +18,11 @@ from memtrace.procfs import ProcFS, Statm, Vma
 # Mismatches with statm while the process is changing are expected (it runs
 # while we scan); after this many in a row we rescan anyway.
 MAX_DEFERRED_MISMATCHES = 5
+DEBUG = bool(os.environ.get("MEMTRACE_DEBUG"))
+
+
+def log_debug(text: str) -> None:
+    print(f"memtrace: debug: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -51,6 +58,9 @@ class ProcessTracker:
         self._scanner: PagemapScanner | None = None
         self._last_full = 0.0
         self._mismatch_streak = 0
+        # Chunks marked by faults in the previous tick: a fault is marked when it
+        # starts, so its page may have appeared after our scan; scan them again.
+        self._recheck: list[tuple[int, int]] = []
         # statm minus model (anon, other) that a full rescan could not remove:
         # page-table state the RSS counters do not count, or the reverse.
         self._unexplained: tuple[int, int] = (0, 0)
@@ -162,7 +172,10 @@ class ProcessTracker:
 
     def _targeted(self, marks: list[ChunkMark], ranges: list[tuple[int, int]],
                   layout_changed: bool) -> None:
-        spans = [(m.chunk, m.chunk + 1) for m in marks]
+        marked = [(m.chunk, m.chunk + 1) for m in marks if m.faults]
+        spans = marked + self._recheck
+        self._recheck = marked
+        spans += [(m.chunk, m.chunk + 1) for m in marks if not m.faults]
         spans += [chunk_span(s, e) for s, e in ranges if e > s]
         new_vmas: list[Vma] = []
         if layout_changed:
@@ -195,6 +208,9 @@ class ProcessTracker:
             self.counters.deferred_mismatches += 1
             return
         self._mismatch_streak = 0
+        if DEBUG:
+            log_debug(f"pid {self.pid} tick {self.counters.ticks}: statm - model = "
+                      f"{self._diff(statm)} (anon, file+shmem), accepted {self._unexplained}")
         self._full_rescan("statm_mismatch")
 
     def _diff(self, statm: Statm) -> tuple[int, int]:
