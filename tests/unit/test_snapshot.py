@@ -1,0 +1,120 @@
+"""memtrace.views.snapshot: the JSON snapshot of a tracked process."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from memtrace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.tracker import ProcessTracker
+from memtrace.views.jsonl import JsonReporter
+from memtrace.views.snapshot import snapshot
+
+from .fakes import ANON, PAGE, standard_process
+
+TOP_KEYS = {"ts", "pid", "comm", "rss_bytes", "anon_bytes", "file_bytes", "shmem_bytes",
+            "virtual_bytes", "statm_rss_bytes", "drift_bytes", "faults", "syscalls",
+            "syscall_bytes", "full_rescans", "events_lost", "events_sampled_out",
+            "tick_seconds", "mappings"}
+MAPPING_KEYS = {"start", "end", "perms", "offset", "path", "kind", "mapping", "rss_bytes",
+                "anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "faults"}
+
+
+def tracked(world):
+    p, m = standard_process(world)
+    tr = ProcessTracker(p.pid, world.procfs())
+    tr.start()
+    s = dataclasses.replace(tr.stats, layout_gen=1, events_lost=2, ranges_lost=0,
+                            events_sampled_out=9, calls=dict(tr.stats.calls, mmap=4),
+                            bytes=dict(tr.stats.bytes, mmap=1 << 20))
+    tr.update([ChunkMark(ANON >> CHUNK_SHIFT, 6, ANON + PAGE)], [], s)
+    return p, m, tr
+
+
+def by_start(snap):
+    return {x["start"]: x for x in snap["mappings"]}
+
+
+def test_snapshot_shape_and_totals(world):
+    p, m, tr = tracked(world)
+    snap = snapshot(tr, 1700000000.1234567)
+    assert set(snap) == TOP_KEYS
+    assert snap["ts"] == 1700000000.123457
+    assert snap["pid"] == p.pid and snap["comm"] == "server"
+    assert len(snap["mappings"]) == len(p.vmas)
+    for x in snap["mappings"]:
+        assert set(x) == MAPPING_KEYS
+        assert x["rss_bytes"] == x["anon_bytes"] + x["file_bytes"] + x["shmem_bytes"]
+        assert x["virtual_bytes"] == x["end"] - x["start"]
+    for key in ("rss_bytes", "anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes"):
+        assert snap[key] == sum(x[key] for x in snap["mappings"]), key
+    anon, other = p.expected_total()
+    assert snap["rss_bytes"] == anon + other
+    assert snap["anon_bytes"] == anon
+    assert snap["statm_rss_bytes"] == anon + other
+    assert snap["drift_bytes"] == 0
+    assert snap["faults"] == 6
+    assert snap["syscalls"]["mmap"] == 4 and snap["syscall_bytes"]["mmap"] == 1 << 20
+    assert snap["full_rescans"] == {"attach": 1}
+    assert snap["events_lost"] == 2
+    assert snap["events_sampled_out"] == 9
+    assert snap["tick_seconds"] >= 0
+
+
+def test_snapshot_mappings(world):
+    p, m, tr = tracked(world)
+    rows = by_start(snapshot(tr, 0.0))
+    shm = rows[m["shm"].start]
+    assert (shm["kind"], shm["mapping"]) == ("shmem", "/memfd:buf (deleted)")
+    assert (shm["shmem_bytes"], shm["file_bytes"], shm["anon_bytes"]) == (0x10000, 0, 0)
+    libc = rows[m["libc"].start]
+    assert libc["kind"] == "library" and libc["file_bytes"] == 0x8000
+    assert libc["path"] == "/usr/lib/x86_64-linux-gnu/libc.so.6"
+    assert libc["perms"] == "r-xp"
+    exe = rows[m["exe_x"].start]
+    assert exe["kind"] == "executable" and exe["offset"] == 0x2000
+    assert rows[m["heap"].start]["kind"] == "heap"
+    assert rows[m["stack"].start]["mapping"] == "[stack]"
+    assert rows[m["stack"].start]["anon_bytes"] == 3 * PAGE
+    assert rows[m["arena"].start]["mapping"] == "[anon:arena]"
+    assert rows[m["anon"].start]["mapping"] == "[anon]"
+    assert rows[m["anon"].start]["faults"] == 6
+    assert rows[m["vdso"].start]["kind"] == "special"
+    odd = rows[m["odd"].start]
+    assert odd["path"] == "/tmp/caf\\xe9 \\xff.dat"
+
+
+def test_snapshot_is_json_and_utf8_clean(world):
+    _, _, tr = tracked(world)
+    snap = snapshot(tr, 12.5)
+    text = json.dumps(snap, ensure_ascii=False)
+    text.encode("utf-8")  # no lone surrogates anywhere
+    assert json.loads(text) == snap
+
+
+def test_snapshot_before_any_statm(world):
+    p, _ = standard_process(world)
+    tr = ProcessTracker(p.pid, world.procfs())
+    snap = snapshot(tr, 0.0)
+    assert snap["statm_rss_bytes"] is None
+    assert snap["drift_bytes"] == 0
+    assert snap["mappings"] == [] and snap["rss_bytes"] == 0
+
+
+def test_events_lost_adds_ranges_lost(world):
+    _, _, tr = tracked(world)
+    tr.stats = dataclasses.replace(tr.stats, events_lost=3, ranges_lost=4)
+    assert snapshot(tr, 0.0)["events_lost"] == 7
+
+
+def test_json_reporter_writes_one_line_per_snapshot(world, tmp_path):
+    import io
+
+    _, _, tr = tracked(world)
+    out = io.StringIO()
+    r = JsonReporter(out)
+    r.snapshot(snapshot(tr, 1.0))
+    r.snapshot(snapshot(tr, 2.0))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
+    assert [json.loads(x)["ts"] for x in lines] == [1.0, 2.0]
