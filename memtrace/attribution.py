@@ -15,6 +15,10 @@ _SHMEM_PREFIXES = (b"/memfd:", b"/dev/shm/", b"/SYSV", b"/dev/zero", b"[anon_shm
 _DELETED = b" (deleted)"
 
 
+def _strip_deleted(path: bytes) -> bytes:
+    return path[: -len(_DELETED)] if path.endswith(_DELETED) else path
+
+
 def classify(vma: Vma, exe: bytes) -> str:
     path = vma.path
     if not path or path.startswith(b"[anon:"):
@@ -27,8 +31,7 @@ def classify(vma: Vma, exe: bytes) -> str:
         return "shmem"
     if path.startswith(b"["):
         return "special"
-    bare = path[: -len(_DELETED)] if path.endswith(_DELETED) else path
-    if exe and bare == exe:
+    if exe and _strip_deleted(path) == _strip_deleted(exe):
         return "executable"
     if _LIBRARY.search(path):
         return "library"

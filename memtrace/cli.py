@@ -45,7 +45,12 @@ def _common(f: Any) -> Any:
 
 
 def _reporter(fmt: str, output: str | None) -> Reporter:
-    stream: IO[str] | None = open(output, "w") if output else None  # noqa: SIM115
+    stream: IO[str] | None = None
+    if output:
+        try:
+            stream = open(output, "w")  # noqa: SIM115
+        except OSError as e:
+            raise MemtraceError(f"cannot write {output}: {e.strerror}", ExitCode.USAGE) from None
     if fmt == "json":
         from memtrace.views.jsonl import JsonReporter
         return JsonReporter(stream)

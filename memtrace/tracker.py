@@ -106,13 +106,12 @@ class ProcessTracker:
 
     def _scan_spans(self, spans: list[tuple[int, int]]) -> None:
         assert self._scanner is not None
-        limit = USER_ADDR_MAX >> CHUNK_SHIFT
         for first, last in spans:
-            last = min(last, limit)
-            if first >= last:
+            start, end = first << CHUNK_SHIFT, min(last << CHUNK_SHIFT, USER_ADDR_MAX)
+            if start >= end:
                 continue
             try:
-                runs = self._scanner.scan(first << CHUNK_SHIFT, last << CHUNK_SHIFT)
+                runs = self._scanner.scan(start, end)
             except ProcessLookupError as e:
                 raise ProcessGone(self.pid) from e
             except OSError as e:

@@ -17,19 +17,27 @@ PAGE = PAGE_SIZE
 CHUNK = 1 << CHUNK_SHIFT
 
 
-def stat_line(pid: int, comm: bytes, state: str = "S", ppid: int = 1, flags: int = 0x400000,
-              start_time: int = 4242) -> bytes:
+def stat_line(
+    pid: int,
+    comm: bytes,
+    state: str = "S",
+    ppid: int = 1,
+    flags: int = 0x400000,
+    start_time: int = 4242,
+) -> bytes:
     """A /proc/PID/stat line with the 52 fields of Linux 6.x."""
     after = [state, str(ppid), str(pid), str(pid), "0", "-1", str(flags)]
-    after += ["0"] * 12                   # minflt .. itrealvalue (fields 10..21)
-    after += [str(start_time)]            # field 22
+    after += ["0"] * 12  # minflt .. itrealvalue (fields 10..21)
+    after += [str(start_time)]  # field 22
     after += ["0"] * (52 - 22)
     return b"%d (%s) " % (pid, comm) + " ".join(after).encode() + b"\n"
 
 
 def status_text(pid: int, tgid: int, name: str = "fake") -> bytes:
-    return (f"Name:\t{name}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{tgid}\n"
-            f"Ngid:\t0\nPid:\t{pid}\nPPid:\t1\nVmRSS:\t  123 kB\n").encode()
+    return (
+        f"Name:\t{name}\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t{tgid}\n"
+        f"Ngid:\t0\nPid:\t{pid}\nPPid:\t1\nVmRSS:\t  123 kB\n"
+    ).encode()
 
 
 def maps_line(v: Vma) -> bytes:
@@ -55,8 +63,9 @@ def runs_of(pages: dict[int, bool], start: int, end: int) -> list[tuple[int, int
 class FakeProcess:
     """One process: VMAs, a page table {page address: anon?}, and its /proc files."""
 
-    def __init__(self, root: Path, pid: int, comm: bytes = b"fake",
-                 exe: bytes = b"/usr/bin/fake") -> None:
+    def __init__(
+        self, root: Path, pid: int, comm: bytes = b"fake", exe: bytes = b"/usr/bin/fake"
+    ) -> None:
         self.root = root
         self.pid = pid
         self.dir = root / str(pid)
@@ -80,8 +89,16 @@ class FakeProcess:
             os.unlink(link)
         os.symlink(exe, link)
 
-    def map(self, start: int, end: int, path: bytes = b"", perms: str = "rw-p",
-            offset: int = 0, inode: int = 0, dev: str = "00:00") -> Vma:
+    def map(
+        self,
+        start: int,
+        end: int,
+        path: bytes = b"",
+        perms: str = "rw-p",
+        offset: int = 0,
+        inode: int = 0,
+        dev: str = "00:00",
+    ) -> Vma:
         assert start % PAGE == 0 and end % PAGE == 0 and start < end
         assert not any(v.start < end and start < v.end for v in self.vmas), "overlap"
         v = Vma(start, end, perms, offset, dev, inode, path)
@@ -140,10 +157,11 @@ class FakeProcess:
         other_pages = other // PAGE + self.hidden[1]
         size = sum(v.size for v in self.vmas) // PAGE
         (self.dir / "statm").write_text(
-            f"{size} {anon_pages + other_pages} {other_pages} 1 0 {anon_pages} 0\n")
+            f"{size} {anon_pages + other_pages} {other_pages} 1 0 {anon_pages} 0\n"
+        )
         (self.dir / "stat").write_bytes(
-            stat_line(self.pid, self.comm, self.state, flags=self.flags,
-                      start_time=self.start_time))
+            stat_line(self.pid, self.comm, self.state, flags=self.flags, start_time=self.start_time)
+        )
         (self.dir / "status").write_bytes(status_text(self.pid, self.tgid))
 
     def vanish(self) -> None:
@@ -225,8 +243,8 @@ class HookedProcFS(ProcFS):
 
 
 # -- a realistic process used by several test modules ----------------------------
-ANON = 0x7F0000000000          # chunk aligned: a 10 MiB anonymous VMA, 5 chunks
-ARENA = ANON + 5 * CHUNK       # an adjacent anonymous VMA (runs coalesce across)
+ANON = 0x7F0000000000  # chunk aligned: a 10 MiB anonymous VMA, 5 chunks
+ARENA = ANON + 5 * CHUNK  # an adjacent anonymous VMA (runs coalesce across)
 LIBC = 0x7F0001000000
 SHM = 0x7F0001400000
 STACK_END = 0x7FFD00000000
@@ -235,27 +253,41 @@ STACK_END = 0x7FFD00000000
 def standard_process(world: World, pid: int = 4000) -> tuple[FakeProcess, dict[str, Vma]]:
     p = world.process(pid, comm=b"server", exe=b"/usr/bin/server")
     m = {
-        "exe_r": p.map(0x555555554000, 0x555555556000, b"/usr/bin/server", "r--p",
-                       inode=11, dev="fe:00"),
-        "exe_x": p.map(0x555555556000, 0x55555555B000, b"/usr/bin/server", "r-xp",
-                       offset=0x2000, inode=11, dev="fe:00"),
+        "exe_r": p.map(
+            0x555555554000, 0x555555556000, b"/usr/bin/server", "r--p", inode=11, dev="fe:00"
+        ),
+        "exe_x": p.map(
+            0x555555556000,
+            0x55555555B000,
+            b"/usr/bin/server",
+            "r-xp",
+            offset=0x2000,
+            inode=11,
+            dev="fe:00",
+        ),
         "heap": p.map(0x55555555B000, 0x55555557C000, b"[heap]"),
         "anon": p.map(ANON, ARENA),
         "arena": p.map(ARENA, ARENA + 8 * PAGE, b"[anon:arena]"),
-        "libc": p.map(LIBC, LIBC + 0x20000, b"/usr/lib/x86_64-linux-gnu/libc.so.6", "r-xp",
-                      inode=22, dev="fe:00"),
-        "shm": p.map(SHM, SHM + 0x40000, b"/memfd:buf (deleted)", "rw-s", inode=33,
-                     dev="00:01"),
-        "odd": p.map(SHM + 0x40000, SHM + 0x41000, b"/tmp/caf\xe9 \xff.dat", "r--p",
-                     inode=44, dev="fe:00"),
+        "libc": p.map(
+            LIBC,
+            LIBC + 0x20000,
+            b"/usr/lib/x86_64-linux-gnu/libc.so.6",
+            "r-xp",
+            inode=22,
+            dev="fe:00",
+        ),
+        "shm": p.map(SHM, SHM + 0x40000, b"/memfd:buf (deleted)", "rw-s", inode=33, dev="00:01"),
+        "odd": p.map(
+            SHM + 0x40000, SHM + 0x41000, b"/tmp/caf\xe9 \xff.dat", "r--p", inode=44, dev="fe:00"
+        ),
         "stack": p.map(STACK_END - 0x21000, STACK_END, b"[stack]"),
         "vdso": p.map(0x7FFD00100000, 0x7FFD00102000, b"[vdso]", "r-xp"),
     }
     p.touch(0x555555554000, 0x555555556000, anon=False)
     p.touch(0x555555556000, 0x555555558000, anon=False)
     p.touch(0x55555555B000, 0x555555560000)
-    p.touch(ANON + CHUNK - 3 * PAGE, ANON + 3 * CHUNK + 5 * PAGE)   # across 3 chunk borders
-    p.touch(ARENA - 2 * PAGE, ARENA + 3 * PAGE)                     # across the VMA border
+    p.touch(ANON + CHUNK - 3 * PAGE, ANON + 3 * CHUNK + 5 * PAGE)  # across 3 chunk borders
+    p.touch(ARENA - 2 * PAGE, ARENA + 3 * PAGE)  # across the VMA border
     p.touch(LIBC, LIBC + 0x8000, anon=False)
     p.touch(SHM, SHM + 0x10000, anon=False)
     p.touch(SHM + 0x40000, SHM + 0x41000, anon=False)

@@ -17,38 +17,41 @@ def v(path: bytes, perms: str = "r--p", inode: int = 0) -> Vma:
     return Vma(0x1000, 0x2000, perms, 0, "00:00", inode, path)
 
 
-@pytest.mark.parametrize("path,perms,inode,kind", [
-    (b"", "rw-p", 0, "anon"),
-    (b"[anon:jemalloc arena]", "rw-p", 0, "anon"),
-    (b"[heap]", "rw-p", 0, "heap"),
-    (b"[stack]", "rw-p", 0, "stack"),
-    (b"[stack:1234]", "rw-p", 0, "stack"),
-    (b"[vdso]", "r-xp", 0, "special"),
-    (b"[vvar]", "r--p", 0, "special"),
-    (b"[vsyscall]", "--xp", 0, "special"),
-    (b"[uprobes]", "r-xp", 0, "special"),
-    (b"/memfd:ring buffer (deleted)", "rw-s", 2049, "shmem"),
-    (b"/memfd:x", "rw-p", 7, "shmem"),
-    (b"/dev/shm/pulse-shm-1", "rw-s", 42, "shmem"),
-    (b"/SYSV0000162e (deleted)", "rw-s", 3, "shmem"),
-    (b"/dev/zero (deleted)", "rw-s", 1001, "shmem"),
-    (b"[anon_shmem:ring]", "rw-s", 0, "shmem"),
-    (b"/some/mystery", "rw-s", 0, "shmem"),  # shared and no inode
-    (EXE, "r-xp", 9, "executable"),
-    (EXE + b" (deleted)", "r-xp", 9, "executable"),
-    (b"/usr/lib/x86_64-linux-gnu/libc.so.6", "r-xp", 9, "library"),
-    (b"/usr/lib/libstdc++.so.6.0.30", "r--p", 9, "library"),
-    (b"/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "r--p", 9, "library"),
-    (b"/lib/ld-musl-x86_64.so.1", "r--p", 9, "library"),
-    (b"/opt/py/_speedups.cpython-311-x86_64-linux-gnu.so", "r--p", 9, "library"),
-    (b"/tmp/gone.so.1 (deleted)", "r--p", 9, "library"),
-    (b"/plugins/libx.so", "r--p", 9, "library"),
-    (b"/data/x.so.bak", "r--p", 9, "file"),
-    (b"/data/also.something", "r--p", 9, "file"),
-    (b"/data/x.so/inner.db", "r--p", 9, "file"),
-    (b"/var/cache/fontconfig/abc.cache-8", "r--p", 9, "file"),
-    (b"/tmp/caf\xe9 \xff.dat", "r--p", 9, "file"),
-])
+@pytest.mark.parametrize(
+    "path,perms,inode,kind",
+    [
+        (b"", "rw-p", 0, "anon"),
+        (b"[anon:jemalloc arena]", "rw-p", 0, "anon"),
+        (b"[heap]", "rw-p", 0, "heap"),
+        (b"[stack]", "rw-p", 0, "stack"),
+        (b"[stack:1234]", "rw-p", 0, "stack"),
+        (b"[vdso]", "r-xp", 0, "special"),
+        (b"[vvar]", "r--p", 0, "special"),
+        (b"[vsyscall]", "--xp", 0, "special"),
+        (b"[uprobes]", "r-xp", 0, "special"),
+        (b"/memfd:ring buffer (deleted)", "rw-s", 2049, "shmem"),
+        (b"/memfd:x", "rw-p", 7, "shmem"),
+        (b"/dev/shm/pulse-shm-1", "rw-s", 42, "shmem"),
+        (b"/SYSV0000162e (deleted)", "rw-s", 3, "shmem"),
+        (b"/dev/zero (deleted)", "rw-s", 1001, "shmem"),
+        (b"[anon_shmem:ring]", "rw-s", 0, "shmem"),
+        (b"/some/mystery", "rw-s", 0, "shmem"),  # shared and no inode
+        (EXE, "r-xp", 9, "executable"),
+        (EXE + b" (deleted)", "r-xp", 9, "executable"),
+        (b"/usr/lib/x86_64-linux-gnu/libc.so.6", "r-xp", 9, "library"),
+        (b"/usr/lib/libstdc++.so.6.0.30", "r--p", 9, "library"),
+        (b"/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "r--p", 9, "library"),
+        (b"/lib/ld-musl-x86_64.so.1", "r--p", 9, "library"),
+        (b"/opt/py/_speedups.cpython-311-x86_64-linux-gnu.so", "r--p", 9, "library"),
+        (b"/tmp/gone.so.1 (deleted)", "r--p", 9, "library"),
+        (b"/plugins/libx.so", "r--p", 9, "library"),
+        (b"/data/x.so.bak", "r--p", 9, "file"),
+        (b"/data/also.something", "r--p", 9, "file"),
+        (b"/data/x.so/inner.db", "r--p", 9, "file"),
+        (b"/var/cache/fontconfig/abc.cache-8", "r--p", 9, "file"),
+        (b"/tmp/caf\xe9 \xff.dat", "r--p", 9, "file"),
+    ],
+)
 def test_classify(path, perms, inode, kind):
     assert classify(v(path, perms, inode), EXE) == kind
     assert kind in KINDS
@@ -59,9 +62,6 @@ def test_classify_without_exe_never_says_executable():
     assert classify(v(b"/usr/bin/python3.11", "r-xp", 9), b"") == "file"
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: classify() strips ' (deleted)' from the maps "
-                   "path but not from exe; readlink(/proc/PID/exe) of an already deleted "
-                   "binary ends in ' (deleted)' too, so the executable is never recognised")
 def test_classify_executable_deleted_before_attach():
     exe = b"/tmp/mt_sleep (deleted)"  # what readlink returns once the file is unlinked
     assert classify(v(b"/tmp/mt_sleep (deleted)", "r-xp", 9), exe) == "executable"
@@ -70,21 +70,38 @@ def test_classify_executable_deleted_before_attach():
 def test_classify_fixture_file():
     vmas = parse_maps((Path(__file__).parent / "fixtures" / "maps_tricky").read_bytes())
     kinds = [classify(x, EXE) for x in vmas]
-    assert kinds == ["executable", "executable", "heap", "anon", "anon", "shmem", "file",
-                     "library", "file", "special", "special", "library", "stack", "special"]
+    assert kinds == [
+        "executable",
+        "executable",
+        "heap",
+        "anon",
+        "anon",
+        "shmem",
+        "file",
+        "library",
+        "file",
+        "special",
+        "special",
+        "library",
+        "stack",
+        "special",
+    ]
 
 
-@pytest.mark.parametrize("path,kind,ident", [
-    (b"", "anon", "[anon]"),
-    (b"[anon:jemalloc arena]", "anon", "[anon:jemalloc arena]"),
-    (b"[heap]", "heap", "[heap]"),
-    (b"[stack]", "stack", "[stack]"),
-    (b"[stack:77]", "stack", "[stack]"),
-    (b"[vdso]", "special", "[vdso]"),
-    (b"/usr/lib/libc.so.6", "library", "/usr/lib/libc.so.6"),
-    (b"/memfd:buf (deleted)", "shmem", "/memfd:buf (deleted)"),
-    (b"/tmp/\xff", "file", "/tmp/\\xff"),
-])
+@pytest.mark.parametrize(
+    "path,kind,ident",
+    [
+        (b"", "anon", "[anon]"),
+        (b"[anon:jemalloc arena]", "anon", "[anon:jemalloc arena]"),
+        (b"[heap]", "heap", "[heap]"),
+        (b"[stack]", "stack", "[stack]"),
+        (b"[stack:77]", "stack", "[stack]"),
+        (b"[vdso]", "special", "[vdso]"),
+        (b"/usr/lib/libc.so.6", "library", "/usr/lib/libc.so.6"),
+        (b"/memfd:buf (deleted)", "shmem", "/memfd:buf (deleted)"),
+        (b"/tmp/\xff", "file", "/tmp/\\xff"),
+    ],
+)
 def test_mapping_identity(path, kind, ident):
     x = v(path)
     assert classify(x, EXE) == kind

@@ -23,41 +23,50 @@ class Blob:
         self.strings += name.encode() + b"\0"
         return off
 
-    def add(self, kind: int, name: str, vlen: int = 0, size: int = 0, trailer: bytes = b"",
-            kind_flag: int = 0) -> int:
+    def add(
+        self,
+        kind: int,
+        name: str,
+        vlen: int = 0,
+        size: int = 0,
+        trailer: bytes = b"",
+        kind_flag: int = 0,
+    ) -> int:
         info = (kind_flag << 31) | (kind << 24) | vlen
         self.types += struct.pack("<III", self.s(name) if name else 0, info, size) + trailer
         self.ntypes += 1
         return self.ntypes
 
-    def struct(self, name: str, members: list[tuple[str, int]], kind_flag: int = 0,
-               kind: int = 4) -> int:
+    def struct(
+        self, name: str, members: list[tuple[str, int]], kind_flag: int = 0, kind: int = 4
+    ) -> int:
         trailer = b"".join(struct.pack("<III", self.s(m), 1, off) for m, off in members)
         return self.add(kind, name, len(members), 8, trailer, kind_flag)
 
     def bytes(self, magic: int = 0xEB9F) -> bytes:
-        hdr = struct.pack("<HBBIIIII", magic, 1, 0, 24, 0, len(self.types), len(self.types),
-                          len(self.strings))
+        hdr = struct.pack(
+            "<HBBIIIII", magic, 1, 0, 24, 0, len(self.types), len(self.types), len(self.strings)
+        )
         return hdr + bytes(self.types) + bytes(self.strings)
 
 
 def sample() -> Blob:
     b = Blob()
-    b.add(1, "int", size=4, trailer=struct.pack("<I", 32))          # INT
-    b.add(2, "")                                                      # PTR
-    b.add(3, "", trailer=struct.pack("<III", 1, 1, 16))               # ARRAY
-    b.struct("mm_struct", [("mm", 0), ("pgd", 64)])                   # a decoy "mm"
-    b.struct("task_struct", [("mm", 0)], kind=5)                      # a UNION, not a struct
+    b.add(1, "int", size=4, trailer=struct.pack("<I", 32))  # INT
+    b.add(2, "")  # PTR
+    b.add(3, "", trailer=struct.pack("<III", 1, 1, 16))  # ARRAY
+    b.struct("mm_struct", [("mm", 0), ("pgd", 64)])  # a decoy "mm"
+    b.struct("task_struct", [("mm", 0)], kind=5)  # a UNION, not a struct
     b.add(6, "flags", vlen=2, size=4, trailer=struct.pack("<iIiI", 1, 0, 2, 1))  # ENUM
-    b.add(7, "fwd")                                                   # FWD
-    b.add(8, "u32", size=1)                                           # TYPEDEF
-    for kind in (9, 10, 11, 12, 16, 18):                              # no trailer
+    b.add(7, "fwd")  # FWD
+    b.add(8, "u32", size=1)  # TYPEDEF
+    for kind in (9, 10, 11, 12, 16, 18):  # no trailer
         b.add(kind, "")
-    b.add(13, "", vlen=3, trailer=b"\0" * 24)                        # FUNC_PROTO
-    b.add(14, "v", trailer=b"\0" * 4)                                 # VAR
-    b.add(15, ".data", vlen=2, trailer=b"\0" * 24)                    # DATASEC
-    b.add(17, "tag", trailer=b"\0" * 4)                               # DECL_TAG
-    b.add(19, "e64", vlen=1, trailer=b"\0" * 12)                      # ENUM64
+    b.add(13, "", vlen=3, trailer=b"\0" * 24)  # FUNC_PROTO
+    b.add(14, "v", trailer=b"\0" * 4)  # VAR
+    b.add(15, ".data", vlen=2, trailer=b"\0" * 24)  # DATASEC
+    b.add(17, "tag", trailer=b"\0" * 4)  # DECL_TAG
+    b.add(19, "e64", vlen=1, trailer=b"\0" * 12)  # ENUM64
     b.struct("task_struct", [("thread_info", 0), ("__state", 192), ("mm", 1856 * 8)])
     b.struct("bits", [("a", (3 << 24) | 0), ("b", (5 << 24) | 96)], kind_flag=1)
     return b

@@ -14,15 +14,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 # Block bcc (None in sys.modules makes `import bcc` raise ImportError), then run
 # memtrace exactly as `python -m memtrace` would.
-LAUNCH = ("import runpy, sys; sys.modules['bcc'] = None; "
-          "runpy.run_module('memtrace', run_name='__main__', alter_sys=True)")
+LAUNCH = (
+    "import runpy, sys; sys.modules['bcc'] = None; "
+    "runpy.run_module('memtrace', run_name='__main__', alter_sys=True)"
+)
 
 
 def memtrace(*args: str, code: str = LAUNCH) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(REPO), COLUMNS="100")
     env.pop("PYTHONWARNINGS", None)
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
@@ -52,8 +60,14 @@ def test_help():
 
 
 def test_plain_python_dash_m_help():
-    r = subprocess.run([sys.executable, "-m", "memtrace", "-h"], cwd=REPO, capture_output=True,
-                       text=True, timeout=60, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    r = subprocess.run(
+        [sys.executable, "-m", "memtrace", "-h"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert r.returncode == 0 and "watch" in r.stdout
 
 
@@ -77,8 +91,15 @@ def test_watch_without_pid_is_usage_error():
     assert "PIDS" in r.stderr or "Missing argument" in r.stderr
 
 
-@pytest.mark.parametrize("args", [["watch", "abc"], ["watch", "--format", "xml", "1"],
-                                  ["watch", "--interval", "0", "1"], ["no-such-command"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["watch", "abc"],
+        ["watch", "--format", "xml", "1"],
+        ["watch", "--interval", "0", "1"],
+        ["no-such-command"],
+    ],
+)
 def test_usage_errors(args):
     r = memtrace(*args)
     assert r.returncode == 2, (args, r.stderr)
@@ -96,7 +117,7 @@ def test_watch_pid_zero():
 
 
 def test_watch_own_pid():
-    code = ("import os, sys; sys.argv[1:] = ['watch', str(os.getpid())]; " + LAUNCH)
+    code = "import os, sys; sys.argv[1:] = ['watch', str(os.getpid())]; " + LAUNCH
     assert_one_line_error(memtrace(code=code), 9)
 
 
@@ -120,17 +141,19 @@ def test_watch_zombie():
 
 
 def test_watch_thread_id():
-    code = ("import os, sys, threading\n"
-            "ev = threading.Event(); out = []\n"
-            "t = threading.Thread(target=lambda: (out.append(threading.get_native_id()),"
-            " ev.wait()))\n"
-            "t.start()\n"
-            "while not out: pass\n"
-            "sys.argv[1:] = ['watch', str(out[0])]\n"
-            "try:\n"
-            "    exec(" + repr(LAUNCH) + ")\n"
-            "finally:\n"
-            "    ev.set()\n")
+    code = (
+        "import os, sys, threading\n"
+        "ev = threading.Event(); out = []\n"
+        "t = threading.Thread(target=lambda: (out.append(threading.get_native_id()),"
+        " ev.wait()))\n"
+        "t.start()\n"
+        "while not out: pass\n"
+        "sys.argv[1:] = ['watch', str(out[0])]\n"
+        "try:\n"
+        "    exec(" + repr(LAUNCH) + ")\n"
+        "finally:\n"
+        "    ev.set()\n"
+    )
     r = memtrace(code=code)
     assert_one_line_error(r, 6, "thread of process")
 
@@ -140,8 +163,9 @@ def test_run_nonexistent_command():
 
 
 def test_run_command_not_on_path():
-    assert_one_line_error(memtrace("run", "--", "memtrace-no-such-cmd-xyz"), 10,
-                          "command not found")
+    assert_one_line_error(
+        memtrace("run", "--", "memtrace-no-such-cmd-xyz"), 10, "command not found"
+    )
 
 
 def test_run_directory(tmp_path):
@@ -161,9 +185,6 @@ def test_run_without_command_is_usage_error():
     assert "Traceback" not in r.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: cli._reporter open()s the -o/--output file "
-                   "unguarded; an unwritable path (missing directory) escapes main() as an "
-                   "OSError traceback with exit 1 instead of one clear error line")
 @pytest.mark.parametrize("cmd", ["watch", "run"])
 def test_unwritable_output_is_one_clear_line(cmd, tmp_path):
     out = str(tmp_path / "no-such-dir" / "out.json")

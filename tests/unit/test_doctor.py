@@ -9,13 +9,19 @@ from memtrace.doctor import Check, check_headers, headers_release, render
 
 
 def test_render_marks_and_fixes():
-    out = render([
-        Check("BCC", True, "bcc importable", fix="never shown when ok"),
-        Check("kernel headers", False, "missing: /lib/modules/x/build does not exist",
-              "sudo scripts/setup.sh"),
-        Check("BTF", False, "cannot read", "a kernel with BTF", required=False),
-        Check("PROCMAP_QUERY", False, "ioctl failed", required=False),
-    ])
+    out = render(
+        [
+            Check("BCC", True, "bcc importable", fix="never shown when ok"),
+            Check(
+                "kernel headers",
+                False,
+                "missing: /lib/modules/x/build does not exist",
+                "sudo scripts/setup.sh",
+            ),
+            Check("BTF", False, "cannot read", "a kernel with BTF", required=False),
+            Check("PROCMAP_QUERY", False, "ioctl failed", required=False),
+        ]
+    )
     assert out.splitlines() == [
         "ok    BCC: bcc importable",
         "FAIL  kernel headers: missing: /lib/modules/x/build does not exist"
@@ -38,7 +44,8 @@ def test_headers_release_from_kernel_release_file(tmp_path):
 def test_headers_release_from_utsrelease(tmp_path):
     (tmp_path / "include" / "generated").mkdir(parents=True)
     (tmp_path / "include" / "generated" / "utsrelease.h").write_text(
-        '#define UTS_RELEASE "6.12.9+bpo-cloud-amd64"\n')
+        '#define UTS_RELEASE "6.12.9+bpo-cloud-amd64"\n'
+    )
     assert headers_release(tmp_path) == "6.12.9+bpo-cloud-amd64"
 
 

@@ -39,8 +39,9 @@ def c_struct(name: str) -> list[tuple[str, str, int | None]]:
     out = []
     for m in re.finditer(r"^\s*(u64|u32|s64)\s+(\w+)(?:\[(\w+)\])?;", body.group(1), re.M):
         n = m.group(3)
-        out.append((m.group(2), m.group(1),
-                    None if n is None else (NSYS if n == "MT_NSYS" else int(n))))
+        out.append(
+            (m.group(2), m.group(1), None if n is None else (NSYS if n == "MT_NSYS" else int(n)))
+        )
     return out
 
 
@@ -55,8 +56,9 @@ def py_struct(cls: type[ctypes.Structure]) -> list[tuple[str, object, int | None
 
 
 # -- the contract with bpf/memtrace.h ---------------------------------------------------
-@pytest.mark.parametrize("c_name,cls", [("mt_event", RawEvent), ("mt_range", RawRange),
-                                        ("mt_stats", RawStats)])
+@pytest.mark.parametrize(
+    "c_name,cls", [("mt_event", RawEvent), ("mt_range", RawRange), ("mt_stats", RawStats)]
+)
 def test_ctypes_mirror_header(c_name, cls):
     fields = c_struct(c_name)
     assert fields, c_name
@@ -79,8 +81,9 @@ def test_syscall_classes_follow_enum():
 def test_constants_match_header():
     assert int(re.search(r"MT_CHUNK_SHIFT (\d+)", HEADER).group(1)) == CHUNK_SHIFT
     assert CHUNK_SIZE == 2 * 1024 * 1024
-    assert int(re.search(r"MT_USER_ADDR_MAX (0x[0-9a-fA-F]+)", HEADER).group(1), 16) == \
-        USER_ADDR_MAX
+    assert (
+        int(re.search(r"MT_USER_ADDR_MAX (0x[0-9a-fA-F]+)", HEADER).group(1), 16) == USER_ADDR_MAX
+    )
 
 
 def test_syscall_numbers_match_bpf_probes():
@@ -114,8 +117,17 @@ def pack_event(*, ts=123456789, tgid=100, tid=101, sys=1, nr=9, ret=0, args=(0,)
 
 
 def test_decode_event_fields():
-    e = decode_event(pack_event(ts=5, tgid=10, tid=11, sys=1, nr=9, ret=0x7F0000001000,
-                                args=(0, 8192, 3, 0x22, 2**64 - 1)))
+    e = decode_event(
+        pack_event(
+            ts=5,
+            tgid=10,
+            tid=11,
+            sys=1,
+            nr=9,
+            ret=0x7F0000001000,
+            args=(0, 8192, 3, 0x22, 2**64 - 1),
+        )
+    )
     assert (e.ts_ns, e.tgid, e.tid, e.syscall, e.name) == (5, 10, 11, "mmap", "mmap")
     assert e.ret == 0x7F0000001000
     assert e.args == (0, 8192, 3, 0x22, 2**64 - 1)
@@ -125,8 +137,9 @@ def test_decode_event_fields():
 def test_decode_event_from_ctypes_object_matches_struct_pack():
     raw = RawEvent(ts_ns=1, tgid=2, tid=3, sys=4, nr=28, ret=-22)
     raw.args[:] = [0x1000, 4096, 4, 0, 0]
-    assert bytes(raw) == pack_event(ts=1, tgid=2, tid=3, sys=4, nr=28, ret=-22,
-                                    args=(0x1000, 4096, 4, 0, 0))
+    assert bytes(raw) == pack_event(
+        ts=1, tgid=2, tid=3, sys=4, nr=28, ret=-22, args=(0x1000, 4096, 4, 0, 0)
+    )
     e = decode_event(bytes(raw))
     assert e.syscall == "madvise" and e.ret == -22 and not e.ok
 
@@ -145,34 +158,66 @@ def test_decode_event_negative_ret():
     assert e.describe() == "mmap(len=1024.0 GiB, fd=-1) = -12"
 
 
-@pytest.mark.parametrize("sys,nr,ret,args,text", [
-    (1, 9, 0x7F0000001000, (0, 8192, 3, 0x22, 2**64 - 1),
-     "mmap(len=8.0 KiB, fd=-1) -> 0x7f0000001000"),
-    (1, 9, 0x7F0000001000, (0, 4096, 1, 1, 7), "mmap(len=4.0 KiB, fd=7) -> 0x7f0000001000"),
-    (2, 11, 0, (0x7F0000000000, 3 << 20, 0, 0, 0), "munmap(0x7f0000000000, 3.0 MiB) = 0"),
-    (5, 10, 0, (0x1000, 100, 1, 0, 0), "mprotect(0x1000, 100 B) = 0"),
-    (5, 329, 0, (0x1000, 4096, 1, 2, 0), "pkey_mprotect(0x1000, 4.0 KiB) = 0"),
-    (6, 325, -1, (0x2000, 1536, 1, 0, 0), "mlock2(0x2000, 1.5 KiB) = -1"),
-    (7, 150, 0, (0x2000, 0, 0, 0, 0), "munlock(0x2000, 0 B) = 0"),
-    (4, 28, 0, (0x3000, 1 << 30, 4, 0, 0), "madvise(0x3000, 1.0 GiB, DONTNEED) = 0"),
-    (4, 28, 0, (0x3000, 4096, 25, 0, 0), "madvise(0x3000, 4.0 KiB, COLLAPSE) = 0"),
-    (4, 28, -22, (0x3000, 4096, 99, 0, 0), "madvise(0x3000, 4.0 KiB, 99) = -22"),
-    (3, 25, 0x7F0000200000, (0x7F0000000000, 4096, 8192, 1, 0),
-     "mremap(0x7f0000000000, 4.0 KiB -> 8.0 KiB) -> 0x7f0000200000"),
-    (3, 25, -12, (0x7F0000000000, 4096, 8192, 0, 0),
-     "mremap(0x7f0000000000, 4.0 KiB -> 8.0 KiB) = -12"),
-    (0, 12, 0x555555580000, (0x555555580000, 0, 0, 0, 0), "brk(0x555555580000) = 0x555555580000"),
-    (8, 30, 0x7F0000000000, (5, 0, 0, 0, 0), "shmat(...) = 139637976727552"),
-    (10, 157, 0, (0x53564D41, 0, 0, 0, 0), "prctl(...) = 0"),
-    (11, 59, 0, (0,) * 5, "execve(...) = 0"),
-])
+@pytest.mark.parametrize(
+    "sys,nr,ret,args,text",
+    [
+        (
+            1,
+            9,
+            0x7F0000001000,
+            (0, 8192, 3, 0x22, 2**64 - 1),
+            "mmap(len=8.0 KiB, fd=-1) -> 0x7f0000001000",
+        ),
+        (1, 9, 0x7F0000001000, (0, 4096, 1, 1, 7), "mmap(len=4.0 KiB, fd=7) -> 0x7f0000001000"),
+        (2, 11, 0, (0x7F0000000000, 3 << 20, 0, 0, 0), "munmap(0x7f0000000000, 3.0 MiB) = 0"),
+        (5, 10, 0, (0x1000, 100, 1, 0, 0), "mprotect(0x1000, 100 B) = 0"),
+        (5, 329, 0, (0x1000, 4096, 1, 2, 0), "pkey_mprotect(0x1000, 4.0 KiB) = 0"),
+        (6, 325, -1, (0x2000, 1536, 1, 0, 0), "mlock2(0x2000, 1.5 KiB) = -1"),
+        (7, 150, 0, (0x2000, 0, 0, 0, 0), "munlock(0x2000, 0 B) = 0"),
+        (4, 28, 0, (0x3000, 1 << 30, 4, 0, 0), "madvise(0x3000, 1.0 GiB, DONTNEED) = 0"),
+        (4, 28, 0, (0x3000, 4096, 25, 0, 0), "madvise(0x3000, 4.0 KiB, COLLAPSE) = 0"),
+        (4, 28, -22, (0x3000, 4096, 99, 0, 0), "madvise(0x3000, 4.0 KiB, 99) = -22"),
+        (
+            3,
+            25,
+            0x7F0000200000,
+            (0x7F0000000000, 4096, 8192, 1, 0),
+            "mremap(0x7f0000000000, 4.0 KiB -> 8.0 KiB) -> 0x7f0000200000",
+        ),
+        (
+            3,
+            25,
+            -12,
+            (0x7F0000000000, 4096, 8192, 0, 0),
+            "mremap(0x7f0000000000, 4.0 KiB -> 8.0 KiB) = -12",
+        ),
+        (
+            0,
+            12,
+            0x555555580000,
+            (0x555555580000, 0, 0, 0, 0),
+            "brk(0x555555580000) = 0x555555580000",
+        ),
+        (8, 30, 0x7F0000000000, (5, 0, 0, 0, 0), "shmat(...) = 139637976727552"),
+        (10, 157, 0, (0x53564D41, 0, 0, 0, 0), "prctl(...) = 0"),
+        (11, 59, 0, (0,) * 5, "execve(...) = 0"),
+    ],
+)
 def test_describe(sys, nr, ret, args, text):
     assert decode_event(pack_event(sys=sys, nr=nr, ret=ret, args=args)).describe() == text
 
 
-@pytest.mark.parametrize("n,text", [(0, "0 B"), (1023, "1023 B"), (1024, "1.0 KiB"),
-                                    ((1 << 20) - 1, "1024.0 KiB"), (1 << 20, "1.0 MiB"),
-                                    (5 << 30, "5.0 GiB")])
+@pytest.mark.parametrize(
+    "n,text",
+    [
+        (0, "0 B"),
+        (1023, "1023 B"),
+        (1024, "1.0 KiB"),
+        ((1 << 20) - 1, "1024.0 KiB"),
+        (1 << 20, "1.0 MiB"),
+        (5 << 30, "5.0 GiB"),
+    ],
+)
 def test_size_format(n, text):
     assert ev._size(n) == text
 

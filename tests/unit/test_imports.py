@@ -7,17 +7,29 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-PURE = ["memtrace.procfs", "memtrace.model", "memtrace.attribution", "memtrace.events",
-        "memtrace.tracker", "memtrace.views.snapshot", "memtrace.views.jsonl",
-        "memtrace.doctor", "memtrace.btf", "memtrace.pagemap", "memtrace.errors"]
+PURE = [
+    "memtrace.procfs",
+    "memtrace.model",
+    "memtrace.attribution",
+    "memtrace.events",
+    "memtrace.tracker",
+    "memtrace.views.snapshot",
+    "memtrace.views.jsonl",
+    "memtrace.doctor",
+    "memtrace.btf",
+    "memtrace.pagemap",
+    "memtrace.errors",
+]
 
 
 def test_pure_modules_need_neither_bcc_nor_probes():
-    code = ("import sys; sys.modules['bcc'] = None\n"
-            f"import importlib\nfor m in {PURE!r}: importlib.import_module(m)\n"
-            "bad = [m for m in ('memtrace.probes', 'memtrace.session') if m in sys.modules]\n"
-            "assert not bad, bad\n")
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                       timeout=60)
+    code = (
+        "import sys; sys.modules['bcc'] = None\n"
+        f"import importlib\nfor m in {PURE!r}: importlib.import_module(m)\n"
+        "bad = [m for m in ('memtrace.probes', 'memtrace.session') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0, r.stderr
-

@@ -49,8 +49,10 @@ def test_chunk_span():
     assert chunk_span(0, C) == (0, 1)
     assert chunk_span(0, C + 1) == (0, 2)
     assert chunk_span(C - P, C + P) == (0, 2)
-    assert chunk_span(BASE + 3 * C, BASE + 3 * C + P) == ((BASE >> CHUNK_SHIFT) + 3,
-                                                          (BASE >> CHUNK_SHIFT) + 4)
+    assert chunk_span(BASE + 3 * C, BASE + 3 * C + P) == (
+        (BASE >> CHUNK_SHIFT) + 3,
+        (BASE >> CHUNK_SHIFT) + 4,
+    )
     first, last = chunk_span(0x7FFFFFFDE000, 0x7FFFFFFFF000)
     assert (first, last) == (0x3FFFFFF, 0x4000000)
 
@@ -58,7 +60,10 @@ def test_chunk_span():
 def test_merge_spans():
     assert merge_spans([]) == []
     assert merge_spans([(5, 6), (1, 2), (2, 3), (10, 12), (11, 11), (4, 5)]) == [
-        (1, 3), (4, 6), (10, 12)]
+        (1, 3),
+        (4, 6),
+        (10, 12),
+    ]
     assert merge_spans([(0, 10), (2, 3), (3, 4)]) == [(0, 10)]
     assert merge_spans(iter([(3, 4), (3, 4)])) == [(3, 4)]
 
@@ -86,15 +91,23 @@ def test_resident_total():
 def test_replace_chunks_splits_runs_at_chunk_boundaries():
     s = AddressSpace()
     c0 = BASE >> CHUNK_SHIFT
-    s.replace_chunks(c0, c0 + 3, [(BASE + C - P, BASE + 2 * C + 2 * P, True),
-                                  (BASE + 2 * C + 4 * P, BASE + 2 * C + 5 * P, False)])
+    s.replace_chunks(
+        c0,
+        c0 + 3,
+        [
+            (BASE + C - P, BASE + 2 * C + 2 * P, True),
+            (BASE + 2 * C + 4 * P, BASE + 2 * C + 5 * P, False),
+        ],
+    )
     assert sorted(s.chunks) == [c0, c0 + 1, c0 + 2]
     assert s.chunks[c0].runs == [(BASE + C - P, BASE + C, True)]
     assert (s.chunks[c0].anon, s.chunks[c0].other) == (P, 0)
     assert s.chunks[c0 + 1].runs == [(BASE + C, BASE + 2 * C, True)]
     assert s.chunks[c0 + 1].anon == C
-    assert s.chunks[c0 + 2].runs == [(BASE + 2 * C, BASE + 2 * C + 2 * P, True),
-                                     (BASE + 2 * C + 4 * P, BASE + 2 * C + 5 * P, False)]
+    assert s.chunks[c0 + 2].runs == [
+        (BASE + 2 * C, BASE + 2 * C + 2 * P, True),
+        (BASE + 2 * C + 4 * P, BASE + 2 * C + 5 * P, False),
+    ]
     assert (s.chunks[c0 + 2].anon, s.chunks[c0 + 2].other) == (2 * P, P)
 
 
@@ -169,16 +182,16 @@ def test_attribute_all_exact_across_chunks_and_vma_boundaries():
     c0 = BASE >> CHUNK_SHIFT
     # runs that cross chunk and VMA boundaries, as the kernel returns them
     runs = [
-        (BASE + C - 3 * P, BASE + 3 * C + 5 * P, True),     # 3 chunk boundaries
+        (BASE + C - 3 * P, BASE + 3 * C + 5 * P, True),  # 3 chunk boundaries
         (BASE + 3 * C + 5 * P, BASE + 3 * C + 9 * P, False),
-        (BASE + 5 * C, BASE + 6 * C, False),               # exactly one whole chunk
+        (BASE + 5 * C, BASE + 6 * C, False),  # exactly one whole chunk
     ]
     vs = [
-        vma(BASE, BASE + C - P),                          # partial chunk
-        vma(BASE + C - P, BASE + 2 * C + 7 * P),           # spans 3 chunks
-        vma(BASE + 2 * C + 7 * P, BASE + 3 * C + 6 * P),   # ends mid-run of other
-        vma(BASE + 3 * C + 6 * P, BASE + 3 * C + 7 * P),   # one page
-        vma(BASE + 4 * C, BASE + 7 * C),                   # holds a whole chunk
+        vma(BASE, BASE + C - P),  # partial chunk
+        vma(BASE + C - P, BASE + 2 * C + 7 * P),  # spans 3 chunks
+        vma(BASE + 2 * C + 7 * P, BASE + 3 * C + 6 * P),  # ends mid-run of other
+        vma(BASE + 3 * C + 6 * P, BASE + 3 * C + 7 * P),  # one page
+        vma(BASE + 4 * C, BASE + 7 * C),  # holds a whole chunk
     ]
     s = AddressSpace()
     s.set_vmas(vs)
@@ -234,8 +247,9 @@ def test_attribute_recomputes_only_requested_spans():
     s.set_vmas([a, b])
     s.replace_chunks(c0, c0 + 5, [(BASE, BASE + P, True), (BASE + 4 * C, BASE + 4 * C + P, True)])
     s.attribute_all()
-    s.replace_chunks(c0, c0 + 5, [(BASE, BASE + 2 * P, True),
-                                  (BASE + 4 * C, BASE + 4 * C + 3 * P, True)])
+    s.replace_chunks(
+        c0, c0 + 5, [(BASE, BASE + 2 * P, True), (BASE + 4 * C, BASE + 4 * C + 3 * P, True)]
+    )
     s.attribute([(c0, c0 + 1)])
     assert s.resident_of(a).anon == 2 * P
     assert s.resident_of(b).anon == P  # not recomputed
@@ -255,8 +269,10 @@ def table_runs(pt: bytearray, first: int, last: int) -> list[tuple[int, int, boo
     """Coalesced runs of chunks [first, last) of the page table (0 absent,
     1 anon, 2 file), in the kernel's form: one run across chunk borders."""
     lo, hi = (first - C0) * (C // P), (last - C0) * (C // P)
-    return [(BASE + m.start() * P, BASE + m.end() * P, m.group()[0] == 1)
-            for m in _RUN.finditer(pt, lo, hi)]
+    return [
+        (BASE + m.start() * P, BASE + m.end() * P, m.group()[0] == 1)
+        for m in _RUN.finditer(pt, lo, hi)
+    ]
 
 
 def expected(pt: bytearray, v: Vma) -> tuple[int, int]:

@@ -37,8 +37,12 @@ def test_exact_runs_of_touched_pages(scanner):
     for i in (0, 1, 2, 5, 9, 15):
         m[i * P] = 1
     runs = scanner.scan(addr, addr + 16 * P)
-    assert runs == [(addr, addr + 3 * P, True), (addr + 5 * P, addr + 6 * P, True),
-                    (addr + 9 * P, addr + 10 * P, True), (addr + 15 * P, addr + 16 * P, True)]
+    assert runs == [
+        (addr, addr + 3 * P, True),
+        (addr + 5 * P, addr + 6 * P, True),
+        (addr + 9 * P, addr + 10 * P, True),
+        (addr + 15 * P, addr + 16 * P, True),
+    ]
     # a read of an untouched page maps the zero page, which is not counted
     _ = m[7 * P]
     assert scanner.scan(addr + 6 * P, addr + 9 * P) == []

@@ -100,7 +100,12 @@ def test_decode_path_valid_utf8_untouched():
 def test_statm():
     s = parse_statm(b"4000 300 120 5 0 250 0\n")
     assert (s.size_pages, s.resident_pages, s.shared_pages, s.text_pages, s.data_pages) == (
-        4000, 300, 120, 5, 250)
+        4000,
+        300,
+        120,
+        5,
+        250,
+    )
     assert s.resident_bytes == 300 * PAGE_SIZE
     assert s.shared_bytes == 120 * PAGE_SIZE
     assert s.anon_bytes == 180 * PAGE_SIZE
@@ -109,11 +114,18 @@ def test_statm():
 def test_stat_simple():
     st = parse_stat(stat_line(1234, b"bash", "R", ppid=77, flags=0x400100, start_time=98765))
     assert (st.pid, st.comm, st.state, st.ppid, st.flags, st.start_time) == (
-        1234, "bash", "R", 77, 0x400100, 98765)
+        1234,
+        "bash",
+        "R",
+        77,
+        0x400100,
+        98765,
+    )
 
 
-@pytest.mark.parametrize("comm", [b"a) (b", b") (", b"x) S 1 2 (y", b"((", b"))", b"two words",
-                                  b""])
+@pytest.mark.parametrize(
+    "comm", [b"a) (b", b") (", b"x) S 1 2 (y", b"((", b"))", b"two words", b""]
+)
 def test_stat_comm_with_parentheses_and_spaces(comm):
     st = parse_stat(stat_line(42, comm, "S", ppid=9, flags=0x40, start_time=555))
     assert st.comm == comm.decode()
@@ -144,8 +156,16 @@ def test_status():
 
 
 # -- ProcFS on a fixture tree and check_target ---------------------------------------
-def make_proc(root: Path, pid: int, *, comm: bytes = b"sleepy", state: str = "S",
-              flags: int = 0x400000, tgid: int | None = None, status: bool = True) -> None:
+def make_proc(
+    root: Path,
+    pid: int,
+    *,
+    comm: bytes = b"sleepy",
+    state: str = "S",
+    flags: int = 0x400000,
+    tgid: int | None = None,
+    status: bool = True,
+) -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
     (d / "stat").write_bytes(stat_line(pid, comm, state, flags=flags))

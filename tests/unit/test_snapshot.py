@@ -12,21 +12,56 @@ from memtrace.views.snapshot import snapshot
 
 from .fakes import ANON, PAGE, standard_process
 
-TOP_KEYS = {"ts", "pid", "comm", "rss_bytes", "anon_bytes", "file_bytes", "shmem_bytes",
-            "virtual_bytes", "statm_rss_bytes", "drift_bytes", "faults", "syscalls",
-            "syscall_bytes", "full_rescans", "events_lost", "events_sampled_out",
-            "tick_seconds", "mappings"}
-MAPPING_KEYS = {"start", "end", "perms", "offset", "path", "kind", "mapping", "rss_bytes",
-                "anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "faults"}
+TOP_KEYS = {
+    "ts",
+    "pid",
+    "comm",
+    "rss_bytes",
+    "anon_bytes",
+    "file_bytes",
+    "shmem_bytes",
+    "virtual_bytes",
+    "statm_rss_bytes",
+    "drift_bytes",
+    "faults",
+    "syscalls",
+    "syscall_bytes",
+    "full_rescans",
+    "events_lost",
+    "events_sampled_out",
+    "tick_seconds",
+    "mappings",
+}
+MAPPING_KEYS = {
+    "start",
+    "end",
+    "perms",
+    "offset",
+    "path",
+    "kind",
+    "mapping",
+    "rss_bytes",
+    "anon_bytes",
+    "file_bytes",
+    "shmem_bytes",
+    "virtual_bytes",
+    "faults",
+}
 
 
 def tracked(world):
     p, m = standard_process(world)
     tr = ProcessTracker(p.pid, world.procfs())
     tr.start()
-    s = dataclasses.replace(tr.stats, layout_gen=1, events_lost=2, ranges_lost=0,
-                            events_sampled_out=9, calls=dict(tr.stats.calls, mmap=4),
-                            bytes=dict(tr.stats.bytes, mmap=1 << 20))
+    s = dataclasses.replace(
+        tr.stats,
+        layout_gen=1,
+        events_lost=2,
+        ranges_lost=0,
+        events_sampled_out=9,
+        calls=dict(tr.stats.calls, mmap=4),
+        bytes=dict(tr.stats.bytes, mmap=1 << 20),
+    )
     tr.update([ChunkMark(ANON >> CHUNK_SHIFT, 6, ANON + PAGE)], [], s)
     return p, m, tr
 
