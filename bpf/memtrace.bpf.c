@@ -16,6 +16,7 @@ BPF_HASH(dirty, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
 BPF_HASH(inflight, u32, struct mt_inflight, 4096);
 BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);   /* mm -> tgid */
 BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
+BPF_ARRAY(names_gen, u64, 1);                  /* bumped by any unlink or rename */
 BPF_RINGBUF_OUTPUT(ranges, MT_RANGES_PAGES);
 BPF_RINGBUF_OUTPUT(events, MT_EVENTS_PAGES);
 
@@ -267,6 +268,25 @@ ENTER(remap_file_pages, MT_SYS_OTHER, 216, args->start, args->size, args->prot, 
       args->flags)
 ENTER(execve, MT_SYS_EXEC, 59, 0, 0, 0, 0, 0)
 ENTER(execveat, MT_SYS_EXEC, 322, 0, 0, 0, 0, 0)
+
+/* A mapped file that is deleted or renamed changes its name in maps with no
+ * address-space call; any successful unlink/rename on the system makes user
+ * space re-read the maps of its targets once. */
+static __always_inline int names_changed(long ret)
+{
+    if (ret != 0)
+        return 0;
+    int zero = 0;
+    u64 *gen = names_gen.lookup(&zero);
+    if (gen)
+        __sync_fetch_and_add(gen, 1);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_unlink) { return names_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_unlinkat) { return names_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return names_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return names_changed(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return names_changed(args->ret); }
 
 #define PR_SET_VMA 0x53564d41
 TRACEPOINT_PROBE(syscalls, sys_enter_prctl)

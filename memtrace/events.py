@@ -172,3 +172,4 @@ class Drained:
     ranges: dict[int, list[tuple[int, int]]]
     events: list[SyscallEvent]
     stats: dict[int, Stats]
+    names_gen: int = 0      # count of unlinks/renames on the whole system

@@ -96,6 +96,7 @@ class Probes:
         self._dirty = self.bpf["dirty"]
         self._mm_owner = self.bpf["mm_owner"]
         self._tgid_mm = self.bpf["tgid_mm"]
+        self._names_gen = self.bpf["names_gen"]
         self._ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._events: list[SyscallEvent] = []
         self.bpf["ranges"].open_ring_buffer(self._on_range)
@@ -146,7 +147,9 @@ class Probes:
             self._credit[self._credit.Key(k.value)] = self._credit.Leaf(EVENT_CREDIT)
         ranges, self._ranges = dict(self._ranges), defaultdict(list)
         events, self._events = self._events, []
-        return Drained(chunks=dict(chunks), ranges=ranges, events=events, stats=stats)
+        names_gen = int(self._names_gen[0].value)
+        return Drained(chunks=dict(chunks), ranges=ranges, events=events, stats=stats,
+                       names_gen=names_gen)
 
     def close(self) -> None:
         try:

@@ -43,6 +43,7 @@ class Session:
         self.stop = threading.Event()
         self.started = time.monotonic()
         self.first_snapshot_seconds: float | None = None
+        self._names_gen = 0
 
     def load(self) -> Probes:
         self.probes = Probes()
@@ -96,10 +97,12 @@ class Session:
         drained = self.probes.drain()
         self.reporter.events(drained.events)
         now = time.time()
+        names_changed = drained.names_gen != self._names_gen
+        self._names_gen = drained.names_gen
         for pid, tracker in list(self.trackers.items()):
             try:
                 tracker.update(drained.chunks.get(pid, []), drained.ranges.get(pid, []),
-                               drained.stats.get(pid))
+                               drained.stats.get(pid), names_changed)
             except ProcessGone:
                 self.detach(pid, "exited")
                 continue

@@ -124,18 +124,23 @@ class ProcessTracker:
 
     def _full_rescan(self, reason: str) -> None:
         self.counters.full_rescans[reason] += 1
+        statm_before = self._read_statm()
         self.space.set_vmas(self._read_maps())
         self.space.clear()
         spans = merge_spans(chunk_span(v.start, v.end) for v in self.space.vmas)
         self._scan_spans(spans)
         self.space.attribute_all()
         self.statm = self._read_statm()
-        self._unexplained = self._diff(self.statm)
+        # A difference that survives a scan of a quiet process is real and
+        # stays; one seen while the process ran is lag, fixed by later ticks.
+        self._unexplained = self._diff(self.statm) if self.statm == statm_before else (0, 0)
         self._last_full = time.monotonic()
 
     # -- one tick ---------------------------------------------------------------
     def update(self, marks: list[ChunkMark], ranges: list[tuple[int, int]],
-               stats: Stats | None) -> None:
+               stats: Stats | None, names_changed: bool = False) -> None:
+        """One tick. `names_changed`: a file was deleted or renamed somewhere, so
+        mapping names in maps may have changed."""
         t0 = time.perf_counter()
         self.counters.ticks += 1
         old, self.stats = self.stats, stats or self.stats
@@ -149,7 +154,8 @@ class ProcessTracker:
         if reason:
             self._full_rescan(reason)
         else:
-            self._targeted(marks, ranges, layout_changed=new.layout_gen != old.layout_gen)
+            self._targeted(marks, ranges,
+                           layout_changed=new.layout_gen != old.layout_gen or names_changed)
         self._count_faults(marks)
         self._check(statm_before)
         self._finish(t0)
