@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from memtrace import btf
-from memtrace.pagemap import probe_pagemap_scan
+from memtrace.pagemap import probe_pagemap_scan, scan_mechanism
 
 TRACEPOINTS = (
     "exceptions/page_fault_user", "exceptions/page_fault_kernel", "kmem/rss_stat",
@@ -113,8 +113,22 @@ def check_privileges() -> Check:
 
 def check_pagemap_scan() -> Check:
     ok, why = probe_pagemap_scan()
-    return Check("PAGEMAP_SCAN", ok, why if not ok else "ioctl works on /proc/self/pagemap",
-                 "Linux 6.7 or newer")
+    if ok:
+        return Check("PAGEMAP_SCAN", True, "ioctl works on /proc/self/pagemap")
+    return Check("PAGEMAP_SCAN", False, f"{why}; falling back to raw pagemap reads with "
+                 "zero-page PFNs (slower, needs root)", "Linux 6.7 or newer", required=False)
+
+
+def check_mechanisms() -> Check:
+    """Which mechanism memtrace will use for each job here."""
+    rss_stat = "raw tracepoint rss_stat + BTF task_struct.mm"
+    try:
+        btf.member_offset("task_struct", "mm")
+    except btf.BtfError:
+        rss_stat = "tracepoint kmem:rss_stat (curr, mm_id)"
+    return Check("mechanisms", True, f"resident pages: {scan_mechanism()}; VMA list: "
+                 f"/proc/PID/maps on layout change; remote changes: {rss_stat}; "
+                 "totals checked against /proc/PID/statm", required=False)
 
 
 class _ProcmapQuery(ctypes.Structure):
@@ -150,7 +164,8 @@ def check_procmap_query() -> Check:
 
 def run_checks() -> list[Check]:
     return [check_bcc(), check_headers(), check_btf(), check_tracepoints(),
-            check_privileges(), check_pagemap_scan(), check_procmap_query()]
+            check_privileges(), check_pagemap_scan(), check_procmap_query(),
+            check_mechanisms()]
 
 
 def render(checks: list[Check]) -> str:

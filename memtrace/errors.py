@@ -21,7 +21,6 @@ class ExitCode(enum.IntEnum):
     CANNOT_EXECUTE = 10
     BPF_LOAD_FAILED = 11
     NO_TRACEFS = 12
-    KERNEL_UNSUPPORTED = 13
 
 
 class MemtraceError(Exception):

@@ -7,9 +7,11 @@ clear) or file/shmem backed."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
+from collections.abc import Callable
 
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
@@ -48,6 +50,8 @@ _libc.ioctl.restype = ctypes.c_int
 
 # (start, end, anon): one run of resident pages of one kind
 Run = tuple[int, int, bool]
+# (start, end) -> the VMAs overlapping it, as (start, end, path)
+VmaSource = Callable[[int, int], list[tuple[int, int, bytes]]]
 
 
 class ScanUnsupported(OSError):
@@ -56,6 +60,8 @@ class ScanUnsupported(OSError):
 
 class PagemapScanner:
     """PAGEMAP_SCAN on one process. Raises ProcessLookupError once it has gone."""
+
+    mechanism = "PAGEMAP_SCAN"
 
     def __init__(self, pid: int, proc_root: str = "/proc") -> None:
         self.pid = pid
@@ -126,3 +132,150 @@ def probe_pagemap_scan() -> tuple[bool, str]:
         return False, f"ioctl failed: {e.strerror}"
     finally:
         scanner.close()
+
+
+# -- fallback for kernels without PAGEMAP_SCAN (before 6.7) ------------------------
+PM_PRESENT = 1 << 63
+PM_FILE = 1 << 61           # file page or shared anonymous (i.e. not PageAnon)
+PM_PFN_MASK = (1 << 55) - 1
+KPF_ZERO_PAGE = 1 << 24
+KPF_THP = 1 << 22
+HPAGE_PAGES = 512
+# VMAs whose pages are PFN-mapped: pagemap reports them present, smaps Rss does not.
+PFNMAP_NAMES = (b"[vvar]", b"[vvar_vclock]")
+
+
+def _pfn_of_own_page(addr: int) -> int:
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek((addr >> 12) * 8)
+        entry = int.from_bytes(f.read(8), "little")
+    return entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+
+
+def _is_zero_pfn(pfn: int) -> bool:
+    try:
+        with open("/proc/kpageflags", "rb") as f:
+            f.seek(pfn * 8)
+            return bool(int.from_bytes(f.read(8), "little") & KPF_ZERO_PAGE)
+    except OSError:
+        return False
+
+
+def learn_zero_pfns() -> frozenset[int]:
+    """PFNs of the shared zero page and the huge zero page, found by reading fresh
+    anonymous memory of our own (needs root to see PFNs)."""
+    import mmap
+
+    zero: set[int] = set()
+    small = mmap.mmap(-1, 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        _ = small[0]
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(small))
+        pfn = _pfn_of_own_page(addr)
+        if pfn:
+            zero.add(pfn)
+        del addr
+    finally:
+        small.close()
+    size = 4 * HPAGE_PAGES * 4096
+    big = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        base = ctypes.addressof(ctypes.c_char.from_buffer(big))
+        aligned = (base + (2 << 20) - 1) & ~((2 << 20) - 1)
+        with contextlib.suppress(OSError, AttributeError):
+            big.madvise(mmap.MADV_HUGEPAGE, aligned - base, 2 << 20)
+        _ = big[aligned - base]
+        pfn = _pfn_of_own_page(aligned)
+        if pfn and pfn not in zero and _is_zero_pfn(pfn):
+            zero.update(range(pfn, pfn + HPAGE_PAGES))
+    finally:
+        del base
+        big.close()
+    return frozenset(zero)
+
+
+class RawPagemapScanner:
+    """Resident runs from raw /proc/PID/pagemap entries, for kernels without
+    PAGEMAP_SCAN. Zero-page mappings are recognised by PFN (root only); reads are
+    limited to the VMAs `vmas_in(start, end)` names, skipping PFN-mapped ones."""
+
+    mechanism = "pagemap read + zero-page PFNs"
+
+    def __init__(self, pid: int, proc_root: str, vmas_in: VmaSource,
+                 zero_pfns: frozenset[int]) -> None:
+        self.pid = pid
+        self.fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        self.vmas_in = vmas_in
+        self.zero_pfns = zero_pfns
+        self.ioctls = 0
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def scan(self, start: int, end: int) -> list[Run]:
+        runs: list[Run] = []
+        for v_start, v_end, path in self.vmas_in(start, end):
+            if path in PFNMAP_NAMES:
+                continue
+            lo, hi = max(start, v_start), min(end, v_end)
+            if lo < hi:
+                self._scan_one(lo, hi, runs)
+        return runs
+
+    def _scan_one(self, start: int, end: int, runs: list[Run]) -> None:
+        step = 512 * 64  # pages per read: 256 KiB of entries
+        page = start >> 12
+        last = end >> 12
+        zero = self.zero_pfns
+        while page < last:
+            n = min(step, last - page)
+            try:
+                data = os.pread(self.fd, n * 8, page * 8)
+            except OSError as e:
+                if e.errno == errno.ESRCH:
+                    raise ProcessLookupError(self.pid) from e
+                raise
+            self.ioctls += 1
+            if not data:
+                raise ProcessLookupError(self.pid)
+            entries = memoryview(data).cast("Q")
+            for i, entry in enumerate(entries):
+                if not entry & PM_PRESENT or (entry & PM_PFN_MASK) in zero:
+                    continue
+                addr = (page + i) << 12
+                anon = not entry & PM_FILE
+                if runs and runs[-1][1] == addr and runs[-1][2] == anon:
+                    runs[-1] = (runs[-1][0], addr + 4096, anon)
+                else:
+                    runs.append((addr, addr + 4096, anon))
+            page += len(entries)
+
+
+Scanner = PagemapScanner | RawPagemapScanner
+FORCE_FALLBACK_ENV = "MEMTRACE_NO_PAGEMAP_SCAN"
+_mechanism: str | None = None
+_zero_pfns: frozenset[int] | None = None
+
+
+def scan_mechanism() -> str:
+    """The mechanism this kernel supports, decided once by trying it (never from
+    the version string); MEMTRACE_NO_PAGEMAP_SCAN=1 forces the fallback."""
+    global _mechanism
+    if _mechanism is None:
+        if os.environ.get(FORCE_FALLBACK_ENV) == "1":
+            _mechanism = RawPagemapScanner.mechanism
+        else:
+            ok, _ = probe_pagemap_scan()
+            _mechanism = PagemapScanner.mechanism if ok else RawPagemapScanner.mechanism
+    return _mechanism
+
+
+def open_scanner(pid: int, proc_root: str, vmas_in: VmaSource) -> Scanner:
+    global _zero_pfns
+    if scan_mechanism() == PagemapScanner.mechanism:
+        return PagemapScanner(pid, proc_root)
+    if _zero_pfns is None:
+        _zero_pfns = learn_zero_pfns()
+    return RawPagemapScanner(pid, proc_root, vmas_in, _zero_pfns)

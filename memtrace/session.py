@@ -13,6 +13,7 @@ from typing import Any, Protocol
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import SyscallEvent
+from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
 from memtrace.tracker import ProcessGone, ProcessTracker
@@ -48,7 +49,7 @@ class Session:
     def load(self) -> Probes:
         self.probes = Probes()
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
-            f"RSS attribution: PAGEMAP_SCAN; remote changes: {self.probes.rss_stat_mechanism}")
+            f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         return self.probes
 
     def install_signal_handlers(self, on_signal: Callable[[int], None] | None = None) -> None:

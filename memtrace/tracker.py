@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.model import AddressSpace, chunk_span, merge_spans
-from memtrace.pagemap import PagemapScanner
+from memtrace.pagemap import Scanner, open_scanner
 from memtrace.procfs import ProcFS, Statm, Vma
 
 # Mismatches with statm while the process is changing are expected (it runs
@@ -55,7 +55,7 @@ class ProcessTracker:
         self.start_time = 0
         self.statm: Statm | None = None
         self.attached_at = time.time()
-        self._scanner: PagemapScanner | None = None
+        self._scanner: Scanner | None = None
         self._last_full = 0.0
         self._mismatch_streak = 0
         # Chunks marked by faults in the previous tick: a fault is marked when it
@@ -74,7 +74,7 @@ class ProcessTracker:
             self.exe = self.procfs.exe(self.pid)
             if self._scanner:
                 self._scanner.close()
-            self._scanner = PagemapScanner(self.pid, str(self.procfs.root))
+            self._scanner = open_scanner(self.pid, str(self.procfs.root), self._vmas_in)
         except OSError as e:
             raise ProcessGone(self.pid) from e
         self.space = AddressSpace()
@@ -85,6 +85,9 @@ class ProcessTracker:
         if self._scanner:
             self._scanner.close()
             self._scanner = None
+
+    def _vmas_in(self, start: int, end: int) -> list[tuple[int, int, bytes]]:
+        return [(v.start, v.end, v.path) for v in self.space.vmas_overlapping(start, end)]
 
     @property
     def heap_end(self) -> int:

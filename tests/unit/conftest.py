@@ -12,5 +12,5 @@ def world(tmp_path, monkeypatch):
     """A fake /proc root whose processes the tracker scans with FakeScanner."""
     w = World(tmp_path / "proc")
     w.root.mkdir()
-    monkeypatch.setattr(tracker_mod, "PagemapScanner", w.scanner_factory)
+    monkeypatch.setattr(tracker_mod, "open_scanner", w.scanner_factory)
     return w

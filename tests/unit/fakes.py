@@ -171,7 +171,8 @@ class FakeProcess:
 
 
 class FakeScanner:
-    """Replaces memtrace.pagemap.PagemapScanner: scan() reads FakeProcess.pages."""
+    """Replaces the scanner from memtrace.pagemap.open_scanner: scan() reads
+    FakeProcess.pages."""
 
     def __init__(self, proc: FakeProcess) -> None:
         self.proc = proc
@@ -210,7 +211,8 @@ class World:
         self.procs[pid] = p
         return p
 
-    def scanner_factory(self, pid: int, proc_root: str = "/proc") -> FakeScanner:
+    def scanner_factory(self, pid: int, proc_root: str = "/proc",
+                        vmas_in: object = None) -> FakeScanner:
         assert proc_root == str(self.root), proc_root
         if pid not in self.procs or not (self.root / str(pid)).exists():
             raise FileNotFoundError(errno.ENOENT, "No such file", f"{proc_root}/{pid}/pagemap")
