@@ -189,8 +189,7 @@ def doctor() -> None:
     failed = [c for c in checks if c.required and not c.ok]
     if failed:
         codes = {"BCC": ExitCode.NO_BCC, "kernel headers": ExitCode.NO_HEADERS,
-                 "privileges": ExitCode.NOT_ROOT, "tracepoints": ExitCode.NO_TRACEFS,
-                 "PAGEMAP_SCAN": ExitCode.KERNEL_UNSUPPORTED}
+                 "privileges": ExitCode.NOT_ROOT, "tracepoints": ExitCode.NO_TRACEFS}
         sys.exit(codes.get(failed[0].name, ExitCode.INTERNAL))
 
 
