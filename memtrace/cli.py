@@ -14,8 +14,10 @@ import click
 from memtrace import __version__
 from memtrace.doctor import render, run_checks
 from memtrace.errors import ExitCode, MemtraceError
+from memtrace.exporter import MemtraceCollector
 from memtrace.procfs import ProcFS
 from memtrace.session import Reporter, Session, log
+from memtrace.web import DEFAULT_LISTEN, MetricsServer, load_web_config
 
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok; 2 usage; 3 not root; 4 BCC missing; 5 kernel headers missing;
@@ -34,14 +36,40 @@ def _common(f: Any) -> Any:
         click.option("--reconcile-interval", type=click.FloatRange(min=0.0), default=300.0,
                      show_default=True, help="Seconds between unconditional full rescans "
                      "(0 = never; a rescan after a detected mismatch still happens)."),
-        click.option("--no-serve", is_flag=True, help="Do not serve /metrics (the exporter "
-                     "is not built yet: accepted for forward compatibility)."),
+        click.option("--no-serve", is_flag=True, help="Do not serve /metrics."),
+        click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN,
+                     show_default=True, help="Address of the /metrics endpoint."),
+        click.option("--web.config.file", "web_config", default=None,
+                     type=click.Path(dir_okay=False),
+                     help="exporter-toolkit web config: TLS, client certificates, basic auth."),
+        click.option("--max-mapping-series", type=click.IntRange(min=2), default=50,
+                     show_default=True, help="Mapping series per process; the smallest "
+                     "are summed as mapping=\"[other]\"."),
         click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
                      default=None, help="Write the output to this file instead of stdout."),
     ]
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None,
+           max_mapping_series: int) -> MetricsServer | None:
+    if no_serve:
+        return None
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.process_collector import ProcessCollector
+
+    registry = CollectorRegistry()
+    registry.register(MemtraceCollector(session.exporter_box, max_mapping_series))
+    registry.register(ProcessCollector(registry=None))
+    server = MetricsServer(registry, listen, load_web_config(web_config))
+    log(f"serving metrics on {'https' if web_config and server.protected else 'http'}://"
+        f"{server.address}/metrics")
+    if server.exposed and not server.protected:
+        log(f"warning: {server.address} is reachable beyond loopback without TLS or "
+            "authentication (see --web.config.file)")
+    return server
 
 
 def _reporter(fmt: str, output: str | None) -> Reporter:
@@ -70,7 +98,8 @@ def cli() -> None:
 @click.argument("pids", nargs=-1, required=True, type=int)
 @_common
 def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: float,
-          no_serve: bool, output: str | None) -> None:
+          no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
+          output: str | None) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
     Exits 0 when every watched process has exited."""
@@ -79,13 +108,17 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
         procfs.check_target(pid)
     session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
     session.install_signal_handlers()
+    server = None
     try:
         session.load()
+        server = _serve(session, no_serve, listen, web_config, max_mapping_series)
         for pid in dict.fromkeys(pids):
             session.add_target(pid)
             session.attach(pid)
         session.loop(lambda: bool(session.trackers))
     finally:
+        if server:
+            server.close()
         session.close()
 
 
@@ -133,7 +166,8 @@ def _status_to_code(status: int) -> int:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_common
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
-        no_serve: bool, output: str | None) -> None:
+        no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
+        output: str | None) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080"""
@@ -147,8 +181,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             os.kill(child, signum)
 
     session.install_signal_handlers(forward)
+    server = None
     try:
         session.load()
+        server = _serve(session, no_serve, listen, web_config, max_mapping_series)
         child, go_w, err_r = _spawn_stopped(path, command)
         session.add_target(child)
         os.write(go_w, b"x")
@@ -175,6 +211,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
         if status is None:  # interrupted: let the command finish on its own signal
             _, status = os.waitpid(child, 0)
     finally:
+        if server:
+            server.close()
         session.close()
     code = _status_to_code(status)
     log(f"{command[0]} exited with status {code}")

@@ -8,11 +8,13 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import SyscallEvent
+from memtrace.exporter import ExporterState, StateBox
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
@@ -45,6 +47,12 @@ class Session:
         self.started = time.monotonic()
         self.first_snapshot_seconds: float | None = None
         self._names_gen = 0
+        self.exporter_box = StateBox()
+        self._snapshots: dict[int, dict[str, Any]] = {}
+        self._rescans_of_gone: Counter[str] = Counter()
+        self._lost_of_gone = (0, 0)
+        self._attach_seconds: dict[int, float] = {}
+        self._last_tick_seconds = 0.0
 
     def load(self) -> Probes:
         self.probes = Probes()
@@ -80,21 +88,32 @@ class Session:
             raise MemtraceError(f"process {pid} exited while attaching",
                                 ExitCode.NO_SUCH_PROCESS) from None
         self.trackers[pid] = tracker
-        self.reporter.snapshot(snapshot(tracker, time.time()))
+        snap = snapshot(tracker, time.time())
+        self._snapshots[pid] = snap
+        self._attach_seconds[pid] = time.time() - tracker.attached_at
+        self.reporter.snapshot(snap)
+        self.publish()
         if self.first_snapshot_seconds is None:
             self.first_snapshot_seconds = time.monotonic() - self.started
             log(f"first snapshot {self.first_snapshot_seconds:.2f}s after start")
 
     def detach(self, pid: int, why: str) -> None:
         tracker = self.trackers.pop(pid, None)
+        self._snapshots.pop(pid, None)
+        self._attach_seconds.pop(pid, None)
         if tracker:
             tracker.close()
+            self._rescans_of_gone.update(tracker.counters.full_rescans)
+            events, ranges = self._lost_of_gone
+            self._lost_of_gone = (events + tracker.stats.events_lost,
+                                  ranges + tracker.stats.ranges_lost)
         if self.probes:
             self.probes.remove_target(pid)
         self.reporter.message(f"pid {pid} {why}")
 
     def tick(self) -> None:
         assert self.probes is not None
+        t0 = time.perf_counter()
         drained = self.probes.drain()
         self.reporter.events(drained.events)
         now = time.time()
@@ -110,8 +129,25 @@ class Session:
             if not self.procfs.alive(pid):
                 self.detach(pid, "exited")
                 continue
-            self.reporter.snapshot(snapshot(tracker, now))
+            snap = snapshot(tracker, now)
+            self._snapshots[pid] = snap
+            self.reporter.snapshot(snap)
+        self._last_tick_seconds = time.perf_counter() - t0
+        self.publish()
         self.reporter.tick_done()
+
+    def publish(self) -> None:
+        """Hand the exporter a consistent copy of the latest tick."""
+        rescans = Counter(self._rescans_of_gone)
+        events_lost, ranges_lost = self._lost_of_gone
+        for tracker in self.trackers.values():
+            rescans.update(tracker.counters.full_rescans)
+            events_lost += tracker.stats.events_lost
+            ranges_lost += tracker.stats.ranges_lost
+        self.exporter_box.set(ExporterState(
+            snapshots=dict(self._snapshots), full_rescans=dict(rescans),
+            events_lost=events_lost, ranges_lost=ranges_lost,
+            tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds)))
 
     def loop(self, keep_going: Callable[[], bool]) -> None:
         deadline = time.monotonic()

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from memtrace.attribution import classify, mapping_identity
 from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import Scanner, open_scanner
@@ -49,6 +50,7 @@ class ProcessTracker:
         self.counters = TrackerCounters()
         self.stats = Stats.empty()
         self.faults_by_vma: Counter[int] = Counter()
+        self.faults_by_mapping: Counter[str] = Counter()   # never decreases: for counters
         self.faults_total = 0
         self.comm = ""
         self.exe = b""
@@ -201,6 +203,9 @@ class ProcessTracker:
             vma = self.space.vma_at(m.last_addr)
             if vma is not None:
                 self.faults_by_vma[vma.start] += m.faults
+                self.faults_by_mapping[mapping_identity(vma, classify(vma, self.exe))] += m.faults
+            else:
+                self.faults_by_mapping["[unmapped]"] += m.faults
 
     def _check(self, statm_before: Statm) -> None:
         """Compare the model with statm; rescan when a mismatch is real."""

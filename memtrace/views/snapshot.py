@@ -48,6 +48,7 @@ def snapshot(tracker: ProcessTracker, ts: float) -> dict[str, Any]:
         "statm_rss_bytes": statm.resident_bytes if statm else None,
         "drift_bytes": tracker.drift_bytes(),
         "faults": tracker.faults_total,
+        "faults_by_mapping": dict(tracker.faults_by_mapping),
         "syscalls": dict(tracker.stats.calls),
         "syscall_bytes": dict(tracker.stats.bytes),
         "full_rescans": dict(c.full_rescans),

@@ -1,0 +1,191 @@
+"""Prometheus metrics, built fresh from the latest snapshots on every scrape
+(a custom collector: nothing is cached between scrapes, so a process that exits
+is gone from the next one). Metric names are a contract: see docs/metrics.md."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from memtrace import __version__
+
+OTHER = "[other]"
+MAX_LABEL_CHARS = 512
+TYPES = ("anon", "file", "shmem")
+SYSCALLS = ("brk", "mmap", "munmap", "mremap", "madvise")
+
+
+def safe_label(value: str) -> str:
+    """Label values that can never break a scrape: no lone surrogates, bounded length.
+    (Quotes, backslashes and newlines are escaped by the exposition format.)"""
+    value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(value) > MAX_LABEL_CHARS:
+        value = value[: MAX_LABEL_CHARS - 1] + "…"
+    return value
+
+
+@dataclass
+class ExporterState:
+    """What the watch loop publishes for scrapes. Replaced whole, never mutated
+    in place, so a scrape in another thread always sees one consistent tick."""
+
+    snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
+    full_rescans: dict[str, int] = field(default_factory=dict)
+    events_lost: int = 0
+    ranges_lost: int = 0
+    tick_seconds: float = 0.0
+    attach_seconds: dict[int, float] = field(default_factory=dict)
+    targets_dropped: int = 0
+
+
+class StateBox:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._state = ExporterState()
+
+    def set(self, state: ExporterState) -> None:
+        with self._lock:
+            self._state = state
+
+    def get(self) -> ExporterState:
+        with self._lock:
+            return self._state
+
+
+def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
+        dict[tuple[str, str], dict[str, int]], int]:
+    """Sum mappings by (identity, kind); keep the `max_series` largest by resident
+    bytes and fold the rest into [other]. Returns the groups and how many were folded."""
+    groups: dict[tuple[str, str], dict[str, int]] = defaultdict(
+        lambda: {"anon": 0, "file": 0, "shmem": 0, "virtual": 0, "faults": 0})
+    for m in snap["mappings"]:
+        g = groups[(m["mapping"], m["kind"])]
+        g["anon"] += m["anon_bytes"]
+        g["file"] += m["file_bytes"]
+        g["shmem"] += m["shmem_bytes"]
+        g["virtual"] += m["virtual_bytes"]
+    for identity, faults in snap.get("faults_by_mapping", {}).items():
+        kind = next((k for (i, k) in groups if i == identity), "anon")
+        groups[(identity, kind)]["faults"] += faults
+    if len(groups) <= max_series:
+        return dict(groups), 0
+    ranked = sorted(groups.items(), key=lambda kv: kv[1]["anon"] + kv[1]["file"]
+                    + kv[1]["shmem"], reverse=True)
+    kept = dict(ranked[: max_series - 1])
+    other = {"anon": 0, "file": 0, "shmem": 0, "virtual": 0, "faults": 0}
+    for _, g in ranked[max_series - 1:]:
+        for k in other:
+            other[k] += g[k]
+    kept[(OTHER, "other")] = other
+    return kept, len(ranked) - (max_series - 1)
+
+
+class MemtraceCollector(Collector):
+    def __init__(self, box: StateBox, max_mapping_series: int = 50) -> None:
+        self.box = box
+        self.max_mapping_series = max_mapping_series
+        self.series_dropped_total = 0
+        self._lock = threading.Lock()
+
+    def collect(self) -> Iterator[Metric]:
+        t0 = time.perf_counter()
+        state = self.box.get()
+        proc_res = GaugeMetricFamily(
+            "memtrace_process_resident_bytes",
+            "Resident memory of the process by type, exact per page table (equals statm "
+            "at quiescent points).", labels=["pid", "comm", "type"])
+        proc_virt = GaugeMetricFamily("memtrace_process_virtual_bytes",
+                                      "Virtual size of the process (sum of its mappings).",
+                                      labels=["pid", "comm"])
+        map_res = GaugeMetricFamily(
+            "memtrace_mapping_resident_bytes",
+            "Resident memory per mapping identity (all segments of one library together) "
+            "by type.", labels=["pid", "comm", "mapping", "kind", "type"])
+        map_virt = GaugeMetricFamily("memtrace_mapping_virtual_bytes",
+                                     "Virtual size per mapping identity.",
+                                     labels=["pid", "comm", "mapping", "kind"])
+        faults = CounterMetricFamily("memtrace_page_faults",
+                                     "Page faults (user and kernel mode) per mapping identity "
+                                     "since attach.", labels=["pid", "comm", "mapping"])
+        calls = CounterMetricFamily("memtrace_syscalls",
+                                    "Address-space system calls since attach.",
+                                    labels=["pid", "comm", "syscall"])
+        call_bytes = CounterMetricFamily("memtrace_syscall_bytes",
+                                         "Bytes named by address-space system calls since "
+                                         "attach.", labels=["pid", "comm", "syscall"])
+        drift = GaugeMetricFamily("memtrace_drift_bytes",
+                                  "memtrace's resident total minus /proc/PID/statm at the "
+                                  "last tick (0 when quiescent).", labels=["pid", "comm"])
+        dropped_now = 0
+        for pid, snap in sorted(state.snapshots.items()):
+            p, comm = str(pid), safe_label(snap["comm"])
+            for t in TYPES:
+                proc_res.add_metric([p, comm, t], snap[f"{t}_bytes"])
+            proc_virt.add_metric([p, comm], snap["virtual_bytes"])
+            drift.add_metric([p, comm], snap["drift_bytes"])
+            groups, folded = group_mappings(snap, self.max_mapping_series)
+            dropped_now += folded
+            for (identity, kind), g in groups.items():
+                name = safe_label(identity)
+                for t in TYPES:
+                    map_res.add_metric([p, comm, name, kind, t], g[t])
+                map_virt.add_metric([p, comm, name, kind], g["virtual"])
+                if g["faults"]:
+                    faults.add_metric([p, comm, name], g["faults"])
+            for sc in SYSCALLS:
+                calls.add_metric([p, comm, sc], snap["syscalls"].get(sc, 0))
+                call_bytes.add_metric([p, comm, sc], snap["syscall_bytes"].get(sc, 0))
+        with self._lock:
+            self.series_dropped_total += dropped_now
+            dropped_total = self.series_dropped_total
+        yield from (proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift)
+        yield from self._self_metrics(state, dropped_total,
+                                      time.perf_counter() - t0)
+
+    def _self_metrics(self, state: ExporterState, dropped_total: int,
+                      build_seconds: float) -> Iterator[Metric]:
+        info = GaugeMetricFamily("memtrace_build_info", "memtrace version.",
+                                 labels=["version"])
+        info.add_metric([__version__], 1)
+        targets = GaugeMetricFamily("memtrace_targets", "Processes being watched.")
+        targets.add_metric([], len(state.snapshots))
+        lost = CounterMetricFamily("memtrace_events_lost",
+                                   "Records that did not fit the BPF ring buffers, counted "
+                                   "in the kernel (lost ranges are repaired by a full rescan).",
+                                   labels=["buffer"])
+        lost.add_metric(["events"], state.events_lost)
+        lost.add_metric(["ranges"], state.ranges_lost)
+        rescans = CounterMetricFamily("memtrace_full_rescans",
+                                      "Full rescans of an address space, by reason.",
+                                      labels=["reason"])
+        for reason, n in sorted(state.full_rescans.items()):
+            rescans.add_metric([reason], n)
+        tick = GaugeMetricFamily("memtrace_tick_duration_seconds",
+                                 "Time the last tick took (drain, scans, checks).")
+        tick.add_metric([], state.tick_seconds)
+        attach = GaugeMetricFamily("memtrace_attach_duration_seconds",
+                                   "Time from attaching a process to its first snapshot.",
+                                   labels=["pid"])
+        for pid, secs in sorted(state.attach_seconds.items()):
+            if pid in state.snapshots:
+                attach.add_metric([str(pid)], secs)
+        folded_total = CounterMetricFamily("memtrace_mapping_series_folded",
+                                           "Mapping identities folded into [other] by the "
+                                           "per-process series cap, summed over scrapes.")
+        folded_total.add_metric([], dropped_total)
+        targets_dropped = CounterMetricFamily("memtrace_targets_dropped",
+                                              "Processes not watched because of the cap on "
+                                              "watched processes.")
+        targets_dropped.add_metric([], state.targets_dropped)
+        scrape = GaugeMetricFamily("memtrace_scrape_build_seconds",
+                                   "Time to build the metrics of this scrape.")
+        scrape.add_metric([], build_seconds)
+        yield from (info, targets, lost, rescans, tick, attach, folded_total, targets_dropped,
+                    scrape)

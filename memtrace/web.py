@@ -1,0 +1,224 @@
+"""The /metrics HTTP endpoint, configured like Prometheus exporters
+(exporter-toolkit's --web.listen-address and --web.config.file: TLS with optional
+client certificates, basic auth with bcrypt hashes)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import make_wsgi_app
+from prometheus_client.registry import CollectorRegistry
+
+from memtrace.errors import ExitCode, MemtraceError
+
+DEFAULT_PORT = 9877
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+_CLIENT_AUTH = {
+    "NoClientCert": ssl.CERT_NONE,
+    "RequestClientCert": ssl.CERT_OPTIONAL,
+    "RequireAnyClientCert": ssl.CERT_REQUIRED,
+    "VerifyClientCertIfGiven": ssl.CERT_OPTIONAL,
+    "RequireAndVerifyClientCert": ssl.CERT_REQUIRED,
+}
+_TLS_VERSIONS = {"TLS10": ssl.TLSVersion.TLSv1, "TLS11": ssl.TLSVersion.TLSv1_1,
+                 "TLS12": ssl.TLSVersion.TLSv1_2, "TLS13": ssl.TLSVersion.TLSv1_3}
+
+
+@dataclass
+class WebConfig:
+    cert_file: str | None = None
+    key_file: str | None = None
+    client_auth_type: str = "NoClientCert"
+    client_ca_file: str | None = None
+    min_version: str = "TLS12"
+    basic_auth_users: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.cert_file)
+
+
+def load_web_config(path: str | None) -> WebConfig:
+    if not path:
+        return WebConfig()
+    import yaml  # type: ignore[import-untyped]
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise MemtraceError(f"cannot read web config {path}: {e.strerror}",
+                            ExitCode.USAGE) from None
+    except yaml.YAMLError as e:
+        raise MemtraceError(f"web config {path} is not valid YAML: {e}", ExitCode.USAGE) from None
+    if not isinstance(raw, dict):
+        raise MemtraceError(f"web config {path}: expected a mapping", ExitCode.USAGE)
+    known = {"tls_server_config", "basic_auth_users", "http_server_config"}
+    unknown = set(raw) - known
+    if unknown:
+        raise MemtraceError(f"web config {path}: unknown keys {sorted(unknown)}",
+                            ExitCode.USAGE)
+    tls = raw.get("tls_server_config") or {}
+    cfg = WebConfig(
+        cert_file=tls.get("cert_file"), key_file=tls.get("key_file"),
+        client_auth_type=tls.get("client_auth_type", "NoClientCert"),
+        client_ca_file=tls.get("client_ca_file"), min_version=tls.get("min_version", "TLS12"),
+        basic_auth_users={str(k): str(v) for k, v in (raw.get("basic_auth_users") or {}).items()},
+    )
+    if bool(cfg.cert_file) != bool(cfg.key_file):
+        raise MemtraceError(f"web config {path}: cert_file and key_file go together",
+                            ExitCode.USAGE)
+    if cfg.client_auth_type not in _CLIENT_AUTH:
+        raise MemtraceError(f"web config {path}: unknown client_auth_type "
+                            f"{cfg.client_auth_type!r}", ExitCode.USAGE)
+    if cfg.client_auth_type != "NoClientCert" and not cfg.tls:
+        raise MemtraceError(f"web config {path}: client_auth_type needs cert_file",
+                            ExitCode.USAGE)
+    if cfg.min_version not in _TLS_VERSIONS:
+        raise MemtraceError(f"web config {path}: unknown min_version {cfg.min_version!r}",
+                            ExitCode.USAGE)
+    return cfg
+
+
+def ssl_context(cfg: WebConfig) -> ssl.SSLContext:
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = _TLS_VERSIONS[cfg.min_version]
+    assert cfg.cert_file and cfg.key_file
+    ctx.load_cert_chain(cfg.cert_file, cfg.key_file)
+    ctx.verify_mode = _CLIENT_AUTH[cfg.client_auth_type]
+    if cfg.client_ca_file:
+        ctx.load_verify_locations(cfg.client_ca_file)
+    elif cfg.client_auth_type in ("RequireAndVerifyClientCert", "VerifyClientCertIfGiven"):
+        raise MemtraceError("web config: client_auth_type verifies clients but no "
+                            "client_ca_file is given", ExitCode.USAGE)
+    return ctx
+
+
+class BasicAuth:
+    """WSGI middleware checking bcrypt-hashed passwords. Successful checks are
+    cached by a salted digest, so a scrape does not pay bcrypt's cost each time."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]], users: dict[str, str]) -> None:
+        import bcrypt
+
+        self.app = app
+        self.users = users
+        self._bcrypt = bcrypt
+        self._ok: set[bytes] = set()
+        self._salt = hashlib.sha256(repr(sorted(users.items())).encode()).digest()
+        self._lock = threading.Lock()
+
+    def _check(self, header: str) -> bool:
+        if not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:], validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        hashed = self.users.get(user)
+        if hashed is None:
+            return False
+        key = hashlib.sha256(self._salt + header.encode()).digest()
+        with self._lock:
+            if key in self._ok:
+                return True
+        try:
+            ok = self._bcrypt.checkpw(password.encode(), hashed.encode())
+        except ValueError:
+            ok = False
+        if ok:
+            with self._lock:
+                self._ok.add(key)
+        return bool(ok)
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+        if self._check(environ.get("HTTP_AUTHORIZATION", "")):
+            return self.app(environ, start_response)
+        start_response("401 Unauthorized", [("Content-Type", "text/plain"),
+                                            ("WWW-Authenticate", 'Basic realm="memtrace"')])
+        return [b"Unauthorized\n"]
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise MemtraceError(f"--web.listen-address {address!r}: expected HOST:PORT",
+                            ExitCode.USAGE)
+    host = host.strip("[]")
+    return host or "0.0.0.0", int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _index(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("200 OK", [("Content-Type", "text/html")])
+    return [b"<html><body><h1>memtrace</h1><a href=\"/metrics\">/metrics</a></body></html>\n"]
+
+
+class MetricsServer:
+    """Serves /metrics from `registry` in a daemon thread."""
+
+    def __init__(self, registry: CollectorRegistry, listen: str, cfg: WebConfig) -> None:
+        host, port = parse_listen(listen)
+        metrics = make_wsgi_app(registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("PATH_INFO", "/") in ("/", ""):
+                return _index(environ, start_response)
+            return metrics(environ, start_response)
+
+        wsgi: Callable[..., Any] = BasicAuth(app, cfg.basic_auth_users) \
+            if cfg.basic_auth_users else app
+
+        class Server(_ThreadingServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
+        try:
+            self.httpd = make_server(host, port, wsgi, Server, handler_class=_QuietHandler)
+        except OSError as e:
+            raise MemtraceError(f"cannot listen on {listen}: {e.strerror}",
+                                ExitCode.USAGE) from None
+        if cfg.tls:
+            try:
+                ctx = ssl_context(cfg)
+            except (OSError, ssl.SSLError) as e:
+                self.httpd.server_close()
+                raise MemtraceError(f"TLS setup failed: {e}", ExitCode.USAGE) from None
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.address = f"{host}:{self.httpd.server_port}"
+        self.exposed = not is_loopback(host)
+        self.protected = cfg.tls or bool(cfg.basic_auth_users)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
+                                       name="metrics-http")
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
