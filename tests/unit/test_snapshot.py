@@ -24,6 +24,7 @@ TOP_KEYS = {
     "statm_rss_bytes",
     "drift_bytes",
     "faults",
+    "faults_by_mapping",
     "syscalls",
     "syscall_bytes",
     "full_rescans",
@@ -46,6 +47,7 @@ MAPPING_KEYS = {
     "shmem_bytes",
     "virtual_bytes",
     "faults",
+    "faults_by_mapping",
 }
 
 
