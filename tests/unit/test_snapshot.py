@@ -47,7 +47,6 @@ MAPPING_KEYS = {
     "shmem_bytes",
     "virtual_bytes",
     "faults",
-    "faults_by_mapping",
 }
 
 
