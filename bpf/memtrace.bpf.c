@@ -19,6 +19,9 @@ BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
 BPF_ARRAY(names_gen, u64, 1);                  /* bumped by any unlink or rename */
 BPF_RINGBUF_OUTPUT(ranges, MT_RANGES_PAGES);
 BPF_RINGBUF_OUTPUT(events, MT_EVENTS_PAGES);
+#ifdef MT_WATCH_EXECS
+BPF_RINGBUF_OUTPUT(execs, 16);                  /* agent mode: every exec on the system */
+#endif
 
 static __always_inline int is_target(u32 tgid)
 {
@@ -350,6 +353,20 @@ TRACEPOINT_PROBE(kmem, rss_stat)
         learn_mm(mm);
     else
         remote_change(mm);
+    return 0;
+}
+#endif
+
+#ifdef MT_WATCH_EXECS
+/* Agent mode: tell user space about every exec so it can match its rules
+ * against the new program (pid only; user space reads the rest from /proc). */
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 *rec = execs.ringbuf_reserve(sizeof(u32));
+    if (!rec)
+        return 0;
+    *rec = args->pid;
+    execs.ringbuf_submit(rec, 0);
     return 0;
 }
 #endif

@@ -219,6 +219,106 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     sys.exit(code)
 
 
+class _NullReporter:
+    """Agent mode without --format: serve metrics, log attach/detach lines."""
+
+    def snapshot(self, snap: dict[str, Any]) -> None:
+        pass
+
+    def events(self, events: list[Any]) -> None:
+        pass
+
+    def tick_done(self) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        log(text)
+
+    def close(self) -> None:
+        pass
+
+
+def _size(text: str) -> int:
+    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a size like 64M") from None
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--comm", multiple=True, help="Watch processes whose name matches this regex.")
+@click.option("--exe", multiple=True, help="... whose executable path matches this regex.")
+@click.option("--cgroup", multiple=True, help="... whose cgroup path matches this regex.")
+@click.option("--user", multiple=True, help="... owned by this user (name or UID).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file: rules (list of {name, comm, exe, cgroup, user}, fields "
+              "ANDed, rules ORed), all_min_rss.")
+@click.option("--all", "all_", is_flag=True, help="Also watch every process whose resident "
+              "size reaches --min-rss (checked from statm every --sweep-interval).")
+@click.option("--min-rss", default="64M", show_default=True, help="Threshold for --all.")
+@click.option("--sweep-interval", type=click.FloatRange(min=0.1), default=10.0,
+              show_default=True, help="Seconds between --all sweeps of /proc/*/statm.")
+@click.option("--max-processes", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Cap on watched processes; the rest are counted as dropped.")
+@click.option("--group-by", type=click.Choice(["pid", "group"]), default="pid",
+              show_default=True, help="Label series by pid, or by group (the matching "
+              "rule's name; the process name for --all) so restarts keep their series.")
+@click.option("--format", "fmt", type=click.Choice(["none", "json"]), default="none",
+              show_default=True, help="Also write JSON Lines snapshots.")
+@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
+@click.option("--reconcile-interval", type=click.FloatRange(min=0.0), default=300.0,
+              show_default=True)
+@click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN, show_default=True)
+@click.option("--web.config.file", "web_config", default=None, type=click.Path(dir_okay=False))
+@click.option("--max-mapping-series", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
+          user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: str,
+          sweep_interval: float, max_processes: int, group_by: str, fmt: str,
+          interval: float, reconcile_interval: float, listen: str, web_config: str | None,
+          max_mapping_series: int, output: str | None) -> None:
+    """Run as a node agent: watch processes picked by rules, attach to new ones on
+    exec, serve /metrics. SIGTERM detaches every probe and exits 0."""
+    from memtrace.agent import Agent, load_config, rule_from_dict
+
+    raw_rules: list[dict[str, Any]] = [{"name": f"comm={v}", "comm": v} for v in comm]
+    raw_rules += [{"name": f"exe={v}", "exe": v} for v in exe]
+    raw_rules += [{"name": f"cgroup={v}", "cgroup": v} for v in cgroup]
+    raw_rules += [{"name": f"user={v}", "user": v} for v in user]
+    all_min_rss = _size(min_rss) if all_ else None
+    if config_file:
+        config = load_config(config_file)
+        raw_rules += list(config.get("rules") or [])
+        if config.get("all_min_rss") is not None:
+            all_min_rss = _size(str(config["all_min_rss"]))
+    rules = [rule_from_dict(r, i) for i, r in enumerate(raw_rules)]
+    if not rules and all_min_rss is None:
+        raise MemtraceError("agent needs at least one rule (--comm, --exe, --cgroup, --user, "
+                            "--config) or --all", ExitCode.USAGE)
+    reporter: Reporter = _reporter("json", output) if fmt == "json" else _NullReporter()
+    session = Session(reporter, interval, reconcile_interval)
+    session.grouping = group_by == "group"
+    session.install_signal_handlers()
+    server = None
+    try:
+        session.load(watch_execs=True)
+        server = _serve(session, False, listen, web_config, max_mapping_series)
+        agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval)
+        agent_.initial_scan()
+        log(f"agent: {len(rules)} rule(s){', --all' if all_min_rss is not None else ''}; "
+            f"watching {len(session.trackers)} process(es)")
+        session.publish()
+        session.loop(lambda: True, agent_.on_tick)
+    finally:
+        if server:
+            server.close()
+        session.close()
+    log("agent: stopped, probes detached")
+
+
 @cli.command()
 def doctor() -> None:
     """Check that memtrace can run here, one line per requirement with the fix."""

@@ -5,7 +5,7 @@ is tested on recorded bytes."""
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 CHUNK_SHIFT = 21
 CHUNK_SIZE = 1 << CHUNK_SHIFT
@@ -173,3 +173,4 @@ class Drained:
     events: list[SyscallEvent]
     stats: dict[int, Stats]
     names_gen: int = 0      # count of unlinks/renames on the whole system
+    execs: list[int] = field(default_factory=list)   # agent mode: pids that exec'd

@@ -43,6 +43,45 @@ class ExporterState:
     tick_seconds: float = 0.0
     attach_seconds: dict[int, float] = field(default_factory=dict)
     targets_dropped: int = 0
+    # Agent mode with grouping: pid -> group name, and the counters of exited
+    # processes per (group, comm), so group counters never go backwards.
+    groups: dict[int, str] | None = None
+    retired: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+
+def empty_counters() -> dict[str, Any]:
+    return {"syscalls": {}, "syscall_bytes": {}, "faults_by_mapping": {}}
+
+
+def add_counters(into: dict[str, Any], snap: dict[str, Any]) -> None:
+    for key in ("syscalls", "syscall_bytes", "faults_by_mapping"):
+        bucket = into.setdefault(key, {})
+        for name, n in snap.get(key, {}).items():
+            bucket[name] = bucket.get(name, 0) + n
+
+
+def grouped_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
+    """(label values for `group, comm`, merged snapshot) per group and comm."""
+    assert state.groups is not None
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, counters in state.retired.items():
+        row = merged[key] = {"anon_bytes": 0, "file_bytes": 0, "shmem_bytes": 0,
+                             "virtual_bytes": 0, "drift_bytes": 0, "mappings": []}
+        add_counters(row, counters)
+    for pid, snap in state.snapshots.items():
+        key = (state.groups.get(pid, snap["comm"]), snap["comm"])
+        row = merged.setdefault(key, {"anon_bytes": 0, "file_bytes": 0, "shmem_bytes": 0,
+                                      "virtual_bytes": 0, "drift_bytes": 0, "mappings": []})
+        for f in ("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "drift_bytes"):
+            row[f] += snap[f]
+        row["mappings"] = row["mappings"] + snap["mappings"]
+        add_counters(row, snap)
+    return [([safe_label(g), safe_label(c)], row) for (g, c), row in sorted(merged.items())]
+
+
+def pid_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
+    return [([str(pid), safe_label(snap["comm"])], snap)
+            for pid, snap in sorted(state.snapshots.items())]
 
 
 class StateBox:
@@ -72,7 +111,7 @@ def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
         g["shmem"] += m["shmem_bytes"]
         g["virtual"] += m["virtual_bytes"]
     for identity, faults in snap.get("faults_by_mapping", {}).items():
-        kind = next((k for (i, k) in groups if i == identity), "anon")
+        kind = next((k for (i, k) in groups if i == identity), "other")
         groups[(identity, kind)]["faults"] += faults
     if len(groups) <= max_series:
         return dict(groups), 0
@@ -97,51 +136,52 @@ class MemtraceCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         t0 = time.perf_counter()
         state = self.box.get()
+        who = ["group", "comm"] if state.groups is not None else ["pid", "comm"]
+        rows = grouped_rows(state) if state.groups is not None else pid_rows(state)
         proc_res = GaugeMetricFamily(
             "memtrace_process_resident_bytes",
             "Resident memory of the process by type, exact per page table (equals statm "
-            "at quiescent points).", labels=["pid", "comm", "type"])
+            "at quiescent points).", labels=[*who, "type"])
         proc_virt = GaugeMetricFamily("memtrace_process_virtual_bytes",
                                       "Virtual size of the process (sum of its mappings).",
-                                      labels=["pid", "comm"])
+                                      labels=who)
         map_res = GaugeMetricFamily(
             "memtrace_mapping_resident_bytes",
             "Resident memory per mapping identity (all segments of one library together) "
-            "by type.", labels=["pid", "comm", "mapping", "kind", "type"])
+            "by type.", labels=[*who, "mapping", "kind", "type"])
         map_virt = GaugeMetricFamily("memtrace_mapping_virtual_bytes",
                                      "Virtual size per mapping identity.",
-                                     labels=["pid", "comm", "mapping", "kind"])
+                                     labels=[*who, "mapping", "kind"])
         faults = CounterMetricFamily("memtrace_page_faults",
                                      "Page faults (user and kernel mode) per mapping identity "
-                                     "since attach.", labels=["pid", "comm", "mapping"])
+                                     "since attach.", labels=[*who, "mapping"])
         calls = CounterMetricFamily("memtrace_syscalls",
                                     "Address-space system calls since attach.",
-                                    labels=["pid", "comm", "syscall"])
+                                    labels=[*who, "syscall"])
         call_bytes = CounterMetricFamily("memtrace_syscall_bytes",
                                          "Bytes named by address-space system calls since "
-                                         "attach.", labels=["pid", "comm", "syscall"])
+                                         "attach.", labels=[*who, "syscall"])
         drift = GaugeMetricFamily("memtrace_drift_bytes",
                                   "memtrace's resident total minus /proc/PID/statm at the "
-                                  "last tick (0 when quiescent).", labels=["pid", "comm"])
+                                  "last tick (0 when quiescent).", labels=who)
         dropped_now = 0
-        for pid, snap in sorted(state.snapshots.items()):
-            p, comm = str(pid), safe_label(snap["comm"])
+        for ids, snap in rows:
             for t in TYPES:
-                proc_res.add_metric([p, comm, t], snap[f"{t}_bytes"])
-            proc_virt.add_metric([p, comm], snap["virtual_bytes"])
-            drift.add_metric([p, comm], snap["drift_bytes"])
+                proc_res.add_metric([*ids, t], snap[f"{t}_bytes"])
+            proc_virt.add_metric(ids, snap["virtual_bytes"])
+            drift.add_metric(ids, snap["drift_bytes"])
             groups, folded = group_mappings(snap, self.max_mapping_series)
             dropped_now += folded
             for (identity, kind), g in groups.items():
                 name = safe_label(identity)
                 for t in TYPES:
-                    map_res.add_metric([p, comm, name, kind, t], g[t])
-                map_virt.add_metric([p, comm, name, kind], g["virtual"])
+                    map_res.add_metric([*ids, name, kind, t], g[t])
+                map_virt.add_metric([*ids, name, kind], g["virtual"])
                 if g["faults"]:
-                    faults.add_metric([p, comm, name], g["faults"])
+                    faults.add_metric([*ids, name], g["faults"])
             for sc in SYSCALLS:
-                calls.add_metric([p, comm, sc], snap["syscalls"].get(sc, 0))
-                call_bytes.add_metric([p, comm, sc], snap["syscall_bytes"].get(sc, 0))
+                calls.add_metric([*ids, sc], snap["syscalls"].get(sc, 0))
+                call_bytes.add_metric([*ids, sc], snap["syscall_bytes"].get(sc, 0))
         with self._lock:
             self.series_dropped_total += dropped_now
             dropped_total = self.series_dropped_total

@@ -58,7 +58,7 @@ def headers_dir() -> Path:
 class Probes:
     """The loaded BPF program: targets in, dirty chunks, ranges, events, stats out."""
 
-    def __init__(self, use_raw_rss_stat: bool = True) -> None:
+    def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False) -> None:
         if os.geteuid() != 0:
             raise MemtraceError("memtrace needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)",
                                 ExitCode.NOT_ROOT)
@@ -76,6 +76,8 @@ class Probes:
         cflags = [f"-I{src}", f"-DMT_MAX_TARGETS={MAX_TARGETS}",
                   f"-DMT_MAX_CHUNKS={MAX_CHUNKS}", f"-DMT_RANGES_PAGES={RANGES_PAGES}",
                   f"-DMT_EVENTS_PAGES={EVENTS_PAGES}", "-Wno-macro-redefined"]
+        if watch_execs:
+            cflags.append("-DMT_WATCH_EXECS")
         self.rss_stat_mechanism = "tracepoint kmem:rss_stat (mm_id)"
         if use_raw_rss_stat:
             try:
@@ -101,6 +103,9 @@ class Probes:
         self._events: list[SyscallEvent] = []
         self.bpf["ranges"].open_ring_buffer(self._on_range)
         self.bpf["events"].open_ring_buffer(self._on_event)
+        self._execs: list[int] = []
+        if watch_execs:
+            self.bpf["execs"].open_ring_buffer(self._on_exec)
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
         r = decode_range(ctypes.string_at(data, size))
@@ -108,6 +113,9 @@ class Probes:
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
         self._events.append(decode_event(ctypes.string_at(data, size)))
+
+    def _on_exec(self, _ctx: Any, data: Any, size: int) -> None:
+        self._execs.append(ctypes.c_uint32.from_address(data).value)
 
     def add_target(self, pid: int, brk: int = 0) -> None:
         key = self._targets.Key(pid)
@@ -147,9 +155,10 @@ class Probes:
             self._credit[self._credit.Key(k.value)] = self._credit.Leaf(EVENT_CREDIT)
         ranges, self._ranges = dict(self._ranges), defaultdict(list)
         events, self._events = self._events, []
+        execs, self._execs = self._execs, []
         names_gen = int(self._names_gen[0].value)
         return Drained(chunks=dict(chunks), ranges=ranges, events=events, stats=stats,
-                       names_gen=names_gen)
+                       names_gen=names_gen, execs=execs)
 
     def close(self) -> None:
         try:

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.events import SyscallEvent
-from memtrace.exporter import ExporterState, StateBox
+from memtrace.events import Drained, SyscallEvent
+from memtrace.exporter import ExporterState, StateBox, add_counters, empty_counters
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
@@ -53,9 +53,13 @@ class Session:
         self._lost_of_gone = (0, 0)
         self._attach_seconds: dict[int, float] = {}
         self._last_tick_seconds = 0.0
+        self.targets_dropped = 0
+        self.group_of: dict[int, str] = {}
+        self.grouping = False      # metrics by group label instead of pid (agent mode)
+        self._retired: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def load(self) -> Probes:
-        self.probes = Probes()
+    def load(self, watch_execs: bool = False) -> Probes:
+        self.probes = Probes(watch_execs=watch_execs)
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         return self.probes
@@ -97,9 +101,18 @@ class Session:
             self.first_snapshot_seconds = time.monotonic() - self.started
             log(f"first snapshot {self.first_snapshot_seconds:.2f}s after start")
 
+    def detach_quietly(self, pid: int) -> None:
+        """Undo add_target for a process that could not be attached."""
+        if pid not in self.trackers and self.probes:
+            self.probes.remove_target(pid)
+
     def detach(self, pid: int, why: str) -> None:
         tracker = self.trackers.pop(pid, None)
-        self._snapshots.pop(pid, None)
+        last = self._snapshots.pop(pid, None)
+        if last is not None and self.grouping:
+            key = (self.group_of.get(pid, last["comm"]), last["comm"])
+            add_counters(self._retired.setdefault(key, empty_counters()), last)
+        self.group_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
         if tracker:
             tracker.close()
@@ -111,7 +124,7 @@ class Session:
             self.probes.remove_target(pid)
         self.reporter.message(f"pid {pid} {why}")
 
-    def tick(self) -> None:
+    def tick(self) -> Drained:
         assert self.probes is not None
         t0 = time.perf_counter()
         drained = self.probes.drain()
@@ -126,7 +139,7 @@ class Session:
             except ProcessGone:
                 self.detach(pid, "exited")
                 continue
-            if not self.procfs.alive(pid):
+            if not self._same_process(tracker):
                 self.detach(pid, "exited")
                 continue
             snap = snapshot(tracker, now)
@@ -135,6 +148,16 @@ class Session:
         self._last_tick_seconds = time.perf_counter() - t0
         self.publish()
         self.reporter.tick_done()
+        return drained
+
+    def _same_process(self, tracker: ProcessTracker) -> bool:
+        """Still alive, and not a new process that reused the PID (identity is
+        pid + start time)."""
+        try:
+            st = self.procfs.stat(tracker.pid)
+        except (OSError, ValueError, IndexError):
+            return False
+        return st.state not in ("Z", "X") and st.start_time == tracker.start_time
 
     def publish(self) -> None:
         """Hand the exporter a consistent copy of the latest tick."""
@@ -147,16 +170,22 @@ class Session:
         self.exporter_box.set(ExporterState(
             snapshots=dict(self._snapshots), full_rescans=dict(rescans),
             events_lost=events_lost, ranges_lost=ranges_lost,
-            tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds)))
+            tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds),
+            targets_dropped=self.targets_dropped,
+            groups=dict(self.group_of) if self.grouping else None,
+            retired={k: {f: dict(v) for f, v in c.items()} for k, c in self._retired.items()}))
 
-    def loop(self, keep_going: Callable[[], bool]) -> None:
+    def loop(self, keep_going: Callable[[], bool],
+             on_tick: Callable[[Drained], None] | None = None) -> None:
         deadline = time.monotonic()
         while not self.stop.is_set() and keep_going():
             deadline += self.interval
             self.stop.wait(max(0.0, deadline - time.monotonic()))
             if self.stop.is_set():
                 break
-            self.tick()
+            drained = self.tick()
+            if on_tick:
+                on_tick(drained)
 
     def close(self) -> None:
         for pid in list(self.trackers):

@@ -1,0 +1,189 @@
+"""`memtrace agent`: pick processes by rule, attach to new ones as they exec,
+detach from the ones that exit, keep serving metrics while targets come and go."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from memtrace.errors import ExitCode, MemtraceError
+from memtrace.events import Drained
+from memtrace.procfs import ProcFS
+from memtrace.session import Session
+
+
+@dataclass(frozen=True)
+class ProcInfo:
+    pid: int
+    comm: str
+    exe: str
+    cgroup: str
+    uid: int
+
+
+@dataclass(frozen=True)
+class Rule:
+    """All given fields must match (AND); an agent's rules are alternatives (OR)."""
+
+    name: str
+    comm: re.Pattern[str] | None = None
+    exe: re.Pattern[str] | None = None
+    cgroup: re.Pattern[str] | None = None
+    uid: int | None = None
+
+    def matches(self, info: ProcInfo) -> bool:
+        return ((self.comm is None or bool(self.comm.search(info.comm)))
+                and (self.exe is None or bool(self.exe.search(info.exe)))
+                and (self.cgroup is None or bool(self.cgroup.search(info.cgroup)))
+                and (self.uid is None or self.uid == info.uid))
+
+
+def _regex(value: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(value)
+    except re.error as e:
+        raise MemtraceError(f"bad {what} regex {value!r}: {e}", ExitCode.USAGE) from None
+
+
+def resolve_user(user: str | int) -> int:
+    if isinstance(user, int) or str(user).isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(str(user)).pw_uid
+    except KeyError:
+        raise MemtraceError(f"no such user: {user}", ExitCode.USAGE) from None
+
+
+def rule_from_dict(raw: dict[str, Any], index: int) -> Rule:
+    unknown = set(raw) - {"name", "comm", "exe", "cgroup", "user"}
+    if unknown:
+        raise MemtraceError(f"rule {index}: unknown keys {sorted(unknown)}", ExitCode.USAGE)
+    if not set(raw) - {"name"}:
+        raise MemtraceError(f"rule {index}: needs at least one of comm, exe, cgroup, user",
+                            ExitCode.USAGE)
+    return Rule(
+        name=str(raw.get("name") or f"rule{index}"),
+        comm=_regex(raw["comm"], "comm") if "comm" in raw else None,
+        exe=_regex(raw["exe"], "exe") if "exe" in raw else None,
+        cgroup=_regex(raw["cgroup"], "cgroup") if "cgroup" in raw else None,
+        uid=resolve_user(raw["user"]) if "user" in raw else None,
+    )
+
+
+def load_config(path: str) -> dict[str, Any]:
+    import yaml  # type: ignore[import-untyped]
+
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise MemtraceError(f"cannot read {path}: {e.strerror}", ExitCode.USAGE) from None
+    except yaml.YAMLError as e:
+        raise MemtraceError(f"{path} is not valid YAML: {e}", ExitCode.USAGE) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("rules", []), list):
+        raise MemtraceError(f"{path}: expected a mapping with a list under 'rules'",
+                            ExitCode.USAGE)
+    return raw
+
+
+def read_info(procfs: ProcFS, pid: int) -> ProcInfo | None:
+    try:
+        st = procfs.stat(pid)
+        status = procfs.status(pid)
+        cgroup = (procfs.root / str(pid) / "cgroup").read_bytes()
+    except (OSError, ValueError, IndexError):
+        return None
+    # cgroup v2 line "0::/path"; with v1 hierarchies, all paths joined
+    paths = [line.split(b":", 2)[2].decode("utf-8", "backslashreplace")
+             for line in cgroup.splitlines() if line.count(b":") >= 2]
+    uid = int(status.get("Uid", "0").split()[0])
+    exe = procfs.exe(pid).decode("utf-8", "backslashreplace")
+    return ProcInfo(pid=pid, comm=st.comm, exe=exe, cgroup="\n".join(paths), uid=uid)
+
+
+class Agent:
+    def __init__(self, session: Session, rules: list[Rule], all_min_rss: int | None,
+                 max_processes: int, sweep_interval: float = 10.0) -> None:
+        self.session = session
+        self.rules = rules
+        self.all_min_rss = all_min_rss
+        self.max_processes = max_processes
+        self.sweep_interval = sweep_interval
+        self.own_pid = os.getpid()
+        self._last_sweep = 0.0
+        self.targets_dropped = 0
+        self.group_of: dict[int, str] = {}
+
+    def match(self, info: ProcInfo) -> str | None:
+        """The name of the first rule that matches, else None."""
+        return next((r.name for r in self.rules if r.matches(info)), None)
+
+    def _try_attach(self, pid: int, group: str) -> None:
+        session = self.session
+        if pid in session.trackers or pid == self.own_pid:
+            return
+        if len(session.trackers) >= self.max_processes:
+            self.targets_dropped += 1
+            session.targets_dropped = self.targets_dropped
+            return
+        try:
+            session.procfs.check_target(pid, self.own_pid)
+            session.add_target(pid)
+            session.attach(pid)
+        except MemtraceError:
+            session.detach_quietly(pid)
+            return
+        self.group_of[pid] = group
+        session.group_of[pid] = group
+        session.reporter.message(f"attached to pid {pid} ({session.trackers[pid].comm}, "
+                                 f"{group})")
+
+    def consider(self, pid: int) -> None:
+        info = read_info(self.session.procfs, pid)
+        if info is None:
+            return
+        group = self.match(info)
+        if group is not None:
+            self._try_attach(pid, group)
+
+    def initial_scan(self) -> None:
+        for pid in all_pids(self.session.procfs):
+            self.consider(pid)
+        self.sweep()
+
+    def sweep(self) -> None:
+        """--all: processes above the resident threshold (statm: no page walk)."""
+        self._last_sweep = time.monotonic()
+        if self.all_min_rss is None:
+            return
+        procfs = self.session.procfs
+        for pid in all_pids(procfs):
+            if pid in self.session.trackers:
+                continue
+            try:
+                rss = procfs.statm(pid).resident_bytes
+            except (OSError, ValueError, IndexError):
+                continue
+            if rss >= self.all_min_rss and rss > 0:
+                info = read_info(procfs, pid)
+                if info is not None:
+                    self._try_attach(pid, info.comm)
+
+    def on_tick(self, drained: Drained) -> None:
+        for pid in dict.fromkeys(drained.execs):
+            self.consider(pid)
+        if self.all_min_rss is not None and (
+                time.monotonic() - self._last_sweep >= self.sweep_interval):
+            self.sweep()
+
+
+def all_pids(procfs: ProcFS) -> list[int]:
+    try:
+        return sorted(int(p.name) for p in Path(procfs.root).iterdir() if p.name.isdigit())
+    except OSError:
+        return []
