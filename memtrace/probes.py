@@ -4,10 +4,12 @@ imports bcc."""
 from __future__ import annotations
 
 import contextlib
+import contextlib
 import ctypes
 import os
 import sys
 from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -160,7 +162,15 @@ class Probes:
         return Drained(chunks=dict(chunks), ranges=ranges, events=events, stats=stats,
                        names_gen=names_gen, execs=execs)
 
+    def _detach_quietly(self, tracepoint: bytes) -> None:
+        with contextlib.suppress(Exception):
+            self.bpf.detach_tracepoint(tracepoint)
+
     def close(self) -> None:
+        # Each detach waits for an RCU grace period; overlapping them halves the
+        # time SIGTERM takes.
+        with ThreadPoolExecutor(16) as pool:
+            list(pool.map(self._detach_quietly, list(self.bpf.tracepoint_fds)))
         try:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
