@@ -4,7 +4,6 @@ imports bcc."""
 from __future__ import annotations
 
 import contextlib
-import contextlib
 import ctypes
 import os
 import sys
