@@ -9,6 +9,7 @@ from pathlib import Path
 
 from memtrace import btf
 from memtrace.pagemap import probe_pagemap_scan, scan_mechanism
+from memtrace.procfs import statm_is_exact
 
 TRACEPOINTS = (
     "exceptions/page_fault_user", "exceptions/page_fault_kernel", "kmem/rss_stat",
@@ -126,9 +127,12 @@ def check_mechanisms() -> Check:
         btf.member_offset("task_struct", "mm")
     except btf.BtfError:
         rss_stat = "tracepoint kmem:rss_stat (curr, mm_id)"
+    statm = ("totals checked against /proc/PID/statm (exact here)" if statm_is_exact() else
+             "statm is approximate on this kernel: mismatches do not trigger rescans; use "
+             "--reconcile-interval")
     return Check("mechanisms", True, f"resident pages: {scan_mechanism()}; VMA list: "
-                 f"/proc/PID/maps on layout change; remote changes: {rss_stat}; "
-                 "totals checked against /proc/PID/statm", required=False)
+                 f"/proc/PID/maps on layout change; remote changes: {rss_stat}; {statm}",
+                 required=False)
 
 
 class _ProcmapQuery(ctypes.Structure):

@@ -187,3 +187,39 @@ class ProcFS:
             raise MemtraceError(f"{pid} ({st.comm}) is a zombie: its memory is already gone",
                                 ExitCode.ZOMBIE)
         return st
+
+
+_statm_exact: bool | None = None
+
+
+def statm_is_exact(attempts: int = 3) -> bool:
+    """Does /proc/PID/statm count resident pages exactly on this kernel? Before
+    6.2 RSS counters were cached per task, and until the sum-based readers of
+    recent kernels they were per-CPU approximations; then statm can differ from
+    the page tables. Tried on our own process: touch fresh pages, compare statm
+    with smaps_rollup (a walk of our own small address space)."""
+    global _statm_exact
+    if _statm_exact is None:
+        _statm_exact = all(_statm_matches_rollup() for _ in range(attempts))
+    return _statm_exact
+
+
+def _statm_matches_rollup() -> bool:
+    import mmap
+
+    region = mmap.mmap(-1, 37 * PAGE_SIZE)
+    try:
+        for page in range(37):
+            region[page * PAGE_SIZE] = 1
+        with open("/proc/self/statm", "rb") as f:
+            resident = parse_statm(f.read()).resident_bytes
+        with open("/proc/self/smaps_rollup", "rb") as f:
+            rollup = f.read()
+    except OSError:
+        return False
+    finally:
+        region.close()
+    for line in rollup.splitlines():
+        if line.startswith(b"Rss:"):
+            return int(line.split()[1]) * 1024 == resident
+    return False

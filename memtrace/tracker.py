@@ -14,7 +14,7 @@ from memtrace.attribution import classify, mapping_identity
 from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import Scanner, open_scanner
-from memtrace.procfs import ProcFS, Statm, Vma
+from memtrace.procfs import ProcFS, Statm, Vma, statm_is_exact
 
 # Mismatches with statm while the process is changing are expected (it runs
 # while we scan); after this many in a row we rescan anyway.
@@ -213,6 +213,10 @@ class ProcessTracker:
         self.statm = statm
         if self._matches(statm):
             self._mismatch_streak = 0
+            return
+        if not statm_is_exact():
+            # Approximate counters (older kernels): a difference says nothing;
+            # rely on the marks, remote-change events and periodic rescans.
             return
         if statm != statm_before and self._mismatch_streak < MAX_DEFERRED_MISMATCHES:
             # The process changed while we scanned: the marks of the change are
