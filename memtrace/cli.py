@@ -319,6 +319,22 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     log("agent: stopped, probes detached")
 
 
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("pid", type=int)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Table, or one JSON object (see docs/heap.md).")
+@click.option("--stop", is_flag=True, help="SIGSTOP the process for an exact snapshot "
+              "(SIGCONT always follows; the pause is reported).")
+@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Walks to retry when the heap changes under the walk.")
+def heap(pid: int, fmt: str, stop: bool, retries: int) -> None:
+    """Why memory is not given back: anatomy of a process's glibc malloc heap
+    (in use, free, resident holes, what malloc_trim(0) would return)."""
+    from memtrace.heap import heap_command
+
+    click.echo(heap_command(pid, fmt, stop, retries))
+
+
 @cli.command()
 def doctor() -> None:
     """Check that memtrace can run here, one line per requirement with the fix."""

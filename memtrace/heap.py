@@ -1,0 +1,1430 @@
+"""Heap anatomy of glibc malloc, read from outside the process.
+
+`memtrace heap PID` answers "why is this memory not given back?": for the main
+arena's brk heap and each thread arena it walks every chunk header, reads the
+tcache and fastbin lists (chunks cached there look allocated to the arena but
+are free to the program), splits free bytes into resident and not with
+PAGEMAP_SCAN, and computes what `malloc_trim(0)` would return.
+
+Nothing here depends on debug symbols: Debian's libc.so.6 exports neither
+`main_arena` nor `mp_`. The structures are located at run time in libc's
+writable data (main_arena is the malloc_state whose `next` chain comes back to
+itself; mp_ is the malloc_par whose `sbrk_base` is the start of [heap]), and
+every layout assumption is checked against the heap it describes (bin headers,
+the walk landing exactly on `top`, `system_mem` equal to the walked size, the
+heap_info of thread heaps pointing back at their arena). A failed check gives
+"unsupported glibc layout", never numbers.
+
+The analysis is pure: it reads memory through an `AddressSpace` (maps, reads,
+resident runs), so unit tests run it on synthetic heap images.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import ctypes
+import errno
+import os
+import re
+import signal
+import struct
+import time
+from array import array
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from memtrace.procfs import Vma, parse_maps
+
+SIZE_SZ = 8
+MALLOC_ALIGNMENT = 16
+MINSIZE = 32
+CHUNK_HDR_SZ = 16
+PREV_INUSE = 1
+IS_MMAPPED = 2
+NON_MAIN_ARENA = 4
+SIZE_BITS = 7
+NFASTBINS = 10
+NBINS = 128
+MALLOC_CHUNK_SIZE = 48  # sizeof(struct malloc_chunk)
+HEAP_MAX_SIZE = 64 << 20  # 2 * DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
+MAX_ARENAS = 4096
+WINDOW = 4 << 20
+_Q = struct.Struct("<Q")
+_QQ = struct.Struct("<QQ")
+
+
+class HeapError(Exception):
+    """The analysis cannot give figures; `kind` says why."""
+
+    def __init__(self, message: str, kind: str = "inconsistent") -> None:
+        super().__init__(message)
+        self.message = message
+        self.kind = kind  # "inconsistent" (retry may help) | "unsupported" | "gone"
+
+
+# --------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class GlibcLayout:
+    """Offsets of the glibc structures this module reads (64-bit, glibc >= 2.27)."""
+
+    version: tuple[int, int]
+    # struct malloc_state
+    fastbins: int = 16
+    top: int = 96
+    last_remainder: int = 104
+    bins: int = 112
+    next: int = 2160
+    next_free: int = 2168
+    attached_threads: int = 2176
+    system_mem: int = 2184
+    max_system_mem: int = 2192
+    state_size: int = 2200
+    # heap_info
+    heap_info_size: int = 48
+    # struct malloc_par
+    mp_trim_threshold: int = 0
+    mp_top_pad: int = 8
+    mp_mmap_threshold: int = 16
+    mp_thp_pagesize: int | None = 40
+    mp_n_mmaps: int = 60
+    mp_n_mmaps_max: int = 64
+    mp_no_dyn_threshold: int = 72
+    mp_mmapped_mem: int = 80
+    mp_sbrk_base: int = 96
+    mp_tcache_bins: int = 104
+    mp_tcache_count: int = 120
+    mp_size: int = 136
+    # tcache_perthread_struct
+    tcache_count_size: int = 2  # uint16_t counts[] since 2.30, char before
+    tcache_bins: int = 64
+    safe_linking: bool = True  # since 2.32
+
+    @property
+    def tcache_entries(self) -> int:
+        return self.tcache_bins * self.tcache_count_size
+
+    @property
+    def tcache_chunk_size(self) -> int:
+        return _request2size(self.tcache_entries + 8 * self.tcache_bins)
+
+    @property
+    def name(self) -> str:
+        return f"glibc {self.version[0]}.{self.version[1]}"
+
+
+def layout_for(version: tuple[int, int]) -> GlibcLayout:
+    """The layout of a glibc version, or HeapError(unsupported). Only 2.36 is
+    tested; the others are derived from glibc's history and checked at run time."""
+    if version < (2, 27) or version[0] != 2:
+        raise HeapError(f"unsupported glibc layout: glibc {version[0]}.{version[1]} is older "
+                        "than 2.27 (no tcache or a different malloc_state)", "unsupported")
+    if version >= (2, 35):  # heap_info.pagesize; mp_.thp_pagesize, hp_pagesize, hp_flags
+        base = GlibcLayout(version=version)
+    else:
+        base = GlibcLayout(version=version, heap_info_size=32, mp_thp_pagesize=None,
+                           mp_n_mmaps=40, mp_n_mmaps_max=44, mp_no_dyn_threshold=52,
+                           mp_mmapped_mem=56, mp_sbrk_base=72, mp_tcache_bins=80,
+                           mp_tcache_count=96, mp_size=112)
+    if version < (2, 30):
+        base = _replace(base, tcache_count_size=1)
+    if version < (2, 32):
+        base = _replace(base, safe_linking=False)
+    return base
+
+
+def _replace(layout: GlibcLayout, **kw: Any) -> GlibcLayout:
+    import dataclasses
+    return dataclasses.replace(layout, **kw)
+
+
+def _request2size(req: int) -> int:
+    return max(MINSIZE, (req + SIZE_SZ + MALLOC_ALIGNMENT - 1) & ~(MALLOC_ALIGNMENT - 1))
+
+
+def parse_glibc_version(data: bytes) -> tuple[int, int] | None:
+    m = re.search(rb"GNU C Library [^\n]*?release version (\d+)\.(\d+)", data)
+    if m:
+        return int(m.group(1)), int(m.group(2))
+    return None
+
+
+# --------------------------------------------------------------------- address space
+
+
+class AddressSpace(Protocol):
+    """What the analysis needs from a process (a fake in unit tests)."""
+
+    page_size: int
+
+    def maps(self) -> list[Vma]: ...
+
+    def read(self, addr: int, size: int) -> bytes: ...
+
+    def resident_runs(self, start: int, end: int) -> list[tuple[int, int]]: ...
+
+    def file_bytes(self, path: bytes, limit: int) -> bytes | None: ...
+
+
+class ResidentMap:
+    """Sorted, merged resident runs with O(log n) byte counts over any range."""
+
+    def __init__(self, runs: Iterable[tuple[int, int]]) -> None:
+        merged: list[tuple[int, int]] = []
+        for s, e in sorted(runs):
+            if merged and s <= merged[-1][1]:
+                if e > merged[-1][1]:
+                    merged[-1] = (merged[-1][0], e)
+            else:
+                merged.append((s, e))
+        self.starts = [s for s, _ in merged]
+        self.ends = [e for _, e in merged]
+        self.cum = [0]
+        for s, e in merged:
+            self.cum.append(self.cum[-1] + e - s)
+
+    def bytes_in(self, lo: int, hi: int) -> int:
+        if hi <= lo or not self.starts:
+            return 0
+        i = bisect.bisect_right(self.starts, lo) - 1
+        if i >= 0 and self.ends[i] >= hi:  # one run covers it all
+            return hi - lo
+        return self._upto(hi) - self._upto(lo)
+
+    def _upto(self, x: int) -> int:
+        i = bisect.bisect_right(self.starts, x) - 1
+        if i < 0:
+            return 0
+        return self.cum[i] + min(x, self.ends[i]) - self.starts[i]
+
+    def runs_in(self, lo: int, hi: int) -> list[tuple[int, int]]:
+        out = []
+        i = max(0, bisect.bisect_right(self.starts, lo) - 1)
+        while i < len(self.starts) and self.starts[i] < hi:
+            s, e = max(lo, self.starts[i]), min(hi, self.ends[i])
+            if s < e:
+                out.append((s, e))
+            i += 1
+        return out
+
+
+def u64(space: AddressSpace, addr: int) -> int:
+    return int(_Q.unpack(space.read(addr, 8))[0])
+
+
+# ------------------------------------------------------------------ allocator detection
+
+KNOWN_ALLOCATORS = (
+    (b"jemalloc", "jemalloc"), (b"tcmalloc", "tcmalloc"), (b"mimalloc", "mimalloc"),
+    (b"hoard", "hoard"), (b"libasan", "asan"), (b"libtsan", "tsan"), (b"libmsan", "msan"),
+    (b"snmalloc", "snmalloc"), (b"rpmalloc", "rpmalloc"),
+)
+
+
+@dataclass
+class AllocatorInfo:
+    allocator: str  # "glibc", "musl", "jemalloc", ..., "unknown"
+    supported: bool
+    reason: str = ""
+    libc_path: bytes = b""
+
+
+def _is_libc(path: bytes) -> bool:
+    base = path.rsplit(b"/", 1)[-1]
+    return base == b"libc.so.6" or bool(re.fullmatch(rb"libc-2\.\d+\.so", base))
+
+
+def elf_info(data: bytes) -> tuple[bool, set[bytes]] | None:
+    """(has PT_INTERP, names of defined dynamic symbols) of an ELF64 LE file's
+    header-and-section prefix; None if not such a file or the tables are cut off."""
+    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    phoff, shoff = struct.unpack_from("<QQ", data, 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
+    interp = False
+    for i in range(phnum):
+        off = phoff + i * phentsize
+        if off + 4 <= len(data) and struct.unpack_from("<I", data, off)[0] == 3:
+            interp = True
+    names: set[bytes] = set()
+    sections = []
+    for i in range(shnum):
+        off = shoff + i * shentsize
+        if off + 64 > len(data):
+            return interp, names
+        sh_type, = struct.unpack_from("<I", data, off + 4)
+        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 24)
+        sh_link, = struct.unpack_from("<I", data, off + 40)
+        sections.append((sh_type, sh_offset, sh_size, sh_link))
+    for sh_type, sh_offset, sh_size, sh_link in sections:
+        if sh_type != 11 or sh_link >= len(sections):  # SHT_DYNSYM
+            continue
+        _, str_off, str_size, _ = sections[sh_link]
+        strtab = data[str_off:str_off + str_size]
+        for off in range(sh_offset, min(sh_offset + sh_size, len(data)) - 23, 24):
+            st_name, _, _, st_shndx = struct.unpack_from("<IBBH", data, off)
+            if st_shndx != 0 and st_name < len(strtab):
+                end = strtab.find(b"\0", st_name)
+                names.add(strtab[st_name:end if end >= 0 else len(strtab)])
+    return interp, names
+
+
+def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
+    """Which malloc the process uses, from its mappings and their dynamic symbols."""
+    vmas = space.maps()
+    paths = list(dict.fromkeys(v.path for v in vmas if v.path.startswith(b"/")))
+    for p in paths:
+        base = p.rsplit(b"/", 1)[-1]
+        if b"ld-musl" in base or b"libc.musl" in base:
+            return AllocatorInfo("musl", False, "the process uses musl libc's malloc "
+                                 f"({p.decode(errors='replace')}); memtrace heap reads only "
+                                 "glibc malloc")
+    libc = next((p for p in paths if _is_libc(p)), b"")
+    for p in paths:
+        base = p.rsplit(b"/", 1)[-1]
+        if _is_libc(p) or base.startswith((b"ld-linux", b"libc_malloc_debug")):
+            continue
+        data = space.file_bytes(p, 64 << 20)
+        info = elf_info(data) if data else None
+        if info is None or b"malloc" not in info[1]:
+            continue
+        name = next((n for key, n in KNOWN_ALLOCATORS if key in base.lower()), "unknown")
+        if name == "unknown" and p == exe:
+            name = next((n for key, n in KNOWN_ALLOCATORS if data and key in data), "unknown")
+        return AllocatorInfo(name, False, f"malloc is provided by {p.decode(errors='replace')}"
+                             f"{' (' + name + ')' if name != 'unknown' else ''}, not by glibc; "
+                             "memtrace heap reads only glibc malloc")
+    if not libc:
+        data = space.file_bytes(exe, 64 << 20) if exe else None
+        info = elf_info(data) if data else None
+        if info is not None and not info[0]:
+            return AllocatorInfo("unknown", False, "statically linked executable: no libc.so.6 "
+                                 "is mapped, so glibc's malloc state cannot be located")
+        return AllocatorInfo("unknown", False, "no glibc (libc.so.6) is mapped in the process")
+    return AllocatorInfo("glibc", True, libc_path=libc)
+
+
+# ----------------------------------------------------------------------- the heap walk
+
+
+@dataclass
+class Walk:
+    """Chunks of one heap segment in address order (top and fenceposts excluded)."""
+
+    start: int  # first chunk
+    end: int  # end of the segment's chunk area (top end, or fencepost end)
+    starts: array = field(default_factory=lambda: array("Q"))
+    sizes: array = field(default_factory=lambda: array("Q"))
+    free: bytearray = field(default_factory=bytearray)  # 1: in a bin (next PREV_INUSE clear)
+    top: int | None = None
+    top_size: int = 0
+    fence_bytes: int = 0
+
+
+def walk_segment(read: Callable[[int, int], bytes], first: int, end: int, top: int | None,
+                 main: bool, direct: Callable[[int, int], bytes] | None = None) -> Walk:
+    """Walk chunk headers from `first`. With `top`, the walk must land exactly on it
+    and top must end at `end`; without, it ends at the fencepost (a header of size
+    0 after a 16-byte chunk) of a heap that is no longer the arena's newest."""
+    w = Walk(first, end)
+    starts, sizes, free = w.starts, w.sizes, w.free
+    limit = top if top is not None else end
+    pos = first
+    base = first
+    buf = b""
+    n = 0
+    prev_size = 0
+    unpack = _QQ.unpack_from
+    while True:
+        off = pos - base
+        if off < 0 or off + 16 > len(buf):
+            base = pos
+            buf = read(pos, min(WINDOW, end - pos))
+            off = 0
+            if len(buf) < 16:
+                raise HeapError(f"chunk header at {pos:#x} is outside the heap")
+        psz, field_ = unpack(buf, off)
+        size = field_ & ~SIZE_BITS
+        if size == 0 and direct is not None:  # window skipped a non-resident page
+            psz, field_ = _QQ.unpack(direct(pos, 16))
+            size = field_ & ~SIZE_BITS
+        if n:
+            if not field_ & PREV_INUSE:
+                if psz != prev_size:
+                    raise HeapError(f"free chunk at {starts[-1]:#x} has footer {psz:#x}, "
+                                    f"size {prev_size:#x}")
+                free[n - 1] = 1
+        elif pos == first and not field_ & PREV_INUSE:
+            raise HeapError(f"first chunk at {pos:#x} lacks PREV_INUSE")
+        if pos == top:
+            if field_ & (IS_MMAPPED | NON_MAIN_ARENA) or size < MINSIZE or size & 15:
+                raise HeapError(f"top chunk at {pos:#x} has an invalid header {field_:#x}")
+            if pos + size != end:
+                raise HeapError(f"top chunk {pos:#x}+{size:#x} does not end at {end:#x}")
+            w.top, w.top_size = pos, size
+            return w
+        if top is None and size == 0:
+            # fencepost: [chunk of size 16 | PREV_INUSE][header 0 | PREV_INUSE]
+            if n and sizes[-1] == CHUNK_HDR_SZ:
+                w.fence_bytes = CHUNK_HDR_SZ + end - pos
+                starts.pop()
+                sizes.pop()
+                free.pop()
+            else:
+                w.fence_bytes = end - pos
+            w.end = pos
+            return w
+        if size & 15 or field_ & IS_MMAPPED or (main and field_ & NON_MAIN_ARENA):
+            raise HeapError(f"chunk at {pos:#x} has an invalid header {field_:#x}")
+        if size < MINSIZE and not (top is None and size == CHUNK_HDR_SZ):
+            raise HeapError(f"chunk at {pos:#x} has an invalid size {size:#x}")
+        if pos + size > limit:
+            raise HeapError(f"chunk at {pos:#x} of size {size:#x} runs past {limit:#x}")
+        starts.append(pos)
+        sizes.append(size)
+        free.append(0)
+        n += 1
+        prev_size = size
+        pos += size
+
+
+# ------------------------------------------------------------------ malloc structures
+
+
+@dataclass
+class ArenaState:
+    addr: int
+    main: bool
+    fastbins: list[int]
+    top: int
+    next: int
+    attached_threads: int
+    system_mem: int
+    max_system_mem: int
+    raw: bytes = b""
+
+
+def read_arena(space: AddressSpace, layout: GlibcLayout, addr: int, main: bool) -> ArenaState:
+    raw = space.read(addr, layout.state_size)
+    q = lambda off: int(_Q.unpack_from(raw, off)[0])  # noqa: E731
+    return ArenaState(
+        addr=addr, main=main,
+        fastbins=[q(layout.fastbins + 8 * i) for i in range(NFASTBINS)],
+        top=q(layout.top), next=q(layout.next),
+        attached_threads=q(layout.attached_threads), system_mem=q(layout.system_mem),
+        max_system_mem=q(layout.max_system_mem), raw=raw)
+
+
+def arena_plausible(layout: GlibcLayout, a: ArenaState) -> bool:
+    """Layout checks on one malloc_state image: bin headers are self-linked when
+    empty (which pins the bins' offset), pointers are aligned, counters sane."""
+    raw = a.raw
+    if a.top == 0 or a.top & 15 or a.max_system_mem < a.system_mem or a.system_mem >> 47:
+        return False
+    if a.attached_threads > 1 << 22:
+        return False
+    if any(fb & 15 for fb in a.fastbins):
+        return False
+    empty = 0
+    for i in range(NBINS - 1):
+        slot = layout.bins + 16 * i
+        fd, bk = _QQ.unpack_from(raw, slot)
+        own = a.addr + slot - 16
+        if fd == own and bk == own:
+            empty += 1
+        elif fd == own or bk == own or fd == 0 or bk == 0 or fd & 15 or bk & 15:
+            return False
+    return empty >= 1
+
+
+def arena_chain(space: AddressSpace, layout: GlibcLayout, main: int) -> list[ArenaState]:
+    """main_arena, then every arena on its `next` chain until it comes back."""
+    out = [read_arena(space, layout, main, True)]
+    seen = {main}
+    nxt = out[0].next
+    while nxt != main:
+        if nxt in seen or nxt == 0 or nxt & 15 or len(out) >= MAX_ARENAS:
+            raise HeapError(f"arena chain broken at {nxt:#x}")
+        seen.add(nxt)
+        out.append(read_arena(space, layout, nxt, False))
+        nxt = out[-1].next
+    return out
+
+
+def libc_data_regions(vmas: list[Vma], libc: bytes) -> list[tuple[int, int]]:
+    """libc's writable data: its rw mappings and the anonymous one right after (.bss)."""
+    out = []
+    for i, v in enumerate(vmas):
+        if v.path == libc and v.perms.startswith("rw"):
+            out.append((v.start, v.end))
+            if i + 1 < len(vmas):
+                n = vmas[i + 1]
+                if n.start == v.end and not n.path and n.perms.startswith("rw"):
+                    out.append((n.start, n.end))
+    return out
+
+
+def find_main_arena(space: AddressSpace, layout: GlibcLayout,
+                    regions: list[tuple[int, int]]) -> int:
+    """The address of main_arena: a plausible malloc_state in libc's data whose
+    `next` chain returns to itself."""
+    found = []
+    for start, end in regions:
+        data = space.read(start, end - start)
+        words = array("Q")
+        words.frombytes(data[: len(data) // 8 * 8])
+        for i, v in enumerate(words):
+            m = start + 8 * i - layout.next
+            if m < start or m + layout.state_size > end or m & 15:
+                continue
+            if v != m and (v == 0 or v & 15 or regions[0][0] <= v < regions[-1][1]):
+                continue
+            a = ArenaState(m, True, [], 0, 0, 0, 0, 0,
+                           raw=data[m - start:m - start + layout.state_size])
+            q = lambda off, raw=a.raw: int(_Q.unpack_from(raw, off)[0])  # noqa: E731
+            a.fastbins = [q(layout.fastbins + 8 * k) for k in range(NFASTBINS)]
+            a.top, a.next = q(layout.top), q(layout.next)
+            a.attached_threads = q(layout.attached_threads)
+            a.system_mem, a.max_system_mem = q(layout.system_mem), q(layout.max_system_mem)
+            if not arena_plausible(layout, a):
+                continue
+            try:
+                chain = arena_chain(space, layout, m)
+            except (HeapError, OSError):
+                continue
+            if all(arena_plausible(layout, x) for x in chain[1:]):
+                found.append(m)
+    if len(found) != 1:
+        raise HeapError("unsupported glibc layout: "
+                        + ("no malloc_state found in libc's data" if not found else
+                           f"{len(found)} candidate malloc_states in libc's data"),
+                        "unsupported")
+    return found[0]
+
+
+@dataclass
+class MallocPar:
+    addr: int
+    trim_threshold: int
+    top_pad: int
+    mmap_threshold: int
+    thp_pagesize: int
+    n_mmaps: int
+    n_mmaps_max: int
+    no_dyn_threshold: int
+    mmapped_mem: int
+    sbrk_base: int
+    tcache_bins: int
+    tcache_count: int
+
+
+def read_mp(space: AddressSpace, layout: GlibcLayout, addr: int) -> MallocPar:
+    raw = space.read(addr, layout.mp_size)
+    q = lambda off: int(_Q.unpack_from(raw, off)[0])  # noqa: E731
+    i = lambda off: int(struct.unpack_from("<i", raw, off)[0])  # noqa: E731
+    return MallocPar(
+        addr=addr, trim_threshold=q(layout.mp_trim_threshold), top_pad=q(layout.mp_top_pad),
+        mmap_threshold=q(layout.mp_mmap_threshold),
+        thp_pagesize=q(layout.mp_thp_pagesize) if layout.mp_thp_pagesize is not None else 0,
+        n_mmaps=i(layout.mp_n_mmaps), n_mmaps_max=i(layout.mp_n_mmaps_max),
+        no_dyn_threshold=i(layout.mp_no_dyn_threshold), mmapped_mem=q(layout.mp_mmapped_mem),
+        sbrk_base=q(layout.mp_sbrk_base), tcache_bins=q(layout.mp_tcache_bins),
+        tcache_count=q(layout.mp_tcache_count))
+
+
+def mp_plausible(mp: MallocPar) -> bool:
+    return (0 <= mp.mmap_threshold <= HEAP_MAX_SIZE // 2 and 0 <= mp.n_mmaps <= mp.n_mmaps_max
+            and mp.no_dyn_threshold in (0, 1) and mp.tcache_bins <= 1024
+            and mp.tcache_count <= 65535 and mp.thp_pagesize < 1 << 31
+            and mp.mmapped_mem >> 47 == 0 and mp.trim_threshold >> 47 == 0)
+
+
+def find_mp(space: AddressSpace, layout: GlibcLayout, regions: list[tuple[int, int]],
+            sbrk_base: int | None) -> MallocPar | None:
+    """mp_ (malloc_par): anchored on sbrk_base == [heap] start when there is a
+    heap, else on the default tcache parameters (64 bins, 7 per bin)."""
+    found = []
+    for start, end in regions:
+        data = space.read(start, end - start)
+        words = array("Q")
+        words.frombytes(data[: len(data) // 8 * 8])
+        for i, v in enumerate(words):
+            a = start + 8 * i
+            if sbrk_base is not None:
+                if v != sbrk_base:
+                    continue
+                addr = a - layout.mp_sbrk_base
+            else:
+                if v != 64:
+                    continue
+                addr = a - layout.mp_tcache_bins
+            if addr < start or addr + layout.mp_size > end:
+                continue
+            mp = read_mp(space, layout, addr)
+            if not mp_plausible(mp):
+                continue
+            if sbrk_base is None and (mp.sbrk_base != 0 or mp.tcache_count != 7):
+                continue
+            found.append(mp)
+    return found[0] if len(found) == 1 else None
+
+
+# ------------------------------------------------------------------- cached chunks
+
+
+class ChunkIndex:
+    """Every walked chunk of every arena, to validate list pointers."""
+
+    def __init__(self, walks: list[Walk]) -> None:
+        self.walks = sorted(walks, key=lambda w: w.start)
+        self.bounds = [w.start for w in self.walks]
+
+    def walk_of(self, addr: int) -> Walk | None:
+        i = bisect.bisect_right(self.bounds, addr) - 1
+        if i >= 0 and addr < self.walks[i].end:
+            return self.walks[i]
+        return None
+
+    def find(self, chunk: int) -> tuple[Walk, int] | None:
+        i = bisect.bisect_right(self.bounds, chunk) - 1
+        if i < 0:
+            return None
+        w = self.walks[i]
+        j = bisect.bisect_left(w.starts, chunk)
+        if j < len(w.starts) and w.starts[j] == chunk:
+            return w, j
+        return None
+
+
+def _demangle(layout: GlibcLayout, pos: int, stored: int) -> int:
+    return stored ^ (pos >> 12) if layout.safe_linking else stored
+
+
+def read_tcache(space: AddressSpace, layout: GlibcLayout, index: ChunkIndex, chunk: int,
+                max_count: int) -> dict[int, int] | None:
+    """Cached chunks {chunk address: size} of the tcache_perthread_struct in the
+    chunk at `chunk`, or None if it is not one (every list must have exactly
+    `counts[i]` entries, each an allocated chunk of bin i's size)."""
+    mem = chunk + CHUNK_HDR_SZ
+    raw = space.read(mem, layout.tcache_entries + 8 * layout.tcache_bins)
+    fmt = "<64H" if layout.tcache_count_size == 2 else "<64B"
+    counts = struct.unpack_from(fmt.replace("64", str(layout.tcache_bins)), raw, 0)
+    entries = struct.unpack_from(f"<{layout.tcache_bins}Q", raw, layout.tcache_entries)
+    out: dict[int, int] = {}
+    for i in range(layout.tcache_bins):
+        want = 32 + 16 * i
+        count, e = counts[i], entries[i]
+        if count > max_count or (count == 0) != (e == 0):
+            return None
+        n = 0
+        while e:
+            if e & 15 or n >= count:
+                return None
+            hit = index.find(e - CHUNK_HDR_SZ)
+            if hit is None:
+                return None
+            w, j = hit
+            if w.sizes[j] != want or w.free[j] or (e - CHUNK_HDR_SZ) in out:
+                return None
+            out[e - CHUNK_HDR_SZ] = want
+            n += 1
+            e = _demangle(layout, e, u64(space, e))
+        if n != count:
+            return None
+    return out
+
+
+def read_fastbins(space: AddressSpace, layout: GlibcLayout, index: ChunkIndex,
+                  arena: ArenaState) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for i, head in enumerate(arena.fastbins):
+        want = 32 + 16 * i
+        p = head
+        while p:
+            if p & 15 or p in out:
+                raise HeapError(f"fastbin {i} of arena {arena.addr:#x} is corrupt at {p:#x}")
+            hit = index.find(p)
+            if hit is None or hit[0].sizes[hit[1]] != want or hit[0].free[hit[1]]:
+                raise HeapError(f"fastbin {i} entry {p:#x} is not an allocated chunk of "
+                                f"{want} bytes")
+            out[p] = want
+            p = _demangle(layout, p + 16, u64(space, p + 16))
+    return out
+
+
+# ------------------------------------------------------------------------ the figures
+
+
+HISTOGRAM_EDGES = [32 << k for k in range(0, 26)]  # 32 B .. 1 GiB, powers of two
+
+
+def histogram(sizes: Iterable[int]) -> list[dict[str, int]]:
+    chunks = [0] * len(HISTOGRAM_EDGES)
+    total = [0] * len(HISTOGRAM_EDGES)
+    for s in sizes:
+        k = min(max(s.bit_length() - 6, 0), len(HISTOGRAM_EDGES) - 1)
+        chunks[k] += 1
+        total[k] += s
+    return [{"min_bytes": HISTOGRAM_EDGES[k], "max_bytes": HISTOGRAM_EDGES[k] * 2 - 1,
+             "chunks": chunks[k], "bytes": total[k]} for k in range(len(chunks)) if chunks[k]]
+
+
+def trim_ranges(free_runs: list[tuple[int, int]], top: int, top_end: int, page: int,
+                main: bool, thp_pagesize: int = 0) -> tuple[list[tuple[int, int]], int]:
+    """Address ranges malloc_trim(0) releases: MADV_DONTNEED of the whole pages
+    inside every free chunk of the unsorted and large bins (mtrim) and, for the
+    main arena, the sbrk shrink of the top chunk (systrim). `free_runs` are the
+    chunks free after malloc_consolidate (fastbin chunks merged into neighbours);
+    a run ending at `top` merges into it. Returns (ranges, new top start)."""
+    out = []
+    psm1 = page - 1
+    for p, size in free_runs:
+        if p + size == top:
+            top = p
+            continue
+        if size > psm1 + MALLOC_CHUNK_SIZE:
+            paligned = (p + MALLOC_CHUNK_SIZE + psm1) & ~psm1
+            rest = p + size - paligned
+            if rest > psm1:
+                out.append((paligned, paligned + (rest & ~psm1)))
+    if main:
+        top_area = top_end - top - MINSIZE - 1
+        if top_area > 0:
+            unit = thp_pagesize or page
+            extra = top_area // unit * unit
+            if extra:
+                out.append((top_end - extra, top_end))
+    return out, top
+
+
+def merge_runs(chunks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """(address, size) chunks merged where one ends where the next begins."""
+    out: list[tuple[int, int]] = []
+    for p, s in sorted(chunks):
+        if out and out[-1][0] + out[-1][1] == p:
+            out[-1] = (out[-1][0], out[-1][1] + s)
+        else:
+            out.append((p, s))
+    return out
+
+
+@dataclass
+class ArenaReport:
+    kind: str
+    addr: int
+    start: int
+    end: int
+    heaps: list[tuple[int, int]]
+    walks: list[Walk]
+    resident: ResidentMap
+    system_mem: int
+    attached_threads: int
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, int],
+                  page: int, thp_pagesize: int) -> dict[str, Any]:
+    res = rep.resident
+    in_use = in_use_n = 0
+    free_sizes: list[int] = []
+    free_chunks: list[tuple[int, int]] = []  # truly free (in bins)
+    free_res = 0
+    cached_t = cached_f = 0
+    for w in rep.walks:
+        starts, sizes, free = w.starts, w.sizes, w.free
+        total = sum(sizes)
+        n_free = 0
+        free_total = 0
+        for j in (j for j, f in enumerate(free) if f):
+            p, s = starts[j], sizes[j]
+            free_chunks.append((p, s))
+            free_sizes.append(s)
+            # the chunk's own header stays in use; the rest is the free payload
+            free_res += res.bytes_in(p, p + s)
+            n_free += 1
+            free_total += s
+        in_use += total - free_total
+        in_use_n += len(starts) - n_free
+    for table, is_t in ((tcached, True), (fastbin, False)):
+        for p, s in table.items():
+            free_sizes.append(s)
+            free_res += res.bytes_in(p, p + s)
+            in_use -= s
+            in_use_n -= 1
+            if is_t:
+                cached_t += s
+            else:
+                cached_f += s
+    top_walk = next(w for w in rep.walks if w.top is not None)
+    top, top_size = top_walk.top or 0, top_walk.top_size
+    top_end = top + top_size
+    top_res = res.bytes_in(top, top_end)
+    free_bytes = sum(free_sizes) + top_size
+    free_res += top_res
+    overhead = rep.system_mem - sum(sum(w.sizes) for w in rep.walks) - top_size
+    # what malloc_trim(0) returns: resident pages in the released ranges
+    runs = merge_runs(list((p, s) for p, s in free_chunks) + list(fastbin.items()))
+    ranges: list[tuple[int, int]] = []
+    for w in rep.walks:
+        seg_runs = [r for r in runs if w.start <= r[0] < w.end]
+        if w.top is not None:
+            r, _ = trim_ranges(seg_runs, top, top_end, page, rep.kind == "main", thp_pagesize)
+        else:
+            r, _ = trim_ranges(seg_runs, -1, -1, page, False)
+        ranges += r
+    trimmable = sum(res.bytes_in(a, b) for a, b in ranges)
+    trim_top = 0
+    if rep.kind == "main" and ranges and ranges[-1][1] == top_end:
+        trim_top = res.bytes_in(*ranges[-1])
+    # the pin: live chunks between the top chunk and the highest free chunk
+    # (chunks cached in a tcache pin too: the arena sees them allocated)
+    pin_bytes = pin_chunks = hole = hole_res = 0
+    run_ends = {p + s: p for p, s in runs}
+    j = len(top_walk.starts) - 1
+    while j >= 0 and not top_walk.free[j] and top_walk.starts[j] not in fastbin:
+        pin_bytes += top_walk.sizes[j]
+        pin_chunks += 1
+        j -= 1
+    if j >= 0:
+        end_free = top_walk.starts[j] + top_walk.sizes[j]
+        run_start = run_ends.get(end_free)
+        if run_start is not None:
+            hole = end_free - run_start
+            hole_res = res.bytes_in(run_start, end_free)
+    top_pinned = bool(pin_chunks) and hole >= page and hole > pin_bytes
+    largest = max(free_sizes, default=0)
+    binned = sum(s for _, s in free_chunks)
+    return {
+        "kind": rep.kind,
+        "arena_address": rep.addr,
+        "start": rep.start,
+        "end": rep.end,
+        "heaps": [{"start": a, "end": b} for a, b in rep.heaps],
+        "size_bytes": sum(b - a for a, b in rep.heaps),
+        "system_mem_bytes": rep.system_mem,
+        "attached_threads": rep.attached_threads,
+        "resident_bytes": sum(res.bytes_in(a, b) for a, b in rep.heaps),
+        "in_use_bytes": in_use,
+        "in_use_chunks": in_use_n,
+        "header_overhead_bytes": in_use_n * SIZE_SZ,
+        "arena_overhead_bytes": overhead,
+        "free_bytes": free_bytes,
+        "free_chunks": len(free_sizes),
+        "free_resident_bytes": free_res,
+        "binned_free_bytes": binned,
+        "cached_bytes": cached_t + cached_f,
+        "tcache_bytes": cached_t,
+        "fastbin_bytes": cached_f,
+        "largest_free_chunk_bytes": largest,
+        "top_chunk": top,
+        "top_chunk_bytes": top_size,
+        "top_resident_bytes": top_res,
+        "top_pinned": top_pinned,
+        "pin_bytes": pin_bytes,
+        "pin_chunks": pin_chunks,
+        "hole_bytes": hole,
+        "hole_resident_bytes": hole_res,
+        "trimmable_bytes": trimmable,
+        "trimmable_top_bytes": trim_top,
+        "trim_ranges": len(ranges),
+        "free_histogram": histogram(free_sizes),
+    }
+
+
+# ------------------------------------------------------------------- whole process
+
+
+def _align_chunk(addr: int) -> int:
+    """First chunk at or after addr whose user pointer is MALLOC_ALIGNMENT aligned."""
+    mis = (addr + CHUNK_HDR_SZ) & (MALLOC_ALIGNMENT - 1)
+    return addr + (MALLOC_ALIGNMENT - mis if mis else 0)
+
+
+def _reader(space: AddressSpace, res: ResidentMap) -> Callable[[int, int], bytes]:
+    read_resident = getattr(space, "read_resident", None)
+    if read_resident is None:
+        return space.read
+    return lambda addr, n: read_resident(addr, n, res.runs_in(addr, addr + n))  # type: ignore[no-any-return]
+
+
+def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict[str, Any]:
+    """One consistent read of every arena; raises HeapError if anything disagrees."""
+    page = space.page_size
+    vmas = space.maps()
+    regions = libc_data_regions(vmas, libc)
+    if not regions:
+        raise HeapError("unsupported glibc layout: libc has no writable data mapping",
+                        "unsupported")
+    main_addr = find_main_arena(space, layout, regions)
+    arenas = arena_chain(space, layout, main_addr)
+    heap_vma = next((v for v in vmas if v.path == b"[heap]"), None)
+    mp = find_mp(space, layout, regions, heap_vma.start if heap_vma else None)
+    reports: list[ArenaReport] = []
+    tcache_candidates: list[tuple[int, bool]] = []
+    tcache_size = layout.tcache_chunk_size
+    for a in arenas:
+        if a.main:
+            if a.top == a.addr + layout.top:  # initial_top: the main heap was never used
+                continue
+            if heap_vma is None or not heap_vma.start <= a.top < heap_vma.end:
+                raise HeapError(f"main arena top {a.top:#x} is not in [heap] "
+                                "(non-contiguous main arena)", "unsupported")
+            base = mp.sbrk_base if mp else heap_vma.start
+            first = _align_chunk(base)
+            end = base + a.system_mem
+            res = ResidentMap(space.resident_runs(heap_vma.start, heap_vma.end))
+            w = walk_segment(_reader(space, res), first, end, a.top, True, space.read)
+            segs = [(base, end)]
+            walks = [w]
+            if w.starts and w.sizes[0] == tcache_size:
+                tcache_candidates.append((w.starts[0], True))
+        else:
+            walks, segs, res = _walk_thread_arena(space, layout, a)
+        for w in walks:
+            for p, s in zip(w.starts, w.sizes):
+                if s == tcache_size and (p, True) not in tcache_candidates:
+                    tcache_candidates.append((p, False))
+        reports.append(ArenaReport(
+            kind="main" if a.main else "thread", addr=a.addr,
+            start=min(s for s, _ in segs), end=max(e for _, e in segs), heaps=segs,
+            walks=walks, resident=res, system_mem=a.system_mem,
+            attached_threads=a.attached_threads))
+    index = ChunkIndex([w for r in reports for w in r.walks])
+    tcached: dict[int, int] = {}
+    tcaches = 0
+    max_count = mp.tcache_count if mp else 65535
+    for chunk, expected in tcache_candidates:
+        got = read_tcache(space, layout, index, chunk, max_count)
+        if got is None:
+            if expected and any(u64(space, chunk + CHUNK_HDR_SZ + 8 * k) for k in range(2)):
+                raise HeapError(f"the main thread's tcache at {chunk:#x} is inconsistent")
+            continue
+        if set(got) & set(tcached):
+            raise HeapError("a chunk is in two tcaches")
+        tcaches += 1
+        tcached.update(got)
+    fast: dict[int, int] = {}
+    for a in arenas:
+        fast.update(read_fastbins(space, layout, index, a))
+    thp = mp.thp_pagesize if mp else 0
+    out_arenas = []
+    owner = {id(w): k for k, r in enumerate(reports) for w in r.walks}
+    split_t: list[dict[int, int]] = [{} for _ in reports]
+    split_f: list[dict[int, int]] = [{} for _ in reports]
+    for table, split in ((tcached, split_t), (fast, split_f)):
+        for p, s in table.items():
+            hit = index.walk_of(p)
+            assert hit is not None  # validated by read_tcache/read_fastbins
+            split[owner[id(hit)]][p] = s
+    for k, rep in enumerate(reports):
+        rep.figures = arena_figures(rep, split_t[k], split_f[k], page, thp)
+        out_arenas.append(rep.figures)
+    # the walk raced nothing if the arenas still say the same
+    for a in arenas:
+        again = read_arena(space, layout, a.addr, a.main)
+        if (again.top, again.system_mem, again.next) != (a.top, a.system_mem, a.next):
+            raise HeapError(f"arena {a.addr:#x} changed during the walk")
+    heap_ranges = [(h[0], h[0] + HEAP_MAX_SIZE) for r in reports if r.kind == "thread"
+                   for h in r.heaps]
+    mmapped = find_mmapped_chunks(space, vmas, heap_ranges, mp.n_mmaps if mp else None)
+    return {
+        "allocator": "glibc",
+        "supported": True,
+        "glibc_version": f"{layout.version[0]}.{layout.version[1]}",
+        "main_arena_address": main_addr,
+        "malloc_par_address": mp.addr if mp else None,
+        "tcaches": tcaches,
+        "arenas": out_arenas,
+        "mmapped": _mmapped_figures(mmapped, mp),
+        "thresholds": {
+            "mmap_threshold_bytes": mp.mmap_threshold if mp else None,
+            "mmap_threshold_dynamic": (not mp.no_dyn_threshold) if mp else None,
+            "trim_threshold_bytes": mp.trim_threshold if mp else None,
+            "top_pad_bytes": mp.top_pad if mp else None,
+            "tcache_count": mp.tcache_count if mp else None,
+        },
+    }
+
+
+def _walk_thread_arena(space: AddressSpace, layout: GlibcLayout,
+                       a: ArenaState) -> tuple[list[Walk], list[tuple[int, int]], ResidentMap]:
+    heaps = []
+    h = a.top & ~(HEAP_MAX_SIZE - 1)
+    while h:
+        ar_ptr, prev, size = struct.unpack("<QQQ", space.read(h, 24))
+        if ar_ptr != a.addr:
+            raise HeapError(f"heap_info at {h:#x} does not point to its arena {a.addr:#x}")
+        if size > HEAP_MAX_SIZE or size & 15:
+            raise HeapError(f"heap_info at {h:#x} has size {size:#x}")
+        heaps.append((h, size, prev))
+        if len(heaps) > 1 << 16:
+            raise HeapError("heap_info chain does not end")
+        h = prev
+    heaps.reverse()
+    first_h = heaps[0][0]
+    if a.addr != first_h + layout.heap_info_size:
+        raise HeapError(f"unsupported glibc layout: arena {a.addr:#x} is not right after its "
+                        f"heap_info at {first_h:#x} (+{layout.heap_info_size})", "unsupported")
+    runs: list[tuple[int, int]] = []
+    for h, size, _ in heaps:
+        runs += space.resident_runs(h, h + size)
+    res = ResidentMap(runs)
+    walks = []
+    segs = []
+    for k, (h, size, _) in enumerate(heaps):
+        first = _align_chunk(a.addr + layout.state_size if k == 0 else h + layout.heap_info_size)
+        newest = k == len(heaps) - 1
+        walks.append(walk_segment(_reader(space, res), first, h + size,
+                                  a.top if newest else None, False, space.read))
+        segs.append((h, h + size))
+    if sum(s for _, s, _ in heaps) != a.system_mem:
+        raise HeapError(f"arena {a.addr:#x}: heaps total {sum(s for _, s, _ in heaps):#x}, "
+                        f"system_mem {a.system_mem:#x}")
+    return walks, segs, res
+
+
+def find_mmapped_chunks(space: AddressSpace, vmas: list[Vma], exclude: list[tuple[int, int]],
+                        expected: int | None = None) -> list[tuple[int, int, int]]:
+    """Chunks served by their own mmap: (address, size, resident bytes). A chunk
+    starts a page with prev_size 0 and flags exactly IS_MMAPPED, its size a page
+    multiple within the mapping. Adjacent anonymous mappings merge into one VMA,
+    so the chunks are looked for at VMA starts (and after each chunk found) and,
+    when malloc_par says some are still missing, at every resident page start."""
+    page = space.page_size
+    anon = [v for v in vmas if not v.path and not v.inode and v.perms == "rw-p"
+            and not any(s <= v.start < e for s, e in exclude)]
+    found: dict[int, tuple[int, int]] = {}
+
+    def chunk_at(p: int, head: bytes, v: Vma) -> int:
+        psz, f = _QQ.unpack(head)
+        size = f & ~SIZE_BITS
+        if psz != 0 or f & SIZE_BITS != IS_MMAPPED or not size or size % page or p + size > v.end:
+            return 0
+        return int(size)
+
+    def follow(p: int, v: Vma) -> None:
+        while p + page <= v.end and p not in found:
+            if not space.resident_runs(p, p + page):
+                return
+            try:
+                size = chunk_at(p, space.read(p, 16), v)
+            except OSError:
+                return
+            if not size:
+                return
+            found[p] = (size, ResidentMap(space.resident_runs(p, p + size)).bytes_in(p, p + size))
+            p += size
+
+    for v in anon:
+        follow(v.start, v)
+    if expected is not None and len(found) < expected:
+        read_heads = getattr(space, "read_heads", None)
+        for v in anon:
+            covered = ResidentMap((p, p + s) for p, (s, _) in found.items())
+            pages = [a for s, e in space.resident_runs(v.start, v.end)
+                     for a in range(s, e, page) if not covered.bytes_in(a, a + 1)]
+            if not pages:
+                continue
+            heads = read_heads(pages, 16) if read_heads else b"".join(
+                space.read(a, 16) for a in pages)
+            for k, a in enumerate(pages):
+                if a not in found and chunk_at(a, heads[16 * k:16 * k + 16], v):
+                    follow(a, v)
+            if len(found) >= expected:
+                break
+    return sorted((p, s, r) for p, (s, r) in found.items())
+
+
+def _mmapped_figures(chunks: list[tuple[int, int, int]], mp: MallocPar | None) -> dict[str, Any]:
+    found_bytes = sum(s for _, s, _ in chunks)
+    return {
+        "count": mp.n_mmaps if mp else len(chunks),
+        "bytes": mp.mmapped_mem if mp else found_bytes,
+        "located_count": len(chunks),
+        "located_bytes": found_bytes,
+        "resident_bytes": sum(r for _, _, r in chunks),
+        "threshold_bytes": mp.mmap_threshold if mp else None,
+        "threshold_dynamic": (not mp.no_dyn_threshold) if mp else None,
+        "source": "malloc_par" if mp else "mappings",
+        "largest": sorted(({"address": p, "bytes": s, "resident_bytes": r}
+                           for p, s, r in chunks), key=lambda c: -c["bytes"])[:10],
+    }
+
+
+def totals(arenas: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = ["size_bytes", "resident_bytes", "in_use_bytes", "in_use_chunks",
+            "header_overhead_bytes", "arena_overhead_bytes", "free_bytes", "free_chunks",
+            "free_resident_bytes", "cached_bytes", "tcache_bytes", "fastbin_bytes",
+            "top_chunk_bytes", "top_resident_bytes", "trimmable_bytes"]
+    return {k: sum(a[k] for a in arenas) for k in keys}
+
+
+# ----------------------------------------------------------------------- the verdict
+
+
+def human(n: float) -> str:
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= div:
+            return f"{n / div:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def verdict(report: dict[str, Any]) -> str:
+    if not report.get("supported"):
+        return str(report.get("reason", "not supported"))
+    arenas = report["arenas"]
+    mm = report["mmapped"]
+    if not arenas:
+        return (f"the heap is unused; {mm['count']} allocation(s) of {human(mm['bytes'])} "
+                "have their own mmap")
+    t = report["totals"]
+    trim = t["trimmable_bytes"]
+    hole_free = t["free_resident_bytes"] - t["top_resident_bytes"]
+    resident = max(t["resident_bytes"], 1)
+    pinned = [a for a in arenas if a["top_pinned"] and a["hole_resident_bytes"] >= (1 << 20)]
+    parts = []
+    if pinned:
+        a = max(pinned, key=lambda x: x["hole_resident_bytes"])
+        where = "the heap top" if a["kind"] == "main" else "the top of a thread arena"
+        pin = (f"a live {a['pin_bytes']}-byte chunk" if a["pin_chunks"] == 1 else
+               f"{a['pin_chunks']} live chunks ({human(a['pin_bytes'])})")
+        parts.append(f"{human(a['hole_resident_bytes'])} free but resident below {pin} at "
+                     f"{where}")
+    elif hole_free >= max(1 << 20, resident // 10):
+        parts.append(f"{human(hole_free)} free but resident in {t['free_chunks']} chunks "
+                     f"between live ones (fragmentation: largest free chunk "
+                     f"{human(max(a['largest_free_chunk_bytes'] for a in arenas))})")
+    elif t["top_resident_bytes"] >= max(1 << 20, resident // 10):
+        parts.append(f"{human(t['top_resident_bytes'])} resident in the top chunk, below the "
+                     "trim threshold")
+    else:
+        parts.append(f"{human(t['in_use_bytes'])} of {human(t['resident_bytes'])} resident "
+                     "heap bytes are in use: the memory is held by live allocations")
+    parts.append(f"malloc_trim(0) would return {human(trim)}")
+    if mm["bytes"] >= max(1 << 20, resident // 10):
+        parts.append(f"{mm['count']} allocation(s) of {human(mm['bytes'])} have their own "
+                     "mmap (returned to the system by free)")
+    return "; ".join(parts)
+
+
+# ------------------------------------------------------------------ the real process
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.process_vm_readv.argtypes = [ctypes.c_int, ctypes.POINTER(_IoVec), ctypes.c_ulong,
+                                   ctypes.POINTER(_IoVec), ctypes.c_ulong, ctypes.c_ulong]
+_libc.process_vm_readv.restype = ctypes.c_ssize_t
+IOV_MAX = 1024
+
+
+class ProcessSpace:
+    """A live process: maps, process_vm_readv, PAGEMAP_SCAN."""
+
+    def __init__(self, pid: int, proc_root: str = "/proc") -> None:
+        from memtrace.pagemap import open_scanner
+
+        self.pid = pid
+        self.proc_root = proc_root
+        self.page_size = os.sysconf("SC_PAGE_SIZE")
+        self._maps: list[Vma] | None = None
+        self._cache: dict[int, bytes] = {}
+        self.reads = 0
+        self.bytes_read = 0
+        self.scanner = open_scanner(pid, proc_root, self._vmas_in)
+
+    def close(self) -> None:
+        self.scanner.close()
+
+    def _vmas_in(self, start: int, end: int) -> list[tuple[int, int, bytes]]:
+        return [(v.start, v.end, v.path) for v in self.maps() if v.start < end and v.end > start]
+
+    def refresh(self) -> None:
+        self._maps = None
+        self._cache = {}
+
+    def maps(self) -> list[Vma]:
+        if self._maps is None:
+            try:
+                with open(f"{self.proc_root}/{self.pid}/maps", "rb") as f:
+                    self._maps = parse_maps(f.read())
+            except FileNotFoundError:
+                raise HeapError(f"process {self.pid} has gone", "gone") from None
+        return self._maps
+
+    def _readv(self, buf: bytearray, segs: list[tuple[int, int, int]]) -> None:
+        """segs: (remote address, length, offset in buf)."""
+        base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) if buf else 0
+        for k in range(0, len(segs), IOV_MAX):
+            part = segs[k:k + IOV_MAX]
+            local = (_IoVec * len(part))()
+            remote = (_IoVec * len(part))()
+            want = 0
+            for i, (addr, n, off) in enumerate(part):
+                local[i].iov_base = base + off
+                local[i].iov_len = n
+                remote[i].iov_base = addr
+                remote[i].iov_len = n
+                want += n
+            got = _libc.process_vm_readv(self.pid, local, len(part), remote, len(part), 0)
+            self.reads += 1
+            if got < 0:
+                err = ctypes.get_errno()
+                if err == errno.ESRCH:
+                    raise HeapError(f"process {self.pid} has gone", "gone")
+                raise OSError(err, f"process_vm_readv: {os.strerror(err)}")
+            self.bytes_read += got
+            if got != want:
+                raise HeapError(f"short read at {part[0][0]:#x}: {got} of {want} bytes "
+                                "(mapping changed)")
+
+    def read(self, addr: int, size: int) -> bytes:
+        """Small reads go through a cache of 4 KiB blocks (list walks read one
+        word per chunk); the cache lives until refresh()."""
+        block = addr >> 12
+        if size <= 64 and (addr + size - 1) >> 12 == block:
+            data = self._cache.get(block)
+            if data is None:
+                data = self.read(block << 12, 4096)
+                self._cache[block] = data
+            off = addr & 4095
+            return data[off:off + size]
+        buf = bytearray(size)
+        if size:
+            self._readv(buf, [(addr, size, 0)])
+        return bytes(buf)
+
+    def read_resident(self, addr: int, size: int, runs: list[tuple[int, int]]) -> bytearray:
+        """Only the resident pages of [addr, addr+size); the rest reads as zeros
+        (reading them would map the zero page or swap them in)."""
+        buf = bytearray(size)
+        segs = [(s, e - s, s - addr) for s, e in runs]
+        if segs:
+            self._readv(buf, segs)
+        return buf
+
+    def read_heads(self, addrs: list[int], size: int) -> bytes:
+        """`size` bytes at each address, concatenated (batched process_vm_readv)."""
+        buf = bytearray(size * len(addrs))
+        if addrs:
+            self._readv(buf, [(a, size, size * k) for k, a in enumerate(addrs)])
+        return bytes(buf)
+
+    def resident_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        try:
+            return [(s, e) for s, e, _ in self.scanner.scan(start, end)]
+        except ProcessLookupError:
+            raise HeapError(f"process {self.pid} has gone", "gone") from None
+
+    def file_bytes(self, path: bytes, limit: int) -> bytes | None:
+        full = os.fsencode(f"{self.proc_root}/{self.pid}/root") + path
+        try:
+            with open(full, "rb") as f:
+                if os.fstat(f.fileno()).st_size > limit:
+                    return None
+                return f.read()
+        except OSError:
+            return None
+
+
+def _threads_stopped(pid: int, proc_root: str) -> bool:
+    try:
+        tids = os.listdir(f"{proc_root}/{pid}/task")
+    except FileNotFoundError:
+        raise HeapError(f"process {pid} has gone", "gone") from None
+    for tid in tids:
+        try:
+            with open(f"{proc_root}/{pid}/task/{tid}/stat", "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            continue
+        state = data[data.rindex(b")") + 2:data.rindex(b")") + 3]
+        if state not in (b"T", b"t", b"Z", b"X"):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def stopped(pid: int, proc_root: str = "/proc") -> Any:
+    """SIGSTOP the process until the block ends (SIGCONT always, unless it was
+    already stopped before). Yields a dict that gets `pause_seconds`."""
+    info: dict[str, Any] = {"pause_seconds": None, "was_stopped": _threads_stopped(pid, proc_root)}
+    t0 = time.monotonic()
+    if not info["was_stopped"]:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 5
+        while not _threads_stopped(pid, proc_root):
+            if time.monotonic() > deadline:
+                raise HeapError(f"process {pid} did not stop within 5 s")
+            time.sleep(0.0005)
+        yield info
+    finally:
+        if not info["was_stopped"]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        info["pause_seconds"] = time.monotonic() - t0
+
+
+def analyse_process(pid: int, stop: bool = False, retries: int = 5,
+                    proc_root: str = "/proc", comm: str = "") -> dict[str, Any]:
+    """The report for a live process. Not stopped, a walk that meets a changing
+    heap is retried (`retries` times); with `stop`, the process is paused with
+    SIGSTOP for one exact snapshot and `pause_seconds` says for how long."""
+    t_start = time.monotonic()
+    exe = b""
+    with contextlib.suppress(OSError):
+        exe = os.readlink(os.fsencode(f"{proc_root}/{pid}/exe"))
+    space = ProcessSpace(pid, proc_root)
+    try:
+        alloc = detect_allocator(space, exe)
+        base: dict[str, Any] = {"pid": pid, "comm": comm}
+        if not alloc.supported:
+            return {**base, "allocator": alloc.allocator, "supported": False,
+                    "reason": alloc.reason}
+        data = space.file_bytes(alloc.libc_path, 64 << 20) or b""
+        version = parse_glibc_version(data)
+        if version is None:
+            return {**base, "allocator": "glibc", "supported": False,
+                    "reason": "unsupported glibc layout: cannot read the glibc version of "
+                    f"{alloc.libc_path.decode(errors='replace')}"}
+        try:
+            layout = layout_for(version)
+        except HeapError as e:
+            return {**base, "allocator": "glibc", "supported": False, "reason": e.message}
+        attempts = 0
+        last: HeapError | None = None
+        pause: float | None = None
+        report: dict[str, Any] | None = None
+        while attempts <= retries and report is None:
+            attempts += 1
+            space.refresh()
+            info: dict[str, Any] = {}
+            try:
+                if stop:
+                    try:
+                        with stopped(pid, proc_root) as info:
+                            space.refresh()
+                            report = analyse_glibc(space, layout, alloc.libc_path)
+                    finally:
+                        pause = info.get("pause_seconds")
+                else:
+                    report = analyse_glibc(space, layout, alloc.libc_path)
+            except HeapError as e:
+                if e.kind == "gone":
+                    raise
+                if e.kind != "inconsistent":
+                    return {**base, "allocator": "glibc", "supported": False,
+                            "reason": e.message, "glibc_version": f"{version[0]}.{version[1]}"}
+                last = e
+                time.sleep(0.01 * attempts)
+        if report is None:
+            assert last is not None
+            raise HeapError(f"the heap kept changing during {attempts} walks ({last.message})"
+                            + ("" if stop else "; try --stop for an exact snapshot"))
+        report = {**base, **report}
+        report["totals"] = totals(report["arenas"])
+        report["stopped"] = stop
+        report["pause_seconds"] = pause
+        report["attempts"] = attempts
+        report["analysis_seconds"] = time.monotonic() - t_start
+        report["bytes_read"] = space.bytes_read
+        report["verdict"] = verdict(report)
+        return report
+    finally:
+        space.close()
+
+
+# ------------------------------------------------------------------------ the table
+
+
+def render_table(report: dict[str, Any]) -> str:
+    head = f"{report.get('comm') or ''} (pid {report['pid']})".strip()
+    if not report.get("supported"):
+        return f"{head}: allocator {report.get('allocator')}: {report.get('reason')}"
+    lines = [f"{head}: glibc {report['glibc_version']} malloc, {len(report['arenas'])} "
+             f"arena heap(s)"
+             + (f"; paused {report['pause_seconds'] * 1000:.1f} ms" if report["stopped"]
+                and report["pause_seconds"] is not None else "")]
+    cols = ["arena", "start", "size", "resident", "in use", "free", "free res", "cached",
+            "top", "top res", "pinned", "trimmable"]
+    rows = []
+    for a in report["arenas"]:
+        rows.append([a["kind"], f"{a['start']:#x}", human(a["size_bytes"]),
+                     human(a["resident_bytes"]), human(a["in_use_bytes"]),
+                     human(a["free_bytes"]), human(a["free_resident_bytes"]),
+                     human(a["cached_bytes"]), human(a["top_chunk_bytes"]),
+                     human(a["top_resident_bytes"]),
+                     (f"yes ({a['pin_bytes']} B)" if a["top_pinned"] else "no"),
+                     human(a["trimmable_bytes"])])
+    if len(rows) > 1:
+        t = report["totals"]
+        rows.append(["total", "", human(t["size_bytes"]), human(t["resident_bytes"]),
+                     human(t["in_use_bytes"]), human(t["free_bytes"]),
+                     human(t["free_resident_bytes"]), human(t["cached_bytes"]),
+                     human(t["top_chunk_bytes"]), human(t["top_resident_bytes"]), "",
+                     human(t["trimmable_bytes"])])
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c)
+              for i, c in enumerate(cols)]
+    fmt = "  ".join(("{:<" if i < 2 else "{:>") + f"{w}}}" for i, w in enumerate(widths))
+    lines.append(fmt.format(*cols))
+    lines += [fmt.format(*r) for r in rows]
+    t = report["totals"]
+    mm = report["mmapped"]
+    thr = mm["threshold_bytes"]
+    lines.append(
+        f"chunks: {t['in_use_chunks']} in use (header overhead {human(t['header_overhead_bytes'])}"
+        f"), {t['free_chunks']} free ({human(t['cached_bytes'])} cached in tcache/fastbins)")
+    lines.append(
+        f"own mmap: {mm['count']} allocation(s), {human(mm['bytes'])} "
+        f"({human(mm['resident_bytes'])} resident); threshold "
+        + (f"{human(thr)}{' (dynamic)' if mm['threshold_dynamic'] else ' (fixed)'}"
+           if thr is not None else "unknown"))
+    hist: dict[int, list[int]] = {}
+    for a in report["arenas"]:
+        for b in a["free_histogram"]:
+            h = hist.setdefault(b["min_bytes"], [0, 0])
+            h[0] += b["chunks"]
+            h[1] += b["bytes"]
+    if hist:
+        lines.append("free chunks by size: " + ", ".join(
+            f"{human(k)}+: {v[0]} ({human(v[1])})" for k, v in sorted(hist.items())))
+    lines.append(f"verdict: {report['verdict']}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- command
+
+
+def heap_command(pid: int, fmt: str, stop: bool, retries: int) -> str:
+    """What `memtrace heap` prints; MemtraceError (with its exit code) otherwise."""
+    import json
+
+    from memtrace.errors import ExitCode, MemtraceError
+    from memtrace.procfs import ProcFS
+
+    st = ProcFS().check_target(pid)
+    try:
+        report = analyse_process(pid, stop=stop, retries=retries, comm=st.comm)
+    except HeapError as e:
+        if e.kind == "gone":
+            raise MemtraceError(f"no such process: {pid} (it exited)",
+                                ExitCode.NO_SUCH_PROCESS) from None
+        raise MemtraceError(e.message, ExitCode.INTERNAL) from None
+    except PermissionError as e:
+        raise MemtraceError(f"cannot read the memory of {pid}: {e.strerror} (memtrace heap "
+                            "needs root, or CAP_SYS_PTRACE)", ExitCode.NOT_ROOT) from None
+    except OSError as e:
+        if e.errno in (errno.EPERM, errno.EACCES):
+            raise MemtraceError(f"cannot read the memory of {pid}: {e.strerror} (memtrace "
+                                "heap needs root, or CAP_SYS_PTRACE)", ExitCode.NOT_ROOT) from None
+        raise
+    if fmt == "json":
+        return json.dumps(report)
+    return render_table(report)

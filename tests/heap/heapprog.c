@@ -1,0 +1,103 @@
+/* Heap shapes for `memtrace heap` tests. Usage: heapprog MODE [N]
+ * Prints "READY" when the heap is in shape, then obeys one-letter commands on
+ * stdin: t = malloc_trim(0) (prints "TRIM rc"), m = mallinfo2 (prints
+ * "MALLINFO arena ordblks uordblks fordblks hblks hblkhd keepcost fsmblks"),
+ * f = free the pin chunk (mode hole), q = exit.  Output goes through write(2)
+ * and input through read(2): stdio would allocate its buffers on the heap. */
+#define _GNU_SOURCE
+#include <malloc.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+#include <stdarg.h>
+static void say(const char *fmt, ...) {
+    char buf[512];
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    if (write(1, buf, n) != n) _exit(3);
+}
+
+static void *pin;
+static volatile int stop_threads;
+static int thread_go[2];
+
+static void *thread_main(void *arg) {
+    long id = (long)arg;
+    /* each thread builds its own arena: live data, a freed hole, cached chunks */
+    int n = 20000;
+    void **v = malloc(sizeof(void *) * n);
+    for (int i = 0; i < n; i++) { v[i] = malloc(100 + (i % 7) * 16); memset(v[i], (int)id, 100); }
+    for (int i = 0; i < n; i += 2) free(v[i]);
+    char c;
+    if (read(thread_go[0], &c, 1) < 0) return NULL;  /* block until exit */
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argc > 1 ? argv[1] : "hole";
+    long n = argc > 2 ? atol(argv[2]) : 200000;
+    void **v = NULL;
+    pthread_t th[8];
+    int nthreads = 0;
+    if (!strcmp(mode, "hole") || !strcmp(mode, "topfree")) {
+        /* many small chunks, then one live chunk at the top; free the small ones */
+        v = malloc(sizeof(void *) * n);
+        for (long i = 0; i < n; i++) { v[i] = malloc(200); memset(v[i], 1, 200); }
+        pin = malloc(200);
+        memset(pin, 2, 200);
+        for (long i = 0; i < n; i++) free(v[i]);
+        free(v);
+        if (!strcmp(mode, "topfree")) { free(pin); pin = NULL; }
+    } else if (!strcmp(mode, "big")) {
+        v = malloc(sizeof(void *) * 4);
+        v[0] = malloc(64 << 20); memset(v[0], 1, 32 << 20);  /* own mmap, half touched */
+        v[1] = malloc(1000);
+        v[2] = malloc(300 << 10); memset(v[2], 1, 300 << 10); /* above the 128 KiB threshold */
+    } else if (!strcmp(mode, "threads")) {
+        if (pipe(thread_go)) return 2;
+        nthreads = (int)(n > 8 || n < 1 ? 4 : n);
+        for (long i = 0; i < nthreads; i++) pthread_create(&th[i], NULL, thread_main, (void *)i);
+        usleep(300000);
+    } else if (!strcmp(mode, "tcache")) {
+        /* fill every tcache bin (7 each) and the fastbins, keep neighbours live */
+        long k = 0;
+        v = malloc(sizeof(void *) * 64 * 40);
+        for (int round = 0; round < 20; round++)
+            for (int b = 0; b < 64; b++) { v[k] = malloc(24 + 16 * b); memset(v[k], 3, 24); k++; }
+        for (long i = 0; i < k; i += 2) free(v[i]);  /* every other: no coalescing */
+    } else if (!strcmp(mode, "python-like")) {
+        /* nothing: idle */
+    } else {
+        say("ERROR unknown mode %s\n", mode);
+        return 2;
+    }
+    say("READY %d\n", getpid());
+    char c;
+    while (read(0, &c, 1) == 1) {
+        if (c == 't') {
+            int rc = malloc_trim(0);
+            say("TRIM %d\n", rc);
+        } else if (c == 'm') {
+            struct mallinfo2 m = mallinfo2();
+            say("MALLINFO %zu %zu %zu %zu %zu %zu %zu %zu\n", m.arena, m.ordblks, m.uordblks,
+                m.fordblks, m.hblks, m.hblkhd, m.keepcost, m.fsmblks);
+        } else if (c == 'f') {
+            free(pin);
+            pin = NULL;
+            say("FREED\n");
+        } else if (c == 'q') {
+            break;
+        }
+    }
+    if (nthreads) {
+        close(thread_go[1]);
+        for (int i = 0; i < nthreads; i++) pthread_join(th[i], NULL);
+    }
+    return 0;
+}
