@@ -81,12 +81,20 @@ int main(int argc, char **argv) {
     char c;
     while (read(0, &c, 1) == 1) {
         if (c == 't') {
+#ifdef __GLIBC__
             int rc = malloc_trim(0);
+#else
+            int rc = -1;
+#endif
             say("TRIM %d\n", rc);
         } else if (c == 'm') {
+#ifdef __GLIBC__
             struct mallinfo2 m = mallinfo2();
             say("MALLINFO %zu %zu %zu %zu %zu %zu %zu %zu\n", m.arena, m.ordblks, m.uordblks,
                 m.fordblks, m.hblks, m.hblkhd, m.keepcost, m.fsmblks);
+#else
+            say("MALLINFO 0 0 0 0 0 0 0 0\n");
+#endif
         } else if (c == 'f') {
             free(pin);
             pin = NULL;
