@@ -31,8 +31,10 @@ import signal
 import struct
 import time
 from array import array
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from itertools import accumulate, compress
 from typing import Any, Protocol
 
 from memtrace.procfs import Vma, parse_maps
@@ -322,73 +324,97 @@ class Walk:
     top: int | None = None
     top_size: int = 0
     fence_bytes: int = 0
+    candidates: list[int] = field(default_factory=list)  # allocated chunks of keep_size
 
 
 def walk_segment(read: Callable[[int, int], bytes], first: int, end: int, top: int | None,
-                 main: bool, direct: Callable[[int, int], bytes] | None = None) -> Walk:
+                 main: bool, direct: Callable[[int, int], bytes] | None = None,
+                 keep_size: int = 0,
+                 keep: Callable[[bytes, int], bool] | None = None) -> Walk:
     """Walk chunk headers from `first`. With `top`, the walk must land exactly on it
     and top must end at `end`; without, it ends at the fencepost (a header of size
-    0 after a 16-byte chunk) of a heap that is no longer the arena's newest."""
+    0 after a 16-byte chunk) of a heap that is no longer the arena's newest.
+    Chunks of `keep_size` whose contents pass `keep(window, offset of the chunk)`
+    (or lie past the window) are listed in `candidates` (tcache structs)."""
     w = Walk(first, end)
-    starts, sizes, free = w.starts, w.sizes, w.free
+    sizes = w.sizes
+    free_idx: list[int] = []
     limit = top if top is not None else end
+    bad = IS_MMAPPED | (NON_MAIN_ARENA if main else 0)
     pos = first
     base = first
     buf = b""
+    blen = 0
     n = 0
-    prev_size = 0
+    prev_size = -1  # the first chunk must have PREV_INUSE
     unpack = _QQ.unpack_from
+    append = sizes.append
+    mark_free = free_idx.append
     while True:
         off = pos - base
-        if off < 0 or off + 16 > len(buf):
-            base = pos
+        if off + 16 > blen:
+            base, off = pos, 0
             buf = read(pos, min(WINDOW, end - pos))
-            off = 0
-            if len(buf) < 16:
+            blen = len(buf)
+            if blen < 16:
                 raise HeapError(f"chunk header at {pos:#x} is outside the heap")
         psz, field_ = unpack(buf, off)
         size = field_ & ~SIZE_BITS
-        if size == 0 and direct is not None:  # window skipped a non-resident page
-            psz, field_ = _QQ.unpack(direct(pos, 16))
-            size = field_ & ~SIZE_BITS
-        if n:
+        if not field_ & PREV_INUSE:
+            if psz != prev_size:
+                if size == 0 and direct is not None:  # in a page the window skipped
+                    psz, field_ = _QQ.unpack(direct(pos, 16))
+                    size = field_ & ~SIZE_BITS
+                if not field_ & PREV_INUSE and psz != prev_size:
+                    raise HeapError(f"chunk at {pos:#x}: PREV_INUSE clear but prev_size "
+                                    f"{psz:#x} is not the previous chunk's size {prev_size:#x}")
             if not field_ & PREV_INUSE:
-                if psz != prev_size:
-                    raise HeapError(f"free chunk at {starts[-1]:#x} has footer {psz:#x}, "
-                                    f"size {prev_size:#x}")
-                free[n - 1] = 1
-        elif pos == first and not field_ & PREV_INUSE:
-            raise HeapError(f"first chunk at {pos:#x} lacks PREV_INUSE")
-        if pos == top:
-            if field_ & (IS_MMAPPED | NON_MAIN_ARENA) or size < MINSIZE or size & 15:
-                raise HeapError(f"top chunk at {pos:#x} has an invalid header {field_:#x}")
-            if pos + size != end:
-                raise HeapError(f"top chunk {pos:#x}+{size:#x} does not end at {end:#x}")
-            w.top, w.top_size = pos, size
-            return w
-        if top is None and size == 0:
-            # fencepost: [chunk of size 16 | PREV_INUSE][header 0 | PREV_INUSE]
-            if n and sizes[-1] == CHUNK_HDR_SZ:
-                w.fence_bytes = CHUNK_HDR_SZ + end - pos
-                starts.pop()
-                sizes.pop()
-                free.pop()
-            else:
+                mark_free(n - 1)
+        if size < MINSIZE or size & 15 or field_ & bad or pos + size > limit:
+            # the rare cases: the top, a fencepost, a header in a skipped page, or an error
+            if size == 0 and direct is not None and field_ == 0:
+                psz, field_ = _QQ.unpack(direct(pos, 16))
+                size = field_ & ~SIZE_BITS
+            if pos == top:
+                if field_ & (IS_MMAPPED | NON_MAIN_ARENA) or size < MINSIZE or size & 15:
+                    raise HeapError(f"top chunk at {pos:#x} has an invalid header {field_:#x}")
+                if pos + size != end:
+                    raise HeapError(f"top chunk {pos:#x}+{size:#x} does not end at {end:#x}")
+                w.top, w.top_size = pos, size
+                break
+            if top is None and size == 0:
+                # fencepost: [chunk of size 16 | PREV_INUSE][header 0 | PREV_INUSE]
+                if n and sizes[-1] == CHUNK_HDR_SZ:
+                    sizes.pop()
+                    n -= 1
+                    pos -= CHUNK_HDR_SZ
                 w.fence_bytes = end - pos
-            w.end = pos
-            return w
-        if size & 15 or field_ & IS_MMAPPED or (main and field_ & NON_MAIN_ARENA):
-            raise HeapError(f"chunk at {pos:#x} has an invalid header {field_:#x}")
-        if size < MINSIZE and not (top is None and size == CHUNK_HDR_SZ):
-            raise HeapError(f"chunk at {pos:#x} has an invalid size {size:#x}")
-        if pos + size > limit:
-            raise HeapError(f"chunk at {pos:#x} of size {size:#x} runs past {limit:#x}")
-        starts.append(pos)
-        sizes.append(size)
-        free.append(0)
+                w.end = pos
+                break
+            if size == CHUNK_HDR_SZ and top is None and not field_ & bad:
+                pass  # maybe the 16-byte fencepost chunk; the 0 header must follow
+            elif size & 15 or field_ & bad or size < MINSIZE:
+                raise HeapError(f"chunk at {pos:#x} has an invalid header {field_:#x}")
+            if pos + size > limit:
+                raise HeapError(f"chunk at {pos:#x} of size {size:#x} runs past {limit:#x}")
+        elif size == keep_size and (keep is None or off + size > blen or keep(buf, off)):
+            w.candidates.append(pos)
+        append(size)
         n += 1
         prev_size = size
         pos += size
+    starts = w.starts
+    starts.append(first)
+    starts.extend(accumulate(sizes, initial=first))
+    del starts[0]
+    del starts[-1]
+    free = bytearray(n)
+    for j in free_idx:
+        if j >= n:
+            raise HeapError("the chunk before a fencepost is free")
+        free[j] = 1
+    w.free = free
+    return w
 
 
 # ------------------------------------------------------------------ malloc structures
@@ -664,10 +690,10 @@ HISTOGRAM_EDGES = [32 << k for k in range(0, 26)]  # 32 B .. 1 GiB, powers of tw
 def histogram(sizes: Iterable[int]) -> list[dict[str, int]]:
     chunks = [0] * len(HISTOGRAM_EDGES)
     total = [0] * len(HISTOGRAM_EDGES)
-    for s in sizes:
+    for s, n in Counter(sizes).items():
         k = min(max(s.bit_length() - 6, 0), len(HISTOGRAM_EDGES) - 1)
-        chunks[k] += 1
-        total[k] += s
+        chunks[k] += n
+        total[k] += s * n
     return [{"min_bytes": HISTOGRAM_EDGES[k], "max_bytes": HISTOGRAM_EDGES[k] * 2 - 1,
              "chunks": chunks[k], "bytes": total[k]} for k in range(len(chunks)) if chunks[k]]
 
@@ -730,34 +756,33 @@ def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, 
     res = rep.resident
     in_use = in_use_n = 0
     free_sizes: list[int] = []
-    free_chunks: list[tuple[int, int]] = []  # truly free (in bins)
+    free_chunks: list[tuple[int, int]] = []  # truly free (in bins), address order
     free_res = 0
     cached_t = cached_f = 0
     for w in rep.walks:
         starts, sizes, free = w.starts, w.sizes, w.free
-        total = sum(sizes)
-        n_free = 0
-        free_total = 0
-        for j in (j for j, f in enumerate(free) if f):
-            p, s = starts[j], sizes[j]
-            free_chunks.append((p, s))
-            free_sizes.append(s)
-            # the chunk's own header stays in use; the rest is the free payload
-            free_res += res.bytes_in(p, p + s)
-            n_free += 1
-            free_total += s
-        in_use += total - free_total
-        in_use_n += len(starts) - n_free
+        fs = list(compress(starts, free))
+        fz = list(compress(sizes, free))
+        free_chunks += zip(fs, fz)
+        free_sizes += fz
+        free_total = sum(fz)
+        last = w.top if w.top is not None else w.end
+        if res.bytes_in(w.start, last) == last - w.start:  # all chunks resident
+            free_res += free_total
+        else:
+            free_res += sum(res.bytes_in(p, p + z) for p, z in zip(fs, fz))
+        in_use += sum(sizes) - free_total
+        in_use_n += len(starts) - len(fs)
     for table, is_t in ((tcached, True), (fastbin, False)):
-        for p, s in table.items():
-            free_sizes.append(s)
-            free_res += res.bytes_in(p, p + s)
-            in_use -= s
+        for p, z in table.items():
+            free_sizes.append(z)
+            free_res += res.bytes_in(p, p + z)
+            in_use -= z
             in_use_n -= 1
             if is_t:
-                cached_t += s
+                cached_t += z
             else:
-                cached_f += s
+                cached_f += z
     top_walk = next(w for w in rep.walks if w.top is not None)
     top, top_size = top_walk.top or 0, top_walk.top_size
     top_end = top + top_size
@@ -765,11 +790,15 @@ def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, 
     free_bytes = sum(free_sizes) + top_size
     free_res += top_res
     overhead = rep.system_mem - sum(sum(w.sizes) for w in rep.walks) - top_size
-    # what malloc_trim(0) returns: resident pages in the released ranges
-    runs = merge_runs(list((p, s) for p, s in free_chunks) + list(fastbin.items()))
+    # what malloc_trim(0) returns: resident pages in the released ranges. Free
+    # chunks in bins are never adjacent (free() coalesces): only fastbin chunks
+    # merge with neighbours in malloc_consolidate.
+    runs = merge_runs(free_chunks + list(fastbin.items())) if fastbin else free_chunks
+    run_starts = [p for p, _ in runs]
     ranges: list[tuple[int, int]] = []
     for w in rep.walks:
-        seg_runs = [r for r in runs if w.start <= r[0] < w.end]
+        seg_runs = runs[bisect.bisect_left(run_starts, w.start):
+                        bisect.bisect_left(run_starts, w.end)]
         if w.top is not None:
             r, _ = trim_ranges(seg_runs, top, top_end, page, rep.kind == "main", thp_pagesize)
         else:
@@ -782,7 +811,6 @@ def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, 
     # the pin: live chunks between the top chunk and the highest free chunk
     # (chunks cached in a tcache pin too: the arena sees them allocated)
     pin_bytes = pin_chunks = hole = hole_res = 0
-    run_ends = {p + s: p for p, s in runs}
     j = len(top_walk.starts) - 1
     while j >= 0 and not top_walk.free[j] and top_walk.starts[j] not in fastbin:
         pin_bytes += top_walk.sizes[j]
@@ -790,13 +818,13 @@ def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, 
         j -= 1
     if j >= 0:
         end_free = top_walk.starts[j] + top_walk.sizes[j]
-        run_start = run_ends.get(end_free)
-        if run_start is not None:
-            hole = end_free - run_start
-            hole_res = res.bytes_in(run_start, end_free)
+        k = bisect.bisect_right(run_starts, top_walk.starts[j]) - 1
+        if k >= 0 and runs[k][0] + runs[k][1] == end_free:
+            hole = runs[k][1]
+            hole_res = res.bytes_in(runs[k][0], end_free)
     top_pinned = bool(pin_chunks) and hole >= page and hole > pin_bytes
     largest = max(free_sizes, default=0)
-    binned = sum(s for _, s in free_chunks)
+    binned = sum(z for _, z in free_chunks)
     return {
         "kind": rep.kind,
         "arena_address": rep.addr,
@@ -862,6 +890,13 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict
     arenas = arena_chain(space, layout, main_addr)
     heap_vma = next((v for v in vmas if v.path == b"[heap]"), None)
     mp = find_mp(space, layout, regions, heap_vma.start if heap_vma else None)
+    max_count = mp.tcache_count if mp else 65535
+    counts_fmt = struct.Struct(
+        f"<{layout.tcache_bins}{'H' if layout.tcache_count_size == 2 else 'B'}")
+
+    def tcache_like(buf: bytes, off: int) -> bool:
+        return max(counts_fmt.unpack_from(buf, off + CHUNK_HDR_SZ)) <= max_count
+
     reports: list[ArenaReport] = []
     tcache_candidates: list[tuple[int, bool]] = []
     tcache_size = layout.tcache_chunk_size
@@ -876,17 +911,17 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict
             first = _align_chunk(base)
             end = base + a.system_mem
             res = ResidentMap(space.resident_runs(heap_vma.start, heap_vma.end))
-            w = walk_segment(_reader(space, res), first, end, a.top, True, space.read)
+            w = walk_segment(_reader(space, res), first, end, a.top, True, space.read,
+                             tcache_size, tcache_like)
             segs = [(base, end)]
             walks = [w]
             if w.starts and w.sizes[0] == tcache_size:
                 tcache_candidates.append((w.starts[0], True))
         else:
-            walks, segs, res = _walk_thread_arena(space, layout, a)
+            walks, segs, res = _walk_thread_arena(space, layout, a, tcache_size, tcache_like)
         for w in walks:
-            for p, s in zip(w.starts, w.sizes):
-                if s == tcache_size and (p, True) not in tcache_candidates:
-                    tcache_candidates.append((p, False))
+            tcache_candidates += ((p, False) for p in w.candidates
+                                  if not (a.main and p == w.start))
         reports.append(ArenaReport(
             kind="main" if a.main else "thread", addr=a.addr,
             start=min(s for s, _ in segs), end=max(e for _, e in segs), heaps=segs,
@@ -895,7 +930,6 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict
     index = ChunkIndex([w for r in reports for w in r.walks])
     tcached: dict[int, int] = {}
     tcaches = 0
-    max_count = mp.tcache_count if mp else 65535
     for chunk, expected in tcache_candidates:
         got = read_tcache(space, layout, index, chunk, max_count)
         if got is None:
@@ -949,8 +983,9 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict
     }
 
 
-def _walk_thread_arena(space: AddressSpace, layout: GlibcLayout,
-                       a: ArenaState) -> tuple[list[Walk], list[tuple[int, int]], ResidentMap]:
+def _walk_thread_arena(space: AddressSpace, layout: GlibcLayout, a: ArenaState,
+                       keep_size: int, keep: Callable[[bytes, int], bool]
+                       ) -> tuple[list[Walk], list[tuple[int, int]], ResidentMap]:
     heaps = []
     h = a.top & ~(HEAP_MAX_SIZE - 1)
     while h:
@@ -978,7 +1013,7 @@ def _walk_thread_arena(space: AddressSpace, layout: GlibcLayout,
         first = _align_chunk(a.addr + layout.state_size if k == 0 else h + layout.heap_info_size)
         newest = k == len(heaps) - 1
         walks.append(walk_segment(_reader(space, res), first, h + size,
-                                  a.top if newest else None, False, space.read))
+                                  a.top if newest else None, False, space.read, keep_size, keep))
         segs.append((h, h + size))
     if sum(s for _, s, _ in heaps) != a.system_mem:
         raise HeapError(f"arena {a.addr:#x}: heaps total {sum(s for _, s, _ in heaps):#x}, "
@@ -1158,9 +1193,9 @@ class ProcessSpace:
                 raise HeapError(f"process {self.pid} has gone", "gone") from None
         return self._maps
 
-    def _readv(self, buf: bytearray, segs: list[tuple[int, int, int]]) -> None:
-        """segs: (remote address, length, offset in buf)."""
-        base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) if buf else 0
+    def _readv(self, buf: Any, segs: list[tuple[int, int, int]]) -> None:
+        """segs: (remote address, length, offset in buf, a writable buffer)."""
+        base = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf)) if len(buf) else 0
         for k in range(0, len(segs), IOV_MAX):
             part = segs[k:k + IOV_MAX]
             local = (_IoVec * len(part))()
@@ -1209,6 +1244,17 @@ class ProcessSpace:
             self._readv(buf, segs)
         return buf
 
+    def copy_resident(self, addr: int, size: int, runs: list[tuple[int, int]]) -> Any:
+        """Like read_resident into a fresh anonymous mapping: its pages are
+        touched once, by the copy (a bytearray would be zero-filled first)."""
+        import mmap
+
+        buf = mmap.mmap(-1, max(size, 1))
+        segs = [(s, e - s, s - addr) for s, e in runs]
+        if segs:
+            self._readv(buf, segs)
+        return buf
+
     def read_heads(self, addrs: list[int], size: int) -> bytes:
         """`size` bytes at each address, concatenated (batched process_vm_readv)."""
         buf = bytearray(size * len(addrs))
@@ -1231,6 +1277,110 @@ class ProcessSpace:
                 return f.read()
         except OSError:
             return None
+
+
+def snapshot_regions(vmas: list[Vma], libc: bytes) -> list[tuple[int, int]]:
+    """Where malloc state lives: libc's data, [heap], and 64 MiB-aligned anonymous
+    mappings (thread heaps start at HEAP_MAX_SIZE-aligned addresses)."""
+    picked = list(libc_data_regions(vmas, libc))
+    for v in vmas:
+        if v.perms.startswith("rw") and (v.path == b"[heap]" or (
+                not v.path and not v.inode and v.start % HEAP_MAX_SIZE == 0)):
+            picked.append((v.start, v.end))
+    return sorted(picked)
+
+
+def populated_buffer(size: int) -> Any:
+    """An anonymous mapping with its pages already faulted in (so that copying
+    into it while the target is stopped costs a memcpy, not page faults)."""
+    import mmap
+
+    buf = mmap.mmap(-1, max(size, 1))
+    try:
+        buf.madvise(23)  # MADV_POPULATE_WRITE (Linux 5.14+)
+    except (OSError, ValueError):
+        page = os.sysconf("SC_PAGE_SIZE")
+        for off in range(0, len(buf), page):
+            buf[off] = 0
+    return buf
+
+
+class SnapshotSpace:
+    """The resident pages of the regions malloc state lives in, copied while the
+    process is stopped so that it runs again during the analysis. Pages are
+    stored compactly (resident runs back to back); non-resident ones read as
+    zeros. Reads elsewhere (files, own-mmap chunk headers) go to the live process."""
+
+    def __init__(self, live: ProcessSpace, libc: bytes, buffer: Any = None) -> None:
+        self.live = live
+        self.page_size = live.page_size
+        self._maps = live.maps()
+        self.regions: list[tuple[int, int, ResidentMap, int]] = []  # start, end, runs, offset
+        total = 0
+        for start, end in snapshot_regions(self._maps, libc):
+            res = ResidentMap(live.resident_runs(start, end))
+            self.regions.append((start, end, res, total))
+            total += res.cum[-1]
+        self.copied_bytes = total
+        if buffer is None or len(buffer) < total:
+            if buffer is not None:
+                buffer.close()
+            buffer = populated_buffer(total)
+        self.buf = buffer
+        segs = []
+        for _, _, res, base in self.regions:
+            segs += [(s, e - s, base + res.cum[i])
+                     for i, (s, e) in enumerate(zip(res.starts, res.ends))]
+        if segs:
+            live._readv(self.buf, segs)
+        self.bounds = [r[0] for r in self.regions]
+
+    @property
+    def bytes_read(self) -> int:
+        return self.live.bytes_read
+
+    def close(self) -> None:
+        self.buf.close()
+
+    def _find(self, addr: int, size: int) -> tuple[int, int, ResidentMap, int] | None:
+        i = bisect.bisect_right(self.bounds, addr) - 1
+        if i >= 0 and addr + size <= self.regions[i][1]:
+            return self.regions[i]
+        return None
+
+    def maps(self) -> list[Vma]:
+        return self._maps
+
+    def read(self, addr: int, size: int) -> bytes:
+        r = self._find(addr, size)
+        if r is None:
+            return self.live.read(addr, size)
+        res, base = r[2], r[3]
+        i = bisect.bisect_right(res.starts, addr) - 1
+        if i >= 0 and addr + size <= res.ends[i]:  # within one run
+            off = base + res.cum[i] + addr - res.starts[i]
+            return self.buf[off:off + size]  # type: ignore[no-any-return]
+        out = bytearray(size)
+        for s, e in res.runs_in(addr, addr + size):
+            j = bisect.bisect_right(res.starts, s) - 1
+            off = base + res.cum[j] + s - res.starts[j]
+            out[s - addr:e - addr] = self.buf[off:off + e - s]
+        return bytes(out)
+
+    def read_resident(self, addr: int, size: int, runs: list[tuple[int, int]]) -> Any:
+        return self.read(addr, size)
+
+    def read_heads(self, addrs: list[int], size: int) -> bytes:
+        return self.live.read_heads(addrs, size)
+
+    def resident_runs(self, start: int, end: int) -> list[tuple[int, int]]:
+        r = self._find(start, end - start)
+        if r is None:
+            return self.live.resident_runs(start, end)
+        return r[2].runs_in(start, end)
+
+    def file_bytes(self, path: bytes, limit: int) -> bytes | None:
+        return self.live.file_bytes(path, limit)
 
 
 def _threads_stopped(pid: int, proc_root: str) -> bool:
@@ -1308,12 +1458,25 @@ def analyse_process(pid: int, stop: bool = False, retries: int = 5,
             info: dict[str, Any] = {}
             try:
                 if stop:
+                    # copy the heap while stopped into a buffer faulted in before;
+                    # analyse the copy once the process runs again
+                    space.refresh()
+                    size = sum(e - s for a, b in snapshot_regions(space.maps(), alloc.libc_path)
+                               for s, e in space.resident_runs(a, b))
+                    buffer = populated_buffer(size + size // 8 + (1 << 20))
                     try:
                         with stopped(pid, proc_root) as info:
                             space.refresh()
-                            report = analyse_glibc(space, layout, alloc.libc_path)
+                            snap = SnapshotSpace(space, alloc.libc_path, buffer)
+                    except BaseException:
+                        buffer.close()
+                        raise
                     finally:
                         pause = info.get("pause_seconds")
+                    try:
+                        report = analyse_glibc(snap, layout, alloc.libc_path)
+                    finally:
+                        snap.close()
                 else:
                     report = analyse_glibc(space, layout, alloc.libc_path)
             except HeapError as e:

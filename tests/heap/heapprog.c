@@ -71,8 +71,16 @@ int main(int argc, char **argv) {
         for (int round = 0; round < 20; round++)
             for (int b = 0; b < 64; b++) { v[k] = malloc(24 + 16 * b); memset(v[k], 3, 24); k++; }
         for (long i = 0; i < k; i += 2) free(v[i]);  /* every other: no coalescing */
-    } else if (!strcmp(mode, "python-like")) {
-        /* nothing: idle */
+    } else if (!strcmp(mode, "many")) {
+        /* n live-or-free chunks of 512..1535 bytes (about 1 KiB each): every
+         * third one freed, so free chunks do not coalesce (benchmarks) */
+        v = malloc(sizeof(void *) * n);
+        for (long i = 0; i < n; i++) {
+            size_t sz = 512 + (size_t)(i * 7919 % 1024);
+            v[i] = malloc(sz);
+            memset(v[i], 4, sz);
+        }
+        for (long i = 0; i < n; i += 3) free(v[i]);
     } else {
         say("ERROR unknown mode %s\n", mode);
         return 2;
