@@ -1132,12 +1132,20 @@ def verdict(report: dict[str, Any]) -> str:
         parts.append(f"{human(hole_free)} free but resident in {t['free_chunks']} chunks "
                      f"between live ones (fragmentation: largest free chunk "
                      f"{human(max(a['largest_free_chunk_bytes'] for a in arenas))})")
-    elif t["top_resident_bytes"] >= max(1 << 20, resident // 10):
-        parts.append(f"{human(t['top_resident_bytes'])} resident in the top chunk, below the "
-                     "trim threshold")
     else:
-        parts.append(f"{human(t['in_use_bytes'])} of {human(t['resident_bytes'])} resident "
-                     "heap bytes are in use: the memory is held by live allocations")
+        thr = report.get("thresholds", {}).get("trim_threshold_bytes")
+        kept = (f" (the top chunk is kept while below the trim threshold, {human(thr)})"
+                if thr else "")
+        if t["top_resident_bytes"] >= max(1 << 20, resident // 10):
+            parts.append(f"{human(t['top_resident_bytes'])} resident in the free top chunk"
+                         + kept)
+        elif t["in_use_bytes"] * 2 >= t["resident_bytes"]:
+            parts.append(f"{human(t['in_use_bytes'])} of {human(t['resident_bytes'])} resident "
+                         "heap bytes are in use: the memory is held by live allocations")
+        else:
+            parts.append(f"small heap: {human(t['in_use_bytes'])} of "
+                         f"{human(t['resident_bytes'])} resident bytes in use, "
+                         f"{human(t['top_resident_bytes'])} in the top chunk" + kept)
     parts.append(f"malloc_trim(0) would return {human(trim)}")
     if mm["bytes"] >= max(1 << 20, resident // 10):
         parts.append(f"{mm['count']} allocation(s) of {human(mm['bytes'])} have their own "
