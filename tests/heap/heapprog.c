@@ -27,6 +27,21 @@ static void *pin;
 static volatile int stop_threads;
 static int thread_go[2];
 
+static void *churn_main(void *arg) {
+    /* allocate and free all the time, from tcache sizes to large chunks */
+    unsigned long x = (unsigned long)arg * 2654435761u + 1;
+    void *slot[4096] = {0};
+    for (;;) {
+        x = x * 6364136223846793005ul + 1442695040888963407ul;
+        unsigned i = (unsigned)(x >> 33) % 4096;
+        free(slot[i]);
+        size_t sz = (x >> 20) % 8 == 0 ? 1000 + (x >> 40) % 60000 : 16 + (x >> 40) % 500;
+        slot[i] = malloc(sz);
+        memset(slot[i], 5, 16);
+    }
+    return NULL;
+}
+
 static void *thread_main(void *arg) {
     long id = (long)arg;
     /* each thread builds its own arena: live data, a freed hole, cached chunks */
@@ -71,6 +86,12 @@ int main(int argc, char **argv) {
         for (int round = 0; round < 20; round++)
             for (int b = 0; b < 64; b++) { v[k] = malloc(24 + 16 * b); memset(v[k], 3, 24); k++; }
         for (long i = 0; i < k; i += 2) free(v[i]);  /* every other: no coalescing */
+    } else if (!strcmp(mode, "churn")) {
+        /* n threads (1..8) changing their heaps all the time; never joined */
+        nthreads = 0;
+        for (long i = 0; i < (n > 8 || n < 1 ? 2 : n); i++)
+            pthread_create(&th[i], NULL, churn_main, (void *)i);
+        usleep(200000);
     } else if (!strcmp(mode, "many")) {
         /* n live-or-free chunks of 512..1535 bytes (about 1 KiB each): every
          * third one freed, so free chunks do not coalesce (benchmarks) */

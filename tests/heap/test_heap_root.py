@@ -283,3 +283,18 @@ def test_musl_is_detected(tmp_path: Path) -> None:
         assert d["allocator"] in ("musl", "unknown")
     finally:
         p.close()
+
+
+def test_changing_heap_retries_or_says_so_and_stop_is_exact(prog) -> None:
+    p = prog("churn", "2")  # two threads allocating and freeing all the time
+    for _ in range(3):
+        try:
+            r = heap.analyse_process(p.pid, retries=2)
+            assert r["supported"] and r["attempts"] >= 1
+        except heap.HeapError as e:  # the plain statement, never wrong figures
+            assert "kept changing" in e.message and "--stop" in e.message
+        r = heap.analyse_process(p.pid, stop=True)
+        assert r["supported"] and len(r["arenas"]) >= 2
+        assert 0 < r["pause_seconds"] < 2
+        with open(f"/proc/{p.pid}/stat") as f:
+            assert f.read().rsplit(")", 1)[1].split()[0] in ("R", "S")
