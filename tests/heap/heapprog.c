@@ -26,6 +26,7 @@ static void say(const char *fmt, ...) {
 static void *pin;
 static volatile int stop_threads;
 static int thread_go[2];
+static int thread_done[2];
 
 static void *churn_main(void *arg) {
     /* allocate and free all the time, from tcache sizes to large chunks */
@@ -39,6 +40,18 @@ static void *churn_main(void *arg) {
         slot[i] = malloc(sz);
         memset(slot[i], 5, 16);
     }
+    return NULL;
+}
+
+static void *bigthread_main(void *arg) {
+    /* one thread arena grown past HEAP_MAX_SIZE (64 MiB): several heaps */
+    long n = (long)arg;
+    void **v = malloc(sizeof(void *) * n);
+    for (long i = 0; i < n; i++) { v[i] = malloc(1000); memset(v[i], 6, 1000); }
+    for (long i = 0; i < n; i += 4) free(v[i]);
+    if (write(thread_done[1], "d", 1) != 1) return NULL;
+    char c;
+    if (read(thread_go[0], &c, 1) < 0) return NULL;
     return NULL;
 }
 
@@ -86,6 +99,12 @@ int main(int argc, char **argv) {
         for (int round = 0; round < 20; round++)
             for (int b = 0; b < 64; b++) { v[k] = malloc(24 + 16 * b); memset(v[k], 3, 24); k++; }
         for (long i = 0; i < k; i += 2) free(v[i]);  /* every other: no coalescing */
+    } else if (!strcmp(mode, "bigthread")) {
+        if (pipe(thread_go) || pipe(thread_done)) return 2;
+        nthreads = 1;
+        pthread_create(&th[0], NULL, bigthread_main, (void *)n);
+        char done;
+        if (read(thread_done[0], &done, 1) != 1) return 2;  /* until it has allocated */
     } else if (!strcmp(mode, "churn")) {
         /* n threads (1..8) changing their heaps all the time; never joined */
         nthreads = 0;

@@ -111,6 +111,13 @@ def test_hole_below_a_live_chunk_and_trim_prediction(prog, stop: bool) -> None:
     returned = before - p.heap_rss()
     assert abs(a["trimmable_bytes"] - returned) <= 0.01 * returned, (a["trimmable_bytes"],
                                                                      returned)
+    # after the trim the hole is still free but no longer resident (the walk reads
+    # only resident pages: the headers stayed, the interiors were discarded)
+    after = main_arena(heap.analyse_process(p.pid, stop=stop))
+    assert after["hole_bytes"] == a["hole_bytes"] and after["top_pinned"]
+    assert after["hole_resident_bytes"] < 64 << 10
+    assert after["trimmable_bytes"] < 64 << 10
+    assert after["resident_bytes"] == p.heap_rss()
 
 
 def test_process_runs_again_after_stop(prog) -> None:
@@ -298,3 +305,17 @@ def test_changing_heap_retries_or_says_so_and_stop_is_exact(prog) -> None:
         assert 0 < r["pause_seconds"] < 2
         with open(f"/proc/{p.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] in ("R", "S")
+
+
+def test_thread_arena_with_several_heaps(prog) -> None:
+    p = prog("bigthread", "150000")  # 150,000 x 1000 bytes in one thread: > 64 MiB
+    r = heap.analyse_process(p.pid, stop=True)
+    (t,) = [a for a in r["arenas"] if a["kind"] == "thread"]
+    assert len(t["heaps"]) >= 3
+    assert t["in_use_chunks"] >= 112500 and t["free_chunks"] >= 37500
+    mi = p.mallinfo()
+    tot = r["totals"]
+    assert tot["size_bytes"] == mi["arena"]
+    assert tot["in_use_bytes"] + tot["tcache_bytes"] + tot["arena_overhead_bytes"] == \
+        mi["uordblks"]
+    assert t["in_use_bytes"] + t["free_bytes"] + t["arena_overhead_bytes"] == t["size_bytes"]
