@@ -280,7 +280,8 @@ def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
     paths = list(dict.fromkeys(v.path for v in vmas if v.path.startswith(b"/")))
     for p in paths:
         base = p.rsplit(b"/", 1)[-1]
-        if b"ld-musl" in base or b"libc.musl" in base:
+        if b"ld-musl" in base or b"libc.musl" in base or (
+                base.startswith(b"libc.so") and b"musl" in p):
             return AllocatorInfo("musl", False, "the process uses musl libc's malloc "
                                  f"({p.decode(errors='replace')}); memtrace heap reads only "
                                  "glibc malloc")

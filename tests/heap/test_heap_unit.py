@@ -287,6 +287,8 @@ def test_detects_musl_and_static():
     s = _space_with([b"/app", b"/lib/ld-musl-x86_64.so.1"])
     info = heap.detect_allocator(s, b"/app")
     assert (info.allocator, info.supported) == ("musl", False)
+    s = _space_with([b"/app", b"/usr/lib/x86_64-linux-musl/libc.so"])  # Debian's musl
+    assert heap.detect_allocator(s, b"/app").allocator == "musl"
     s = _space_with([b"/static-app"])
     s.files[b"/static-app"] = _elf_defining(b"main", interp=False)
     info = heap.detect_allocator(s, b"/static-app")
