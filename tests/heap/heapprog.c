@@ -62,6 +62,7 @@ static void *thread_main(void *arg) {
     void **v = malloc(sizeof(void *) * n);
     for (int i = 0; i < n; i++) { v[i] = malloc(100 + (i % 7) * 16); memset(v[i], (int)id, 100); }
     for (int i = 0; i < n; i += 2) free(v[i]);
+    if (write(thread_done[1], "d", 1) != 1) return NULL;
     char c;
     if (read(thread_go[0], &c, 1) < 0) return NULL;  /* block until exit */
     return NULL;
@@ -88,10 +89,13 @@ int main(int argc, char **argv) {
         v[1] = malloc(1000);
         v[2] = malloc(300 << 10); memset(v[2], 1, 300 << 10); /* above the 128 KiB threshold */
     } else if (!strcmp(mode, "threads")) {
-        if (pipe(thread_go)) return 2;
+        if (pipe(thread_go) || pipe(thread_done)) return 2;
         nthreads = (int)(n > 8 || n < 1 ? 4 : n);
         for (long i = 0; i < nthreads; i++) pthread_create(&th[i], NULL, thread_main, (void *)i);
-        usleep(300000);
+        for (int i = 0; i < nthreads; i++) {  /* until every thread has shaped its arena */
+            char done;
+            if (read(thread_done[0], &done, 1) != 1) return 2;
+        }
     } else if (!strcmp(mode, "tcache")) {
         /* fill every tcache bin (7 each) and the fastbins, keep neighbours live */
         long k = 0;
