@@ -236,10 +236,9 @@ static __always_inline int finish(s64 ret)
             __sync_fetch_and_add(&st->full_rescan_requests, 1);
         break;
     }
-    if (sys < MT_NSYS) {
-        __sync_fetch_and_add(&st->calls[sys], 1);
-        __sync_fetch_and_add(&st->bytes[sys], bytes);
-    }
+    u32 slot = sys & (MT_NSYS_SLOTS - 1);
+    __sync_fetch_and_add(&st->calls[slot], 1);
+    __sync_fetch_and_add(&st->bytes[slot], bytes);
     if (layout && ok)
         __sync_fetch_and_add(&st->layout_gen, 1);
     stream(tgid, tid, in, ret, st);

@@ -23,6 +23,9 @@ enum mt_syscall {
     MT_SYS_EXEC,
     MT_NSYS,
 };
+/* Array slots for the classes: a power of two, so that an index masked with
+ * (MT_NSYS_SLOTS - 1) is provably in bounds for every verifier (6.1's too). */
+#define MT_NSYS_SLOTS 16
 
 struct mt_chunk_key {
     u32 tgid;
@@ -37,8 +40,8 @@ struct mt_chunk_val {
 
 /* Per-process counters; only BPF writes them (atomic adds), user space reads. */
 struct mt_stats {
-    u64 calls[MT_NSYS];
-    u64 bytes[MT_NSYS];
+    u64 calls[MT_NSYS_SLOTS];
+    u64 bytes[MT_NSYS_SLOTS];
     u64 layout_gen;                 /* bumped by every call that may change the VMA list */
     u64 exec_gen;                   /* bumped by a successful execve: a new address space */
     u64 remote_rss;                 /* RSS changes of this mm made from another context */

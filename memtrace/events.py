@@ -14,6 +14,7 @@ USER_ADDR_MAX = 0x00007FFFFFFFF000
 SYSCALL_CLASSES = ("brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "mlock",
                    "munlock", "shmat", "shmdt", "other", "exec")
 NSYS = len(SYSCALL_CLASSES)
+NSYS_SLOTS = 16   # array length in struct mt_stats (MT_NSYS_SLOTS)
 
 # x86_64 syscall numbers of the calls traced, for display
 SYSCALL_NAMES = {12: "brk", 9: "mmap", 11: "munmap", 25: "mremap", 28: "madvise",
@@ -31,8 +32,8 @@ MADVISE_NAMES = {0: "NORMAL", 1: "RANDOM", 2: "SEQUENTIAL", 3: "WILLNEED", 4: "D
 
 class RawStats(ctypes.Structure):
     _fields_ = [
-        ("calls", ctypes.c_uint64 * NSYS),
-        ("bytes", ctypes.c_uint64 * NSYS),
+        ("calls", ctypes.c_uint64 * NSYS_SLOTS),
+        ("bytes", ctypes.c_uint64 * NSYS_SLOTS),
         ("layout_gen", ctypes.c_uint64),
         ("exec_gen", ctypes.c_uint64),
         ("remote_rss", ctypes.c_uint64),

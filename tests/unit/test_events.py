@@ -14,6 +14,7 @@ from memtrace.events import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
     NSYS,
+    NSYS_SLOTS,
     SYSCALL_CLASSES,
     SYSCALL_NAMES,
     USER_ADDR_MAX,
@@ -30,6 +31,7 @@ BPF = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF / "memtrace.h").read_text()
 SOURCE = (BPF / "memtrace.bpf.c").read_text()
 CTYPE = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "s64": ctypes.c_int64}
+ARRAY_LENGTHS = {"MT_NSYS": NSYS, "MT_NSYS_SLOTS": NSYS_SLOTS}
 
 
 def c_struct(name: str) -> list[tuple[str, str, int | None]]:
@@ -40,7 +42,7 @@ def c_struct(name: str) -> list[tuple[str, str, int | None]]:
     for m in re.finditer(r"^\s*(u64|u32|s64)\s+(\w+)(?:\[(\w+)\])?;", body.group(1), re.M):
         n = m.group(3)
         out.append(
-            (m.group(2), m.group(1), None if n is None else (NSYS if n == "MT_NSYS" else int(n)))
+            (m.group(2), m.group(1), None if n is None else ARRAY_LENGTHS.get(n) or int(n))
         )
     return out
 
@@ -68,7 +70,13 @@ def test_ctypes_mirror_header(c_name, cls):
 def test_struct_sizes():
     assert ctypes.sizeof(RawEvent) == 72
     assert ctypes.sizeof(RawRange) == 24
-    assert ctypes.sizeof(RawStats) == 2 * 8 * NSYS + 8 * 8
+    assert ctypes.sizeof(RawStats) == 2 * 8 * NSYS_SLOTS + 8 * 8
+
+
+def test_slots_hold_every_class_and_mask_cleanly():
+    slots = int(re.search(r"#define MT_NSYS_SLOTS (\d+)", HEADER).group(1))
+    assert slots == NSYS_SLOTS >= NSYS
+    assert slots & (slots - 1) == 0  # a power of two: masking keeps the index in bounds
 
 
 def test_syscall_classes_follow_enum():
