@@ -41,7 +41,8 @@ def check_bcc() -> Check:
 
 def headers_release(build: Path) -> str | None:
     """The kernel release a header tree was built for, if it says."""
-    for rel in ("include/config/kernel.release", "include/generated/utsrelease.h"):
+    # utsrelease.h first: Debian writes the upstream version into kernel.release
+    for rel in ("include/generated/utsrelease.h", "include/config/kernel.release"):
         p = build / rel
         if p.is_file():
             text = p.read_text(errors="replace").strip()

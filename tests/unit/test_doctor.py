@@ -49,12 +49,14 @@ def test_headers_release_from_utsrelease(tmp_path):
     assert headers_release(tmp_path) == "6.12.9+bpo-cloud-amd64"
 
 
-def test_headers_release_prefers_kernel_release(tmp_path):
+def test_headers_release_prefers_utsrelease(tmp_path):
+    """Debian's kernel.release holds the upstream version (6.1.192), UTS_RELEASE
+    the release uname -r prints (6.1.0-56-amd64)."""
     (tmp_path / "include" / "config").mkdir(parents=True)
     (tmp_path / "include" / "generated").mkdir(parents=True)
     (tmp_path / "include" / "config" / "kernel.release").write_text("A\n")
     (tmp_path / "include" / "generated" / "utsrelease.h").write_text('#define UTS_RELEASE "B"\n')
-    assert headers_release(tmp_path) == "A"
+    assert headers_release(tmp_path) == "B"
 
 
 def test_headers_release_from_symlinked_directory_name(tmp_path):
