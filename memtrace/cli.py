@@ -64,7 +64,7 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
     registry.register(MemtraceCollector(session.exporter_box, max_mapping_series))
     registry.register(ProcessCollector(registry=None))
     server = MetricsServer(registry, listen, load_web_config(web_config))
-    log(f"serving metrics on {'https' if web_config and server.protected else 'http'}://"
+    log(f"serving metrics on {'https' if server.tls else 'http'}://"
         f"{server.address}/metrics")
     if server.exposed and not server.protected:
         log(f"warning: {server.address} is reachable beyond loopback without TLS or "

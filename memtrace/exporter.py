@@ -4,6 +4,7 @@ is gone from the next one). Metric names are a contract: see docs/metrics.md."""
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections import defaultdict
@@ -27,7 +28,10 @@ def safe_label(value: str) -> str:
     (Quotes, backslashes and newlines are escaped by the exposition format.)"""
     value = value.encode("utf-8", "backslashreplace").decode("utf-8")
     if len(value) > MAX_LABEL_CHARS:
-        value = value[: MAX_LABEL_CHARS - 1] + "…"
+        # Keep cut values distinct: two long paths with a common prefix must not
+        # become one series.
+        digest = hashlib.sha256(value.encode()).hexdigest()[:12]
+        value = f"{value[: MAX_LABEL_CHARS - 14]}…~{digest}"
     return value
 
 
@@ -110,9 +114,6 @@ def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
         g["file"] += m["file_bytes"]
         g["shmem"] += m["shmem_bytes"]
         g["virtual"] += m["virtual_bytes"]
-    for identity, faults in snap.get("faults_by_mapping", {}).items():
-        kind = next((k for (i, k) in groups if i == identity), "other")
-        groups[(identity, kind)]["faults"] += faults
     if len(groups) <= max_series:
         return dict(groups), 0
     ranked = sorted(groups.items(), key=lambda kv: kv[1]["anon"] + kv[1]["file"]
@@ -132,6 +133,29 @@ class MemtraceCollector(Collector):
         self.max_mapping_series = max_mapping_series
         self.series_dropped_total = 0
         self._lock = threading.Lock()
+        # Per process (or group): the mapping identities that have their own fault
+        # series. Admitted when first seen while there is room, never evicted, so
+        # the [other] sum only ever holds identities that never had a series and
+        # the counter never goes backwards.
+        self._fault_names: dict[tuple[str, ...], set[str]] = {}
+
+    def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
+        counts: dict[str, int] = snap.get("faults_by_mapping", {})
+        with self._lock:
+            named = self._fault_names.setdefault(key, set())
+            for identity in sorted(counts, key=lambda i: -counts[i]):
+                if identity not in named and len(named) < self.max_mapping_series - 1:
+                    named.add(identity)
+            out = [(i, counts[i]) for i in sorted(named) if i in counts]
+        other = sum(n for i, n in counts.items() if i not in named)
+        if other:
+            out.append((OTHER, other))
+        return out
+
+    def forget(self, live_keys: set[tuple[str, ...]]) -> None:
+        with self._lock:
+            for key in [k for k in self._fault_names if k not in live_keys]:
+                del self._fault_names[key]
 
     def collect(self) -> Iterator[Metric]:
         t0 = time.perf_counter()
@@ -177,14 +201,15 @@ class MemtraceCollector(Collector):
                 for t in TYPES:
                     map_res.add_metric([*ids, name, kind, t], g[t])
                 map_virt.add_metric([*ids, name, kind], g["virtual"])
-                if g["faults"]:
-                    faults.add_metric([*ids, name], g["faults"])
+            for identity, n in self._fault_series(tuple(ids), snap):
+                faults.add_metric([*ids, safe_label(identity)], n)
             for sc in SYSCALLS:
                 calls.add_metric([*ids, sc], snap["syscalls"].get(sc, 0))
                 call_bytes.add_metric([*ids, sc], snap["syscall_bytes"].get(sc, 0))
         with self._lock:
             self.series_dropped_total += dropped_now
             dropped_total = self.series_dropped_total
+        self.forget({tuple(ids) for ids, _ in rows})
         yield from (proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift)
         yield from self._self_metrics(state, dropped_total,
                                       time.perf_counter() - t0)

@@ -61,20 +61,25 @@ def load_web_config(path: str | None) -> WebConfig:
         raise MemtraceError(f"cannot read web config {path}: {e.strerror}",
                             ExitCode.USAGE) from None
     except yaml.YAMLError as e:
-        raise MemtraceError(f"web config {path} is not valid YAML: {e}", ExitCode.USAGE) from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise MemtraceError(f"web config {path} is not valid YAML{where}: {problem}",
+                            ExitCode.USAGE) from None
     if not isinstance(raw, dict):
         raise MemtraceError(f"web config {path}: expected a mapping", ExitCode.USAGE)
-    known = {"tls_server_config", "basic_auth_users", "http_server_config"}
-    unknown = set(raw) - known
-    if unknown:
-        raise MemtraceError(f"web config {path}: unknown keys {sorted(unknown)}",
-                            ExitCode.USAGE)
-    tls = raw.get("tls_server_config") or {}
+    _only_keys(path, "", raw, {"tls_server_config", "basic_auth_users", "http_server_config"})
+    tls = _section(path, raw, "tls_server_config")
+    _only_keys(path, "tls_server_config", tls, {
+        "cert_file", "key_file", "client_auth_type", "client_ca_file", "min_version",
+        "max_version", "cipher_suites", "curve_preferences", "prefer_server_cipher_suites",
+        "client_allowed_sans"})
+    users = _section(path, raw, "basic_auth_users")
     cfg = WebConfig(
         cert_file=tls.get("cert_file"), key_file=tls.get("key_file"),
         client_auth_type=tls.get("client_auth_type", "NoClientCert"),
         client_ca_file=tls.get("client_ca_file"), min_version=tls.get("min_version", "TLS12"),
-        basic_auth_users={str(k): str(v) for k, v in (raw.get("basic_auth_users") or {}).items()},
+        basic_auth_users={str(k): str(v) for k, v in users.items()},
     )
     if bool(cfg.cert_file) != bool(cfg.key_file):
         raise MemtraceError(f"web config {path}: cert_file and key_file go together",
@@ -89,6 +94,21 @@ def load_web_config(path: str | None) -> WebConfig:
         raise MemtraceError(f"web config {path}: unknown min_version {cfg.min_version!r}",
                             ExitCode.USAGE)
     return cfg
+
+
+def _section(path: str, raw: dict[str, Any], name: str) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise MemtraceError(f"web config {path}: {name} must be a mapping", ExitCode.USAGE)
+    return value
+
+
+def _only_keys(path: str, where: str, section: dict[str, Any], known: set[str]) -> None:
+    unknown = set(section) - known
+    if unknown:
+        place = f" in {where}" if where else ""
+        raise MemtraceError(f"web config {path}: unknown keys{place}: "
+                            f"{', '.join(sorted(map(str, unknown)))}", ExitCode.USAGE)
 
 
 def ssl_context(cfg: WebConfig) -> ssl.SSLContext:
@@ -150,8 +170,25 @@ class BasicAuth:
         return [b"Unauthorized\n"]
 
 
+TLS_HANDSHAKE_TIMEOUT = 10.0
+
+
 class _ThreadingServer(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+    tls: ssl.SSLContext | None = None
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        # The TLS handshake runs here, in the connection's own thread and with a
+        # timeout, so a client that connects and says nothing blocks nobody.
+        if self.tls is not None:
+            try:
+                request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+                request = self.tls.wrap_socket(request, server_side=True)
+                request.settimeout(None)
+            except (OSError, ssl.SSLError):
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -211,9 +248,10 @@ class MetricsServer:
             except (OSError, ssl.SSLError) as e:
                 self.httpd.server_close()
                 raise MemtraceError(f"TLS setup failed: {e}", ExitCode.USAGE) from None
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            self.httpd.tls = ctx
         self.address = f"{host}:{self.httpd.server_port}"
         self.exposed = not is_loopback(host)
+        self.tls = cfg.tls
         self.protected = cfg.tls or bool(cfg.basic_auth_users)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                        name="metrics-http")

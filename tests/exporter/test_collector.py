@@ -252,10 +252,6 @@ def test_folded_counter_increments_per_scrape():
     assert scrape(reg).value("memtrace_mapping_series_folded_total") == 464
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: memtrace_page_faults_total{mapping=\"[other]\"} is re-summed every scrape over "
-    "whichever identities are folded at that moment, so it decreases when an identity "
-    "grows out of [other]: Prometheus reads that as a counter reset (rate() spikes)"))
 def test_other_faults_counter_never_decreases():
     proc = many_identities(7, 60)
     lib = "/usr/lib/plugins/libplugin005.so"  # small: folded into [other] at first
@@ -373,11 +369,6 @@ def test_10kB_names_render_and_parse():
     assert max(len(line) for line in s.text.splitlines()) < 4096
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: safe_label() truncates label values to 512 characters, so two distinct long "
-    "mapping identities sharing their first 511 characters become the same label set: "
-    "the scrape has duplicate series (Prometheus drops one of them as a duplicate sample "
-    "and the per-mapping series no longer sum to the process total)"))
 def test_long_names_with_a_common_prefix_stay_distinct():
     prefix = "/srv/" + "p" * 10_000
     maps = place([mapping(prefix + "/a.so", "library", file=PAGE),

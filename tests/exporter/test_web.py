@@ -128,8 +128,7 @@ def test_bad_config_is_a_one_line_usage_error(tmp_path, case):
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-    for name, (_, reason) in BAD_CONFIGS_BUGGY.items()])
+    pytest.param(name) for name in BAD_CONFIGS_BUGGY])
 def test_bad_config_is_a_one_line_usage_error_buggy(tmp_path, case):
     _assert_one_line_usage_error(write(tmp_path, BAD_CONFIGS_BUGGY[case][0]))
 
@@ -341,11 +340,6 @@ def test_tls_setup_failure_is_one_line_and_frees_the_port(serve, tmp_path, pki):
         s.bind(("127.0.0.1", port))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with TLS the listening socket is wrapped, so the TLS handshake runs inside "
-    "accept() on the single serve_forever thread, with no timeout: one client that opens "
-    "a TCP connection and sends nothing (port scanner, half-open load-balancer check, "
-    "slow client) blocks every scrape until it disconnects"))
 def test_tls_idle_connection_does_not_block_scrapes(serve, pki):
     port = serve(registry(), cert_file=str(pki.self_signed_cert),
                  key_file=str(pki.self_signed_key)).httpd.server_port
@@ -463,10 +457,6 @@ def test_exposed_with_basic_auth_logs_no_warning(capsys, tmp_path, users):
     assert not [line for line in lines if "warning" in line], lines
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: cli._serve picks the scheme with `web_config and server.protected`, and "
-    "`protected` is also true for basic auth alone: with only basic_auth_users memtrace "
-    "logs 'serving metrics on https://...' while it serves plain http"))
 def test_basic_auth_only_logs_http(capsys, tmp_path, users):
     path = write(tmp_path, f"basic_auth_users:\n  alice: '{users['alice']}'\n")
     lines = _serve_log(capsys, "127.0.0.1:0", path)

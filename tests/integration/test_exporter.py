@@ -414,10 +414,6 @@ LONG_PATHS_WORKLOAD = textwrap.dedent("""
 """)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: label values are cut at 512 characters (exporter.safe_label), so two files whose "
-    "paths share their first 511 characters get the same mapping label: duplicate series "
-    "in the scrape, and the per-mapping series no longer match smaps"))
 def test_long_paths_with_a_common_prefix(exporter_harness, tmp_path):
     deep = tmp_path.joinpath(*["d" * 200] * 3)  # > 600 characters before the file name
     deep.mkdir(parents=True)
