@@ -157,10 +157,12 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
     states = [build_state(args.processes, args.mappings, seed) for seed in (1, 2)]
     box = StateBox()
     box.set(states[0])
+    collector = MemtraceCollector(box, args.max_series)
     registry = CollectorRegistry()
-    registry.register(MemtraceCollector(box, args.max_series))
     registry.register(ProcessCollector(registry=None))
-    server = MetricsServer(registry, "127.0.0.1:0", WebConfig())
+    # as memtrace serves it (cli._serve): memtrace's families through the fast
+    # text renderer, the process collector through prometheus_client
+    server = MetricsServer(registry, "127.0.0.1:0", WebConfig(), fast=collector.render_text)
     stop = threading.Event()
 
     def publish() -> None:  # the watch loop replacing the state every interval

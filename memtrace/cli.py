@@ -60,10 +60,11 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
 
+    collector = MemtraceCollector(session.exporter_box, max_mapping_series)
     registry = CollectorRegistry()
-    registry.register(MemtraceCollector(session.exporter_box, max_mapping_series))
     registry.register(ProcessCollector(registry=None))
-    server = MetricsServer(registry, listen, load_web_config(web_config))
+    server = MetricsServer(registry, listen, load_web_config(web_config),
+                           fast=collector.render_text)
     log(f"serving metrics on {'https' if server.tls else 'http'}://"
         f"{server.address}/metrics")
     if server.exposed and not server.protected:

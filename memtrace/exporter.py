@@ -8,7 +8,7 @@ import hashlib
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -127,6 +127,69 @@ def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
     return kept, len(ranked) - (max_series - 1)
 
 
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if value != value:
+        return "NaN"
+    return repr(float(value))
+
+
+class Family:
+    """One metric family as plain rows, rendered straight to the text format
+    (prometheus_client's per-sample rendering costs ~15 µs a series; this ~1 µs)."""
+
+    def __init__(self, name: str, kind: str, help_text: str,
+                 labels: Sequence[str] = ()) -> None:
+        self.name = name
+        self.kind = kind            # "gauge" or "counter" (name without _total)
+        self.help = help_text
+        self.labels = list(labels)
+        self.rows: list[tuple[Sequence[str], float]] = []
+
+    def add_metric(self, values: Sequence[str], value: float) -> None:
+        self.rows.append((values, value))
+
+    def render(self, out: list[str], cache: dict[str, str]) -> None:
+        sample = self.name + "_total" if self.kind == "counter" else self.name
+        out.append(f"# HELP {sample} {_escape_help(self.help)}\n# TYPE {sample} {self.kind}\n")
+        names = self.labels
+        for values, value in self.rows:
+            if names:
+                parts = []
+                for k, v in zip(names, values):
+                    ev = cache.get(v)
+                    if ev is None:
+                        ev = cache[v] = _escape_label(v)
+                    parts.append(f'{k}="{ev}"')
+                out.append(f"{sample}{{{','.join(parts)}}} {_number(value)}\n")
+            else:
+                out.append(f"{sample} {_number(value)}\n")
+
+    def to_metric(self) -> Metric:
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        metric = cls(self.name, self.help, labels=self.labels)
+        for values, value in self.rows:
+            metric.add_metric(list(values), value)
+        return metric
+
+
+def _gauge(name: str, help_text: str, labels: Sequence[str] = ()) -> Family:
+    return Family(name, "gauge", help_text, labels)
+
+
+def _counter(name: str, help_text: str, labels: Sequence[str] = ()) -> Family:
+    return Family(name, "counter", help_text, labels)
+
+
 class MemtraceCollector(Collector):
     def __init__(self, box: StateBox, max_mapping_series: int = 50) -> None:
         self.box = box
@@ -158,34 +221,46 @@ class MemtraceCollector(Collector):
                 del self._fault_names[key]
 
     def collect(self) -> Iterator[Metric]:
+        for family in self.build():
+            yield family.to_metric()
+
+    def render_text(self) -> str:
+        """The whole memtrace part of a scrape in the Prometheus text format 0.0.4."""
+        out: list[str] = []
+        cache: dict[str, str] = {}
+        for family in self.build():
+            family.render(out, cache)
+        return "".join(out)
+
+    def build(self) -> list[Family]:
         t0 = time.perf_counter()
         state = self.box.get()
         who = ["group", "comm"] if state.groups is not None else ["pid", "comm"]
         rows = grouped_rows(state) if state.groups is not None else pid_rows(state)
-        proc_res = GaugeMetricFamily(
+        proc_res = _gauge(
             "memtrace_process_resident_bytes",
             "Resident memory of the process by type, exact per page table (equals statm "
             "at quiescent points).", labels=[*who, "type"])
-        proc_virt = GaugeMetricFamily("memtrace_process_virtual_bytes",
+        proc_virt = _gauge("memtrace_process_virtual_bytes",
                                       "Virtual size of the process (sum of its mappings).",
                                       labels=who)
-        map_res = GaugeMetricFamily(
+        map_res = _gauge(
             "memtrace_mapping_resident_bytes",
             "Resident memory per mapping identity (all segments of one library together) "
             "by type.", labels=[*who, "mapping", "kind", "type"])
-        map_virt = GaugeMetricFamily("memtrace_mapping_virtual_bytes",
+        map_virt = _gauge("memtrace_mapping_virtual_bytes",
                                      "Virtual size per mapping identity.",
                                      labels=[*who, "mapping", "kind"])
-        faults = CounterMetricFamily("memtrace_page_faults",
+        faults = _counter("memtrace_page_faults",
                                      "Page faults (user and kernel mode) per mapping identity "
                                      "since attach.", labels=[*who, "mapping"])
-        calls = CounterMetricFamily("memtrace_syscalls",
+        calls = _counter("memtrace_syscalls",
                                     "Address-space system calls since attach.",
                                     labels=[*who, "syscall"])
-        call_bytes = CounterMetricFamily("memtrace_syscall_bytes",
+        call_bytes = _counter("memtrace_syscall_bytes",
                                          "Bytes named by address-space system calls since "
                                          "attach.", labels=[*who, "syscall"])
-        drift = GaugeMetricFamily("memtrace_drift_bytes",
+        drift = _gauge("memtrace_drift_bytes",
                                   "memtrace's resident total minus /proc/PID/statm at the "
                                   "last tick (0 when quiescent).", labels=who)
         dropped_now = 0
@@ -210,47 +285,45 @@ class MemtraceCollector(Collector):
             self.series_dropped_total += dropped_now
             dropped_total = self.series_dropped_total
         self.forget({tuple(ids) for ids, _ in rows})
-        yield from (proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift)
-        yield from self._self_metrics(state, dropped_total,
-                                      time.perf_counter() - t0)
+        return [proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift,
+                *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]
 
     def _self_metrics(self, state: ExporterState, dropped_total: int,
-                      build_seconds: float) -> Iterator[Metric]:
-        info = GaugeMetricFamily("memtrace_build_info", "memtrace version.",
+                      build_seconds: float) -> list[Family]:
+        info = _gauge("memtrace_build_info", "memtrace version.",
                                  labels=["version"])
         info.add_metric([__version__], 1)
-        targets = GaugeMetricFamily("memtrace_targets", "Processes being watched.")
+        targets = _gauge("memtrace_targets", "Processes being watched.")
         targets.add_metric([], len(state.snapshots))
-        lost = CounterMetricFamily("memtrace_events_lost",
+        lost = _counter("memtrace_events_lost",
                                    "Records that did not fit the BPF ring buffers, counted "
                                    "in the kernel (lost ranges are repaired by a full rescan).",
                                    labels=["buffer"])
         lost.add_metric(["events"], state.events_lost)
         lost.add_metric(["ranges"], state.ranges_lost)
-        rescans = CounterMetricFamily("memtrace_full_rescans",
+        rescans = _counter("memtrace_full_rescans",
                                       "Full rescans of an address space, by reason.",
                                       labels=["reason"])
         for reason, n in sorted(state.full_rescans.items()):
             rescans.add_metric([reason], n)
-        tick = GaugeMetricFamily("memtrace_tick_duration_seconds",
+        tick = _gauge("memtrace_tick_duration_seconds",
                                  "Time the last tick took (drain, scans, checks).")
         tick.add_metric([], state.tick_seconds)
-        attach = GaugeMetricFamily("memtrace_attach_duration_seconds",
+        attach = _gauge("memtrace_attach_duration_seconds",
                                    "Time from attaching a process to its first snapshot.",
                                    labels=["pid"])
         for pid, secs in sorted(state.attach_seconds.items()):
             if pid in state.snapshots:
                 attach.add_metric([str(pid)], secs)
-        folded_total = CounterMetricFamily("memtrace_mapping_series_folded",
+        folded_total = _counter("memtrace_mapping_series_folded",
                                            "Mapping identities folded into [other] by the "
                                            "per-process series cap, summed over scrapes.")
         folded_total.add_metric([], dropped_total)
-        targets_dropped = CounterMetricFamily("memtrace_targets_dropped",
+        targets_dropped = _counter("memtrace_targets_dropped",
                                               "Processes not watched because of the cap on "
                                               "watched processes.")
         targets_dropped.add_metric([], state.targets_dropped)
-        scrape = GaugeMetricFamily("memtrace_scrape_build_seconds",
+        scrape = _gauge("memtrace_scrape_build_seconds",
                                    "Time to build the metrics of this scrape.")
         scrape.add_metric([], build_seconds)
-        yield from (info, targets, lost, rescans, tick, attach, folded_total, targets_dropped,
-                    scrape)
+        return [info, targets, lost, rescans, tick, attach, folded_total, targets_dropped, scrape]

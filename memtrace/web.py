@@ -5,6 +5,7 @@ client certificates, basic auth with bcrypt hashes)."""
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import ipaddress
 import socket
@@ -16,7 +17,7 @@ from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import make_wsgi_app
+from prometheus_client import generate_latest, make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from memtrace.errors import ExitCode, MemtraceError
@@ -219,12 +220,34 @@ def _index(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[
     return [b"<html><body><h1>memtrace</h1><a href=\"/metrics\">/metrics</a></body></html>\n"]
 
 
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+
+
+def _fast_app(render: Callable[[], str], registry: CollectorRegistry) -> Callable[..., Any]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+        if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        body = render().encode("utf-8") + generate_latest(registry)
+        headers = [("Content-Type", TEXT_FORMAT)]
+        if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
+            body = gzip.compress(body, compresslevel=1)
+            headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
+        start_response("200 OK", headers)
+        return [b"" if environ.get("REQUEST_METHOD") == "HEAD" else body]
+    return app
+
+
 class MetricsServer:
     """Serves /metrics from `registry` in a daemon thread."""
 
-    def __init__(self, registry: CollectorRegistry, listen: str, cfg: WebConfig) -> None:
+    def __init__(self, registry: CollectorRegistry, listen: str, cfg: WebConfig,
+                 fast: Callable[[], str] | None = None) -> None:
+        """Serve `registry`; with `fast`, serve its text first and render the
+        registry (small: the process collector) after it."""
         host, port = parse_listen(listen)
-        metrics = make_wsgi_app(registry)
+        metrics = make_wsgi_app(registry) if fast is None else _fast_app(fast, registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
             if environ.get("PATH_INFO", "/") in ("/", ""):

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from memtrace.exporter import safe_label
 from tests.exporter.helpers import Scrape
 
 from . import conftest as harness_conftest
@@ -123,13 +124,14 @@ def scrape(port: int) -> Scrape:
 
 
 def identity(path: str) -> str:
-    """The mapping identity memtrace reports for a maps path (docs/output.md):
-    the path, [heap], [stack], [anon] or [anon:name]."""
+    """The mapping label memtrace reports for a maps path (docs/output.md,
+    docs/metrics.md): the path, [heap], [stack], [anon] or [anon:name]; values
+    over 512 characters are cut and end in a hash of the whole value."""
     if not path:
         return "[anon]"
     if path.startswith("[stack"):
         return "[stack]"
-    return path
+    return safe_label(path)
 
 
 def statm_exact() -> bool:
