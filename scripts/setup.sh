@@ -83,6 +83,7 @@ generic_headers_pkg() {
 
 PKGS=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev make)
 PKGS+=(prometheus python3-seccomp)  # tests/deploy: promtool; seccomp for the unit sandbox test (no service left running: deploy/README.md)
+PKGS+=(libjemalloc2 musl-tools)  # tests/heap: a jemalloc and a musl program are detected as not glibc
 missing=()
 for p in "${PKGS[@]}"; do
     is_installed "$p" || missing+=("$p")
