@@ -61,7 +61,7 @@ class Probes:
 
     def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False) -> None:
         if os.geteuid() != 0:
-            raise MemtraceError("memtrace needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN)",
+            raise MemtraceError("memtrace needs root (deploy/README.md: the capabilities it uses)",
                                 ExitCode.NOT_ROOT)
         bcc = import_bcc()
         if not (headers_dir() / "include").exists() and not headers_dir().exists():

@@ -91,6 +91,12 @@ class Session:
             self.probes.remove_target(pid)
             raise MemtraceError(f"process {pid} exited while attaching",
                                 ExitCode.NO_SUCH_PROCESS) from None
+        except PermissionError as e:
+            self.probes.remove_target(pid)
+            raise MemtraceError(
+                f"cannot read {e.filename or f'/proc/{pid}'}: permission denied (another "
+                "user's process needs CAP_DAC_READ_SEARCH, or CAP_SYS_PTRACE on older "
+                "kernels)", ExitCode.NOT_ROOT) from None
         self.trackers[pid] = tracker
         snap = snapshot(tracker, time.time())
         self._snapshots[pid] = snap

@@ -77,6 +77,8 @@ class ProcessTracker:
             if self._scanner:
                 self._scanner.close()
             self._scanner = open_scanner(self.pid, str(self.procfs.root), self._vmas_in)
+        except PermissionError:
+            raise
         except OSError as e:
             raise ProcessGone(self.pid) from e
         self.space = AddressSpace()
