@@ -14,6 +14,8 @@ BPF_HASH(stats, u32, struct mt_stats, MT_MAX_TARGETS);
 BPF_HASH(event_credit, u32, s64, MT_MAX_TARGETS);
 BPF_HASH(dirty, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
 BPF_HASH(inflight, u32, struct mt_inflight, 4096);
+BPF_PERCPU_ARRAY(fault_cache, struct mt_fault_cache, 1);
+BPF_ARRAY(drain_gen, u64, 1);                  /* bumped by user space before each drain */
 BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);   /* mm -> tgid */
 BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
 BPF_ARRAY(names_gen, u64, 1);                  /* bumped by any unlink or rename */
@@ -51,9 +53,31 @@ static __always_inline void on_fault(u64 addr)
     if (addr >= MT_USER_ADDR_MAX)
         return;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    u64 chunk = addr >> MT_CHUNK_SHIFT;
+    int zero = 0;
+    u64 *gen = drain_gen.lookup(&zero);
+    struct mt_fault_cache *fc = fault_cache.lookup(&zero);
+    if (!gen || !fc) {
+        if (is_target(tgid))
+            mark_chunk(tgid, addr, 1);
+        return;
+    }
+    /* Fast path: this CPU already marked this chunk since the last drain. */
+    if (fc->tgid == tgid && fc->chunk == chunk && fc->gen == *gen) {
+        fc->pending++;
+        fc->last_addr = addr;
+        return;
+    }
     if (!is_target(tgid))
         return;
+    if (fc->pending)
+        mark_chunk(fc->tgid, fc->last_addr, fc->pending);
     mark_chunk(tgid, addr, 1);
+    fc->tgid = tgid;
+    fc->chunk = chunk;
+    fc->gen = *gen;
+    fc->pending = 0;
+    fc->last_addr = addr;
 }
 
 TRACEPOINT_PROBE(exceptions, page_fault_user)
@@ -95,6 +119,48 @@ static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start,
     r->start = start;
     r->end = end;
     ranges.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+}
+
+static __always_inline void learn_mm(u64 mm)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(tgid))
+        return;
+    u64 *known = tgid_mm.lookup(&tgid);
+    if (known && *known == mm)
+        return;
+    tgid_mm.update(&tgid, &mm);
+    mm_owner.update(&mm, &tgid);
+}
+
+static __always_inline void remote_change(u64 mm)
+{
+    u32 *owner = mm_owner.lookup(&mm);
+    if (!owner)
+        return;
+    u32 o = *owner;
+    u64 *current_mm = tgid_mm.lookup(&o);
+    if (!current_mm || *current_mm != mm) {
+        /* The mm of a process before exec, or a freed and reused pointer. */
+        mm_owner.delete(&mm);
+        return;
+    }
+    struct mt_stats *st = stats.lookup(&o);
+    if (st)
+        __sync_fetch_and_add(&st->remote_rss, 1);
+}
+
+static __always_inline void learn_current_mm(void)
+{
+#ifdef MT_TASK_MM_OFFSET
+    /* A watched process's own address-space calls tell us its mm pointer, so
+     * the rss_stat probe needs no map lookup for the (frequent) own updates. */
+    u64 cur_mm = 0;
+    char *task = (char *)bpf_get_current_task();
+    bpf_probe_read_kernel(&cur_mm, sizeof(cur_mm), task + MT_TASK_MM_OFFSET);
+    if (cur_mm)
+        learn_mm(cur_mm);
+#endif
 }
 
 static __always_inline int stash(u32 sys, u32 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4)
@@ -170,6 +236,7 @@ static __always_inline int finish(s64 ret)
         inflight.delete(&tid);
         return 0;
     }
+    learn_current_mm();
     u32 sys = in->sys;
     u64 a0 = in->args[0], a1 = in->args[1], a2 = in->args[2];
     u64 bytes = 0;
@@ -302,35 +369,6 @@ TRACEPOINT_PROBE(syscalls, sys_exit_prctl) { return finish(args->ret); }
 /* RSS changes of a watched mm made outside its own context (exit, ksmd,
  * khugepaged, reclaim by others, process_madvise) carry no address: flag
  * them so user space rescans. */
-static __always_inline void learn_mm(u64 mm)
-{
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    if (!is_target(tgid))
-        return;
-    u64 *known = tgid_mm.lookup(&tgid);
-    if (known && *known == mm)
-        return;
-    tgid_mm.update(&tgid, &mm);
-    mm_owner.update(&mm, &tgid);
-}
-
-static __always_inline void remote_change(u64 mm)
-{
-    u32 *owner = mm_owner.lookup(&mm);
-    if (!owner)
-        return;
-    u32 o = *owner;
-    u64 *current_mm = tgid_mm.lookup(&o);
-    if (!current_mm || *current_mm != mm) {
-        /* The mm of a process before exec, or a freed and reused pointer. */
-        mm_owner.delete(&mm);
-        return;
-    }
-    struct mt_stats *st = stats.lookup(&o);
-    if (st)
-        __sync_fetch_and_add(&st->remote_rss, 1);
-}
-
 #ifdef MT_TASK_MM_OFFSET
 RAW_TRACEPOINT_PROBE(rss_stat)
 {
@@ -338,9 +376,7 @@ RAW_TRACEPOINT_PROBE(rss_stat)
     u64 cur_mm = 0;
     char *task = (char *)bpf_get_current_task();
     bpf_probe_read_kernel(&cur_mm, sizeof(cur_mm), task + MT_TASK_MM_OFFSET);
-    if (mm == cur_mm)
-        learn_mm(mm);
-    else
+    if (mm != cur_mm)
         remote_change(mm);
     return 0;
 }

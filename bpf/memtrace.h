@@ -38,6 +38,17 @@ struct mt_chunk_val {
     u64 last_addr;                  /* address of the latest fault */
 };
 
+/* Per-CPU cache of the last chunk a watched process faulted in: repeated faults
+ * in one chunk only count here until user space drains (drain generation). */
+struct mt_fault_cache {
+    u32 tgid;
+    u32 pad;
+    u64 chunk;
+    u64 gen;
+    u64 pending;                    /* faults not yet added to the dirty map */
+    u64 last_addr;
+};
+
 /* Per-process counters; only BPF writes them (atomic adds), user space reads. */
 struct mt_stats {
     u64 calls[MT_NSYS_SLOTS];

@@ -100,6 +100,7 @@ class Probes:
         self._mm_owner = self.bpf["mm_owner"]
         self._tgid_mm = self.bpf["tgid_mm"]
         self._names_gen = self.bpf["names_gen"]
+        self._drain_gen = self.bpf["drain_gen"]
         self._ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._events: list[SyscallEvent] = []
         self.bpf["ranges"].open_ring_buffer(self._on_range)
@@ -127,6 +128,7 @@ class Probes:
         self._targets[key] = self._targets.Leaf(1)
 
     def remove_target(self, pid: int) -> None:
+        self._bump_drain_gen()
         for table in (self._targets, self._stats, self._credit, self._tgid_mm):
             with contextlib.suppress(KeyError):
                 del table[table.Key(pid)]
@@ -135,7 +137,14 @@ class Probes:
                 with contextlib.suppress(KeyError):
                     del self._mm_owner[k]
 
+    def _bump_drain_gen(self) -> None:
+        """Invalidate the per-CPU fault caches: the next fault in any chunk marks it
+        again. Done before every drain and detach."""
+        key = self._drain_gen.Key(0)
+        self._drain_gen[key] = self._drain_gen.Leaf(self._drain_gen[key].value + 1)
+
     def drain(self) -> Drained:
+        self._bump_drain_gen()
         self.bpf.ring_buffer_consume()
         chunks: dict[int, list[ChunkMark]] = defaultdict(list)
         try:
