@@ -117,6 +117,21 @@ PHASES = {
 }
 
 
+# The subset CI also runs on the 6.1 guest kernel and, on the host, with the
+# PAGEMAP_SCAN fast path forced off (`pytest -m guest`): heap, large mmap,
+# file mapping, madvise, mremap, mprotect, threads, zero page, fork, run mode.
+GUEST_SCENARIOS = {
+    "heap",
+    "bigmalloc",
+    "filemap",
+    "madvise",
+    "mremap",
+    "mprotect",
+    "threads",
+    "zeropage",
+}
+
+
 def _argv(workloads, tmp_path, name, extra=None):
     data = tmp_path / "data dir"  # a space in the directory name, too
     data.mkdir(exist_ok=True)
@@ -124,13 +139,17 @@ def _argv(workloads, tmp_path, name, extra=None):
     return [workloads.scenarios, name] + [a.format(dir=data, lib=workloads.libdummy) for a in args]
 
 
-@pytest.mark.parametrize("name", list(SCENARIOS))
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.guest) if n in GUEST_SCENARIOS else n for n in SCENARIOS],
+)
 def test_watch_scenario(harness, workloads, tmp_path, name):
     result = harness.watch(_argv(workloads, tmp_path, name), label=f"scenario {name}")
     assert result.phases() == ["start"] + PHASES[name], result.failure_report()
     result.assert_accurate()
 
 
+@pytest.mark.guest
 def test_watch_fork(harness, workloads, tmp_path):
     """The parent is watched from its start; the child gets its own
     `memtrace watch CHILDPID`, started at the child's first PAUSE."""
@@ -146,7 +165,7 @@ def test_watch_fork(harness, workloads, tmp_path):
     result.assert_accurate()
 
 
-@pytest.mark.parametrize("name", ["heap", "mremap"])
+@pytest.mark.parametrize("name", [pytest.param("heap", marks=pytest.mark.guest), "mremap"])
 def test_run_scenario(harness, workloads, tmp_path, name):
     """`memtrace run` traces the command from its first instruction."""
     result = harness.run(_argv(workloads, tmp_path, name), label=f"scenario {name}")

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The accuracy subset inside the 6.1 guest kernel. Run it from the host with
+#   scripts/guest.sh scripts/guest-tests.sh [pytest args...]
+# (.ci/run does). Inside the guest (root, in the repo) it prints the kernel
+# version, runs `memtrace doctor` (which names the mechanisms memtrace uses
+# here: the fallbacks on 6.1), then the integration tests marked `guest`
+# (pytest -m guest tests/integration -v -rA: pass/fail per test).
+#
+# The tests' scratch files (pytest --basetemp: the compiled workloads and the
+# data files the file-mapping scenarios map) go to an ext4 file system on a
+# loop device, so file mappings are page cache of a disk file system as on
+# the host: the guest's /tmp is an overlay on tmpfs (its file pages would be
+# shmem) and the repo is 9p (no shared writable mmap). Without loop or ext4
+# the tests fall back to /tmp, with a warning.
+#
+# Environment: MT_TIMEOUT_SCALE (default 4: qemu TCG is slow) multiplies the
+# harness's timeouts; GUEST_SCRATCH_MB (default 512) sizes the ext4 image,
+# which lives in the guest's RAM (sparse, on tmpfs).
+# Exit status: pytest's; 1 if memtrace doctor fails or does not name the
+# fallback on a kernel without PAGEMAP_SCAN (before 6.7).
+set -uo pipefail
+
+REPO="$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd -P)"
+cd "$REPO" || exit 1
+
+if [[ $EUID -ne 0 ]]; then
+    echo "guest-tests: error: must run as root (scripts/guest.sh runs it as root in the guest)" >&2
+    exit 1
+fi
+export MT_TIMEOUT_SCALE="${MT_TIMEOUT_SCALE:-4}"
+PY="$REPO/.venv/bin/python"
+[[ -x $PY ]] || {
+    echo "guest-tests: error: $REPO/.venv is missing; run: sudo scripts/setup.sh (on the host)" >&2
+    exit 1
+}
+mountpoint -q /sys/kernel/tracing || mount -t tracefs tracefs /sys/kernel/tracing || true
+
+kver="$(uname -r)"
+echo "== guest-tests: kernel $kver ($(nproc) CPUs, $(awk '/^MemTotal/ {printf "%d MiB", $2/1024}' /proc/meminfo)), MT_TIMEOUT_SCALE=$MT_TIMEOUT_SCALE"
+
+# --- memtrace doctor: the mechanisms in use on this kernel ---------------------
+echo "== guest-tests: memtrace doctor"
+t0=$SECONDS
+doctor_out="$("$REPO/.venv/bin/memtrace" doctor 2>&1)"
+doctor_rc=$?
+echo "$doctor_out"
+echo "(memtrace doctor exit $doctor_rc, $((SECONDS - t0))s)"
+doctor_failed=""
+((doctor_rc == 0)) || doctor_failed="memtrace doctor exited $doctor_rc"
+# Before 6.7 there is no PAGEMAP_SCAN: doctor must say memtrace falls back.
+major=${kver%%.*} rest=${kver#*.}
+minor=${rest%%[!0-9]*}
+if ((major < 6 || (major == 6 && minor < 7))) &&
+    ! grep -q 'mechanisms: resident pages: pagemap read + zero-page PFNs' <<<"$doctor_out"; then
+    doctor_failed+="${doctor_failed:+; }memtrace doctor does not name the pagemap-read fallback on $kver"
+fi
+
+# --- scratch ext4 file system ------------------------------------------------
+scratch=""
+img=/run/memtrace-scratch.img
+mnt=/run/memtrace-scratch
+# shellcheck disable=SC2317  # called by the EXIT trap
+cleanup() {
+    if [[ -n $scratch ]]; then
+        umount "$mnt" 2>/dev/null || true
+        rm -f "$img"
+    fi
+}
+trap cleanup EXIT
+if modprobe loop 2>/dev/null && command -v mkfs.ext4 >/dev/null 2>&1; then
+    mkdir -p "$mnt"
+    if truncate -s "${GUEST_SCRATCH_MB:-512}M" "$img" &&
+        mkfs.ext4 -q -F -E lazy_itable_init=0,lazy_journal_init=0 "$img" &&
+        mount -o loop "$img" "$mnt"; then
+        scratch="$mnt"
+        echo "== guest-tests: scratch: ext4 on $(findmnt -n -o SOURCE "$mnt") at $mnt"
+    else
+        rm -f "$img"
+    fi
+fi
+basetemp=()
+if [[ -n $scratch ]]; then
+    basetemp=(--basetemp "$scratch/pytest")
+else
+    echo "guest-tests: WARNING: no ext4 scratch (loop or mkfs.ext4 missing): tests use /tmp," \
+        "an overlay on tmpfs, so file mappings are shmem there" >&2
+fi
+
+# --- the accuracy subset ------------------------------------------------------
+echo "== guest-tests: pytest -m guest tests/integration"
+t0=$SECONDS
+"$PY" -u -m pytest -m guest tests/integration -v -rA --durations=0 -p no:cacheprovider \
+    "${basetemp[@]}" "$@"
+rc=$?
+echo "== guest-tests: pytest exit $rc after $((SECONDS - t0))s on $kver"
+if [[ -n $doctor_failed ]]; then
+    echo "guest-tests: FAILED: $doctor_failed" >&2
+    ((rc != 0)) || rc=1
+fi
+exit "$rc"
