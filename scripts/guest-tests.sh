@@ -13,9 +13,20 @@
 # shmem) and the repo is 9p (no shared writable mmap). Without loop or ext4
 # the tests fall back to /tmp, with a warning.
 #
+# Transparent huge pages are set to `madvise`, the host's (and upstream's)
+# default, instead of Debian's `always`: 6.1's smaps leaves out a PMD-mapped
+# THP in a PROT_NONE mapping (its Rss and AnonHugePages drop by 2 MiB while
+# pagemap, /proc/kpageflags and the RSS counters still have the pages;
+# 6.18's smaps counts them), so under `always` the mprotect scenario's
+# 'protnone-middle' point differs from smaps by exactly that THP, a kernel
+# bug rather than memtrace's. The check below prints whether the running
+# kernel has it.
+#
 # Environment: MT_TIMEOUT_SCALE (default 4: qemu TCG is slow) multiplies the
 # harness's timeouts; GUEST_SCRATCH_MB (default 512) sizes the ext4 image,
-# which lives in the guest's RAM (sparse, on tmpfs).
+# which lives in the guest's RAM (sparse, on tmpfs); GUEST_THP (default
+# madvise) is written to /sys/kernel/mm/transparent_hugepage/enabled (pass
+# it with GUEST_ENV=GUEST_THP).
 # Exit status: pytest's; 1 if memtrace doctor fails or does not name the
 # fallback on a kernel without PAGEMAP_SCAN (before 6.7).
 set -uo pipefail
@@ -54,6 +65,51 @@ if ((major < 6 || (major == 6 && minor < 7))) &&
     ! grep -q 'mechanisms: resident pages: pagemap read + zero-page PFNs' <<<"$doctor_out"; then
     doctor_failed+="${doctor_failed:+; }memtrace doctor does not name the pagemap-read fallback on $kver"
 fi
+
+# --- transparent huge pages ---------------------------------------------------
+thp=/sys/kernel/mm/transparent_hugepage/enabled
+if [[ -w $thp ]]; then
+    echo "== guest-tests: transparent huge pages: was '$(cat "$thp")'"
+    echo "${GUEST_THP:-madvise}" >"$thp" || echo "guest-tests: WARNING: could not set $thp" >&2
+    echo "== guest-tests: transparent huge pages: now '$(cat "$thp")'"
+fi
+# Does smaps count a PMD-mapped THP in a PROT_NONE mapping on this kernel?
+python3 - <<'EOF' || true
+import ctypes, re
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+libc.madvise.argtypes = libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+M = 1 << 20
+raw = libc.mmap(None, 4 * M, 3, 0x22, -1, 0)  # PROT_READ|WRITE, MAP_PRIVATE|ANONYMOUS
+a = (raw + 2 * M - 1) & ~(2 * M - 1)  # one 2 MiB-aligned PMD inside
+libc.madvise(a, 2 * M, 14)  # MADV_HUGEPAGE
+ctypes.memset(a, 1, 2 * M)
+libc.mprotect(a, 2 * M, 0)  # PROT_NONE
+
+
+def rss_kb():
+    cur = None
+    for line in open("/proc/self/smaps"):
+        m = re.match(r"([0-9a-f]+)-", line)
+        if m:
+            cur = int(m.group(1), 16)
+        elif cur == a and line.startswith("Rss:"):
+            return int(line.split()[1])
+
+
+def present_kb():
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek(a // 4096 * 8)
+        data = f.read(512 * 8)
+    return sum(data[i + 7] >> 7 for i in range(0, len(data), 8)) * 4
+
+
+print("== guest-tests: a 2 MiB THP made PROT_NONE: smaps Rss %s kB, pagemap present %d kB (%s)"
+      % (rss_kb(), present_kb(), "smaps leaves it out on this kernel" if rss_kb() != present_kb()
+         else "smaps counts it"))
+EOF
 
 # --- scratch ext4 file system ------------------------------------------------
 scratch=""
