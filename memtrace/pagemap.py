@@ -58,22 +58,30 @@ class ScanUnsupported(OSError):
     pass
 
 
-class PagemapScanner:
-    """PAGEMAP_SCAN on one process. Raises ProcessLookupError once it has gone."""
+class _PagemapFile:
+    """An open /proc/PID/pagemap (bound to the address space it was opened on)."""
 
-    mechanism = "PAGEMAP_SCAN"
-
-    def __init__(self, pid: int, proc_root: str = "/proc") -> None:
+    def __init__(self, pid: int, proc_root: str) -> None:
         self.pid = pid
         self.fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        self._vec = (_PageRegion * _VEC_LEN)()
-        self._arg = _PmScanArg()
-        self.ioctls = 0
+        self.ioctls = 0     # kernel calls made: ioctls, or preads for the fallback
 
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class PagemapScanner(_PagemapFile):
+    """PAGEMAP_SCAN on one process. Raises ProcessLookupError once it has gone."""
+
+    mechanism = "PAGEMAP_SCAN"
+
+    def __init__(self, pid: int, proc_root: str = "/proc") -> None:
+        super().__init__(pid, proc_root)
+        self._vec = (_PageRegion * _VEC_LEN)()
+        self._arg = _PmScanArg()
+
 
     def scan(self, start: int, end: int) -> list[Run]:
         """Resident runs in [start, end), in address order. Runs are coalesced
@@ -194,7 +202,7 @@ def learn_zero_pfns() -> frozenset[int]:
     return frozenset(zero)
 
 
-class RawPagemapScanner:
+class RawPagemapScanner(_PagemapFile):
     """Resident runs from raw /proc/PID/pagemap entries, for kernels without
     PAGEMAP_SCAN. Zero-page mappings are recognised by PFN (root only); reads are
     limited to the VMAs `vmas_in(start, end)` names, skipping PFN-mapped ones."""
@@ -203,16 +211,10 @@ class RawPagemapScanner:
 
     def __init__(self, pid: int, proc_root: str, vmas_in: VmaSource,
                  zero_pfns: frozenset[int]) -> None:
-        self.pid = pid
-        self.fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        super().__init__(pid, proc_root)
         self.vmas_in = vmas_in
         self.zero_pfns = zero_pfns
-        self.ioctls = 0
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
     def scan(self, start: int, end: int) -> list[Run]:
         runs: list[Run] = []
