@@ -22,7 +22,8 @@ from memtrace.web import DEFAULT_LISTEN, MetricsServer, load_web_config
 EXIT_CODES_HELP = """\b
 Exit codes: 0 ok; 2 usage; 3 not root; 4 BCC missing; 5 kernel headers missing;
 6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
-10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted.
+10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted;
+13 heap: no consistent walk or unverified glibc layout.
 `run` otherwise exits with the command's status (128+N if killed by signal N)."""
 
 

@@ -21,6 +21,7 @@ class ExitCode(enum.IntEnum):
     CANNOT_EXECUTE = 10
     BPF_LOAD_FAILED = 11
     NO_TRACEFS = 12
+    HEAP_UNREADABLE = 13
 
 
 class MemtraceError(Exception):

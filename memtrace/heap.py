@@ -1588,7 +1588,7 @@ def heap_command(pid: int, fmt: str, stop: bool, retries: int) -> str:
         if e.kind == "gone":
             raise MemtraceError(f"no such process: {pid} (it exited)",
                                 ExitCode.NO_SUCH_PROCESS) from None
-        raise MemtraceError(e.message, ExitCode.INTERNAL) from None
+        raise MemtraceError(e.message, ExitCode.HEAP_UNREADABLE) from None
     except PermissionError as e:
         raise MemtraceError(f"cannot read the memory of {pid}: {e.strerror} (memtrace heap "
                             "needs root, or CAP_SYS_PTRACE)", ExitCode.NOT_ROOT) from None
