@@ -12,9 +12,17 @@
 BPF_HASH(targets, u32, u32, MT_MAX_TARGETS);
 BPF_HASH(stats, u32, struct mt_stats, MT_MAX_TARGETS);
 BPF_HASH(event_credit, u32, s64, MT_MAX_TARGETS);
-BPF_HASH(dirty, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
+/* Dirty chunks, double-buffered by the parity of drain_gen: BPF writes the
+ * current generation's map while user space drains the other one, after an
+ * RCU grace period has let every program that saw the old generation finish,
+ * so no count is added to an entry that is being deleted. */
+BPF_HASH(dirty0, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
+BPF_HASH(dirty1, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
 BPF_HASH(inflight, u32, struct mt_inflight, 4096);
-BPF_PERCPU_ARRAY(fault_cache, struct mt_fault_cache, 1);
+/* Per-CPU fault cache, one slot per generation parity (user space reads the
+ * old generation's slot after the grace period; BPF resets it two
+ * generations later). */
+BPF_PERCPU_ARRAY(fault_cache, struct mt_fault_cache, 2);
 BPF_ARRAY(drain_gen, u64, 1);                  /* bumped by user space before each drain */
 BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);   /* mm -> tgid */
 BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
@@ -30,11 +38,22 @@ static __always_inline int is_target(u32 tgid)
     return targets.lookup(&tgid) != NULL;
 }
 
-static __always_inline void mark_chunk(u32 tgid, u64 addr, u64 faults)
+static __always_inline u64 current_gen(void)
+{
+    int zero = 0;
+    u64 *gen = drain_gen.lookup(&zero);
+    return gen ? *gen : 0;
+}
+
+static __always_inline void mark_chunk(u32 tgid, u64 addr, u64 faults, u64 gen)
 {
     struct mt_chunk_key key = {.tgid = tgid, .chunk = addr >> MT_CHUNK_SHIFT};
     struct mt_chunk_val zero = {};
-    struct mt_chunk_val *val = dirty.lookup_or_try_init(&key, &zero);
+    struct mt_chunk_val *val;
+    if (gen & 1)
+        val = dirty1.lookup_or_try_init(&key, &zero);
+    else
+        val = dirty0.lookup_or_try_init(&key, &zero);
     if (!val) {
         /* Map full: ask for a full rescan rather than lose the change. */
         struct mt_stats *st = stats.lookup(&tgid);
@@ -54,42 +73,45 @@ static __always_inline void on_fault(u64 addr)
         return;
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 chunk = addr >> MT_CHUNK_SHIFT;
-    int zero = 0;
-    u64 *gen = drain_gen.lookup(&zero);
-    struct mt_fault_cache *fc = fault_cache.lookup(&zero);
-    if (!gen || !fc) {
+    u64 gen = current_gen();
+    int slot = gen & 1;
+    struct mt_fault_cache *fc = fault_cache.lookup(&slot);
+    if (!fc) {
         if (is_target(tgid))
-            mark_chunk(tgid, addr, 1);
+            mark_chunk(tgid, addr, 1, gen);
         return;
     }
-    /* Fast path: this CPU already marked this chunk since the last drain. */
-    if (fc->tgid == tgid && fc->chunk == chunk && fc->gen == *gen) {
+    /* Fast path: this CPU already marked this chunk in this generation. */
+    if (fc->gen == gen && fc->tgid == tgid && fc->chunk == chunk) {
         fc->pending++;
         fc->last_addr = addr;
         return;
     }
     if (!is_target(tgid))
         return;
-    if (fc->pending)
-        mark_chunk(fc->tgid, fc->last_addr, fc->pending);
-    mark_chunk(tgid, addr, 1);
+    /* A slot of an older generation was collected by user space already. */
+    if (fc->gen == gen && fc->pending)
+        mark_chunk(fc->tgid, fc->last_addr, fc->pending, gen);
+    mark_chunk(tgid, addr, 1, gen);
     fc->tgid = tgid;
     fc->chunk = chunk;
-    fc->gen = *gen;
+    fc->gen = gen;
     fc->pending = 0;
     fc->last_addr = addr;
 }
 
-TRACEPOINT_PROBE(exceptions, page_fault_user)
+/* Raw tracepoints: the handler gets the tracepoint's arguments
+ * (address, regs, error_code) without the cost of building a trace record. */
+RAW_TRACEPOINT_PROBE(page_fault_user)
 {
-    on_fault(args->address);
+    on_fault(ctx->args[0]);
     return 0;
 }
 
 /* Kernel-mode faults on user addresses: read() into a fresh buffer, etc. */
-TRACEPOINT_PROBE(exceptions, page_fault_kernel)
+RAW_TRACEPOINT_PROBE(page_fault_kernel)
 {
-    on_fault(args->address);
+    on_fault(ctx->args[0]);
     return 0;
 }
 
@@ -101,11 +123,12 @@ static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start,
     u64 first = start >> MT_CHUNK_SHIFT;
     u64 last = (end - 1) >> MT_CHUNK_SHIFT;
     if (last - first < MT_INLINE_CHUNKS) {
+        u64 gen = current_gen();
 #pragma unroll
         for (int i = 0; i < MT_INLINE_CHUNKS; i++) {
             if (first + i > last)
                 break;
-            mark_chunk(tgid, (first + i) << MT_CHUNK_SHIFT, 0);
+            mark_chunk(tgid, (first + i) << MT_CHUNK_SHIFT, 0, gen);
         }
         return;
     }

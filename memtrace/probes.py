@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import os
 import sys
+import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
@@ -96,11 +98,15 @@ class Probes:
         self._targets = self.bpf["targets"]
         self._stats = self.bpf["stats"]
         self._credit = self.bpf["event_credit"]
-        self._dirty = self.bpf["dirty"]
+        self._dirty = (self.bpf["dirty0"], self.bpf["dirty1"])
+        self._fault_cache = self.bpf["fault_cache"]
         self._mm_owner = self.bpf["mm_owner"]
         self._tgid_mm = self.bpf["tgid_mm"]
         self._names_gen = self.bpf["names_gen"]
         self._drain_gen = self.bpf["drain_gen"]
+        self._gen = 0
+        self._carry: dict[int, list[ChunkMark]] = defaultdict(list)
+        self.grace_period_mechanism = "membarrier(MEMBARRIER_CMD_GLOBAL)"
         self._ranges: dict[int, list[tuple[int, int]]] = defaultdict(list)
         self._events: list[SyscallEvent] = []
         self.bpf["ranges"].open_ring_buffer(self._on_range)
@@ -128,7 +134,9 @@ class Probes:
         self._targets[key] = self._targets.Leaf(1)
 
     def remove_target(self, pid: int) -> None:
-        self._bump_drain_gen()
+        # Collect what the per-CPU fault caches still hold, so that no later
+        # fault of this pid is counted against a stale cache entry.
+        self._swap()
         for table in (self._targets, self._stats, self._credit, self._tgid_mm):
             with contextlib.suppress(KeyError):
                 del table[table.Key(pid)]
@@ -137,28 +145,45 @@ class Probes:
                 with contextlib.suppress(KeyError):
                     del self._mm_owner[k]
 
-    def _bump_drain_gen(self) -> None:
-        """Invalidate the per-CPU fault caches: the next fault in any chunk marks it
-        again. Done before every drain and detach."""
-        key = self._drain_gen.Key(0)
-        self._drain_gen[key] = self._drain_gen.Leaf(self._drain_gen[key].value + 1)
+    def _swap(self) -> None:
+        """Start a new drain generation and collect the old one into the carry.
 
-    def drain(self) -> Drained:
-        self._bump_drain_gen()
-        self.bpf.ring_buffer_consume()
-        chunks: dict[int, list[ChunkMark]] = defaultdict(list)
+        BPF writes dirty chunks and per-CPU fault counts into the slot of the
+        current generation's parity. After the bump, an RCU grace period lets
+        every program that still saw the old generation finish; then the old
+        slot has no writer and is read whole (nothing lost, nothing twice)."""
+        old = self._gen
+        self._gen = old + 1
+        self._drain_gen[self._drain_gen.Key(0)] = self._drain_gen.Leaf(self._gen)
+        self._grace_period()
+        dirty = self._dirty[old & 1]
         try:
-            batch = list(self._dirty.items_lookup_and_delete_batch())
+            batch = list(dirty.items_lookup_and_delete_batch())
         except Exception:
             batch = []
-            for k, v in list(self._dirty.items()):
-                try:
-                    del self._dirty[k]
-                except KeyError:
-                    continue
+            for k, v in list(dirty.items()):
+                with contextlib.suppress(KeyError):
+                    del dirty[k]
                 batch.append((k, v))
         for k, v in batch:
-            chunks[k.tgid].append(ChunkMark(chunk=k.chunk, faults=v.faults, last_addr=v.last_addr))
+            self._carry[k.tgid].append(
+                ChunkMark(chunk=k.chunk, faults=v.faults, last_addr=v.last_addr))
+        for fc in self._fault_cache[self._fault_cache.Key(old & 1)]:
+            if fc.gen == old and fc.pending:
+                self._carry[fc.tgid].append(ChunkMark(
+                    chunk=fc.chunk, faults=fc.pending, last_addr=fc.last_addr))
+
+    def _grace_period(self) -> None:
+        if _membarrier_global() != 0:
+            # No membarrier (nohz_full, old kernel): BPF programs run for
+            # microseconds; a short sleep is a good bound but not a guarantee.
+            self.grace_period_mechanism = "sleep 2 ms (membarrier unavailable)"
+            time.sleep(0.002)
+
+    def drain(self) -> Drained:
+        self._swap()
+        self.bpf.ring_buffer_consume()
+        chunks, self._carry = dict(self._carry), defaultdict(list)
         stats: dict[int, Stats] = {}
         for k, v in self._stats.items():
             stats[k.value] = decode_stats(RawStats.from_buffer_copy(bytes(v)))
@@ -167,7 +192,7 @@ class Probes:
         events, self._events = self._events, []
         execs, self._execs = self._execs, []
         names_gen = int(self._names_gen[0].value)
-        return Drained(chunks=dict(chunks), ranges=ranges, events=events, stats=stats,
+        return Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
                        names_gen=names_gen, execs=execs)
 
     def _detach_quietly(self, tracepoint: bytes) -> None:
@@ -183,6 +208,24 @@ class Probes:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
             print(f"memtrace: warning: detaching probes: {e}", file=sys.stderr)
+
+
+_MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283}
+_MEMBARRIER_CMD_GLOBAL = 1
+
+
+def _membarrier_global() -> int:
+    """membarrier(MEMBARRIER_CMD_GLOBAL): returns after an RCU grace period,
+    i.e. once every BPF program that was running has finished. 0 on success."""
+    nr = _MEMBARRIER_NR.get(os.uname().machine)
+    if nr is None:
+        return -1
+    return int(_libc().syscall(nr, _MEMBARRIER_CMD_GLOBAL, 0, 0))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def read_stats_of(probes: Probes, pid: int) -> Stats:
