@@ -57,6 +57,10 @@ class AddressSpace:
         self._ends: list[int] = []
         self.resident: dict[int, Resident] = {}   # by VMA start
         self._total = Resident()                   # sum of self.resident, kept in step
+        # For incremental views: bumped whenever the VMA list is replaced, and
+        # the starts of VMAs whose figures changed since take_changed().
+        self.layout_version = 0
+        self.changed: set[int] = set()
 
     # -- resident pages -------------------------------------------------
     def replace_chunks(self, first: int, last: int, runs: Iterable[Run]) -> None:
@@ -89,6 +93,7 @@ class AddressSpace:
         """Install a new VMA list; return the VMAs that were not there before."""
         old = {v.identity for v in self.vmas}
         self.vmas = vmas
+        self.layout_version += 1
         self._ends = [v.end for v in self.vmas]
         starts = {v.start for v in self.vmas}
         for s in [s for s in self.resident if s not in starts]:
@@ -146,12 +151,18 @@ class AddressSpace:
 
     def attribute_all(self) -> None:
         self.resident = {v.start: self._measure(v) for v in self.vmas}
+        self.changed.update(self.resident)
         self._total = Resident()
         for r in self.resident.values():
             self._total.anon += r.anon
             self._total.other += r.other
 
+    def take_changed(self) -> set[int]:
+        changed, self.changed = self.changed, set()
+        return changed
+
     def _set(self, start: int, res: Resident | None) -> None:
+        self.changed.add(start)
         old = self.resident.pop(start, None)
         if old is not None:
             self._total.anon -= old.anon

@@ -19,7 +19,7 @@ from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
 from memtrace.tracker import ProcessGone, ProcessTracker
-from memtrace.views.snapshot import snapshot
+from memtrace.views.snapshot import SnapshotBuilder
 
 
 class Reporter(Protocol):
@@ -49,6 +49,7 @@ class Session:
         self._names_gen = 0
         self.exporter_box = StateBox()
         self._snapshots: dict[int, dict[str, Any]] = {}
+        self._builders: dict[int, SnapshotBuilder] = {}
         self._rescans_of_gone: Counter[str] = Counter()
         self._lost_of_gone = (0, 0)
         self._attach_seconds: dict[int, float] = {}
@@ -98,7 +99,8 @@ class Session:
                 "user's process needs CAP_DAC_READ_SEARCH, or CAP_SYS_PTRACE on older "
                 "kernels)", ExitCode.NOT_ROOT) from None
         self.trackers[pid] = tracker
-        snap = snapshot(tracker, time.time())
+        self._builders[pid] = SnapshotBuilder()
+        snap = self._builders[pid].build(tracker, time.time())
         self._snapshots[pid] = snap
         self._attach_seconds[pid] = time.time() - tracker.attached_at
         self.reporter.snapshot(snap)
@@ -115,6 +117,7 @@ class Session:
     def detach(self, pid: int, why: str) -> None:
         tracker = self.trackers.pop(pid, None)
         last = self._snapshots.pop(pid, None)
+        self._builders.pop(pid, None)
         if last is not None and self.grouping:
             key = (self.group_of.get(pid, last["comm"]), last["comm"])
             add_counters(self._retired.setdefault(key, empty_counters()), last)
@@ -148,7 +151,7 @@ class Session:
             if not self._same_process(tracker):
                 self.detach(pid, "exited")
                 continue
-            snap = snapshot(tracker, now)
+            snap = self._builders[pid].build(tracker, now)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
         self._last_tick_seconds = time.perf_counter() - t0

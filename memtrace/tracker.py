@@ -205,6 +205,7 @@ class ProcessTracker:
             vma = self.space.vma_at(m.last_addr)
             if vma is not None:
                 self.faults_by_vma[vma.start] += m.faults
+                self.space.changed.add(vma.start)
                 self.faults_by_mapping[mapping_identity(vma, classify(vma, self.exe))] += m.faults
             else:
                 self.faults_by_mapping["[unmapped]"] += m.faults

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import IO, Any
 
 from memtrace.events import SyscallEvent
+from memtrace.views.snapshot import encode
 
 
 class JsonReporter:
@@ -14,7 +14,7 @@ class JsonReporter:
         self.out = out or sys.stdout
 
     def snapshot(self, snap: dict[str, Any]) -> None:
-        self.out.write(json.dumps(snap, separators=(",", ":")) + "\n")
+        self.out.write(encode(snap) + "\n")
         self.out.flush()
 
     def events(self, events: list[SyscallEvent]) -> None:

@@ -1,25 +1,74 @@
 """The per-process snapshot: one dict that every view renders (JSON contract
-in docs/output.md)."""
+in docs/output.md).
+
+Snapshots are built incrementally: a SnapshotBuilder keeps one entry per
+mapping (its dict and its JSON text) and rebuilds only the mappings whose
+figures changed since the previous tick, plus every mapping when the VMA list
+was replaced (entries whose VMA is unchanged are still reused). A quiet
+process with 60k mappings costs a list copy per tick, not 60k dicts and a
+13 MB json.dumps."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from typing import Any
 
 from memtrace.attribution import classify, mapping_identity, split
+from memtrace.model import AddressSpace
+from memtrace.procfs import Vma
 from memtrace.tracker import ProcessTracker
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
-def snapshot(tracker: ProcessTracker, ts: float) -> dict[str, Any]:
-    mappings = []
-    anon = file = shmem = virtual = 0
-    for vma in tracker.space.vmas:
+
+class Snapshot(dict[str, Any]):
+    """A snapshot dict that also carries each mapping's JSON text, in the order
+    of snap["mappings"], so the JSON view can join them instead of encoding
+    every mapping again."""
+
+    mapping_json: list[str]
+
+
+@dataclass(frozen=True)
+class _Entry:
+    key: tuple[Any, ...]        # what the mapping's dict was built from
+    mapping: dict[str, Any]
+    text: str
+    anon: int
+    file: int
+    shmem: int
+    virtual: int
+
+
+class SnapshotBuilder:
+    """Builds the snapshots of one tracked process, tick after tick."""
+
+    def __init__(self) -> None:
+        self._space: AddressSpace | None = None
+        self._layout = -1
+        self._exe = b""
+        self._entries: list[_Entry] = []
+        self._index: dict[int, int] = {}        # VMA start -> position in _entries
+        self._totals = [0, 0, 0, 0]             # anon, file, shmem, virtual
+        self._generation = 0
+        self._fingerprint: tuple[Any, ...] | None = None
+
+    def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
+        space = tracker.space
+        changed = space.take_changed()
+        if (space is not self._space or space.layout_version != self._layout
+                or tracker.exe != self._exe):
+            self._rebuild_all(tracker, changed)
+        else:
+            self._rebuild_changed(tracker, changed)
+        return self._snapshot(tracker, ts, content_changed=bool(changed))
+
+    def _entry(self, tracker: ProcessTracker, vma: Vma) -> _Entry:
         kind = classify(vma, tracker.exe)
         parts = split(tracker.space.resident_of(vma), kind)
-        anon += parts.anon
-        file += parts.file
-        shmem += parts.shmem
-        virtual += vma.size
-        mappings.append({
+        faults = tracker.faults_by_vma.get(vma.start, 0)
+        mapping = {
             "start": vma.start,
             "end": vma.end,
             "perms": vma.perms,
@@ -32,28 +81,98 @@ def snapshot(tracker: ProcessTracker, ts: float) -> dict[str, Any]:
             "file_bytes": parts.file,
             "shmem_bytes": parts.shmem,
             "virtual_bytes": vma.size,
-            "faults": tracker.faults_by_vma.get(vma.start, 0),
+            "faults": faults,
+        }
+        return _Entry(key=(vma.identity, parts, faults), mapping=mapping,
+                      text=_encode(mapping), anon=parts.anon, file=parts.file,
+                      shmem=parts.shmem, virtual=vma.size)
+
+    def _rebuild_all(self, tracker: ProcessTracker, changed: set[int]) -> None:
+        old = {e.mapping["start"]: e for e in self._entries}
+        entries: list[_Entry] = []
+        for vma in tracker.space.vmas:
+            prev = old.get(vma.start)
+            if (prev is not None and vma.start not in changed
+                    and prev.key[0] == vma.identity and tracker.exe == self._exe):
+                entries.append(prev)
+            else:
+                entries.append(self._entry(tracker, vma))
+        self._entries = entries
+        self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
+        self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
+                        sum(e.shmem for e in entries), sum(e.virtual for e in entries)]
+        self._space = tracker.space
+        self._layout = tracker.space.layout_version
+        self._exe = tracker.exe
+
+    def _rebuild_changed(self, tracker: ProcessTracker, changed: set[int]) -> None:
+        if not changed:
+            return
+        entries = list(self._entries)   # a snapshot already handed out keeps its list
+        vmas = tracker.space.vmas
+        for start in changed:
+            i = self._index.get(start)
+            if i is None:
+                continue
+            new = self._entry(tracker, vmas[i])
+            old = entries[i]
+            entries[i] = new
+            self._totals[0] += new.anon - old.anon
+            self._totals[1] += new.file - old.file
+            self._totals[2] += new.shmem - old.shmem
+        self._entries = entries
+
+    def _snapshot(self, tracker: ProcessTracker, ts: float, content_changed: bool) -> Snapshot:
+        anon, file, shmem, virtual = self._totals
+        c = tracker.counters
+        statm = tracker.statm
+        snap = Snapshot({
+            "ts": round(ts, 6),
+            "pid": tracker.pid,
+            "comm": tracker.comm,
+            "rss_bytes": anon + file + shmem,
+            "anon_bytes": anon,
+            "file_bytes": file,
+            "shmem_bytes": shmem,
+            "virtual_bytes": virtual,
+            "statm_rss_bytes": statm.resident_bytes if statm else None,
+            "drift_bytes": tracker.drift_bytes(),
+            "faults": tracker.faults_total,
+            "faults_by_mapping": dict(tracker.faults_by_mapping),
+            "syscalls": dict(tracker.stats.calls),
+            "syscall_bytes": dict(tracker.stats.bytes),
+            "full_rescans": dict(c.full_rescans),
+            "events_lost": tracker.stats.events_lost + tracker.stats.ranges_lost,
+            "events_sampled_out": tracker.stats.events_sampled_out,
+            "tick_seconds": round(c.last_tick_seconds, 6),
+            "generation": 0,
+            "mappings": [e.mapping for e in self._entries],
         })
-    c = tracker.counters
-    statm = tracker.statm
-    return {
-        "ts": round(ts, 6),
-        "pid": tracker.pid,
-        "comm": tracker.comm,
-        "rss_bytes": anon + file + shmem,
-        "anon_bytes": anon,
-        "file_bytes": file,
-        "shmem_bytes": shmem,
-        "virtual_bytes": virtual,
-        "statm_rss_bytes": statm.resident_bytes if statm else None,
-        "drift_bytes": tracker.drift_bytes(),
-        "faults": tracker.faults_total,
-        "faults_by_mapping": dict(tracker.faults_by_mapping),
-        "syscalls": dict(tracker.stats.calls),
-        "syscall_bytes": dict(tracker.stats.bytes),
-        "full_rescans": dict(c.full_rescans),
-        "events_lost": tracker.stats.events_lost + tracker.stats.ranges_lost,
-        "events_sampled_out": tracker.stats.events_sampled_out,
-        "tick_seconds": round(c.last_tick_seconds, 6),
-        "mappings": mappings,
-    }
+        fingerprint = _freeze(tuple(v for k, v in snap.items()
+                                    if k not in ("ts", "tick_seconds", "generation", "mappings")))
+        if content_changed or fingerprint != self._fingerprint:
+            self._generation += 1
+            self._fingerprint = fingerprint
+        snap["generation"] = self._generation
+        snap.mapping_json = [e.text for e in self._entries]
+        return snap
+
+
+def _freeze(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Dicts as sorted item tuples, so that a fingerprint compares by value."""
+    return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values)
+
+
+def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:
+    """A one-off snapshot (tests, single reports); the watch loop keeps a
+    SnapshotBuilder per process instead."""
+    return SnapshotBuilder().build(tracker, ts)
+
+
+def encode(snap: dict[str, Any]) -> str:
+    """The snapshot as one JSON line, reusing the mappings' cached JSON text."""
+    texts = getattr(snap, "mapping_json", None)
+    if texts is None or len(texts) != len(snap["mappings"]):
+        return _encode(snap)
+    head = _encode({k: v for k, v in snap.items() if k != "mappings"})
+    return f'{head[:-1]},"mappings":[{",".join(texts)}]}}'

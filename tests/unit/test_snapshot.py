@@ -31,6 +31,7 @@ TOP_KEYS = {
     "events_lost",
     "events_sampled_out",
     "tick_seconds",
+    "generation",
     "mappings",
 }
 MAPPING_KEYS = {
@@ -154,3 +155,73 @@ def test_json_reporter_writes_one_line_per_snapshot(world, tmp_path):
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert [json.loads(x)["ts"] for x in lines] == [1.0, 2.0]
+
+
+# -- incremental builder --------------------------------------------------------
+
+def _plain(snap):
+    return {k: v for k, v in snap.items() if k not in ("ts", "tick_seconds", "generation")}
+
+
+def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
+    from memtrace.views.snapshot import SnapshotBuilder, encode
+
+    p, m, tr = tracked(world)
+    builder = SnapshotBuilder()
+    builder.build(tr, 1.0)
+    anon = m["anon"]
+    steps = [
+        # pages appear in one mapping (a fault mark), layout unchanged
+        lambda: (p.touch(anon.start, anon.start + 2 * PAGE), p.sync(),
+                 tr.update([ChunkMark(anon.start >> CHUNK_SHIFT, 2, anon.start)], [], None)),
+        # pages go (a range mark), layout unchanged
+        lambda: (p.drop(anon.start, anon.start + PAGE), p.sync(),
+                 tr.update([], [(anon.start, anon.start + PAGE)], None)),
+        # layout change: a new mapping with pages
+        lambda: (p.map(0x100000000, 0x100004000), p.touch(0x100000000, 0x100002000),
+                 p.sync(),
+                 tr.update([], [], dataclasses.replace(tr.stats,
+                                                       layout_gen=tr.stats.layout_gen + 1))),
+    ]
+    for step in steps:
+        step()
+        snap = builder.build(tr, 2.0)
+        assert _plain(snap) == _plain(snapshot(tr, 2.0))
+        assert json.loads(encode(snap)) == json.loads(json.dumps(snap))
+        anon_total, other_total = p.expected_total()
+        assert snap["rss_bytes"] == anon_total + other_total
+
+
+def test_builder_reuses_unchanged_mappings_and_keeps_old_snapshots_intact(world):
+    from memtrace.views.snapshot import SnapshotBuilder
+
+    p, m, tr = tracked(world)
+    builder = SnapshotBuilder()
+    first = builder.build(tr, 1.0)
+    quiet = builder.build(tr, 2.0)
+    assert quiet["generation"] == first["generation"]
+    assert all(a is b for a, b in zip(first["mappings"], quiet["mappings"], strict=True))
+
+    anon = m["anon"]
+    before = [dict(x) for x in quiet["mappings"]]
+    p.touch(anon.start + 4 * PAGE, anon.start + 5 * PAGE)
+    p.sync()
+    tr.update([ChunkMark(anon.start >> CHUNK_SHIFT, 1, anon.start + 4 * PAGE)], [], None)
+    busy = builder.build(tr, 3.0)
+    assert busy["generation"] == quiet["generation"] + 1
+    assert [dict(x) for x in quiet["mappings"]] == before      # not mutated in place
+    changed = [b for a, b in zip(quiet["mappings"], busy["mappings"], strict=True) if a is not b]
+    assert [x["start"] for x in changed] == [anon.start]
+    grown = by_start(busy)[anon.start]["rss_bytes"] - by_start(quiet)[anon.start]["rss_bytes"]
+    assert grown == PAGE
+
+
+def test_builder_generation_follows_counters_too(world):
+    from memtrace.views.snapshot import SnapshotBuilder
+
+    _, _, tr = tracked(world)
+    builder = SnapshotBuilder()
+    g0 = builder.build(tr, 1.0)["generation"]
+    tr.stats = dataclasses.replace(tr.stats, events_sampled_out=tr.stats.events_sampled_out + 1)
+    assert builder.build(tr, 2.0)["generation"] == g0 + 1
+    assert builder.build(tr, 3.0)["generation"] == g0 + 1
