@@ -838,6 +838,9 @@ def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, 
         "resident_bytes": sum(res.bytes_in(a, b) for a, b in rep.heaps),
         "in_use_bytes": in_use,
         "in_use_chunks": in_use_n,
+        # malloc's own count (mallinfo2().uordblks): chunks cached in a tcache are
+        # allocated to the arena, and so are the headers of thread heaps
+        "malloc_in_use_bytes": in_use + cached_t + overhead,
         "header_overhead_bytes": in_use_n * SIZE_SZ,
         "arena_overhead_bytes": overhead,
         "free_bytes": free_bytes,
@@ -1091,7 +1094,8 @@ def _mmapped_figures(chunks: list[tuple[int, int, int]], mp: MallocPar | None) -
 
 
 def totals(arenas: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ["size_bytes", "resident_bytes", "in_use_bytes", "in_use_chunks",
+    keys = ["size_bytes", "resident_bytes", "in_use_bytes", "malloc_in_use_bytes",
+            "in_use_chunks",
             "header_overhead_bytes", "arena_overhead_bytes", "free_bytes", "free_chunks",
             "free_resident_bytes", "cached_bytes", "tcache_bytes", "fastbin_bytes",
             "top_chunk_bytes", "top_resident_bytes", "trimmable_bytes"]
@@ -1553,6 +1557,11 @@ def render_table(report: dict[str, Any]) -> str:
     lines.append(
         f"chunks: {t['in_use_chunks']} in use (header overhead {human(t['header_overhead_bytes'])}"
         f"), {t['free_chunks']} free ({human(t['cached_bytes'])} cached in tcache/fastbins)")
+    lines.append(
+        f"malloc's own in-use count (mallinfo2().uordblks): "
+        f"{human(t['malloc_in_use_bytes'])}, more than 'in use' by the "
+        f"{human(t['tcache_bytes'])} cached in tcaches (free to the program, allocated "
+        f"to the arena) and {human(t['arena_overhead_bytes'])} of thread-heap headers")
     lines.append(
         f"own mmap: {mm['count']} allocation(s), {human(mm['bytes'])} "
         f"({human(mm['resident_bytes'])} resident); threshold "
