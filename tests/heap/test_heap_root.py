@@ -24,18 +24,6 @@ REPO = HERE.parents[1]
 JEMALLOC = Path("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
 
 
-@pytest.fixture(scope="module")
-def build(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is needed to build the test programs")
-    out = tmp_path_factory.mktemp("heapbin")
-    subprocess.run(["gcc", "-O1", "-pthread", "-o", str(out / "heapprog"),
-                    str(HERE / "heapprog.c")], check=True)
-    subprocess.run(["gcc", "-O1", "-shared", "-fPIC", "-o", str(out / "libmyalloc.so"),
-                    str(HERE / "myalloc.c")], check=True)
-    return out
-
-
 class Prog:
     def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
         self.p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
