@@ -1830,7 +1830,8 @@ class HeapSampler:
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
             self._proc = subprocess.Popen(
                 [sys.executable, "-c", "from memtrace.heap import worker_main; worker_main()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                start_new_session=True)  # no terminal signals; EOF on stdin ends it
         return self._proc
 
     def _reap(self) -> None:
