@@ -27,6 +27,16 @@ Exit codes: 0 ok; 2 usage; 3 not root; 4 BCC missing; 5 kernel headers missing;
 `run` otherwise exits with the command's status (128+N if killed by signal N)."""
 
 
+def _heap_interval_option() -> Any:
+    from memtrace.heap import DEFAULT_HEAP_INTERVAL
+
+    return click.option(
+        "--heap-interval", type=click.FloatRange(min=0.0), default=DEFAULT_HEAP_INTERVAL,
+        show_default=True, help="Seconds between walks of each process's malloc heap "
+        "(as memtrace heap, in a background process, never stopping the target; at "
+        "least 20x the last walk's duration). 0 = off. See docs/heap.md.")
+
+
 def _common(f: Any) -> Any:
     options = [
         click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
@@ -48,6 +58,7 @@ def _common(f: Any) -> Any:
                      "are summed as mapping=\"[other]\"."),
         click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
                      default=None, help="Write the output to this file instead of stdout."),
+        _heap_interval_option(),
     ]
     for option in reversed(options):
         f = option(f)
@@ -101,7 +112,7 @@ def cli() -> None:
 @_common
 def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: float,
           no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-          output: str | None) -> None:
+          output: str | None, heap_interval: float) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
     Exits 0 when every watched process has exited."""
@@ -109,6 +120,7 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
     for pid in dict.fromkeys(pids):
         procfs.check_target(pid)
     session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
+    session.enable_heap(heap_interval)
     session.install_signal_handlers()
     server = None
     try:
@@ -169,12 +181,13 @@ def _status_to_code(status: int) -> int:
 @_common
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
         no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-        output: str | None) -> None:
+        output: str | None, heap_interval: float) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080"""
     path = _check_executable(command)
     session = Session(_reporter(fmt, output), interval, reconcile_interval)
+    session.enable_heap(heap_interval)
     child = 0
     status: int | None = None
 
@@ -277,11 +290,12 @@ def _size(text: str) -> int:
 @click.option("--web.config.file", "web_config", default=None, type=click.Path(dir_okay=False))
 @click.option("--max-mapping-series", type=click.IntRange(min=2), default=50, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@_heap_interval_option()
 def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: str,
           sweep_interval: float, max_processes: int, group_by: str, fmt: str,
           interval: float, reconcile_interval: float, listen: str, web_config: str | None,
-          max_mapping_series: int, output: str | None) -> None:
+          max_mapping_series: int, output: str | None, heap_interval: float) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM detaches every probe and exits 0."""
     from memtrace.agent import Agent, load_config, rule_from_dict
@@ -303,6 +317,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     reporter: Reporter = _reporter("json", output) if fmt == "json" else _NullReporter()
     session = Session(reporter, interval, reconcile_interval)
     session.grouping = group_by == "group"
+    session.enable_heap(heap_interval)
     session.install_signal_handlers()
     server = None
     try:

@@ -51,6 +51,8 @@ class ExporterState:
     # processes per (group, comm), so group counters never go backwards.
     groups: dict[int, str] | None = None
     retired: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    # heap walks (--heap-interval) by status; None when heap walks are off
+    heap_walks: dict[str, int] | None = None
 
 
 def empty_counters() -> dict[str, Any]:
@@ -286,6 +288,7 @@ class MemtraceCollector(Collector):
             dropped_total = self.series_dropped_total
         self.forget({tuple(ids) for ids, _ in rows})
         return [proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift,
+                *heap_families(state),
                 *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]
 
     def _self_metrics(self, state: ExporterState, dropped_total: int,
@@ -327,3 +330,52 @@ class MemtraceCollector(Collector):
                                    "Time to build the metrics of this scrape.")
         scrape.add_metric([], build_seconds)
         return [info, targets, lost, rescans, tick, attach, folded_total, targets_dropped, scrape]
+
+
+# ------------------------------------------------------------------ heap (memtrace heap)
+
+HEAP_FAMILIES = (
+    ("memtrace_heap_in_use_bytes", "in_use_bytes",
+     "Bytes of glibc malloc chunks allocated to the program (headers included; chunks "
+     "cached in a tcache or fastbin count as free), per arena kind."),
+    ("memtrace_heap_free_resident_bytes", "free_resident_bytes",
+     "Resident bytes of free glibc malloc chunks (bins, tcaches, fastbins, top chunk): "
+     "freed by the program but not given back, per arena kind."),
+    ("memtrace_heap_trimmable_bytes", "trimmable_bytes",
+     "Resident bytes malloc_trim(0) would give back to the system, per arena kind."),
+)
+
+
+def heap_families(state: ExporterState) -> list[Family]:
+    """memtrace_heap_* gauges from the `heap` key of the snapshots (latest background
+    walk, --heap-interval): labels pid (or group), comm, arena (main|thread).
+    Processes without figures (not glibc malloc, no walk yet) have no series."""
+    if state.heap_walks is None:
+        return []
+    who = ["group", "comm"] if state.groups is not None else ["pid", "comm"]
+    fams = [_gauge(name, text, labels=[*who, "arena"]) for name, _, text in HEAP_FAMILIES]
+    sums: dict[tuple[str, str], dict[str, list[int]]] = {}
+    for pid, snap in sorted(state.snapshots.items()):
+        by_kind = (snap.get("heap") or {}).get("by_kind")
+        if not by_kind:
+            continue
+        if state.groups is not None:
+            ids = (safe_label(state.groups.get(pid, snap["comm"])), safe_label(snap["comm"]))
+        else:
+            ids = (str(pid), safe_label(snap["comm"]))
+        row = sums.setdefault(ids, {})
+        for kind, figures in by_kind.items():
+            acc = row.setdefault(kind, [0] * len(HEAP_FAMILIES))
+            for i, (_, key, _) in enumerate(HEAP_FAMILIES):
+                acc[i] += figures[key]
+    for ids, row in sorted(sums.items()):
+        for kind, acc in sorted(row.items()):
+            for fam, value in zip(fams, acc):
+                fam.add_metric([*ids, kind], value)
+    walks = _counter("memtrace_heap_walks",
+                     "Background heap walks (--heap-interval) by result: ok, unsupported "
+                     "(not glibc malloc), failed (unreadable or kept changing), gone.",
+                     labels=["result"])
+    for result in sorted({"ok", "unsupported", "failed", "gone", *state.heap_walks}):
+        walks.add_metric([result], state.heap_walks.get(result, 0))
+    return [*fams, walks]

@@ -666,19 +666,37 @@ def read_tcache(space: AddressSpace, layout: GlibcLayout, index: ChunkIndex, chu
 
 def read_fastbins(space: AddressSpace, layout: GlibcLayout, index: ChunkIndex,
                   arena: ArenaState) -> dict[int, int]:
+    """Chunks {address: size} in the arena's fastbin lists, each checked to be a
+    walked, allocated-looking chunk of its bin's size. The loop is written out
+    (no helper calls per entry, pages read once): a heap can hold millions."""
     out: dict[int, int] = {}
+    pages: dict[int, bytes] = {}
+    bounds, walks = index.bounds, index.walks
+    unpack = _Q.unpack_from
+    safe = layout.safe_linking
     for i, head in enumerate(arena.fastbins):
         want = 32 + 16 * i
         p = head
         while p:
             if p & 15 or p in out:
                 raise HeapError(f"fastbin {i} of arena {arena.addr:#x} is corrupt at {p:#x}")
-            hit = index.find(p)
-            if hit is None or hit[0].sizes[hit[1]] != want or hit[0].free[hit[1]]:
+            k = bisect.bisect_right(bounds, p) - 1
+            ok = False
+            if k >= 0:
+                w = walks[k]
+                j = bisect.bisect_left(w.starts, p)
+                ok = (j < len(w.starts) and w.starts[j] == p and w.sizes[j] == want
+                      and not w.free[j])
+            if not ok:
                 raise HeapError(f"fastbin {i} entry {p:#x} is not an allocated chunk of "
                                 f"{want} bytes")
             out[p] = want
-            p = _demangle(layout, p + 16, u64(space, p + 16))
+            fd = p + 16  # 16-aligned: the 8 bytes never cross a page
+            page = pages.get(fd >> 12)
+            if page is None:
+                page = pages[fd >> 12] = space.read(fd & ~4095, 4096)
+            stored = unpack(page, fd & 4095)[0]
+            p = stored ^ (fd >> 12) if safe else stored
     return out
 
 
@@ -838,6 +856,9 @@ def arena_figures(rep: ArenaReport, tcached: dict[int, int], fastbin: dict[int, 
         "resident_bytes": sum(res.bytes_in(a, b) for a, b in rep.heaps),
         "in_use_bytes": in_use,
         "in_use_chunks": in_use_n,
+        # malloc's own count (mallinfo2().uordblks): chunks cached in a tcache are
+        # allocated to the arena, and so are the headers of thread heaps
+        "malloc_in_use_bytes": in_use + cached_t + overhead,
         "header_overhead_bytes": in_use_n * SIZE_SZ,
         "arena_overhead_bytes": overhead,
         "free_bytes": free_bytes,
@@ -1091,7 +1112,8 @@ def _mmapped_figures(chunks: list[tuple[int, int, int]], mp: MallocPar | None) -
 
 
 def totals(arenas: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ["size_bytes", "resident_bytes", "in_use_bytes", "in_use_chunks",
+    keys = ["size_bytes", "resident_bytes", "in_use_bytes", "malloc_in_use_bytes",
+            "in_use_chunks",
             "header_overhead_bytes", "arena_overhead_bytes", "free_bytes", "free_chunks",
             "free_resident_bytes", "cached_bytes", "tcache_bytes", "fastbin_bytes",
             "top_chunk_bytes", "top_resident_bytes", "trimmable_bytes"]
@@ -1554,6 +1576,11 @@ def render_table(report: dict[str, Any]) -> str:
         f"chunks: {t['in_use_chunks']} in use (header overhead {human(t['header_overhead_bytes'])}"
         f"), {t['free_chunks']} free ({human(t['cached_bytes'])} cached in tcache/fastbins)")
     lines.append(
+        f"malloc's own in-use count (mallinfo2().uordblks): "
+        f"{human(t['malloc_in_use_bytes'])}, more than 'in use' by the "
+        f"{human(t['tcache_bytes'])} cached in tcaches (free to the program, allocated "
+        f"to the arena) and {human(t['arena_overhead_bytes'])} of thread-heap headers")
+    lines.append(
         f"own mmap: {mm['count']} allocation(s), {human(mm['bytes'])} "
         f"({human(mm['resident_bytes'])} resident); threshold "
         + (f"{human(thr)}{' (dynamic)' if mm['threshold_dynamic'] else ' (fixed)'}"
@@ -1600,3 +1627,234 @@ def heap_command(pid: int, fmt: str, stop: bool, retries: int) -> str:
     if fmt == "json":
         return json.dumps(report)
     return render_table(report)
+
+
+# ------------------------------------------------ background walks for watch/run/agent
+
+# Figures summed per arena kind for the `heap` key of watch/run snapshots and for
+# the memtrace_heap_* metrics.
+KIND_FIELDS = ("size_bytes", "resident_bytes", "in_use_bytes", "malloc_in_use_bytes",
+               "free_bytes", "free_resident_bytes", "tcache_bytes", "fastbin_bytes",
+               "top_chunk_bytes", "trimmable_bytes")
+ARENA_KINDS = ("main", "thread")
+DEFAULT_HEAP_INTERVAL = 30.0
+HEAP_CPU_BUDGET = 0.05  # a process's next walk waits at least last walk / budget
+SAMPLER_RETRIES = 3
+RECHECK_SECONDS = 1.0  # a first walk without figures is repeated this much later
+
+
+def heap_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The compact form of a report, for the `heap` key of a snapshot: figures
+    summed per arena kind (both kinds always present, 0 when there is none)."""
+    if not report.get("supported"):
+        return {"status": "unsupported", "allocator": report.get("allocator"),
+                "supported": False, "reason": report.get("reason")}
+    by_kind: dict[str, dict[str, Any]] = {}
+    for kind in ARENA_KINDS:
+        arenas = [a for a in report["arenas"] if a["kind"] == kind]
+        row: dict[str, Any] = {"arenas": len(arenas)}
+        row.update({k: sum(a[k] for a in arenas) for k in KIND_FIELDS})
+        row["top_pinned"] = any(a["top_pinned"] for a in arenas)
+        by_kind[kind] = row
+    mm = report["mmapped"]
+    return {
+        "status": "ok", "allocator": "glibc", "supported": True,
+        "glibc_version": report.get("glibc_version"),
+        "by_kind": by_kind,
+        "totals": {k: report["totals"][k] for k in KIND_FIELDS},
+        "mmapped": {k: mm[k] for k in ("count", "bytes", "resident_bytes", "threshold_bytes")},
+        "verdict": report["verdict"],
+        "attempts": report["attempts"],
+        "analysis_seconds": round(report["analysis_seconds"], 6),
+    }
+
+
+def sample_once(pid: int, retries: int = SAMPLER_RETRIES) -> dict[str, Any]:
+    """One walk of a live process, never stopped; the summary, or why there is none
+    (`status`: ok, unsupported, failed, gone)."""
+    try:
+        return heap_summary(analyse_process(pid, stop=False, retries=retries))
+    except HeapError as e:
+        return {"status": "gone" if e.kind == "gone" else "failed", "reason": e.message}
+    except OSError as e:
+        why = ("cannot read its memory (needs root or CAP_SYS_PTRACE)"
+               if e.errno in (errno.EPERM, errno.EACCES) else f"cannot read it: {e}")
+        gone = e.errno in (errno.ESRCH, errno.ENOENT) and not os.path.exists(f"/proc/{pid}")
+        return {"status": "gone" if gone else "failed", "reason": "process exited" if gone
+                else why}
+    except Exception as e:  # a walk must never take watch down
+        return {"status": "failed", "reason": f"internal error: {type(e).__name__}: {e}"}
+
+
+def worker_main() -> None:
+    """The walker process: one pid a line on stdin, one JSON summary a line on
+    stdout. Runs at nice 19 so that walks yield the CPU to the targets."""
+    import json
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    for line in sys.stdin:
+        try:
+            pid = int(line)
+        except ValueError:
+            continue
+        sys.stdout.write(json.dumps(sample_once(pid)) + "\n")
+        sys.stdout.flush()
+
+
+class HeapSampler:
+    """Walks the heaps of watched processes in a separate process (no GIL shared
+    with the watch loop; nice 19), one process at a time, each at most every
+    `interval` seconds and never more often than `1/HEAP_CPU_BUDGET` times its last
+    walk's duration. The watch loop only reads the latest summaries (`latest`)."""
+
+    def __init__(self, interval: float, walker: Callable[[int], dict[str, Any]] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        import threading
+
+        self.interval = interval
+        self._walker = walker  # in-process walker for tests; else the worker process
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._targets: dict[int, int] = {}           # pid -> start time (identity)
+        self._due: dict[int, float] = {}
+        self._latest: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._rechecked: set[int] = set()
+        self.walks: Counter[str] = Counter()         # by status
+        self._proc: Any = None
+        self._thread = threading.Thread(target=self._run, name="memtrace-heap", daemon=True)
+        self._thread.start()
+
+    # ---- called from the watch loop (cheap, never blocks on a walk)
+
+    def track(self, pid: int, start_time: int) -> None:
+        with self._lock:
+            if self._targets.get(pid) != start_time:
+                self._targets[pid] = start_time
+                self._due[pid] = self._clock()
+                self._latest.pop(pid, None)
+                self._rechecked.discard(pid)
+                self._wake.set()
+
+    def forget(self, pid: int) -> None:
+        with self._lock:
+            self._targets.pop(pid, None)
+            self._due.pop(pid, None)
+            self._latest.pop(pid, None)
+            self._rechecked.discard(pid)
+
+    def latest(self, pid: int, start_time: int) -> dict[str, Any]:
+        with self._lock:
+            got = self._latest.get(pid)
+        if got is None or got[0] != start_time:
+            return {"status": "pending"}
+        return got[1]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.walks)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()
+        self._thread.join(timeout=2)
+
+    # ---- the sampler thread
+
+    def _next(self) -> tuple[int, int] | float:
+        """(pid, start_time) of the walk due now, or seconds to wait."""
+        with self._lock:
+            if not self._due:
+                return 1.0
+            pid = min(self._due, key=self._due.__getitem__)
+            wait = self._due[pid] - self._clock()
+            if wait > 0:
+                return min(wait, 1.0)
+            return pid, self._targets[pid]
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            nxt = self._next()
+            if isinstance(nxt, float):
+                self._wake.wait(nxt)
+                self._wake.clear()
+                continue
+            pid, start_time = nxt
+            t0 = self._clock()
+            result = self._walk(pid)
+            took = self._clock() - t0
+            result = {**result, "ts": round(time.time(), 6)}
+            with self._lock:
+                self.walks[result["status"]] += 1
+                if self._targets.get(pid) != start_time:
+                    continue  # forgotten or replaced while we walked
+                # the budget counts the walk itself, not the walker's start-up
+                cost = float(result.get("analysis_seconds", took))
+                self._due[pid] = t0 + max(self.interval, cost / HEAP_CPU_BUDGET)
+                prev = self._latest.get(pid)
+                if result["status"] != "ok" and prev is None and pid not in self._rechecked:
+                    # a first walk that gives no figures is confirmed a second later
+                    # before it is reported: a process just started by `run` may not
+                    # have libc mapped yet, or may be busy building its heap
+                    self._rechecked.add(pid)
+                    self._due[pid] = t0 + took + min(self.interval, RECHECK_SECONDS)
+                    continue
+                if result["status"] in ("failed", "gone") and prev and "by_kind" in prev[1]:
+                    # keep the last good figures (their `ts` says when), say what failed
+                    result = {**prev[1], "status": result["status"],
+                              "reason": result["reason"], "failed_ts": result["ts"]}
+                self._latest[pid] = (start_time, result)
+
+    def _walk(self, pid: int) -> dict[str, Any]:
+        if self._walker is not None:
+            return self._walker(pid)
+        import json
+        for _ in range(2):  # restart a worker that died once
+            try:
+                proc = self._worker()
+                proc.stdin.write(f"{pid}\n")
+                proc.stdin.flush()
+                line = proc.stdout.readline()
+                if line:
+                    return dict(json.loads(line))
+            except (OSError, ValueError):
+                pass
+            if self._stop.is_set():
+                break
+            self._reap()
+        return {"status": "failed", "reason": "the heap walker process died"}
+
+    def _worker(self) -> Any:
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        if self._stop.is_set():
+            raise OSError("closing")
+        if self._proc is None or self._proc.poll() is not None:
+            root = str(Path(__file__).resolve().parents[1])
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-c", "from memtrace.heap import worker_main; worker_main()"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                start_new_session=True)  # no terminal signals; EOF on stdin ends it
+        return self._proc
+
+    def _reap(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            with contextlib.suppress(OSError):
+                proc.kill()
+            proc.wait()

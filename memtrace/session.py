@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import Drained, SyscallEvent
 from memtrace.exporter import ExporterState, StateBox, add_counters, empty_counters
+from memtrace.heap import HeapSampler
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
@@ -58,6 +59,8 @@ class Session:
         self.group_of: dict[int, str] = {}
         self.grouping = False      # metrics by group label instead of pid (agent mode)
         self._retired: dict[tuple[str, str], dict[str, Any]] = {}
+        self.heap: HeapSampler | None = None  # --heap-interval: see enable_heap
+        self._heap_status: dict[int, str] = {}
 
     def load(self, watch_execs: bool = False) -> Probes:
         self.probes = Probes(watch_execs=watch_execs)
@@ -101,6 +104,7 @@ class Session:
         self.trackers[pid] = tracker
         self._builders[pid] = SnapshotBuilder()
         snap = self._builders[pid].build(tracker, time.time())
+        self._add_heap(snap, tracker)
         self._snapshots[pid] = snap
         self._attach_seconds[pid] = time.time() - tracker.attached_at
         self.reporter.snapshot(snap)
@@ -123,6 +127,7 @@ class Session:
             add_counters(self._retired.setdefault(key, empty_counters()), last)
         self.group_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
+        self._forget_heap(pid)
         if tracker:
             tracker.close()
             self._rescans_of_gone.update(tracker.counters.full_rescans)
@@ -152,6 +157,7 @@ class Session:
                 self.detach(pid, "exited")
                 continue
             snap = self._builders[pid].build(tracker, now)
+            self._add_heap(snap, tracker)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
         self._last_tick_seconds = time.perf_counter() - t0
@@ -182,7 +188,8 @@ class Session:
             tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds),
             targets_dropped=self.targets_dropped,
             groups=dict(self.group_of) if self.grouping else None,
-            retired={k: {f: dict(v) for f, v in c.items()} for k, c in self._retired.items()}))
+            retired={k: {f: dict(v) for f, v in c.items()} for k, c in self._retired.items()},
+            heap_walks=self.heap.counts() if self.heap else None))
 
     def loop(self, keep_going: Callable[[], bool],
              on_tick: Callable[[Drained], None] | None = None) -> None:
@@ -196,7 +203,32 @@ class Session:
             if on_tick:
                 on_tick(drained)
 
+    # ---- heap figures (memtrace heap, walked in the background: memtrace/heap.py)
+
+    def enable_heap(self, interval: float) -> None:
+        """Walk the malloc heap of every watched process every `interval` seconds
+        (0: never) in a background walker; snapshots get the latest under `heap`."""
+        if interval > 0 and self.heap is None:
+            self.heap = HeapSampler(interval)
+
+    def _add_heap(self, snap: dict[str, Any], tracker: ProcessTracker) -> None:
+        if self.heap is None:
+            return
+        self.heap.track(tracker.pid, tracker.start_time)
+        heap = snap["heap"] = self.heap.latest(tracker.pid, tracker.start_time)
+        status = heap["status"]
+        if status in ("unsupported", "failed") and self._heap_status.get(tracker.pid) != status:
+            self.reporter.message(f"pid {tracker.pid}: no heap figures: {heap.get('reason')}")
+        self._heap_status[tracker.pid] = status
+
+    def _forget_heap(self, pid: int) -> None:
+        self._heap_status.pop(pid, None)
+        if self.heap is not None:
+            self.heap.forget(pid)
+
     def close(self) -> None:
+        if self.heap is not None:
+            self.heap.close()
         for pid in list(self.trackers):
             tracker = self.trackers.pop(pid)
             tracker.close()

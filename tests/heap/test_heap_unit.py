@@ -53,6 +53,10 @@ def test_tcache_and_fastbin_chunks_count_as_free():
     assert a["cached_bytes"] == a["tcache_bytes"] + a["fastbin_bytes"]
     assert a["in_use_bytes"] == 0x290 + 5 * 0x40
     assert a["in_use_chunks"] == 6
+    # malloc's own count (mallinfo2().uordblks): tcache chunks are allocated to
+    # the arena, fastbin chunks are not
+    assert a["malloc_in_use_bytes"] == a["in_use_bytes"] + a["tcache_bytes"]
+    assert a["malloc_in_use_bytes"] == a["size_bytes"] - (a["free_bytes"] - a["tcache_bytes"])
 
 
 def test_safe_linking_off_before_2_32():
@@ -174,6 +178,8 @@ def test_thread_arenas_are_listed():
     assert a1["in_use_bytes"] == 0x200
     assert a2["fastbin_bytes"] == 0x30
     assert a2["in_use_bytes"] == 0x100
+    for a in (a1, a2):  # mallinfo2 counts thread-heap headers as allocated
+        assert a["malloc_in_use_bytes"] == a["in_use_bytes"] + a["arena_overhead_bytes"] > 0x100
     # heap_info + malloc_state + alignment
     assert a1["arena_overhead_bytes"] == 48 + 2200 + 8
     assert a1["in_use_bytes"] + a1["free_bytes"] + a1["arena_overhead_bytes"] == a1["size_bytes"]
@@ -308,6 +314,7 @@ def test_table_renders():
     r.update(pid=1, comm="x", stopped=True, pause_seconds=0.012)
     text = heap.render_table(r)
     assert "paused 12.0 ms" in text and "verdict:" in text and "yes (208 B)" in text
+    assert "malloc's own in-use count (mallinfo2().uordblks)" in text
     un = heap.render_table({"pid": 2, "comm": "y", "supported": False, "allocator": "musl",
                             "reason": "musl"})
     assert "allocator musl" in un
