@@ -88,6 +88,37 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def _stat_fields(pid: int) -> list[bytes]:
+    data = Path(f"/proc/{pid}/stat").read_bytes()
+    return data[data.rindex(b")") + 2:].split()
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and all its descendants: its own utime + stime, its
+    reaped children's (cutime + cstime), and every live descendant's (e.g.
+    memtrace's heap walker process)."""
+    fields = _stat_fields(pid)
+    total = sum(int(f) for f in fields[11:15]) / CLK_TCK
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int(_stat_fields(int(entry.name))[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        try:
+            total += sum(int(f) for f in _stat_fields(child)[11:13]) / CLK_TCK
+        except (OSError, ValueError, IndexError):
+            continue
+        todo += children.get(child, [])
+    return total
+
+
 def status_kb(pid: int, key: str) -> int:
     """A 'kB' line of /proc/PID/status, e.g. VmHWM, in KiB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

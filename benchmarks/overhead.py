@@ -47,8 +47,8 @@ def one_run(binary: Path, args: list[str], memtrace: Path | None,
         if memtrace is not None:
             mt = bc.Memtrace(memtrace, pid, interval)
             res["first_snapshot_wall_s"] = mt.wait_first_snapshot(ATTACH_TIMEOUT)
-            res["cpu_to_first_snapshot_s"] = bc.cpu_seconds(mt.pid)
-        cpu0 = bc.cpu_seconds(mt.pid) if mt else 0.0
+            res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
+        cpu0 = bc.tree_cpu_seconds(mt.pid) if mt else 0.0
         watch = bc.Interference([wl.pid] + ([mt.pid] if mt else []))
         t0 = time.monotonic()
         wl.stdin.write(b"g")
@@ -66,7 +66,7 @@ def one_run(binary: Path, args: list[str], memtrace: Path | None,
         if mt:
             if mt.proc.poll() is not None:
                 raise RuntimeError(mt.failure("exited during the timed loop"))
-            res["cpu_loop_s"] = bc.cpu_seconds(mt.pid) - cpu0
+            res["cpu_loop_s"] = bc.tree_cpu_seconds(mt.pid) - cpu0
             res["vm_hwm_kib"] = bc.status_kb(mt.pid, "VmHWM")
             res["snapshots_during"] = mt.lines
             # One more snapshot, taken at least one interval after the loop ended,

@@ -15,7 +15,8 @@
    page, so ~43 MiB/s is freed and faulted in again; --mode rewrite only
    writes). At the same time benchmarks/smaps_poll.py reads and parses
    /proc/PID/smaps once per second. Both CPU times (user+sys from
-   /proc/PID/stat) are taken at the start and end of the same window. The
+   /proc/PID/stat; for memtrace including its child processes, e.g. the heap
+   walker) are taken at the start and end of the same window. The
    run time of memtrace's BPF programs (charged to the workload, not to
    memtrace) is read from /proc/<memtrace>/fdinfo with kernel.bpf_stats_enabled
    set to 1 for the window (restored afterwards; --no-bpf-stats to skip).
@@ -111,7 +112,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     mt = bc.Memtrace(opts.memtrace, pid, opts.interval)
     res["memtrace_command"] = mt.command
     res["first_snapshot_wall_s"] = mt.wait_first_snapshot(600)
-    res["cpu_to_first_snapshot_s"] = bc.cpu_seconds(mt.pid)
+    res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
     print(f"memtrace first snapshot after {res['first_snapshot_wall_s']:.2f}s "
           f"(CPU {res['cpu_to_first_snapshot_s']:.2f}s)", file=sys.stderr, flush=True)
 
@@ -124,9 +125,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         raise RuntimeError("smaps reader did not get ready")
 
     # Idle window: nothing changes in the workload.
-    c0, t0 = bc.cpu_seconds(mt.pid), time.monotonic()
+    c0, t0 = bc.tree_cpu_seconds(mt.pid), time.monotonic()
     time.sleep(opts.idle_seconds)
-    c1, t1 = bc.cpu_seconds(mt.pid), time.monotonic()
+    c1, t1 = bc.tree_cpu_seconds(mt.pid), time.monotonic()
     res["idle_window_s"] = t1 - t0
     res["memtrace_idle_cpu_per_s"] = (c1 - c0) / (t1 - t0)
     print(f"idle window: memtrace {res['memtrace_idle_cpu_per_s']:.3f} CPU-s/s",
@@ -140,7 +141,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     try:
         bpf0 = bpf_run_ns(mt.pid)
         watch = bc.Interference([wl.pid, mt.pid, reader.pid])
-        m0, r0, t0 = bc.cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
+        m0, r0, t0 = bc.tree_cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
         lines0 = mt.lines
         wl.stdin.write(b"g")
         wl.stdin.flush()
@@ -153,7 +154,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             if line == "done":
                 break
             ticks += 1
-        m1, r1, t1 = bc.cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
+        m1, r1, t1 = bc.tree_cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
         bpf1 = bpf_run_ns(mt.pid)
         res["foreign_cpu_s"] = watch.stop()
         res["foreign_memtrace_pids"] = sorted(watch.foreign_mt)

@@ -19,6 +19,11 @@ from memtrace.procfs import ProcFS, Statm, Vma, statm_is_exact
 # Mismatches with statm while the process is changing are expected (it runs
 # while we scan); after this many in a row we rescan anyway.
 MAX_DEFERRED_MISMATCHES = 5
+# An unlink or rename anywhere on the system may change mapping names (the
+# " (deleted)" suffix), never resident pages. Re-reading maps for it is spaced
+# so that it costs at most 1/NAMES_REFRESH_COST_FACTOR of a core: immediate for
+# a small process, every ~20 s for one with 60k mappings.
+NAMES_REFRESH_COST_FACTOR = 20
 DEBUG = bool(os.environ.get("MEMTRACE_DEBUG"))
 
 
@@ -66,6 +71,9 @@ class ProcessTracker:
         # statm minus model (anon, other) that a full rescan could not remove:
         # page-table state the RSS counters do not count, or the reverse.
         self._unexplained: tuple[int, int] = (0, 0)
+        self._names_stale = False
+        self._maps_read_seconds = 0.0
+        self._last_maps_read = 0.0
 
     # -- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -100,10 +108,21 @@ class ProcessTracker:
     # -- reading the process ---------------------------------------------------
     def _read_maps(self) -> list[Vma]:
         self.counters.maps_reads += 1
+        t0 = time.perf_counter()
         try:
-            return self.procfs.maps(self.pid)
+            vmas = self.procfs.maps(self.pid)
         except OSError as e:
             raise ProcessGone(self.pid) from e
+        self._maps_read_seconds = time.perf_counter() - t0
+        self._last_maps_read = time.monotonic()
+        self._names_stale = False
+        return vmas
+
+    def _names_refresh_due(self) -> bool:
+        if not self._names_stale:
+            return False
+        since = time.monotonic() - self._last_maps_read
+        return since >= NAMES_REFRESH_COST_FACTOR * self._maps_read_seconds
 
     def _read_statm(self) -> Statm:
         try:
@@ -158,11 +177,12 @@ class ProcessTracker:
             return
         reason = self._rescan_reason(old, new)
         statm_before = self._read_statm()
+        self._names_stale = self._names_stale or names_changed
         if reason:
             self._full_rescan(reason)
         else:
-            self._targeted(marks, ranges,
-                           layout_changed=new.layout_gen != old.layout_gen or names_changed)
+            self._targeted(marks, ranges, layout_changed=new.layout_gen != old.layout_gen
+                           or self._names_refresh_due())
         self._count_faults(marks)
         self._check(statm_before)
         self._finish(t0)

@@ -6,7 +6,7 @@ import sys
 from typing import IO, Any
 
 from memtrace.events import SyscallEvent
-from memtrace.views.snapshot import encode
+from memtrace.views.snapshot import encode_parts
 
 
 class JsonReporter:
@@ -14,7 +14,8 @@ class JsonReporter:
         self.out = out or sys.stdout
 
     def snapshot(self, snap: dict[str, Any]) -> None:
-        self.out.write(encode(snap) + "\n")
+        self.out.writelines(encode_parts(snap))
+        self.out.write("\n")
         self.out.flush()
 
     def events(self, events: list[SyscallEvent]) -> None:

@@ -23,11 +23,13 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class Snapshot(dict[str, Any]):
-    """A snapshot dict that also carries each mapping's JSON text, in the order
-    of snap["mappings"], so the JSON view can join them instead of encoding
-    every mapping again."""
+    """A snapshot dict that also carries its mappings' JSON text (the JSON
+    array of snap["mappings"]), so the JSON view need not encode every mapping
+    again. Snapshots are never modified once handed out, except for keys the
+    session adds before publishing (e.g. "heap"), so consecutive snapshots of a
+    quiet process share their mappings list and that text."""
 
-    mapping_json: list[str]
+    mappings_json: str
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class SnapshotBuilder:
         self._totals = [0, 0, 0, 0]             # anon, file, shmem, virtual
         self._generation = 0
         self._fingerprint: tuple[Any, ...] | None = None
+        self._mappings: list[dict[str, Any]] | None = None   # views of _entries,
+        self._mappings_json = ""                             # rebuilt when it changes
 
     def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         space = tracker.space
@@ -98,6 +102,7 @@ class SnapshotBuilder:
             else:
                 entries.append(self._entry(tracker, vma))
         self._entries = entries
+        self._mappings = None
         self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
                         sum(e.shmem for e in entries), sum(e.virtual for e in entries)]
@@ -121,6 +126,7 @@ class SnapshotBuilder:
             self._totals[1] += new.file - old.file
             self._totals[2] += new.shmem - old.shmem
         self._entries = entries
+        self._mappings = None
 
     def _snapshot(self, tracker: ProcessTracker, ts: float, content_changed: bool) -> Snapshot:
         anon, file, shmem, virtual = self._totals
@@ -146,7 +152,7 @@ class SnapshotBuilder:
             "events_sampled_out": tracker.stats.events_sampled_out,
             "tick_seconds": round(c.last_tick_seconds, 6),
             "generation": 0,
-            "mappings": [e.mapping for e in self._entries],
+            "mappings": self._mappings_list(),
         })
         fingerprint = _freeze(tuple(v for k, v in snap.items()
                                     if k not in ("ts", "tick_seconds", "generation", "mappings")))
@@ -154,8 +160,14 @@ class SnapshotBuilder:
             self._generation += 1
             self._fingerprint = fingerprint
         snap["generation"] = self._generation
-        snap.mapping_json = [e.text for e in self._entries]
+        snap.mappings_json = self._mappings_json
         return snap
+
+    def _mappings_list(self) -> list[dict[str, Any]]:
+        if self._mappings is None:
+            self._mappings = [e.mapping for e in self._entries]
+            self._mappings_json = f"[{','.join(e.text for e in self._entries)}]"
+        return self._mappings
 
 
 def _freeze(values: tuple[Any, ...]) -> tuple[Any, ...]:
@@ -169,10 +181,16 @@ def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:
     return SnapshotBuilder().build(tracker, ts)
 
 
-def encode(snap: dict[str, Any]) -> str:
-    """The snapshot as one JSON line, reusing the mappings' cached JSON text."""
-    texts = getattr(snap, "mapping_json", None)
-    if texts is None or len(texts) != len(snap["mappings"]):
-        return _encode(snap)
+def encode_parts(snap: dict[str, Any]) -> list[str]:
+    """The snapshot as JSON text in pieces (to write without concatenating
+    megabytes), reusing the mappings' cached JSON text."""
+    text = getattr(snap, "mappings_json", None)
+    if text is None:
+        return [_encode(snap)]
     head = _encode({k: v for k, v in snap.items() if k != "mappings"})
-    return f'{head[:-1]},"mappings":[{",".join(texts)}]}}'
+    return [head[:-1], ',"mappings":', text, "}"]
+
+
+def encode(snap: dict[str, Any]) -> str:
+    """The snapshot as one JSON object."""
+    return "".join(encode_parts(snap))

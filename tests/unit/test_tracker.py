@@ -474,3 +474,42 @@ def test_random_marked_workload_stays_exact(world, seed):
         assert_exact(tr, p)
         assert tr.drift_bytes() == 0, tick
     assert dict(tr.counters.full_rescans) == {"attach": 1}
+
+
+# -- names refresh (unlink/rename somewhere on the system) -----------------------
+def test_names_refresh_is_spaced_by_the_cost_of_reading_maps(world, monkeypatch):
+    import memtrace.tracker as tracker_mod
+
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    clock = [1000.0]
+    monkeypatch.setattr(tracker_mod.time, "monotonic", lambda: clock[0])
+    tr._last_maps_read, tr._maps_read_seconds = clock[0], 0.5   # a 0.5 s maps read
+    lib = m["libc"]
+    deleted = dataclasses.replace(lib, path=lib.path + b" (deleted)")
+    p.vmas = [deleted if v == lib else v for v in p.vmas]
+    p.sync()
+
+    reads = tr.counters.maps_reads
+    clock[0] += 1.0                       # < 20 x 0.5 s since the last read: wait
+    tr.update([], [], None, names_changed=True)
+    assert tr.counters.maps_reads == reads
+    clock[0] += 5.0
+    tr.update([], [], None, names_changed=False)   # still stale, still too early
+    assert tr.counters.maps_reads == reads
+    clock[0] += 5.0                       # 11 s >= 10 s: refresh, without a new event
+    tr.update([], [], None, names_changed=False)
+    assert tr.counters.maps_reads == reads + 1
+    assert deleted.identity in {v.identity for v in tr.space.vmas}
+    assert_exact(tr, p)
+    tr.update([], [], None, names_changed=False)   # not stale any more
+    assert tr.counters.maps_reads == reads + 1
+
+
+def test_names_refresh_is_immediate_for_a_cheap_maps_read(world):
+    p, _ = standard_process(world)
+    tr = attach(world, p)
+    reads = tr.counters.maps_reads
+    tr._maps_read_seconds = 0.0
+    tr.update([], [], None, names_changed=True)
+    assert tr.counters.maps_reads == reads + 1
