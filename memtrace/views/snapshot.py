@@ -5,15 +5,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from memtrace.attribution import classify, mapping_identity, split
+from memtrace.attribution import classify, mapping_identity, segments_for, split
 from memtrace.tracker import ProcessTracker
 
 
 def snapshot(tracker: ProcessTracker, ts: float) -> dict[str, Any]:
     mappings = []
     anon = file = shmem = virtual = 0
+    segs = segments_for(tracker.space, tracker.space.vmas, tracker.exe, tracker.pid,
+                        tracker.procfs.root)
     for vma in tracker.space.vmas:
         kind = classify(vma, tracker.exe)
+        seg = segs.get(vma.start)
+        if seg is not None:
+            kind = seg.kind           # the bss: anonymous, counted with its library
         parts = split(tracker.space.resident_of(vma), kind)
         anon += parts.anon
         file += parts.file
@@ -26,7 +31,8 @@ def snapshot(tracker: ProcessTracker, ts: float) -> dict[str, Any]:
             "offset": vma.offset,
             "path": vma.display_path,
             "kind": kind,
-            "mapping": mapping_identity(vma, kind),
+            "mapping": seg.mapping if seg is not None else mapping_identity(vma, kind),
+            "segment": seg.name if seg is not None else None,
             "rss_bytes": parts.total,
             "anon_bytes": parts.anon,
             "file_bytes": parts.file,

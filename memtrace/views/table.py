@@ -84,6 +84,7 @@ class TableReporter:
                     f"lost {snap['events_lost']}", style="dim")
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col, justify in (("range", "left"), ("perms", "left"), ("kind", "left"),
+                             ("seg", "left"),
                              ("virt", "right"), ("rss", "right"), ("anon", "right"),
                              ("file", "right"), ("shmem", "right"), ("faults", "right"),
                              ("path", "left")):
@@ -92,9 +93,10 @@ class TableReporter:
         limit = self._rows_per_process()
         for m in maps[:limit]:
             table.add_row(f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
-                          human(m["virtual_bytes"]), human(m["rss_bytes"]),
+                          m.get("segment") or "", human(m["virtual_bytes"]), human(m["rss_bytes"]),
                           human(m["anon_bytes"]), human(m["file_bytes"]),
-                          human(m["shmem_bytes"]), str(m["faults"]), m["path"])
+                          human(m["shmem_bytes"]), str(m["faults"]),
+                          m["path"] or (m["mapping"] if m.get("segment") == "bss" else ""))
         parts: list[Any] = [head, info, table]
         hidden = maps[limit:]
         if hidden:

@@ -41,6 +41,7 @@ MAPPING_KEYS = {
     "path",
     "kind",
     "mapping",
+    "segment",
     "rss_bytes",
     "anon_bytes",
     "file_bytes",
@@ -107,6 +108,9 @@ def test_snapshot_mappings(world):
     assert libc["kind"] == "library" and libc["file_bytes"] == 0x8000
     assert libc["path"] == "/usr/lib/x86_64-linux-gnu/libc.so.6"
     assert libc["perms"] == "r-xp"
+    assert libc["segment"] == "text"
+    assert rows[m["exe_r"].start]["segment"] == "rodata"
+    assert rows[m["heap"].start]["segment"] is None
     exe = rows[m["exe_x"].start]
     assert exe["kind"] == "executable" and exe["offset"] == 0x2000
     assert rows[m["heap"].start]["kind"] == "heap"
