@@ -15,6 +15,7 @@ from typing import Any, Protocol
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import Drained, SyscallEvent
 from memtrace.exporter import ExporterState, StateBox, add_counters, empty_counters
+from memtrace.libevents import LibraryEvents
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
@@ -57,6 +58,7 @@ class Session:
         self.group_of: dict[int, str] = {}
         self.grouping = False      # metrics by group label instead of pid (agent mode)
         self._retired: dict[tuple[str, str], dict[str, Any]] = {}
+        self._libevents: dict[int, LibraryEvents] = {}
 
     def load(self, watch_execs: bool = False) -> Probes:
         self.probes = Probes(watch_execs=watch_execs)
@@ -99,6 +101,8 @@ class Session:
                 "kernels)", ExitCode.NOT_ROOT) from None
         self.trackers[pid] = tracker
         snap = snapshot(tracker, time.time())
+        self._libevents[pid] = LibraryEvents()
+        self._library_events(pid, snap)
         self._snapshots[pid] = snap
         self._attach_seconds[pid] = time.time() - tracker.attached_at
         self.reporter.snapshot(snap)
@@ -120,6 +124,7 @@ class Session:
             add_counters(self._retired.setdefault(key, empty_counters()), last)
         self.group_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
+        self._libevents.pop(pid, None)
         if tracker:
             tracker.close()
             self._rescans_of_gone.update(tracker.counters.full_rescans)
@@ -149,12 +154,19 @@ class Session:
                 self.detach(pid, "exited")
                 continue
             snap = snapshot(tracker, now)
+            self._library_events(pid, snap)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
         self._last_tick_seconds = time.perf_counter() - t0
         self.publish()
         self.reporter.tick_done()
         return drained
+
+    def _library_events(self, pid: int, snap: dict[str, Any]) -> None:
+        """Libraries loaded and unloaded since the last snapshot (docs/output.md)."""
+        lib = self._libevents.setdefault(pid, LibraryEvents())
+        snap["library_events"] = lib.update(snap)
+        snap["library_totals"] = lib.totals_dict()
 
     def _same_process(self, tracker: ProcessTracker) -> bool:
         """Still alive, and not a new process that reused the PID (identity is

@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memtrace.events import SyscallEvent
+from memtrace.libevents import describe as describe_library_event
 
 
 def human(n: int | None) -> str:
@@ -29,12 +30,14 @@ class TableReporter:
         self.max_rows = max_rows
         self.snaps: dict[int, dict[str, Any]] = {}
         self.recent: deque[SyscallEvent] = deque(maxlen=8)
-        self.notes: deque[str] = deque(maxlen=3)
+        self.notes: deque[str] = deque(maxlen=5)
         self.live = Live(console=self.console, auto_refresh=False, screen=False)
         self.live.start()
 
     def snapshot(self, snap: dict[str, Any]) -> None:
         self.snaps[snap["pid"]] = snap
+        for ev in snap.get("library_events") or ():
+            self.notes.append(f"{time.strftime('%H:%M:%S')} {describe_library_event(ev)}")
         self._render()
 
     def events(self, events: list[SyscallEvent]) -> None:
@@ -93,7 +96,8 @@ class TableReporter:
         limit = self._rows_per_process()
         for m in maps[:limit]:
             table.add_row(f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
-                          m.get("segment") or "", human(m["virtual_bytes"]), human(m["rss_bytes"]),
+                          m.get("segment") or "", human(m["virtual_bytes"]),
+                          human(m["rss_bytes"]),
                           human(m["anon_bytes"]), human(m["file_bytes"]),
                           human(m["shmem_bytes"]), str(m["faults"]),
                           m["path"] or (m["mapping"] if m.get("segment") == "bss" else ""))
