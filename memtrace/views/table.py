@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 from memtrace.events import SyscallEvent
+from memtrace.explain import meminfo_summary
 from memtrace.libevents import describe as describe_library_event
 
 
@@ -63,6 +64,9 @@ class TableReporter:
 
     def _render(self) -> None:
         parts: list[Any] = []
+        machine = meminfo_summary()
+        if machine:
+            parts.append(Text(machine, style="dim"))
         for snap in self.snaps.values():
             parts.append(self._process(snap))
         if self.recent:
