@@ -158,3 +158,26 @@ def test_json_reporter_writes_one_line_per_snapshot(world, tmp_path):
     lines = out.getvalue().splitlines()
     assert len(lines) == 2
     assert [json.loads(x)["ts"] for x in lines] == [1.0, 2.0]
+
+
+def test_snapshot_bss_counts_toward_its_library(world):
+    """libc's data and bss after its text: the bss row keeps an empty path but
+    carries libc's kind and identity, so per-identity sums include it."""
+    p, m = standard_process(world)
+    lib = b"/usr/lib/x86_64-linux-gnu/libc.so.6"
+    data = p.map(m["libc"].end, m["libc"].end + 2 * PAGE, lib, "rw-p", offset=0x20000,
+                 inode=22, dev="fe:00")
+    bss = p.map(data.end, data.end + 4 * PAGE)
+    p.touch(bss.start, bss.start + 3 * PAGE)
+    p.sync()
+    tr = ProcessTracker(p.pid, world.procfs())
+    tr.start()
+    snap = snapshot(tr, 0.0)
+    rows = by_start(snap)
+    assert (rows[m["libc"].start]["segment"], rows[data.start]["segment"]) == ("text", "data")
+    b = rows[bss.start]
+    assert (b["segment"], b["kind"], b["mapping"], b["path"]) == (
+        "bss", "library", "/usr/lib/x86_64-linux-gnu/libc.so.6", "")
+    assert (b["anon_bytes"], b["file_bytes"]) == (3 * PAGE, 0)
+    assert snap["anon_bytes"] == sum(x["anon_bytes"] for x in snap["mappings"])
+    assert rows[m["anon"].start]["segment"] is None
