@@ -86,6 +86,8 @@ class LibraryEvents:
     known: dict[tuple[str, int], Instance] | None = None
     pending: dict[tuple[str, int], _Pending] = field(default_factory=dict)
     totals: dict[str, Totals] = field(default_factory=dict)
+    _token: object = None                  # the layout the known instances were read from
+    _last: dict[str, Any] | None = None    # the previous snapshot
 
     def _totals(self, mapping: str) -> Totals:
         t = self.totals.get(mapping)
@@ -95,16 +97,27 @@ class LibraryEvents:
             t = self.totals.setdefault(mapping, Totals())
         return t
 
-    def update(self, snap: dict[str, Any]) -> list[dict[str, Any]]:
-        """Events of this snapshot (possibly none), in the order they happened."""
+    def update(self, snap: dict[str, Any], layout: object = None) -> list[dict[str, Any]]:
+        """Events of this snapshot (possibly none), in the order they happened.
+        `layout`: an object that is the same (`is`) as long as the VMA list is
+        (the model's list); then, with no load pending, nothing is recomputed."""
+        if (layout is not None and layout is self._token and not self.pending
+                and self.known is not None):
+            self._last = snap
+            return []
         now = instances(snap)
+        last, self._last, self._token = self._last, snap, layout
         if self.known is None:
             self.known = now
             return []
         events: list[dict[str, Any]] = []
+        before: dict[tuple[str, int], Instance] | None = None
         for key, inst in self.known.items():
             if key in now:
                 continue
+            if before is None:   # resident bytes as of the last tick, not the last change
+                before = instances(last) if last is not None else {}
+            inst = before.get(key, inst)
             if key in self.pending:    # loaded and gone before it settled
                 del self.pending[key]
                 events.append(self._load(inst, snap, settled=False))

@@ -102,7 +102,7 @@ class Session:
         self.trackers[pid] = tracker
         snap = snapshot(tracker, time.time())
         self._libevents[pid] = LibraryEvents()
-        self._library_events(pid, snap)
+        self._library_events(pid, snap, tracker.space.vmas)
         self._snapshots[pid] = snap
         self._attach_seconds[pid] = time.time() - tracker.attached_at
         self.reporter.snapshot(snap)
@@ -154,7 +154,7 @@ class Session:
                 self.detach(pid, "exited")
                 continue
             snap = snapshot(tracker, now)
-            self._library_events(pid, snap)
+            self._library_events(pid, snap, tracker.space.vmas)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
         self._last_tick_seconds = time.perf_counter() - t0
@@ -162,10 +162,10 @@ class Session:
         self.reporter.tick_done()
         return drained
 
-    def _library_events(self, pid: int, snap: dict[str, Any]) -> None:
+    def _library_events(self, pid: int, snap: dict[str, Any], layout: object = None) -> None:
         """Libraries loaded and unloaded since the last snapshot (docs/output.md)."""
         lib = self._libevents.setdefault(pid, LibraryEvents())
-        snap["library_events"] = lib.update(snap)
+        snap["library_events"] = lib.update(snap, layout)
         snap["library_totals"] = lib.totals_dict()
 
     def _same_process(self, tracker: ProcessTracker) -> bool:

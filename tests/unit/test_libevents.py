@@ -219,3 +219,20 @@ def test_table_shows_segments_and_library_events():
     bss_row = next(line for line in text.splitlines() if " bss " in line)
     assert "/tmp/libdummy.so" in bss_row and "library" in bss_row
     assert 42 in table.snaps      # the message did not drop the process
+
+
+def test_same_layout_token_skips_work_but_unload_has_last_tick_rss():
+    """With the model's VMA list as the layout token, ticks without a layout
+    change compute nothing; an unload still reports the last tick's resident bytes."""
+    ev = LibraryEvents()
+    base = process_vmas()
+    t0, t1, t2 = object(), object(), object()
+    ev.update(snap_of(base, 1.0), t0)
+    ev.update(snap_of(base + lib_vmas(), 2.0), t1)
+    assert [e["event"] for e in ev.update(snap_of(base + lib_vmas(), 3.0), t1)] == [
+        "library_load"]
+    for i in range(5):        # resident grows, the layout does not change
+        rss = {BASE + 0x55000: (i + 1) * 10 * PAGE}
+        assert ev.update(snap_of(base + lib_vmas(), 4.0 + i, rss), t1) == []
+    out = ev.update(snap_of(base, 10.0), t2)
+    assert [(e["event"], e["rss_bytes"]) for e in out] == [("library_unload", 50 * PAGE)]
