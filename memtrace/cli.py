@@ -1,4 +1,4 @@
-"""Command line: memtrace watch | run | doctor."""
+"""Command line: memtrace watch | run | agent | heap | explain | doctor."""
 
 from __future__ import annotations
 
@@ -350,6 +350,47 @@ def heap(pid: int, fmt: str, stop: bool, retries: int) -> None:
     from memtrace.heap import heap_command
 
     click.echo(heap_command(pid, fmt, stop, retries))
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("pid", type=int, required=False)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Plain text, or one JSON object (docs/explain.md).")
+def explain(pid: int | None, fmt: str) -> None:
+    """What /proc/PID/statm and status, and /proc/meminfo, say, in plain words, next
+    to memtrace's exact figures (a one-shot scan of PID's page tables, as root).
+    Without PID: the machine view only."""
+    from memtrace.explain import explain as build
+    from memtrace.explain import render_json, render_text
+
+    snap = None
+    if pid is not None:
+        procfs = ProcFS()
+        procfs.check_target(pid)
+        snap = _one_shot_snapshot(procfs, pid)
+    try:
+        report = build(pid, procfs.root if pid is not None else "/proc", snap)
+    except FileNotFoundError:
+        raise MemtraceError(f"no such process: {pid}", ExitCode.NO_SUCH_PROCESS) from None
+    click.echo(render_json(report) if fmt == "json" else render_text(report))
+
+
+def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
+    """memtrace's figures without probes: one full scan of the page tables.
+    None where that is not allowed (not root) or the process went away."""
+    import time
+
+    from memtrace.tracker import ProcessGone, ProcessTracker
+    from memtrace.views.snapshot import snapshot
+
+    tracker = ProcessTracker(pid, procfs)
+    try:
+        tracker.start()
+        return snapshot(tracker, time.time())
+    except (ProcessGone, OSError):
+        return None
+    finally:
+        tracker.close()
 
 
 @cli.command()

@@ -192,6 +192,36 @@ def _counter(name: str, help_text: str, labels: Sequence[str] = ()) -> Family:
     return Family(name, "counter", help_text, labels)
 
 
+def library_families(rows: list[tuple[list[str], dict[str, Any]]],
+                     who: list[str]) -> list[Family]:
+    """Library loads and unloads (memtrace/libevents.py), from the cumulative
+    `library_totals` of each snapshot. Per pid only: merged group rows carry no
+    totals, so in agent mode with --group-by group these families stay empty."""
+    labels = [*who, "mapping"]
+    loads = _counter("memtrace_library_loads",
+                     "Libraries loaded (dlopen: new mappings of a shared object) since "
+                     "attach.", labels)
+    unloads = _counter("memtrace_library_unloads",
+                       "Libraries unloaded (every mapping of the object gone) since attach; "
+                       "a dlclose that leaves the object mapped is not counted.", labels)
+    loaded = _counter("memtrace_library_loaded_bytes",
+                      "Bytes mapped by library loads (all segments, bss included).", labels)
+    unloaded = _counter("memtrace_library_unloaded_bytes",
+                        "Bytes unmapped by library unloads.", labels)
+    given_back = _counter("memtrace_library_unloaded_resident_bytes",
+                          "Resident bytes of libraries at their last tick before unload.",
+                          labels)
+    for ids, snap in rows:
+        for identity, t in sorted((snap.get("library_totals") or {}).items()):
+            values = [*ids, safe_label(identity)]
+            loads.add_metric(values, t["loads"])
+            unloads.add_metric(values, t["unloads"])
+            loaded.add_metric(values, t["loaded_bytes"])
+            unloaded.add_metric(values, t["unloaded_bytes"])
+            given_back.add_metric(values, t["unloaded_rss_bytes"])
+    return [loads, unloads, loaded, unloaded, given_back]
+
+
 class MemtraceCollector(Collector):
     def __init__(self, box: StateBox, max_mapping_series: int = 50) -> None:
         self.box = box
@@ -289,6 +319,7 @@ class MemtraceCollector(Collector):
         self.forget({tuple(ids) for ids, _ in rows})
         return [proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift,
                 *heap_families(state),
+                *library_families(rows, who),
                 *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]
 
     def _self_metrics(self, state: ExporterState, dropped_total: int,

@@ -16,6 +16,7 @@ from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import Drained, SyscallEvent
 from memtrace.exporter import ExporterState, StateBox, add_counters, empty_counters
 from memtrace.heap import HeapSampler
+from memtrace.libevents import LibraryEvents
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
@@ -61,6 +62,7 @@ class Session:
         self._retired: dict[tuple[str, str], dict[str, Any]] = {}
         self.heap: HeapSampler | None = None  # --heap-interval: see enable_heap
         self._heap_status: dict[int, str] = {}
+        self._libevents: dict[int, LibraryEvents] = {}
 
     def load(self, watch_execs: bool = False) -> Probes:
         self.probes = Probes(watch_execs=watch_execs)
@@ -105,6 +107,9 @@ class Session:
         self._builders[pid] = SnapshotBuilder()
         snap = self._builders[pid].build(tracker, time.time())
         self._add_heap(snap, tracker)
+        self._libevents[pid] = LibraryEvents()
+        self._library_events(pid, snap, tracker.space.vmas)
+        self._builders[pid].stamp(snap)
         self._snapshots[pid] = snap
         self._attach_seconds[pid] = time.time() - tracker.attached_at
         self.reporter.snapshot(snap)
@@ -128,6 +133,7 @@ class Session:
         self.group_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
         self._forget_heap(pid)
+        self._libevents.pop(pid, None)
         if tracker:
             tracker.close()
             self._rescans_of_gone.update(tracker.counters.full_rescans)
@@ -158,12 +164,20 @@ class Session:
                 continue
             snap = self._builders[pid].build(tracker, now)
             self._add_heap(snap, tracker)
+            self._library_events(pid, snap, tracker.space.vmas)
+            self._builders[pid].stamp(snap)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
         self._last_tick_seconds = time.perf_counter() - t0
         self.publish()
         self.reporter.tick_done()
         return drained
+
+    def _library_events(self, pid: int, snap: dict[str, Any], layout: object = None) -> None:
+        """Libraries loaded and unloaded since the last snapshot (docs/output.md)."""
+        lib = self._libevents.setdefault(pid, LibraryEvents())
+        snap["library_events"] = lib.update(snap, layout)
+        snap["library_totals"] = lib.totals_dict()
 
     def _same_process(self, tracker: ProcessTracker) -> bool:
         """Still alive, and not a new process that reused the PID (identity is

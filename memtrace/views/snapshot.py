@@ -14,12 +14,15 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from memtrace.attribution import classify, mapping_identity, split
+from memtrace.attribution import Segment, classify, mapping_identity, segments_for, split
 from memtrace.model import AddressSpace
 from memtrace.procfs import Vma
 from memtrace.tracker import ProcessTracker
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+# Keys left out of the generation's fingerprint (the mappings are followed by
+# the builder itself).
+_UNSTAMPED = frozenset({"ts", "tick_seconds", "generation", "mappings"})
 
 
 class Snapshot(dict[str, Any]):
@@ -54,11 +57,15 @@ class SnapshotBuilder:
         self._index: dict[int, int] = {}        # VMA start -> position in _entries
         self._totals = [0, 0, 0, 0]             # anon, file, shmem, virtual
         self._generation = 0
-        self._fingerprint: tuple[Any, ...] | None = None
+        self._fingerprint = ""
+        self._content_changed = False
         self._mappings: list[dict[str, Any]] | None = None   # views of _entries,
         self._mappings_json = ""                             # rebuilt when it changes
+        self._segments: dict[int, Segment] = {}              # by VMA start
 
     def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
+        """The snapshot of this tick; call stamp() on it once the caller has
+        added its own keys (heap, library events)."""
         space = tracker.space
         changed = space.take_changed()
         if (space is not self._space or space.layout_version != self._layout
@@ -66,10 +73,25 @@ class SnapshotBuilder:
             self._rebuild_all(tracker, changed)
         else:
             self._rebuild_changed(tracker, changed)
-        return self._snapshot(tracker, ts, content_changed=bool(changed))
+        self._content_changed = bool(changed)
+        return self._snapshot(tracker, ts)
+
+    def stamp(self, snap: Snapshot) -> Snapshot:
+        """Set snap["generation"]: the previous one if nothing but the time
+        fields changed since the previous snapshot, else the next."""
+        fingerprint = _encode({k: v for k, v in snap.items() if k not in _UNSTAMPED})
+        if self._content_changed or fingerprint != self._fingerprint:
+            self._generation += 1
+            self._fingerprint = fingerprint
+        self._content_changed = False
+        snap["generation"] = self._generation
+        return snap
 
     def _entry(self, tracker: ProcessTracker, vma: Vma) -> _Entry:
         kind = classify(vma, tracker.exe)
+        seg = self._segments.get(vma.start)
+        if seg is not None:
+            kind = seg.kind           # the bss: anonymous, counted with its library
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
         mapping = {
@@ -79,7 +101,8 @@ class SnapshotBuilder:
             "offset": vma.offset,
             "path": vma.display_path,
             "kind": kind,
-            "mapping": mapping_identity(vma, kind),
+            "mapping": seg.mapping if seg is not None else mapping_identity(vma, kind),
+            "segment": seg.name if seg is not None else None,
             "rss_bytes": parts.total,
             "anon_bytes": parts.anon,
             "file_bytes": parts.file,
@@ -87,17 +110,22 @@ class SnapshotBuilder:
             "virtual_bytes": vma.size,
             "faults": faults,
         }
-        return _Entry(key=(vma.identity, parts, faults), mapping=mapping,
+        return _Entry(key=(vma.identity, parts, faults, seg), mapping=mapping,
                       text=_encode(mapping), anon=parts.anon, file=parts.file,
                       shmem=parts.shmem, virtual=vma.size)
 
     def _rebuild_all(self, tracker: ProcessTracker, changed: set[int]) -> None:
+        # Segment names depend on neighbours (a bss follows its data segment):
+        # named again for every new VMA list.
+        self._segments = segments_for(tracker.space, tracker.space.vmas, tracker.exe,
+                                      tracker.pid, tracker.procfs.root)
         old = {e.mapping["start"]: e for e in self._entries}
         entries: list[_Entry] = []
         for vma in tracker.space.vmas:
             prev = old.get(vma.start)
             if (prev is not None and vma.start not in changed
-                    and prev.key[0] == vma.identity and tracker.exe == self._exe):
+                    and prev.key[0] == vma.identity and tracker.exe == self._exe
+                    and prev.key[3] == self._segments.get(vma.start)):
                 entries.append(prev)
             else:
                 entries.append(self._entry(tracker, vma))
@@ -128,7 +156,7 @@ class SnapshotBuilder:
         self._entries = entries
         self._mappings = None
 
-    def _snapshot(self, tracker: ProcessTracker, ts: float, content_changed: bool) -> Snapshot:
+    def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         anon, file, shmem, virtual = self._totals
         c = tracker.counters
         statm = tracker.statm
@@ -154,12 +182,6 @@ class SnapshotBuilder:
             "generation": 0,
             "mappings": self._mappings_list(),
         })
-        fingerprint = _freeze(tuple(v for k, v in snap.items()
-                                    if k not in ("ts", "tick_seconds", "generation", "mappings")))
-        if content_changed or fingerprint != self._fingerprint:
-            self._generation += 1
-            self._fingerprint = fingerprint
-        snap["generation"] = self._generation
         snap.mappings_json = self._mappings_json
         return snap
 
@@ -170,15 +192,11 @@ class SnapshotBuilder:
         return self._mappings
 
 
-def _freeze(values: tuple[Any, ...]) -> tuple[Any, ...]:
-    """Dicts as sorted item tuples, so that a fingerprint compares by value."""
-    return tuple(tuple(sorted(v.items())) if isinstance(v, dict) else v for v in values)
-
-
 def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:
     """A one-off snapshot (tests, single reports); the watch loop keeps a
     SnapshotBuilder per process instead."""
-    return SnapshotBuilder().build(tracker, ts)
+    builder = SnapshotBuilder()
+    return builder.stamp(builder.build(tracker, ts))
 
 
 def encode_parts(snap: dict[str, Any]) -> list[str]:

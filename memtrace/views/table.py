@@ -12,6 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 from memtrace.events import SyscallEvent
+from memtrace.explain import meminfo_summary
+from memtrace.libevents import describe as describe_library_event
 
 
 def human(n: int | None) -> str:
@@ -29,12 +31,14 @@ class TableReporter:
         self.max_rows = max_rows
         self.snaps: dict[int, dict[str, Any]] = {}
         self.recent: deque[SyscallEvent] = deque(maxlen=8)
-        self.notes: deque[str] = deque(maxlen=3)
+        self.notes: deque[str] = deque(maxlen=5)
         self.live = Live(console=self.console, auto_refresh=False, screen=False)
         self.live.start()
 
     def snapshot(self, snap: dict[str, Any]) -> None:
         self.snaps[snap["pid"]] = snap
+        for ev in snap.get("library_events") or ():
+            self.notes.append(f"{time.strftime('%H:%M:%S')} {describe_library_event(ev)}")
         self._render()
 
     def events(self, events: list[SyscallEvent]) -> None:
@@ -60,6 +64,9 @@ class TableReporter:
 
     def _render(self) -> None:
         parts: list[Any] = []
+        machine = meminfo_summary()
+        if machine:
+            parts.append(Text(machine, style="dim"))
         for snap in self.snaps.values():
             parts.append(self._process(snap))
         if self.recent:
@@ -84,6 +91,7 @@ class TableReporter:
                     f"lost {snap['events_lost']}", style="dim")
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col, justify in (("range", "left"), ("perms", "left"), ("kind", "left"),
+                             ("seg", "left"),
                              ("virt", "right"), ("rss", "right"), ("anon", "right"),
                              ("file", "right"), ("shmem", "right"), ("faults", "right"),
                              ("path", "left")):
@@ -92,9 +100,11 @@ class TableReporter:
         limit = self._rows_per_process()
         for m in maps[:limit]:
             table.add_row(f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
-                          human(m["virtual_bytes"]), human(m["rss_bytes"]),
+                          m.get("segment") or "", human(m["virtual_bytes"]),
+                          human(m["rss_bytes"]),
                           human(m["anon_bytes"]), human(m["file_bytes"]),
-                          human(m["shmem_bytes"]), str(m["faults"]), m["path"])
+                          human(m["shmem_bytes"]), str(m["faults"]),
+                          m["path"] or (m["mapping"] if m.get("segment") == "bss" else ""))
         parts: list[Any] = [head, info, table]
         hidden = maps[limit:]
         if hidden:

@@ -87,10 +87,15 @@ def realistic_process(pid: int, comm: str = "server") -> dict[str, Any]:
         mapping("[vvar]", "special", size=4 * PAGE),
         mapping("[vdso]", "special", size=2 * PAGE, file=PAGE, perms="r-xp"),
     ]
-    return snapshot(pid, comm, place(maps),
+    snap = snapshot(pid, comm, place(maps),
                     faults_by_mapping={"[heap]": 250, "[anon]": 710, LIBC: 12},
                     syscalls={"brk": 3, "mmap": 20, "munmap": 4, "madvise": 1, "mprotect": 7},
                     syscall_bytes={"brk": 3 * 135168, "mmap": 20 * 65536, "munmap": 4 * 65536})
+    # a plugin dlopen'ed twice and dlclose'd once (memtrace/libevents.py)
+    snap["library_totals"] = {"/opt/plugins/libx.so": {
+        "loads": 2, "unloads": 1, "loaded_bytes": 2 * 40 * PAGE, "unloaded_bytes": 40 * PAGE,
+        "unloaded_rss_bytes": 12 * PAGE}}
+    return snap
 
 
 def state_of(*snaps: dict[str, Any], **kw: Any) -> ExporterState:

@@ -142,10 +142,52 @@ def statm_exact() -> bool:
     return True if check is None else bool(check())
 
 
-def truth_by_identity(smaps: list[dict]) -> dict[str, dict[str, int]]:
+def _bss_range(pid: int, first: dict) -> tuple[int, int] | None:
+    """[start, end) of an object's zero-fill pages past its file data, from
+    `readelf -lW` (independent of memtrace's own ELF reader): the last writable
+    PT_LOAD's VirtAddr + FileSiz .. VirtAddr + MemSiz, page-rounded, biased by
+    where the object's first VMA (file offset 0) sits."""
+    mf = f"/proc/{pid}/map_files/{first['start']:x}-{first['end']:x}"
+    r = subprocess.run(["readelf", "-lW", mf], capture_output=True, text=True)
+    loads = [ln.split() for ln in r.stdout.splitlines() if ln.strip().startswith("LOAD ")]
+    if r.returncode != 0 or not loads:
+        return None
+    up = lambda x: (x + 4095) & ~4095  # noqa: E731
+    bias = first["start"] - (int(loads[0][2], 16) & ~4095)
+    rw = [f for f in loads if "W" in "".join(f[6:-1])]
+    if not rw:
+        return None
+    va, filesz, memsz = int(rw[-1][2], 16), int(rw[-1][4], 16), int(rw[-1][5], 16)
+    return bias + up(va + filesz), bias + up(va + memsz)
+
+
+def identities(smaps: list[dict], pid: int | None) -> list[str]:
+    """The mapping label of every VMA: identity(path), except that the bss of a
+    library or of the executable (the anonymous rw- VMA right after its data,
+    inside the ELF's zero-fill range) carries its object's path (docs/metrics.md)."""
+    out = [identity(m["path"]) for m in smaps]
+    if pid is None:
+        return out
+    first: dict[str, dict] = {}
+    for i, m in enumerate(smaps):
+        if m["path"] and m["offset"] == 0 and not m["path"].startswith("["):
+            first[m["path"]] = m
+        if (i == 0 or m["path"] or m["perms"] != "rw-p" or m["inode"]
+                or smaps[i - 1]["perms"] != "rw-p" or smaps[i - 1]["end"] != m["start"]):
+            continue
+        prev = smaps[i - 1]
+        if not prev["path"] or prev["path"].startswith("[") or prev["path"] not in first:
+            continue
+        bss = _bss_range(pid, first[prev["path"]])
+        if bss and m["start"] == bss[0] and m["end"] <= bss[1]:
+            out[i] = identity(prev["path"])
+    return out
+
+
+def truth_by_identity(smaps: list[dict], pid: int | None = None) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = defaultdict(lambda: {"rss": 0, "anon": 0, "virtual": 0})
-    for m in smaps:
-        t = out[identity(m["path"])]
+    for m, name in zip(smaps, identities(smaps, pid)):
+        t = out[name]
         t["rss"] += m["rss_bytes"]
         t["anon"] += m["anonymous_bytes"]
         t["virtual"] += m["size_bytes"]
@@ -186,7 +228,7 @@ def compare_metrics(values: dict[str, dict], pid: int, smaps: list[dict],
         if values["virtual"] != want:
             diffs.append(f"memtrace_process_virtual_bytes = {values['virtual']}, "
                          f"sum of smaps Size = {want}")
-    truth, got = truth_by_identity(smaps), values["mappings"]
+    truth, got = truth_by_identity(smaps, pid), values["mappings"]
     for name in sorted(set(truth) | set(got)):
         t, g = truth.get(name), got.get(name)
         if t is None:
@@ -372,7 +414,7 @@ def test_metrics_with_the_series_cap(exporter_harness, tmp_path):
     def on_point(ev: SyncEvent, port: int) -> None:
         s = h.scrapes[(ev.pid, ev.phase)]
         smaps, _ = read_truth(ev.pid)
-        truth = truth_by_identity(smaps)
+        truth = truth_by_identity(smaps, ev.pid)
         got = values_from_scrape(s, ev.pid)["mappings"]
         assert len(got) == 5 and OTHER in got, sorted(got)
         top = sorted(truth.values(), key=lambda t: t["rss"], reverse=True)[:4]

@@ -42,6 +42,7 @@ MAPPING_KEYS = {
     "path",
     "kind",
     "mapping",
+    "segment",
     "rss_bytes",
     "anon_bytes",
     "file_bytes",
@@ -108,6 +109,9 @@ def test_snapshot_mappings(world):
     assert libc["kind"] == "library" and libc["file_bytes"] == 0x8000
     assert libc["path"] == "/usr/lib/x86_64-linux-gnu/libc.so.6"
     assert libc["perms"] == "r-xp"
+    assert libc["segment"] == "text"
+    assert rows[m["exe_r"].start]["segment"] == "rodata"
+    assert rows[m["heap"].start]["segment"] is None
     exe = rows[m["exe_x"].start]
     assert exe["kind"] == "executable" and exe["offset"] == 0x2000
     assert rows[m["heap"].start]["kind"] == "heap"
@@ -168,7 +172,7 @@ def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
 
     p, m, tr = tracked(world)
     builder = SnapshotBuilder()
-    builder.build(tr, 1.0)
+    builder.stamp(builder.build(tr, 1.0))
     anon = m["anon"]
     steps = [
         # pages appear in one mapping (a fault mark), layout unchanged
@@ -185,7 +189,7 @@ def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
     ]
     for step in steps:
         step()
-        snap = builder.build(tr, 2.0)
+        snap = builder.stamp(builder.build(tr, 2.0))
         assert _plain(snap) == _plain(snapshot(tr, 2.0))
         assert json.loads(encode(snap)) == json.loads(json.dumps(snap))
         anon_total, other_total = p.expected_total()
@@ -197,8 +201,8 @@ def test_builder_reuses_unchanged_mappings_and_keeps_old_snapshots_intact(world)
 
     p, m, tr = tracked(world)
     builder = SnapshotBuilder()
-    first = builder.build(tr, 1.0)
-    quiet = builder.build(tr, 2.0)
+    first = builder.stamp(builder.build(tr, 1.0))
+    quiet = builder.stamp(builder.build(tr, 2.0))
     assert quiet["generation"] == first["generation"]
     assert all(a is b for a, b in zip(first["mappings"], quiet["mappings"], strict=True))
 
@@ -207,7 +211,7 @@ def test_builder_reuses_unchanged_mappings_and_keeps_old_snapshots_intact(world)
     p.touch(anon.start + 4 * PAGE, anon.start + 5 * PAGE)
     p.sync()
     tr.update([ChunkMark(anon.start >> CHUNK_SHIFT, 1, anon.start + 4 * PAGE)], [], None)
-    busy = builder.build(tr, 3.0)
+    busy = builder.stamp(builder.build(tr, 3.0))
     assert busy["generation"] == quiet["generation"] + 1
     assert [dict(x) for x in quiet["mappings"]] == before      # not mutated in place
     changed = [b for a, b in zip(quiet["mappings"], busy["mappings"], strict=True) if a is not b]
@@ -221,7 +225,28 @@ def test_builder_generation_follows_counters_too(world):
 
     _, _, tr = tracked(world)
     builder = SnapshotBuilder()
-    g0 = builder.build(tr, 1.0)["generation"]
+    g0 = builder.stamp(builder.build(tr, 1.0))["generation"]
     tr.stats = dataclasses.replace(tr.stats, events_sampled_out=tr.stats.events_sampled_out + 1)
-    assert builder.build(tr, 2.0)["generation"] == g0 + 1
-    assert builder.build(tr, 3.0)["generation"] == g0 + 1
+    assert builder.stamp(builder.build(tr, 2.0))["generation"] == g0 + 1
+    assert builder.stamp(builder.build(tr, 3.0))["generation"] == g0 + 1
+def test_snapshot_bss_counts_toward_its_library(world):
+    """libc's data and bss after its text: the bss row keeps an empty path but
+    carries libc's kind and identity, so per-identity sums include it."""
+    p, m = standard_process(world)
+    lib = b"/usr/lib/x86_64-linux-gnu/libc.so.6"
+    data = p.map(m["libc"].end, m["libc"].end + 2 * PAGE, lib, "rw-p", offset=0x20000,
+                 inode=22, dev="fe:00")
+    bss = p.map(data.end, data.end + 4 * PAGE)
+    p.touch(bss.start, bss.start + 3 * PAGE)
+    p.sync()
+    tr = ProcessTracker(p.pid, world.procfs())
+    tr.start()
+    snap = snapshot(tr, 0.0)
+    rows = by_start(snap)
+    assert (rows[m["libc"].start]["segment"], rows[data.start]["segment"]) == ("text", "data")
+    b = rows[bss.start]
+    assert (b["segment"], b["kind"], b["mapping"], b["path"]) == (
+        "bss", "library", "/usr/lib/x86_64-linux-gnu/libc.so.6", "")
+    assert (b["anon_bytes"], b["file_bytes"]) == (3 * PAGE, 0)
+    assert snap["anon_bytes"] == sum(x["anon_bytes"] for x in snap["mappings"])
+    assert rows[m["anon"].start]["segment"] is None

@@ -29,7 +29,8 @@
  *   filemap DIR         64 MiB file written with write(), mapped MAP_SHARED
  *                       and MAP_PRIVATE, read sparsely then fully, private
  *                       writes (CoW), unlinked while mapped
- *   dlopen LIB.so       dlopen, call dummy_touch(), dlclose
+ *   dlopen LIB.so [nodelete]  dlopen (RTLD_NODELETE with "nodelete"), call
+ *                       dummy_touch(), dlclose
  *   madvise DIR         MADV_DONTNEED, MADV_FREE (+PAGEOUT), MADV_PAGEOUT of
  *                       anon (no swap) and of a file mapping
  *   mremap              grow in place, grow with MAYMOVE, MREMAP_FIXED move,
@@ -414,7 +415,9 @@ static int sc_filemap(int argc, char **argv)
 static int sc_dlopen(int argc, char **argv)
 {
     const char *lib = need_arg(argc, argv, "a shared library path");
-    void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL);
+    /* "dlopen LIB nodelete": RTLD_NODELETE, so dlclose keeps the mappings */
+    int nodelete = argc > 3 && strcmp(argv[3], "nodelete") == 0;
+    void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL | (nodelete ? RTLD_NODELETE : 0));
     if (!h) {
         fprintf(stderr, "scenarios: dlopen %s: %s\n", lib, dlerror());
         exit(2);
