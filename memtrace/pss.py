@@ -1,0 +1,466 @@
+"""PSS, USS and swap per mapping, computed as /proc/PID/smaps computes them.
+
+Per resident page, smaps (fs/proc/task_mmu.c: smaps_account, Linux 6.15-6.18
+with CONFIG_PAGE_MAPCOUNT, the default) adds to Pss a fixed-point share
+``(PAGE_SIZE << PSS_SHIFT) // mapcount`` (the whole page when the mapcount is
+below 2), and counts the page as private (Private_Clean + Private_Dirty, here
+"USS") when its mapcount is below 2. The mapcount is the page's own one
+(``folio_precise_page_mapcount``: PTE mappings of that page plus the PMD
+mappings of its folio), which is exactly what /proc/kpagecount reports on such
+kernels, for small pages, large folios mapped by PTEs and PMD-mapped THP alike.
+Fractions are kept in the sum and the byte count is ``sum >> PSS_SHIFT``;
+smaps prints ``sum >> (PSS_SHIFT + 10)`` kB per mapping, smaps_rollup the same
+shift over the sum of all mappings. The shared zero pages are not counted
+(not "normal" pages to smaps).
+
+Private is read from the pagemap "exclusively mapped" bit (56), which the
+kernel sets from the same mapcount (== 1), or, on kernels built with
+CONFIG_NO_PAGE_MAPCOUNT, from the folio-level "maybe mapped shared" test that
+smaps then uses too. With a precise mapcount an exclusive page needs no
+kpagecount read at all; only shared pages are looked up, in PFN-sorted ranges.
+
+Swap is the pagemap's swapped entries (smaps "Swap" for private memory;
+shmem pages swapped out from the page cache, which smaps also adds, are not
+seen in page tables and are not counted). Reading PFNs and kpagecount needs
+root (CAP_SYS_ADMIN); without it the kernel reports PFN 0.
+
+Pure core: `account` and `pfn_ranges`; I/O: `KPageCounts`, `PssReader`,
+`vma_usage`. The /proc root is injectable for tests on fixture files."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import gzip
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from memtrace.pagemap import (
+    _VEC_LEN,
+    PAGE_IS_FILE,
+    PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGEMAP_SCAN,
+    PFNMAP_NAMES,
+    PM_PFN_MASK,
+    PM_PRESENT,
+    ScanUnsupported,
+    _libc,
+    _PageRegion,
+    _PmScanArg,
+)
+from memtrace.procfs import PAGE_SIZE, Vma
+
+PSS_SHIFT = 12
+PM_SWAP = 1 << 62
+PM_EXCLUSIVE = 1 << 56
+PAGE_IS_SWAPPED = 1 << 4
+ENTRY_SIZE = 8
+# Not in the mm's VMA tree (the gate area) or PFN-mapped: never resident to smaps.
+SKIP_NAMES = (*PFNMAP_NAMES, b"[vsyscall]")
+
+
+@dataclass
+class Usage:
+    """Resident, proportional, private and swapped bytes of a set of pages.
+    `pss_fixed` keeps the kernel's fixed-point fractions (bytes << PSS_SHIFT)
+    so that sums round like smaps and smaps_rollup do."""
+
+    rss: int = 0
+    pss_fixed: int = 0
+    uss: int = 0
+    swap: int = 0
+
+    @property
+    def pss(self) -> int:
+        """PSS in bytes, rounded down (smaps: pss >> PSS_SHIFT)."""
+        return self.pss_fixed >> PSS_SHIFT
+
+    @property
+    def pss_kib(self) -> int:
+        """PSS as smaps prints it: kB, rounded down."""
+        return self.pss_fixed >> (PSS_SHIFT + 10)
+
+    def add(self, other: Usage) -> None:
+        self.rss += other.rss
+        self.pss_fixed += other.pss_fixed
+        self.uss += other.uss
+        self.swap += other.swap
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.rss + other.rss, self.pss_fixed + other.pss_fixed,
+                     self.uss + other.uss, self.swap + other.swap)
+
+
+def page_share(mapcount: int, page_size: int = PAGE_SIZE) -> int:
+    """Fixed-point PSS of one page mapped `mapcount` times (smaps_account)."""
+    full = page_size << PSS_SHIFT
+    return full // mapcount if mapcount >= 2 else full
+
+
+PMD_PAGES = 512   # pages per PMD mapping (x86-64, arm64 with 4 KiB pages)
+
+
+def pmd_blocks(entries: Sequence[int], first_vpn: int | None,
+               pmd_pages: int = PMD_PAGES) -> list[int]:
+    """Indices of the blocks of `entries` that may be one PMD mapping: aligned
+    in virtual and physical address, all present, PFNs contiguous. The
+    pagemap's exclusive bit of a PMD-mapped THP is that of the folio's first
+    page for all its pages (measured on 6.18: a parent's THP whose first pages
+    its children had copied showed all 512 pages exclusive, smaps 8), so
+    these pages are looked up one by one. Without `first_vpn` (alignment
+    unknown) every index counts as such a block."""
+    n = len(entries)
+    if first_vpn is None:
+        return [0] if n else []
+    out = []
+    i = (-first_vpn) % pmd_pages
+    while i + pmd_pages <= n:
+        e = entries[i]
+        if e & PM_PRESENT:
+            pfn = e & PM_PFN_MASK
+            last = entries[i + pmd_pages - 1]
+            if (pfn % pmd_pages == 0 and last & PM_PRESENT
+                    and (last & PM_PFN_MASK) == pfn + pmd_pages - 1
+                    and all((entries[i + k] & PM_PFN_MASK) == pfn + k
+                            and entries[i + k] & PM_PRESENT for k in range(pmd_pages))):
+                out.append(i)
+        i += pmd_pages
+    return out
+
+
+def wanted_pfns(entries: Sequence[int], zero_pfns: frozenset[int] = frozenset(),
+                precise_mapcount: bool = True, first_vpn: int | None = None,
+                pmd_pages: int = PMD_PAGES) -> list[int]:
+    """PFNs of `entries` whose /proc/kpagecount `account` needs: every present
+    page but the zero pages and, with a precise mapcount, pages whose exclusive
+    bit says mapcount 1 outside a possible PMD mapping."""
+    huge = _huge_flags(entries, first_vpn, pmd_pages)
+    out = []
+    for i, e in enumerate(entries):
+        if not e & PM_PRESENT:
+            continue
+        pfn = e & PM_PFN_MASK
+        if pfn in zero_pfns:
+            continue
+        if precise_mapcount and e & PM_EXCLUSIVE and not huge[i]:
+            continue
+        out.append(pfn)
+    return out
+
+
+def _huge_flags(entries: Sequence[int], first_vpn: int | None, pmd_pages: int) -> list[bool]:
+    n = len(entries)
+    if first_vpn is None:
+        return [True] * n
+    flags = [False] * n
+    for b in pmd_blocks(entries, first_vpn, pmd_pages):
+        flags[b:b + pmd_pages] = [True] * pmd_pages
+    return flags
+
+
+def account(entries: Sequence[int], counts: Mapping[int, int],
+            zero_pfns: frozenset[int] = frozenset(), page_size: int = PAGE_SIZE,
+            precise_mapcount: bool = True, usage: Usage | None = None,
+            first_vpn: int | None = None, pmd_pages: int = PMD_PAGES) -> Usage:
+    """Add the pages of raw pagemap `entries` (u64 each; the first one is
+    virtual page `first_vpn`) to `usage`, as smaps_account does.
+
+    `counts` maps PFN -> /proc/kpagecount for every PFN `wanted_pfns` names; a
+    missing PFN counts as mapped once. With a precise mapcount (the default
+    kernel config) a page is private when its count is below 2, and pages
+    whose exclusive bit is set outside a possible PMD mapping are private
+    without a count; otherwise (CONFIG_NO_PAGE_MAPCOUNT) private is the
+    exclusive bit. Zero pages (`zero_pfns`) are skipped, as smaps skips them.
+    Swapped entries add to swap only."""
+    u = usage if usage is not None else Usage()
+    full = page_size << PSS_SHIFT
+    huge = _huge_flags(entries, first_vpn, pmd_pages)
+    rss = pss = uss = swap = 0
+    for i, entry in enumerate(entries):
+        if entry & PM_PRESENT:
+            pfn = entry & PM_PFN_MASK
+            if pfn in zero_pfns:
+                continue
+            rss += page_size
+            exclusive = entry & PM_EXCLUSIVE
+            if precise_mapcount:
+                if exclusive and not huge[i]:
+                    pss += full
+                    uss += page_size
+                    continue
+                n = counts.get(pfn, 1)
+                if n >= 2:
+                    pss += full // n
+                else:
+                    pss += full
+                    uss += page_size
+            else:
+                n = counts.get(pfn, 1)
+                pss += full // n if n >= 2 else full
+                if exclusive:
+                    uss += page_size
+        elif entry & PM_SWAP:
+            swap += page_size
+    u.rss += rss
+    u.pss_fixed += pss
+    u.uss += uss
+    u.swap += swap
+    return u
+
+
+def pfn_ranges(pfns: Iterable[int], max_gap: int = 32) -> list[tuple[int, int]]:
+    """Sorted [first, last) PFN ranges covering `pfns`, merging ranges whose gap
+    is at most `max_gap` PFNs (one read of a few extra entries beats a syscall)."""
+    ranges: list[tuple[int, int]] = []
+    for pfn in sorted(set(pfns)):
+        if ranges and pfn - ranges[-1][1] <= max_gap:
+            ranges[-1] = (ranges[-1][0], pfn + 1)
+        else:
+            ranges.append((pfn, pfn + 1))
+    return ranges
+
+
+def precise_mapcount_kernel(proc_root: str = "/proc", boot: str = "/boot") -> bool:
+    """False when the running kernel was built with CONFIG_NO_PAGE_MAPCOUNT
+    (6.15+, optional): then kpagecount is a per-folio average and the
+    exclusive bit no longer implies a mapcount of 1. Unknown config: True."""
+    text = b""
+    with contextlib.suppress(OSError), gzip.open(f"{proc_root}/config.gz", "rb") as f:
+        text = f.read()
+    if not text:
+        with contextlib.suppress(OSError), open(f"{boot}/config-{os.uname().release}",
+                                                "rb") as g:
+            text = g.read()
+    return b"\nCONFIG_NO_PAGE_MAPCOUNT=y" not in text
+
+
+class KPageCounts:
+    """Batched reads of /proc/kpagecount (8 bytes per PFN). Values read are
+    kept until `clear()`, so that processes sharing pages in one walk read each
+    page's count once."""
+
+    def __init__(self, proc_root: str = "/proc", max_gap: int = 32) -> None:
+        self.fd = os.open(f"{proc_root}/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
+        self.max_gap = max_gap
+        self.cache: dict[int, int] = {}
+        self.reads = 0
+
+    def lookup(self, pfns: Iterable[int]) -> dict[int, int]:
+        """Counts of `pfns` (from the cache, or read now)."""
+        cache = self.cache
+        missing = [p for p in pfns if p not in cache]
+        for first, last in pfn_ranges(missing, self.max_gap):
+            data = os.pread(self.fd, (last - first) * ENTRY_SIZE, first * ENTRY_SIZE)
+            self.reads += 1
+            for i, value in enumerate(memoryview(data).cast("Q")):
+                cache[first + i] = value
+        return cache
+
+    def clear(self) -> None:
+        self.cache.clear()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+Range = tuple[int, int]
+
+
+def clip(runs: Sequence[Range], start: int, end: int) -> list[Range]:
+    """The parts of sorted, disjoint `runs` inside [start, end)."""
+    out = []
+    for r_start, r_end in runs:
+        if r_end <= start:
+            continue
+        if r_start >= end:
+            break
+        out.append((max(r_start, start), min(r_end, end)))
+    return out
+
+
+def coalesce(runs: Iterable[Range], max_gap: int) -> list[Range]:
+    """Merge sorted runs separated by at most `max_gap` bytes (fewer preads)."""
+    out: list[Range] = []
+    for start, end in runs:
+        if out and start - out[-1][1] <= max_gap:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
+
+
+class PssReader:
+    """PSS/USS/swap of the mappings of one process. Raises ProcessLookupError
+    once the process has gone. One `KPageCounts` may be shared by readers."""
+
+    def __init__(self, pid: int, proc_root: str = "/proc",
+                 counts: KPageCounts | None = None,
+                 zero_pfns: frozenset[int] | None = None,
+                 precise_mapcount: bool | None = None,
+                 use_scan: bool | None = None) -> None:
+        self.pid = pid
+        self.proc_root = proc_root
+        self._own_counts = counts is None
+        self.counts = counts if counts is not None else KPageCounts(proc_root)
+        try:
+            self.fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.close()
+            raise ProcessLookupError(pid) from None
+        self.precise = (precise_mapcount if precise_mapcount is not None
+                        else precise_mapcount_kernel())
+        if use_scan is None:
+            from memtrace.pagemap import PagemapScanner, scan_mechanism
+            use_scan = scan_mechanism() == PagemapScanner.mechanism
+        self.use_scan = use_scan
+        if zero_pfns is None:
+            zero_pfns = frozenset()
+            if not use_scan:   # scan regions exclude the zero pages already
+                from memtrace.pagemap import learn_zero_pfns
+                zero_pfns = learn_zero_pfns()
+        self.zero_pfns = zero_pfns
+        self._vec = (_PageRegion * _VEC_LEN)()
+        self._arg = _PmScanArg()
+        self.syscalls = 0
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._own_counts:
+            self.counts.close()
+
+    def __enter__(self) -> PssReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- where to read --------------------------------------------------
+    def scan(self, start: int, end: int) -> list[Range]:
+        """Runs in [start, end) with pages present (not the zero page) or
+        swapped out, from PAGEMAP_SCAN; coalesced across VMAs by the kernel."""
+        arg = self._arg
+        runs: list[Range] = []
+        cursor = start
+        while cursor < end:
+            arg.size = ctypes.sizeof(_PmScanArg)
+            arg.flags = 0
+            arg.start = cursor
+            arg.end = end
+            arg.walk_end = 0
+            arg.vec = ctypes.addressof(self._vec)
+            arg.vec_len = _VEC_LEN
+            arg.max_pages = 0
+            arg.category_inverted = PAGE_IS_PFNZERO
+            arg.category_mask = PAGE_IS_PFNZERO
+            arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+            arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE
+            n = _libc.ioctl(self.fd, PAGEMAP_SCAN, ctypes.byref(arg))
+            self.syscalls += 1
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.ESRCH:
+                    raise ProcessLookupError(self.pid)
+                if err in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise ScanUnsupported(err, "PAGEMAP_SCAN not supported by this kernel")
+                raise OSError(err, os.strerror(err))
+            vec = self._vec
+            for i in range(n):
+                r = vec[i]
+                if runs and runs[-1][1] == r.start:
+                    runs[-1] = (runs[-1][0], r.end)
+                else:
+                    runs.append((r.start, r.end))
+            if n < _VEC_LEN or arg.walk_end <= cursor:
+                break
+            cursor = arg.walk_end
+        return runs
+
+    def entries(self, start: int, end: int) -> memoryview:
+        """Raw pagemap entries of [start, end)."""
+        first = start // PAGE_SIZE
+        n = (end - start) // PAGE_SIZE
+        try:
+            data = os.pread(self.fd, n * ENTRY_SIZE, first * ENTRY_SIZE)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ProcessLookupError(self.pid) from e
+            raise
+        self.syscalls += 1
+        if len(data) < n * ENTRY_SIZE:
+            raise ProcessLookupError(self.pid)
+        return memoryview(data).cast("Q")
+
+    # -- what to count ----------------------------------------------------
+    def usage(self, vmas: Sequence[Vma], runs: Sequence[Range] | None = None,
+              max_gap: int = 16 * 4096) -> list[Usage]:
+        """One Usage per VMA of `vmas` (sorted by address, of this process).
+
+        `runs`: sorted, disjoint address ranges to restrict the reading to
+        (e.g. the resident runs the address-space model already holds);
+        pages outside them count as not resident, so swap is counted only
+        inside them. Without runs: PAGEMAP_SCAN finds the present and swapped
+        pages, or, on kernels without it, whole VMAs are read (zero pages
+        recognised by PFN)."""
+        if runs is None:
+            runs = self._find_runs(vmas)
+        per_vma: list[list[Range]] = []
+        for vma in vmas:
+            if vma.path in SKIP_NAMES:
+                per_vma.append([])
+                continue
+            per_vma.append(coalesce(clip(runs, vma.start, vma.end), max_gap))
+        # Pass 1: entries, and the PFNs that need a count.
+        chunks: list[list[tuple[int, memoryview]]] = []
+        wanted: list[int] = []
+        zero, precise = self.zero_pfns, self.precise
+        for ranges in per_vma:
+            got = []
+            for start, end in ranges:
+                ents = self.entries(start, end)
+                got.append((start // PAGE_SIZE, ents))
+                wanted += wanted_pfns(ents, zero, precise, start // PAGE_SIZE)
+            chunks.append(got)
+        counts = self.counts.lookup(wanted) if wanted else {}
+        # Pass 2: account.
+        out = []
+        for got in chunks:
+            u = Usage()
+            for vpn, ents in got:
+                account(ents, counts, zero, PAGE_SIZE, precise, u, vpn)
+            out.append(u)
+        return out
+
+    def _find_runs(self, vmas: Sequence[Vma]) -> list[Range]:
+        vmas = [v for v in vmas if v.path not in SKIP_NAMES]
+        if not vmas:
+            return []
+        if self.use_scan:
+            try:
+                return self.scan(vmas[0].start, vmas[-1].end)
+            except ScanUnsupported:
+                self.use_scan = False
+        return [(v.start, v.end) for v in vmas]
+
+
+def vma_usage(pid: int, vmas: Sequence[Vma], runs: Sequence[Range] | None = None,
+              proc_root: str = "/proc", counts: KPageCounts | None = None) -> list[Usage]:
+    """PSS/USS/swap for `vmas` of process `pid` (one Usage per VMA, same order),
+    optionally restricted to address `runs` (see PssReader.usage). Raises
+    ProcessLookupError if the process has gone."""
+    with PssReader(pid, proc_root, counts) as reader:
+        return reader.usage(vmas, runs)
+
+
+def total(usages: Iterable[Usage]) -> Usage:
+    out = Usage()
+    for u in usages:
+        out.add(u)
+    return out
+
