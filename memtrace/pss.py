@@ -318,12 +318,10 @@ class PssReader:
             from memtrace.pagemap import PagemapScanner, scan_mechanism
             use_scan = scan_mechanism() == PagemapScanner.mechanism
         self.use_scan = use_scan
-        if zero_pfns is None:
-            zero_pfns = frozenset()
-            if not use_scan:   # scan regions exclude the zero pages already
-                from memtrace.pagemap import learn_zero_pfns
-                zero_pfns = learn_zero_pfns()
-        self.zero_pfns = zero_pfns
+        self._zero_given = zero_pfns is not None
+        self.zero_pfns = zero_pfns if zero_pfns is not None else frozenset()
+        if not use_scan:
+            self._learn_zero_pfns()
         self._vec = (_PageRegion * _VEC_LEN)()
         self._arg = _PmScanArg()
         self.syscalls = 0
@@ -446,7 +444,16 @@ class PssReader:
                 return self.scan(vmas[0].start, vmas[-1].end)
             except ScanUnsupported:
                 self.use_scan = False
+                self._learn_zero_pfns()
         return [(v.start, v.end) for v in vmas]
+
+    def _learn_zero_pfns(self) -> None:
+        """Whole VMAs are read without PAGEMAP_SCAN: the zero pages must then
+        be recognised by PFN (scan regions exclude them already)."""
+        if not self._zero_given:
+            from memtrace.pagemap import learn_zero_pfns
+            self.zero_pfns = learn_zero_pfns()
+            self._zero_given = True
 
 
 def vma_usage(pid: int, vmas: Sequence[Vma], runs: Sequence[Range] | None = None,
