@@ -34,6 +34,9 @@ import ctypes
 import errno
 import gzip
 import os
+import re
+from array import array
+from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -45,7 +48,6 @@ from memtrace.pagemap import (
     PAGEMAP_SCAN,
     PFNMAP_NAMES,
     PM_PFN_MASK,
-    PM_PRESENT,
     ScanUnsupported,
     _libc,
     _PageRegion,
@@ -102,8 +104,42 @@ def page_share(mapcount: int, page_size: int = PAGE_SIZE) -> int:
 
 PMD_PAGES = 512   # pages per PMD mapping (x86-64, arm64 with 4 KiB pages)
 
+# Raw pagemap entries: bytes as read from /proc/PID/pagemap, or a list of u64.
+Entries = bytes | bytearray | memoryview | Sequence[int]
 
-def pmd_blocks(entries: Sequence[int], first_vpn: int | None,
+
+def _flag_class_table() -> bytes:
+    """Byte 7 of an entry (bits 56..63) -> X present and exclusive, S present
+    and not exclusive, W swapped, . none."""
+    table = bytearray(256)
+    for b in range(256):
+        if b & 0x80:
+            table[b] = ord("X") if b & 0x01 else ord("S")
+        elif b & 0x40:
+            table[b] = ord("W")
+        else:
+            table[b] = ord(".")
+    return bytes(table)
+
+
+_CLASS = _flag_class_table()
+_SLOW_PRECISE = re.compile(rb"[SH]+")
+_SLOW_AVERAGE = re.compile(rb"[XSH]+")
+
+
+def _raw(entries: Entries) -> bytes:
+    if isinstance(entries, bytes):
+        return entries
+    if isinstance(entries, (bytearray, memoryview)):
+        return bytes(entries)
+    return array("Q", entries).tobytes()
+
+
+def _classes(raw: bytes) -> bytes:
+    return raw[7::ENTRY_SIZE].translate(_CLASS)
+
+
+def pmd_blocks(entries: Entries, first_vpn: int | None,
                pmd_pages: int = PMD_PAGES) -> list[int]:
     """Indices of the blocks of `entries` that may be one PMD mapping: aligned
     in virtual and physical address, all present, PFNs contiguous. The
@@ -112,61 +148,84 @@ def pmd_blocks(entries: Sequence[int], first_vpn: int | None,
     its children had copied showed all 512 pages exclusive, smaps 8), so
     these pages are looked up one by one. Without `first_vpn` (alignment
     unknown) every index counts as such a block."""
-    n = len(entries)
+    raw = _raw(entries)
+    return _pmd_blocks(raw, memoryview(raw).cast("Q"), _classes(raw), first_vpn, pmd_pages)
+
+
+def _pmd_blocks(raw: bytes, q: memoryview, cls: bytes, first_vpn: int | None,
+                pmd_pages: int) -> list[int]:
+    n = len(q)
     if first_vpn is None:
         return [0] if n else []
     out = []
     i = (-first_vpn) % pmd_pages
     while i + pmd_pages <= n:
-        e = entries[i]
-        if e & PM_PRESENT:
-            pfn = e & PM_PFN_MASK
-            last = entries[i + pmd_pages - 1]
-            if (pfn % pmd_pages == 0 and last & PM_PRESENT
-                    and (last & PM_PFN_MASK) == pfn + pmd_pages - 1
-                    and all((entries[i + k] & PM_PFN_MASK) == pfn + k
-                            and entries[i + k] & PM_PRESENT for k in range(pmd_pages))):
+        block = cls[i:i + pmd_pages]
+        if b"." not in block and b"W" not in block:
+            pfn = q[i] & PM_PFN_MASK
+            if (pfn % pmd_pages == 0 and (q[i + pmd_pages - 1] & PM_PFN_MASK) == pfn + pmd_pages - 1
+                    and [e & PM_PFN_MASK for e in q[i:i + pmd_pages]]
+                    == list(range(pfn, pfn + pmd_pages))):
                 out.append(i)
         i += pmd_pages
     return out
 
 
-def wanted_pfns(entries: Sequence[int], zero_pfns: frozenset[int] = frozenset(),
+@dataclass
+class _Plan:
+    q: memoryview         # the entries as u64
+    fast_private: int     # present pages known private with a full share, no count needed
+    slow: list[range]     # indices to account page by page (with a count)
+    swap: int             # swapped entries
+
+
+def _plan(entries: Entries, precise_mapcount: bool, first_vpn: int | None,
+          pmd_pages: int) -> _Plan:
+    raw = _raw(entries)
+    q = memoryview(raw).cast("Q")
+    cls = _classes(raw)
+    blocks = _pmd_blocks(raw, q, cls, first_vpn, pmd_pages)
+    if blocks:
+        marked = bytearray(cls)
+        if first_vpn is None:
+            marked[:] = bytes(c if c in b".W" else ord("H") for c in cls)
+        else:
+            for b in blocks:
+                marked[b:b + pmd_pages] = b"H" * pmd_pages
+        cls = bytes(marked)
+    pattern = _SLOW_PRECISE if precise_mapcount else _SLOW_AVERAGE
+    slow = [range(m.start(), m.end()) for m in pattern.finditer(cls)]
+    fast = cls.count(b"X") if precise_mapcount else 0
+    return _Plan(q, fast, slow, cls.count(b"W"))
+
+
+def wanted_pfns(entries: Entries, zero_pfns: frozenset[int] = frozenset(),
                 precise_mapcount: bool = True, first_vpn: int | None = None,
                 pmd_pages: int = PMD_PAGES) -> list[int]:
     """PFNs of `entries` whose /proc/kpagecount `account` needs: every present
     page but the zero pages and, with a precise mapcount, pages whose exclusive
     bit says mapcount 1 outside a possible PMD mapping."""
-    huge = _huge_flags(entries, first_vpn, pmd_pages)
+    return _wanted(_plan(entries, precise_mapcount, first_vpn, pmd_pages), zero_pfns)
+
+
+def _wanted(plan: _Plan, zero_pfns: frozenset[int]) -> list[int]:
+    q = plan.q
     out = []
-    for i, e in enumerate(entries):
-        if not e & PM_PRESENT:
-            continue
-        pfn = e & PM_PFN_MASK
-        if pfn in zero_pfns:
-            continue
-        if precise_mapcount and e & PM_EXCLUSIVE and not huge[i]:
-            continue
-        out.append(pfn)
+    for r in plan.slow:
+        for i in r:
+            pfn = q[i] & PM_PFN_MASK
+            if pfn not in zero_pfns:
+                out.append(pfn)
     return out
 
 
-def _huge_flags(entries: Sequence[int], first_vpn: int | None, pmd_pages: int) -> list[bool]:
-    n = len(entries)
-    if first_vpn is None:
-        return [True] * n
-    flags = [False] * n
-    for b in pmd_blocks(entries, first_vpn, pmd_pages):
-        flags[b:b + pmd_pages] = [True] * pmd_pages
-    return flags
-
-
-def account(entries: Sequence[int], counts: Mapping[int, int],
+def account(entries: Entries, counts: Mapping[int, int],
             zero_pfns: frozenset[int] = frozenset(), page_size: int = PAGE_SIZE,
             precise_mapcount: bool = True, usage: Usage | None = None,
             first_vpn: int | None = None, pmd_pages: int = PMD_PAGES) -> Usage:
-    """Add the pages of raw pagemap `entries` (u64 each; the first one is
-    virtual page `first_vpn`) to `usage`, as smaps_account does.
+    """Add the pages of raw pagemap `entries` (u64 each, or the bytes read;
+    the first one is virtual page `first_vpn`) to `usage`, as smaps_account
+    does.
 
     `counts` maps PFN -> /proc/kpagecount for every PFN `wanted_pfns` names; a
     missing PFN counts as mapped once. With a precise mapcount (the default
@@ -175,39 +234,37 @@ def account(entries: Sequence[int], counts: Mapping[int, int],
     without a count; otherwise (CONFIG_NO_PAGE_MAPCOUNT) private is the
     exclusive bit. Zero pages (`zero_pfns`) are skipped, as smaps skips them.
     Swapped entries add to swap only."""
+    return _account(_plan(entries, precise_mapcount, first_vpn, pmd_pages), counts, zero_pfns,
+                    page_size, precise_mapcount, usage)
+
+
+def _account(plan: _Plan, counts: Mapping[int, int], zero_pfns: frozenset[int],
+             page_size: int, precise_mapcount: bool, usage: Usage | None) -> Usage:
     u = usage if usage is not None else Usage()
     full = page_size << PSS_SHIFT
-    huge = _huge_flags(entries, first_vpn, pmd_pages)
-    rss = pss = uss = swap = 0
-    for i, entry in enumerate(entries):
-        if entry & PM_PRESENT:
+    q = plan.q
+    pages = shared = pss = 0
+    for r in plan.slow:
+        for i in r:
+            entry = q[i]
             pfn = entry & PM_PFN_MASK
             if pfn in zero_pfns:
                 continue
-            rss += page_size
-            exclusive = entry & PM_EXCLUSIVE
-            if precise_mapcount:
-                if exclusive and not huge[i]:
-                    pss += full
-                    uss += page_size
-                    continue
-                n = counts.get(pfn, 1)
-                if n >= 2:
-                    pss += full // n
-                else:
-                    pss += full
-                    uss += page_size
+            pages += 1
+            n = counts.get(pfn, 1)
+            if n >= 2:
+                pss += full // n
+                if precise_mapcount or not entry & PM_EXCLUSIVE:
+                    shared += 1
             else:
-                n = counts.get(pfn, 1)
-                pss += full // n if n >= 2 else full
-                if exclusive:
-                    uss += page_size
-        elif entry & PM_SWAP:
-            swap += page_size
-    u.rss += rss
-    u.pss_fixed += pss
-    u.uss += uss
-    u.swap += swap
+                pss += full
+                if not precise_mapcount and not entry & PM_EXCLUSIVE:
+                    shared += 1
+    pages += plan.fast_private
+    u.rss += pages * page_size
+    u.pss_fixed += pss + plan.fast_private * full
+    u.uss += (pages - shared) * page_size
+    u.swap += plan.swap * page_size
     return u
 
 
@@ -242,7 +299,7 @@ class KPageCounts:
     kept until `clear()`, so that processes sharing pages in one walk read each
     page's count once."""
 
-    def __init__(self, proc_root: str = "/proc", max_gap: int = 32) -> None:
+    def __init__(self, proc_root: str = "/proc", max_gap: int = 128) -> None:
         self.fd = os.open(f"{proc_root}/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
         self.max_gap = max_gap
         self.cache: dict[int, int] = {}
@@ -271,10 +328,12 @@ class KPageCounts:
 Range = tuple[int, int]
 
 
-def clip(runs: Sequence[Range], start: int, end: int) -> list[Range]:
-    """The parts of sorted, disjoint `runs` inside [start, end)."""
+def clip(runs: Sequence[Range], start: int, end: int, first: int = 0) -> list[Range]:
+    """The parts of sorted, disjoint `runs` (from index `first` on) inside
+    [start, end)."""
     out = []
-    for r_start, r_end in runs:
+    for i in range(first, len(runs)):
+        r_start, r_end = runs[i]
         if r_end <= start:
             continue
         if r_start >= end:
@@ -380,8 +439,8 @@ class PssReader:
             cursor = arg.walk_end
         return runs
 
-    def entries(self, start: int, end: int) -> memoryview:
-        """Raw pagemap entries of [start, end)."""
+    def entries(self, start: int, end: int) -> bytes:
+        """Raw pagemap entries of [start, end), as read (8 bytes each)."""
         first = start // PAGE_SIZE
         n = (end - start) // PAGE_SIZE
         try:
@@ -393,7 +452,7 @@ class PssReader:
         self.syscalls += 1
         if len(data) < n * ENTRY_SIZE:
             raise ProcessLookupError(self.pid)
-        return memoryview(data).cast("Q")
+        return data
 
     # -- what to count ----------------------------------------------------
     def usage(self, vmas: Sequence[Vma], runs: Sequence[Range] | None = None,
@@ -407,35 +466,47 @@ class PssReader:
         pages, or, on kernels without it, whole VMAs are read (zero pages
         recognised by PFN)."""
         if runs is None:
-            runs = self._find_runs(vmas)
+            runs = self.find_runs(vmas)
+        ends = [r[1] for r in runs]
         per_vma: list[list[Range]] = []
         for vma in vmas:
             if vma.path in SKIP_NAMES:
                 per_vma.append([])
                 continue
-            per_vma.append(coalesce(clip(runs, vma.start, vma.end), max_gap))
+            per_vma.append(coalesce(clip(runs, vma.start, vma.end,
+                                         bisect_right(ends, vma.start)), max_gap))
+        # One read per span of nearby runs, even across VMAs (the kernel
+        # coalesces runs across VMAs too); each VMA takes its slices.
+        spans = coalesce([r for ranges in per_vma for r in ranges], max_gap)
+        data = [self.entries(start, end) for start, end in spans]
         # Pass 1: entries, and the PFNs that need a count.
-        chunks: list[list[tuple[int, memoryview]]] = []
+        chunks: list[list[_Plan]] = []
         wanted: list[int] = []
         zero, precise = self.zero_pfns, self.precise
+        k = 0
         for ranges in per_vma:
             got = []
             for start, end in ranges:
-                ents = self.entries(start, end)
-                got.append((start // PAGE_SIZE, ents))
-                wanted += wanted_pfns(ents, zero, precise, start // PAGE_SIZE)
+                while spans[k][1] < end:
+                    k += 1
+                base = spans[k][0]
+                ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
+                               (end - base) // PAGE_SIZE * ENTRY_SIZE]
+                plan = _plan(ents, precise, start // PAGE_SIZE, PMD_PAGES)
+                got.append(plan)
+                wanted += _wanted(plan, zero)
             chunks.append(got)
         counts = self.counts.lookup(wanted) if wanted else {}
         # Pass 2: account.
         out = []
         for got in chunks:
             u = Usage()
-            for vpn, ents in got:
-                account(ents, counts, zero, PAGE_SIZE, precise, u, vpn)
+            for plan in got:
+                _account(plan, counts, zero, PAGE_SIZE, precise, u)
             out.append(u)
         return out
 
-    def _find_runs(self, vmas: Sequence[Vma]) -> list[Range]:
+    def find_runs(self, vmas: Sequence[Vma]) -> list[Range]:
         vmas = [v for v in vmas if v.path not in SKIP_NAMES]
         if not vmas:
             return []
