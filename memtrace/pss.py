@@ -179,12 +179,19 @@ class _Plan:
     swap: int             # swapped entries
 
 
-def _plan(entries: Entries, precise_mapcount: bool, first_vpn: int | None,
-          pmd_pages: int) -> _Plan:
+_Prep = tuple[memoryview, bytes, list[int]]
+
+
+def _prepare(entries: Entries, first_vpn: int | None, pmd_pages: int) -> _Prep:
     raw = _raw(entries)
     q = memoryview(raw).cast("Q")
     cls = _classes(raw)
-    blocks = _pmd_blocks(raw, q, cls, first_vpn, pmd_pages)
+    return q, cls, _pmd_blocks(raw, q, cls, first_vpn, pmd_pages)
+
+
+def _plan(entries: Entries, precise_mapcount: bool, first_vpn: int | None,
+          pmd_pages: int, prep: _Prep | None = None) -> _Plan:
+    q, cls, blocks = prep if prep is not None else _prepare(entries, first_vpn, pmd_pages)
     if blocks:
         marked = bytearray(cls)
         if first_vpn is None:
@@ -303,6 +310,10 @@ class KPageCounts:
         self.fd = os.open(f"{proc_root}/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
         self.max_gap = max_gap
         self.cache: dict[int, int] = {}
+        # (entries, alignment) -> Usage of ranges with shared pages: the same
+        # library pages mapped by many processes read as the same bytes, and
+        # with the same counts they account the same.
+        self.memo: dict[tuple[bytes, tuple[int, ...]], Usage] = {}
         self.reads = 0
 
     def lookup(self, pfns: Iterable[int]) -> dict[int, int]:
@@ -317,7 +328,9 @@ class KPageCounts:
         return cache
 
     def clear(self) -> None:
+        """Forget counts (and results built on them): call once per walk/tick."""
         self.cache.clear()
+        self.memo.clear()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -480,29 +493,44 @@ class PssReader:
         spans = coalesce([r for ranges in per_vma for r in ranges], max_gap)
         data = [self.entries(start, end) for start, end in spans]
         # Pass 1: entries, and the PFNs that need a count.
-        chunks: list[list[_Plan]] = []
+        memo = self.counts.memo
+        chunks: list[list[tuple[tuple[bytes, tuple[int, ...]], _Plan | None]]] = []
         wanted: list[int] = []
         zero, precise = self.zero_pfns, self.precise
         k = 0
         for ranges in per_vma:
-            got = []
+            got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | None]] = []
             for start, end in ranges:
                 while spans[k][1] < end:
                     k += 1
                 base = spans[k][0]
                 ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
                                (end - base) // PAGE_SIZE * ENTRY_SIZE]
-                plan = _plan(ents, precise, start // PAGE_SIZE, PMD_PAGES)
-                got.append(plan)
-                wanted += _wanted(plan, zero)
+                vpn = start // PAGE_SIZE
+                prep = _prepare(ents, vpn, PMD_PAGES)
+                # the PMD blocks found decide the plan: same bytes + same
+                # blocks = same result (libraries sit at different alignments)
+                key = (ents, tuple(prep[2]))
+                if key in memo:
+                    got.append((key, None))
+                    continue
+                new_plan = _plan(ents, precise, vpn, PMD_PAGES, prep)
+                got.append((key, new_plan))
+                wanted += _wanted(new_plan, zero)
             chunks.append(got)
         counts = self.counts.lookup(wanted) if wanted else {}
         # Pass 2: account.
         out = []
         for got in chunks:
             u = Usage()
-            for plan in got:
-                _account(plan, counts, zero, PAGE_SIZE, precise, u)
+            for key, maybe_plan in got:
+                if maybe_plan is None:
+                    u.add(memo[key])
+                    continue
+                piece = _account(maybe_plan, counts, zero, PAGE_SIZE, precise, None)
+                if maybe_plan.slow:
+                    memo[key] = piece
+                u.add(piece)
             out.append(u)
         return out
 

@@ -244,11 +244,19 @@ def test_libs_for_named_processes(sharing_processes):
     assert totals["process_count"] == len(pids)
 
 
-def _rollups(pids) -> dict[int, tuple[int, int, int, int]]:
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        data = f.read()
+    fields = data[data.rindex(b")") + 2:].split()
+    return int(fields[11]) + int(fields[12])     # utime + stime
+
+
+def _rollups(pids) -> dict[int, tuple[tuple[int, int, int, int], int]]:
+    """smaps_rollup figures and CPU time of each process."""
     out = {}
     for pid in pids:
-        with contextlib.suppress(OSError, KeyError):
-            out[pid] = _rollup_key(_rollup(pid))
+        with contextlib.suppress(OSError, KeyError, ValueError, IndexError):
+            out[pid] = (_rollup_key(_rollup(pid)), _cpu_ticks(pid))
     return out
 
 
@@ -275,19 +283,19 @@ def test_libs_all(sharing_processes):
         procs = {p["pid"]: p for p in doc["processes"]}
         after = _rollups(procs)
         quiet = [pid for pid in procs if pid in before and before[pid] == after.get(pid)]
-        diffs = [f"{pid}: {_process_key(procs[pid])} vs smaps_rollup {before[pid]}"
-                 for pid in quiet if _process_key(procs[pid]) != before[pid]]
+        diffs = [f"{pid}: {_process_key(procs[pid])} vs smaps_rollup {before[pid][0]}"
+                 for pid in quiet if _process_key(procs[pid]) != before[pid][0]]
         if not diffs and set(ours) <= set(quiet):
             break
     else:
         pytest.fail("no clean attempt; last differences:\n" + "\n".join(diffs))
     ours_sum = sum(procs[pid]["pss_bytes"] for pid in quiet)
-    smaps_sum = sum(before[pid][1] * 1024 for pid in quiet)
+    smaps_sum = sum(before[pid][0][1] * 1024 for pid in quiet)
     # each process's pss_bytes floors to the kB smaps_rollup prints: < 1 KiB each
     assert 0 <= ours_sum - smaps_sum < 1024 * len(quiet)
     common = [pid for pid in procs if pid in after]
     all_ours = sum(procs[pid]["pss_bytes"] for pid in common)
-    all_smaps = sum(after[pid][1] * 1024 for pid in common)
+    all_smaps = sum(after[pid][0][1] * 1024 for pid in common)
     print(f"\nlibs --all: {len(procs)} processes, {len(doc['libraries'])} libraries, "
           f"skipped {doc['skipped']}; {len(quiet)} quiet processes: sum PSS {ours_sum} B "
           f"= sum smaps_rollup Pss {smaps_sum} B + {ours_sum - smaps_sum} B of kB rounding; "

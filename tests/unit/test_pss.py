@@ -264,7 +264,7 @@ def fixture_machine(tmp_path: Path) -> ProcFS:
 def test_collect_and_render(tmp_path, monkeypatch):
     procfs = fixture_machine(tmp_path)
     monkeypatch.setattr(libs_mod, "_read_elf_span", lambda pid, root, v: (0, 6 * P))
-    monkeypatch.setattr("memtrace.pss.PssReader._find_runs",
+    monkeypatch.setattr("memtrace.pss.PssReader.find_runs",
                         lambda self, vmas: [(v.start, v.end) for v in vmas])
     report = libs_mod.collect(None, procfs)
     assert report.skipped["kernel_threads"] == 1
@@ -299,7 +299,7 @@ def test_a_process_that_exits_mid_walk_is_skipped_and_counted(tmp_path, monkeypa
         return real_maps(self, pid)
 
     monkeypatch.setattr(ProcFS, "maps", maps)
-    monkeypatch.setattr("memtrace.pss.PssReader._find_runs",
+    monkeypatch.setattr("memtrace.pss.PssReader.find_runs",
                         lambda self, vmas: [(v.start, v.end) for v in vmas])
     report = libs_mod.collect([10, 11], procfs)
     assert [p.pid for p in report.processes] == [10]
