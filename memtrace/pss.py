@@ -341,12 +341,13 @@ class KPageCounts:
 Range = tuple[int, int]
 
 
-def clip(runs: Sequence[Range], start: int, end: int, first: int = 0) -> list[Range]:
+def clip(runs: Sequence[Sequence[int]], start: int, end: int, first: int = 0) -> list[Range]:
     """The parts of sorted, disjoint `runs` (from index `first` on) inside
-    [start, end)."""
+    [start, end). A run is (start, end, ...): the model's (start, end, anon)
+    runs work as they are."""
     out = []
     for i in range(first, len(runs)):
-        r_start, r_end = runs[i]
+        r_start, r_end = runs[i][0], runs[i][1]
         if r_end <= start:
             continue
         if r_start >= end:
@@ -468,12 +469,13 @@ class PssReader:
         return data
 
     # -- what to count ----------------------------------------------------
-    def usage(self, vmas: Sequence[Vma], runs: Sequence[Range] | None = None,
+    def usage(self, vmas: Sequence[Vma], runs: Sequence[Sequence[int]] | None = None,
               max_gap: int = 16 * 4096) -> list[Usage]:
         """One Usage per VMA of `vmas` (sorted by address, of this process).
 
-        `runs`: sorted, disjoint address ranges to restrict the reading to
-        (e.g. the resident runs the address-space model already holds);
+        `runs`: sorted, disjoint address ranges (start, end, ...) to restrict
+        the reading to (e.g. the resident runs the address-space model already
+        holds, as (start, end, anon)); they must cover whole resident runs;
         pages outside them count as not resident, so swap is counted only
         inside them. Without runs: PAGEMAP_SCAN finds the present and swapped
         pages, or, on kernels without it, whole VMAs are read (zero pages
@@ -555,7 +557,7 @@ class PssReader:
             self._zero_given = True
 
 
-def vma_usage(pid: int, vmas: Sequence[Vma], runs: Sequence[Range] | None = None,
+def vma_usage(pid: int, vmas: Sequence[Vma], runs: Sequence[Sequence[int]] | None = None,
               proc_root: str = "/proc", counts: KPageCounts | None = None) -> list[Usage]:
     """PSS/USS/swap for `vmas` of process `pid` (one Usage per VMA, same order),
     optionally restricted to address `runs` (see PssReader.usage). Raises

@@ -208,6 +208,10 @@ def test_reader_on_a_fixture_tree(tmp_path):
     with PssReader(42, str(tmp_path), counts, zero_pfns=frozenset({1}), use_scan=False) as r:
         got = r.usage(vmas, runs=[(BASE + P, BASE + 2 * P)])
     assert [u.rss for u in got] == [P, 0, 0, 0]
+    # the address-space model's runs, (start, end, anon), work as they are
+    with PssReader(42, str(tmp_path), counts, zero_pfns=frozenset({1}), use_scan=False) as r:
+        got = r.usage(vmas, runs=[(BASE, BASE + 2 * P, False), (BASE + 4 * P, BASE + 6 * P, True)])
+    assert [u.rss for u in got] == [2 * P, 0, P, P]
     counts.close()
 
 
