@@ -186,10 +186,13 @@ def collect(pids: Iterable[int] | None, procfs: ProcFS | None = None,
                                         ExitCode.NOT_ROOT) from None
                 report.skipped["unreadable"] += 1
             except OSError as e:
-                if strict:
+                if not procfs.alive(pid):
+                    report.skipped["exited"] += 1
+                elif strict:
                     raise MemtraceError(f"cannot read /proc/{pid}: {e.strerror}",
                                         ExitCode.NO_SUCH_PROCESS) from None
-                report.skipped["exited" if not procfs.alive(pid) else "unreadable"] += 1
+                else:
+                    report.skipped["unreadable"] += 1
     finally:
         if own_counts:
             kpc.close()

@@ -339,3 +339,20 @@ def test_libs_cli(sharing_processes):
         assert r.returncode == code, (args, r.returncode, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "Traceback" not in r.stderr
+
+
+def test_libs_skips_and_counts_processes_that_exit():
+    """Processes named, then gone before or while they are read: skipped and
+    counted, never an error."""
+    gone = subprocess.Popen(["sleep", "30"])
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        time.sleep(0.1)
+        gone.kill()
+        gone.wait()
+        report = libs_mod.collect([gone.pid, alive.pid], ProcFS(), strict=True)
+        assert [p.pid for p in report.processes] == [alive.pid]
+        assert report.skipped == {"exited": 1}
+    finally:
+        alive.kill()
+        alive.wait()
