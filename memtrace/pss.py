@@ -520,6 +520,10 @@ class PssReader:
                 got.append((key, new_plan))
                 wanted += _wanted(new_plan, zero)
             chunks.append(got)
+        if wanted and 0 in wanted:
+            # PFN 0 is never a mapped user page: the kernel hid the PFNs
+            raise PermissionError(errno.EPERM, "page frame numbers hidden: PSS needs "
+                                  "CAP_SYS_ADMIN (root)")
         counts = self.counts.lookup(wanted) if wanted else {}
         # Pass 2: account.
         out = []

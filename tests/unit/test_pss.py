@@ -215,6 +215,15 @@ def test_reader_on_a_fixture_tree(tmp_path):
     counts.close()
 
 
+def test_hidden_pfns_are_an_error_not_wrong_figures(tmp_path):
+    vmas = libc_vmas()
+    make_proc(tmp_path, 43, "app", vmas, {BASE: present(0, file=True)})
+    write_kpagecount(tmp_path, {0: 5})
+    with PssReader(43, str(tmp_path), zero_pfns=frozenset(), use_scan=False) as r, \
+            pytest.raises(PermissionError):
+        r.usage(vmas)
+
+
 def test_reader_of_a_process_that_has_gone(tmp_path):
     write_kpagecount(tmp_path, {})
     with pytest.raises(ProcessLookupError):
