@@ -13,18 +13,22 @@ smaps prints ``sum >> (PSS_SHIFT + 10)`` kB per mapping, smaps_rollup the same
 shift over the sum of all mappings. The shared zero pages are not counted
 (not "normal" pages to smaps).
 
-Private is read from the pagemap "exclusively mapped" bit (56), which the
-kernel sets from the same mapcount (== 1), or, on kernels built with
-CONFIG_NO_PAGE_MAPCOUNT, from the folio-level "maybe mapped shared" test that
-smaps then uses too. With a precise mapcount an exclusive page needs no
-kpagecount read at all; only shared pages are looked up, in PFN-sorted ranges.
+Private is mapcount < 2, as smaps has it. A page whose pagemap "exclusively
+mapped" bit (56) is set has mapcount 1 and needs no kpagecount read, except in
+a possible PMD mapping: there pagemap gives all 512 entries the bit of the
+folio's first page (measured on 6.18), so such pages are looked up one by one.
+On kernels built with CONFIG_NO_PAGE_MAPCOUNT smaps uses the folio's average
+mapcount (which kpagecount then reports) and folio-level exclusivity (which the
+exclusive bit then reports), and so does this module. Shared pages are looked
+up in PFN-sorted ranges.
 
 Swap is the pagemap's swapped entries (smaps "Swap" for private memory;
 shmem pages swapped out from the page cache, which smaps also adds, are not
 seen in page tables and are not counted). Reading PFNs and kpagecount needs
-root (CAP_SYS_ADMIN); without it the kernel reports PFN 0.
+root (CAP_SYS_ADMIN); without it the kernel reports PFN 0 and PssReader raises
+PermissionError.
 
-Pure core: `account` and `pfn_ranges`; I/O: `KPageCounts`, `PssReader`,
+Pure core: `account`, `wanted_pfns`, `pmd_blocks`, `pfn_ranges`; I/O: `KPageCounts`, `PssReader`,
 `vma_usage`. The /proc root is injectable for tests on fixture files."""
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import gzip
 import os
 import re
@@ -301,6 +306,17 @@ def precise_mapcount_kernel(proc_root: str = "/proc", boot: str = "/boot") -> bo
     return b"\nCONFIG_NO_PAGE_MAPCOUNT=y" not in text
 
 
+@functools.cache
+def _running_kernel_precise() -> bool:
+    return precise_mapcount_kernel()
+
+
+@functools.cache
+def _zero_pfns() -> frozenset[int]:
+    from memtrace.pagemap import learn_zero_pfns
+    return learn_zero_pfns()
+
+
 class KPageCounts:
     """Batched reads of /proc/kpagecount (8 bytes per PFN). Values read are
     kept until `clear()`, so that processes sharing pages in one walk read each
@@ -310,7 +326,7 @@ class KPageCounts:
         self.fd = os.open(f"{proc_root}/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
         self.max_gap = max_gap
         self.cache: dict[int, int] = {}
-        # (entries, alignment) -> Usage of ranges with shared pages: the same
+        # (entries, PMD blocks) -> Usage of ranges with shared pages: the same
         # library pages mapped by many processes read as the same bytes, and
         # with the same counts they account the same.
         self.memo: dict[tuple[bytes, tuple[int, ...]], Usage] = {}
@@ -386,7 +402,7 @@ class PssReader:
             self.close()
             raise ProcessLookupError(pid) from None
         self.precise = (precise_mapcount if precise_mapcount is not None
-                        else precise_mapcount_kernel())
+                        else _running_kernel_precise())
         if use_scan is None:
             from memtrace.pagemap import PagemapScanner, scan_mechanism
             use_scan = scan_mechanism() == PagemapScanner.mechanism
@@ -556,8 +572,7 @@ class PssReader:
         """Whole VMAs are read without PAGEMAP_SCAN: the zero pages must then
         be recognised by PFN (scan regions exclude them already)."""
         if not self._zero_given:
-            from memtrace.pagemap import learn_zero_pfns
-            self.zero_pfns = learn_zero_pfns()
+            self.zero_pfns = _zero_pfns()
             self._zero_given = True
 
 
