@@ -1,4 +1,4 @@
-"""Command line: memtrace watch | run | agent | heap | explain | doctor."""
+"""Command line: memtrace watch | run | agent | heap | libs | explain | doctor."""
 
 from __future__ import annotations
 
@@ -391,6 +391,30 @@ def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
         return None
     finally:
         tracker.close()
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("pids", nargs=-1, type=int)
+@click.option("--all", "all_", is_flag=True, help="Every process (kernel threads, zombies "
+              "and memtrace itself left out; processes that exit during the walk or "
+              "cannot be read are skipped and counted).")
+@click.option("--sort", type=click.Choice(["rss", "pss", "uss", "name"]), default="pss",
+              show_default=True, help="Order of libraries, and of processes within each.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--all-files", is_flag=True, help="Count every file-backed mapping "
+              "(executables, data files), not only shared libraries.")
+def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool) -> None:
+    """Shared libraries and who pays for them (like Android's librank): per
+    library (all segments: text, rodata/relro, data, bss) the processes mapping
+    it with their RSS, PSS (each page divided by its map count) and USS (pages
+    mapped only once), and totals; then per-process totals. Figures equal
+    smaps Rss, Pss and Private_Clean + Private_Dirty. Needs root.
+
+    memtrace libs PID [PID ...] | memtrace libs --all"""
+    from memtrace.libs import libs_command
+
+    click.echo(libs_command(pids, all_, sort, fmt, all_files))
 
 
 @cli.command()

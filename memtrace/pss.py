@@ -1,0 +1,593 @@
+"""PSS, USS and swap per mapping, computed as /proc/PID/smaps computes them.
+
+Per resident page, smaps (fs/proc/task_mmu.c: smaps_account, Linux 6.15-6.18
+with CONFIG_PAGE_MAPCOUNT, the default) adds to Pss a fixed-point share
+``(PAGE_SIZE << PSS_SHIFT) // mapcount`` (the whole page when the mapcount is
+below 2), and counts the page as private (Private_Clean + Private_Dirty, here
+"USS") when its mapcount is below 2. The mapcount is the page's own one
+(``folio_precise_page_mapcount``: PTE mappings of that page plus the PMD
+mappings of its folio), which is exactly what /proc/kpagecount reports on such
+kernels, for small pages, large folios mapped by PTEs and PMD-mapped THP alike.
+Fractions are kept in the sum and the byte count is ``sum >> PSS_SHIFT``;
+smaps prints ``sum >> (PSS_SHIFT + 10)`` kB per mapping, smaps_rollup the same
+shift over the sum of all mappings. The shared zero pages are not counted
+(not "normal" pages to smaps).
+
+Private is mapcount < 2, as smaps has it. A page whose pagemap "exclusively
+mapped" bit (56) is set has mapcount 1 and needs no kpagecount read, except in
+a possible PMD mapping: there pagemap gives all 512 entries the bit of the
+folio's first page (measured on 6.18), so such pages are looked up one by one.
+On kernels built with CONFIG_NO_PAGE_MAPCOUNT smaps uses the folio's average
+mapcount (which kpagecount then reports) and folio-level exclusivity (which the
+exclusive bit then reports), and so does this module. Shared pages are looked
+up in PFN-sorted ranges.
+
+Swap is the pagemap's swapped entries (smaps "Swap" for private memory;
+shmem pages swapped out from the page cache, which smaps also adds, are not
+seen in page tables and are not counted). Reading PFNs and kpagecount needs
+root (CAP_SYS_ADMIN); without it the kernel reports PFN 0 and PssReader raises
+PermissionError.
+
+Pure core: `account`, `wanted_pfns`, `pmd_blocks`, `pfn_ranges`; I/O: `KPageCounts`, `PssReader`,
+`vma_usage`. The /proc root is injectable for tests on fixture files."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import gzip
+import os
+import re
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from memtrace.pagemap import (
+    _VEC_LEN,
+    PAGE_IS_FILE,
+    PAGE_IS_PFNZERO,
+    PAGE_IS_PRESENT,
+    PAGEMAP_SCAN,
+    PFNMAP_NAMES,
+    PM_PFN_MASK,
+    ScanUnsupported,
+    _libc,
+    _PageRegion,
+    _PmScanArg,
+)
+from memtrace.procfs import PAGE_SIZE, Vma
+
+PSS_SHIFT = 12
+PM_SWAP = 1 << 62
+PM_EXCLUSIVE = 1 << 56
+PAGE_IS_SWAPPED = 1 << 4
+ENTRY_SIZE = 8
+# Not in the mm's VMA tree (the gate area) or PFN-mapped: never resident to smaps.
+SKIP_NAMES = (*PFNMAP_NAMES, b"[vsyscall]")
+
+
+@dataclass
+class Usage:
+    """Resident, proportional, private and swapped bytes of a set of pages.
+    `pss_fixed` keeps the kernel's fixed-point fractions (bytes << PSS_SHIFT)
+    so that sums round like smaps and smaps_rollup do."""
+
+    rss: int = 0
+    pss_fixed: int = 0
+    uss: int = 0
+    swap: int = 0
+
+    @property
+    def pss(self) -> int:
+        """PSS in bytes, rounded down (smaps: pss >> PSS_SHIFT)."""
+        return self.pss_fixed >> PSS_SHIFT
+
+    @property
+    def pss_kib(self) -> int:
+        """PSS as smaps prints it: kB, rounded down."""
+        return self.pss_fixed >> (PSS_SHIFT + 10)
+
+    def add(self, other: Usage) -> None:
+        self.rss += other.rss
+        self.pss_fixed += other.pss_fixed
+        self.uss += other.uss
+        self.swap += other.swap
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.rss + other.rss, self.pss_fixed + other.pss_fixed,
+                     self.uss + other.uss, self.swap + other.swap)
+
+
+def page_share(mapcount: int, page_size: int = PAGE_SIZE) -> int:
+    """Fixed-point PSS of one page mapped `mapcount` times (smaps_account)."""
+    full = page_size << PSS_SHIFT
+    return full // mapcount if mapcount >= 2 else full
+
+
+PMD_PAGES = 512   # pages per PMD mapping (x86-64, arm64 with 4 KiB pages)
+
+# Raw pagemap entries: bytes as read from /proc/PID/pagemap, or a list of u64.
+Entries = bytes | bytearray | memoryview | Sequence[int]
+
+
+def _flag_class_table() -> bytes:
+    """Byte 7 of an entry (bits 56..63) -> X present and exclusive, S present
+    and not exclusive, W swapped, . none."""
+    table = bytearray(256)
+    for b in range(256):
+        if b & 0x80:
+            table[b] = ord("X") if b & 0x01 else ord("S")
+        elif b & 0x40:
+            table[b] = ord("W")
+        else:
+            table[b] = ord(".")
+    return bytes(table)
+
+
+_CLASS = _flag_class_table()
+_SLOW_PRECISE = re.compile(rb"[SH]+")
+_SLOW_AVERAGE = re.compile(rb"[XSH]+")
+
+
+def _raw(entries: Entries) -> bytes:
+    if isinstance(entries, bytes):
+        return entries
+    if isinstance(entries, (bytearray, memoryview)):
+        return bytes(entries)
+    return array("Q", entries).tobytes()
+
+
+def _classes(raw: bytes) -> bytes:
+    return raw[7::ENTRY_SIZE].translate(_CLASS)
+
+
+def pmd_blocks(entries: Entries, first_vpn: int | None,
+               pmd_pages: int = PMD_PAGES) -> list[int]:
+    """Indices of the blocks of `entries` that may be one PMD mapping: aligned
+    in virtual and physical address, all present, PFNs contiguous. The
+    pagemap's exclusive bit of a PMD-mapped THP is that of the folio's first
+    page for all its pages (measured on 6.18: a parent's THP whose first pages
+    its children had copied showed all 512 pages exclusive, smaps 8), so
+    these pages are looked up one by one. Without `first_vpn` (alignment
+    unknown) every index counts as such a block."""
+    raw = _raw(entries)
+    return _pmd_blocks(raw, memoryview(raw).cast("Q"), _classes(raw), first_vpn, pmd_pages)
+
+
+def _pmd_blocks(raw: bytes, q: memoryview, cls: bytes, first_vpn: int | None,
+                pmd_pages: int) -> list[int]:
+    n = len(q)
+    if first_vpn is None:
+        return [0] if n else []
+    out = []
+    i = (-first_vpn) % pmd_pages
+    while i + pmd_pages <= n:
+        block = cls[i:i + pmd_pages]
+        if b"." not in block and b"W" not in block:
+            pfn = q[i] & PM_PFN_MASK
+            if (pfn % pmd_pages == 0 and (q[i + pmd_pages - 1] & PM_PFN_MASK) == pfn + pmd_pages - 1
+                    and [e & PM_PFN_MASK for e in q[i:i + pmd_pages]]
+                    == list(range(pfn, pfn + pmd_pages))):
+                out.append(i)
+        i += pmd_pages
+    return out
+
+
+@dataclass
+class _Plan:
+    q: memoryview         # the entries as u64
+    fast_private: int     # present pages known private with a full share, no count needed
+    slow: list[range]     # indices to account page by page (with a count)
+    swap: int             # swapped entries
+
+
+_Prep = tuple[memoryview, bytes, list[int]]
+
+
+def _prepare(entries: Entries, first_vpn: int | None, pmd_pages: int) -> _Prep:
+    raw = _raw(entries)
+    q = memoryview(raw).cast("Q")
+    cls = _classes(raw)
+    return q, cls, _pmd_blocks(raw, q, cls, first_vpn, pmd_pages)
+
+
+def _plan(entries: Entries, precise_mapcount: bool, first_vpn: int | None,
+          pmd_pages: int, prep: _Prep | None = None) -> _Plan:
+    q, cls, blocks = prep if prep is not None else _prepare(entries, first_vpn, pmd_pages)
+    if blocks:
+        marked = bytearray(cls)
+        if first_vpn is None:
+            marked[:] = bytes(c if c in b".W" else ord("H") for c in cls)
+        else:
+            for b in blocks:
+                marked[b:b + pmd_pages] = b"H" * pmd_pages
+        cls = bytes(marked)
+    pattern = _SLOW_PRECISE if precise_mapcount else _SLOW_AVERAGE
+    slow = [range(m.start(), m.end()) for m in pattern.finditer(cls)]
+    fast = cls.count(b"X") if precise_mapcount else 0
+    return _Plan(q, fast, slow, cls.count(b"W"))
+
+
+def wanted_pfns(entries: Entries, zero_pfns: frozenset[int] = frozenset(),
+                precise_mapcount: bool = True, first_vpn: int | None = None,
+                pmd_pages: int = PMD_PAGES) -> list[int]:
+    """PFNs of `entries` whose /proc/kpagecount `account` needs: every present
+    page but the zero pages and, with a precise mapcount, pages whose exclusive
+    bit says mapcount 1 outside a possible PMD mapping."""
+    return _wanted(_plan(entries, precise_mapcount, first_vpn, pmd_pages), zero_pfns)
+
+
+def _wanted(plan: _Plan, zero_pfns: frozenset[int]) -> list[int]:
+    q = plan.q
+    out = []
+    for r in plan.slow:
+        for i in r:
+            pfn = q[i] & PM_PFN_MASK
+            if pfn not in zero_pfns:
+                out.append(pfn)
+    return out
+
+
+def account(entries: Entries, counts: Mapping[int, int],
+            zero_pfns: frozenset[int] = frozenset(), page_size: int = PAGE_SIZE,
+            precise_mapcount: bool = True, usage: Usage | None = None,
+            first_vpn: int | None = None, pmd_pages: int = PMD_PAGES) -> Usage:
+    """Add the pages of raw pagemap `entries` (u64 each, or the bytes read;
+    the first one is virtual page `first_vpn`) to `usage`, as smaps_account
+    does.
+
+    `counts` maps PFN -> /proc/kpagecount for every PFN `wanted_pfns` names; a
+    missing PFN counts as mapped once. With a precise mapcount (the default
+    kernel config) a page is private when its count is below 2, and pages
+    whose exclusive bit is set outside a possible PMD mapping are private
+    without a count; otherwise (CONFIG_NO_PAGE_MAPCOUNT) private is the
+    exclusive bit. Zero pages (`zero_pfns`) are skipped, as smaps skips them.
+    Swapped entries add to swap only."""
+    return _account(_plan(entries, precise_mapcount, first_vpn, pmd_pages), counts, zero_pfns,
+                    page_size, precise_mapcount, usage)
+
+
+def _account(plan: _Plan, counts: Mapping[int, int], zero_pfns: frozenset[int],
+             page_size: int, precise_mapcount: bool, usage: Usage | None) -> Usage:
+    u = usage if usage is not None else Usage()
+    full = page_size << PSS_SHIFT
+    q = plan.q
+    pages = shared = pss = 0
+    for r in plan.slow:
+        for i in r:
+            entry = q[i]
+            pfn = entry & PM_PFN_MASK
+            if pfn in zero_pfns:
+                continue
+            pages += 1
+            n = counts.get(pfn, 1)
+            if n >= 2:
+                pss += full // n
+                if precise_mapcount or not entry & PM_EXCLUSIVE:
+                    shared += 1
+            else:
+                pss += full
+                if not precise_mapcount and not entry & PM_EXCLUSIVE:
+                    shared += 1
+    pages += plan.fast_private
+    u.rss += pages * page_size
+    u.pss_fixed += pss + plan.fast_private * full
+    u.uss += (pages - shared) * page_size
+    u.swap += plan.swap * page_size
+    return u
+
+
+def pfn_ranges(pfns: Iterable[int], max_gap: int = 32) -> list[tuple[int, int]]:
+    """Sorted [first, last) PFN ranges covering `pfns`, merging ranges whose gap
+    is at most `max_gap` PFNs (one read of a few extra entries beats a syscall)."""
+    ranges: list[tuple[int, int]] = []
+    for pfn in sorted(set(pfns)):
+        if ranges and pfn - ranges[-1][1] <= max_gap:
+            ranges[-1] = (ranges[-1][0], pfn + 1)
+        else:
+            ranges.append((pfn, pfn + 1))
+    return ranges
+
+
+def precise_mapcount_kernel(proc_root: str = "/proc", boot: str = "/boot") -> bool:
+    """False when the running kernel was built with CONFIG_NO_PAGE_MAPCOUNT
+    (6.15+, optional): then kpagecount is a per-folio average and the
+    exclusive bit no longer implies a mapcount of 1. Unknown config: True."""
+    text = b""
+    with contextlib.suppress(OSError), gzip.open(f"{proc_root}/config.gz", "rb") as f:
+        text = f.read()
+    if not text:
+        with contextlib.suppress(OSError), open(f"{boot}/config-{os.uname().release}",
+                                                "rb") as g:
+            text = g.read()
+    return b"\nCONFIG_NO_PAGE_MAPCOUNT=y" not in text
+
+
+@functools.cache
+def _running_kernel_precise() -> bool:
+    return precise_mapcount_kernel()
+
+
+@functools.cache
+def _zero_pfns() -> frozenset[int]:
+    from memtrace.pagemap import learn_zero_pfns
+    return learn_zero_pfns()
+
+
+class KPageCounts:
+    """Batched reads of /proc/kpagecount (8 bytes per PFN). Values read are
+    kept until `clear()`, so that processes sharing pages in one walk read each
+    page's count once."""
+
+    def __init__(self, proc_root: str = "/proc", max_gap: int = 128) -> None:
+        self.fd = os.open(f"{proc_root}/kpagecount", os.O_RDONLY | os.O_CLOEXEC)
+        self.max_gap = max_gap
+        self.cache: dict[int, int] = {}
+        # (entries, PMD blocks) -> Usage of ranges with shared pages: the same
+        # library pages mapped by many processes read as the same bytes, and
+        # with the same counts they account the same.
+        self.memo: dict[tuple[bytes, tuple[int, ...]], Usage] = {}
+        self.reads = 0
+
+    def lookup(self, pfns: Iterable[int]) -> dict[int, int]:
+        """Counts of `pfns` (from the cache, or read now)."""
+        cache = self.cache
+        missing = [p for p in pfns if p not in cache]
+        for first, last in pfn_ranges(missing, self.max_gap):
+            data = os.pread(self.fd, (last - first) * ENTRY_SIZE, first * ENTRY_SIZE)
+            self.reads += 1
+            for i, value in enumerate(memoryview(data).cast("Q")):
+                cache[first + i] = value
+        return cache
+
+    def clear(self) -> None:
+        """Forget counts (and results built on them): call once per walk/tick."""
+        self.cache.clear()
+        self.memo.clear()
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+Range = tuple[int, int]
+
+
+def clip(runs: Sequence[Sequence[int]], start: int, end: int, first: int = 0) -> list[Range]:
+    """The parts of sorted, disjoint `runs` (from index `first` on) inside
+    [start, end). A run is (start, end, ...): the model's (start, end, anon)
+    runs work as they are."""
+    out = []
+    for i in range(first, len(runs)):
+        r_start, r_end = runs[i][0], runs[i][1]
+        if r_end <= start:
+            continue
+        if r_start >= end:
+            break
+        out.append((max(r_start, start), min(r_end, end)))
+    return out
+
+
+def coalesce(runs: Iterable[Range], max_gap: int) -> list[Range]:
+    """Merge sorted runs separated by at most `max_gap` bytes (fewer preads)."""
+    out: list[Range] = []
+    for start, end in runs:
+        if out and start - out[-1][1] <= max_gap:
+            out[-1] = (out[-1][0], max(end, out[-1][1]))
+        else:
+            out.append((start, end))
+    return out
+
+
+class PssReader:
+    """PSS/USS/swap of the mappings of one process. Raises ProcessLookupError
+    once the process has gone. One `KPageCounts` may be shared by readers."""
+
+    def __init__(self, pid: int, proc_root: str = "/proc",
+                 counts: KPageCounts | None = None,
+                 zero_pfns: frozenset[int] | None = None,
+                 precise_mapcount: bool | None = None,
+                 use_scan: bool | None = None) -> None:
+        self.pid = pid
+        self.proc_root = proc_root
+        self._own_counts = counts is None
+        self.counts = counts if counts is not None else KPageCounts(proc_root)
+        try:
+            self.fd = os.open(f"{proc_root}/{pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            self.close()
+            raise ProcessLookupError(pid) from None
+        self.precise = (precise_mapcount if precise_mapcount is not None
+                        else _running_kernel_precise())
+        if use_scan is None:
+            from memtrace.pagemap import PagemapScanner, scan_mechanism
+            use_scan = scan_mechanism() == PagemapScanner.mechanism
+        self.use_scan = use_scan
+        self._zero_given = zero_pfns is not None
+        self.zero_pfns = zero_pfns if zero_pfns is not None else frozenset()
+        if not use_scan:
+            self._learn_zero_pfns()
+        self._vec = (_PageRegion * _VEC_LEN)()
+        self._arg = _PmScanArg()
+        self.syscalls = 0
+
+    def close(self) -> None:
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._own_counts:
+            self.counts.close()
+
+    def __enter__(self) -> PssReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- where to read --------------------------------------------------
+    def scan(self, start: int, end: int) -> list[Range]:
+        """Runs in [start, end) with pages present (not the zero page) or
+        swapped out, from PAGEMAP_SCAN; coalesced across VMAs by the kernel."""
+        arg = self._arg
+        runs: list[Range] = []
+        cursor = start
+        while cursor < end:
+            arg.size = ctypes.sizeof(_PmScanArg)
+            arg.flags = 0
+            arg.start = cursor
+            arg.end = end
+            arg.walk_end = 0
+            arg.vec = ctypes.addressof(self._vec)
+            arg.vec_len = _VEC_LEN
+            arg.max_pages = 0
+            arg.category_inverted = PAGE_IS_PFNZERO
+            arg.category_mask = PAGE_IS_PFNZERO
+            arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+            arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE
+            n = _libc.ioctl(self.fd, PAGEMAP_SCAN, ctypes.byref(arg))
+            self.syscalls += 1
+            if n < 0:
+                err = ctypes.get_errno()
+                if err == errno.ESRCH:
+                    raise ProcessLookupError(self.pid)
+                if err in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                    raise ScanUnsupported(err, "PAGEMAP_SCAN not supported by this kernel")
+                raise OSError(err, os.strerror(err))
+            vec = self._vec
+            for i in range(n):
+                r = vec[i]
+                if runs and runs[-1][1] == r.start:
+                    runs[-1] = (runs[-1][0], r.end)
+                else:
+                    runs.append((r.start, r.end))
+            if n < _VEC_LEN or arg.walk_end <= cursor:
+                break
+            cursor = arg.walk_end
+        return runs
+
+    def entries(self, start: int, end: int) -> bytes:
+        """Raw pagemap entries of [start, end), as read (8 bytes each)."""
+        first = start // PAGE_SIZE
+        n = (end - start) // PAGE_SIZE
+        try:
+            data = os.pread(self.fd, n * ENTRY_SIZE, first * ENTRY_SIZE)
+        except OSError as e:
+            if e.errno == errno.ESRCH:
+                raise ProcessLookupError(self.pid) from e
+            raise
+        self.syscalls += 1
+        if len(data) < n * ENTRY_SIZE:
+            raise ProcessLookupError(self.pid)
+        return data
+
+    # -- what to count ----------------------------------------------------
+    def usage(self, vmas: Sequence[Vma], runs: Sequence[Sequence[int]] | None = None,
+              max_gap: int = 16 * 4096) -> list[Usage]:
+        """One Usage per VMA of `vmas` (sorted by address, of this process).
+
+        `runs`: sorted, disjoint address ranges (start, end, ...) to restrict
+        the reading to (e.g. the resident runs the address-space model already
+        holds, as (start, end, anon)); they must cover whole resident runs;
+        pages outside them count as not resident, so swap is counted only
+        inside them. Without runs: PAGEMAP_SCAN finds the present and swapped
+        pages, or, on kernels without it, whole VMAs are read (zero pages
+        recognised by PFN)."""
+        if runs is None:
+            runs = self.find_runs(vmas)
+        ends = [r[1] for r in runs]
+        per_vma: list[list[Range]] = []
+        for vma in vmas:
+            if vma.path in SKIP_NAMES:
+                per_vma.append([])
+                continue
+            per_vma.append(coalesce(clip(runs, vma.start, vma.end,
+                                         bisect_right(ends, vma.start)), max_gap))
+        # One read per span of nearby runs, even across VMAs (the kernel
+        # coalesces runs across VMAs too); each VMA takes its slices.
+        spans = coalesce([r for ranges in per_vma for r in ranges], max_gap)
+        data = [self.entries(start, end) for start, end in spans]
+        # Pass 1: entries, and the PFNs that need a count.
+        memo = self.counts.memo
+        chunks: list[list[tuple[tuple[bytes, tuple[int, ...]], _Plan | None]]] = []
+        wanted: list[int] = []
+        zero, precise = self.zero_pfns, self.precise
+        k = 0
+        for ranges in per_vma:
+            got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | None]] = []
+            for start, end in ranges:
+                while spans[k][1] < end:
+                    k += 1
+                base = spans[k][0]
+                ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
+                               (end - base) // PAGE_SIZE * ENTRY_SIZE]
+                vpn = start // PAGE_SIZE
+                prep = _prepare(ents, vpn, PMD_PAGES)
+                # the PMD blocks found decide the plan: same bytes + same
+                # blocks = same result (libraries sit at different alignments)
+                key = (ents, tuple(prep[2]))
+                if key in memo:
+                    got.append((key, None))
+                    continue
+                new_plan = _plan(ents, precise, vpn, PMD_PAGES, prep)
+                got.append((key, new_plan))
+                wanted += _wanted(new_plan, zero)
+            chunks.append(got)
+        if wanted and 0 in wanted:
+            # PFN 0 is never a mapped user page: the kernel hid the PFNs
+            raise PermissionError(errno.EPERM, "page frame numbers hidden: PSS needs "
+                                  "CAP_SYS_ADMIN (root)")
+        counts = self.counts.lookup(wanted) if wanted else {}
+        # Pass 2: account.
+        out = []
+        for got in chunks:
+            u = Usage()
+            for key, maybe_plan in got:
+                if maybe_plan is None:
+                    u.add(memo[key])
+                    continue
+                piece = _account(maybe_plan, counts, zero, PAGE_SIZE, precise, None)
+                if maybe_plan.slow:
+                    memo[key] = piece
+                u.add(piece)
+            out.append(u)
+        return out
+
+    def find_runs(self, vmas: Sequence[Vma]) -> list[Range]:
+        vmas = [v for v in vmas if v.path not in SKIP_NAMES]
+        if not vmas:
+            return []
+        if self.use_scan:
+            try:
+                return self.scan(vmas[0].start, vmas[-1].end)
+            except ScanUnsupported:
+                self.use_scan = False
+                self._learn_zero_pfns()
+        return [(v.start, v.end) for v in vmas]
+
+    def _learn_zero_pfns(self) -> None:
+        """Whole VMAs are read without PAGEMAP_SCAN: the zero pages must then
+        be recognised by PFN (scan regions exclude them already)."""
+        if not self._zero_given:
+            self.zero_pfns = _zero_pfns()
+            self._zero_given = True
+
+
+def vma_usage(pid: int, vmas: Sequence[Vma], runs: Sequence[Sequence[int]] | None = None,
+              proc_root: str = "/proc", counts: KPageCounts | None = None) -> list[Usage]:
+    """PSS/USS/swap for `vmas` of process `pid` (one Usage per VMA, same order),
+    optionally restricted to address `runs` (see PssReader.usage). Raises
+    ProcessLookupError if the process has gone."""
+    with PssReader(pid, proc_root, counts) as reader:
+        return reader.usage(vmas, runs)
+
+
+def total(usages: Iterable[Usage]) -> Usage:
+    out = Usage()
+    for u in usages:
+        out.add(u)
+    return out
+
