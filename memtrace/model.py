@@ -162,6 +162,8 @@ class AddressSpace:
         return changed
 
     def _set(self, start: int, res: Resident | None) -> None:
+        if res is not None and self.resident.get(start) == res:
+            return      # a rescan that found the same pages changes nothing
         self.changed.add(start)
         old = self.resident.pop(start, None)
         if old is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from memtrace.attribution import Segment, classify, mapping_identity, segments_for, split
 from memtrace.model import AddressSpace
@@ -22,6 +22,9 @@ from memtrace.tracker import ProcessTracker
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 # Keys left out of the generation's fingerprint (the mappings are followed by
 # the builder itself).
+# Mappings per cached piece of the JSON array: a tick re-joins only the pieces
+# holding a changed mapping.
+_BLOCK = 256
 _UNSTAMPED = frozenset({"ts", "tick_seconds", "generation", "mappings"})
 
 
@@ -62,6 +65,7 @@ class SnapshotBuilder:
         self._mappings: list[dict[str, Any]] | None = None   # views of _entries,
         self._mappings_json = ""                             # rebuilt when it changes
         self._segments: dict[int, Segment] = {}              # by VMA start
+        self._blocks: list[str | None] = []   # JSON text of _entries[k*_BLOCK:(k+1)*_BLOCK]
 
     def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         """The snapshot of this tick; call stamp() on it once the caller has
@@ -87,29 +91,35 @@ class SnapshotBuilder:
         snap["generation"] = self._generation
         return snap
 
-    def _entry(self, tracker: ProcessTracker, vma: Vma) -> _Entry:
-        kind = classify(vma, tracker.exe)
+    def _entry(self, tracker: ProcessTracker, vma: Vma, prev: _Entry | None = None) -> _Entry:
+        """The entry of vma; `prev`, an entry of the same VMA and segment, lends
+        everything but the figures."""
         seg = self._segments.get(vma.start)
-        if seg is not None:
-            kind = seg.kind           # the bss: anonymous, counted with its library
+        if prev is not None:
+            kind = prev.mapping["kind"]
+            mapping = dict(prev.mapping)
+        else:
+            kind = classify(vma, tracker.exe)
+            if seg is not None:
+                kind = seg.kind           # the bss: anonymous, counted with its library
+            mapping = {
+                "start": vma.start,
+                "end": vma.end,
+                "perms": vma.perms,
+                "offset": vma.offset,
+                "path": vma.display_path,
+                "kind": kind,
+                "mapping": seg.mapping if seg is not None else mapping_identity(vma, kind),
+                "segment": seg.name if seg is not None else None,
+            }
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
-        mapping = {
-            "start": vma.start,
-            "end": vma.end,
-            "perms": vma.perms,
-            "offset": vma.offset,
-            "path": vma.display_path,
-            "kind": kind,
-            "mapping": seg.mapping if seg is not None else mapping_identity(vma, kind),
-            "segment": seg.name if seg is not None else None,
-            "rss_bytes": parts.total,
-            "anon_bytes": parts.anon,
-            "file_bytes": parts.file,
-            "shmem_bytes": parts.shmem,
-            "virtual_bytes": vma.size,
-            "faults": faults,
-        }
+        mapping["rss_bytes"] = parts.total
+        mapping["anon_bytes"] = parts.anon
+        mapping["file_bytes"] = parts.file
+        mapping["shmem_bytes"] = parts.shmem
+        mapping["virtual_bytes"] = vma.size
+        mapping["faults"] = faults
         return _Entry(key=(vma.identity, parts, faults, seg), mapping=mapping,
                       text=_encode(mapping), anon=parts.anon, file=parts.file,
                       shmem=parts.shmem, virtual=vma.size)
@@ -123,14 +133,16 @@ class SnapshotBuilder:
         entries: list[_Entry] = []
         for vma in tracker.space.vmas:
             prev = old.get(vma.start)
-            if (prev is not None and vma.start not in changed
-                    and prev.key[0] == vma.identity and tracker.exe == self._exe
-                    and prev.key[3] == self._segments.get(vma.start)):
-                entries.append(prev)
-            else:
+            if (prev is None or prev.key[0] != vma.identity or tracker.exe != self._exe
+                    or prev.key[3] != self._segments.get(vma.start)):
                 entries.append(self._entry(tracker, vma))
+            elif vma.start in changed:
+                entries.append(self._entry(tracker, vma, prev=prev))
+            else:
+                entries.append(prev)
         self._entries = entries
         self._mappings = None
+        self._blocks = [None] * ((len(entries) + _BLOCK - 1) // _BLOCK)
         self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
                         sum(e.shmem for e in entries), sum(e.virtual for e in entries)]
@@ -147,8 +159,9 @@ class SnapshotBuilder:
             i = self._index.get(start)
             if i is None:
                 continue
-            new = self._entry(tracker, vmas[i])
             old = entries[i]
+            new = self._entry(tracker, vmas[i], prev=old)
+            self._blocks[i // _BLOCK] = None
             entries[i] = new
             self._totals[0] += new.anon - old.anon
             self._totals[1] += new.file - old.file
@@ -187,8 +200,12 @@ class SnapshotBuilder:
 
     def _mappings_list(self) -> list[dict[str, Any]]:
         if self._mappings is None:
-            self._mappings = [e.mapping for e in self._entries]
-            self._mappings_json = f"[{','.join(e.text for e in self._entries)}]"
+            entries = self._entries
+            self._mappings = [e.mapping for e in entries]
+            for k, block in enumerate(self._blocks):
+                if block is None:
+                    self._blocks[k] = ",".join(e.text for e in entries[k * _BLOCK:(k + 1) * _BLOCK])
+            self._mappings_json = f"[{','.join(cast(list[str], self._blocks))}]"
         return self._mappings
 
 

@@ -250,3 +250,26 @@ def test_snapshot_bss_counts_toward_its_library(world):
     assert (b["anon_bytes"], b["file_bytes"]) == (3 * PAGE, 0)
     assert snap["anon_bytes"] == sum(x["anon_bytes"] for x in snap["mappings"])
     assert rows[m["anon"].start]["segment"] is None
+
+
+def test_builder_json_text_stays_exact_across_cached_blocks(world):
+    """More mappings than one cached JSON block holds; a change in one block."""
+    from memtrace.views.snapshot import _BLOCK, SnapshotBuilder, encode
+
+    p, _ = standard_process(world)
+    base = 0x200000000
+    regions = [(base + i * 4 * PAGE, base + i * 4 * PAGE + 2 * PAGE) for i in range(3 * _BLOCK)]
+    for start, end in regions:
+        p.map(start, end, perms="rw-p" if (start // PAGE) % 8 else "r--p")
+    p.sync()
+    tr = ProcessTracker(p.pid, world.procfs())
+    tr.start()
+    builder = SnapshotBuilder()
+    builder.stamp(builder.build(tr, 1.0))
+    for start, end in (regions[_BLOCK + 7], regions[2 * _BLOCK + 1]):
+        p.touch(start, end)
+        p.sync()
+        tr.update([ChunkMark(start >> CHUNK_SHIFT, 2, start)], [], None)
+        snap = builder.stamp(builder.build(tr, 2.0))
+        assert json.loads(encode(snap))["mappings"] == snapshot(tr, 2.0)["mappings"]
+        assert by_start(snap)[start]["rss_bytes"] == end - start
