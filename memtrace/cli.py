@@ -37,6 +37,17 @@ def _heap_interval_option() -> Any:
         "least 20x the last walk's duration). 0 = off. See docs/heap.md.")
 
 
+def _pss_interval_option() -> Any:
+    from memtrace.livepss import DEFAULT_PSS_INTERVAL
+
+    return click.option(
+        "--pss-interval", type=click.FloatRange(min=0.0), default=DEFAULT_PSS_INTERVAL,
+        show_default=True, help="Seconds between refreshes of every mapping's PSS/USS "
+        "(shares change when other processes map, unmap or fork); mappings whose pages "
+        "changed, and files another watched process mapped or unmapped, are refreshed "
+        "every tick. 0 = off (the fields are null). Needs root. See docs/pss.md.")
+
+
 def _common(f: Any) -> Any:
     options = [
         click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
@@ -59,6 +70,7 @@ def _common(f: Any) -> Any:
         click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
                      default=None, help="Write the output to this file instead of stdout."),
         _heap_interval_option(),
+        _pss_interval_option(),
     ]
     for option in reversed(options):
         f = option(f)
@@ -112,7 +124,7 @@ def cli() -> None:
 @_common
 def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: float,
           no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-          output: str | None, heap_interval: float) -> None:
+          output: str | None, heap_interval: float, pss_interval: float) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
     Exits 0 when every watched process has exited."""
@@ -121,6 +133,7 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
         procfs.check_target(pid)
     session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
+    session.enable_pss(pss_interval)
     session.install_signal_handlers()
     server = None
     try:
@@ -181,13 +194,14 @@ def _status_to_code(status: int) -> int:
 @_common
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
         no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-        output: str | None, heap_interval: float) -> None:
+        output: str | None, heap_interval: float, pss_interval: float) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080"""
     path = _check_executable(command)
     session = Session(_reporter(fmt, output), interval, reconcile_interval)
     session.enable_heap(heap_interval)
+    session.enable_pss(pss_interval)
     child = 0
     status: int | None = None
 
@@ -291,11 +305,13 @@ def _size(text: str) -> int:
 @click.option("--max-mapping-series", type=click.IntRange(min=2), default=50, show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @_heap_interval_option()
+@_pss_interval_option()
 def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: str,
           sweep_interval: float, max_processes: int, group_by: str, fmt: str,
           interval: float, reconcile_interval: float, listen: str, web_config: str | None,
-          max_mapping_series: int, output: str | None, heap_interval: float) -> None:
+          max_mapping_series: int, output: str | None, heap_interval: float,
+          pss_interval: float) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM detaches every probe and exits 0."""
     from memtrace.agent import Agent, load_config, rule_from_dict
@@ -318,6 +334,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     session = Session(reporter, interval, reconcile_interval)
     session.grouping = group_by == "group"
     session.enable_heap(heap_interval)
+    session.enable_pss(pss_interval)
     session.install_signal_handlers()
     server = None
     try:

@@ -61,6 +61,12 @@ class AddressSpace:
         # the starts of VMAs whose figures changed since take_changed().
         self.layout_version = 0
         self.changed: set[int] = set()
+        # Starts of VMAs re-attributed since take_rescanned() (their pages were
+        # rescanned, whether or not their resident bytes changed: a copy-on-write
+        # break keeps the count but makes a shared page private). Kept only once
+        # a reader asks for it (live PSS), so that it never grows unread.
+        self.track_rescanned = False
+        self.rescanned: set[int] = set()
 
     # -- resident pages -------------------------------------------------
     def replace_chunks(self, first: int, last: int, runs: Iterable[Run]) -> None:
@@ -148,10 +154,14 @@ class AddressSpace:
                 todo[v.start] = v
         for v in todo.values():
             self._set(v.start, self._measure(v))
+        if self.track_rescanned:
+            self.rescanned.update(todo)
 
     def attribute_all(self) -> None:
         self.resident = {v.start: self._measure(v) for v in self.vmas}
         self.changed.update(self.resident)
+        if self.track_rescanned:
+            self.rescanned.update(self.resident)
         self._total = Resident()
         for r in self.resident.values():
             self._total.anon += r.anon
@@ -160,6 +170,10 @@ class AddressSpace:
     def take_changed(self) -> set[int]:
         changed, self.changed = self.changed, set()
         return changed
+
+    def take_rescanned(self) -> set[int]:
+        rescanned, self.rescanned = self.rescanned, set()
+        return rescanned
 
     def _set(self, start: int, res: Resident | None) -> None:
         if res is not None and self.resident.get(start) == res:

@@ -17,6 +17,7 @@ from memtrace.events import Drained, SyscallEvent
 from memtrace.exporter import ExporterState, StateBox, add_counters, empty_counters
 from memtrace.heap import HeapSampler
 from memtrace.libevents import LibraryEvents
+from memtrace.livepss import LivePss, drop_all
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS
@@ -63,6 +64,7 @@ class Session:
         self.heap: HeapSampler | None = None  # --heap-interval: see enable_heap
         self._heap_status: dict[int, str] = {}
         self._libevents: dict[int, LibraryEvents] = {}
+        self.pss: LivePss | None = None   # --pss-interval: see enable_pss
 
     def load(self, watch_execs: bool = False) -> Probes:
         self.probes = Probes(watch_execs=watch_execs)
@@ -105,8 +107,12 @@ class Session:
                 "kernels)", ExitCode.NOT_ROOT) from None
         self.trackers[pid] = tracker
         self._builders[pid] = SnapshotBuilder()
+        if self.pss is not None:
+            self.pss.begin_tick()
+            self._update_pss(tracker)
         snap = self._builders[pid].build(tracker, time.time())
         self._add_heap(snap, tracker)
+        self._add_pss(snap, tracker)
         self._libevents[pid] = LibraryEvents()
         self._library_events(pid, snap, tracker.space.vmas)
         self._builders[pid].stamp(snap)
@@ -134,6 +140,8 @@ class Session:
         self._attach_seconds.pop(pid, None)
         self._forget_heap(pid)
         self._libevents.pop(pid, None)
+        if self.pss is not None:
+            self.pss.forget(pid)
         if tracker:
             tracker.close()
             self._rescans_of_gone.update(tracker.counters.full_rescans)
@@ -152,6 +160,8 @@ class Session:
         now = time.time()
         names_changed = drained.names_gen != self._names_gen
         self._names_gen = drained.names_gen
+        if self.pss is not None:
+            self.pss.begin_tick()
         for pid, tracker in list(self.trackers.items()):
             try:
                 tracker.update(drained.chunks.get(pid, []), drained.ranges.get(pid, []),
@@ -162,12 +172,16 @@ class Session:
             if not self._same_process(tracker):
                 self.detach(pid, "exited")
                 continue
+            self._update_pss(tracker)
             snap = self._builders[pid].build(tracker, now)
             self._add_heap(snap, tracker)
+            self._add_pss(snap, tracker)
             self._library_events(pid, snap, tracker.space.vmas)
             self._builders[pid].stamp(snap)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
+        if self.pss is not None:
+            self.pss.end_tick()
         self._last_tick_seconds = time.perf_counter() - t0
         self.publish()
         self.reporter.tick_done()
@@ -217,6 +231,36 @@ class Session:
             if on_tick:
                 on_tick(drained)
 
+    # ---- PSS, USS and swap (memtrace/livepss.py)
+
+    def enable_pss(self, interval: float) -> None:
+        """Keep per-mapping PSS/USS/swap live, refreshing every mapping's shares
+        every `interval` seconds (0: off). Says once on stderr when they are off
+        or unavailable (the fields are then null)."""
+        if interval <= 0:
+            log("PSS off (--pss-interval 0): pss_bytes, uss_bytes and swap_bytes are null")
+            return
+        try:
+            self.pss = LivePss(interval, str(self.procfs.root))
+        except OSError as e:
+            log(f"PSS unavailable (cannot read /proc/kpagecount: {e.strerror or e}; needs "
+                "root): pss_bytes, uss_bytes and swap_bytes are null")
+
+    def _update_pss(self, tracker: ProcessTracker) -> None:
+        if self.pss is None:
+            return
+        self.pss.update(tracker)
+        if self.pss.failure is not None:
+            log(f"PSS unavailable ({self.pss.failure}): pss_bytes, uss_bytes and "
+                "swap_bytes are null from now on")
+            self.pss.close()
+            self.pss = None
+            drop_all(self.trackers.values())
+
+    def _add_pss(self, snap: dict[str, Any], tracker: ProcessTracker) -> None:
+        if self.pss is not None:
+            snap["pss_refreshed_ts"] = self.pss.refreshed_at(tracker.pid)
+
     # ---- heap figures (memtrace heap, walked in the background: memtrace/heap.py)
 
     def enable_heap(self, interval: float) -> None:
@@ -243,6 +287,9 @@ class Session:
     def close(self) -> None:
         if self.heap is not None:
             self.heap.close()
+        if self.pss is not None:
+            self.pss.close()
+            self.pss = None
         for pid in list(self.trackers):
             tracker = self.trackers.pop(pid)
             tracker.close()

@@ -15,6 +15,7 @@ from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import Scanner, open_scanner
 from memtrace.procfs import ProcFS, Statm, Vma, statm_is_exact
+from memtrace.pss import Usage
 
 # Mismatches with statm while the process is changing are expected (it runs
 # while we scan); after this many in a row we rescan anyway.
@@ -57,6 +58,8 @@ class ProcessTracker:
         self.faults_by_vma: Counter[int] = Counter()
         self.faults_by_mapping: Counter[str] = Counter()   # never decreases: for counters
         self.faults_total = 0
+        # PSS/USS/swap per VMA start, kept by memtrace.livepss; None when off
+        self.pss_usage: dict[int, Usage] | None = None
         self.comm = ""
         self.exe = b""
         self.start_time = 0

@@ -17,6 +17,7 @@ from typing import Any, cast
 from memtrace.attribution import Segment, classify, mapping_identity, segments_for, split
 from memtrace.model import AddressSpace
 from memtrace.procfs import Vma
+from memtrace.pss import PSS_SHIFT
 from memtrace.tracker import ProcessTracker
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
@@ -47,6 +48,10 @@ class _Entry:
     file: int
     shmem: int
     virtual: int
+    pss_fixed: int = 0      # PSS in the kernel's fixed point (bytes << PSS_SHIFT)
+    uss: int = 0
+    swap: int = 0
+    pss_missing: int = 0    # 1: no PSS figures for this mapping (off, unavailable)
 
 
 class SnapshotBuilder:
@@ -59,6 +64,7 @@ class SnapshotBuilder:
         self._entries: list[_Entry] = []
         self._index: dict[int, int] = {}        # VMA start -> position in _entries
         self._totals = [0, 0, 0, 0]             # anon, file, shmem, virtual
+        self._pss_totals = [0, 0, 0, 0]         # pss_fixed, uss, swap, missing
         self._generation = 0
         self._fingerprint = ""
         self._content_changed = False
@@ -120,9 +126,19 @@ class SnapshotBuilder:
         mapping["shmem_bytes"] = parts.shmem
         mapping["virtual_bytes"] = vma.size
         mapping["faults"] = faults
-        return _Entry(key=(vma.identity, parts, faults, seg), mapping=mapping,
+        usage = tracker.pss_usage.get(vma.start) if tracker.pss_usage is not None else None
+        if usage is None:
+            pss_fixed = uss = swap = 0
+            mapping["pss_bytes"] = mapping["uss_bytes"] = mapping["swap_bytes"] = None
+        else:
+            pss_fixed, uss, swap = usage.pss_fixed, usage.uss, usage.swap
+            mapping["pss_bytes"] = usage.pss
+            mapping["uss_bytes"] = uss
+            mapping["swap_bytes"] = swap
+        return _Entry(key=(vma.identity, parts, faults, seg, usage), mapping=mapping,
                       text=_encode(mapping), anon=parts.anon, file=parts.file,
-                      shmem=parts.shmem, virtual=vma.size)
+                      shmem=parts.shmem, virtual=vma.size, pss_fixed=pss_fixed, uss=uss,
+                      swap=swap, pss_missing=int(usage is None))
 
     def _rebuild_all(self, tracker: ProcessTracker, changed: set[int]) -> None:
         # Segment names depend on neighbours (a bss follows its data segment):
@@ -146,6 +162,8 @@ class SnapshotBuilder:
         self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
                         sum(e.shmem for e in entries), sum(e.virtual for e in entries)]
+        self._pss_totals = [sum(e.pss_fixed for e in entries), sum(e.uss for e in entries),
+                            sum(e.swap for e in entries), sum(e.pss_missing for e in entries)]
         self._space = tracker.space
         self._layout = tracker.space.layout_version
         self._exe = tracker.exe
@@ -166,11 +184,18 @@ class SnapshotBuilder:
             self._totals[0] += new.anon - old.anon
             self._totals[1] += new.file - old.file
             self._totals[2] += new.shmem - old.shmem
+            p = self._pss_totals
+            p[0] += new.pss_fixed - old.pss_fixed
+            p[1] += new.uss - old.uss
+            p[2] += new.swap - old.swap
+            p[3] += new.pss_missing - old.pss_missing
         self._entries = entries
         self._mappings = None
 
     def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         anon, file, shmem, virtual = self._totals
+        pss_fixed, uss, swap, missing = self._pss_totals
+        pss_on = tracker.pss_usage is not None and not missing
         c = tracker.counters
         statm = tracker.statm
         snap = Snapshot({
@@ -182,6 +207,10 @@ class SnapshotBuilder:
             "file_bytes": file,
             "shmem_bytes": shmem,
             "virtual_bytes": virtual,
+            # like smaps_rollup: the fixed-point sum of all mappings, then rounded
+            "pss_bytes": pss_fixed >> PSS_SHIFT if pss_on else None,
+            "uss_bytes": uss if pss_on else None,
+            "swap_bytes": swap if pss_on else None,
             "statm_rss_bytes": statm.resident_bytes if statm else None,
             "drift_bytes": tracker.drift_bytes(),
             "faults": tracker.faults_total,

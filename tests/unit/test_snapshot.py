@@ -21,6 +21,9 @@ TOP_KEYS = {
     "file_bytes",
     "shmem_bytes",
     "virtual_bytes",
+    "pss_bytes",
+    "uss_bytes",
+    "swap_bytes",
     "statm_rss_bytes",
     "drift_bytes",
     "faults",
@@ -48,6 +51,9 @@ MAPPING_KEYS = {
     "file_bytes",
     "shmem_bytes",
     "virtual_bytes",
+    "pss_bytes",
+    "uss_bytes",
+    "swap_bytes",
     "faults",
 }
 

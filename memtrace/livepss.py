@@ -1,0 +1,200 @@
+"""Live PSS, USS and swap per mapping for watch/run/agent (docs/pss.md, "Live").
+
+Per tracked process, one `Usage` per VMA (memtrace.pss), recomputed only when
+it may have changed:
+
+- its pages were rescanned this tick (the tracker re-attributed the VMA: faults,
+  madvise, munmap... in it; `AddressSpace.rescanned`), or it is new;
+- a watched process mapped or unmapped (or exited with) a mapping of the same
+  file (device and inode): the shares of that file's pages changed;
+- every `interval` seconds, all of the process's mappings: map counts change
+  without any event in this process when another process (watched or not)
+  maps, unmaps, forks or breaks copy-on-write sharing.
+
+Between full refreshes, the figures of pages this process did not touch can be
+stale by what other processes did to their map counts in that time. The
+kpagecount reads of one tick are shared by all processes (one KPageCounts,
+cleared per tick). The result lands in `tracker.pss_usage`, and the start of
+every VMA whose figures changed is added to `space.changed`, so the snapshot
+builder rebuilds exactly those entries."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from memtrace.model import AddressSpace
+from memtrace.pagemap import ScanUnsupported
+from memtrace.procfs import Vma
+from memtrace.pss import SKIP_NAMES, KPageCounts, PssReader, Usage, coalesce
+from memtrace.tracker import ProcessTracker
+
+DEFAULT_PSS_INTERVAL = 5.0
+FileKey = tuple[str, int]     # (device, inode)
+
+
+def file_key(vma: Vma) -> FileKey | None:
+    return (vma.dev, vma.inode) if vma.inode else None
+
+
+@dataclass
+class _Process:
+    space: AddressSpace
+    reader: PssReader
+    layout: int = -1
+    idents: dict[int, tuple[object, ...]] = field(default_factory=dict)
+    files: dict[int, FileKey] = field(default_factory=dict)   # VMA start -> file
+    pending: set[int] = field(default_factory=set)            # to compute next time
+    last_full: float = float("-inf")                           # monotonic
+    refreshed_at: float | None = None                          # wall time of last full
+
+
+class LivePss:
+    """Keeps `tracker.pss_usage` of every tracked process current. Raises
+    OSError (PermissionError when not root) if /proc/kpagecount cannot be
+    opened; `failure` is set when a later read finds PSS unavailable."""
+
+    def __init__(self, interval: float = DEFAULT_PSS_INTERVAL, proc_root: str = "/proc",
+                 reader_options: dict[str, object] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.proc_root = proc_root
+        self.counts = KPageCounts(proc_root)
+        self.reader_options = reader_options or {}
+        self.clock = clock
+        self.failure: str | None = None
+        self._procs: dict[int, _Process] = {}
+        self._files_now: set[FileKey] = set()
+        self._files_prev: set[FileKey] = set()
+        self.vmas_computed = 0      # counters for tests and benchmarks
+        self.full_refreshes = 0
+
+    # -- per tick -----------------------------------------------------------
+    def begin_tick(self) -> None:
+        """Map counts read last tick may be stale: forget them."""
+        self.counts.clear()
+
+    def end_tick(self) -> None:
+        """Files whose mappings changed this tick are recomputed in every
+        process this tick (those updated later) and the next (all of them)."""
+        self._files_prev, self._files_now = self._files_now, set()
+
+    def refreshed_at(self, pid: int) -> float | None:
+        st = self._procs.get(pid)
+        return st.refreshed_at if st else None
+
+    def update(self, tracker: ProcessTracker) -> None:
+        """Recompute what may have changed in `tracker`'s mappings (after its
+        tracker.update of this tick, before its snapshot)."""
+        if self.failure is not None:
+            return
+        space = tracker.space
+        st = self._procs.get(tracker.pid)
+        if st is None or st.space is not space:
+            if st is not None:          # exec: a new address space
+                st.reader.close()
+                self._files_now.update(st.files.values())
+            try:
+                reader = PssReader(tracker.pid, self.proc_root, self.counts,
+                                   **self.reader_options)  # type: ignore[arg-type]
+            except OSError:
+                return                   # gone: the tracker notices
+            st = self._procs[tracker.pid] = _Process(space, reader)
+            space.track_rescanned = True
+            space.take_rescanned()
+            tracker.pss_usage = {}
+        usage = tracker.pss_usage
+        if usage is None:
+            usage = tracker.pss_usage = {}
+        todo = st.pending
+        st.pending = set()
+        todo |= space.take_rescanned()
+        if space.layout_version != st.layout:
+            self._diff_layout(st, usage, todo)
+        files = self._files_now | self._files_prev
+        if files:
+            todo.update(s for s, f in st.files.items() if f in files)
+        now = self.clock()
+        full = self.interval > 0 and now - st.last_full >= self.interval
+        vmas = list(space.vmas) if full else [v for v in space.vmas if v.start in todo]
+        if not vmas:
+            return
+        try:
+            new = self._compute(st.reader, vmas)
+        except PermissionError as e:
+            self.failure = str(e)
+            return
+        except OSError:
+            # gone (ProcessLookupError) or a read failed: keep the old
+            # figures and try again next tick
+            st.pending = {v.start for v in vmas}
+            return
+        self.vmas_computed += len(vmas)
+        if full:
+            self.full_refreshes += 1
+            st.last_full = now
+            st.refreshed_at = time.time()
+        for vma, u in zip(vmas, new):
+            if usage.get(vma.start) != u:
+                usage[vma.start] = u
+                space.changed.add(vma.start)
+
+    def _diff_layout(self, st: _Process, usage: dict[int, Usage], todo: set[int]) -> None:
+        # First sight of a process: its mappings existed before, so no share
+        # changed; later, new and removed file mappings change their files' shares.
+        changes = self._files_now if st.layout != -1 else set()
+        current = {v.start: v for v in st.space.vmas}
+        for start, ident in list(st.idents.items()):
+            v = current.get(start)
+            if v is None or v.identity != ident:
+                f = st.files.pop(start, None)
+                if f is not None:
+                    changes.add(f)
+                if v is None:
+                    usage.pop(start, None)
+        for v in current.values():
+            if st.idents.get(v.start) != v.identity:
+                todo.add(v.start)
+                f = file_key(v)
+                if f is not None:
+                    st.files[v.start] = f
+                    changes.add(f)
+        st.idents = {s: v.identity for s, v in current.items()}
+        st.layout = st.space.layout_version
+
+    def _compute(self, reader: PssReader, vmas: list[Vma]) -> list[Usage]:
+        readable = [v for v in vmas if v.path not in SKIP_NAMES]
+        spans = coalesce(((v.start, v.end) for v in readable), 0)
+        runs: list[tuple[int, int]] = []
+        if reader.use_scan:
+            try:
+                for start, end in spans:
+                    runs += reader.scan(start, end)
+            except ScanUnsupported:
+                reader.use_scan = False
+                reader._learn_zero_pfns()
+                runs = spans
+        else:
+            runs = spans
+        return reader.usage(vmas, runs)
+
+    def forget(self, pid: int) -> None:
+        """`pid` is no longer tracked: the shares of its files change."""
+        st = self._procs.pop(pid, None)
+        if st is not None:
+            st.reader.close()
+            self._files_now.update(st.files.values())
+
+    def close(self) -> None:
+        for pid in list(self._procs):
+            self.forget(pid)
+        self.counts.close()
+
+
+def drop_all(trackers: Iterable[ProcessTracker]) -> None:
+    """PSS turned unavailable: every mapping's figures become null."""
+    for t in trackers:
+        if t.pss_usage is not None:
+            t.pss_usage = None
+            t.space.changed.update(v.start for v in t.space.vmas)
