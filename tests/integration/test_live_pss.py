@@ -1,0 +1,124 @@
+"""Live PSS in `memtrace watch` (memtrace/livepss.py) against smaps, on stopped
+processes that share libraries: python3 interpreters and pssfork's parent with
+copy-on-write children (THP and small pages, file pages), from test_pss.py.
+
+Tolerance: smaps' kB rounding only. memtrace's per-mapping `pss_bytes` is the
+kernel's fixed-point sum >> 12 (bytes, floored) and smaps prints that sum
+>> 22 (kB, floored), so pss_bytes // 1024 must EQUAL smaps Pss. uss_bytes and
+swap_bytes are whole pages: uss_bytes // 1024 must equal Private_Clean +
+Private_Dirty, swap_bytes // 1024 Swap. The process's pss_bytes is the sum of
+the fixed-point values of all mappings >> 12, so pss_bytes // 1024 must equal
+smaps_rollup Pss (not the sum of per-mapping kB).
+
+What can differ is time: libc and python3 pages change their map count
+whenever any process on the machine starts or exits, and watch refreshes
+shares of pages its targets did not touch only every --pss-interval. So an
+attempt reads smaps, waits for a snapshot whose last full refresh
+(pss_refreshed_ts) came after that read, reads smaps again, and compares the
+mappings whose smaps lines were equal in both reads; a process passes when one
+attempt (of up to ATTEMPTS) is clean."""
+
+from __future__ import annotations
+
+import time
+
+from tests import groundtruth as gt
+
+from .conftest import Memtrace
+from .test_pss import _rollup, _smaps_key, sharing_processes  # noqa: F401 (fixture)
+
+ATTEMPTS = 15
+PSS_INTERVAL = 1.0
+
+
+def _want(pid: int) -> dict[int, tuple[int, int, int]]:
+    return {m["start"]: _smaps_key(m)[1:] for m in gt.read_smaps(pid)}
+
+
+def _got(m: dict) -> tuple[int, int, int]:
+    return (m["pss_bytes"] // 1024, m["uss_bytes"] // 1024, m["swap_bytes"] // 1024)
+
+
+def _fresh_snapshot(mt: Memtrace, pid: int, after: float) -> dict:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        snap = mt.stream.wait_snapshot(pid, after, timeout=30, context=mt.stderr_tail)
+        if (snap.get("pss_refreshed_ts") or 0) >= after:
+            return snap
+    raise AssertionError(f"{pid}: no snapshot after a PSS refresh\n{mt.stderr_tail()}")
+
+
+def _compare(snap: dict, pid: int, before: dict, after: dict,
+             roll_before: dict, roll_after: dict) -> tuple[list[str], int, int]:
+    diffs, compared, unstable = [], 0, 0
+    for m in snap["mappings"]:
+        want = before.get(m["start"])
+        if want is None or want != after.get(m["start"]):
+            unstable += 1
+            continue
+        compared += 1
+        if _got(m) != want:
+            diffs.append(f"{pid} {m['start']:x}-{m['end']:x} {m['perms']} {m['path']}: "
+                         f"watch (pss, uss, swap) kB {_got(m)} != smaps {want}")
+    if roll_before == roll_after:
+        got = (snap["pss_bytes"] // 1024, snap["uss_bytes"] // 1024, snap["swap_bytes"] // 1024)
+        want_total = (roll_before["Pss"], roll_before["Private_Clean"]
+                      + roll_before["Private_Dirty"], roll_before["Swap"])
+        if got != want_total:
+            diffs.append(f"{pid} process (pss, uss, swap) kB {got} != smaps_rollup "
+                         f"{want_total}")
+    else:
+        unstable += 1
+    return diffs, compared, unstable
+
+
+def test_watch_live_pss_uss_equal_smaps(sharing_processes, tmp_path):  # noqa: F811
+    pids = sharing_processes["python"] + sharing_processes["fork"]
+    mt = Memtrace(["watch", "--format", "json", "--interval", "0.25", "--pss-interval",
+                   str(PSS_INTERVAL), "--no-serve", "--heap-interval", "0",
+                   *map(str, pids)], tmp_path / "watch.log")
+    try:
+        for pid in pids:
+            mt.stream.wait_snapshot(pid, 0, timeout=60, context=mt.stderr_tail)
+        passed: dict[int, int] = {}
+        last: dict[int, str] = {}
+        for _ in range(ATTEMPTS):
+            todo = [p for p in pids if p not in passed]
+            if not todo:
+                break
+            t0 = time.time()
+            before = {p: _want(p) for p in todo}
+            roll_before = {p: _rollup(p) for p in todo}
+            snaps = {p: _fresh_snapshot(mt, p, t0) for p in todo}
+            after = {p: _want(p) for p in todo}
+            roll_after = {p: _rollup(p) for p in todo}
+            for p in todo:
+                diffs, compared, unstable = _compare(snaps[p], p, before[p], after[p],
+                                                     roll_before[p], roll_after[p])
+                if not diffs and unstable == 0:
+                    passed[p] = compared
+                else:
+                    last[p] = f"{unstable} unstable; " + "\n".join(diffs[:20])
+        missing = [p for p in pids if p not in passed]
+        assert not missing, "no clean attempt for " + "\n".join(
+            f"{p}: {last.get(p)}" for p in missing)
+        print("compared mappings per pid:", passed)
+        assert sum(passed.values()) > 100
+        log = (tmp_path / "watch.log").read_text()
+        assert "PSS off" not in log and "PSS unavailable" not in log
+    finally:
+        mt.stop()
+
+
+def test_watch_pss_off_gives_null_and_says_so(sharing_processes, tmp_path):  # noqa: F811
+    pid = sharing_processes["python"][0]
+    mt = Memtrace(["watch", "--format", "json", "--interval", "0.25", "--pss-interval", "0",
+                   "--no-serve", "--heap-interval", "0", str(pid)], tmp_path / "watch.log")
+    try:
+        snap = mt.stream.wait_snapshot(pid, 0, timeout=60, context=mt.stderr_tail)
+        assert snap["pss_bytes"] is None and snap["uss_bytes"] is None
+        assert all(m["pss_bytes"] is None for m in snap["mappings"])
+    finally:
+        mt.stop()
+    log = (tmp_path / "watch.log").read_text()
+    assert log.count("PSS off (--pss-interval 0)") == 1, log
