@@ -1,0 +1,253 @@
+"""memtrace.livepss on fake /proc trees: trackers over FakeProcess page tables,
+with pagemap and kpagecount files written from a model of page frames (file
+pages shared by device, inode and offset; anonymous pages private unless a
+test shares them), so that expected PSS/USS is computed by brute force."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from memtrace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.livepss import LivePss
+from memtrace.pss import PM_EXCLUSIVE, PSS_SHIFT, Usage
+from memtrace.session import Session
+from memtrace.tracker import ProcessTracker
+from memtrace.views.snapshot import SnapshotBuilder
+
+from .fakes import ANON, ARENA, LIBC, PAGE, SHM, STACK_END, FakeProcess, World, standard_process
+
+PRESENT = 1 << 63
+OPTIONS = {"use_scan": False, "zero_pfns": frozenset(), "precise_mapcount": True}
+
+
+class Frames:
+    """Page frames of every fake process, and the pagemap/kpagecount files."""
+
+    def __init__(self, world: World) -> None:
+        self.world = world
+        self.fresh: dict[tuple[int, int], int] = {}
+        self.shared: dict[tuple[int, int], int] = {}   # (pid, addr) -> pfn (a "fork")
+        self.zero_pfn_for: set[tuple[int, int]] = set()
+
+    def pfn(self, p: FakeProcess, addr: int) -> int:
+        if (p.pid, addr) in self.shared:
+            return self.shared[(p.pid, addr)]
+        if (p.pid, addr) in self.zero_pfn_for:
+            return 0
+        v = next(v for v in p.vmas if v.start <= addr < v.end)
+        if v.inode:
+            return 0x100000 + v.inode * 0x1000 + (v.offset + addr - v.start) // PAGE
+        return self.fresh.setdefault((p.pid, addr), 0x800000 + len(self.fresh))
+
+    def counts(self) -> Counter[int]:
+        return Counter(self.pfn(p, a) for p in self.world.procs.values() for a in p.pages)
+
+    def sync(self) -> None:
+        counts = self.counts()
+        with open(self.world.root / "kpagecount", "wb") as f:
+            for pfn, n in counts.items():
+                f.seek(pfn * 8)
+                f.write(struct.pack("<Q", n))
+        for p in self.world.procs.values():
+            p.sync()
+            with open(p.dir / "pagemap", "wb") as f:
+                for addr, anon in p.pages.items():
+                    pfn = self.pfn(p, addr)
+                    entry = PRESENT | pfn
+                    if anon and counts[pfn] == 1:
+                        entry |= PM_EXCLUSIVE
+                    f.seek(addr // PAGE * 8)
+                    f.write(struct.pack("<Q", entry))
+                f.truncate(max(v.end for v in p.vmas) // PAGE * 8 if p.vmas else 0)
+
+    def expected(self, p: FakeProcess) -> dict[int, Usage]:
+        counts = self.counts()
+        out = {}
+        for v in p.vmas:
+            u = Usage()
+            for a in p.pages:
+                if v.start <= a < v.end:
+                    n = counts[self.pfn(p, a)]
+                    u.rss += PAGE
+                    u.pss_fixed += (PAGE << PSS_SHIFT) // n if n >= 2 else PAGE << PSS_SHIFT
+                    u.uss += PAGE if n < 2 else 0
+            out[v.start] = u
+        return out
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def setup(world):
+    a, _ = standard_process(world, 4000)
+    b, _ = standard_process(world, 4001)
+    frames = Frames(world)
+    frames.sync()
+    clock = Clock()
+    live = LivePss(60.0, str(world.root), OPTIONS, clock=clock)
+    trackers = {}
+    for p in (a, b):
+        tr = ProcessTracker(p.pid, world.procfs())
+        tr.start()
+        trackers[p.pid] = tr
+    return a, b, frames, clock, live, trackers
+
+
+def tick(live: LivePss, trackers: dict[int, ProcessTracker], marks=None, layout=()):
+    live.begin_tick()
+    for pid, tr in trackers.items():
+        stats = tr.stats
+        if pid in layout:
+            stats = dataclasses.replace(stats, layout_gen=stats.layout_gen + 1)
+        tr.update((marks or {}).get(pid, []), [], stats)
+        live.update(tr)
+    live.end_tick()
+
+
+def usage_of(tr: ProcessTracker) -> dict[int, Usage]:
+    assert tr.pss_usage is not None
+    return {s: Usage(u.rss, u.pss_fixed, u.uss, u.swap) for s, u in tr.pss_usage.items()}
+
+
+def test_first_update_computes_every_mapping_like_smaps(setup):
+    a, b, frames, clock, live, trackers = setup
+    tick(live, trackers)
+    for p in (a, b):
+        got = usage_of(trackers[p.pid])
+        assert got == frames.expected(p)
+    # libc text is mapped by both: half each, nothing private
+    libc = trackers[a.pid].pss_usage[LIBC]    # type: ignore[index]
+    assert libc.rss == 8 * PAGE and libc.pss == 4 * PAGE and libc.uss == 0
+
+
+def test_snapshot_fields_and_totals_round_like_smaps_rollup(setup):
+    a, b, frames, clock, live, trackers = setup
+    # four frames each mapped by a once and by b twice (share 1/3, truncated
+    # in fixed point): in a's heap, stack and arena (two), so that the sum of
+    # per-mapping bytes differs from the rounded fixed-point total
+    a_pages = [0x55555555B000, STACK_END - PAGE, ARENA, ARENA + PAGE]
+    for i, addr in enumerate(a_pages):
+        frames.shared[(a.pid, addr)] = 0x900000 + i
+        for j in (0, 1):
+            frames.shared[(b.pid, ANON + (1 << CHUNK_SHIFT) + (2 * i + j) * PAGE)] = 0x900000 + i
+    frames.sync()
+    tick(live, trackers)
+    builder = SnapshotBuilder()
+    snap = builder.stamp(builder.build(trackers[a.pid], 1.0))
+    want = frames.expected(a)
+    for m in snap["mappings"]:
+        u = want[m["start"]]
+        assert (m["pss_bytes"], m["uss_bytes"], m["swap_bytes"]) == (u.pss, u.uss, 0)
+    fixed = sum(u.pss_fixed for u in want.values())
+    assert snap["pss_bytes"] == fixed >> PSS_SHIFT
+    assert snap["pss_bytes"] != sum(u.pss for u in want.values())   # rounding matters here
+    assert snap["uss_bytes"] == sum(u.uss for u in want.values())
+    assert snap["swap_bytes"] == 0
+
+
+def test_only_rescanned_mappings_are_recomputed_and_marked_changed(setup):
+    a, b, frames, clock, live, trackers = setup
+    tick(live, trackers)
+    before = live.vmas_computed
+    tr = trackers[b.pid]
+    tr.space.take_changed()
+    b.touch(ANON + 4 * (1 << CHUNK_SHIFT), ANON + 4 * (1 << CHUNK_SHIFT) + 3 * PAGE)
+    frames.sync()
+    mark = ChunkMark((ANON >> CHUNK_SHIFT) + 4, 3, ANON + 4 * (1 << CHUNK_SHIFT))
+    tick(live, trackers, marks={b.pid: [mark]})
+    assert live.vmas_computed - before == 1            # b's anonymous VMA, nothing else
+    assert usage_of(tr) == frames.expected(b)
+    assert ANON in tr.space.changed
+
+
+def test_copy_on_write_break_is_seen_though_rss_is_unchanged(setup):
+    """A rescan that finds the same number of pages marks nothing for the
+    resident figures, but the page became private: PSS must follow."""
+    a, b, frames, clock, live, trackers = setup
+    frames.shared[(a.pid, ANON + (1 << CHUNK_SHIFT))] = 0x900000
+    frames.shared[(b.pid, ANON + (1 << CHUNK_SHIFT))] = 0x900000
+    frames.sync()
+    tick(live, trackers)
+    assert trackers[b.pid].pss_usage[ANON].uss == frames.expected(b)[ANON].uss  # type: ignore[index]
+    del frames.shared[(b.pid, ANON + (1 << CHUNK_SHIFT))]     # b wrote: its own copy
+    frames.sync()
+    mark = ChunkMark((ANON >> CHUNK_SHIFT) + 1, 1, ANON + (1 << CHUNK_SHIFT))
+    tick(live, trackers, marks={b.pid: [mark]})
+    assert usage_of(trackers[b.pid]) == frames.expected(b)
+    # a did nothing: its share of that page is stale until the full refresh
+    assert usage_of(trackers[a.pid]) != frames.expected(a)
+    clock.now += 60
+    tick(live, trackers)
+    assert usage_of(trackers[a.pid]) == frames.expected(a)
+
+
+def test_a_file_mapped_by_another_watched_process_is_recomputed_at_once(setup):
+    a, b, frames, clock, live, trackers = setup
+    tick(live, trackers)
+    odd = SHM + 0x40000
+    assert trackers[a.pid].pss_usage[odd].uss == 0             # type: ignore[index]
+    # b unmaps its mapping of the same file (inode 44): a's page is now private
+    b.unmap(odd, odd + PAGE)
+    frames.sync()
+    before = live.vmas_computed
+    tick(live, trackers, layout={b.pid})     # a was updated before b saw the change
+    tick(live, trackers)                     # so a recomputes in the next tick
+    assert usage_of(trackers[a.pid]) == frames.expected(a)
+    assert trackers[a.pid].pss_usage[odd].uss == PAGE           # type: ignore[index]
+    assert usage_of(trackers[b.pid]) == frames.expected(b)
+    assert live.vmas_computed - before == 1    # a's odd mapping; nothing else
+
+
+def test_a_process_that_goes_away_changes_its_files_shares(setup):
+    a, b, frames, clock, live, trackers = setup
+    tick(live, trackers)
+    before = live.vmas_computed
+    del trackers[b.pid]
+    live.forget(b.pid)
+    b.pages.clear()
+    b.vmas.clear()
+    frames.sync()
+    tick(live, trackers)
+    assert usage_of(trackers[a.pid]) == frames.expected(a)
+    # file mappings of a (exe x2, libc, shm, odd) only; not its anonymous memory
+    assert live.vmas_computed - before == 5
+
+
+def test_hidden_pfns_make_pss_unavailable(setup):
+    a, b, frames, clock, live, trackers = setup
+    for addr in a.pages:
+        frames.zero_pfn_for.add((a.pid, addr))
+    frames.sync()
+    tick(live, trackers)
+    assert live.failure is not None and "CAP_SYS_ADMIN" in live.failure
+
+
+class _Quiet:
+    def snapshot(self, snap): ...
+    def events(self, events): ...
+    def tick_done(self): ...
+    def message(self, text): ...
+    def close(self): ...
+
+
+def test_session_says_once_when_pss_is_off_or_unavailable(tmp_path: Path, capsys):
+    from memtrace.procfs import ProcFS
+    s = Session(_Quiet(), 1.0, 0.0, ProcFS(tmp_path))
+    s.enable_pss(0)
+    assert s.pss is None
+    assert capsys.readouterr().err.count("PSS off (--pss-interval 0)") == 1
+    s.enable_pss(5)            # no kpagecount under this root
+    assert s.pss is None
+    err = capsys.readouterr().err
+    assert "PSS unavailable" in err and "null" in err
