@@ -319,6 +319,7 @@ class MemtraceCollector(Collector):
         self.forget({tuple(ids) for ids, _ in rows})
         return [proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift,
                 *heap_families(state),
+                *pss_families(state, rows, who, self.max_mapping_series),
                 *library_families(rows, who),
                 *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]
 
@@ -410,3 +411,73 @@ def heap_families(state: ExporterState) -> list[Family]:
     for result in sorted({"ok", "unsupported", "failed", "gone", *state.heap_walks}):
         walks.add_metric([result], state.heap_walks.get(result, 0))
     return [*fams, walks]
+
+
+# ------------------------------------------------------------------ PSS / USS (livepss)
+
+def _pss_by_mapping(snap: dict[str, Any], max_series: int) -> dict[tuple[str, str], list[int]]:
+    """Per-mapping PSS and USS summed by (identity, kind), with exactly the
+    identities group_mappings() gives the resident series: the `max_series - 1`
+    largest by resident bytes (same order, same ties), the rest in [other]."""
+    groups: dict[tuple[str, str], list[int]] = {}     # rss, pss, uss
+    for m in snap["mappings"]:
+        g = groups.get((m["mapping"], m["kind"]))
+        if g is None:
+            g = groups[(m["mapping"], m["kind"])] = [0, 0, 0]
+        g[0] += m["anon_bytes"] + m["file_bytes"] + m["shmem_bytes"]
+        g[1] += m["pss_bytes"]
+        g[2] += m["uss_bytes"]
+    if len(groups) <= max_series:
+        return groups
+    ranked = sorted(groups.items(), key=lambda kv: kv[1][0], reverse=True)
+    kept = dict(ranked[: max_series - 1])
+    other = [0, 0, 0]
+    for _, g in ranked[max_series - 1:]:
+        for i in range(3):
+            other[i] += g[i]
+    kept[(OTHER, "other")] = other
+    return kept
+
+
+def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any]]],
+                 who: list[str], max_series: int) -> list[Family]:
+    """memtrace_{process,mapping}_{pss,uss}_bytes (docs/metrics.md), labelled like
+    the resident series. A process (or group) without PSS figures (--pss-interval
+    0, not root) has no series. In group mode a process series is the sum of its
+    processes' figures."""
+    proc_pss = _gauge("memtrace_process_pss_bytes",
+                      "Proportional set size: each resident page divided by the number of "
+                      "mappings of it (smaps Pss, in bytes, rounded down).", labels=who)
+    proc_uss = _gauge("memtrace_process_uss_bytes",
+                      "Unique set size: resident pages mapped only once (smaps "
+                      "Private_Clean + Private_Dirty).", labels=who)
+    map_pss = _gauge("memtrace_mapping_pss_bytes",
+                     "Proportional set size per mapping identity (all segments of one "
+                     "library together).", labels=[*who, "mapping", "kind"])
+    map_uss = _gauge("memtrace_mapping_uss_bytes",
+                     "Unique set size per mapping identity.", labels=[*who, "mapping", "kind"])
+    totals: dict[tuple[str, ...], list[int] | None] = {}
+    for pid, snap in state.snapshots.items():
+        if state.groups is not None:
+            key: tuple[str, ...] = (safe_label(state.groups.get(pid, snap["comm"])),
+                                    safe_label(snap["comm"]))
+        else:
+            key = (str(pid), safe_label(snap["comm"]))
+        pss, uss = snap.get("pss_bytes"), snap.get("uss_bytes")
+        acc = totals.setdefault(key, [0, 0])
+        if acc is None or pss is None or uss is None:
+            totals[key] = None
+            continue
+        acc[0] += pss
+        acc[1] += uss
+    for ids, snap in rows:
+        acc = totals.get(tuple(ids))
+        if acc is None:
+            continue
+        proc_pss.add_metric(ids, acc[0])
+        proc_uss.add_metric(ids, acc[1])
+        for (identity, kind), g in _pss_by_mapping(snap, max_series).items():
+            values = [*ids, safe_label(identity), kind]
+            map_pss.add_metric(values, g[1])
+            map_uss.add_metric(values, g[2])
+    return [proc_pss, proc_uss, map_pss, map_uss]
