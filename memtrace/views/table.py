@@ -78,10 +78,12 @@ class TableReporter:
         self.live.update(Group(*parts), refresh=True)
 
     def _process(self, snap: dict[str, Any]) -> Any:
+        swap = f"  swap {human(snap['swap_bytes'])}" if snap.get("swap_bytes") else ""
         head = Text.assemble(
             (f"{snap['pid']} {snap['comm']}", "bold"),
             f"  rss {human(snap['rss_bytes'])} (anon {human(snap['anon_bytes'])}, "
             f"file {human(snap['file_bytes'])}, shmem {human(snap['shmem_bytes'])})"
+            f"  pss {human(snap.get('pss_bytes'))}  uss {human(snap.get('uss_bytes'))}{swap}"
             f"  virt {human(snap['virtual_bytes'])}  statm {human(snap['statm_rss_bytes'])}"
             f"  drift {snap['drift_bytes']}B  faults {snap['faults']}",
         )
@@ -92,7 +94,8 @@ class TableReporter:
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col, justify in (("range", "left"), ("perms", "left"), ("kind", "left"),
                              ("seg", "left"),
-                             ("virt", "right"), ("rss", "right"), ("anon", "right"),
+                             ("virt", "right"), ("rss", "right"), ("pss", "right"),
+                             ("uss", "right"), ("anon", "right"),
                              ("file", "right"), ("shmem", "right"), ("faults", "right"),
                              ("path", "left")):
             table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
@@ -101,7 +104,8 @@ class TableReporter:
         for m in maps[:limit]:
             table.add_row(f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
                           m.get("segment") or "", human(m["virtual_bytes"]),
-                          human(m["rss_bytes"]),
+                          human(m["rss_bytes"]), human(m.get("pss_bytes")),
+                          human(m.get("uss_bytes")),
                           human(m["anon_bytes"]), human(m["file_bytes"]),
                           human(m["shmem_bytes"]), str(m["faults"]),
                           m["path"] or (m["mapping"] if m.get("segment") == "bss" else ""))

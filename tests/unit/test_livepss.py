@@ -251,3 +251,28 @@ def test_session_says_once_when_pss_is_off_or_unavailable(tmp_path: Path, capsys
     assert s.pss is None
     err = capsys.readouterr().err
     assert "PSS unavailable" in err and "null" in err
+
+
+def test_table_shows_pss_and_uss_and_a_dash_when_null(setup):
+    import io
+
+    from rich.console import Console
+
+    from memtrace.views.table import TableReporter, human
+    a, b, frames, clock, live, trackers = setup
+    tick(live, trackers)
+    builder = SnapshotBuilder()
+    snap = builder.stamp(builder.build(trackers[a.pid], 1.0))
+    console = Console(file=io.StringIO(), width=220, height=60)
+    table = TableReporter(console=console, max_rows=3)
+    table.snapshot(snap)
+    off = dict(snap, pid=9, pss_bytes=None, uss_bytes=None, swap_bytes=None,
+               mappings=[dict(m, pss_bytes=None, uss_bytes=None) for m in snap["mappings"]])
+    table.snapshot(off)
+    table.close()
+    text = console.file.getvalue()     # type: ignore[attr-defined]
+    lines = text.splitlines()
+    header = next(line for line in lines if line.lstrip().startswith("range"))
+    assert header.split()[5:8] == ["rss", "pss", "uss"]
+    assert f"pss {human(snap['pss_bytes'])}  uss {human(snap['uss_bytes'])}" in text
+    assert "pss -  uss -" in text
