@@ -18,6 +18,21 @@ CPU (user + system, getrusage) per wall second:
   pss-runs the live case: the VMA list and the resident runs are already known (the
            watch model holds them); only pagemap entries and kpagecount are read
 
+Watch mode (--watch): the live case end to end. The N python3 processes are
+active (each allocates and touches 64 KiB every second, keeping the last 32
+blocks, so glibc's heap grows, shrinks and reuses pages), and for --reps
+repetitions, interleaved, --seconds each:
+
+  rollup          as above, in this process
+  watch-nopss     `memtrace watch --format json --interval 1 --pss-interval 0
+                  --heap-interval 0 --no-serve PIDS...` (its JSON read from a pipe
+                  by this driver and thrown away)
+  watch-pss-I     the same with --pss-interval I, for each I of --pss-intervals
+
+The CPU of the memtrace process (utime + stime from /proc/PID/stat) is
+measured over --seconds, from one full PSS refresh after every process had its
+first snapshot; watch-pss-I minus watch-nopss is what live PSS costs.
+
 After each timed run, memtrace's PSS in kB is checked against smaps_rollup
 for every process whose rollup Pss was the same just before and after the
 computation (the processes are idle, but the rest of the machine is not, and
@@ -35,12 +50,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.benchcommon import kill, spawn  # noqa: E402
+from benchmarks.benchcommon import cpu_seconds, kill, spawn  # noqa: E402
 from memtrace.procfs import ProcFS  # noqa: E402
 from memtrace.pss import PSS_SHIFT, KPageCounts, PssReader  # noqa: E402
 
@@ -51,6 +67,22 @@ buf[::4096] = b"\\x01" * len(range(0, n, 4096))
 print("READY", flush=True)
 sys.stdin.read()
 """
+
+
+ACTIVE_CODE = """import sys, json, decimal, ssl, hashlib, sqlite3, time
+n = int(sys.argv[1]) << 20
+buf = bytearray(n)
+buf[::4096] = b"\\x01" * len(range(0, n, 4096))
+print("READY", flush=True)
+blocks = []
+while True:
+    b = bytearray(65536)
+    b[::4096] = b"\\x02" * 16
+    blocks.append(b)
+    del blocks[:-32]
+    time.sleep(1)
+"""
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cpu() -> float:
@@ -143,6 +175,75 @@ def run_method(name: str, pids: list[int], seconds: float) -> dict[str, float]:
             "agree": agree, "compared": compared, "check_attempts": attempts}
 
 
+def run_watch(pids: list[int], pss_interval: float, seconds: float) -> dict[str, float]:
+    """CPU per second of one `memtrace watch` of `pids` (see the docstring)."""
+    argv = [sys.executable, "-m", "memtrace", "watch", "--format", "json", "--interval", "1",
+            "--pss-interval", str(pss_interval), "--heap-interval", "0", "--no-serve",
+            *map(str, pids)]
+    mt = spawn(argv, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    seen: set[int] = set()
+    ticks: list[float] = []
+    all_seen = threading.Event()
+
+    def read() -> None:
+        assert mt.stdout is not None
+        for line in mt.stdout:
+            snap = json.loads(line)
+            seen.add(snap["pid"])
+            ticks.append(snap["tick_seconds"])
+            if len(seen) == len(pids):
+                all_seen.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        if not all_seen.wait(120):
+            assert mt.stderr is not None
+            raise SystemExit(f"memtrace watch did not report every pid: {seen}")
+        time.sleep(max(pss_interval, 1.0) + 1.0)
+        n_before = len(ticks)
+        c0, t0 = cpu_seconds(mt.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, t1 = cpu_seconds(mt.pid), time.monotonic()
+        window = ticks[n_before:]
+    finally:
+        kill(mt, term_first=True)
+    err = mt.stderr.read().decode(errors="replace") if mt.stderr else ""
+    if "PSS unavailable" in err:
+        raise SystemExit(f"memtrace: {err}")
+    return {"cpu_s": c1 - c0, "wall_s": t1 - t0, "cpu_per_s": (c1 - c0) / (t1 - t0),
+            "snapshots": len(window)}
+
+
+def watch_main(args: argparse.Namespace, pids: list[int], rss: int, nvmas: int) -> None:
+    intervals = [float(x) for x in args.pss_intervals.split(",")]
+    names = ["rollup", "watch-nopss", *(f"watch-pss-{i:g}" for i in intervals)]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    for rep in range(args.reps):
+        for name in names:
+            if name == "rollup":
+                r = run_method(name, pids, args.seconds)
+            elif name == "watch-nopss":
+                r = run_watch(pids, 0, args.seconds)
+            else:
+                r = run_watch(pids, float(name.rsplit("-", 1)[1]), args.seconds)
+            results[name].append(r)
+            print(f"rep {rep + 1} {name:14s}: {r['cpu_per_s'] * 1000:7.2f} ms CPU per s "
+                  f"over {r['wall_s']:.1f} s; load {loadavg()}", flush=True)
+    med = {name: statistics.median(r["cpu_per_s"] for r in rs) for name, rs in results.items()}
+    base = med["rollup"]
+    parts = [f"rollup {base * 1000:.2f} ms", f"watch-nopss {med['watch-nopss'] * 1000:.2f} ms"]
+    for name in names[2:]:
+        extra = med[name] - med["watch-nopss"]
+        parts.append(f"{name} {med[name] * 1000:.2f} ms (PSS share {extra * 1000:.2f} ms = "
+                     f"{extra / base:.2f}x rollup)")
+    print("median CPU per second: " + ", ".join(parts) + f"; load after: {loadavg()}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results,
+                                               "median_cpu_per_s": med, "rss_kib": rss,
+                                               "vmas": nvmas}, indent=2))
+
+
 def loadavg() -> str:
     with open("/proc/loadavg") as f:
         return f.read().strip()
@@ -155,6 +256,10 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--watch", action="store_true",
+                    help="measure memtrace watch with and without live PSS (active processes)")
+    ap.add_argument("--pss-intervals", default="5,1",
+                    help="--watch: the --pss-interval values to measure")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("pss_bench.py needs root (PFNs and /proc/kpagecount)", file=sys.stderr)
@@ -162,7 +267,8 @@ def main() -> int:
     children = []
     try:
         for _ in range(args.procs):
-            p = spawn(["/usr/bin/python3", "-c", PY_CODE, str(args.mb)],
+            p = spawn(["/usr/bin/python3", "-c", ACTIVE_CODE if args.watch else PY_CODE,
+                       str(args.mb)],
                       stdin=subprocess.PIPE, stdout=subprocess.PIPE)
             children.append(p)
         for p in children:
@@ -174,6 +280,9 @@ def main() -> int:
         nvmas = sum(len(ProcFS().maps(pid)) for pid in pids)
         print(f"{args.procs} python3 processes, {rss // 1024} MiB RSS in total, "
               f"{nvmas} VMAs; load before: {loadavg()}", flush=True)
+        if args.watch:
+            watch_main(args, pids, rss, nvmas)
+            return 0
         results: dict[str, list[dict[str, float]]] = {"rollup": [], "pss": [], "pss-runs": []}
         for rep in range(args.reps):
             for name in results:
