@@ -20,15 +20,19 @@ attempt (of up to ATTEMPTS) is clean."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 import time
 
 from tests import groundtruth as gt
 
-from .conftest import Memtrace
+from .conftest import Memtrace, wait_stopped
 from .test_pss import _rollup, _smaps_key, sharing_processes  # noqa: F401 (fixture)
 
-ATTEMPTS = 15
-PSS_INTERVAL = 1.0
+ATTEMPTS = 30
+PSS_INTERVAL = 0.5
 
 
 def _want(pid: int) -> dict[int, tuple[int, int, int]]:
@@ -55,6 +59,8 @@ def _compare(snap: dict, pid: int, before: dict, after: dict,
         want = before.get(m["start"])
         if want is None or want != after.get(m["start"]):
             unstable += 1
+            diffs.append(f"(unstable: {m['start']:x} {m['path']}: smaps {want} then "
+                         f"{after.get(m['start'])})")
             continue
         compared += 1
         if _got(m) != want:
@@ -69,6 +75,7 @@ def _compare(snap: dict, pid: int, before: dict, after: dict,
                          f"{want_total}")
     else:
         unstable += 1
+        diffs.append(f"(unstable: smaps_rollup {roll_before} then {roll_after})")
     return diffs, compared, unstable
 
 
@@ -95,7 +102,7 @@ def test_watch_live_pss_uss_equal_smaps(sharing_processes, tmp_path):  # noqa: F
             for p in todo:
                 diffs, compared, unstable = _compare(snaps[p], p, before[p], after[p],
                                                      roll_before[p], roll_after[p])
-                if not diffs and unstable == 0:
+                if not diffs:
                     passed[p] = compared
                 else:
                     last[p] = f"{unstable} unstable; " + "\n".join(diffs[:20])
@@ -122,3 +129,82 @@ def test_watch_pss_off_gives_null_and_says_so(sharing_processes, tmp_path):  # n
         mt.stop()
     log = (tmp_path / "watch.log").read_text()
     assert log.count("PSS off (--pss-interval 0)") == 1, log
+
+
+COW_CODE = """
+import ctypes, mmap, os, signal, sys
+n = 8 << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)
+for i in range(0, n, 4096):
+    m[i] = 1
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+pid = os.fork()
+if pid == 0:
+    os.write(1, f"CHILD {os.getpid()} {addr}\\n".encode())   # one write: no interleaving
+    sys.stdin.readline()
+    for i in range(0, n // 2, 4096):
+        m[i] = 2
+    os.write(1, b"WROTE\\n")
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+os.write(1, f"PARENT {os.getpid()} {addr}\\n".encode())
+os.kill(os.getpid(), signal.SIGSTOP)
+os.waitpid(pid, 0)
+"""
+
+
+def _vma_key(pid: int, addr: int) -> tuple[int, int, int]:
+    m = next(m for m in gt.read_smaps(pid) if m["start"] <= addr < m["end"])
+    return _smaps_key(m)[1:]
+
+
+def _snap_vma(snap: dict, addr: int) -> dict:
+    return next(m for m in snap["mappings"] if m["start"] <= addr < m["end"])
+
+
+def test_copy_on_write_in_a_watched_child_is_seen_in_the_next_tick(tmp_path):
+    """The incremental path alone (no refresh: --pss-interval 3600): a forked
+    child writes half of an 8 MiB region it shares with its parent; the next
+    snapshot of the child gives that mapping's PSS/USS as smaps does. (The
+    parent's figures for the same pages wait for the next refresh: its pages
+    became private without any event in the parent; docs/output.md.)"""
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", COW_CODE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    mt = None
+    child = 0
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        got = {}
+        for _ in range(2):
+            line = proc.stdout.readline()
+            assert len(line.split()) == 3, line
+            word, pid, addr = line.split()
+            got[word.decode()] = (int(pid), int(addr))
+        (parent, addr), (child, _) = got["PARENT"], got["CHILD"]
+        wait_stopped(parent)
+        mt = Memtrace(["watch", "--format", "json", "--interval", "0.25", "--pss-interval",
+                       "3600", "--no-serve", "--heap-interval", "0", str(parent), str(child)],
+                      tmp_path / "watch.log")
+        first = mt.stream.wait_snapshot(child, 0, timeout=60, context=mt.stderr_tail)
+        m = _snap_vma(first, addr)
+        assert _got(m) == _vma_key(child, addr) == (4096, 0, 0)   # all shared by two
+        proc.stdin.write(b"write\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == b"WROTE"
+        wait_stopped(child)
+        t = time.time()
+        mt.stream.wait_snapshot(child, t, timeout=30, context=mt.stderr_tail)
+        snap = mt.stream.wait_snapshot(child, time.time(), timeout=30, context=mt.stderr_tail)
+        assert snap["pss_refreshed_ts"] < t         # no refresh: the incremental path
+        want = _vma_key(child, addr)
+        assert want == (6144, 4096, 0)              # half copied: private; half shared
+        assert _got(_snap_vma(snap, addr)) == want
+    finally:
+        if mt is not None:
+            mt.stop()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
