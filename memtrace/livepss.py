@@ -24,9 +24,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from memtrace.model import AddressSpace
+from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import ScanUnsupported
-from memtrace.procfs import Vma
+from memtrace.procfs import Vma, statm_is_exact
 from memtrace.pss import SKIP_NAMES, KPageCounts, PssReader, Usage, coalesce
 from memtrace.tracker import ProcessTracker
 
@@ -69,6 +69,7 @@ class LivePss:
         self._files_prev: set[FileKey] = set()
         self.vmas_computed = 0      # counters for tests and benchmarks
         self.full_refreshes = 0
+        self.scans = 0              # computations that needed their own PAGEMAP_SCAN
 
     # -- per tick -----------------------------------------------------------
     def begin_tick(self) -> None:
@@ -121,7 +122,7 @@ class LivePss:
         if not vmas:
             return
         try:
-            new = self._compute(st.reader, vmas)
+            new = self._compute(st.reader, vmas, whole=full, space=space)
         except PermissionError as e:
             self.failure = str(e)
             return
@@ -163,9 +164,22 @@ class LivePss:
         st.idents = {s: v.identity for s, v in current.items()}
         st.layout = st.space.layout_version
 
-    def _compute(self, reader: PssReader, vmas: list[Vma]) -> list[Usage]:
+    def _compute(self, reader: PssReader, vmas: list[Vma], whole: bool = False,
+                 space: AddressSpace | None = None) -> list[Usage]:
+        """Usage of `vmas`. Where pages are read: the model's resident runs
+        (exact, just rescanned by the tracker) when the process has nothing
+        swapped out (status VmSwap 0, on a kernel whose counters are exact);
+        else PAGEMAP_SCAN for present and swapped pages, one scan from the
+        first to the last VMA when `whole` (all of them), else one per run of
+        adjacent VMAs."""
         readable = [v for v in vmas if v.path not in SKIP_NAMES]
-        spans = coalesce(((v.start, v.end) for v in readable), 0)
+        if space is not None and self._nothing_swapped(reader.pid):
+            return reader.usage(vmas, _model_runs(space, readable))
+        self.scans += 1
+        if whole and readable:
+            spans = [(readable[0].start, readable[-1].end)]
+        else:
+            spans = coalesce(((v.start, v.end) for v in readable), 0)
         runs: list[tuple[int, int]] = []
         if reader.use_scan:
             try:
@@ -174,10 +188,22 @@ class LivePss:
             except ScanUnsupported:
                 reader.use_scan = False
                 reader._learn_zero_pfns()
-                runs = spans
+                runs = coalesce(((v.start, v.end) for v in readable), 0)
         else:
-            runs = spans
+            runs = coalesce(((v.start, v.end) for v in readable), 0)
         return reader.usage(vmas, runs)
+
+    def _nothing_swapped(self, pid: int) -> bool:
+        if not statm_is_exact():
+            return False
+        try:
+            with open(f"{self.proc_root}/{pid}/status", "rb") as f:
+                for line in f:
+                    if line.startswith(b"VmSwap:"):
+                        return int(line.split()[1]) == 0
+        except (OSError, ValueError, IndexError):
+            pass
+        return False
 
     def forget(self, pid: int) -> None:
         """`pid` is no longer tracked: the shares of its files change."""
@@ -190,6 +216,24 @@ class LivePss:
         for pid in list(self._procs):
             self.forget(pid)
         self.counts.close()
+
+
+def _model_runs(space: AddressSpace, vmas: list[Vma]) -> list[tuple[int, int]]:
+    """The resident runs the model holds in the chunks covering `vmas`, sorted
+    (runs are clipped at 2 MiB chunk borders, which never cut a PMD mapping;
+    PssReader.usage joins adjacent ones)."""
+    runs: list[tuple[int, int]] = []
+    chunks = space.chunks
+    for first, last in merge_spans(chunk_span(v.start, v.end) for v in vmas):
+        if last - first <= len(chunks):
+            indices: Iterable[int] = range(first, last)
+        else:
+            indices = sorted(c for c in chunks if first <= c < last)
+        for c in indices:
+            chunk = chunks.get(c)
+            if chunk is not None:
+                runs.extend((start, end) for start, end, _ in chunk.runs)
+    return runs
 
 
 def drop_all(trackers: Iterable[ProcessTracker]) -> None:

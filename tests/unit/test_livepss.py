@@ -276,3 +276,23 @@ def test_table_shows_pss_and_uss_and_a_dash_when_null(setup):
     assert header.split()[5:8] == ["rss", "pss", "uss"]
     assert f"pss {human(snap['pss_bytes'])}  uss {human(snap['uss_bytes'])}" in text
     assert "pss -  uss -" in text
+
+
+def test_without_swap_the_models_runs_are_read_and_agree(setup, monkeypatch):
+    import memtrace.livepss as livepss_mod
+    a, b, frames, clock, live, trackers = setup
+    monkeypatch.setattr(livepss_mod, "statm_is_exact", lambda: True)
+    for p in (a, b):
+        with open(p.dir / "status", "ab") as f:
+            f.write(b"VmSwap:\t       0 kB\n")
+    tick(live, trackers)
+    assert live.scans == 0
+    for p in (a, b):
+        assert usage_of(trackers[p.pid]) == frames.expected(p)
+    # something swapped out: PAGEMAP_SCAN (here: whole VMAs) again
+    a.sync()
+    with open(a.dir / "status", "ab") as f:
+        f.write(b"VmSwap:\t       4 kB\n")
+    clock.now += 60
+    live.update(trackers[a.pid])
+    assert live.scans == 1
