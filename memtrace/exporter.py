@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -124,27 +125,29 @@ class StateBox:
             return self._state
 
 
-GroupRow = tuple[str, str, Any, Any, Any, Any]  # identity, kind, anon, file, shmem, virtual
+GroupRow = tuple[tuple[str, str], list[Any]]  # (identity, kind), [anon, file, shmem, virtual]
+
+_MAPPING_FIELDS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
+                             "virtual_bytes")
 
 
 def _sum_mappings(snap: dict[str, Any], max_series: int) -> tuple[list[GroupRow], int]:
-    """group_mappings as rows (identity, kind, anon, file, shmem, virtual), in the
-    same order; lists instead of dicts (this runs for every mapping of every scrape)."""
+    """group_mappings as rows ((identity, kind), [anon, file, shmem, virtual]), in
+    the same order; lists instead of dicts (this runs for every mapping of every
+    scrape)."""
     groups: dict[tuple[str, str], list[Any]] = {}
     get = groups.get
-    for m in snap["mappings"]:
-        key = (m["mapping"], m["kind"])
-        g = get(key)
+    for identity, kind, a, f, s, v in map(_MAPPING_FIELDS, snap["mappings"]):
+        g = get((identity, kind))
         if g is None:
-            groups[key] = [0 + m["anon_bytes"], 0 + m["file_bytes"], 0 + m["shmem_bytes"],
-                           0 + m["virtual_bytes"]]
+            groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v]
         else:
-            g[0] += m["anon_bytes"]
-            g[1] += m["file_bytes"]
-            g[2] += m["shmem_bytes"]
-            g[3] += m["virtual_bytes"]
+            g[0] += a
+            g[1] += f
+            g[2] += s
+            g[3] += v
     if len(groups) <= max_series:
-        return [(i, k, a, f, s, v) for (i, k), (a, f, s, v) in groups.items()], 0
+        return list(groups.items()), 0
     ranked = sorted(groups.items(), key=lambda kv: kv[1][0] + kv[1][1] + kv[1][2],
                     reverse=True)
     kept = dict(ranked[: max_series - 1])
@@ -153,8 +156,7 @@ def _sum_mappings(snap: dict[str, Any], max_series: int) -> tuple[list[GroupRow]
         for j in range(4):
             other[j] += g[j]
     kept[(OTHER, "other")] = other
-    return ([(i, k, a, f, s, v) for (i, k), (a, f, s, v) in kept.items()],
-            len(ranked) - (max_series - 1))
+    return list(kept.items()), len(ranked) - (max_series - 1)
 
 
 def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
@@ -162,8 +164,8 @@ def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
     """Sum mappings by (identity, kind); keep the `max_series` largest by resident
     bytes and fold the rest into [other]. Returns the groups and how many were folded."""
     rows, folded = _sum_mappings(snap, max_series)
-    return ({(i, k): {"anon": a, "file": f, "shmem": s, "virtual": v, "faults": 0}
-             for i, k, a, f, s, v in rows}, folded)
+    return ({key: {"anon": a, "file": f, "shmem": s, "virtual": v, "faults": 0}
+             for key, (a, f, s, v) in rows}, folded)
 
 
 def _escape_label(value: str) -> str:
@@ -264,11 +266,15 @@ def _row_families(who: Sequence[str]) -> list[Family]:
     ]
 
 
-_HEADERS = {tuple(who): [f.header() for f in _row_families(who)]
+_HEADERS = {tuple(who): [f.header().encode() for f in _row_families(who)]
             for who in (("pid", "comm"), ("group", "comm"))}
 
 # Bounds of the caches kept between scrapes (see MemtraceCollector.render_text).
 LABEL_CACHE_MAX = 100_000
+# render_chunks() joins the text into pieces of about this size: few enough for
+# few writes, small enough for malloc to reuse (a buffer of several MB is
+# mapped and unmapped, and faulted in page by page, on every scrape).
+CHUNK_BYTES = 64 * 1024
 
 
 def _stamp(snap: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -289,7 +295,7 @@ class _Rendered:
     """One process's (or group's) samples of each per-row family, as text."""
 
     stamp: Any
-    parts: tuple[str, ...]
+    parts: tuple[bytes, ...]  # UTF-8
     folded: int
 
 
@@ -304,11 +310,12 @@ class MemtraceCollector(Collector):
         # the [other] sum only ever holds identities that never had a series and
         # the counter never goes backwards.
         self._fault_names: dict[tuple[str, ...], set[str]] = {}
-        # Text fast path caches. Label values: raw mapping identity -> escaped
+        # Text fast path caches. Label values: raw mapping identity (and kind) -> escaped
         # safe_label() (a pure function; cleared when it reaches LABEL_CACHE_MAX).
         # Rows: (pid, comm) or (group, comm) -> the row's text for the snapshot
         # whose _stamp() it holds; one entry per live row, pruned every scrape.
         self._labels: dict[str, str] = {}
+        self._fragments: dict[tuple[str, str], str] = {}  # the same for (identity, kind)
         self._rendered: dict[tuple[str, ...], _Rendered] = {}
 
     def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
@@ -336,6 +343,16 @@ class MemtraceCollector(Collector):
         for family in self.build():
             yield family.to_metric()
 
+    def _fragment(self, key: tuple[str, str]) -> str:
+        """`mapping="…",kind="…"` for an (identity, kind); memoised."""
+        value = self._fragments.get(key)
+        if value is None:
+            if len(self._fragments) >= LABEL_CACHE_MAX:
+                self._fragments.clear()
+            value = self._fragments[key] = \
+                f'mapping="{_escape_label(safe_label(key[0]))}",kind="{_escape_label(key[1])}"'
+        return value
+
     def _label(self, identity: str) -> str:
         """safe_label(identity), escaped for the text format; memoised."""
         value = self._labels.get(identity)
@@ -359,26 +376,25 @@ class MemtraceCollector(Collector):
                f'{num(snap["shmem_bytes"])}\n')
         virt = f'memtrace_process_virtual_bytes{{{p}}} {num(snap["virtual_bytes"])}\n'
         groups, folded = _sum_mappings(snap, self.max_mapping_series)
-        labels = self._labels
-        label = self._label
+        fragments = self._fragments
+        fragment = self._fragment
+        res_prefix = f"memtrace_mapping_resident_bytes{{{p},"
+        virt_prefix = f"memtrace_mapping_virtual_bytes{{{p},"
         mr: list[str] = []
         mv: list[str] = []
-        kinds: dict[str, str] = {}
-        for identity, kind, a, f, s, v in groups:
-            name = labels.get(identity)
-            if name is None:
-                name = label(identity)
-            ekind = kinds.get(kind)
-            if ekind is None:
-                ekind = kinds[kind] = _escape_label(kind)
-            lab = f'{p},mapping="{name}",kind="{ekind}"'
+        for key, (a, f, s, v) in groups:
+            lab = fragments.get(key)
+            if lab is None:
+                lab = fragment(key)
             if not (type(a) is int and type(f) is int and type(s) is int
                     and type(v) is int):
                 a, f, s, v = num(a), num(f), num(s), num(v)
-            mr.append(f'memtrace_mapping_resident_bytes{{{lab},type="anon"}} {a}\n'
-                      f'memtrace_mapping_resident_bytes{{{lab},type="file"}} {f}\n'
-                      f'memtrace_mapping_resident_bytes{{{lab},type="shmem"}} {s}\n')
-            mv.append(f'memtrace_mapping_virtual_bytes{{{lab}}} {v}\n')
+            mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
+                      f'{res_prefix}{lab},type="file"}} {f}\n'
+                      f'{res_prefix}{lab},type="shmem"}} {s}\n')
+            mv.append(f"{virt_prefix}{lab}}} {v}\n")
+        labels = self._labels
+        label = self._label
         faults = []
         for identity, n in self._fault_series(tuple(ids), snap):
             name = labels.get(identity)
@@ -387,14 +403,14 @@ class MemtraceCollector(Collector):
             faults.append(f'memtrace_page_faults_total{{{p},mapping="{name}"}} {num(n)}\n')
         calls = snap["syscalls"]
         call_bytes = snap["syscall_bytes"]
-        return _Rendered(None, (
+        return _Rendered(None, tuple(part.encode("utf-8") for part in (
             res, virt, "".join(mr), "".join(mv), "".join(faults),
             "".join(f'memtrace_syscalls_total{{{p},syscall="{sc}"}} {num(calls.get(sc, 0))}\n'
                     for sc in SYSCALLS),
             "".join(f'memtrace_syscall_bytes_total{{{p},syscall="{sc}"}} '
                     f'{num(call_bytes.get(sc, 0))}\n' for sc in SYSCALLS),
             f'memtrace_drift_bytes{{{p}}} {num(snap["drift_bytes"])}\n',
-        ), folded)
+        )), folded)
 
     def _text_rows(self, state: ExporterState) -> list[tuple[list[str], Any, Any]]:
         """(label values, stamp or None, a function returning the row's snapshot)
@@ -419,6 +435,25 @@ class MemtraceCollector(Collector):
         state on every scrape; a process's (or group's) text is reused from the
         previous scrape only when its snapshot carries the same generation (see
         _stamp), so a cached text is never served for a changed snapshot."""
+        return b"".join(self._render_parts()).decode("utf-8")
+
+    def render_chunks(self) -> list[bytes]:
+        """render_text() as UTF-8, in pieces of about CHUNK_BYTES (what /metrics
+        serves: see memtrace.web.MetricsServer)."""
+        chunks: list[bytes] = []
+        pending: list[bytes] = []
+        size = 0
+        for part in self._render_parts():
+            pending.append(part)
+            size += len(part)
+            if size >= CHUNK_BYTES:
+                chunks.append(b"".join(pending))
+                pending, size = [], 0
+        if pending:
+            chunks.append(b"".join(pending))
+        return chunks
+
+    def _render_parts(self) -> list[bytes]:
         t0 = time.perf_counter()
         state = self.box.get()
         who = ("group", "comm") if state.groups is not None else ("pid", "comm")
@@ -437,7 +472,7 @@ class MemtraceCollector(Collector):
                         cache[key] = entry
             rendered.append(entry)
             dropped_now += entry.folded
-        out: list[str] = []
+        out: list[bytes] = []
         for i, header in enumerate(_HEADERS[who]):
             out.append(header)
             out.extend(r.parts[i] for r in rendered)
@@ -446,9 +481,11 @@ class MemtraceCollector(Collector):
             dropped_total = self.series_dropped_total
         self.forget({tuple(ids) for ids, _, _ in rows})
         escaped: dict[str, str] = {}
+        text: list[str] = []
         for family in self._self_metrics(state, dropped_total, time.perf_counter() - t0):
-            family.render(out, escaped)
-        return "".join(out)
+            family.render(text, escaped)
+        out.append("".join(text).encode("utf-8"))
+        return out
 
     def build(self) -> list[Family]:
         t0 = time.perf_counter()
@@ -465,7 +502,7 @@ class MemtraceCollector(Collector):
             drift.add_metric(ids, snap["drift_bytes"])
             groups, folded = _sum_mappings(snap, self.max_mapping_series)
             dropped_now += folded
-            for identity, kind, a, f, s, v in groups:
+            for (identity, kind), (a, f, s, v) in groups:
                 name = safe_label(identity)
                 map_res.add_metric([*ids, name, kind, "anon"], a)
                 map_res.add_metric([*ids, name, kind, "file"], f)
