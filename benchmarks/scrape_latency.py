@@ -1,7 +1,8 @@
 """Latency of a /metrics scrape with many watched processes (no root, no BPF).
 
     .venv/bin/python benchmarks/scrape_latency.py [--processes 100] [--mappings 200]
-        [--scrapes 200] [--clients 2] [--max-series 50] [--changed 1.0,0.1] [--json]
+        [--scrapes 200] [--clients 2] [--max-series 50] [--changed 1.0,0.1]
+        [--gzip auto|zlib] [--json]
 
 1. Builds an ExporterState by hand: --processes synthetic processes with
    --mappings VMAs each, shaped like real ones (an executable and ~35 shared
@@ -205,9 +206,13 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
 
+    from memtrace import web
     from memtrace.exporter import MemtraceCollector, StateBox
     from memtrace.web import MetricsServer, WebConfig
 
+    if args.gzip == "zlib":
+        import zlib
+        web.GZIP = zlib
     box = StateBox()
     ticker = Ticker(args, box)
     collector = MemtraceCollector(box, args.max_series)
@@ -339,6 +344,9 @@ def main() -> int:
                     help="comma-separated fractions of the processes whose snapshot "
                          "changes between two scrapes; one set of runs each "
                          "(1.0: the worst case, nothing from the cache)")
+    ap.add_argument("--gzip", choices=["auto", "zlib"], default="auto",
+                    help="auto: gzip as memtrace does (ISA-L where the isal package is "
+                         "installed, else zlib); zlib: always zlib")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
@@ -386,8 +394,11 @@ def main() -> int:
         server.join(10)
         if server.is_alive():
             server.kill()  # our own child, by its pid
+    from memtrace import web
+    gzip_module = "zlib" if args.gzip == "zlib" else web.GZIP.__name__
     info = {
         "processes": args.processes, "mappings_per_process": args.mappings,
+        "gzip": gzip_module,
         "max_series": args.max_series, "cpus": os.cpu_count(),
         "python": platform.python_version(), "setup_seconds": round(setup, 1),
         "loadavg_before": load_before, "loadavg_after": _loadavg(),
@@ -397,7 +408,8 @@ def main() -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{args.processes} processes x {args.mappings} mappings, --max-mapping-series "
-          f"{args.max_series}; {os.cpu_count()} CPUs; Python {platform.python_version()}; "
+          f"{args.max_series}; gzip by {gzip_module}; {os.cpu_count()} CPUs; "
+          f"Python {platform.python_version()}; "
           f"state built and server up in {setup:.1f}s; load average before "
           f"{info['loadavg_before']}, after {info['loadavg_after']}")
     print(f"{'run':<80} {'n':>4} {'err':>3} {'median':>8} {'p90':>8} {'p99':>8} {'max':>8} "

@@ -12,12 +12,13 @@ import ssl
 import textwrap
 import time
 import types
+import zlib
 
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace import cli
+from memtrace import cli, web
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.exporter import CHUNK_BYTES, MemtraceCollector, StateBox
 from memtrace.web import (
@@ -243,7 +244,11 @@ def samples_without_build_time(s: Scrape) -> list:
 
 
 @pytest.mark.parametrize("render", ["render_chunks", "render_text"])
-def test_fast_path_plain_and_gzip_serve_the_same_samples(serve, render):
+@pytest.mark.parametrize("gzip_module", ["zlib", "isal"])
+def test_fast_path_plain_and_gzip_serve_the_same_samples(serve, render, gzip_module,
+                                                         monkeypatch):
+    module = pytest.importorskip("isal.isal_zlib") if gzip_module == "isal" else zlib
+    monkeypatch.setattr(web, "GZIP", module)
     state = state_of(realistic_process(100, "server"),
                      *(many_identities_snapshot(p) for p in range(1, 40)))
     srv, _ = fast_server(serve, state, render)
