@@ -148,8 +148,12 @@ def _sum_mappings(snap: dict[str, Any], max_series: int) -> tuple[list[GroupRow]
             g[3] += v
     if len(groups) <= max_series:
         return list(groups.items()), 0
-    ranked = sorted(groups.items(), key=lambda kv: kv[1][0] + kv[1][1] + kv[1][2],
-                    reverse=True)
+    items = list(groups.items())
+    resident = [a + f + s for _, (a, f, s, _v) in items]
+    # by resident bytes, largest first, ties in order of appearance (as a stable
+    # sort with reverse=True of the items by the same key)
+    ranked = [items[i] for i in sorted(range(len(items)), key=resident.__getitem__,
+                                       reverse=True)]
     kept = dict(ranked[: max_series - 1])
     other = [0, 0, 0, 0]
     for _, g in ranked[max_series - 1:]:
@@ -403,14 +407,14 @@ class MemtraceCollector(Collector):
             faults.append(f'memtrace_page_faults_total{{{p},mapping="{name}"}} {num(n)}\n')
         calls = snap["syscalls"]
         call_bytes = snap["syscall_bytes"]
-        return _Rendered(None, tuple(part.encode("utf-8") for part in (
+        return _Rendered(None, tuple([part.encode("utf-8") for part in (
             res, virt, "".join(mr), "".join(mv), "".join(faults),
-            "".join(f'memtrace_syscalls_total{{{p},syscall="{sc}"}} {num(calls.get(sc, 0))}\n'
-                    for sc in SYSCALLS),
-            "".join(f'memtrace_syscall_bytes_total{{{p},syscall="{sc}"}} '
-                    f'{num(call_bytes.get(sc, 0))}\n' for sc in SYSCALLS),
+            "".join([f'memtrace_syscalls_total{{{p},syscall="{sc}"}} '
+                     f'{num(calls.get(sc, 0))}\n' for sc in SYSCALLS]),
+            "".join([f'memtrace_syscall_bytes_total{{{p},syscall="{sc}"}} '
+                     f'{num(call_bytes.get(sc, 0))}\n' for sc in SYSCALLS]),
             f'memtrace_drift_bytes{{{p}}} {num(snap["drift_bytes"])}\n',
-        )), folded)
+        )]), folded)
 
     def _text_rows(self, state: ExporterState) -> list[tuple[list[str], Any, Any]]:
         """(label values, stamp or None, a function returning the row's snapshot)
@@ -473,9 +477,10 @@ class MemtraceCollector(Collector):
             rendered.append(entry)
             dropped_now += entry.folded
         out: list[bytes] = []
+        parts = [r.parts for r in rendered]
         for i, header in enumerate(_HEADERS[who]):
             out.append(header)
-            out.extend(r.parts[i] for r in rendered)
+            out.extend(map(itemgetter(i), parts))
         with self._lock:
             self.series_dropped_total += dropped_now
             dropped_total = self.series_dropped_total
