@@ -4,6 +4,7 @@ samples as collect(), never a stale process, bounded caches (no root, no BCC).""
 from __future__ import annotations
 
 import copy
+import random
 import re
 import shutil
 import subprocess
@@ -326,3 +327,42 @@ def test_build_seconds_is_reported():
     box, c = text_collector(full_state())
     text = c.render_text()
     assert re.search(r"^memtrace_scrape_build_seconds \d", text, re.M)
+
+
+def reference_group_mappings(snap: dict, max_series: int) -> tuple[dict, int]:
+    """group_mappings as it was first written (dicts, a stable sort by resident
+    bytes): the optimised one must give the same groups, order and ties."""
+    groups: dict = {}
+    for m in snap["mappings"]:
+        g = groups.setdefault((m["mapping"], m["kind"]),
+                              {"anon": 0, "file": 0, "shmem": 0, "virtual": 0, "faults": 0})
+        g["anon"] += m["anon_bytes"]
+        g["file"] += m["file_bytes"]
+        g["shmem"] += m["shmem_bytes"]
+        g["virtual"] += m["virtual_bytes"]
+    if len(groups) <= max_series:
+        return groups, 0
+    ranked = sorted(groups.items(), key=lambda kv: kv[1]["anon"] + kv[1]["file"]
+                    + kv[1]["shmem"], reverse=True)
+    kept = dict(ranked[: max_series - 1])
+    other = {"anon": 0, "file": 0, "shmem": 0, "virtual": 0, "faults": 0}
+    for _, g in ranked[max_series - 1:]:
+        for k in other:
+            other[k] += g[k]
+    kept[(exporter.OTHER, "other")] = other
+    return kept, len(ranked) - (max_series - 1)
+
+
+def test_group_mappings_matches_the_reference_with_ties():
+    rng = random.Random(0)
+    for _ in range(500):
+        n = rng.randrange(1, 120)
+        maps = [{"mapping": f"/x/{rng.randrange(n)}", "kind": rng.choice(["library", "file"]),
+                 "anon_bytes": rng.choice([0, PAGE, 2 * PAGE]), "file_bytes": rng.choice([0, PAGE]),
+                 "shmem_bytes": rng.choice([0, PAGE]),
+                 "virtual_bytes": rng.choice([PAGE, 2 * PAGE, 1.5])}
+                for _ in range(rng.randrange(200))]
+        cap = rng.randrange(1, 60)
+        want = reference_group_mappings({"mappings": maps}, cap)
+        got = exporter.group_mappings({"mappings": maps}, cap)
+        assert got == want and list(got[0]) == list(want[0])
