@@ -274,7 +274,10 @@ _HEADERS = {tuple(who): [f.header().encode() for f in _row_families(who)]
             for who in (("pid", "comm"), ("group", "comm"))}
 
 # Bounds of the caches kept between scrapes (see MemtraceCollector.render_text).
-LABEL_CACHE_MAX = 100_000
+# The label caches are cleared when either holds this many entries, or their keys
+# and values this many characters in all (identities can be paths of 4 kB).
+LABEL_CACHE_MAX = 50_000
+LABEL_CACHE_MAX_CHARS = 8_000_000
 # render_chunks() joins the text into pieces of about this size: few enough for
 # few writes, small enough for malloc to reuse (a buffer of several MB is
 # mapped and unmapped, and faulted in page by page, on every scrape).
@@ -315,11 +318,12 @@ class MemtraceCollector(Collector):
         # the counter never goes backwards.
         self._fault_names: dict[tuple[str, ...], set[str]] = {}
         # Text fast path caches. Label values: raw mapping identity (and kind) -> escaped
-        # safe_label() (a pure function; cleared when it reaches LABEL_CACHE_MAX).
+        # safe_label() (a pure function), both cleared at LABEL_CACHE_MAX(_CHARS).
         # Rows: (pid, comm) or (group, comm) -> the row's text for the snapshot
         # whose _stamp() it holds; one entry per live row, pruned every scrape.
         self._labels: dict[str, str] = {}
         self._fragments: dict[tuple[str, str], str] = {}  # the same for (identity, kind)
+        self._label_chars = 0
         self._rendered: dict[tuple[str, ...], _Rendered] = {}
 
     def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
@@ -347,23 +351,32 @@ class MemtraceCollector(Collector):
         for family in self.build():
             yield family.to_metric()
 
+    def _room_for_labels(self, chars: int) -> None:
+        """Clear both label caches before they pass their bounds."""
+        self._label_chars += chars
+        if (len(self._labels) + len(self._fragments) >= LABEL_CACHE_MAX
+                or self._label_chars > LABEL_CACHE_MAX_CHARS):
+            self._labels.clear()
+            self._fragments.clear()
+            self._label_chars = chars
+
     def _fragment(self, key: tuple[str, str]) -> str:
         """`mapping="…",kind="…"` for an (identity, kind); memoised."""
         value = self._fragments.get(key)
         if value is None:
-            if len(self._fragments) >= LABEL_CACHE_MAX:
-                self._fragments.clear()
-            value = self._fragments[key] = \
+            value = \
                 f'mapping="{_escape_label(safe_label(key[0]))}",kind="{_escape_label(key[1])}"'
+            self._room_for_labels(len(key[0]) + len(value))
+            self._fragments[key] = value
         return value
 
     def _label(self, identity: str) -> str:
         """safe_label(identity), escaped for the text format; memoised."""
         value = self._labels.get(identity)
         if value is None:
-            if len(self._labels) >= LABEL_CACHE_MAX:
-                self._labels.clear()
-            value = self._labels[identity] = _escape_label(safe_label(identity))
+            value = _escape_label(safe_label(identity))
+            self._room_for_labels(len(identity) + len(value))
+            self._labels[identity] = value
         return value
 
     def _render_row(self, who: Sequence[str], ids: Sequence[str],

@@ -263,7 +263,20 @@ def test_label_cache_is_bounded(monkeypatch):
     reg, _, _ = registry_for(state, max_series=100)
     for _ in range(3):
         assert samples(text_scrape(c)) == samples(scrape(reg))
-        assert len(c._labels) <= 10
+        assert len(c._labels) + len(c._fragments) <= 10
+
+
+def test_label_cache_is_bounded_in_characters(monkeypatch):
+    monkeypatch.setattr(exporter, "LABEL_CACHE_MAX_CHARS", 50_000)
+    paths = {f"p{i}": f"/srv/{i:03d}/" + "d" * 4000 for i in range(40)}  # 160 kB of names
+    state = state_of(hostile_process(8, paths))
+    box, c = text_collector(state, max_series=100)
+    reg, _, _ = registry_for(state, max_series=100)
+    for _ in range(3):
+        assert samples(text_scrape(c)) == samples(scrape(reg))
+        held = sum(len(k) + len(v) for k, v in c._labels.items()) \
+            + sum(len(k[0]) + len(v) for k, v in c._fragments.items())
+        assert held <= 50_000 + 2 * 4100, held
 
 
 def test_concurrent_scrapes_with_the_cache_each_see_one_tick():
