@@ -28,9 +28,9 @@
    concurrent clients (--scrapes scrapes in all, Prometheus headers). Reports
    median, p90, p99 and max latency of the whole request (connect to last body
    byte), the payload size, memtrace_scrape_build_seconds (the collector's own
-   part) as reported by the last scrape, the server's CPU time per scrape
-   (user + system from /proc, independent of contention) and the load average
-   before and after each run (the machine may be shared).
+   part) as reported by the last scrape, the server's CPU time and minor page
+   faults per scrape (from /proc; CPU time does not depend on contention) and
+   the load average before and after each run (the machine may be shared).
 
 Goal (exporter issue): p99 < 100 ms on a 2-core machine.
 """
@@ -267,6 +267,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def minor_faults(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        return int(f.read().rsplit(b")", 1)[1].split()[7])
+
+
 def run(port: int, scrapes: int, clients: int, headers: dict[str, str],
         server_pid: int) -> dict[str, Any]:
     latencies: list[float] = []
@@ -293,6 +298,7 @@ def run(port: int, scrapes: int, clients: int, headers: dict[str, str],
                 last[:] = [body]
 
     cpu0 = cpu_seconds(server_pid)
+    faults0 = minor_faults(server_pid)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(n,)) for n in per_client]
     for t in threads:
@@ -301,6 +307,7 @@ def run(port: int, scrapes: int, clients: int, headers: dict[str, str],
         t.join()
     wall = time.perf_counter() - t0
     server_cpu = cpu_seconds(server_pid) - cpu0
+    faults = minor_faults(server_pid) - faults0
     lat = sorted(latencies)
 
     def pct(p: float) -> float:
@@ -324,6 +331,7 @@ def run(port: int, scrapes: int, clients: int, headers: dict[str, str],
         "payload_bytes": statistics.median(sizes) if sizes else None,
         "series": series if last else None, "collector_build_ms": build,
         "server_cpu_ms_per_scrape": server_cpu / len(lat) * 1000 if lat else None,
+        "server_minor_faults_per_scrape": faults / len(lat) if lat else None,
         "first_errors": errors[:3],
     }
 
@@ -413,13 +421,15 @@ def main() -> int:
           f"state built and server up in {setup:.1f}s; load average before "
           f"{info['loadavg_before']}, after {info['loadavg_after']}")
     print(f"{'run':<80} {'n':>4} {'err':>3} {'median':>8} {'p90':>8} {'p99':>8} {'max':>8} "
-          f"{'scr/s':>6} {'payload':>9} {'series':>7} {'build':>7} {'srv CPU':>8}  load")
+          f"{'scr/s':>6} {'payload':>9} {'series':>7} {'build':>7} {'srv CPU':>8} "
+          f"{'faults':>6}  load")
     for name, r in runs.items():
         print(f"{name:<80} {r['scrapes']:>4} {r['errors']:>3} {r['median_ms']:>6.1f}ms "
               f"{r['p90_ms']:>6.1f}ms {r['p99_ms']:>6.1f}ms {r['max_ms']:>6.1f}ms "
               f"{r['scrapes_per_s']:>6.1f} {r['payload_bytes'] / 1e6:>7.2f}MB "
               f"{r['series']:>7} {r['collector_build_ms']:>5.1f}ms "
-              f"{r['server_cpu_ms_per_scrape']:>6.1f}ms  {r['loadavg']}")
+              f"{r['server_cpu_ms_per_scrape']:>6.1f}ms "
+              f"{r['server_minor_faults_per_scrape']:>6.0f}  {r['loadavg']}")
         if r["first_errors"]:
             print(f"    errors: {r['first_errors']}")
     for fraction in fractions:
