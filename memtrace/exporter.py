@@ -278,10 +278,6 @@ _HEADERS = {tuple(who): [f.header().encode() for f in _row_families(who)]
 # and values this many characters in all (identities can be paths of 4 kB).
 LABEL_CACHE_MAX = 50_000
 LABEL_CACHE_MAX_CHARS = 8_000_000
-# render_chunks() joins the text into pieces of about this size: few enough for
-# few writes, small enough for malloc to reuse (a buffer of several MB is
-# mapped and unmapped, and faulted in page by page, on every scrape).
-CHUNK_BYTES = 64 * 1024
 
 
 def _stamp(snap: dict[str, Any]) -> tuple[Any, ...] | None:
@@ -455,20 +451,10 @@ class MemtraceCollector(Collector):
         return b"".join(self._render_parts()).decode("utf-8")
 
     def render_chunks(self) -> list[bytes]:
-        """render_text() as UTF-8, in pieces of about CHUNK_BYTES (what /metrics
-        serves: see memtrace.web.MetricsServer)."""
-        chunks: list[bytes] = []
-        pending: list[bytes] = []
-        size = 0
-        for part in self._render_parts():
-            pending.append(part)
-            size += len(part)
-            if size >= CHUNK_BYTES:
-                chunks.append(b"".join(pending))
-                pending, size = [], 0
-        if pending:
-            chunks.append(b"".join(pending))
-        return chunks
+        """render_text() as UTF-8 pieces (one process's samples of one family
+        each, kB to tens of kB), never one buffer of several MB: what /metrics
+        serves (memtrace.web joins them a few at a time as it writes)."""
+        return self._render_parts()
 
     def _render_parts(self) -> list[bytes]:
         t0 = time.perf_counter()

@@ -12,7 +12,7 @@ import socket
 import ssl
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -234,26 +234,46 @@ with contextlib.suppress(ImportError):  # isal is a dependency where it has whee
 FastRender = Callable[[], "str | Iterable[bytes]"]
 
 
+# Bytes per write: pieces are joined this many at a time, as the response is
+# written, and the joined buffer is freed before the next one is made. A whole
+# scrape in one buffer (3.4 MB at 100 processes x 200 mappings), or all of it
+# joined at once, is handed back to the kernel by malloc after every scrape and
+# faulted in again page by page on the next: ~1,000 page faults, several ms.
+WRITE_BYTES = 64 * 1024
+
+
+def _joined(pieces: list[bytes], size: int = WRITE_BYTES) -> Iterator[bytes]:
+    """The pieces, joined lazily into writes of about `size` bytes."""
+    group: list[bytes] = []
+    n = 0
+    for piece in pieces:
+        group.append(piece)
+        n += len(piece)
+        if n >= size:
+            yield b"".join(group)
+            group, n = [], 0
+    if group:
+        yield b"".join(group)
+
+
 def _fast_app(render: FastRender, registry: CollectorRegistry) -> Callable[..., Any]:
-    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
         text = render()
-        # The body as a list of pieces (tens of kB each), never one buffer of
-        # several MB: see exporter.CHUNK_BYTES.
         body = [text.encode("utf-8")] if isinstance(text, str) else list(text)
         body.append(generate_latest(registry))
         headers = [("Content-Type", TEXT_FORMAT)]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
             z = GZIP.compressobj(GZIP_LEVEL, GZIP.DEFLATED, 31)  # 31: a gzip stream
-            body = [z.compress(piece) for piece in body]
-            body.append(z.flush())
-            body = [b"".join(body)]
+            packed = [z.compress(group) for group in _joined(body)]
+            packed.append(z.flush())
+            body = packed
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(sum(map(len, body)))))
         start_response("200 OK", headers)
-        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else body
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else _joined(body)
     return app
 
 

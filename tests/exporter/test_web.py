@@ -20,10 +20,11 @@ from prometheus_client.process_collector import ProcessCollector
 
 from memtrace import cli, web
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.exporter import CHUNK_BYTES, MemtraceCollector, StateBox
+from memtrace.exporter import MemtraceCollector, StateBox
 from memtrace.web import (
     DEFAULT_LISTEN,
     TEXT_FORMAT,
+    WRITE_BYTES,
     WebConfig,
     is_loopback,
     load_web_config,
@@ -256,7 +257,7 @@ def test_fast_path_plain_and_gzip_serve_the_same_samples(serve, render, gzip_mod
     status, headers, plain = get(port)
     assert status == 200 and headers["content-type"] == TEXT_FORMAT
     assert "content-encoding" not in headers
-    assert int(headers["content-length"]) == len(plain) > 2 * CHUNK_BYTES
+    assert int(headers["content-length"]) == len(plain) > 2 * WRITE_BYTES
     status, headers, packed = get(port, headers={"Accept-Encoding": "gzip"})
     assert status == 200 and headers["content-encoding"] == "gzip"
     assert int(headers["content-length"]) == len(packed) < len(plain) / 4
@@ -300,7 +301,7 @@ def test_fast_path_each_scrape_sees_the_latest_state(serve):
     assert b'pid="1"' not in body and b'pid="2"' in body
 
 
-def test_render_chunks_is_render_text_in_pieces():
+def test_render_chunks_is_render_text_in_pieces_joined_lazily_for_writes():
     state = state_of(*(many_identities_snapshot(p) for p in range(1, 40)))
     box = StateBox()
     box.set(state)
@@ -308,7 +309,10 @@ def test_render_chunks_is_render_text_in_pieces():
     chunks = collector.render_chunks()
     text = collector.render_text()
     assert len(chunks) > 2
-    assert all(len(c) < 2 * CHUNK_BYTES for c in chunks)
+    assert max(map(len, chunks)) < WRITE_BYTES
+    joined = list(web._joined(chunks))
+    assert len(joined) > 1 and b"".join(joined) == b"".join(chunks)
+    assert all(len(j) >= WRITE_BYTES for j in joined[:-1])
     strip = re.compile(rb"^memtrace_(scrape_build_seconds|mapping_series_folded_total) .*$",
                        re.M)
     assert strip.sub(b"", b"".join(chunks)) == strip.sub(b"", text.encode("utf-8"))
