@@ -377,8 +377,8 @@ class MemtraceCollector(Collector):
 
     def _render_row(self, who: Sequence[str], ids: Sequence[str],
                     snap: dict[str, Any]) -> _Rendered:
-        """The samples of one process (or group) for each of _row_families(), as text
-        (one string per family, samples in the order build() adds them)."""
+        """The samples of one process (or group) for each of _row_families(), as
+        UTF-8 text (one piece per family, samples in the order build() adds them)."""
         p = f'{who[0]}="{_escape_label(ids[0])}",{who[1]}="{_escape_label(ids[1])}"'
         num = _number
         res = (f'memtrace_process_resident_bytes{{{p},type="anon"}} '

@@ -234,11 +234,12 @@ with contextlib.suppress(ImportError):  # isal is a dependency where it has whee
 FastRender = Callable[[], "str | Iterable[bytes]"]
 
 
-# Bytes per write: pieces are joined this many at a time, as the response is
-# written, and the joined buffer is freed before the next one is made. A whole
-# scrape in one buffer (3.4 MB at 100 processes x 200 mappings), or all of it
-# joined at once, is handed back to the kernel by malloc after every scrape and
-# faulted in again page by page on the next: ~1,000 page faults, several ms.
+# Bytes per write: the pieces of a response are joined into writes of about this
+# size as the response is written (and as it is gzipped), each freed before the
+# next is made. A whole scrape in one buffer (3.4 MB at 100 processes x 200
+# mappings), or all of it joined at once, is handed back to the kernel by malloc
+# after every scrape and faulted in again page by page on the next: ~1,000 page
+# faults, several ms of CPU.
 WRITE_BYTES = 64 * 1024
 
 
