@@ -77,7 +77,7 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
     server = MetricsServer(registry, listen, load_web_config(web_config),
-                           fast=collector.render_text)
+                           fast=collector.render_chunks)
     log(f"serving metrics on {'https' if server.tls else 'http'}://"
         f"{server.address}/metrics")
     if server.exposed and not server.protected:
