@@ -340,6 +340,7 @@ class MemtraceCollector(Collector):
         self.max_mapping_series = max_mapping_series
         self.series_dropped_total = 0
         self._lock = threading.Lock()
+        self._render_lock = threading.Lock()
         # Per process (or group): the mapping identities that have their own fault
         # series. Admitted when first seen while there is room, never evicted, so
         # the [other] sum only ever holds identities that never had a series and
@@ -496,17 +497,21 @@ class MemtraceCollector(Collector):
         rendered: list[_Rendered] = []
         dropped_now = 0
         cache = self._rendered
-        for ids, stamp, get_snap in rows:
-            key = tuple(ids)
-            entry = cache.get(key) if stamp is not None else None
-            if entry is None or entry.stamp != stamp:
-                entry = self._render_row(who, ids, get_snap())
-                entry.stamp = stamp
-                if stamp is not None:
-                    with self._lock:
-                        cache[key] = entry
-            rendered.append(entry)
-            dropped_now += entry.folded
+        # One scrape renders at a time: a concurrent scrape of the same tick
+        # then finds every process in the cache instead of rendering it again
+        # while both share the interpreter lock.
+        with self._render_lock:
+            for ids, stamp, get_snap in rows:
+                key = tuple(ids)
+                entry = cache.get(key) if stamp is not None else None
+                if entry is None or entry.stamp != stamp:
+                    entry = self._render_row(who, ids, get_snap())
+                    entry.stamp = stamp
+                    if stamp is not None:
+                        with self._lock:
+                            cache[key] = entry
+                rendered.append(entry)
+                dropped_now += entry.folded
         out: list[bytes] = []
         parts = [r.parts for r in rendered]
         for i, header in enumerate(_HEADERS[who]):
