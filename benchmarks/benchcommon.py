@@ -223,9 +223,14 @@ class Memtrace:
     Keeps the number of snapshot lines, the wall-clock time of the first one,
     the last raw line and its "ts", and all of stderr."""
 
-    def __init__(self, exe: Path, pid: int, interval: float = 1.0) -> None:
-        self.argv = [str(exe), "watch", str(pid), "--format", "json", "--interval",
-                     str(interval), "--reconcile-interval", "0", "--no-serve"]
+    def __init__(self, exe: Path, pid: int, interval: float = 1.0,
+                 listen: str | None = None) -> None:
+        """listen: instead of JSON on stdout, `--format none` and /metrics on
+        this address (the first snapshot is then taken from memtrace's log)."""
+        self.argv = [str(exe), "watch", str(pid), "--interval", str(interval),
+                     "--reconcile-interval", "0"]
+        self.argv += (["--format", "none", "--web.listen-address", listen] if listen
+                      else ["--format", "json", "--no-serve"])
         self.interval = interval
         self.lines = 0
         self.last_line = b""
@@ -263,7 +268,14 @@ class Memtrace:
     def _read_err(self) -> None:
         assert self.proc.stderr is not None
         for line in self.proc.stderr:
-            self.stderr.append(line.decode(errors="replace").rstrip("\n"))
+            text = line.decode(errors="replace").rstrip("\n")
+            self.stderr.append(text)
+            if _FIRST_SNAPSHOT_RE.search(text):
+                with self._cond:
+                    if self.first_line_at is None and self.lines == 0 and \
+                            "--no-serve" not in self.argv:
+                        self.first_line_at = time.monotonic()
+                    self._cond.notify_all()
 
     def wait_first_snapshot(self, timeout: float) -> float:
         """Block until the first snapshot line; return seconds since spawn (wall clock)."""

@@ -34,7 +34,9 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +92,53 @@ def compare(snap: dict[str, Any], smaps: dict[int, dict[str, int]],
     }
 
 
+def scrape(listen: str) -> bytes:
+    with urllib.request.urlopen(f"http://{listen}/metrics", timeout=30) as resp:
+        return bytes(resp.read())
+
+
+class Scraper:
+    """Scrapes /metrics every `interval` seconds on a thread, like Prometheus."""
+
+    def __init__(self, listen: str, interval: float) -> None:
+        self.listen, self.interval = listen, interval
+        self.count = self.bytes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            body = scrape(self.listen)
+            self.count += 1
+            self.bytes = len(body)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> tuple[int, int]:
+        self._stop.set()
+        self._thread.join(60)
+        return self.count, self.bytes
+
+
+def compare_metrics(body: bytes, smaps: dict[int, dict[str, int]],
+                    statm_bytes: int) -> dict[str, Any]:
+    """Process totals from /metrics against statm and the smaps sum (the
+    per-mapping comparison is the JSON run's: mapping series are capped)."""
+    process = mapping = 0
+    for line in body.decode().splitlines():
+        if line.startswith("memtrace_process_resident_bytes{"):
+            process += int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("memtrace_mapping_resident_bytes{"):
+            mapping += int(float(line.rsplit(" ", 1)[1]))
+    smaps_sum = sum(m.get("Rss", 0) for m in smaps.values())
+    return {
+        "memtrace_rss_bytes": process, "statm_rss_bytes": statm_bytes,
+        "total_diff_bytes": process - statm_bytes, "smaps_rss_sum_bytes": smaps_sum,
+        "mapping_series_sum_bytes": mapping, "mappings_memtrace": None,
+        "mappings_smaps": len(smaps), "mismatching_mappings": None,
+    }
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     binary = bc.build("manymaps")
     res: dict[str, Any] = {"regions": opts.regions, "pages_per_region": opts.pages,
@@ -109,7 +158,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
           f"{res['workload_rss_bytes'] / 2**30:.2f} GiB resident "
           f"(set up in {res['workload_setup_s']:.1f}s)", file=sys.stderr, flush=True)
 
-    mt = bc.Memtrace(opts.memtrace, pid, opts.interval)
+    listen = f"127.0.0.1:{opts.port}" if opts.output == "metrics" else None
+    res["output"] = opts.output
+    mt = bc.Memtrace(opts.memtrace, pid, opts.interval, listen=listen)
     res["memtrace_command"] = mt.command
     res["first_snapshot_wall_s"] = mt.wait_first_snapshot(600)
     res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
@@ -143,6 +194,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         watch = bc.Interference([wl.pid, mt.pid, reader.pid])
         m0, r0, t0 = bc.tree_cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
         lines0 = mt.lines
+        scraper = Scraper(listen, opts.scrape_interval) if listen else None
         wl.stdin.write(b"g")
         wl.stdin.flush()
         reader.stdin.write(b"g")
@@ -156,6 +208,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
             ticks += 1
         m1, r1, t1 = bc.tree_cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
         bpf1 = bpf_run_ns(mt.pid)
+        if scraper:
+            res["scrapes_in_window"], res["scrape_bytes"] = scraper.stop()
         res["foreign_cpu_s"] = watch.stop()
         res["foreign_memtrace_pids"] = sorted(watch.foreign_mt)
     finally:
@@ -185,10 +239,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     # Accuracy at rest.
     os.kill(pid, signal.SIGSTOP)
     stopped_at = time.time()
-    raw = mt.wait_snapshot_after(stopped_at + 2 * opts.interval, 60 + 10 * opts.interval)
     statm = bc.statm_rss_bytes(pid)
     smaps = smaps_poll.parse_smaps(smaps_poll.read_smaps(pid))
-    res["accuracy"] = compare(json.loads(raw), smaps, statm)
+    if listen:
+        time.sleep(3 * opts.interval)
+        res["accuracy"] = compare_metrics(scrape(listen), smaps, statm)
+    else:
+        raw = mt.wait_snapshot_after(stopped_at + 2 * opts.interval, 60 + 10 * opts.interval)
+        res["accuracy"] = compare(json.loads(raw), smaps, statm)
     res["accuracy"]["stopped_at"] = stopped_at
     res["memtrace_vm_hwm_kib_end"] = bc.status_kb(mt.pid, "VmHWM")
 
@@ -216,9 +274,12 @@ def report(r: dict[str, Any]) -> None:
         ["memtrace CPU per second, idle workload",
          f"{r['memtrace_idle_cpu_per_s']:.3f} s/s over {r['idle_window_s']:.1f} s"],
         ["measured window", f"{r['window_s']:.1f} s"],
-        ["memtrace CPU per second (user+sys)",
-         f"{r['memtrace_cpu_per_s']:.3f} s/s ({r['memtrace_cpu_s']:.2f} s, "
-         f"{r['memtrace_snapshots_in_window']} snapshots)"],
+        ["memtrace output", r["output"] + (
+            f" ({r['scrapes_in_window']} scrapes of /metrics in the window, "
+            f"{r['scrape_bytes']} bytes each)" if r["output"] == "metrics" else
+            f" ({r['memtrace_snapshots_in_window']} snapshots in the window)")],
+        ["memtrace CPU per second (user+sys, with child processes)",
+         f"{r['memtrace_cpu_per_s']:.3f} s/s ({r['memtrace_cpu_s']:.2f} s)"],
         ["smaps reader CPU per second (user+sys)",
          f"{r['reader_cpu_per_s']:.3f} s/s ({r['reader_cpu_s']:.2f} s; parse={s['parse']}, "
          f"{s['reads']} reads, {s['skipped_slots']} slots skipped, "
@@ -249,7 +310,12 @@ def report(r: dict[str, Any]) -> None:
         ["accuracy: mismatching mappings", str(a["mismatching_mappings"])],
         ["memtrace exit status", str(r["memtrace_exit"])],
     ]
+    if r["output"] == "metrics":
+        rows[-3:-1] = [["accuracy: sum of memtrace_mapping_resident_bytes / smaps Rss sum",
+                        f"{a['mapping_series_sum_bytes']} / {a['smaps_rss_sum_bytes']}"]]
     print(bc.table(["measure", "value"], rows))
+    if r["output"] == "metrics":
+        return
     if a["mismatching_mappings"]:
         print(f"only in memtrace: {a['only_in_memtrace']}")
         print(f"only in smaps: {a['only_in_smaps']}")
@@ -276,6 +342,13 @@ def main() -> int:
     ap.add_argument("--no-bpf-stats", dest="bpf_stats", action="store_false")
     ap.add_argument("--memtrace", type=Path, default=bc.DEFAULT_MEMTRACE)
     ap.add_argument("--json", type=Path, help="also write the raw results here")
+    ap.add_argument("--output", choices=["json", "metrics"], default="json",
+                    help="json: memtrace writes a JSON snapshot per tick (--no-serve), "
+                    "checked per mapping at the end; metrics: --format none, /metrics "
+                    "scraped every --scrape-interval s (a long-running exporter), "
+                    "process totals checked at the end")
+    ap.add_argument("--scrape-interval", type=float, default=15.0)
+    ap.add_argument("--port", type=int, default=19877)
     opts = ap.parse_args()
     try:
         r = run(opts)

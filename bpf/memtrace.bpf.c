@@ -5,7 +5,8 @@
  * it compiles correctly against mismatched kernel headers.
  *
  * Compile-time parameters (-D): MT_MAX_TARGETS, MT_MAX_CHUNKS,
- * MT_RANGES_PAGES, MT_EVENTS_PAGES, and optionally MT_TASK_MM_OFFSET. */
+ * MT_RANGES_PAGES, MT_EVENTS_PAGES, and optionally MT_TASK_MM_OFFSET and
+ * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm). */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
 
@@ -175,7 +176,7 @@ static __always_inline void remote_change(u64 mm)
 
 static __always_inline void learn_current_mm(void)
 {
-#ifdef MT_TASK_MM_OFFSET
+#if defined(MT_TASK_MM_OFFSET) && !defined(MT_NO_RSS_STAT)
     /* A watched process's own address-space calls tell us its mm pointer, so
      * the rss_stat probe needs no map lookup for the (frequent) own updates. */
     u64 cur_mm = 0;
@@ -389,6 +390,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_prctl) { return finish(args->ret); }
 
+#ifndef MT_NO_RSS_STAT
 /* RSS changes of a watched mm made outside its own context (exit, ksmd,
  * khugepaged, reclaim by others, process_madvise) carry no address: flag
  * them so user space rescans. */
@@ -414,6 +416,7 @@ TRACEPOINT_PROBE(kmem, rss_stat)
     return 0;
 }
 #endif
+#endif /* MT_NO_RSS_STAT */
 
 #ifdef MT_WATCH_EXECS
 /* Agent mode: tell user space about every exec so it can match its rules

@@ -50,9 +50,10 @@ def _pss_interval_option() -> Any:
 
 def _common(f: Any) -> Any:
     options = [
-        click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-                     show_default=True, help="Live table, or JSON Lines (one object per "
-                     "process per interval)."),
+        click.option("--format", "fmt", type=click.Choice(["table", "json", "none"]),
+                     default="table", show_default=True, help="Live table, JSON Lines (one "
+                     "object per process per interval), or none (only /metrics and log "
+                     "lines: for a long-running exporter)."),
         click.option("--interval", type=click.FloatRange(min=0.01), default=1.0,
                      show_default=True, help="Seconds between snapshots."),
         click.option("--reconcile-interval", type=click.FloatRange(min=0.0), default=300.0,
@@ -88,7 +89,7 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
     server = MetricsServer(registry, listen, load_web_config(web_config),
-                           fast=collector.render_text)
+                           fast=collector.render_chunks)
     log(f"serving metrics on {'https' if server.tls else 'http'}://"
         f"{server.address}/metrics")
     if server.exposed and not server.protected:
@@ -107,6 +108,8 @@ def _reporter(fmt: str, output: str | None) -> Reporter:
     if fmt == "json":
         from memtrace.views.jsonl import JsonReporter
         return JsonReporter(stream)
+    if fmt == "none":
+        return _NullReporter()
     from rich.console import Console
 
     from memtrace.views.table import TableReporter

@@ -124,11 +124,15 @@ def check_pagemap_scan() -> Check:
 
 def check_mechanisms() -> Check:
     """Which mechanism memtrace will use for each job here."""
+    from memtrace.session import want_rss_stat_probe
+
     rss_stat = "raw tracepoint rss_stat + BTF task_struct.mm"
     try:
         btf.member_offset("task_struct", "mm")
     except btf.BtfError:
         rss_stat = "tracepoint kmem:rss_stat (curr, mm_id)"
+    if not want_rss_stat_probe():
+        rss_stat = "statm check every tick (no rss_stat probe)"
     statm = ("totals checked against /proc/PID/statm (exact here)" if statm_is_exact() else
              "statm is approximate on this kernel: mismatches do not trigger rescans; use "
              "--reconcile-interval")

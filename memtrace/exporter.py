@@ -1,15 +1,17 @@
 """Prometheus metrics, built fresh from the latest snapshots on every scrape
-(a custom collector: nothing is cached between scrapes, so a process that exits
-is gone from the next one). Metric names are a contract: see docs/metrics.md."""
+(a custom collector: a process that exits is gone from the next scrape). Between
+scrapes the text fast path keeps only escaped label values and, per live process,
+its rendered text for one snapshot generation (see MemtraceCollector.render_text).
+Metric names are a contract: see docs/metrics.md."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 import time
-from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -66,23 +68,44 @@ def add_counters(into: dict[str, Any], snap: dict[str, Any]) -> None:
             bucket[name] = bucket.get(name, 0) + n
 
 
-def grouped_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
-    """(label values for `group, comm`, merged snapshot) per group and comm."""
+def _zero_row() -> dict[str, Any]:
+    return {"anon_bytes": 0, "file_bytes": 0, "shmem_bytes": 0, "virtual_bytes": 0,
+            "drift_bytes": 0, "mappings": []}
+
+
+def _group_members(state: ExporterState) -> dict[tuple[str, str], tuple[
+        dict[str, Any] | None, list[dict[str, Any]]]]:
+    """(group, comm) -> (the retired counters, the live snapshots), in merge order."""
     assert state.groups is not None
-    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    members: dict[tuple[str, str], tuple[dict[str, Any] | None, list[dict[str, Any]]]] = {}
     for key, counters in state.retired.items():
-        row = merged[key] = {"anon_bytes": 0, "file_bytes": 0, "shmem_bytes": 0,
-                             "virtual_bytes": 0, "drift_bytes": 0, "mappings": []}
-        add_counters(row, counters)
+        members[key] = (counters, [])
     for pid, snap in state.snapshots.items():
         key = (state.groups.get(pid, snap["comm"]), snap["comm"])
-        row = merged.setdefault(key, {"anon_bytes": 0, "file_bytes": 0, "shmem_bytes": 0,
-                                      "virtual_bytes": 0, "drift_bytes": 0, "mappings": []})
+        if key not in members:
+            members[key] = (None, [])
+        members[key][1].append(snap)
+    return members
+
+
+def _merge(retired: dict[str, Any] | None, snaps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One group's merged snapshot: the sums of its processes, plus the counters
+    of its exited ones."""
+    row = _zero_row()
+    if retired is not None:
+        add_counters(row, retired)
+    for snap in snaps:
         for f in ("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "drift_bytes"):
             row[f] += snap[f]
         row["mappings"] = row["mappings"] + snap["mappings"]
         add_counters(row, snap)
-    return [([safe_label(g), safe_label(c)], row) for (g, c), row in sorted(merged.items())]
+    return row
+
+
+def grouped_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
+    """(label values for `group, comm`, merged snapshot) per group and comm."""
+    return [([safe_label(g), safe_label(c)], _merge(*m))
+            for (g, c), m in sorted(_group_members(state).items())]
 
 
 def pid_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
@@ -104,29 +127,51 @@ class StateBox:
             return self._state
 
 
+GroupRow = tuple[tuple[str, str], list[Any]]  # (identity, kind), [anon, file, shmem, virtual]
+
+_MAPPING_FIELDS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
+                             "virtual_bytes")
+
+
+def _sum_mappings(snap: dict[str, Any], max_series: int) -> tuple[list[GroupRow], int]:
+    """group_mappings as rows ((identity, kind), [anon, file, shmem, virtual]), in
+    the same order; lists instead of dicts (this runs for every mapping of every
+    scrape)."""
+    groups: dict[tuple[str, str], list[Any]] = {}
+    get = groups.get
+    for identity, kind, a, f, s, v in map(_MAPPING_FIELDS, snap["mappings"]):
+        g = get((identity, kind))
+        if g is None:
+            groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v]
+        else:
+            g[0] += a
+            g[1] += f
+            g[2] += s
+            g[3] += v
+    if len(groups) <= max_series:
+        return list(groups.items()), 0
+    items = list(groups.items())
+    resident = [a + f + s for _, (a, f, s, _v) in items]
+    # by resident bytes, largest first, ties in order of appearance (as a stable
+    # sort with reverse=True of the items by the same key)
+    ranked = [items[i] for i in sorted(range(len(items)), key=resident.__getitem__,
+                                       reverse=True)]
+    kept = dict(ranked[: max_series - 1])
+    other = [0, 0, 0, 0]
+    for _, g in ranked[max_series - 1:]:
+        for j in range(4):
+            other[j] += g[j]
+    kept[(OTHER, "other")] = other
+    return list(kept.items()), len(ranked) - (max_series - 1)
+
+
 def group_mappings(snap: dict[str, Any], max_series: int) -> tuple[
         dict[tuple[str, str], dict[str, int]], int]:
     """Sum mappings by (identity, kind); keep the `max_series` largest by resident
     bytes and fold the rest into [other]. Returns the groups and how many were folded."""
-    groups: dict[tuple[str, str], dict[str, int]] = defaultdict(
-        lambda: {"anon": 0, "file": 0, "shmem": 0, "virtual": 0, "faults": 0})
-    for m in snap["mappings"]:
-        g = groups[(m["mapping"], m["kind"])]
-        g["anon"] += m["anon_bytes"]
-        g["file"] += m["file_bytes"]
-        g["shmem"] += m["shmem_bytes"]
-        g["virtual"] += m["virtual_bytes"]
-    if len(groups) <= max_series:
-        return dict(groups), 0
-    ranked = sorted(groups.items(), key=lambda kv: kv[1]["anon"] + kv[1]["file"]
-                    + kv[1]["shmem"], reverse=True)
-    kept = dict(ranked[: max_series - 1])
-    other = {"anon": 0, "file": 0, "shmem": 0, "virtual": 0, "faults": 0}
-    for _, g in ranked[max_series - 1:]:
-        for k in other:
-            other[k] += g[k]
-    kept[(OTHER, "other")] = other
-    return kept, len(ranked) - (max_series - 1)
+    rows, folded = _sum_mappings(snap, max_series)
+    return ({key: {"anon": a, "file": f, "shmem": s, "virtual": v, "faults": 0}
+             for key, (a, f, s, v) in rows}, folded)
 
 
 def _escape_label(value: str) -> str:
@@ -157,12 +202,19 @@ class Family:
         self.labels = list(labels)
         self.rows: list[tuple[Sequence[str], float]] = []
 
+    @property
+    def sample(self) -> str:
+        return self.name + "_total" if self.kind == "counter" else self.name
+
+    def header(self) -> str:
+        return f"# HELP {self.sample} {_escape_help(self.help)}\n# TYPE {self.sample} {self.kind}\n"
+
     def add_metric(self, values: Sequence[str], value: float) -> None:
         self.rows.append((values, value))
 
     def render(self, out: list[str], cache: dict[str, str]) -> None:
-        sample = self.name + "_total" if self.kind == "counter" else self.name
-        out.append(f"# HELP {sample} {_escape_help(self.help)}\n# TYPE {sample} {self.kind}\n")
+        sample = self.sample
+        out.append(self.header())
         names = self.labels
         for values, value in self.rows:
             if names:
@@ -222,25 +274,95 @@ def library_families(rows: list[tuple[list[str], dict[str, Any]]],
     return [loads, unloads, loaded, unloaded, given_back]
 
 
+def _row_families(who: Sequence[str]) -> list[Family]:
+    """The families with one or more series per process (or group), empty, in
+    scrape order; the text renderer writes their samples itself, in the same order."""
+    return [
+        _gauge("memtrace_process_resident_bytes",
+               "Resident memory of the process by type, exact per page table (equals statm "
+               "at quiescent points).", labels=[*who, "type"]),
+        _gauge("memtrace_process_virtual_bytes",
+               "Virtual size of the process (sum of its mappings).", labels=who),
+        _gauge("memtrace_mapping_resident_bytes",
+               "Resident memory per mapping identity (all segments of one library together) "
+               "by type.", labels=[*who, "mapping", "kind", "type"]),
+        _gauge("memtrace_mapping_virtual_bytes", "Virtual size per mapping identity.",
+               labels=[*who, "mapping", "kind"]),
+        _counter("memtrace_page_faults",
+                 "Page faults (user and kernel mode) per mapping identity since attach.",
+                 labels=[*who, "mapping"]),
+        _counter("memtrace_syscalls", "Address-space system calls since attach.",
+                 labels=[*who, "syscall"]),
+        _counter("memtrace_syscall_bytes",
+                 "Bytes named by address-space system calls since attach.",
+                 labels=[*who, "syscall"]),
+        _gauge("memtrace_drift_bytes",
+               "memtrace's resident total minus /proc/PID/statm at the last tick (0 when "
+               "quiescent).", labels=who),
+    ]
+
+
+_HEADERS = {tuple(who): [f.header().encode() for f in _row_families(who)]
+            for who in (("pid", "comm"), ("group", "comm"))}
+
+# Bounds of the caches kept between scrapes (see MemtraceCollector.render_text).
+# The label caches are cleared when either holds this many entries, or their keys
+# and values this many characters in all (identities can be paths of 4 kB).
+LABEL_CACHE_MAX = 50_000
+LABEL_CACHE_MAX_CHARS = 8_000_000
+
+
+def _stamp(snap: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a cached rendering of `snap` is valid for: its generation (bumped by
+    the watch loop whenever anything but ts/tick_seconds changes) and, as a guard
+    against a generation that repeats (a reused PID), its totals. None (never
+    cached) without a generation."""
+    gen = snap.get("generation")
+    if gen is None:
+        return None
+    return (gen, snap.get("pid"), snap["comm"], snap["anon_bytes"], snap["file_bytes"],
+            snap["shmem_bytes"], snap["virtual_bytes"], snap["drift_bytes"],
+            snap.get("faults"), len(snap["mappings"]))
+
+
+@dataclass
+class _Rendered:
+    """One process's (or group's) samples of each per-row family, as text."""
+
+    stamp: Any
+    parts: tuple[bytes, ...]  # UTF-8
+    folded: int
+
+
 class MemtraceCollector(Collector):
     def __init__(self, box: StateBox, max_mapping_series: int = 50) -> None:
         self.box = box
         self.max_mapping_series = max_mapping_series
         self.series_dropped_total = 0
         self._lock = threading.Lock()
+        self._render_lock = threading.Lock()
         # Per process (or group): the mapping identities that have their own fault
         # series. Admitted when first seen while there is room, never evicted, so
         # the [other] sum only ever holds identities that never had a series and
         # the counter never goes backwards.
         self._fault_names: dict[tuple[str, ...], set[str]] = {}
+        # Text fast path caches. Label values: raw mapping identity (and kind) -> escaped
+        # safe_label() (a pure function), both cleared at LABEL_CACHE_MAX(_CHARS).
+        # Rows: (pid, comm) or (group, comm) -> the row's text for the snapshot
+        # whose _stamp() it holds; one entry per live row, pruned every scrape.
+        self._labels: dict[str, str] = {}
+        self._fragments: dict[tuple[str, str], str] = {}  # the same for (identity, kind)
+        self._label_chars = 0
+        self._rendered: dict[tuple[str, ...], _Rendered] = {}
 
     def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
         counts: dict[str, int] = snap.get("faults_by_mapping", {})
         with self._lock:
             named = self._fault_names.setdefault(key, set())
-            for identity in sorted(counts, key=lambda i: -counts[i]):
-                if identity not in named and len(named) < self.max_mapping_series - 1:
-                    named.add(identity)
+            if len(named) < self.max_mapping_series - 1 and not named.issuperset(counts):
+                for identity in sorted(counts, key=lambda i: -counts[i]):
+                    if identity not in named and len(named) < self.max_mapping_series - 1:
+                        named.add(identity)
             out = [(i, counts[i]) for i in sorted(named) if i in counts]
         other = sum(n for i, n in counts.items() if i not in named)
         if other:
@@ -251,63 +373,185 @@ class MemtraceCollector(Collector):
         with self._lock:
             for key in [k for k in self._fault_names if k not in live_keys]:
                 del self._fault_names[key]
+            for key in [k for k in self._rendered if k not in live_keys]:
+                del self._rendered[key]
 
     def collect(self) -> Iterator[Metric]:
         for family in self.build():
             yield family.to_metric()
 
+    def _room_for_labels(self, chars: int) -> None:
+        """Clear both label caches before they pass their bounds."""
+        self._label_chars += chars
+        if (len(self._labels) + len(self._fragments) >= LABEL_CACHE_MAX
+                or self._label_chars > LABEL_CACHE_MAX_CHARS):
+            self._labels.clear()
+            self._fragments.clear()
+            self._label_chars = chars
+
+    def _fragment(self, key: tuple[str, str]) -> str:
+        """`mapping="…",kind="…"` for an (identity, kind); memoised."""
+        value = self._fragments.get(key)
+        if value is None:
+            value = \
+                f'mapping="{_escape_label(safe_label(key[0]))}",kind="{_escape_label(key[1])}"'
+            self._room_for_labels(len(key[0]) + len(value))
+            self._fragments[key] = value
+        return value
+
+    def _label(self, identity: str) -> str:
+        """safe_label(identity), escaped for the text format; memoised."""
+        value = self._labels.get(identity)
+        if value is None:
+            value = _escape_label(safe_label(identity))
+            self._room_for_labels(len(identity) + len(value))
+            self._labels[identity] = value
+        return value
+
+    def _render_row(self, who: Sequence[str], ids: Sequence[str],
+                    snap: dict[str, Any]) -> _Rendered:
+        """The samples of one process (or group) for each of _row_families(), as
+        UTF-8 text (one piece per family, samples in the order build() adds them)."""
+        p = f'{who[0]}="{_escape_label(ids[0])}",{who[1]}="{_escape_label(ids[1])}"'
+        num = _number
+        res = (f'memtrace_process_resident_bytes{{{p},type="anon"}} '
+               f'{num(snap["anon_bytes"])}\n'
+               f'memtrace_process_resident_bytes{{{p},type="file"}} '
+               f'{num(snap["file_bytes"])}\n'
+               f'memtrace_process_resident_bytes{{{p},type="shmem"}} '
+               f'{num(snap["shmem_bytes"])}\n')
+        virt = f'memtrace_process_virtual_bytes{{{p}}} {num(snap["virtual_bytes"])}\n'
+        groups, folded = _sum_mappings(snap, self.max_mapping_series)
+        fragments = self._fragments
+        fragment = self._fragment
+        res_prefix = f"memtrace_mapping_resident_bytes{{{p},"
+        virt_prefix = f"memtrace_mapping_virtual_bytes{{{p},"
+        mr: list[str] = []
+        mv: list[str] = []
+        for key, (a, f, s, v) in groups:
+            lab = fragments.get(key)
+            if lab is None:
+                lab = fragment(key)
+            if not (type(a) is int and type(f) is int and type(s) is int
+                    and type(v) is int):
+                a, f, s, v = num(a), num(f), num(s), num(v)
+            mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
+                      f'{res_prefix}{lab},type="file"}} {f}\n'
+                      f'{res_prefix}{lab},type="shmem"}} {s}\n')
+            mv.append(f"{virt_prefix}{lab}}} {v}\n")
+        labels = self._labels
+        label = self._label
+        faults = []
+        for identity, n in self._fault_series(tuple(ids), snap):
+            name = labels.get(identity)
+            if name is None:
+                name = label(identity)
+            faults.append(f'memtrace_page_faults_total{{{p},mapping="{name}"}} {num(n)}\n')
+        calls = snap["syscalls"]
+        call_bytes = snap["syscall_bytes"]
+        return _Rendered(None, tuple([part.encode("utf-8") for part in (
+            res, virt, "".join(mr), "".join(mv), "".join(faults),
+            "".join([f'memtrace_syscalls_total{{{p},syscall="{sc}"}} '
+                     f'{num(calls.get(sc, 0))}\n' for sc in SYSCALLS]),
+            "".join([f'memtrace_syscall_bytes_total{{{p},syscall="{sc}"}} '
+                     f'{num(call_bytes.get(sc, 0))}\n' for sc in SYSCALLS]),
+            f'memtrace_drift_bytes{{{p}}} {num(snap["drift_bytes"])}\n',
+        )]), folded)
+
+    def _text_rows(self, state: ExporterState) -> list[tuple[list[str], Any, Any]]:
+        """(label values, stamp or None, a function returning the row's snapshot)
+        per row, in scrape order; for a group the stamp covers every member and the
+        exited processes' counters, and the merge only runs when it is needed."""
+        if state.groups is None:
+            return [([str(pid), safe_label(snap["comm"])], _stamp(snap), lambda s=snap: s)
+                    for pid, snap in sorted(state.snapshots.items())]
+        rows: list[tuple[list[str], Any, Any]] = []
+        for (g, c), (retired, snaps) in sorted(_group_members(state).items()):
+            stamps = [_stamp(s) for s in snaps]
+            stamp = None if None in stamps else (
+                tuple(stamps),
+                None if retired is None else {k: dict(v) for k, v in retired.items()})
+            rows.append(([safe_label(g), safe_label(c)], stamp,
+                         lambda r=retired, s=snaps: _merge(r, s)))
+        return rows
+
     def render_text(self) -> str:
-        """The whole memtrace part of a scrape in the Prometheus text format 0.0.4."""
-        out: list[str] = []
-        cache: dict[str, str] = {}
-        for family in self.build():
-            family.render(out, cache)
-        return "".join(out)
+        """The whole memtrace part of a scrape in the Prometheus text format 0.0.4:
+        the same samples as collect(), in the same order. Built from the current
+        state on every scrape; a process's (or group's) text is reused from the
+        previous scrape only when its snapshot carries the same generation (see
+        _stamp), so a cached text is never served for a changed snapshot."""
+        return b"".join(self._render_parts()).decode("utf-8")
+
+    def render_chunks(self) -> list[bytes]:
+        """render_text() as UTF-8 pieces (one process's samples of one family
+        each, kB to tens of kB), never one buffer of several MB: what /metrics
+        serves (memtrace.web joins them a few at a time as it writes)."""
+        return self._render_parts()
+
+    def _render_parts(self) -> list[bytes]:
+        t0 = time.perf_counter()
+        state = self.box.get()
+        who = ("group", "comm") if state.groups is not None else ("pid", "comm")
+        rows = self._text_rows(state)
+        rendered: list[_Rendered] = []
+        dropped_now = 0
+        cache = self._rendered
+        # One scrape renders at a time: a concurrent scrape of the same tick
+        # then finds every process in the cache instead of rendering it again
+        # while both share the interpreter lock.
+        with self._render_lock:
+            for ids, stamp, get_snap in rows:
+                key = tuple(ids)
+                entry = cache.get(key) if stamp is not None else None
+                if entry is None or entry.stamp != stamp:
+                    entry = self._render_row(who, ids, get_snap())
+                    entry.stamp = stamp
+                    if stamp is not None:
+                        with self._lock:
+                            cache[key] = entry
+                rendered.append(entry)
+                dropped_now += entry.folded
+        out: list[bytes] = []
+        parts = [r.parts for r in rendered]
+        for i, header in enumerate(_HEADERS[who]):
+            out.append(header)
+            out.extend(map(itemgetter(i), parts))
+        with self._lock:
+            self.series_dropped_total += dropped_now
+            dropped_total = self.series_dropped_total
+        self.forget({tuple(ids) for ids, _, _ in rows})
+        escaped: dict[str, str] = {}
+        text: list[str] = []
+        lib_rows = ([(ids, get_snap()) for ids, _, get_snap in rows]
+                    if state.groups is None else [])
+        for family in [*heap_families(state), *library_families(lib_rows, list(who)),
+                       *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]:
+            family.render(text, escaped)
+        out.append("".join(text).encode("utf-8"))
+        return out
 
     def build(self) -> list[Family]:
         t0 = time.perf_counter()
         state = self.box.get()
         who = ["group", "comm"] if state.groups is not None else ["pid", "comm"]
         rows = grouped_rows(state) if state.groups is not None else pid_rows(state)
-        proc_res = _gauge(
-            "memtrace_process_resident_bytes",
-            "Resident memory of the process by type, exact per page table (equals statm "
-            "at quiescent points).", labels=[*who, "type"])
-        proc_virt = _gauge("memtrace_process_virtual_bytes",
-                                      "Virtual size of the process (sum of its mappings).",
-                                      labels=who)
-        map_res = _gauge(
-            "memtrace_mapping_resident_bytes",
-            "Resident memory per mapping identity (all segments of one library together) "
-            "by type.", labels=[*who, "mapping", "kind", "type"])
-        map_virt = _gauge("memtrace_mapping_virtual_bytes",
-                                     "Virtual size per mapping identity.",
-                                     labels=[*who, "mapping", "kind"])
-        faults = _counter("memtrace_page_faults",
-                                     "Page faults (user and kernel mode) per mapping identity "
-                                     "since attach.", labels=[*who, "mapping"])
-        calls = _counter("memtrace_syscalls",
-                                    "Address-space system calls since attach.",
-                                    labels=[*who, "syscall"])
-        call_bytes = _counter("memtrace_syscall_bytes",
-                                         "Bytes named by address-space system calls since "
-                                         "attach.", labels=[*who, "syscall"])
-        drift = _gauge("memtrace_drift_bytes",
-                                  "memtrace's resident total minus /proc/PID/statm at the "
-                                  "last tick (0 when quiescent).", labels=who)
+        families = _row_families(who)
+        proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift = families
         dropped_now = 0
         for ids, snap in rows:
             for t in TYPES:
                 proc_res.add_metric([*ids, t], snap[f"{t}_bytes"])
             proc_virt.add_metric(ids, snap["virtual_bytes"])
             drift.add_metric(ids, snap["drift_bytes"])
-            groups, folded = group_mappings(snap, self.max_mapping_series)
+            groups, folded = _sum_mappings(snap, self.max_mapping_series)
             dropped_now += folded
-            for (identity, kind), g in groups.items():
+            for (identity, kind), (a, f, s, v) in groups:
                 name = safe_label(identity)
-                for t in TYPES:
-                    map_res.add_metric([*ids, name, kind, t], g[t])
-                map_virt.add_metric([*ids, name, kind], g["virtual"])
+                map_res.add_metric([*ids, name, kind, "anon"], a)
+                map_res.add_metric([*ids, name, kind, "file"], f)
+                map_res.add_metric([*ids, name, kind, "shmem"], s)
+                map_virt.add_metric([*ids, name, kind], v)
             for identity, n in self._fault_series(tuple(ids), snap):
                 faults.add_metric([*ids, safe_label(identity)], n)
             for sc in SYSCALLS:
@@ -317,7 +561,7 @@ class MemtraceCollector(Collector):
             self.series_dropped_total += dropped_now
             dropped_total = self.series_dropped_total
         self.forget({tuple(ids) for ids, _ in rows})
-        return [proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift,
+        return [*families,
                 *heap_families(state),
                 *pss_families(state, rows, who, self.max_mapping_series),
                 *library_families(rows, who),

@@ -61,7 +61,8 @@ def headers_dir() -> Path:
 class Probes:
     """The loaded BPF program: targets in, dirty chunks, ranges, events, stats out."""
 
-    def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False) -> None:
+    def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False,
+                 rss_stat_probe: bool = True) -> None:
         if os.geteuid() != 0:
             raise MemtraceError("memtrace needs root (deploy/README.md: the capabilities it uses)",
                                 ExitCode.NOT_ROOT)
@@ -82,7 +83,13 @@ class Probes:
         if watch_execs:
             cflags.append("-DMT_WATCH_EXECS")
         self.rss_stat_mechanism = "tracepoint kmem:rss_stat (mm_id)"
-        if use_raw_rss_stat:
+        if not rss_stat_probe:
+            # Every RSS counter change (each first-touch fault) would run it;
+            # where statm is exact, the per-tick statm check finds remote
+            # changes instead (docs/design.md).
+            cflags.append("-DMT_NO_RSS_STAT")
+            self.rss_stat_mechanism = "statm check every tick (exact here; no rss_stat probe)"
+        elif use_raw_rss_stat:
             try:
                 offset = btf.member_offset("task_struct", "mm")
                 cflags.append(f"-DMT_TASK_MM_OFFSET={offset}")

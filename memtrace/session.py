@@ -4,6 +4,7 @@ snapshots out to a reporter, every interval."""
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -20,7 +21,7 @@ from memtrace.libevents import LibraryEvents
 from memtrace.livepss import LivePss, drop_all
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
-from memtrace.procfs import ProcFS
+from memtrace.procfs import ProcFS, statm_is_exact
 from memtrace.tracker import ProcessGone, ProcessTracker
 from memtrace.views.snapshot import SnapshotBuilder
 
@@ -35,6 +36,16 @@ class Reporter(Protocol):
 
 def log(text: str) -> None:
     print(f"memtrace: {text}", file=sys.stderr, flush=True)
+
+
+def want_rss_stat_probe() -> bool:
+    """The rss_stat probe finds RSS changes made from outside a process (ksmd,
+    khugepaged, reclaim by others, writes through /proc/PID/mem) the tick
+    they happen, at the cost of one BPF run per RSS counter change. Where
+    statm is exact the per-tick statm check finds them too (within a few ticks
+    when the process is busy), so the probe is left out unless
+    MEMTRACE_RSS_STAT_PROBE=1."""
+    return os.environ.get("MEMTRACE_RSS_STAT_PROBE") == "1" or not statm_is_exact()
 
 
 class Session:
@@ -67,7 +78,7 @@ class Session:
         self.pss: LivePss | None = None   # --pss-interval: see enable_pss
 
     def load(self, watch_execs: bool = False) -> Probes:
-        self.probes = Probes(watch_execs=watch_execs)
+        self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe())
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         return self.probes

@@ -10,6 +10,7 @@ process with 60k mappings costs a list copy per tick, not 60k dicts and a
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import dataclass
 from typing import Any, cast
@@ -26,6 +27,10 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 # Mappings per cached piece of the JSON array: a tick re-joins only the pieces
 # holding a changed mapping.
 _BLOCK = 256
+# Generations are drawn from one counter for all processes, so a generation
+# never repeats, even for a new process that reuses a PID (the exporter caches
+# a process's rendered metrics by pid and generation).
+_generations = itertools.count(1)
 _UNSTAMPED = frozenset({"ts", "tick_seconds", "generation", "mappings"})
 
 
@@ -91,7 +96,7 @@ class SnapshotBuilder:
         fields changed since the previous snapshot, else the next."""
         fingerprint = _encode({k: v for k, v in snap.items() if k not in _UNSTAMPED})
         if self._content_changed or fingerprint != self._fingerprint:
-            self._generation += 1
+            self._generation = next(_generations)
             self._fingerprint = fingerprint
         self._content_changed = False
         snap["generation"] = self._generation

@@ -78,13 +78,14 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., MetricsServer]]:
-    """serve(registry, cfg=WebConfig(), listen="127.0.0.1:0") -> a running
+    """serve(registry, cfg=WebConfig(), listen="127.0.0.1:0", fast=None) -> a running
     MetricsServer, closed at the end of the test."""
     servers: list[MetricsServer] = []
 
     def start(registry: CollectorRegistry, cfg: WebConfig | None = None,
-              listen: str = "127.0.0.1:0", **kw: Any) -> MetricsServer:
-        srv = MetricsServer(registry, listen, cfg or WebConfig(**kw))
+              listen: str = "127.0.0.1:0", fast: Callable[[], Any] | None = None,
+              **kw: Any) -> MetricsServer:
+        srv = MetricsServer(registry, listen, cfg or WebConfig(**kw), fast=fast)
         servers.append(srv)
         return srv
 

@@ -13,6 +13,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from memtrace.exporter import OTHER, ExporterState
 
+from . import helpers
 from .helpers import (
     LIBC,
     PAGE,
@@ -51,6 +52,14 @@ COUNTERS = [
     "memtrace_targets_dropped",
 ]
 TYPES = ("anon", "file", "shmem")
+
+
+@pytest.fixture(autouse=True, params=["collect", "text", "text-cached"])
+def path(request, monkeypatch):
+    """Every test here runs against collect() and the text fast path, without and
+    with the per-process cache (see helpers.MODE)."""
+    monkeypatch.setattr(helpers, "MODE", request.param)
+    return request.param
 
 
 def full_state() -> ExporterState:

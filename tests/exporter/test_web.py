@@ -4,28 +4,45 @@ client certificates, and the CLI's log lines about them (no root, no BCC)."""
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
+import re
 import socket
 import ssl
 import textwrap
 import time
 import types
+import zlib
 
 import pytest
 from prometheus_client import CollectorRegistry
+from prometheus_client.process_collector import ProcessCollector
 
-from memtrace import cli
+from memtrace import cli, web
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.exporter import StateBox
+from memtrace.exporter import MemtraceCollector, StateBox
 from memtrace.web import (
     DEFAULT_LISTEN,
+    TEXT_FORMAT,
+    WRITE_BYTES,
     WebConfig,
     is_loopback,
     load_web_config,
     parse_listen,
 )
 
-from .helpers import Scrape, get, realistic_process, registry_for, state_of
+from .helpers import (
+    PAGE,
+    Scrape,
+    get,
+    mapping,
+    place,
+    realistic_process,
+    registry_for,
+    scrape,
+    snapshot,
+    state_of,
+)
 
 bcrypt = pytest.importorskip("bcrypt", reason="bcrypt is a dependency of memtrace's basic auth")
 
@@ -204,6 +221,108 @@ def test_each_scrape_sees_the_latest_state(serve):
     box.set(state_of(realistic_process(2)))
     body = get(port)[2]
     assert b'pid="1"' not in body and b'pid="2"' in body
+
+
+# ---------------------------------------------------------------------------
+# MetricsServer, the text fast path (as `memtrace watch` serves /metrics)
+
+
+def fast_server(serve, state, render: str = "render_chunks"):
+    """memtrace's collector through fast=, the process collector after it."""
+    box = StateBox()
+    box.set(state)
+    collector = MemtraceCollector(box)
+    reg = CollectorRegistry()
+    reg.register(ProcessCollector(registry=None))
+    return serve(reg, fast=getattr(collector, render)), box
+
+
+def samples_without_build_time(s: Scrape) -> list:
+    """The samples that do not change between two scrapes of one state."""
+    return [x for x in s.samples if x[0] not in ("memtrace_scrape_build_seconds",
+                                                 "memtrace_mapping_series_folded_total")
+            and not x[0].startswith("process_")]
+
+
+@pytest.mark.parametrize("render", ["render_chunks", "render_text"])
+@pytest.mark.parametrize("gzip_module", ["zlib", "isal"])
+def test_fast_path_plain_and_gzip_serve_the_same_samples(serve, render, gzip_module,
+                                                         monkeypatch):
+    module = pytest.importorskip("isal.isal_zlib") if gzip_module == "isal" else zlib
+    monkeypatch.setattr(web, "GZIP", module)
+    state = state_of(realistic_process(100, "server"),
+                     *(many_identities_snapshot(p) for p in range(1, 40)))
+    srv, _ = fast_server(serve, state, render)
+    port = srv.httpd.server_port
+    status, headers, plain = get(port)
+    assert status == 200 and headers["content-type"] == TEXT_FORMAT
+    assert "content-encoding" not in headers
+    assert int(headers["content-length"]) == len(plain) > 2 * WRITE_BYTES
+    status, headers, packed = get(port, headers={"Accept-Encoding": "gzip"})
+    assert status == 200 and headers["content-encoding"] == "gzip"
+    assert int(headers["content-length"]) == len(packed) < len(plain) / 4
+    unpacked = gzip.decompress(packed)
+    a, b = Scrape(plain.decode("utf-8")), Scrape(unpacked.decode("utf-8"))
+    assert samples_without_build_time(a) == samples_without_build_time(b)
+    assert a.value("memtrace_targets") == 40
+    assert a.series("process_cpu_seconds_total") and b.series("process_cpu_seconds_total")
+    # the same samples as prometheus_client renders from collect()
+    want = scrape(registry_for(state)[0])
+    assert samples_without_build_time(a) == samples_without_build_time(want)
+
+
+def test_fast_path_head_and_post(serve):
+    srv, _ = fast_server(serve, state_of(realistic_process(100)))
+    port = srv.httpd.server_port
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("HEAD", "/metrics")
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.getheader("Content-Length")) > 0
+        assert resp.read() == b""
+    finally:
+        conn.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request("POST", "/metrics", body=b"x")
+        resp = conn.getresponse()
+        assert resp.status == 405 and resp.getheader("Allow") == "GET, HEAD"
+        resp.read()
+    finally:
+        conn.close()
+
+
+def test_fast_path_each_scrape_sees_the_latest_state(serve):
+    srv, box = fast_server(serve, state_of(realistic_process(1), realistic_process(2)))
+    port = srv.httpd.server_port
+    assert b'pid="1"' in get(port)[2]
+    box.set(state_of(realistic_process(2)))
+    body = get(port)[2]
+    assert b'pid="1"' not in body and b'pid="2"' in body
+
+
+def test_render_chunks_is_render_text_in_pieces_joined_lazily_for_writes():
+    state = state_of(*(many_identities_snapshot(p) for p in range(1, 40)))
+    box = StateBox()
+    box.set(state)
+    collector = MemtraceCollector(box)
+    chunks = collector.render_chunks()
+    text = collector.render_text()
+    assert len(chunks) > 2
+    assert max(map(len, chunks)) < WRITE_BYTES
+    joined = list(web._joined(chunks))
+    assert len(joined) > 1 and b"".join(joined) == b"".join(chunks)
+    assert all(len(j) >= WRITE_BYTES for j in joined[:-1])
+    strip = re.compile(rb"^memtrace_(scrape_build_seconds|mapping_series_folded_total) .*$",
+                       re.M)
+    assert strip.sub(b"", b"".join(chunks)) == strip.sub(b"", text.encode("utf-8"))
+
+
+def many_identities_snapshot(pid: int) -> dict:
+    maps = [mapping(f"/usr/lib/x/lib{i:03d}.so", "library", size=4 * PAGE, file=(i + 1) * PAGE)
+            for i in range(70)]
+    return snapshot(pid, f"w{pid}", place(maps),
+                    faults_by_mapping={f"/usr/lib/x/lib{i:03d}.so": i for i in range(70)})
 
 
 def test_port_in_use_is_a_one_line_usage_error(serve):

@@ -199,3 +199,14 @@ def test_unwritable_output_is_one_clear_line(cmd, tmp_path):
     assert r.returncode not in (0, 1)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and out in lines[0]
+
+
+def test_format_none_reports_nothing_but_log_lines(capsys):
+    from memtrace.cli import _NullReporter, _reporter
+
+    reporter = _reporter("none", None)
+    assert isinstance(reporter, _NullReporter)
+    reporter.snapshot({"pid": 1, "mappings": []})
+    reporter.message("pid 1 exited")
+    out, err = capsys.readouterr()
+    assert out == "" and "pid 1 exited" in err
