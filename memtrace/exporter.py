@@ -525,7 +525,12 @@ class MemtraceCollector(Collector):
         text: list[str] = []
         lib_rows = ([(ids, get_snap()) for ids, _, get_snap in rows]
                     if state.groups is None else [])
+        # PSS/USS families are built each scrape, not cached per row (rows only
+        # when some process has PSS figures: a group's merge is not free)
+        pss_on = any(s.get("pss_bytes") is not None for s in state.snapshots.values())
+        pss_rows = [(ids, get_snap()) for ids, _, get_snap in rows] if pss_on else []
         for family in [*heap_families(state), *library_families(lib_rows, list(who)),
+                       *pss_families(state, pss_rows, list(who), self.max_mapping_series),
                        *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]:
             family.render(text, escaped)
         out.append("".join(text).encode("utf-8"))
@@ -563,8 +568,8 @@ class MemtraceCollector(Collector):
         self.forget({tuple(ids) for ids, _ in rows})
         return [*families,
                 *heap_families(state),
-                *pss_families(state, rows, who, self.max_mapping_series),
                 *library_families(rows, who),
+                *pss_families(state, rows, who, self.max_mapping_series),
                 *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]
 
     def _self_metrics(self, state: ExporterState, dropped_total: int,

@@ -93,3 +93,18 @@ def test_no_series_without_pss_figures():
     for name in PSS_NAMES:
         assert name in s.families
         assert s.label_values(name, "pid") == {"100"}, name
+
+
+def test_the_text_path_serves_the_same_pss_series_as_collect():
+    from .helpers import Scrape
+    for groups in (None, {11: "web", 12: "web", 13: "db"}):
+        a, b = with_pss(realistic_process(11, "nginx")), with_pss(realistic_process(12, "nginx"))
+        c = with_pss(realistic_process(13, "postgres"))
+        reg, _, collector = registry_for(state_of(a, b, c, groups=groups))
+        text = Scrape(collector.render_text())
+        via_collect = scrape(reg)
+        def norm(series):
+            return sorted((tuple(sorted(lab.items())), float(v)) for lab, v in series)
+        for name in PSS_NAMES:
+            assert norm(text.series(name)) == norm(via_collect.series(name)), name
+            assert text.series(name), name
