@@ -664,7 +664,25 @@ def heap_families(state: ExporterState) -> list[Family]:
 
 # ------------------------------------------------------------------ PSS / USS (livepss)
 
+# Sums by snapshot generation (unique across processes, docs/output.md): a
+# scrape sums again only the processes whose snapshot changed since the last.
+_PSS_SUMS: dict[tuple[int, int], dict[tuple[str, str], list[int]]] = {}
+_PSS_SUMS_MAX = 10_000
+
+
 def _pss_by_mapping(snap: dict[str, Any], max_series: int) -> dict[tuple[str, str], list[int]]:
+    gen = snap.get("generation")
+    if gen is None:
+        return _sum_pss(snap, max_series)
+    sums = _PSS_SUMS.get((gen, max_series))
+    if sums is None:
+        if len(_PSS_SUMS) >= _PSS_SUMS_MAX:
+            _PSS_SUMS.clear()
+        sums = _PSS_SUMS[(gen, max_series)] = _sum_pss(snap, max_series)
+    return sums
+
+
+def _sum_pss(snap: dict[str, Any], max_series: int) -> dict[tuple[str, str], list[int]]:
     """Per-mapping PSS and USS summed by (identity, kind), with exactly the
     identities group_mappings() gives the resident series: the `max_series - 1`
     largest by resident bytes (same order, same ties), the rest in [other]."""
