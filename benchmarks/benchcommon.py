@@ -224,13 +224,14 @@ class Memtrace:
     the last raw line and its "ts", and all of stderr."""
 
     def __init__(self, exe: Path, pid: int, interval: float = 1.0,
-                 listen: str | None = None) -> None:
+                 listen: str | None = None, extra: Sequence[str] = ()) -> None:
         """listen: instead of JSON on stdout, `--format none` and /metrics on
         this address (the first snapshot is then taken from memtrace's log)."""
         self.argv = [str(exe), "watch", str(pid), "--interval", str(interval),
                      "--reconcile-interval", "0"]
         self.argv += (["--format", "none", "--web.listen-address", listen] if listen
                       else ["--format", "json", "--no-serve"])
+        self.argv += list(extra)
         self.interval = interval
         self.lines = 0
         self.last_line = b""

@@ -160,7 +160,8 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     listen = f"127.0.0.1:{opts.port}" if opts.output == "metrics" else None
     res["output"] = opts.output
-    mt = bc.Memtrace(opts.memtrace, pid, opts.interval, listen=listen)
+    mt = bc.Memtrace(opts.memtrace, pid, opts.interval, listen=listen,
+                     extra=opts.memtrace_args.split())
     res["memtrace_command"] = mt.command
     res["first_snapshot_wall_s"] = mt.wait_first_snapshot(600)
     res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
@@ -348,6 +349,8 @@ def main() -> int:
                     "scraped every --scrape-interval s (a long-running exporter), "
                     "process totals checked at the end")
     ap.add_argument("--scrape-interval", type=float, default=15.0)
+    ap.add_argument("--memtrace-args", default="",
+                    help="more options for memtrace watch, e.g. '--pss-interval 0'")
     ap.add_argument("--port", type=int, default=19877)
     opts = ap.parse_args()
     try:

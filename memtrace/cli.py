@@ -43,7 +43,8 @@ def _pss_interval_option() -> Any:
     return click.option(
         "--pss-interval", type=click.FloatRange(min=0.0), default=DEFAULT_PSS_INTERVAL,
         show_default=True, help="Seconds between refreshes of every mapping's PSS/USS "
-        "(shares change when other processes map, unmap or fork); mappings whose pages "
+        "(shares change when other processes map, unmap or fork), spaced to at least 20x "
+        "the last refresh's duration; mappings whose pages "
         "changed, and files another watched process mapped or unmapped, are refreshed "
         "every tick. 0 = off (the fields are null). Needs root. See docs/pss.md.")
 

@@ -7,7 +7,8 @@ it may have changed:
   madvise, munmap... in it; `AddressSpace.rescanned`), or it is new;
 - a watched process mapped or unmapped (or exited with) a mapping of the same
   file (device and inode): the shares of that file's pages changed;
-- every `interval` seconds, all of the process's mappings: map counts change
+- every `interval` seconds, or 20 times the duration of the last full refresh
+  if that is longer, all of the process's mappings: map counts change
   without any event in this process when another process (watched or not)
   maps, unmaps, forks or breaks copy-on-write sharing.
 
@@ -47,7 +48,14 @@ class _Process:
     files: dict[int, FileKey] = field(default_factory=dict)   # VMA start -> file
     pending: set[int] = field(default_factory=set)            # to compute next time
     last_full: float = float("-inf")                           # monotonic
+    full_cost: float = 0.0                                     # seconds, last full refresh
     refreshed_at: float | None = None                          # wall time of last full
+
+
+# Full refreshes of one process are spaced by at least this many times the
+# duration of its last one: at most 1/20 of a core for a process whose every
+# refresh is expensive (4 GiB in 60k mappings: about 1 s each).
+FULL_REFRESH_COST_FACTOR = 20
 
 
 class LivePss:
@@ -117,10 +125,12 @@ class LivePss:
         if files:
             todo.update(s for s, f in st.files.items() if f in files)
         now = self.clock()
-        full = self.interval > 0 and now - st.last_full >= self.interval
+        full = self.interval > 0 and now - st.last_full >= max(
+            self.interval, FULL_REFRESH_COST_FACTOR * st.full_cost)
         vmas = list(space.vmas) if full else [v for v in space.vmas if v.start in todo]
         if not vmas:
             return
+        t0 = time.perf_counter()
         try:
             new = self._compute(st.reader, vmas, whole=full, space=space)
         except PermissionError as e:
@@ -134,6 +144,7 @@ class LivePss:
         self.vmas_computed += len(vmas)
         if full:
             self.full_refreshes += 1
+            st.full_cost = time.perf_counter() - t0
             st.last_full = now
             st.refreshed_at = time.time()
         for vma, u in zip(vmas, new):

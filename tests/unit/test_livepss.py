@@ -296,3 +296,18 @@ def test_without_swap_the_models_runs_are_read_and_agree(setup, monkeypatch):
     clock.now += 60
     live.update(trackers[a.pid])
     assert live.scans == 1
+
+
+def test_full_refreshes_are_spaced_by_their_cost(setup):
+    """interval 60 s; a process whose last full refresh took 10 s waits 200 s."""
+    a, b, frames, clock, live, trackers = setup
+    tick(live, trackers)
+    assert live.full_refreshes == 2
+    for st in live._procs.values():
+        st.full_cost = 10.0
+    clock.now += 61
+    tick(live, trackers)
+    assert live.full_refreshes == 2          # 61 s < 20 x 10 s
+    clock.now += 140
+    tick(live, trackers)
+    assert live.full_refreshes == 4
