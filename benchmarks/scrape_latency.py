@@ -89,7 +89,10 @@ def synthetic_process(pid: int, n_maps: int, rng: random.Random) -> dict[str, An
             "start": 0, "end": pages * PAGE, "perms": perms, "offset": 0, "path": path,
             "kind": kind, "mapping": identity or path, "rss_bytes": (anon + file + shmem) * PAGE,
             "anon_bytes": anon * PAGE, "file_bytes": file * PAGE, "shmem_bytes": shmem * PAGE,
-            "virtual_bytes": pages * PAGE, "faults": rng.randrange(0, 500)})
+            "virtual_bytes": pages * PAGE, "faults": rng.randrange(0, 500),
+            # live PSS is on by default in watch: shared file pages count half
+            "pss_bytes": (anon + shmem + file // 2) * PAGE, "uss_bytes": anon * PAGE,
+            "swap_bytes": 0})
 
     def segments(path: str, kind: str) -> None:
         size = rng.randrange(8, 3000)
@@ -144,6 +147,8 @@ def synthetic_process(pid: int, n_maps: int, rng: random.Random) -> dict[str, An
         "syscall_bytes": {s: rng.randrange(0, 1 << 34) for s in SYSCALLS},
         "full_rescans": {"attach": 1}, "events_lost": 0, "events_sampled_out": 0,
         "tick_seconds": 0.002, "mappings": maps,
+        "pss_bytes": sum(m["pss_bytes"] for m in maps),
+        "uss_bytes": sum(m["uss_bytes"] for m in maps), "swap_bytes": 0,
     }
 
 
@@ -163,6 +168,10 @@ def grown(snap: dict[str, Any]) -> dict[str, Any]:
     heap = next(m for m in out["mappings"] if m["mapping"] == "[heap]")
     heap["anon_bytes"] += 10 * PAGE
     heap["rss_bytes"] += 10 * PAGE
+    heap["pss_bytes"] += 10 * PAGE
+    heap["uss_bytes"] += 10 * PAGE
+    out["pss_bytes"] += 10 * PAGE
+    out["uss_bytes"] += 10 * PAGE
     out["anon_bytes"] += 10 * PAGE
     out["rss_bytes"] += 10 * PAGE
     out["syscalls"]["brk"] += 1

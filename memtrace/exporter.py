@@ -666,7 +666,7 @@ def heap_families(state: ExporterState) -> list[Family]:
 
 # Sums by snapshot generation (unique across processes, docs/output.md): a
 # scrape sums again only the processes whose snapshot changed since the last.
-_PSS_SUMS: dict[tuple[int, int], dict[tuple[str, str], list[int]]] = {}
+_PSS_SUMS: dict[tuple[Any, int, int], dict[tuple[str, str], list[int]]] = {}
 _PSS_SUMS_MAX = 10_000
 
 
@@ -674,11 +674,12 @@ def _pss_by_mapping(snap: dict[str, Any], max_series: int) -> dict[tuple[str, st
     gen = snap.get("generation")
     if gen is None:
         return _sum_pss(snap, max_series)
-    sums = _PSS_SUMS.get((gen, max_series))
+    key = (snap.get("pid"), gen, max_series)
+    sums = _PSS_SUMS.get(key)
     if sums is None:
         if len(_PSS_SUMS) >= _PSS_SUMS_MAX:
             _PSS_SUMS.clear()
-        sums = _PSS_SUMS[(gen, max_series)] = _sum_pss(snap, max_series)
+        sums = _PSS_SUMS[key] = _sum_pss(snap, max_series)
     return sums
 
 
