@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -354,6 +354,8 @@ class MemtraceCollector(Collector):
         self._fragments: dict[tuple[str, str], str] = {}  # the same for (identity, kind)
         self._label_chars = 0
         self._rendered: dict[tuple[str, ...], _Rendered] = {}
+        # PSS/USS samples per process (pid mode), by the same stamp as _rendered.
+        self._pss_rendered: dict[tuple[str, ...], tuple[Any, list[str]]] = {}
 
     def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
         counts: dict[str, int] = snap.get("faults_by_mapping", {})
@@ -375,6 +377,8 @@ class MemtraceCollector(Collector):
                 del self._fault_names[key]
             for key in [k for k in self._rendered if k not in live_keys]:
                 del self._rendered[key]
+            for key in [k for k in self._pss_rendered if k not in live_keys]:
+                del self._pss_rendered[key]
 
     def collect(self) -> Iterator[Metric]:
         for family in self.build():
@@ -525,16 +529,70 @@ class MemtraceCollector(Collector):
         text: list[str] = []
         lib_rows = ([(ids, get_snap()) for ids, _, get_snap in rows]
                     if state.groups is None else [])
-        # PSS/USS families are built each scrape, not cached per row (rows only
-        # when some process has PSS figures: a group's merge is not free)
-        pss_on = any(s.get("pss_bytes") is not None for s in state.snapshots.values())
-        pss_rows = [(ids, get_snap()) for ids, _, get_snap in rows] if pss_on else []
-        for family in [*heap_families(state), *library_families(lib_rows, list(who)),
-                       *pss_families(state, pss_rows, list(who), self.max_mapping_series),
-                       *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]:
+        for family in [*heap_families(state), *library_families(lib_rows, list(who))]:
+            family.render(text, escaped)
+        text += self._pss_text(state, list(who), rows, escaped)
+        for family in self._self_metrics(state, dropped_total, time.perf_counter() - t0):
             family.render(text, escaped)
         out.append("".join(text).encode("utf-8"))
         return out
+
+    def _pss_text(self, state: ExporterState, who: list[str],
+                  rows: list[tuple[list[str], Any, Callable[[], dict[str, Any]]]],
+                  escaped: dict[str, str]) -> list[str]:
+        """The four PSS/USS families as text. In pid mode each process's samples
+        are cached by its stamp (like the resident families); in group mode
+        (sums over processes) they are built every scrape."""
+        headers = [f.header() for f in pss_families(ExporterState(), [], who, 0)]
+        pss_on = any(s.get("pss_bytes") is not None for s in state.snapshots.values())
+        if not pss_on:
+            return headers
+        if state.groups is not None:
+            out: list[str] = []
+            pss_rows = [(ids, get_snap()) for ids, _, get_snap in rows]
+            for family in pss_families(state, pss_rows, who, self.max_mapping_series):
+                family.render(out, escaped)
+            return out
+        per_row: list[list[str]] = []
+        for ids, stamp, get_snap in rows:
+            key = tuple(ids)
+            entry = self._pss_rendered.get(key) if stamp is not None else None
+            if entry is None or entry[0] != stamp:
+                entry = (stamp, self._pss_row(who, ids, get_snap(), escaped))
+                if stamp is not None:
+                    with self._lock:
+                        self._pss_rendered[key] = entry
+            per_row.append(entry[1])
+        out = []
+        for i, header in enumerate(headers):
+            out.append(header)
+            out.extend(parts[i] for parts in per_row)
+        return out
+
+    def _pss_row(self, who: list[str], ids: list[str], snap: dict[str, Any],
+                 escaped: dict[str, str]) -> list[str]:
+        """One process's samples of the four PSS/USS families, exactly as
+        Family.render writes the rows pss_families() gives (pid mode)."""
+        pss, uss = snap.get("pss_bytes"), snap.get("uss_bytes")
+        if pss is None or uss is None:
+            return ["", "", "", ""]
+
+        def esc(v: str) -> str:
+            e = escaped.get(v)
+            if e is None:
+                e = escaped[v] = _escape_label(v)
+            return e
+
+        prefix = ",".join(f'{k}="{esc(v)}"' for k, v in zip(who, ids))
+        map_pss: list[str] = []
+        map_uss: list[str] = []
+        for (identity, kind), g in _pss_by_mapping(snap, self.max_mapping_series).items():
+            labels = f'{prefix},mapping="{esc(safe_label(identity))}",kind="{esc(kind)}"'
+            map_pss.append(f"memtrace_mapping_pss_bytes{{{labels}}} {_number(g[1])}\n")
+            map_uss.append(f"memtrace_mapping_uss_bytes{{{labels}}} {_number(g[2])}\n")
+        return [f"memtrace_process_pss_bytes{{{prefix}}} {_number(pss)}\n",
+                f"memtrace_process_uss_bytes{{{prefix}}} {_number(uss)}\n",
+                "".join(map_pss), "".join(map_uss)]
 
     def build(self) -> list[Family]:
         t0 = time.perf_counter()

@@ -108,3 +108,16 @@ def test_the_text_path_serves_the_same_pss_series_as_collect():
         for name in PSS_NAMES:
             assert norm(text.series(name)) == norm(via_collect.series(name)), name
             assert text.series(name), name
+
+
+def test_text_path_pss_cache_follows_the_generation():
+    from .helpers import Scrape
+    a = with_pss(realistic_process(11, "nginx"))
+    a["generation"] = 7
+    reg, box, collector = registry_for(state_of(a))
+    first = Scrape(collector.render_text()).series("memtrace_process_pss_bytes")
+    assert Scrape(collector.render_text()).series("memtrace_process_pss_bytes") == first
+    b = dict(a, pss_bytes=a["pss_bytes"] + 4096, generation=8)
+    box.set(state_of(b))
+    (labels, value), = Scrape(collector.render_text()).series("memtrace_process_pss_bytes")
+    assert value == a["pss_bytes"] + 4096
