@@ -86,41 +86,54 @@ class PagemapScanner(_PagemapFile):
     def scan(self, start: int, end: int) -> list[Run]:
         """Resident runs in [start, end), in address order. Runs are coalesced
         by the kernel across adjacent VMAs: callers clip them to VMA bounds."""
-        arg = self._arg
-        runs: list[Run] = []
-        cursor = start
-        while cursor < end:
-            arg.size = ctypes.sizeof(_PmScanArg)
-            arg.flags = 0
-            arg.start = cursor
-            arg.end = end
-            arg.walk_end = 0
-            arg.vec = ctypes.addressof(self._vec)
-            arg.vec_len = _VEC_LEN
-            arg.max_pages = 0
-            arg.category_inverted = PAGE_IS_PFNZERO
-            arg.category_mask = PAGE_IS_PRESENT | PAGE_IS_PFNZERO
-            arg.category_anyof_mask = 0
-            arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_FILE
-            n = _libc.ioctl(self.fd, PAGEMAP_SCAN, ctypes.byref(arg))
-            self.ioctls += 1
-            if n < 0:
-                err = ctypes.get_errno()
-                if err == errno.ESRCH:
-                    raise ProcessLookupError(self.pid)
-                if err in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise ScanUnsupported(err, "PAGEMAP_SCAN not supported by this kernel")
-                raise OSError(err, os.strerror(err))
-            vec = self._vec
-            for i in range(n):
-                r = vec[i]
-                runs.append((r.start, r.end, not (r.categories & PAGE_IS_FILE)))
-            # Resume only when the vector was full: walk_end can stop short of
-            # `end` with everything delivered, and resuming then double counts.
-            if n < _VEC_LEN or arg.walk_end <= cursor:
-                break
-            cursor = arg.walk_end
-        return runs
+        regions, ioctls = pagemap_scan(
+            self.fd, self.pid, self._arg, self._vec, start, end,
+            category_mask=PAGE_IS_PRESENT | PAGE_IS_PFNZERO, category_anyof_mask=0,
+            return_mask=PAGE_IS_PRESENT | PAGE_IS_FILE)
+        self.ioctls += ioctls
+        return [(r_start, r_end, not (cats & PAGE_IS_FILE)) for r_start, r_end, cats in regions]
+
+
+def pagemap_scan(fd: int, pid: int, arg: _PmScanArg, vec: ctypes.Array[_PageRegion],
+                 start: int, end: int, category_mask: int, category_anyof_mask: int,
+                 return_mask: int) -> tuple[list[tuple[int, int, int]], int]:
+    """PAGEMAP_SCAN over [start, end) of pid's pagemap fd, never the zero page:
+    the (start, end, categories) regions in address order, and the number of
+    ioctls it took."""
+    regions: list[tuple[int, int, int]] = []
+    ioctls = 0
+    cursor = start
+    while cursor < end:
+        arg.size = ctypes.sizeof(_PmScanArg)
+        arg.flags = 0
+        arg.start = cursor
+        arg.end = end
+        arg.walk_end = 0
+        arg.vec = ctypes.addressof(vec)
+        arg.vec_len = _VEC_LEN
+        arg.max_pages = 0
+        arg.category_inverted = PAGE_IS_PFNZERO
+        arg.category_mask = category_mask
+        arg.category_anyof_mask = category_anyof_mask
+        arg.return_mask = return_mask
+        n = _libc.ioctl(fd, PAGEMAP_SCAN, ctypes.byref(arg))
+        ioctls += 1
+        if n < 0:
+            err = ctypes.get_errno()
+            if err == errno.ESRCH:
+                raise ProcessLookupError(pid)
+            if err in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
+                raise ScanUnsupported(err, "PAGEMAP_SCAN not supported by this kernel")
+            raise OSError(err, os.strerror(err))
+        for i in range(n):
+            r = vec[i]
+            regions.append((r.start, r.end, r.categories))
+        # Resume only when the vector was full: walk_end can stop short of
+        # `end` with everything delivered, and resuming then double counts.
+        if n < _VEC_LEN or arg.walk_end <= cursor:
+            break
+        cursor = arg.walk_end
+    return regions, ioctls
 
 
 def probe_pagemap_scan() -> tuple[bool, str]:

@@ -34,7 +34,6 @@ Pure core: `account`, `wanted_pfns`, `pmd_blocks`, `pfn_ranges`; I/O: `KPageCoun
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import functools
 import gzip
@@ -50,13 +49,12 @@ from memtrace.pagemap import (
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
     PAGE_IS_PRESENT,
-    PAGEMAP_SCAN,
     PFNMAP_NAMES,
     PM_PFN_MASK,
     ScanUnsupported,
-    _libc,
     _PageRegion,
     _PmScanArg,
+    pagemap_scan,
 )
 from memtrace.procfs import PAGE_SIZE, Vma
 
@@ -432,41 +430,18 @@ class PssReader:
     def scan(self, start: int, end: int) -> list[Range]:
         """Runs in [start, end) with pages present (not the zero page) or
         swapped out, from PAGEMAP_SCAN; coalesced across VMAs by the kernel."""
-        arg = self._arg
+        regions, ioctls = pagemap_scan(
+            self.fd, self.pid, self._arg, self._vec, start, end,
+            category_mask=PAGE_IS_PFNZERO,
+            category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE)
+        self.syscalls += ioctls
         runs: list[Range] = []
-        cursor = start
-        while cursor < end:
-            arg.size = ctypes.sizeof(_PmScanArg)
-            arg.flags = 0
-            arg.start = cursor
-            arg.end = end
-            arg.walk_end = 0
-            arg.vec = ctypes.addressof(self._vec)
-            arg.vec_len = _VEC_LEN
-            arg.max_pages = 0
-            arg.category_inverted = PAGE_IS_PFNZERO
-            arg.category_mask = PAGE_IS_PFNZERO
-            arg.category_anyof_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
-            arg.return_mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE
-            n = _libc.ioctl(self.fd, PAGEMAP_SCAN, ctypes.byref(arg))
-            self.syscalls += 1
-            if n < 0:
-                err = ctypes.get_errno()
-                if err == errno.ESRCH:
-                    raise ProcessLookupError(self.pid)
-                if err in (errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise ScanUnsupported(err, "PAGEMAP_SCAN not supported by this kernel")
-                raise OSError(err, os.strerror(err))
-            vec = self._vec
-            for i in range(n):
-                r = vec[i]
-                if runs and runs[-1][1] == r.start:
-                    runs[-1] = (runs[-1][0], r.end)
-                else:
-                    runs.append((r.start, r.end))
-            if n < _VEC_LEN or arg.walk_end <= cursor:
-                break
-            cursor = arg.walk_end
+        for r_start, r_end, _ in regions:
+            if runs and runs[-1][1] == r_start:
+                runs[-1] = (runs[-1][0], r_end)
+            else:
+                runs.append((r_start, r_end))
         return runs
 
     def entries(self, start: int, end: int) -> bytes:
