@@ -381,6 +381,30 @@ TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return names_changed(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return names_changed(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return names_changed(args->ret); }
 
+/* A fork (clone without CLONE_VM) of a watched process shares its anonymous
+ * pages copy-on-write with the child, changing their PSS with no fault or
+ * address-space call: counted (at entry, so a failed fork counts too) for
+ * user space to recompute PSS. vfork shares the mm itself and is not counted. */
+#define MT_CLONE_VM 0x00000100ULL
+static __always_inline int count_fork(u64 clone_flags)
+{
+    if (clone_flags & MT_CLONE_VM)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct mt_stats *st = stats.lookup(&tgid);
+    if (st)
+        __sync_fetch_and_add(&st->forks, 1);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_enter_clone) { return count_fork(args->clone_flags); }
+TRACEPOINT_PROBE(syscalls, sys_enter_fork) { return count_fork(0); }
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
+{
+    u64 flags = MT_CLONE_VM;     /* unreadable arguments: the call fails */
+    bpf_probe_read_user(&flags, sizeof(flags), args->uargs);
+    return count_fork(flags);
+}
+
 #define PR_SET_VMA 0x53564d41
 TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
 {

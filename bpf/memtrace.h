@@ -61,6 +61,7 @@ struct mt_stats {
     u64 events_lost;                /* event records that did not fit the ring buffer */
     u64 events_sampled_out;         /* event records skipped because the budget was spent */
     u64 brk;                        /* last program break seen */
+    u64 forks;                      /* clone/fork calls without CLONE_VM (copy-on-write children) */
 };
 
 /* Arguments of an address-space syscall in flight, per thread. */

@@ -42,6 +42,7 @@ class RawStats(ctypes.Structure):
         ("events_lost", ctypes.c_uint64),
         ("events_sampled_out", ctypes.c_uint64),
         ("brk", ctypes.c_uint64),
+        ("forks", ctypes.c_uint64),
     ]
 
 
@@ -76,6 +77,7 @@ class Stats:
     events_lost: int = 0
     events_sampled_out: int = 0
     brk: int = 0
+    forks: int = 0      # fork/clone calls without CLONE_VM: copy-on-write children
 
     @classmethod
     def empty(cls) -> Stats:
@@ -89,6 +91,7 @@ def decode_stats(raw: RawStats) -> Stats:
         layout_gen=raw.layout_gen, exec_gen=raw.exec_gen, remote_rss=raw.remote_rss,
         full_rescan_requests=raw.full_rescan_requests, ranges_lost=raw.ranges_lost,
         events_lost=raw.events_lost, events_sampled_out=raw.events_sampled_out, brk=raw.brk,
+        forks=raw.forks,
     )
 
 

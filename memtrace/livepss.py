@@ -10,7 +10,13 @@ it may have changed:
 - every `interval` seconds, or 20 times the duration of the last full refresh
   if that is longer, all of the process's mappings: map counts change
   without any event in this process when another process (watched or not)
-  maps, unmaps, forks or breaks copy-on-write sharing.
+  maps, unmaps, forks or breaks copy-on-write sharing. Left out of these
+  full refreshes (when BPF counts the process's forks, `forks_known`): private
+  anonymous mappings whose every page was exclusive, with nothing swapped,
+  at their last computation. Such a page can only become shared by a fork of
+  this process (counted in BPF) or by KSM merging (not while ksmd is off);
+  any change to the mapping's own pages is an event that recomputes it. A
+  fork makes the next tick's refresh a full one (spaced by its cost).
 
 Between full refreshes, the figures of pages this process did not touch can be
 stale by what other processes did to their map counts in that time. The
@@ -50,6 +56,7 @@ class _Process:
     last_full: float = float("-inf")                           # monotonic
     full_cost: float = 0.0                                     # seconds, last full refresh
     refreshed_at: float | None = None                          # wall time of last full
+    forks: int | None = None         # the process's fork count at the last full refresh
 
 
 # Full refreshes of one process are spaced by at least this many times the
@@ -65,8 +72,12 @@ class LivePss:
 
     def __init__(self, interval: float = DEFAULT_PSS_INTERVAL, proc_root: str = "/proc",
                  reader_options: dict[str, object] | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 forks_known: bool = False,
+                 ksm_run_path: str = "/sys/kernel/mm/ksm/run") -> None:
         self.interval = interval
+        self.forks_known = forks_known      # tracker.stats.forks counts every fork
+        self.ksm_run_path = ksm_run_path
         self.proc_root = proc_root
         self.counts = KPageCounts(proc_root)
         self.reader_options = reader_options or {}
@@ -78,6 +89,7 @@ class LivePss:
         self.vmas_computed = 0      # counters for tests and benchmarks
         self.full_refreshes = 0
         self.scans = 0              # computations that needed their own PAGEMAP_SCAN
+        self.vmas_settled = 0       # left out of full refreshes: exclusive anonymous
 
     # -- per tick -----------------------------------------------------------
     def begin_tick(self) -> None:
@@ -125,9 +137,16 @@ class LivePss:
         if files:
             todo.update(s for s, f in st.files.items() if f in files)
         now = self.clock()
-        full = self.interval > 0 and now - st.last_full >= max(
-            self.interval, FULL_REFRESH_COST_FACTOR * st.full_cost)
-        vmas = list(space.vmas) if full else [v for v in space.vmas if v.start in todo]
+        since = now - st.last_full
+        spacing = FULL_REFRESH_COST_FACTOR * st.full_cost
+        forks = tracker.stats.forks if self.forks_known else None
+        full = self.interval > 0 and since >= max(self.interval, spacing) or (
+            forks is not None and st.forks is not None and forks != st.forks
+            and since >= spacing)
+        if full:
+            vmas = self._full_set(st, space.vmas, usage, todo, forks)
+        else:
+            vmas = _by_start(space, todo)
         if not vmas:
             return
         t0 = time.perf_counter()
@@ -147,10 +166,37 @@ class LivePss:
             st.full_cost = time.perf_counter() - t0
             st.last_full = now
             st.refreshed_at = time.time()
+            st.forks = forks
         for vma, u in zip(vmas, new):
             if usage.get(vma.start) != u:
                 usage[vma.start] = u
                 space.changed.add(vma.start)
+
+    def _full_set(self, st: _Process, vmas: list[Vma], usage: dict[int, Usage],
+                  todo: set[int], forks: int | None) -> list[Vma]:
+        """The mappings a full refresh computes: all of them but the settled
+        ones (see the module's docstring), unless the process forked since the
+        last full refresh or KSM may merge pages."""
+        if forks is None or st.forks is None or forks != st.forks or self._ksm_running():
+            return list(vmas)
+        out = []
+        for v in vmas:
+            u = usage.get(v.start)
+            if (u is not None and not v.inode and u.uss == u.rss and not u.swap
+                    and v.perms[3:4] == "p" and v.start not in todo):
+                continue
+            out.append(v)
+        self.vmas_settled += len(vmas) - len(out)
+        return out
+
+    def _ksm_running(self) -> bool:
+        try:
+            with open(self.ksm_run_path, "rb") as f:
+                return f.read().strip() not in (b"0", b"")
+        except FileNotFoundError:
+            return False          # no KSM in this kernel
+        except OSError:
+            return True
 
     def _diff_layout(self, st: _Process, usage: dict[int, Usage], todo: set[int]) -> None:
         # First sight of a process: its mappings existed before, so no share
@@ -245,6 +291,16 @@ def _model_runs(space: AddressSpace, vmas: list[Vma]) -> list[tuple[int, int]]:
             if chunk is not None:
                 runs.extend((start, end) for start, end, _ in chunk.runs)
     return runs
+
+
+def _by_start(space: AddressSpace, starts: set[int]) -> list[Vma]:
+    """The VMAs of `space` that start at one of `starts`, in address order."""
+    out = []
+    for start in sorted(starts):
+        v = space.vma_at(start)
+        if v is not None and v.start == start:
+            out.append(v)
+    return out
 
 
 def drop_all(trackers: Iterable[ProcessTracker]) -> None:

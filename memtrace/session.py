@@ -252,7 +252,9 @@ class Session:
             log("PSS off (--pss-interval 0): pss_bytes, uss_bytes and swap_bytes are null")
             return
         try:
-            self.pss = LivePss(interval, str(self.procfs.root))
+            # forks are counted in BPF (stats.forks): settled mappings are
+            # left out of full refreshes
+            self.pss = LivePss(interval, str(self.procfs.root), forks_known=True)
         except OSError as e:
             log(f"PSS unavailable (cannot read /proc/kpagecount: {e.strerror or e}; needs "
                 "root): pss_bytes, uss_bytes and swap_bytes are null")

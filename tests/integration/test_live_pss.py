@@ -208,3 +208,66 @@ def test_copy_on_write_in_a_watched_child_is_seen_in_the_next_tick(tmp_path):
                 os.kill(child, signal.SIGKILL)
         proc.kill()
         proc.wait()
+
+
+FORK_LATER_CODE = """
+import ctypes, mmap, os, signal, sys
+n = 8 << 20
+m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+m.madvise(mmap.MADV_NOHUGEPAGE)
+for i in range(0, n, 4096):
+    m[i] = 1
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+os.write(1, f"READY {os.getpid()} {addr}\\n".encode())
+sys.stdin.readline()
+pid = os.fork()
+if pid == 0:
+    os.kill(os.getpid(), signal.SIGSTOP)
+    os._exit(0)
+os.write(1, f"FORKED {pid}\\n".encode())
+os.kill(os.getpid(), signal.SIGSTOP)
+os.waitpid(pid, 0)
+"""
+
+
+def test_a_fork_of_a_watched_process_updates_its_pss_without_a_refresh(tmp_path):
+    """The parent's 8 MiB region is private when watching starts, so full
+    refreshes leave it out; then it forks (no fault, no address-space call
+    in the parent). BPF counts the fork and the next tick recomputes every
+    mapping: the region is shared by two, as smaps says, long before
+    --pss-interval (3600 s) would refresh it."""
+    proc = subprocess.Popen(["/usr/bin/python3", "-c", FORK_LATER_CODE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    mt = None
+    child = 0
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        word, pid_text, addr_text = proc.stdout.readline().split()
+        assert word == b"READY"
+        parent, addr = int(pid_text), int(addr_text)
+        mt = Memtrace(["watch", "--format", "json", "--interval", "0.25", "--pss-interval",
+                       "3600", "--no-serve", "--heap-interval", "0", str(parent)],
+                      tmp_path / "watch.log")
+        first = mt.stream.wait_snapshot(parent, 0, timeout=60, context=mt.stderr_tail)
+        assert _got(_snap_vma(first, addr)) == (8192, 8192, 0)
+        proc.stdin.write(b"fork\n")
+        proc.stdin.flush()
+        word, child_text = proc.stdout.readline().split()
+        assert word == b"FORKED"
+        child = int(child_text)
+        wait_stopped(parent)
+        wait_stopped(child)
+        want = _vma_key(parent, addr)
+        assert want == (4096, 0, 0)                  # shared by two: half each
+        t = time.time()
+        mt.stream.wait_snapshot(parent, t, timeout=30, context=mt.stderr_tail)
+        snap = mt.stream.wait_snapshot(parent, time.time(), timeout=30, context=mt.stderr_tail)
+        assert _got(_snap_vma(snap, addr)) == want, mt.stderr_tail()
+    finally:
+        if mt is not None:
+            mt.stop()
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait()

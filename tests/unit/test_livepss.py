@@ -311,3 +311,95 @@ def test_full_refreshes_are_spaced_by_their_cost(setup):
     clock.now += 140
     tick(live, trackers)
     assert live.full_refreshes == 4
+
+
+def _forking_setup(world, tmp_path: Path, ksm: bytes = b"0\n"):
+    a, _ = standard_process(world, 4000)
+    frames = Frames(world)
+    frames.sync()
+    clock = Clock()
+    (tmp_path / "ksm_run").write_bytes(ksm)
+    live = LivePss(60.0, str(world.root), OPTIONS, clock=clock, forks_known=True,
+                   ksm_run_path=str(tmp_path / "ksm_run"))
+    tr = ProcessTracker(a.pid, world.procfs())
+    tr.start()
+    return a, frames, clock, live, {a.pid: tr}
+
+
+def _private_anon(tr: ProcessTracker) -> list[int]:
+    usage = tr.pss_usage
+    assert usage is not None
+    return [v.start for v in tr.space.vmas if not v.inode and v.perms.endswith("p")
+            and usage[v.start].rss and usage[v.start].uss == usage[v.start].rss]
+
+
+def test_full_refresh_leaves_out_exclusive_anonymous_mappings_while_nothing_forks(world, tmp_path):
+    a, frames, clock, live, trackers = _forking_setup(world, tmp_path)
+    tr = trackers[a.pid]
+    tick(live, trackers)
+    settled = _private_anon(tr)
+    assert settled and live.vmas_settled == 0       # the first refresh computes everything
+    computed = live.vmas_computed
+    clock.now += 61
+    tick(live, trackers)
+    assert live.full_refreshes == 2
+    assert live.vmas_settled == len(settled)
+    assert live.vmas_computed - computed == len(tr.space.vmas) - len(settled)
+    assert usage_of(tr) == frames.expected(a)
+
+
+def test_a_fork_recomputes_every_mapping_at_the_next_tick(world, tmp_path):
+    """A fork shares the parent's anonymous pages with no fault or call in the
+    parent: BPF counts it (stats.forks), and the next tick refreshes all."""
+    a, frames, clock, live, trackers = _forking_setup(world, tmp_path)
+    tr = trackers[a.pid]
+    tick(live, trackers)
+    clock.now += 61
+    tick(live, trackers)
+    # the "child" maps a's heap page (its copy-on-write share)
+    child, _ = standard_process(world, 4100)
+    heap_page = next(addr for addr in a.pages if ANON <= addr < ANON + (4 << CHUNK_SHIFT))
+    frames.shared[(a.pid, heap_page)] = 0x900000
+    frames.shared[(child.pid, heap_page)] = 0x900000
+    child.pages[heap_page] = True
+    frames.sync()
+    clock.now += 1
+    tick(live, trackers)
+    assert usage_of(tr) != frames.expected(a)      # no fork counted: stale until a refresh
+    tr.stats = dataclasses.replace(tr.stats, forks=tr.stats.forks + 1)
+    clock.now += 1
+    tick(live, trackers)
+    assert live.full_refreshes == 3
+    assert usage_of(tr) == frames.expected(a)
+
+
+def test_nothing_is_left_out_while_ksm_runs_or_forks_are_not_counted(world, tmp_path):
+    a, frames, clock, live, trackers = _forking_setup(world, tmp_path, ksm=b"1\n")
+    tick(live, trackers)
+    clock.now += 61
+    tick(live, trackers)
+    assert live.full_refreshes == 2 and live.vmas_settled == 0
+    live.ksm_run_path = str(tmp_path / "none")        # no KSM in the kernel
+    live.forks_known = False
+    clock.now += 61
+    tick(live, trackers)
+    assert live.full_refreshes == 3 and live.vmas_settled == 0
+
+
+def test_a_mapping_with_shared_pages_is_still_refreshed_in_full(world, tmp_path):
+    """a's page shared with another process (their fork) becomes private
+    when that process writes its copy: no event in a, only a full refresh
+    shows it, so mappings with shared pages are never left out."""
+    a, frames, clock, live, trackers = _forking_setup(world, tmp_path)
+    other, _ = standard_process(world, 4100)
+    page = ANON + (1 << CHUNK_SHIFT)
+    frames.shared[(a.pid, page)] = frames.shared[(other.pid, page)] = 0x900000
+    frames.sync()
+    tick(live, trackers)
+    assert trackers[a.pid].pss_usage[ANON].uss < trackers[a.pid].pss_usage[ANON].rss  # type: ignore[index]
+    del frames.shared[(other.pid, page)]
+    frames.sync()
+    clock.now += 61
+    tick(live, trackers)
+    assert live.vmas_settled > 0
+    assert usage_of(trackers[a.pid]) == frames.expected(a)
