@@ -156,6 +156,14 @@ class ProcFS:
         except OSError:
             return b""
 
+    def map_file_name(self, pid: int, start: int, end: int) -> bytes:
+        """The path maps shows for the file-backed VMA [start, end), read from
+        /proc/PID/map_files (one readlink; needs CAP_SYS_ADMIN). maps escapes
+        a newline in a path as \\012; readlink does not. OSError when the VMA
+        or the process is gone, or not permitted."""
+        link = os.fsencode(self.root / str(pid) / "map_files" / f"{start:x}-{end:x}")
+        return os.readlink(link).replace(b"\n", b"\\012")
+
     def alive(self, pid: int) -> bool:
         try:
             return self.stat(pid).state not in ("Z", "X")

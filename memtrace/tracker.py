@@ -21,9 +21,11 @@ from memtrace.pss import Usage
 # while we scan); after this many in a row we rescan anyway.
 MAX_DEFERRED_MISMATCHES = 5
 # An unlink or rename anywhere on the system may change mapping names (the
-# " (deleted)" suffix), never resident pages. Re-reading maps for it is spaced
-# so that it costs at most 1/NAMES_REFRESH_COST_FACTOR of a core: immediate for
-# a small process, every ~20 s for one with 60k mappings.
+# " (deleted)" suffix), never resident pages. The names of the process's file
+# mappings are checked with one readlink each in /proc/PID/map_files, and maps
+# is re-read only when one differs; without map_files, maps is re-read. Both
+# are spaced so that they cost at most 1/NAMES_REFRESH_COST_FACTOR of a core:
+# immediate for a small process, every ~20 s for a maps read of 60k mappings.
 NAMES_REFRESH_COST_FACTOR = 20
 DEBUG = bool(os.environ.get("MEMTRACE_DEBUG"))
 
@@ -77,6 +79,10 @@ class ProcessTracker:
         self._names_stale = False
         self._maps_read_seconds = 0.0
         self._last_maps_read = 0.0
+        self._map_files_usable = True       # False once readlink there is refused
+        self._names_check_seconds = 0.0
+        self._last_names_check = 0.0
+        self.names_checks = 0               # readlink rounds (tests, benchmarks)
 
     # -- lifecycle --------------------------------------------------------------
     def start(self) -> None:
@@ -122,10 +128,40 @@ class ProcessTracker:
         return vmas
 
     def _names_refresh_due(self) -> bool:
+        """Whether to re-read maps because a file somewhere was unlinked or renamed."""
         if not self._names_stale:
             return False
+        if self._map_files_usable:
+            since = time.monotonic() - self._last_names_check
+            if since < NAMES_REFRESH_COST_FACTOR * self._names_check_seconds:
+                return False
+            t0 = time.perf_counter()
+            differ = self._file_names_differ()
+            self._names_check_seconds = time.perf_counter() - t0
+            self._last_names_check = time.monotonic()
+            if differ is not None:
+                self._names_stale = differ
+                return differ
         since = time.monotonic() - self._last_maps_read
         return since >= NAMES_REFRESH_COST_FACTOR * self._maps_read_seconds
+
+    def _file_names_differ(self) -> bool | None:
+        """Whether a file mapping's name in map_files differs from the model's
+        (a VMA that is gone counts as differing); None when map_files cannot
+        be read (not permitted: then never tried again)."""
+        self.names_checks += 1
+        for v in self.space.vmas:
+            if not v.inode:
+                continue
+            try:
+                if self.procfs.map_file_name(self.pid, v.start, v.end) != v.path:
+                    return True
+            except PermissionError:
+                self._map_files_usable = False
+                return None
+            except OSError:
+                return True
+        return False
 
     def _read_statm(self) -> Statm:
         try:

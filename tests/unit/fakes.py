@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -79,6 +80,7 @@ class FakeProcess:
         self.pages: dict[int, bool] = {}
         # pages statm counts that no page table shows (anon pages, other pages)
         self.hidden = (0, 0)
+        self.map_files = False      # write map_files links (names checks)
         self.set_exe(exe)
         self.sync()
 
@@ -152,6 +154,7 @@ class FakeProcess:
     # -- /proc files ---------------------------------------------------------
     def sync(self) -> None:
         (self.dir / "maps").write_bytes(b"".join(maps_line(v) for v in self.vmas))
+        self._sync_map_files()
         anon, other = self.expected_total()
         anon_pages = anon // PAGE + self.hidden[0]
         other_pages = other // PAGE + self.hidden[1]
@@ -164,10 +167,24 @@ class FakeProcess:
         )
         (self.dir / "status").write_bytes(status_text(self.pid, self.tgid))
 
+    def _sync_map_files(self) -> None:
+        """map_files: one symlink per file-backed VMA, named START-END, its
+        target the path unescaped (maps shows a newline as \\012)."""
+        d = self.dir / "map_files"
+        if d.exists():
+            shutil.rmtree(d)
+        if not self.map_files:
+            return       # off by default: the links would resolve on the real system
+        d.mkdir()
+        for v in self.vmas:
+            if v.inode:
+                os.symlink(v.path.replace(b"\\012", b"\n"),
+                           os.fsencode(d / f"{v.start:x}-{v.end:x}"))
+
     def vanish(self) -> None:
         for name in ("maps", "statm", "stat", "status", "exe"):
             (self.dir / name).unlink()
-        self.dir.rmdir()
+        shutil.rmtree(self.dir)
 
 
 class FakeScanner:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
 import random
+import time
 
 import pytest
 
@@ -478,10 +480,12 @@ def test_random_marked_workload_stays_exact(world, seed):
 
 # -- names refresh (unlink/rename somewhere on the system) -----------------------
 def test_names_refresh_is_spaced_by_the_cost_of_reading_maps(world, monkeypatch):
+    """Without map_files links (not permitted), maps is re-read, spaced."""
     import memtrace.tracker as tracker_mod
 
     p, m = standard_process(world)
     tr = attach(world, p)
+    tr._map_files_usable = False
     clock = [1000.0]
     monkeypatch.setattr(tracker_mod.time, "monotonic", lambda: clock[0])
     tr._last_maps_read, tr._maps_read_seconds = clock[0], 0.5   # a 0.5 s maps read
@@ -509,7 +513,71 @@ def test_names_refresh_is_spaced_by_the_cost_of_reading_maps(world, monkeypatch)
 def test_names_refresh_is_immediate_for_a_cheap_maps_read(world):
     p, _ = standard_process(world)
     tr = attach(world, p)
+    tr._map_files_usable = False
     reads = tr.counters.maps_reads
     tr._maps_read_seconds = 0.0
     tr.update([], [], None, names_changed=True)
     assert tr.counters.maps_reads == reads + 1
+
+
+def _with_map_files(world):
+    p, m = standard_process(world)
+    p.map_files = True
+    p.sync()
+    tr = attach(world, p)
+    tr._last_maps_read, tr._maps_read_seconds = time.monotonic(), 10.0   # costly maps
+    return p, m, tr
+
+
+def test_unchanged_file_names_cost_no_maps_read(world):
+    """An unlink elsewhere: one readlink per file mapping finds every name as
+    the model has it, so maps (60k lines, say) is not read."""
+    p, m, tr = _with_map_files(world)
+    reads = tr.counters.maps_reads
+    tr.update([], [], None, names_changed=True)
+    assert tr.names_checks == 1 and tr.counters.maps_reads == reads
+    tr.update([], [], None, names_changed=False)       # not stale any more
+    assert tr.names_checks == 1 and tr.counters.maps_reads == reads
+
+
+def test_a_deleted_mapped_file_is_renamed_at_once(world):
+    """The check finds libc's new name (" (deleted)") and maps is read in that
+    tick, however costly the last read was."""
+    p, m, tr = _with_map_files(world)
+    lib = m["libc"]
+    deleted = dataclasses.replace(lib, path=lib.path + b" (deleted)")
+    p.vmas = [deleted if v == lib else v for v in p.vmas]
+    p.sync()
+    reads = tr.counters.maps_reads
+    tr.update([], [], None, names_changed=True)
+    assert tr.counters.maps_reads == reads + 1
+    assert deleted.identity in {v.identity for v in tr.space.vmas}
+    assert_exact(tr, p)
+
+
+def test_a_path_with_a_newline_matches_its_escaped_maps_name(world):
+    p, m, tr = _with_map_files(world)
+    v = p.map(0x7F0002000000, 0x7F0002002000, b"/tmp/a\\012b.dat", "r--s", inode=77)
+    p.sync()
+    tr.update([], [], bump(tr, layout_gen=1))          # the mmap: maps re-read
+    assert v.identity in {x.identity for x in tr.space.vmas}
+    tr._last_maps_read, tr._maps_read_seconds = time.monotonic(), 10.0
+    link = os.fsencode(p.dir / "map_files" / f"{v.start:x}-{v.end:x}")
+    assert os.readlink(link) == b"/tmp/a\nb.dat"
+    reads = tr.counters.maps_reads
+    tr._names_check_seconds = 0.0
+    tr.update([], [], None, names_changed=True)
+    assert tr.counters.maps_reads == reads
+
+
+def test_names_checks_fall_back_to_maps_when_map_files_is_refused(world, monkeypatch):
+    p, m, tr = _with_map_files(world)
+    tr._maps_read_seconds = 0.0
+
+    def refuse(*_: object) -> bytes:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(tr.procfs, "map_file_name", refuse)
+    reads = tr.counters.maps_reads
+    tr.update([], [], None, names_changed=True)
+    assert tr.counters.maps_reads == reads + 1 and not tr._map_files_usable
