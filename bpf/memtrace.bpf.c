@@ -5,8 +5,9 @@
  * it compiles correctly against mismatched kernel headers.
  *
  * Compile-time parameters (-D): MT_MAX_TARGETS, MT_MAX_CHUNKS,
- * MT_RANGES_PAGES, MT_EVENTS_PAGES, and optionally MT_TASK_MM_OFFSET and
- * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm). */
+ * MT_RANGES_PAGES, MT_EVENTS_PAGES, and optionally MT_TASK_MM_OFFSET,
+ * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm) and
+ * MT_NO_EVENT_STREAM (no syscall records streamed: no view shows them). */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
 
@@ -201,6 +202,9 @@ static __always_inline int stash(u32 sys, u32 nr, u64 a0, u64 a1, u64 a2, u64 a3
 static __always_inline void stream(u32 tgid, u32 tid, struct mt_inflight *in, s64 ret,
                                    struct mt_stats *st)
 {
+#ifdef MT_NO_EVENT_STREAM
+    return;     /* no view displays the records: the counters are enough */
+#endif
     s64 *credit = event_credit.lookup(&tgid);
     if (!credit || __sync_fetch_and_add(credit, -1) <= 0) {
         __sync_fetch_and_add(&st->events_sampled_out, 1);

@@ -62,7 +62,7 @@ class Probes:
     """The loaded BPF program: targets in, dirty chunks, ranges, events, stats out."""
 
     def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False,
-                 rss_stat_probe: bool = True) -> None:
+                 rss_stat_probe: bool = True, stream_events: bool = True) -> None:
         if os.geteuid() != 0:
             raise MemtraceError("memtrace needs root (deploy/README.md: the capabilities it uses)",
                                 ExitCode.NOT_ROOT)
@@ -82,6 +82,10 @@ class Probes:
                   f"-DMT_EVENTS_PAGES={EVENTS_PAGES}", "-Wno-macro-redefined"]
         if watch_execs:
             cflags.append("-DMT_WATCH_EXECS")
+        if not stream_events:
+            # only the table shows syscall records; elsewhere decoding them
+            # (600/s under a madvise-heavy load) is pure cost
+            cflags.append("-DMT_NO_EVENT_STREAM")
         self.rss_stat_mechanism = "tracepoint kmem:rss_stat (mm_id)"
         if not rss_stat_probe:
             # Every RSS counter change (each first-touch fault) would run it;

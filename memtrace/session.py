@@ -78,7 +78,8 @@ class Session:
         self.pss: LivePss | None = None   # --pss-interval: see enable_pss
 
     def load(self, watch_execs: bool = False) -> Probes:
-        self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe())
+        self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe(),
+                             stream_events=getattr(self.reporter, "wants_events", False))
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         return self.probes
@@ -117,7 +118,8 @@ class Session:
                 "user's process needs CAP_DAC_READ_SEARCH, or CAP_SYS_PTRACE on older "
                 "kernels)", ExitCode.NOT_ROOT) from None
         self.trackers[pid] = tracker
-        self._builders[pid] = SnapshotBuilder()
+        self._builders[pid] = SnapshotBuilder(
+            json_text=getattr(self.reporter, "wants_json_text", False))
         if self.pss is not None:
             self.pss.begin_tick()
             self._update_pss(tracker)

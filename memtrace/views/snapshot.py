@@ -35,20 +35,21 @@ _UNSTAMPED = frozenset({"ts", "tick_seconds", "generation", "mappings"})
 
 
 class Snapshot(dict[str, Any]):
-    """A snapshot dict that also carries its mappings' JSON text (the JSON
-    array of snap["mappings"]), so the JSON view need not encode every mapping
-    again. Snapshots are never modified once handed out, except for keys the
-    session adds before publishing (e.g. "heap"), so consecutive snapshots of a
-    quiet process share their mappings list and that text."""
+    """A snapshot dict that may also carry its mappings' JSON text (the JSON
+    array of snap["mappings"], as ASCII bytes in pieces to be joined by
+    commas), so the JSON view need not encode every mapping again. Snapshots
+    are never modified once handed out, except for keys the session adds
+    before publishing (e.g. "heap"), so consecutive snapshots of a quiet
+    process share their mappings list and that text."""
 
-    mappings_json: str
+    mappings_json_blocks: list[bytes] | None = None
 
 
 @dataclass(frozen=True)
 class _Entry:
     key: tuple[Any, ...]        # what the mapping's dict was built from
     mapping: dict[str, Any]
-    text: str
+    text: bytes                 # its JSON (ASCII); empty when the builder makes no text
     anon: int
     file: int
     shmem: int
@@ -60,9 +61,12 @@ class _Entry:
 
 
 class SnapshotBuilder:
-    """Builds the snapshots of one tracked process, tick after tick."""
+    """Builds the snapshots of one tracked process, tick after tick.
+    `json_text`: also keep every mapping's JSON text for the JSON view (off
+    when nothing writes JSON: the exporter and the table need the dicts only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, json_text: bool = True) -> None:
+        self.json_text = json_text
         self._space: AddressSpace | None = None
         self._layout = -1
         self._exe = b""
@@ -73,10 +77,9 @@ class SnapshotBuilder:
         self._generation = 0
         self._fingerprint = ""
         self._content_changed = False
-        self._mappings: list[dict[str, Any]] | None = None   # views of _entries,
-        self._mappings_json = ""                             # rebuilt when it changes
+        self._mappings: list[dict[str, Any]] = []            # e.mapping of _entries
         self._segments: dict[int, Segment] = {}              # by VMA start
-        self._blocks: list[str | None] = []   # JSON text of _entries[k*_BLOCK:(k+1)*_BLOCK]
+        self._blocks: list[bytes | None] = []  # JSON of _entries[k*_BLOCK:(k+1)*_BLOCK]
 
     def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         """The snapshot of this tick; call stamp() on it once the caller has
@@ -140,8 +143,9 @@ class SnapshotBuilder:
             mapping["pss_bytes"] = usage.pss
             mapping["uss_bytes"] = uss
             mapping["swap_bytes"] = swap
+        text = _encode(mapping).encode("ascii") if self.json_text else b""
         return _Entry(key=(vma.identity, parts, faults, seg, usage), mapping=mapping,
-                      text=_encode(mapping), anon=parts.anon, file=parts.file,
+                      text=text, anon=parts.anon, file=parts.file,
                       shmem=parts.shmem, virtual=vma.size, pss_fixed=pss_fixed, uss=uss,
                       swap=swap, pss_missing=int(usage is None))
 
@@ -162,7 +166,7 @@ class SnapshotBuilder:
             else:
                 entries.append(prev)
         self._entries = entries
-        self._mappings = None
+        self._mappings = [e.mapping for e in entries]
         self._blocks = [None] * ((len(entries) + _BLOCK - 1) // _BLOCK)
         self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
@@ -177,6 +181,7 @@ class SnapshotBuilder:
         if not changed:
             return
         entries = list(self._entries)   # a snapshot already handed out keeps its list
+        mappings = list(self._mappings)
         vmas = tracker.space.vmas
         for start in changed:
             i = self._index.get(start)
@@ -186,6 +191,7 @@ class SnapshotBuilder:
             new = self._entry(tracker, vmas[i], prev=old)
             self._blocks[i // _BLOCK] = None
             entries[i] = new
+            mappings[i] = new.mapping
             self._totals[0] += new.anon - old.anon
             self._totals[1] += new.file - old.file
             self._totals[2] += new.shmem - old.shmem
@@ -195,7 +201,7 @@ class SnapshotBuilder:
             p[2] += new.swap - old.swap
             p[3] += new.pss_missing - old.pss_missing
         self._entries = entries
-        self._mappings = None
+        self._mappings = mappings
 
     def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         anon, file, shmem, virtual = self._totals
@@ -227,20 +233,18 @@ class SnapshotBuilder:
             "events_sampled_out": tracker.stats.events_sampled_out,
             "tick_seconds": round(c.last_tick_seconds, 6),
             "generation": 0,
-            "mappings": self._mappings_list(),
+            "mappings": self._mappings,
         })
-        snap.mappings_json = self._mappings_json
+        if self.json_text:
+            snap.mappings_json_blocks = self._json_blocks()
         return snap
 
-    def _mappings_list(self) -> list[dict[str, Any]]:
-        if self._mappings is None:
-            entries = self._entries
-            self._mappings = [e.mapping for e in entries]
-            for k, block in enumerate(self._blocks):
-                if block is None:
-                    self._blocks[k] = ",".join(e.text for e in entries[k * _BLOCK:(k + 1) * _BLOCK])
-            self._mappings_json = f"[{','.join(cast(list[str], self._blocks))}]"
-        return self._mappings
+    def _json_blocks(self) -> list[bytes]:
+        entries = self._entries
+        for k, block in enumerate(self._blocks):
+            if block is None:
+                self._blocks[k] = b",".join(e.text for e in entries[k * _BLOCK:(k + 1) * _BLOCK])
+        return list(cast(list[bytes], self._blocks))
 
 
 def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:
@@ -250,16 +254,22 @@ def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:
     return builder.stamp(builder.build(tracker, ts))
 
 
-def encode_parts(snap: dict[str, Any]) -> list[str]:
-    """The snapshot as JSON text in pieces (to write without concatenating
-    megabytes), reusing the mappings' cached JSON text."""
-    text = getattr(snap, "mappings_json", None)
-    if text is None:
-        return [_encode(snap)]
-    head = _encode({k: v for k, v in snap.items() if k != "mappings"})
-    return [head[:-1], ',"mappings":', text, "}"]
+def encode_parts(snap: dict[str, Any]) -> list[bytes]:
+    """The snapshot as JSON (ASCII bytes) in pieces, to write without
+    concatenating megabytes, reusing the mappings' cached JSON text."""
+    blocks = getattr(snap, "mappings_json_blocks", None)
+    if blocks is None:
+        return [_encode(snap).encode("ascii")]
+    head = _encode({k: v for k, v in snap.items() if k != "mappings"}).encode("ascii")
+    parts = [head[:-1], b',"mappings":[']
+    for block in blocks:
+        if len(parts) > 2:
+            parts.append(b",")
+        parts.append(block)
+    parts.append(b"]}")
+    return parts
 
 
 def encode(snap: dict[str, Any]) -> str:
     """The snapshot as one JSON object."""
-    return "".join(encode_parts(snap))
+    return b"".join(encode_parts(snap)).decode("ascii")

@@ -26,6 +26,8 @@ def human(n: int | None) -> str:
 
 
 class TableReporter:
+    wants_events = True             # shows the latest syscall records
+
     def __init__(self, console: Console | None = None, max_rows: int | None = None) -> None:
         self.console = console or Console(stderr=False)
         self.max_rows = max_rows

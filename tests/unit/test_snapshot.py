@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 from memtrace.events import CHUNK_SHIFT, ChunkMark
@@ -283,3 +284,61 @@ def test_builder_json_text_stays_exact_across_cached_blocks(world):
         snap = builder.stamp(builder.build(tr, 2.0))
         assert json.loads(encode(snap))["mappings"] == snapshot(tr, 2.0)["mappings"]
         assert by_start(snap)[start]["rss_bytes"] == end - start
+
+
+def test_builder_without_json_text_gives_the_same_snapshot(world):
+    from memtrace.views.snapshot import SnapshotBuilder, encode
+
+    p, m, tr = tracked(world)
+    with_text, without = SnapshotBuilder(), SnapshotBuilder(json_text=False)
+    for ts in (1.0, 2.0):
+        changed = set(tr.space.changed)        # each builder takes the changed set
+        a = with_text.build(tr, ts)
+        tr.space.changed |= changed
+        b = without.build(tr, ts)
+        assert a.mappings_json_blocks is not None and b.mappings_json_blocks is None
+        assert json.loads(encode(a)) == json.loads(encode(b)) == json.loads(json.dumps(a))
+        p.touch(m["anon"].start, m["anon"].start + PAGE)
+        p.sync()
+        tr.update([ChunkMark(m["anon"].start >> CHUNK_SHIFT, 1, m["anon"].start)], [], None)
+
+
+def test_json_reporter_writes_bytes_under_a_text_stream(world):
+    import io
+
+    _, _, tr = tracked(world)
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding="utf-8")
+    r = JsonReporter(out)
+    out.write("")                       # text written before must not be reordered
+    snap = snapshot(tr, 1.0)
+    r.snapshot(snap)
+    r.snapshot(snapshot(tr, 2.0))
+    lines = raw.getvalue().splitlines()
+    assert len(lines) == 2
+    assert json.loads(lines[0]) == json.loads(json.dumps(snap))
+
+
+def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch):
+    """Views that show no syscall records load the BPF program without
+    streaming them; only the JSON view makes snapshots carry JSON text."""
+    from rich.console import Console
+
+    import memtrace.session as session_mod
+    from memtrace.cli import _NullReporter
+    from memtrace.views.table import TableReporter
+
+    seen: list[bool] = []
+
+    class FakeProbes:
+        rss_stat_mechanism = "fake"
+
+        def __init__(self, **kw: bool) -> None:
+            seen.append(kw["stream_events"])
+
+    monkeypatch.setattr(session_mod, "Probes", FakeProbes)
+    for reporter in (TableReporter(Console(file=io.StringIO())), JsonReporter(io.StringIO()),
+                     _NullReporter()):
+        session_mod.Session(reporter, 1.0, 0.0).load()
+    assert seen == [True, False, False]
+    assert JsonReporter.wants_json_text and not hasattr(TableReporter, "wants_json_text")
