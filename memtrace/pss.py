@@ -278,6 +278,22 @@ def _account(plan: _Plan, counts: Mapping[int, int], zero_pfns: frozenset[int],
     return u
 
 
+_NO_KEY: tuple[bytes, tuple[int, ...]] = (b"", ())
+
+
+def _private_only(raw: bytes) -> Usage | None:
+    """The Usage of raw entries (fewer than a PMD's worth: no PMD mapping
+    among them) whose present pages are all exclusive, with a precise
+    mapcount: each is private with a full share, no kpagecount needed; None
+    when some present page may be shared."""
+    cls = raw[7::ENTRY_SIZE].translate(_CLASS)
+    if b"S" in cls:
+        return None
+    pages = cls.count(b"X")
+    return Usage(rss=pages * PAGE_SIZE, pss_fixed=(pages * PAGE_SIZE) << PSS_SHIFT,
+                 uss=pages * PAGE_SIZE, swap=cls.count(b"W") * PAGE_SIZE)
+
+
 def pfn_ranges(pfns: Iterable[int], max_gap: int = 32) -> list[tuple[int, int]]:
     """Sorted [first, last) PFN ranges covering `pfns`, merging ranges whose gap
     is at most `max_gap` PFNs (one read of a few extra entries beats a syscall)."""
@@ -487,18 +503,23 @@ class PssReader:
         data = [self.entries(start, end) for start, end in spans]
         # Pass 1: entries, and the PFNs that need a count.
         memo = self.counts.memo
-        chunks: list[list[tuple[tuple[bytes, tuple[int, ...]], _Plan | None]]] = []
+        chunks: list[list[tuple[tuple[bytes, tuple[int, ...]], _Plan | Usage | None]]] = []
         wanted: list[int] = []
         zero, precise = self.zero_pfns, self.precise
         k = 0
         for ranges in per_vma:
-            got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | None]] = []
+            got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | Usage | None]] = []
             for start, end in ranges:
                 while spans[k][1] < end:
                     k += 1
                 base = spans[k][0]
                 ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
                                (end - base) // PAGE_SIZE * ENTRY_SIZE]
+                if precise and end - start < PMD_PAGES * PAGE_SIZE:
+                    private = _private_only(ents)
+                    if private is not None:
+                        got.append((_NO_KEY, private))
+                        continue
                 vpn = start // PAGE_SIZE
                 prep = _prepare(ents, vpn, PMD_PAGES)
                 # the PMD blocks found decide the plan: same bytes + same
@@ -523,6 +544,9 @@ class PssReader:
             for key, maybe_plan in got:
                 if maybe_plan is None:
                     u.add(memo[key])
+                    continue
+                if isinstance(maybe_plan, Usage):
+                    u.add(maybe_plan)
                     continue
                 piece = _account(maybe_plan, counts, zero, PAGE_SIZE, precise, None)
                 if maybe_plan.slow:

@@ -347,3 +347,21 @@ def test_libs_cli_usage_error_exit_code(monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == ExitCode.USAGE
+
+
+def test_private_only_fast_path_agrees_with_account():
+    """Runs below a PMD with only exclusive (and swapped) pages need no
+    kpagecount: the shortcut gives what account gives; a possibly shared
+    page sends the run to the slow path."""
+    from array import array
+
+    from memtrace.pss import PM_EXCLUSIVE, PM_SWAP, _private_only, account
+
+    present = 1 << 63
+    exclusive = [present | PM_EXCLUSIVE | (0x1000 + i) for i in range(5)] + [0, PM_SWAP | 7]
+    raw = array("Q", exclusive).tobytes()
+    assert _private_only(raw) == account(exclusive, {}, first_vpn=0)
+    assert _private_only(raw) == Usage(rss=5 * 4096, pss_fixed=(5 * 4096) << 12,
+                                       uss=5 * 4096, swap=4096)
+    shared = exclusive + [present | 0x2000]
+    assert _private_only(array("Q", shared).tobytes()) is None
