@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import ScanUnsupported
 from memtrace.procfs import Vma, statm_is_exact
-from memtrace.pss import SKIP_NAMES, KPageCounts, PssReader, Usage, coalesce
+from memtrace.pss import PSS_SHIFT, SKIP_NAMES, KPageCounts, PssReader, Usage, coalesce
 from memtrace.tracker import ProcessTracker
 
 DEFAULT_PSS_INTERVAL = 5.0
@@ -57,6 +57,7 @@ class _Process:
     full_cost: float = 0.0                                     # seconds, last full refresh
     refreshed_at: float | None = None                          # wall time of last full
     forks: int | None = None         # the process's fork count at the last full refresh
+    ksm_off: bool = False            # KSM was not running at the last full refresh
 
 
 # Full refreshes of one process are spaced by at least this many times the
@@ -90,6 +91,7 @@ class LivePss:
         self.full_refreshes = 0
         self.scans = 0              # computations that needed their own PAGEMAP_SCAN
         self.vmas_settled = 0       # left out of full refreshes: exclusive anonymous
+        self.vmas_from_model = 0    # settled, changed, figures from the model's pages
 
     # -- per tick -----------------------------------------------------------
     def begin_tick(self) -> None:
@@ -144,9 +146,12 @@ class LivePss:
             forks is not None and st.forks is not None and forks != st.forks
             and since >= spacing)
         if full:
+            st.ksm_off = not self._ksm_running()
             vmas = self._full_set(st, space.vmas, usage, todo, forks)
         else:
             vmas = _by_start(space, todo)
+            if vmas and forks is not None and forks == st.forks and st.ksm_off:
+                vmas = self._still_private(tracker, vmas, usage)
         if not vmas:
             return
         t0 = time.perf_counter()
@@ -177,17 +182,32 @@ class LivePss:
         """The mappings a full refresh computes: all of them but the settled
         ones (see the module's docstring), unless the process forked since the
         last full refresh or KSM may merge pages."""
-        if forks is None or st.forks is None or forks != st.forks or self._ksm_running():
+        if forks is None or st.forks is None or forks != st.forks or not st.ksm_off:
             return list(vmas)
-        out = []
-        for v in vmas:
-            u = usage.get(v.start)
-            if (u is not None and not v.inode and u.uss == u.rss and not u.swap
-                    and v.perms[3:4] == "p" and v.start not in todo):
-                continue
-            out.append(v)
+        out = [v for v in vmas if v.start in todo or not _settled(v, usage.get(v.start))]
         self.vmas_settled += len(vmas) - len(out)
         return out
+
+    def _still_private(self, tracker: ProcessTracker, vmas: list[Vma],
+                       usage: dict[int, Usage]) -> list[Vma]:
+        """Settled mappings whose pages changed (faults, madvise...) while the
+        process did not fork: every resident page is still exclusive (a page
+        this process faults in is its own), so their figures are their
+        resident bytes in the model, just rescanned; no pagemap read. Only
+        while nothing is swapped out. Returns the mappings left to compute."""
+        candidates = [v for v in vmas if _settled(v, usage.get(v.start))]
+        if not candidates or not self._nothing_swapped(tracker.pid):
+            return vmas
+        space = tracker.space
+        for v in candidates:
+            rss = space.resident_of(v).total
+            u = Usage(rss=rss, pss_fixed=rss << PSS_SHIFT, uss=rss)
+            if usage.get(v.start) != u:
+                usage[v.start] = u
+                space.changed.add(v.start)
+        self.vmas_from_model += len(candidates)
+        done = {v.start for v in candidates}
+        return [v for v in vmas if v.start not in done]
 
     def _ksm_running(self) -> bool:
         try:
@@ -291,6 +311,13 @@ def _model_runs(space: AddressSpace, vmas: list[Vma]) -> list[tuple[int, int]]:
             if chunk is not None:
                 runs.extend((start, end) for start, end, _ in chunk.runs)
     return runs
+
+
+def _settled(vma: Vma, usage: Usage | None) -> bool:
+    """A private anonymous mapping whose pages were all exclusive, none
+    swapped, when last computed from the pagemap."""
+    return (usage is not None and not vma.inode and vma.perms[3:4] == "p"
+            and usage.uss == usage.rss and not usage.swap)
 
 
 def _by_start(space: AddressSpace, starts: set[int]) -> list[Vma]:

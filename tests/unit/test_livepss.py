@@ -403,3 +403,37 @@ def test_a_mapping_with_shared_pages_is_still_refreshed_in_full(world, tmp_path)
     tick(live, trackers)
     assert live.vmas_settled > 0
     assert usage_of(trackers[a.pid]) == frames.expected(a)
+
+
+def test_new_pages_of_a_settled_mapping_come_from_the_model(world, tmp_path):
+    """A settled (exclusive anonymous) mapping faults in more pages and the
+    process did not fork: its figures are its resident bytes, all private,
+    without reading the pagemap; the result is what smaps would say."""
+    a, frames, clock, live, trackers = _forking_setup(world, tmp_path)
+    live._nothing_swapped = lambda pid: True          # type: ignore[method-assign]
+    tr = trackers[a.pid]
+    tick(live, trackers)
+    assert tr.pss_usage[ANON].uss == tr.pss_usage[ANON].rss > 0      # type: ignore[index]
+    fresh = next(x for x in range(ANON, ANON + (5 << CHUNK_SHIFT), PAGE)
+                 if not any(y in a.pages for y in range(x, x + 3 * PAGE, PAGE)))
+    a.touch(fresh, fresh + 3 * PAGE)
+    frames.sync()
+    before = tr.pss_usage[ANON]                                        # type: ignore[index]
+    mark = ChunkMark(fresh >> CHUNK_SHIFT, 3, fresh)
+    tick(live, trackers, marks={a.pid: [mark]})
+    assert live.vmas_from_model == 1
+    assert tr.pss_usage[ANON].rss == before.rss + 3 * PAGE            # type: ignore[index]
+    assert usage_of(tr) == frames.expected(a)
+    assert ANON in tr.space.changed
+
+
+def test_model_figures_are_not_used_while_ksm_runs(world, tmp_path):
+    a, frames, clock, live, trackers = _forking_setup(world, tmp_path, ksm=b"1\n")
+    live._nothing_swapped = lambda pid: True          # type: ignore[method-assign]
+    tick(live, trackers)
+    a.touch(ANON + (2 << CHUNK_SHIFT), ANON + (2 << CHUNK_SHIFT) + PAGE)
+    frames.sync()
+    mark = ChunkMark((ANON >> CHUNK_SHIFT) + 2, 1, ANON + (2 << CHUNK_SHIFT))
+    tick(live, trackers, marks={a.pid: [mark]})
+    assert live.vmas_from_model == 0
+    assert usage_of(trackers[a.pid]) == frames.expected(a)
