@@ -245,9 +245,10 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
     from prometheus_client.process_collector import ProcessCollector
 
     from memtrace import web
-    from memtrace.exporter import MemtraceCollector, StateBox
+    from memtrace.exporter import MemtraceCollector, StateBox, freeze_startup_objects
     from memtrace.web import MetricsServer, WebConfig
 
+    freeze_startup_objects()  # as cli._serve does, before any process is watched
     if args.gzip == "zlib":
         import zlib
         web.GZIP = zlib

@@ -6,6 +6,7 @@ Metric names are a contract: see docs/metrics.md."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
 import time
@@ -111,6 +112,18 @@ def grouped_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]
 def pid_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
     return [([str(pid), safe_label(snap["comm"])], snap)
             for pid, snap in sorted(state.snapshots.items())]
+
+
+def freeze_startup_objects() -> None:
+    """For the long-running process that serves /metrics, once it is set up
+    (modules imported, probes loaded) and before it watches anything: collect,
+    then move every object the cyclic GC tracks into its permanent generation
+    (gc.freeze). Later full collections, which a scrape can have to wait for,
+    then no longer walk the ~25,000 objects of the imported modules (~6 ms per
+    collection on a 2-core VM). Objects made later (trackers, snapshots) are
+    collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 class StateBox:
