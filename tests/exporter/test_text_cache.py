@@ -417,7 +417,7 @@ def test_scrapes_leave_no_garbage_collected_objects_behind():
     """Every scrape of a state whose processes all changed (new generations) keeps
     nothing but each live process's text: the number of objects the cyclic GC
     tracks does not grow scrape after scrape (a module-level cache of PSS sums by
-    generation used to add ~60 per process per scrape, and the full collections
+    generation used to add ~50 per process per scrape, and the full collections
     over them made the scrape latency's tail)."""
     import gc
 
