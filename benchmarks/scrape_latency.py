@@ -29,8 +29,10 @@
    median, p90, p99 and max latency of the whole request (connect to last body
    byte), the payload size, memtrace_scrape_build_seconds (the collector's own
    part) as reported by the last scrape, the server's CPU time and minor page
-   faults per scrape (from /proc; CPU time does not depend on contention) and
-   the load average before and after each run (the machine may be shared).
+   faults per scrape (from /proc; CPU time does not depend on contention), the
+   server's cyclic garbage collections during the run (count and time per
+   generation, longest; from gc.callbacks) and the load average before and after
+   each run (the machine may be shared).
 
 Goal (exporter issue): p99 < 100 ms on a 2-core machine.
 """
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import http.client
 import json
 import multiprocessing as mp
@@ -210,15 +213,42 @@ class Ticker:
                 attach_seconds=self.base.attach_seconds))
 
 
+class GcClock:
+    """The server process's cyclic garbage collections (gc.callbacks): how many
+    and how long, per generation, since the last take()."""
+
+    def __init__(self) -> None:
+        self._t0 = 0.0
+        self.take()
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        gen, dt = info["generation"], time.perf_counter() - self._t0
+        self.collections[gen] += 1
+        self.seconds[gen] += dt
+        self.longest = max(self.longest, dt)
+
+    def take(self) -> dict[str, Any]:
+        out = {"collections": getattr(self, "collections", None),
+               "ms": [round(x * 1000, 1) for x in getattr(self, "seconds", [])],
+               "longest_ms": round(getattr(self, "longest", 0.0) * 1000, 1)}
+        self.collections, self.seconds, self.longest = [0, 0, 0], [0.0, 0.0, 0.0], 0.0
+        return out
+
+
 def serve(args: argparse.Namespace, conn: Any) -> None:
     """The server process: memtrace's exporter on 127.0.0.1:0."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
 
     from memtrace import web
-    from memtrace.exporter import MemtraceCollector, StateBox
+    from memtrace.exporter import MemtraceCollector, StateBox, freeze_startup_objects
     from memtrace.web import MetricsServer, WebConfig
 
+    freeze_startup_objects()  # as cli._serve does, before any process is watched
     if args.gzip == "zlib":
         import zlib
         web.GZIP = zlib
@@ -235,11 +265,15 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
     # as memtrace serves it (cli._serve): memtrace's families through the fast
     # text renderer, the process collector through prometheus_client
     server = MetricsServer(registry, "127.0.0.1:0", WebConfig(), fast=render)
+    gc_clock = GcClock()
     conn.send(server.httpd.server_port)
-    while True:  # ("changed", F) sets the fraction; "stop" stops
+    while True:  # ("changed", F) sets the fraction; "gc" takes the GC figures; "stop" stops
         msg = conn.recv()
         if msg == "stop":
             break
+        if msg == "gc":
+            conn.send(gc_clock.take())
+            continue
         ticker.fraction = msg[1]
         conn.send("ok")
     server.close()
@@ -401,7 +435,11 @@ def main() -> int:
                     (f"{args.clients} concurrent clients, Prometheus headers", args.clients,
                      PROMETHEUS_HEADERS)):
                 load0 = _loadavg()
+                parent.send("gc")
+                parent.recv()
                 r = run(port, args.scrapes, clients, headers, server.pid)
+                parent.send("gc")
+                r["server_gc"] = parent.recv()
                 r["changed"] = fraction
                 r["loadavg"] = f"{load0} -> {_loadavg()}"
                 runs[f"{name}; {changed}"] = r
@@ -439,6 +477,9 @@ def main() -> int:
               f"{r['series']:>7} {r['collector_build_ms']:>5.1f}ms "
               f"{r['server_cpu_ms_per_scrape']:>6.1f}ms "
               f"{r['server_minor_faults_per_scrape']:>6.0f}  {r['loadavg']}")
+        g = r["server_gc"]
+        print(f"    server GC: collections per generation {g['collections']}, "
+              f"ms {g['ms']}, longest {g['longest_ms']} ms")
         if r["first_errors"]:
             print(f"    errors: {r['first_errors']}")
     for fraction in fractions:

@@ -14,7 +14,7 @@ import click
 from memtrace import __version__
 from memtrace.doctor import render, run_checks
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.exporter import MemtraceCollector
+from memtrace.exporter import MemtraceCollector, freeze_startup_objects
 from memtrace.procfs import ProcFS
 from memtrace.session import Reporter, Session, log
 from memtrace.web import DEFAULT_LISTEN, MetricsServer, load_web_config
@@ -86,6 +86,7 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
 
+    freeze_startup_objects()     # before any process is watched (see its docstring)
     collector = MemtraceCollector(session.exporter_box, max_mapping_series)
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))

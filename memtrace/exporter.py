@@ -6,10 +6,11 @@ Metric names are a contract: see docs/metrics.md."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
@@ -113,6 +114,18 @@ def pid_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
             for pid, snap in sorted(state.snapshots.items())]
 
 
+def freeze_startup_objects() -> None:
+    """For the long-running process that serves /metrics, once it is set up
+    (modules imported, probes loaded) and before it watches anything: collect,
+    then move every object the cyclic GC tracks into its permanent generation
+    (gc.freeze). Later full collections, which a scrape can have to wait for,
+    then no longer walk the ~25,000 objects of the imported modules (~6 ms per
+    collection on a 2-core VM). Objects made later (trackers, snapshots) are
+    collected as usual."""
+    gc.collect()
+    gc.freeze()
+
+
 class StateBox:
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -127,40 +140,68 @@ class StateBox:
             return self._state
 
 
-GroupRow = tuple[tuple[str, str], list[Any]]  # (identity, kind), [anon, file, shmem, virtual]
+GroupRow = tuple[tuple[str, str], list[Any]]
+"""(identity, kind), [anon, file, shmem, virtual] (and pss, uss when asked for)."""
 
 _MAPPING_FIELDS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
                              "virtual_bytes")
+_MAPPING_FIELDS_PSS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
+                                 "virtual_bytes", "pss_bytes", "uss_bytes")
 
 
-def _sum_mappings(snap: dict[str, Any], max_series: int) -> tuple[list[GroupRow], int]:
-    """group_mappings as rows ((identity, kind), [anon, file, shmem, virtual]), in
-    the same order; lists instead of dicts (this runs for every mapping of every
-    scrape)."""
+def _sum_by_identity_and_kind(maps: list[dict[str, Any]],
+                              pss: bool) -> dict[tuple[str, str], list[Any]]:
+    """The sums by (identity, kind), in order of first appearance (keying by the
+    identity alone and checking the kind measured no faster)."""
     groups: dict[tuple[str, str], list[Any]] = {}
     get = groups.get
-    for identity, kind, a, f, s, v in map(_MAPPING_FIELDS, snap["mappings"]):
-        g = get((identity, kind))
-        if g is None:
-            groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v]
-        else:
-            g[0] += a
-            g[1] += f
-            g[2] += s
-            g[3] += v
+    if pss:
+        for identity, kind, a, f, s, v, p, u in map(_MAPPING_FIELDS_PSS, maps):
+            g = get((identity, kind))
+            if g is None:
+                groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v, 0 + p, 0 + u]
+            else:
+                g[0] += a
+                g[1] += f
+                g[2] += s
+                g[3] += v
+                g[4] += p
+                g[5] += u
+    else:
+        for identity, kind, a, f, s, v in map(_MAPPING_FIELDS, maps):
+            g = get((identity, kind))
+            if g is None:
+                groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v]
+            else:
+                g[0] += a
+                g[1] += f
+                g[2] += s
+                g[3] += v
+    return groups
+
+
+def _sum_mappings(snap: dict[str, Any], max_series: int,
+                  pss: bool = False) -> tuple[list[GroupRow], int]:
+    """group_mappings as rows ((identity, kind), [anon, file, shmem, virtual]), in
+    the same order; lists instead of dicts (this runs for every mapping of every
+    scrape). With `pss`, each row also carries the PSS and USS sums ([anon, file,
+    shmem, virtual, pss, uss]), from the same pass: the PSS/USS series have exactly
+    the identities, order and [other] of the resident series."""
+    groups = _sum_by_identity_and_kind(snap["mappings"], pss)
     if len(groups) <= max_series:
         return list(groups.items()), 0
     items = list(groups.items())
-    resident = [a + f + s for _, (a, f, s, _v) in items]
+    resident = [g[0] + g[1] + g[2] for _, g in items]
     # by resident bytes, largest first, ties in order of appearance (as a stable
-    # sort with reverse=True of the items by the same key)
+    # sort with reverse=True of the items by the same key); one sort of the
+    # identities (~60) per process, shared by the resident and PSS families
     ranked = [items[i] for i in sorted(range(len(items)), key=resident.__getitem__,
                                        reverse=True)]
     kept = dict(ranked[: max_series - 1])
-    other = [0, 0, 0, 0]
+    other = [0] * len(ranked[0][1])
     for _, g in ranked[max_series - 1:]:
-        for j in range(4):
-            other[j] += g[j]
+        for j, x in enumerate(g):
+            other[j] += x
     kept[(OTHER, "other")] = other
     return list(kept.items()), len(ranked) - (max_series - 1)
 
@@ -354,8 +395,6 @@ class MemtraceCollector(Collector):
         self._fragments: dict[tuple[str, str], str] = {}  # the same for (identity, kind)
         self._label_chars = 0
         self._rendered: dict[tuple[str, ...], _Rendered] = {}
-        # PSS/USS samples per process (pid mode), by the same stamp as _rendered.
-        self._pss_rendered: dict[tuple[str, ...], tuple[Any, list[str]]] = {}
 
     def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
         counts: dict[str, int] = snap.get("faults_by_mapping", {})
@@ -377,8 +416,6 @@ class MemtraceCollector(Collector):
                 del self._fault_names[key]
             for key in [k for k in self._rendered if k not in live_keys]:
                 del self._rendered[key]
-            for key in [k for k in self._pss_rendered if k not in live_keys]:
-                del self._pss_rendered[key]
 
     def collect(self) -> Iterator[Metric]:
         for family in self.build():
@@ -414,8 +451,10 @@ class MemtraceCollector(Collector):
 
     def _render_row(self, who: Sequence[str], ids: Sequence[str],
                     snap: dict[str, Any]) -> _Rendered:
-        """The samples of one process (or group) for each of _row_families(), as
-        UTF-8 text (one piece per family, samples in the order build() adds them)."""
+        """The samples of one process (or group) for each of _row_families() and,
+        for a process with PSS figures, of the four PSS/USS families, as UTF-8
+        text (one piece per family, samples in the order build() adds them; the
+        PSS pieces are empty for a group or a process without figures)."""
         p = f'{who[0]}="{_escape_label(ids[0])}",{who[1]}="{_escape_label(ids[1])}"'
         num = _number
         res = (f'memtrace_process_resident_bytes{{{p},type="anon"}} '
@@ -425,24 +464,49 @@ class MemtraceCollector(Collector):
                f'memtrace_process_resident_bytes{{{p},type="shmem"}} '
                f'{num(snap["shmem_bytes"])}\n')
         virt = f'memtrace_process_virtual_bytes{{{p}}} {num(snap["virtual_bytes"])}\n'
-        groups, folded = _sum_mappings(snap, self.max_mapping_series)
+        # PSS series for a process with figures (pid mode; a group's merged row
+        # has none: group mode renders them from pss_families(), see
+        # _render_parts). The same pass sums PSS/USS with the resident bytes.
+        proc_pss: Any = snap.get("pss_bytes")
+        proc_uss: Any = snap.get("uss_bytes")
+        with_pss = who[0] == "pid" and proc_pss is not None and proc_uss is not None
+        groups, folded = _sum_mappings(snap, self.max_mapping_series, with_pss)
         fragments = self._fragments
         fragment = self._fragment
         res_prefix = f"memtrace_mapping_resident_bytes{{{p},"
         virt_prefix = f"memtrace_mapping_virtual_bytes{{{p},"
         mr: list[str] = []
         mv: list[str] = []
-        for key, (a, f, s, v) in groups:
-            lab = fragments.get(key)
-            if lab is None:
-                lab = fragment(key)
-            if not (type(a) is int and type(f) is int and type(s) is int
-                    and type(v) is int):
-                a, f, s, v = num(a), num(f), num(s), num(v)
-            mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
-                      f'{res_prefix}{lab},type="file"}} {f}\n'
-                      f'{res_prefix}{lab},type="shmem"}} {s}\n')
-            mv.append(f"{virt_prefix}{lab}}} {v}\n")
+        mp: list[str] = []
+        mu: list[str] = []
+        if with_pss:
+            pss_prefix = f"memtrace_mapping_pss_bytes{{{p},"
+            uss_prefix = f"memtrace_mapping_uss_bytes{{{p},"
+            for key, (a, f, s, v, ps, us) in groups:
+                lab = fragments.get(key)
+                if lab is None:
+                    lab = fragment(key)
+                if not (type(a) is int and type(f) is int and type(s) is int
+                        and type(v) is int and type(ps) is int and type(us) is int):
+                    a, f, s, v, ps, us = num(a), num(f), num(s), num(v), num(ps), num(us)
+                mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
+                          f'{res_prefix}{lab},type="file"}} {f}\n'
+                          f'{res_prefix}{lab},type="shmem"}} {s}\n')
+                mv.append(f"{virt_prefix}{lab}}} {v}\n")
+                mp.append(f"{pss_prefix}{lab}}} {ps}\n")
+                mu.append(f"{uss_prefix}{lab}}} {us}\n")
+        else:
+            for key, (a, f, s, v) in groups:
+                lab = fragments.get(key)
+                if lab is None:
+                    lab = fragment(key)
+                if not (type(a) is int and type(f) is int and type(s) is int
+                        and type(v) is int):
+                    a, f, s, v = num(a), num(f), num(s), num(v)
+                mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
+                          f'{res_prefix}{lab},type="file"}} {f}\n'
+                          f'{res_prefix}{lab},type="shmem"}} {s}\n')
+                mv.append(f"{virt_prefix}{lab}}} {v}\n")
         labels = self._labels
         label = self._label
         faults = []
@@ -460,6 +524,9 @@ class MemtraceCollector(Collector):
             "".join([f'memtrace_syscall_bytes_total{{{p},syscall="{sc}"}} '
                      f'{num(call_bytes.get(sc, 0))}\n' for sc in SYSCALLS]),
             f'memtrace_drift_bytes{{{p}}} {num(snap["drift_bytes"])}\n',
+            f"memtrace_process_pss_bytes{{{p}}} {num(proc_pss)}\n" if with_pss else "",
+            f"memtrace_process_uss_bytes{{{p}}} {num(proc_uss)}\n" if with_pss else "",
+            "".join(mp), "".join(mu),
         )]), folded)
 
     def _text_rows(self, state: ExporterState) -> list[tuple[list[str], Any, Any]]:
@@ -531,68 +598,25 @@ class MemtraceCollector(Collector):
                     if state.groups is None else [])
         for family in [*heap_families(state), *library_families(lib_rows, list(who))]:
             family.render(text, escaped)
-        text += self._pss_text(state, list(who), rows, escaped)
+        if state.groups is None:
+            # the PSS/USS samples were rendered (and cached) with each process's
+            # other samples; a process without PSS figures has empty pieces
+            out.append("".join(text).encode("utf-8"))
+            text = []
+            first = len(_HEADERS[who])
+            for i, header in enumerate(_PSS_HEADERS[who]):
+                out.append(header)
+                out.extend(map(itemgetter(first + i), parts))
+        else:
+            pss_rows = ([(ids, get_snap()) for ids, _, get_snap in rows]
+                        if any(s.get("pss_bytes") is not None
+                               for s in state.snapshots.values()) else [])
+            for family in pss_families(state, pss_rows, list(who), self.max_mapping_series):
+                family.render(text, escaped)
         for family in self._self_metrics(state, dropped_total, time.perf_counter() - t0):
             family.render(text, escaped)
         out.append("".join(text).encode("utf-8"))
         return out
-
-    def _pss_text(self, state: ExporterState, who: list[str],
-                  rows: list[tuple[list[str], Any, Callable[[], dict[str, Any]]]],
-                  escaped: dict[str, str]) -> list[str]:
-        """The four PSS/USS families as text. In pid mode each process's samples
-        are cached by its stamp (like the resident families); in group mode
-        (sums over processes) they are built every scrape."""
-        headers = [f.header() for f in pss_families(ExporterState(), [], who, 0)]
-        pss_on = any(s.get("pss_bytes") is not None for s in state.snapshots.values())
-        if not pss_on:
-            return headers
-        if state.groups is not None:
-            out: list[str] = []
-            pss_rows = [(ids, get_snap()) for ids, _, get_snap in rows]
-            for family in pss_families(state, pss_rows, who, self.max_mapping_series):
-                family.render(out, escaped)
-            return out
-        per_row: list[list[str]] = []
-        for ids, stamp, get_snap in rows:
-            key = tuple(ids)
-            entry = self._pss_rendered.get(key) if stamp is not None else None
-            if entry is None or entry[0] != stamp:
-                entry = (stamp, self._pss_row(who, ids, get_snap(), escaped))
-                if stamp is not None:
-                    with self._lock:
-                        self._pss_rendered[key] = entry
-            per_row.append(entry[1])
-        out = []
-        for i, header in enumerate(headers):
-            out.append(header)
-            out.extend(parts[i] for parts in per_row)
-        return out
-
-    def _pss_row(self, who: list[str], ids: list[str], snap: dict[str, Any],
-                 escaped: dict[str, str]) -> list[str]:
-        """One process's samples of the four PSS/USS families, exactly as
-        Family.render writes the rows pss_families() gives (pid mode)."""
-        pss, uss = snap.get("pss_bytes"), snap.get("uss_bytes")
-        if pss is None or uss is None:
-            return ["", "", "", ""]
-
-        def esc(v: str) -> str:
-            e = escaped.get(v)
-            if e is None:
-                e = escaped[v] = _escape_label(v)
-            return e
-
-        prefix = ",".join(f'{k}="{esc(v)}"' for k, v in zip(who, ids))
-        map_pss: list[str] = []
-        map_uss: list[str] = []
-        for (identity, kind), g in _pss_by_mapping(snap, self.max_mapping_series).items():
-            labels = f'{prefix},mapping="{esc(safe_label(identity))}",kind="{esc(kind)}"'
-            map_pss.append(f"memtrace_mapping_pss_bytes{{{labels}}} {_number(g[1])}\n")
-            map_uss.append(f"memtrace_mapping_uss_bytes{{{labels}}} {_number(g[2])}\n")
-        return [f"memtrace_process_pss_bytes{{{prefix}}} {_number(pss)}\n",
-                f"memtrace_process_uss_bytes{{{prefix}}} {_number(uss)}\n",
-                "".join(map_pss), "".join(map_uss)]
 
     def build(self) -> list[Family]:
         t0 = time.perf_counter()
@@ -722,49 +746,6 @@ def heap_families(state: ExporterState) -> list[Family]:
 
 # ------------------------------------------------------------------ PSS / USS (livepss)
 
-# Sums by snapshot generation (unique across processes, docs/output.md): a
-# scrape sums again only the processes whose snapshot changed since the last.
-_PSS_SUMS: dict[tuple[Any, int, int], dict[tuple[str, str], list[int]]] = {}
-_PSS_SUMS_MAX = 10_000
-
-
-def _pss_by_mapping(snap: dict[str, Any], max_series: int) -> dict[tuple[str, str], list[int]]:
-    gen = snap.get("generation")
-    if gen is None:
-        return _sum_pss(snap, max_series)
-    key = (snap.get("pid"), gen, max_series)
-    sums = _PSS_SUMS.get(key)
-    if sums is None:
-        if len(_PSS_SUMS) >= _PSS_SUMS_MAX:
-            _PSS_SUMS.clear()
-        sums = _PSS_SUMS[key] = _sum_pss(snap, max_series)
-    return sums
-
-
-def _sum_pss(snap: dict[str, Any], max_series: int) -> dict[tuple[str, str], list[int]]:
-    """Per-mapping PSS and USS summed by (identity, kind), with exactly the
-    identities group_mappings() gives the resident series: the `max_series - 1`
-    largest by resident bytes (same order, same ties), the rest in [other]."""
-    groups: dict[tuple[str, str], list[int]] = {}     # rss, pss, uss
-    for m in snap["mappings"]:
-        g = groups.get((m["mapping"], m["kind"]))
-        if g is None:
-            g = groups[(m["mapping"], m["kind"])] = [0, 0, 0]
-        g[0] += m["anon_bytes"] + m["file_bytes"] + m["shmem_bytes"]
-        g[1] += m["pss_bytes"]
-        g[2] += m["uss_bytes"]
-    if len(groups) <= max_series:
-        return groups
-    ranked = sorted(groups.items(), key=lambda kv: kv[1][0], reverse=True)
-    kept = dict(ranked[: max_series - 1])
-    other = [0, 0, 0]
-    for _, g in ranked[max_series - 1:]:
-        for i in range(3):
-            other[i] += g[i]
-    kept[(OTHER, "other")] = other
-    return kept
-
-
 def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any]]],
                  who: list[str], max_series: int) -> list[Family]:
     """memtrace_{process,mapping}_{pss,uss}_bytes (docs/metrics.md), labelled like
@@ -802,8 +783,13 @@ def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any
             continue
         proc_pss.add_metric(ids, acc[0])
         proc_uss.add_metric(ids, acc[1])
-        for (identity, kind), g in _pss_by_mapping(snap, max_series).items():
+        for (identity, kind), g in _sum_mappings(snap, max_series, pss=True)[0]:
             values = [*ids, safe_label(identity), kind]
-            map_pss.add_metric(values, g[1])
-            map_uss.add_metric(values, g[2])
+            map_pss.add_metric(values, g[4])
+            map_uss.add_metric(values, g[5])
     return [proc_pss, proc_uss, map_pss, map_uss]
+
+
+_PSS_HEADERS = {tuple(who): [f.header().encode()
+                             for f in pss_families(ExporterState(), [], list(who), 2)]
+                for who in (("pid", "comm"), ("group", "comm"))}

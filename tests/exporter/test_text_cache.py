@@ -379,3 +379,59 @@ def test_group_mappings_matches_the_reference_with_ties():
         want = reference_group_mappings({"mappings": maps}, cap)
         got = exporter.group_mappings({"mappings": maps}, cap)
         assert got == want and list(got[0]) == list(want[0])
+
+
+def test_pss_sums_come_with_the_same_groups_as_the_resident_sums():
+    """_sum_mappings(pss=True): the resident part is group_mappings' (same groups,
+    order, ties, [other]); the PSS and USS parts are the sums of the same mappings."""
+    rng = random.Random(1)
+    for _ in range(300):
+        n = rng.randrange(1, 120)
+        same_kind = rng.random() < 0.5   # else one identity can come with two kinds
+        maps = []
+        for _ in range(rng.randrange(1, 200)):
+            i = rng.randrange(n)
+            maps.append({"mapping": f"/x/{i}",
+                         "kind": ("library", "file")[i % 2] if same_kind
+                         else rng.choice(["library", "file"]),
+                         "anon_bytes": rng.choice([0, PAGE, 2 * PAGE]),
+                         "file_bytes": rng.choice([0, PAGE]), "shmem_bytes": rng.choice([0, PAGE]),
+                         "virtual_bytes": rng.choice([PAGE, 2 * PAGE]),
+                         "pss_bytes": rng.randrange(3 * PAGE), "uss_bytes": rng.randrange(PAGE)})
+        cap = rng.randrange(1, 60)
+        want, want_folded = reference_group_mappings({"mappings": maps}, cap)
+        rows, folded = exporter._sum_mappings({"mappings": maps}, cap, pss=True)
+        assert folded == want_folded
+        assert [key for key, _ in rows] == list(want)
+        assert [g[:4] for _, g in rows] == [[w["anon"], w["file"], w["shmem"], w["virtual"]]
+                                            for w in want.values()]
+        kept = {key for key, _ in rows} - {(exporter.OTHER, "other")}
+        for key, g in rows:
+            members = [m for m in maps if (m["mapping"], m["kind"]) == key] \
+                if key in kept else [m for m in maps if (m["mapping"], m["kind"]) not in kept]
+            assert g[4] == sum(m["pss_bytes"] for m in members)
+            assert g[5] == sum(m["uss_bytes"] for m in members)
+
+
+def test_scrapes_leave_no_garbage_collected_objects_behind():
+    """Every scrape of a state whose processes all changed (new generations) keeps
+    nothing but each live process's text: the number of objects the cyclic GC
+    tracks does not grow scrape after scrape (a module-level cache of PSS sums by
+    generation used to add ~50 per process per scrape, and the full collections
+    over them made the scrape latency's tail)."""
+    import gc
+
+    from .test_pss_metrics import with_pss
+
+    procs = [with_pss(many_identities(p, 80)) for p in range(1, 21)]
+    box, c = text_collector(state_of(*(with_gen(p, 1) for p in procs)))
+    gc.collect()
+    counts = []
+    for gen in range(2, 42):
+        box.set(state_of(*(with_gen(p, gen) for p in procs)))
+        c.render_text()
+        if gen in (11, 41):
+            gc.collect()
+            counts.append(len(gc.get_objects()))
+    assert c.rendered_rows == 40 * 20
+    assert counts[1] - counts[0] < 200, counts

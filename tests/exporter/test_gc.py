@@ -1,0 +1,43 @@
+"""The serving process's cyclic GC: the startup heap is frozen before any
+process is watched (no root, no BCC)."""
+
+from __future__ import annotations
+
+import gc
+from types import SimpleNamespace
+
+from memtrace import cli, exporter
+from memtrace.exporter import StateBox
+
+
+def test_freeze_startup_objects_takes_the_heap_out_of_collections():
+    gc.unfreeze()
+    gc.collect()
+    tracked = len(gc.get_objects())
+    try:
+        exporter.freeze_startup_objects()
+        assert gc.get_freeze_count() >= tracked - 100
+        assert len(gc.get_objects()) < tracked // 10
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+
+def test_serve_freezes_before_it_serves(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(cli, "freeze_startup_objects", lambda: calls.append("freeze"))
+
+    class FakeServer:
+        tls = exposed = protected = False
+        address = "127.0.0.1:0"
+
+        def __init__(self, *args, **kw):  # type: ignore[no-untyped-def]
+            calls.append("server")
+
+    monkeypatch.setattr(cli, "MetricsServer", FakeServer)
+    session = SimpleNamespace(exporter_box=StateBox())
+    assert cli._serve(session, False, "127.0.0.1:0", None, 50) is not None  # type: ignore[arg-type]
+    assert calls == ["freeze", "server"]
+    calls.clear()
+    assert cli._serve(session, True, "127.0.0.1:0", None, 50) is None  # type: ignore[arg-type]
+    assert calls == []
