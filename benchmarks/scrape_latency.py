@@ -17,7 +17,10 @@
 3. Every scrape sees a new tick, published by the server just before it
    renders (as if the watch loop had ticked since the last scrape; its cost,
    ~0.1 ms, is inside the measured time): new snapshot dicts for every process,
-   each with a `generation` key as the watch loop sets it. For each fraction F
+   each with a `generation` key as the watch loop sets it, and (unless
+   --no-builder-sums) the per-identity sums (`Snapshot.identity_sums`) that
+   the watch loop's SnapshotBuilder keeps incrementally at each tick, computed
+   here once per content before scraping. For each fraction F
    in --changed, a random F of the processes flip to their other content with
    a new generation, the rest keep theirs. F = 1.0 is the worst case: no
    process's text can come from the collector's cache (as without
@@ -189,6 +192,13 @@ class Ticker:
         base = build_state(args.processes, args.mappings, 1)
         self.base = base
         self.contents = {pid: (snap, grown(snap)) for pid, snap in base.snapshots.items()}
+        # what the watch loop's SnapshotBuilder keeps tick by tick (summed
+        # incrementally, as mappings change): the per-identity sums
+        self.sums: dict[tuple[int, int], Any] = {}
+        if args.builder_sums:
+            from memtrace.views.snapshot import identity_sums
+            self.sums = {(pid, k): identity_sums(c[k]["mappings"])
+                         for pid, c in self.contents.items() for k in (0, 1)}
         self.which = dict.fromkeys(base.snapshots, 0)
         self.generation = dict.fromkeys(base.snapshots, 1)
         self.box = box
@@ -196,6 +206,14 @@ class Ticker:
         self.rng = random.Random(3)
         self.lock = threading.Lock()
         self.tick()
+
+    def _snapshot(self, pid: int, now: float) -> dict[str, Any]:
+        from memtrace.views.snapshot import Snapshot
+
+        k = self.which[pid]
+        snap = Snapshot({**self.contents[pid][k], "ts": now, "generation": self.generation[pid]})
+        snap.identity_sums = self.sums.get((pid, k))
+        return snap
 
     def tick(self) -> None:
         from memtrace.exporter import ExporterState
@@ -206,8 +224,7 @@ class Ticker:
                 self.which[pid] ^= 1
                 self.generation[pid] += 1
             now = time.time()
-            snaps = {pid: {**self.contents[pid][self.which[pid]], "ts": now,
-                           "generation": self.generation[pid]} for pid in pids}
+            snaps = {pid: self._snapshot(pid, now) for pid in pids}
             self.box.set(ExporterState(
                 snapshots=snaps, full_rescans=self.base.full_rescans, tick_seconds=0.05,
                 attach_seconds=self.base.attach_seconds))
@@ -399,6 +416,10 @@ def main() -> int:
                     help="auto: gzip as memtrace does (ISA-L where the isal package is "
                          "installed, else zlib); zlib: always zlib")
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--no-builder-sums", dest="builder_sums", action="store_false",
+                    help="snapshots without the per-identity sums the watch loop's "
+                         "SnapshotBuilder keeps (the exporter then sums every mapping, "
+                         "as for agent groups)")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     args = ap.parse_args()
     fractions = [float(f) for f in args.changed.split(",")]
@@ -453,7 +474,7 @@ def main() -> int:
     gzip_module = "zlib" if args.gzip == "zlib" else web.GZIP.__name__
     info = {
         "processes": args.processes, "mappings_per_process": args.mappings,
-        "gzip": gzip_module,
+        "gzip": gzip_module, "builder_sums": args.builder_sums,
         "max_series": args.max_series, "cpus": os.cpu_count(),
         "python": platform.python_version(), "setup_seconds": round(setup, 1),
         "loadavg_before": load_before, "loadavg_after": _loadavg(),

@@ -187,7 +187,14 @@ def _sum_mappings(snap: dict[str, Any], max_series: int,
     scrape). With `pss`, each row also carries the PSS and USS sums ([anon, file,
     shmem, virtual, pss, uss]), from the same pass: the PSS/USS series have exactly
     the identities, order and [other] of the resident series."""
-    groups = _sum_by_identity_and_kind(snap["mappings"], pss)
+    kept_sums: dict[tuple[str, str], list[Any]] | None = getattr(snap, "identity_sums", None)
+    if kept_sums is None:
+        groups = _sum_by_identity_and_kind(snap["mappings"], pss)
+    else:
+        # kept by the snapshot builder, tick by tick (views/snapshot.py):
+        # [anon, file, shmem, virtual, pss, uss]; fresh lists, never the builder's
+        width = 6 if pss else 4
+        groups = {key: g[:width] for key, g in kept_sums.items()}
     if len(groups) <= max_series:
         return list(groups.items()), 0
     items = list(groups.items())

@@ -43,6 +43,10 @@ class Snapshot(dict[str, Any]):
     process share their mappings list and that text."""
 
     mappings_json_blocks: list[bytes] | None = None
+    # (mapping identity, kind) -> [anon, file, shmem, virtual, pss, uss] bytes
+    # summed over the mappings, in order of first appearance (pss/uss 0 where
+    # null); read-only. The exporter uses it instead of summing every mapping.
+    identity_sums: dict[tuple[str, str], list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class SnapshotBuilder:
         self._mappings: list[dict[str, Any]] = []            # e.mapping of _entries
         self._segments: dict[int, Segment] = {}              # by VMA start
         self._blocks: list[bytes | None] = []  # JSON of _entries[k*_BLOCK:(k+1)*_BLOCK]
+        self._sums: dict[tuple[str, str], list[int]] = {}    # Snapshot.identity_sums
 
     def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         """The snapshot of this tick; call stamp() on it once the caller has
@@ -167,6 +172,7 @@ class SnapshotBuilder:
                 entries.append(prev)
         self._entries = entries
         self._mappings = [e.mapping for e in entries]
+        self._sums = identity_sums(self._mappings)
         self._blocks = [None] * ((len(entries) + _BLOCK - 1) // _BLOCK)
         self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
@@ -182,6 +188,7 @@ class SnapshotBuilder:
             return
         entries = list(self._entries)   # a snapshot already handed out keeps its list
         mappings = list(self._mappings)
+        sums = {key: list(g) for key, g in self._sums.items()}   # and its sums
         vmas = tracker.space.vmas
         for start in changed:
             i = self._index.get(start)
@@ -192,6 +199,9 @@ class SnapshotBuilder:
             self._blocks[i // _BLOCK] = None
             entries[i] = new
             mappings[i] = new.mapping
+            g = sums[(new.mapping["mapping"], new.mapping["kind"])]
+            for j, (after, before) in enumerate(zip(_summed(new.mapping), _summed(old.mapping))):
+                g[j] += after - before
             self._totals[0] += new.anon - old.anon
             self._totals[1] += new.file - old.file
             self._totals[2] += new.shmem - old.shmem
@@ -202,6 +212,7 @@ class SnapshotBuilder:
             p[3] += new.pss_missing - old.pss_missing
         self._entries = entries
         self._mappings = mappings
+        self._sums = sums
 
     def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         anon, file, shmem, virtual = self._totals
@@ -237,6 +248,7 @@ class SnapshotBuilder:
         })
         if self.json_text:
             snap.mappings_json_blocks = self._json_blocks()
+        snap.identity_sums = self._sums
         return snap
 
     def _json_blocks(self) -> list[bytes]:
@@ -245,6 +257,27 @@ class SnapshotBuilder:
             if block is None:
                 self._blocks[k] = b",".join(e.text for e in entries[k * _BLOCK:(k + 1) * _BLOCK])
         return list(cast(list[bytes], self._blocks))
+
+
+_SUMMED = ("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "pss_bytes", "uss_bytes")
+
+
+def _summed(mapping: dict[str, Any]) -> list[int]:
+    return [mapping[k] or 0 for k in _SUMMED]
+
+
+def identity_sums(mappings: list[dict[str, Any]]) -> dict[tuple[str, str], list[int]]:
+    """Snapshot.identity_sums of `mappings` (their "mapping" and "kind" keys)."""
+    sums: dict[tuple[str, str], list[int]] = {}
+    for m in mappings:
+        values = _summed(m)
+        g = sums.get((m["mapping"], m["kind"]))
+        if g is None:
+            sums[(m["mapping"], m["kind"])] = values
+        else:
+            for j, x in enumerate(values):
+                g[j] += x
+    return sums
 
 
 def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:

@@ -194,9 +194,16 @@ def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
                  tr.update([], [], dataclasses.replace(tr.stats,
                                                        layout_gen=tr.stats.layout_gen + 1))),
     ]
+    from memtrace.views.snapshot import identity_sums
+
+    handed_out = []
     for step in steps:
         step()
         snap = builder.stamp(builder.build(tr, 2.0))
+        assert snap.identity_sums == identity_sums(snap["mappings"])
+        handed_out.append((snap, repr(snap.identity_sums)))
+        # sums of snapshots handed out earlier are never changed afterwards
+        assert all(repr(old.identity_sums) == text for old, text in handed_out)
         assert _plain(snap) == _plain(snapshot(tr, 2.0))
         assert json.loads(encode(snap)) == json.loads(json.dumps(snap))
         anon_total, other_total = p.expected_total()
@@ -342,3 +349,33 @@ def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch
         session_mod.Session(reporter, 1.0, 0.0).load()
     assert seen == [True, False, False]
     assert JsonReporter.wants_json_text and not hasattr(TableReporter, "wants_json_text")
+
+
+def test_exporter_text_is_the_same_with_the_builders_sums(world):
+    """The exporter takes per-identity sums from the snapshot when it has them
+    (no pass over every mapping); the text is what summing the mappings gives,
+    with and without PSS figures, with and without folding into [other]."""
+    from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
+    from memtrace.views.snapshot import Snapshot, SnapshotBuilder, identity_sums
+
+    _, _, tr = tracked(world)
+    builder = SnapshotBuilder()
+    built = builder.stamp(builder.build(tr, 1.0))
+    with_pss = Snapshot(built, pss_bytes=12345, uss_bytes=678, mappings=[
+        {**m, "pss_bytes": m["rss_bytes"] // 2, "uss_bytes": m["anon_bytes"]}
+        for m in built["mappings"]])
+    with_pss.identity_sums = identity_sums(with_pss["mappings"])
+    for snap in (built, with_pss):
+        assert snap.identity_sums is not None
+        for cap in (50, 3):
+            texts = []
+            for s in (snap, dict(snap)):          # dict(): no identity_sums attribute
+                box = StateBox()
+                box.set(ExporterState(snapshots={s["pid"]: s}))
+                text = MemtraceCollector(box, max_mapping_series=cap).render_text()
+                texts.append([x for x in text.splitlines()    # not the self-monitoring
+                              if x.startswith(("memtrace_mapping", "memtrace_process"))])
+            assert texts[0] == texts[1]
+            assert any(x.startswith("memtrace_mapping_resident_bytes") for x in texts[0])
+        assert any(x.startswith("memtrace_mapping_pss_bytes") for x in texts[0]) == (
+            snap is with_pss)
