@@ -10,7 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from memtrace.attribution import classify, mapping_identity
+from memtrace.attribution import Segment, classify, mapping_identity, segments_for
 from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import Scanner, open_scanner
@@ -257,6 +257,7 @@ class ProcessTracker:
         self.space.attribute(merged, new_vmas)
 
     def _count_faults(self, marks: list[ChunkMark]) -> None:
+        segments: dict[int, Segment] | None = None
         for m in marks:
             if not m.faults:
                 continue
@@ -265,7 +266,13 @@ class ProcessTracker:
             if vma is not None:
                 self.faults_by_vma[vma.start] += m.faults
                 self.space.changed.add(vma.start)
-                self.faults_by_mapping[mapping_identity(vma, classify(vma, self.exe))] += m.faults
+                if segments is None:     # a library's bss counts with its library
+                    segments = segments_for(self.space, self.space.vmas, self.exe, self.pid,
+                                            self.procfs.root)
+                seg = segments.get(vma.start)
+                identity = (seg.mapping if seg is not None
+                            else mapping_identity(vma, classify(vma, self.exe)))
+                self.faults_by_mapping[identity] += m.faults
             else:
                 self.faults_by_mapping["[unmapped]"] += m.faults
 

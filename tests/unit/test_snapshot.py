@@ -266,6 +266,11 @@ def test_snapshot_bss_counts_toward_its_library(world):
     assert (b["segment"], b["kind"], b["mapping"], b["path"]) == (
         "bss", "library", "/usr/lib/x86_64-linux-gnu/libc.so.6", "")
     assert (b["anon_bytes"], b["file_bytes"]) == (3 * PAGE, 0)
+    # a fault in the bss counts toward libc too, not [anon]
+    p.touch(bss.start + 3 * PAGE, bss.start + 4 * PAGE)
+    p.sync()
+    tr.update([ChunkMark(bss.start >> CHUNK_SHIFT, 1, bss.start + 3 * PAGE)], [], None)
+    assert tr.faults_by_mapping == {"/usr/lib/x86_64-linux-gnu/libc.so.6": 1}
     assert snap["anon_bytes"] == sum(x["anon_bytes"] for x in snap["mappings"])
     assert rows[m["anon"].start]["segment"] is None
 
