@@ -380,11 +380,6 @@ class _Rendered:
     stamp: Any
     parts: tuple[bytes, ...]  # UTF-8
     folded: int
-    # per (identity, kind): its sums and its four sample lines (resident,
-    # virtual, PSS, USS), reused by the next render of the row for identities
-    # whose sums did not change (a changed process usually changes a few)
-    lines: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[str, str, str, str]]] = field(
-        default_factory=dict)
 
 
 class MemtraceCollector(Collector):
@@ -461,9 +456,8 @@ class MemtraceCollector(Collector):
             self._labels[identity] = value
         return value
 
-    def _render_row(self, who: Sequence[str], ids: Sequence[str], snap: dict[str, Any],
-                    previous: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[
-                        str, str, str, str]]] | None = None) -> _Rendered:
+    def _render_row(self, who: Sequence[str], ids: Sequence[str],
+                    snap: dict[str, Any]) -> _Rendered:
         """The samples of one process (or group) for each of _row_families() and,
         for a process with PSS figures, of the four PSS/USS families, as UTF-8
         text (one piece per family, samples in the order build() adds them; the
@@ -492,33 +486,34 @@ class MemtraceCollector(Collector):
         mv: list[str] = []
         mp: list[str] = []
         mu: list[str] = []
-        pss_prefix = f"memtrace_mapping_pss_bytes{{{p},"
-        uss_prefix = f"memtrace_mapping_uss_bytes{{{p},"
-        old = previous or {}
-        lines: dict[tuple[str, str], tuple[tuple[Any, ...], tuple[str, str, str, str]]] = {}
-        for key, g in groups:
-            values = tuple(g)
-            hit = old.get(key)
-            if hit is not None and hit[0] == values:
-                text = hit[1]
-            else:
+        if with_pss:
+            pss_prefix = f"memtrace_mapping_pss_bytes{{{p},"
+            uss_prefix = f"memtrace_mapping_uss_bytes{{{p},"
+            for key, (a, f, s, v, ps, us) in groups:
                 lab = fragments.get(key)
                 if lab is None:
                     lab = fragment(key)
-                a, f, s, v = (x if type(x) is int else num(x) for x in g[:4])
-                text = (f'{res_prefix}{lab},type="anon"}} {a}\n'
-                        f'{res_prefix}{lab},type="file"}} {f}\n'
-                        f'{res_prefix}{lab},type="shmem"}} {s}\n',
-                        f"{virt_prefix}{lab}}} {v}\n", "", "")
-                if with_pss:
-                    ps, us = (x if type(x) is int else num(x) for x in g[4:6])
-                    text = (text[0], text[1], f"{pss_prefix}{lab}}} {ps}\n",
-                            f"{uss_prefix}{lab}}} {us}\n")
-            lines[key] = (values, text)
-            mr.append(text[0])
-            mv.append(text[1])
-            mp.append(text[2])
-            mu.append(text[3])
+                if not (type(a) is int and type(f) is int and type(s) is int
+                        and type(v) is int and type(ps) is int and type(us) is int):
+                    a, f, s, v, ps, us = num(a), num(f), num(s), num(v), num(ps), num(us)
+                mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
+                          f'{res_prefix}{lab},type="file"}} {f}\n'
+                          f'{res_prefix}{lab},type="shmem"}} {s}\n')
+                mv.append(f"{virt_prefix}{lab}}} {v}\n")
+                mp.append(f"{pss_prefix}{lab}}} {ps}\n")
+                mu.append(f"{uss_prefix}{lab}}} {us}\n")
+        else:
+            for key, (a, f, s, v) in groups:
+                lab = fragments.get(key)
+                if lab is None:
+                    lab = fragment(key)
+                if not (type(a) is int and type(f) is int and type(s) is int
+                        and type(v) is int):
+                    a, f, s, v = num(a), num(f), num(s), num(v)
+                mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
+                          f'{res_prefix}{lab},type="file"}} {f}\n'
+                          f'{res_prefix}{lab},type="shmem"}} {s}\n')
+                mv.append(f"{virt_prefix}{lab}}} {v}\n")
         labels = self._labels
         label = self._label
         faults = []
@@ -539,7 +534,7 @@ class MemtraceCollector(Collector):
             f"memtrace_process_pss_bytes{{{p}}} {num(proc_pss)}\n" if with_pss else "",
             f"memtrace_process_uss_bytes{{{p}}} {num(proc_uss)}\n" if with_pss else "",
             "".join(mp), "".join(mu),
-        )]), folded, lines)
+        )]), folded)
 
     def _text_rows(self, state: ExporterState) -> list[tuple[list[str], Any, Any]]:
         """(label values, stamp or None, a function returning the row's snapshot)
@@ -588,8 +583,7 @@ class MemtraceCollector(Collector):
                 key = tuple(ids)
                 entry = cache.get(key) if stamp is not None else None
                 if entry is None or entry.stamp != stamp:
-                    entry = self._render_row(who, ids, get_snap(),
-                                             entry.lines if entry is not None else None)
+                    entry = self._render_row(who, ids, get_snap())
                     entry.stamp = stamp
                     if stamp is not None:
                         with self._lock:

@@ -435,35 +435,3 @@ def test_scrapes_leave_no_garbage_collected_objects_behind():
             counts.append(len(gc.get_objects()))
     assert c.rendered_rows == 40 * 20
     assert counts[1] - counts[0] < 200, counts
-
-
-def test_reused_sample_lines_give_the_text_a_fresh_collector_gives():
-    """A changed row reuses the lines of identities whose sums did not change;
-    through random changes (one mapping, PSS appearing and going, the [other]
-    fold moving with a cap of 4), every scrape equals a fresh collector's."""
-    rng = random.Random(5)
-    snap = with_gen(realistic_process(7), 1)
-    box, c = text_collector(state_of(snap), max_series=4)
-    for gen in range(2, 40):
-        snap = copy.deepcopy(snap)
-        snap["generation"] = gen
-        m = rng.choice(snap["mappings"])
-        delta = rng.choice((-1, 1, 3)) * PAGE
-        if m["anon_bytes"] + delta >= 0:
-            m["anon_bytes"] += delta
-            snap["anon_bytes"] += delta
-        with_pss = gen % 7 < 4
-        for x in snap["mappings"]:
-            x["pss_bytes"] = x["anon_bytes"] // 2 if with_pss else None
-            x["uss_bytes"] = x["anon_bytes"] // 4 if with_pss else None
-        pss = sum(x["anon_bytes"] // 2 for x in snap["mappings"])
-        uss = sum(x["anon_bytes"] // 4 for x in snap["mappings"])
-        snap["pss_bytes"], snap["uss_bytes"] = (pss, uss) if with_pss else (None, None)
-        box.set(state_of(snap))
-        _, fresh = text_collector(state_of(snap), max_series=4)
-        got, want = (
-            [x for x in samples(text_scrape(col))
-             if x[0] != "memtrace_mapping_series_folded_total"]   # counts over scrapes
-            for col in (c, fresh))
-        assert got == want, gen
-    assert c.rendered_rows == 38          # one per generation scraped (2..39)
