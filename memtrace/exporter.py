@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from memtrace import __version__
+from memtrace.views.snapshot import identity_sums
 
 OTHER = "[other]"
 MAX_LABEL_CHARS = 512
@@ -143,43 +144,6 @@ class StateBox:
 GroupRow = tuple[tuple[str, str], list[Any]]
 """(identity, kind), [anon, file, shmem, virtual] (and pss, uss when asked for)."""
 
-_MAPPING_FIELDS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
-                             "virtual_bytes")
-_MAPPING_FIELDS_PSS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
-                                 "virtual_bytes", "pss_bytes", "uss_bytes")
-
-
-def _sum_by_identity_and_kind(maps: list[dict[str, Any]],
-                              pss: bool) -> dict[tuple[str, str], list[Any]]:
-    """The sums by (identity, kind), in order of first appearance (keying by the
-    identity alone and checking the kind measured no faster)."""
-    groups: dict[tuple[str, str], list[Any]] = {}
-    get = groups.get
-    if pss:
-        for identity, kind, a, f, s, v, p, u in map(_MAPPING_FIELDS_PSS, maps):
-            g = get((identity, kind))
-            if g is None:
-                groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v, 0 + p, 0 + u]
-            else:
-                g[0] += a
-                g[1] += f
-                g[2] += s
-                g[3] += v
-                g[4] += p
-                g[5] += u
-    else:
-        for identity, kind, a, f, s, v in map(_MAPPING_FIELDS, maps):
-            g = get((identity, kind))
-            if g is None:
-                groups[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v]
-            else:
-                g[0] += a
-                g[1] += f
-                g[2] += s
-                g[3] += v
-    return groups
-
-
 def _sum_mappings(snap: dict[str, Any], max_series: int,
                   pss: bool = False) -> tuple[list[GroupRow], int]:
     """group_mappings as rows ((identity, kind), [anon, file, shmem, virtual]), in
@@ -189,10 +153,9 @@ def _sum_mappings(snap: dict[str, Any], max_series: int,
     the identities, order and [other] of the resident series."""
     kept_sums: dict[tuple[str, str], list[Any]] | None = getattr(snap, "identity_sums", None)
     if kept_sums is None:
-        groups = _sum_by_identity_and_kind(snap["mappings"], pss)
+        groups = identity_sums(snap["mappings"], pss)
     else:
-        # kept by the snapshot builder, tick by tick (views/snapshot.py):
-        # [anon, file, shmem, virtual, pss, uss]; fresh lists, never the builder's
+        # kept by the snapshot builder, tick by tick: fresh lists, never the builder's
         width = 6 if pss else 4
         groups = {key: g[:width] for key, g in kept_sums.items()}
     if len(groups) <= max_series:

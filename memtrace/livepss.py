@@ -145,18 +145,26 @@ class LivePss:
         full = self.interval > 0 and since >= max(self.interval, spacing) or (
             forks is not None and st.forks is not None and forks != st.forks
             and since >= spacing)
+        nothing_swapped: bool | None = None       # /proc/PID/status read once, if needed
         if full:
             st.ksm_off = not self._ksm_running()
-            vmas = self._full_set(st, space.vmas, usage, todo, forks)
+            vmas = list(space.vmas)
+            if _no_new_sharing(st, forks):
+                vmas = [v for v in vmas if v.start in todo or not _settled(v, usage.get(v.start))]
+                self.vmas_settled += len(space.vmas) - len(vmas)
         else:
             vmas = _by_start(space, todo)
-            if vmas and forks is not None and forks == st.forks and st.ksm_off:
-                vmas = self._still_private(tracker, vmas, usage)
+            if vmas and _no_new_sharing(st, forks) and any(
+                    _settled(v, usage.get(v.start)) for v in vmas):
+                nothing_swapped = self._nothing_swapped(tracker.pid)
+                if nothing_swapped:
+                    vmas = self._from_model(space, vmas, usage)
         if not vmas:
             return
         t0 = time.perf_counter()
         try:
-            new = self._compute(st.reader, vmas, whole=full, space=space)
+            new = self._compute(st.reader, vmas, whole=full, space=space,
+                                nothing_swapped=nothing_swapped)
         except PermissionError as e:
             self.failure = str(e)
             return
@@ -177,37 +185,25 @@ class LivePss:
                 usage[vma.start] = u
                 space.changed.add(vma.start)
 
-    def _full_set(self, st: _Process, vmas: list[Vma], usage: dict[int, Usage],
-                  todo: set[int], forks: int | None) -> list[Vma]:
-        """The mappings a full refresh computes: all of them but the settled
-        ones (see the module's docstring), unless the process forked since the
-        last full refresh or KSM may merge pages."""
-        if forks is None or st.forks is None or forks != st.forks or not st.ksm_off:
-            return list(vmas)
-        out = [v for v in vmas if v.start in todo or not _settled(v, usage.get(v.start))]
-        self.vmas_settled += len(vmas) - len(out)
-        return out
-
-    def _still_private(self, tracker: ProcessTracker, vmas: list[Vma],
-                       usage: dict[int, Usage]) -> list[Vma]:
+    def _from_model(self, space: AddressSpace, vmas: list[Vma],
+                    usage: dict[int, Usage]) -> list[Vma]:
         """Settled mappings whose pages changed (faults, madvise...) while the
-        process did not fork: every resident page is still exclusive (a page
-        this process faults in is its own), so their figures are their
-        resident bytes in the model, just rescanned; no pagemap read. Only
-        while nothing is swapped out. Returns the mappings left to compute."""
-        candidates = [v for v in vmas if _settled(v, usage.get(v.start))]
-        if not candidates or not self._nothing_swapped(tracker.pid):
-            return vmas
-        space = tracker.space
-        for v in candidates:
+        process did not fork and nothing is swapped out: every resident page is
+        still exclusive (a page this process faults in is its own), so their
+        figures are their resident bytes in the model, just rescanned; no
+        pagemap read. Returns the mappings left to compute."""
+        rest = []
+        for v in vmas:
+            if not _settled(v, usage.get(v.start)):
+                rest.append(v)
+                continue
             rss = space.resident_of(v).total
             u = Usage(rss=rss, pss_fixed=rss << PSS_SHIFT, uss=rss)
             if usage.get(v.start) != u:
                 usage[v.start] = u
                 space.changed.add(v.start)
-        self.vmas_from_model += len(candidates)
-        done = {v.start for v in candidates}
-        return [v for v in vmas if v.start not in done]
+            self.vmas_from_model += 1
+        return rest
 
     def _ksm_running(self) -> bool:
         try:
@@ -242,7 +238,8 @@ class LivePss:
         st.layout = st.space.layout_version
 
     def _compute(self, reader: PssReader, vmas: list[Vma], whole: bool = False,
-                 space: AddressSpace | None = None) -> list[Usage]:
+                 space: AddressSpace | None = None,
+                 nothing_swapped: bool | None = None) -> list[Usage]:
         """Usage of `vmas`. Where pages are read: the model's resident runs
         (exact, just rescanned by the tracker) when the process has nothing
         swapped out (status VmSwap 0, on a kernel whose counters are exact);
@@ -250,7 +247,9 @@ class LivePss:
         first to the last VMA when `whole` (all of them), else one per run of
         adjacent VMAs."""
         readable = [v for v in vmas if v.path not in SKIP_NAMES]
-        if space is not None and self._nothing_swapped(reader.pid):
+        if nothing_swapped is None and space is not None:
+            nothing_swapped = self._nothing_swapped(reader.pid)
+        if space is not None and nothing_swapped:
             return reader.usage(vmas, _model_runs(space, readable))
         self.scans += 1
         if whole and readable:
@@ -311,6 +310,13 @@ def _model_runs(space: AddressSpace, vmas: list[Vma]) -> list[tuple[int, int]]:
             if chunk is not None:
                 runs.extend((start, end) for start, end, _ in chunk.runs)
     return runs
+
+
+def _no_new_sharing(st: _Process, forks: int | None) -> bool:
+    """No page of the process can have become shared without an event in it
+    since its last full refresh: BPF counts its forks and none happened, and
+    KSM was off."""
+    return forks is not None and forks == st.forks and st.ksm_off
 
 
 def _settled(vma: Vma, usage: Usage | None) -> bool:

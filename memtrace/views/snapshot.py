@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, cast
 
 from memtrace.attribution import Segment, classify, mapping_identity, segments_for, split
@@ -259,24 +260,49 @@ class SnapshotBuilder:
         return list(cast(list[bytes], self._blocks))
 
 
-_SUMMED = ("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "pss_bytes", "uss_bytes")
+_SUMMED = itemgetter("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "pss_bytes",
+                     "uss_bytes")
+_KEYED = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
+                    "virtual_bytes")
+_KEYED_PSS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_bytes",
+                        "virtual_bytes", "pss_bytes", "uss_bytes")
 
 
 def _summed(mapping: dict[str, Any]) -> list[int]:
-    return [mapping[k] or 0 for k in _SUMMED]
+    return [x or 0 for x in _SUMMED(mapping)]
 
 
-def identity_sums(mappings: list[dict[str, Any]]) -> dict[tuple[str, str], list[int]]:
-    """Snapshot.identity_sums of `mappings` (their "mapping" and "kind" keys)."""
-    sums: dict[tuple[str, str], list[int]] = {}
-    for m in mappings:
-        values = _summed(m)
-        g = sums.get((m["mapping"], m["kind"]))
-        if g is None:
-            sums[(m["mapping"], m["kind"])] = values
-        else:
-            for j, x in enumerate(values):
-                g[j] += x
+def identity_sums(mappings: list[dict[str, Any]],
+                  pss: bool = True) -> dict[tuple[str, str], list[Any]]:
+    """The sums of `mappings` by (identity, kind) ("mapping" and "kind" keys), in
+    order of first appearance: [anon, file, shmem, virtual] bytes and, with
+    `pss`, [pss, uss] (null counted as 0). Snapshot.identity_sums, and what the
+    exporter sums for snapshots without them; this runs for every mapping there,
+    hence the unrolled loops (keying by the identity alone measured no faster)."""
+    sums: dict[tuple[str, str], list[Any]] = {}
+    get = sums.get
+    if pss:
+        for identity, kind, a, f, s, v, p, u in map(_KEYED_PSS, mappings):
+            g = get((identity, kind))
+            if g is None:
+                sums[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v, p or 0, u or 0]
+            else:
+                g[0] += a
+                g[1] += f
+                g[2] += s
+                g[3] += v
+                g[4] += p or 0
+                g[5] += u or 0
+    else:
+        for identity, kind, a, f, s, v in map(_KEYED, mappings):
+            g = get((identity, kind))
+            if g is None:
+                sums[(identity, kind)] = [0 + a, 0 + f, 0 + s, 0 + v]
+            else:
+                g[0] += a
+                g[1] += f
+                g[2] += s
+                g[3] += v
     return sums
 
 

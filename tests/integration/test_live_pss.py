@@ -131,7 +131,8 @@ def test_watch_pss_off_gives_null_and_says_so(sharing_processes, tmp_path):  # n
     assert log.count("PSS off (--pss-interval 0)") == 1, log
 
 
-COW_CODE = """
+# An 8 MiB private anonymous region, every page written, at `addr`.
+REGION_CODE = """
 import ctypes, mmap, os, signal, sys
 n = 8 << 20
 m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -139,7 +140,9 @@ m.madvise(mmap.MADV_NOHUGEPAGE)
 for i in range(0, n, 4096):
     m[i] = 1
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-pid = os.fork()
+"""
+
+COW_CODE = REGION_CODE + """pid = os.fork()
 if pid == 0:
     os.write(1, f"CHILD {os.getpid()} {addr}\\n".encode())   # one write: no interleaving
     sys.stdin.readline()
@@ -152,6 +155,18 @@ os.write(1, f"PARENT {os.getpid()} {addr}\\n".encode())
 os.kill(os.getpid(), signal.SIGSTOP)
 os.waitpid(pid, 0)
 """
+
+
+def _end(mt: Memtrace | None, child: int, proc: subprocess.Popen[bytes]) -> None:
+    """Stop memtrace, the forked child (stopped, not ours to wait for) and the
+    python3 workload."""
+    if mt is not None:
+        mt.stop()
+    if child:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    proc.kill()
+    proc.wait()
 
 
 def _vma_key(pid: int, addr: int) -> tuple[int, int, int]:
@@ -201,24 +216,10 @@ def test_copy_on_write_in_a_watched_child_is_seen_in_the_next_tick(tmp_path):
         assert want == (6144, 4096, 0)              # half copied: private; half shared
         assert _got(_snap_vma(snap, addr)) == want
     finally:
-        if mt is not None:
-            mt.stop()
-        if child:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
+        _end(mt, child, proc)
 
 
-FORK_LATER_CODE = """
-import ctypes, mmap, os, signal, sys
-n = 8 << 20
-m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-m.madvise(mmap.MADV_NOHUGEPAGE)
-for i in range(0, n, 4096):
-    m[i] = 1
-addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
-os.write(1, f"READY {os.getpid()} {addr}\\n".encode())
+FORK_LATER_CODE = REGION_CODE + """os.write(1, f"READY {os.getpid()} {addr}\\n".encode())
 sys.stdin.readline()
 pid = os.fork()
 if pid == 0:
@@ -264,10 +265,4 @@ def test_a_fork_of_a_watched_process_updates_its_pss_without_a_refresh(tmp_path)
         snap = mt.stream.wait_snapshot(parent, time.time(), timeout=30, context=mt.stderr_tail)
         assert _got(_snap_vma(snap, addr)) == want, mt.stderr_tail()
     finally:
-        if mt is not None:
-            mt.stop()
-        if child:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(child, signal.SIGKILL)
-        proc.kill()
-        proc.wait()
+        _end(mt, child, proc)
