@@ -11,6 +11,9 @@
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
 
+/* tgid -> its epoch: execs since user space added it (equals the low 32 bits of
+ * its stats.exec_gen); dirty chunks are keyed by it so that the faults of an
+ * image and of the one it exec'd into stay apart within one drain. */
 BPF_HASH(targets, u32, u32, MT_MAX_TARGETS);
 BPF_HASH(stats, u32, struct mt_stats, MT_MAX_TARGETS);
 BPF_HASH(event_credit, u32, s64, MT_MAX_TARGETS);
@@ -26,6 +29,8 @@ BPF_HASH(inflight, u32, struct mt_inflight, 4096);
  * generations later). */
 BPF_PERCPU_ARRAY(fault_cache, struct mt_fault_cache, 2);
 BPF_ARRAY(drain_gen, u64, 1);                  /* bumped by user space before each drain */
+BPF_ARRAY(exec_count, u64, 1);                 /* bumped by every exec of a target: a cached
+                                                  chunk of the old image is not the new one's */
 BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);   /* mm -> tgid */
 BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
 BPF_ARRAY(names_gen, u64, 1);                  /* bumped by any unlink or rename */
@@ -47,9 +52,16 @@ static __always_inline u64 current_gen(void)
     return gen ? *gen : 0;
 }
 
-static __always_inline void mark_chunk(u32 tgid, u64 addr, u64 faults, u64 gen)
+static __always_inline u64 current_execs(void)
 {
-    struct mt_chunk_key key = {.tgid = tgid, .chunk = addr >> MT_CHUNK_SHIFT};
+    int zero = 0;
+    u64 *n = exec_count.lookup(&zero);
+    return n ? *n : 0;
+}
+
+static __always_inline void mark_chunk(u32 tgid, u32 epoch, u64 addr, u64 faults, u64 gen)
+{
+    struct mt_chunk_key key = {.tgid = tgid, .epoch = epoch, .chunk = addr >> MT_CHUNK_SHIFT};
     struct mt_chunk_val zero = {};
     struct mt_chunk_val *val;
     if (gen & 1)
@@ -76,28 +88,36 @@ static __always_inline void on_fault(u64 addr)
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     u64 chunk = addr >> MT_CHUNK_SHIFT;
     u64 gen = current_gen();
+    u64 execs = current_execs();
     int slot = gen & 1;
     struct mt_fault_cache *fc = fault_cache.lookup(&slot);
+    u32 *epoch;
     if (!fc) {
-        if (is_target(tgid))
-            mark_chunk(tgid, addr, 1, gen);
+        epoch = targets.lookup(&tgid);
+        if (epoch)
+            mark_chunk(tgid, *epoch, addr, 1, gen);
         return;
     }
-    /* Fast path: this CPU already marked this chunk in this generation. */
-    if (fc->gen == gen && fc->tgid == tgid && fc->chunk == chunk) {
+    /* Fast path: this CPU already marked this chunk in this generation, and no
+     * target has exec'd since (the same tgid and address may be a new image). */
+    if (fc->gen == gen && fc->execs == execs && fc->tgid == tgid && fc->chunk == chunk) {
         fc->pending++;
         fc->last_addr = addr;
         return;
     }
-    if (!is_target(tgid))
+    epoch = targets.lookup(&tgid);
+    if (!epoch)
         return;
     /* A slot of an older generation was collected by user space already. */
     if (fc->gen == gen && fc->pending)
-        mark_chunk(fc->tgid, fc->last_addr, fc->pending, gen);
-    mark_chunk(tgid, addr, 1, gen);
+        mark_chunk(fc->tgid, fc->epoch, fc->last_addr, fc->pending, gen);
+    u32 ep = *epoch;
+    mark_chunk(tgid, ep, addr, 1, gen);
     fc->tgid = tgid;
+    fc->epoch = ep;
     fc->chunk = chunk;
     fc->gen = gen;
+    fc->execs = execs;
     fc->pending = 0;
     fc->last_addr = addr;
 }
@@ -122,6 +142,9 @@ static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start,
 {
     if (end <= start || start >= MT_USER_ADDR_MAX)
         return;
+    if (end > MT_USER_ADDR_MAX)
+        end = MT_USER_ADDR_MAX;
+    u32 epoch = (u32)st->exec_gen;
     u64 first = start >> MT_CHUNK_SHIFT;
     u64 last = (end - 1) >> MT_CHUNK_SHIFT;
     if (last - first < MT_INLINE_CHUNKS) {
@@ -130,7 +153,7 @@ static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start,
         for (int i = 0; i < MT_INLINE_CHUNKS; i++) {
             if (first + i > last)
                 break;
-            mark_chunk(tgid, (first + i) << MT_CHUNK_SHIFT, 0, gen);
+            mark_chunk(tgid, epoch, (first + i) << MT_CHUNK_SHIFT, 0, gen);
         }
         return;
     }
@@ -249,6 +272,9 @@ static __always_inline int madvise_keeps_layout(u64 advice)
     return 0;
 }
 
+#define MT_MAP_FIXED 0x10
+#define MT_MREMAP_FIXED 2
+
 static __always_inline u64 page_up(u64 x) { return (x + 4095) & ~4095ULL; }
 
 static __always_inline int finish(s64 ret)
@@ -271,11 +297,18 @@ static __always_inline int finish(s64 ret)
     int layout = 1;
     int ok = ret >= 0;
 
+    /* A failed call may have changed part of its range before failing (mprotect,
+     * mlock or madvise over a hole: ENOMEM after the mapped part; a MAP_FIXED
+     * mmap whose file refuses the mapping leaves a hole where the old mappings
+     * were), so every failure counts as a layout change and marks what it may
+     * have touched. Failures are rare: no map operation is added on success. */
     switch (sys) {
     case MT_SYS_MMAP:
         if (ok) {
             bytes = a1;
             mark_range(tgid, st, (u64)ret, (u64)ret + page_up(a1));
+        } else if (in->args[3] & MT_MAP_FIXED) {
+            mark_range(tgid, st, a0, a0 + page_up(a1));
         }
         break;
     case MT_SYS_MUNMAP:
@@ -295,25 +328,47 @@ static __always_inline int finish(s64 ret)
         if (ok) {
             bytes = a2;
             mark_range(tgid, st, (u64)ret, (u64)ret + page_up(a2));
+        } else if (in->args[3] & MT_MREMAP_FIXED) {
+            /* the target is unmapped before the move is tried */
+            mark_range(tgid, st, in->args[4], in->args[4] + page_up(a2));
         }
         break;
     case MT_SYS_BRK: {
+        /* brk returns the break: the one asked for on success, the old one on
+         * failure (and on brk(0), which asks for nothing). */
         u64 old = st->brk, cur = (u64)ret;
+        layout = 0;
         if (old && cur != old) {
             u64 lo = old < cur ? old : cur, hi = old < cur ? cur : old;
             bytes = hi - lo;
             mark_range(tgid, st, lo & ~4095ULL, page_up(hi));
+            layout = 1;
         } else if (!old) {
             mark_range(tgid, st, cur & ~4095ULL, page_up(cur) + 1);
+            layout = 1;
         }
-        layout = cur != old;
+        if (a0 && cur != a0) {
+            /* a failed move of the break */
+            u64 lo = a0 < cur ? a0 : cur, hi = a0 < cur ? cur : a0;
+            mark_range(tgid, st, lo & ~4095ULL, page_up(hi));
+            layout = 1;
+        }
         st->brk = cur;
         break;
     }
     case MT_SYS_EXEC:
+        /* A failed exec left the image as it was (after the point of no
+         * return it does not come back). */
         layout = 0;
         if (ok) {
-            __sync_fetch_and_add(&st->exec_gen, 1);
+            __sync_fetch_and_add(&st->exec_gen, 1);     /* before the epoch: see below */
+            u32 *epoch = targets.lookup(&tgid);
+            if (epoch)
+                __sync_fetch_and_add(epoch, 1);
+            int idx = 0;
+            u64 *execs = exec_count.lookup(&idx);
+            if (execs)
+                __sync_fetch_and_add(execs, 1);
             st->brk = 0;
         }
         break;
@@ -327,14 +382,13 @@ static __always_inline int finish(s64 ret)
             break;
         /* remap_file_pages, mlockall: effect not bounded by the arguments */
     default:
-        if (ok)
-            __sync_fetch_and_add(&st->full_rescan_requests, 1);
+        __sync_fetch_and_add(&st->full_rescan_requests, 1);
         break;
     }
     u32 slot = sys & (MT_NSYS_SLOTS - 1);
     __sync_fetch_and_add(&st->calls[slot], 1);
     __sync_fetch_and_add(&st->bytes[slot], bytes);
-    if (layout && ok)
+    if (layout)
         __sync_fetch_and_add(&st->layout_gen, 1);
     stream(tgid, tid, in, ret, st);
     inflight.delete(&tid);

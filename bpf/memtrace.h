@@ -29,7 +29,8 @@ enum mt_syscall {
 
 struct mt_chunk_key {
     u32 tgid;
-    u32 pad;
+    u32 epoch;                      /* the process's execs so far (low 32 bits of exec_gen):
+                                       marks of an image and of the one it exec'd apart */
     u64 chunk;                      /* address >> MT_CHUNK_SHIFT */
 };
 
@@ -39,12 +40,14 @@ struct mt_chunk_val {
 };
 
 /* Per-CPU cache of the last chunk a watched process faulted in: repeated faults
- * in one chunk only count here until user space drains (drain generation). */
+ * in one chunk only count here until user space drains (drain generation) or
+ * a watched process execs (exec count). */
 struct mt_fault_cache {
     u32 tgid;
-    u32 pad;
+    u32 epoch;                      /* of the cached process, as in mt_chunk_key */
     u64 chunk;
     u64 gen;
+    u64 execs;                      /* exec_count when the slot was filled */
     u64 pending;                    /* faults not yet added to the dirty map */
     u64 last_addr;
 };

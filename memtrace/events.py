@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 CHUNK_SHIFT = 21
 CHUNK_SIZE = 1 << CHUNK_SHIFT
 USER_ADDR_MAX = 0x00007FFFFFFFF000
+# BPF keys dirty chunks by the low 32 bits of the process's exec_gen
+EPOCH_MASK = 0xFFFFFFFF
 
 SYSCALL_CLASSES = ("brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "mlock",
                    "munlock", "shmat", "shmdt", "other", "exec")
@@ -166,6 +168,7 @@ class ChunkMark:
     chunk: int
     faults: int
     last_addr: int
+    epoch: int = 0      # the process's execs when marked (exec_gen & EPOCH_MASK)
 
 
 @dataclass

@@ -142,7 +142,8 @@ class Probes:
         st.brk = brk
         self._stats[self._stats.Key(pid)] = self._stats.Leaf.from_buffer_copy(bytes(st))
         self._credit[self._credit.Key(pid)] = self._credit.Leaf(EVENT_CREDIT)
-        self._targets[key] = self._targets.Leaf(1)
+        # the value is the process's epoch: its execs from now on, as stats.exec_gen
+        self._targets[key] = self._targets.Leaf(0)
 
     def remove_target(self, pid: int) -> None:
         # Collect what the per-CPU fault caches still hold, so that no later
@@ -177,12 +178,13 @@ class Probes:
                     del dirty[k]
                 batch.append((k, v))
         for k, v in batch:
-            self._carry[k.tgid].append(
-                ChunkMark(chunk=k.chunk, faults=v.faults, last_addr=v.last_addr))
+            self._carry[k.tgid].append(ChunkMark(
+                chunk=k.chunk, faults=v.faults, last_addr=v.last_addr, epoch=k.epoch))
         for fc in self._fault_cache[self._fault_cache.Key(old & 1)]:
             if fc.gen == old and fc.pending:
                 self._carry[fc.tgid].append(ChunkMark(
-                    chunk=fc.chunk, faults=fc.pending, last_addr=fc.last_addr))
+                    chunk=fc.chunk, faults=fc.pending, last_addr=fc.last_addr,
+                    epoch=fc.epoch))
 
     def _grace_period(self) -> None:
         if _membarrier_global() != 0:

@@ -11,7 +11,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from memtrace.attribution import Segment, classify, mapping_identity, segments_for
-from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX, ChunkMark, Stats
+from memtrace.events import CHUNK_SHIFT, EPOCH_MASK, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.model import AddressSpace, chunk_span, merge_spans
 from memtrace.pagemap import Scanner, open_scanner
 from memtrace.procfs import ProcFS, Statm, Vma, statm_is_exact
@@ -60,6 +60,12 @@ class ProcessTracker:
         self.faults_by_vma: Counter[int] = Counter()
         self.faults_by_mapping: Counter[str] = Counter()   # never decreases: for counters
         self.faults_total = 0
+        # The image self.space describes: its exec count (stats.exec_gen &
+        # EPOCH_MASK), as BPF keys the marks of its faults.
+        self.epoch = 0
+        # The image before the latest exec, for one tick: its faults made just
+        # before the exec can reach the tick after it.
+        self._before_exec: tuple[int, AddressSpace, bytes] | None = None
         # PSS/USS/swap per VMA start, kept by memtrace.livepss; None when off
         self.pss_usage: dict[int, Usage] | None = None
         self.comm = ""
@@ -99,6 +105,7 @@ class ProcessTracker:
         except OSError as e:
             raise ProcessGone(self.pid) from e
         self.space = AddressSpace()
+        self.epoch = self.stats.exec_gen & EPOCH_MASK
         self.faults_by_vma.clear()
         self._full_rescan("attach")
 
@@ -211,9 +218,10 @@ class ProcessTracker:
         old, self.stats = self.stats, stats or self.stats
         new = self.stats
         if new.exec_gen != old.exec_gen:
-            self.start()
+            self._exec(marks)
             self._finish(t0)
             return
+        marks = self._own_marks(marks)
         reason = self._rescan_reason(old, new)
         statm_before = self._read_statm()
         self._names_stale = self._names_stale or names_changed
@@ -225,6 +233,37 @@ class ProcessTracker:
         self._count_faults(marks)
         self._check(statm_before)
         self._finish(t0)
+
+    def _exec(self, marks: list[ChunkMark]) -> None:
+        """The process exec'd: count the faults of the old image on its layout,
+        start over on the new one, and count the faults the new image made
+        since (right after an exec they are in the same drain)."""
+        old_epoch, old_space, old_exe = self.epoch, self.space, self.exe
+        self._count_faults([m for m in marks if m.epoch == old_epoch])
+        self.start()
+        self._before_exec = (old_epoch, old_space, old_exe)
+        own = [m for m in marks if m.epoch == self.epoch]
+        self._count_faults(own)
+        self._recheck = [(m.chunk, m.chunk + 1) for m in own if m.faults]
+        # images that came and went within one interval: never seen
+        self._count_faults([m for m in marks if m.epoch not in (old_epoch, self.epoch)],
+                           space=AddressSpace())
+
+    def _own_marks(self, marks: list[ChunkMark]) -> list[ChunkMark]:
+        """The marks of the current image. Faults the image before the latest
+        exec made after the drain of the exec's tick are counted against that
+        image's layout."""
+        before, self._before_exec = self._before_exec, None
+        if all(m.epoch == self.epoch for m in marks):
+            return marks
+        own = [m for m in marks if m.epoch == self.epoch]
+        late = [m for m in marks if m.epoch != self.epoch]
+        if before is not None:
+            epoch, space, exe = before
+            self._count_faults([m for m in late if m.epoch == epoch], space=space, exe=exe)
+            late = [m for m in late if m.epoch != epoch]
+        self._count_faults(late, space=AddressSpace())
+        return own
 
     def _finish(self, t0: float) -> None:
         self.counters.last_tick_seconds = time.perf_counter() - t0
@@ -256,22 +295,30 @@ class ProcessTracker:
         self._scan_spans(merged)
         self.space.attribute(merged, new_vmas)
 
-    def _count_faults(self, marks: list[ChunkMark]) -> None:
+    def _count_faults(self, marks: list[ChunkMark], space: AddressSpace | None = None,
+                      exe: bytes | None = None) -> None:
+        """Count faults on the current image's layout, or (`space`, `exe`) on
+        an image that is gone: in faults and faults_by_mapping only (an empty
+        space: an image never seen, its faults count as [unmapped])."""
+        current = space is None
+        space = self.space if space is None else space
+        exe = self.exe if exe is None else exe
         segments: dict[int, Segment] | None = None
         for m in marks:
             if not m.faults:
                 continue
             self.faults_total += m.faults
-            vma = self.space.vma_at(m.last_addr)
+            vma = space.vma_at(m.last_addr)
             if vma is not None:
-                self.faults_by_vma[vma.start] += m.faults
-                self.space.changed.add(vma.start)
+                if current:
+                    self.faults_by_vma[vma.start] += m.faults
+                    space.changed.add(vma.start)
                 if segments is None:     # a library's bss counts with its library
-                    segments = segments_for(self.space, self.space.vmas, self.exe, self.pid,
+                    segments = segments_for(space, space.vmas, exe, self.pid,
                                             self.procfs.root)
                 seg = segments.get(vma.start)
                 identity = (seg.mapping if seg is not None
-                            else mapping_identity(vma, classify(vma, self.exe)))
+                            else mapping_identity(vma, classify(vma, exe)))
                 self.faults_by_mapping[identity] += m.faults
             else:
                 self.faults_by_mapping["[unmapped]"] += m.faults

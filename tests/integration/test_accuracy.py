@@ -36,6 +36,7 @@ SCENARIOS = {
     "zeropage": [],
     "exec": [],
     "manymaps": [],
+    "partial": [],
 }
 
 # The phases each scenario announces (after "start"), to make sure a run
@@ -110,6 +111,14 @@ PHASES = {
     "zeropage": ["read-zero", "written", "dontneed", "mixed", "unmapped"],
     "exec": ["allocated", "start", "read-zero", "written", "dontneed", "mixed", "unmapped"],
     "manymaps": ["touched", "fragmented", "dontneed", "merged", "unmapped"],
+    "partial": [
+        "holes",
+        "mprotect-partial",
+        "madvise-partial",
+        "mlock-partial",
+        "mmap-fixed-failed",
+        "unmapped",
+    ],
     "remote": ["mapped", "remote-truncate", "remote-write", "unmapped"],
     "fork": ["populated", "child-exited", "parent-written", "unmapped"],
     "fork-child": ["child-start", "child-cow", "child-unmapped"],

@@ -136,3 +136,87 @@ def test_first_touch_faults_counted_exactly(tmp_path: Path) -> None:
             mt.wait(timeout=30)
         work.kill()
         work.wait()
+
+
+EXEC_PAGES = 16384               # 64 MiB, 4 KiB pages (THP off)
+
+EXEC_SOURCE = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+int main(int argc, char **argv)
+{
+    if (argc != 4)
+        return 2;
+    if (strcmp(argv[1], "exec") == 0) {
+        /* the first image: let memtrace attach and tick, then exec ourselves */
+        usleep(1000000);
+        char *args[] = {argv[0], "touch", argv[2], argv[3], NULL};
+        execv("/proc/self/exe", args);
+        return 2;
+    }
+    /* the new image touches its region at once, in the tick of the exec */
+    long pages = atol(argv[2]);
+    size_t len = (size_t)pages * 4096, chunk = 2UL << 20;
+    char *all = mmap(NULL, len + 3 * chunk, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (all == MAP_FAILED)
+        return 2;
+    char *region = (char *)((((unsigned long)all + chunk) + chunk - 1) & ~(chunk - 1));
+    if (mprotect(region, len, PROT_READ | PROT_WRITE) != 0 ||
+        madvise(region, len, MADV_NOHUGEPAGE) != 0)
+        return 2;
+    for (long i = 0; i < pages; i++)
+        region[i * 4096] = 1;
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", argv[3]);
+    FILE *f = fopen(tmp, "w");
+    if (!f || fprintf(f, "%lu\n", (unsigned long)region) < 0 || fclose(f) != 0 ||
+        rename(tmp, argv[3]) != 0)
+        return 2;
+    char c;
+    while (read(0, &c, 1) == 1)
+        ;
+    return 0;
+}
+"""
+
+
+def test_faults_right_after_exec_counted_exactly(tmp_path: Path) -> None:
+    """`memtrace run` of a program that execs itself and at once touches 64 MiB:
+    the faults of the new image made in the tick of the exec count, exactly."""
+    src = tmp_path / "exectouch.c"
+    src.write_text(EXEC_SOURCE)
+    exe = tmp_path / "exectouch"
+    subprocess.run(["gcc", "-O2", "-o", str(exe), str(src)], check=True)
+    addr_file = tmp_path / "region"
+    mt = subprocess.Popen(
+        [sys.executable, "-m", "memtrace", "run", "--format", "json", "--interval", "0.2",
+         "--reconcile-interval", "0", "--no-serve", "--",
+         str(exe), "exec", str(EXEC_PAGES), str(addr_file)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+        cwd=Path(__file__).resolve().parents[2], env=dict(os.environ))
+    try:
+        assert mt.stdin is not None
+        deadline = time.monotonic() + 120
+        while not addr_file.exists():
+            assert mt.poll() is None, f"memtrace run exited with {mt.returncode}"
+            assert time.monotonic() < deadline, "the program never touched its region"
+            time.sleep(0.05)
+        region = int(addr_file.read_text())
+        done_at = time.time()
+        snap = _snapshots_until(mt, lambda s: s["ts"] >= done_at + 0.5, timeout=60)
+        mapping = next(m for m in snap["mappings"] if m["start"] == region)
+        assert mapping["rss_bytes"] == EXEC_PAGES * 4096
+        # a write to a fresh private anonymous page is exactly one fault
+        assert mapping["faults"] == EXEC_PAGES, (mapping["faults"], EXEC_PAGES)
+        assert snap["faults_by_mapping"]["[anon]"] >= EXEC_PAGES
+        assert snap["faults"] >= EXEC_PAGES
+        mt.stdin.close()
+        assert mt.wait(timeout=30) == 0
+    finally:
+        if mt.poll() is None:
+            mt.terminate()
+            mt.wait(timeout=30)

@@ -303,6 +303,45 @@ def test_exec_restarts_from_scratch(world):
     assert tr.counters.full_rescans["attach"] == 2
 
 
+def test_faults_around_an_exec_count_on_their_own_image(world):
+    """Marks carry the exec epoch of the image that made them: in the tick of
+    the exec, the old image's faults count on its layout and the new image's
+    on the new one (none lost); an old-image fault drained a tick late still
+    counts on the old layout; an image never seen counts as [unmapped]."""
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    old_anon = m["anon"]
+    p.vmas, p.pages = [], {}
+    p.set_exe(b"/usr/bin/other")
+    p.map(0x400000, 0x401000, b"/usr/bin/other", "r-xp", inode=77, dev="fe:00")
+    new_anon = p.map(0x7F1000000000, 0x7F1000400000)
+    p.touch(new_anon.start, new_anon.start + 8 * PAGE)
+    p.sync()
+    marks = [
+        ChunkMark(old_anon.start >> CHUNK_SHIFT, 3, old_anon.start, epoch=0),
+        ChunkMark(new_anon.start >> CHUNK_SHIFT, 8, new_anon.start + 7 * PAGE, epoch=2),
+        ChunkMark(0x500000 >> CHUNK_SHIFT, 4, 0x500000, epoch=1),   # image 1: never seen
+    ]
+    tr.update(marks, [], bump(tr, exec_gen=2))
+    assert tr.epoch == 2
+    assert tr.faults_total == 15
+    assert dict(tr.faults_by_vma) == {new_anon.start: 8}
+    assert tr.faults_by_mapping == {"[anon]": 11, "[unmapped]": 4}
+    assert_exact(tr, p)
+    # a late fault of image 0, then one of image 0 again (no longer known)
+    tr.update([ChunkMark(old_anon.start >> CHUNK_SHIFT, 2, old_anon.start, epoch=0),
+               ChunkMark(new_anon.start >> CHUNK_SHIFT, 1, new_anon.start, epoch=2)],
+              [], bump(tr))
+    assert tr.faults_total == 18
+    assert dict(tr.faults_by_vma) == {new_anon.start: 9}
+    assert tr.faults_by_mapping == {"[anon]": 14, "[unmapped]": 4}
+    tr.update([ChunkMark(old_anon.start >> CHUNK_SHIFT, 1, old_anon.start, epoch=0)],
+              [], bump(tr))
+    assert tr.faults_total == 19
+    assert tr.faults_by_mapping["[unmapped]"] == 5
+    assert dict(tr.faults_by_vma) == {new_anon.start: 9}
+
+
 # -- layout changes ------------------------------------------------------------------
 def test_layout_change_rereads_maps_and_scans_new_vmas(world):
     p, m = standard_process(world)

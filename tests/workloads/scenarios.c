@@ -51,6 +51,10 @@
  *   exit CODE           one allocation phase, then exit(CODE)
  *   exec                allocate, then execve() itself as "scenarios zeropage"
  *                       (same pid, new address space, "PAUSE start" again)
+ *   partial             calls that fail after changing part of their range:
+ *                       mprotect, madvise(MADV_DONTFORK) and mlock over a hole
+ *                       (ENOMEM), and a MAP_FIXED mmap of a perf event buffer
+ *                       of a size it refuses over touched pages (EINVAL)
  *   manymaps            mprotect every other page of 16 MiB: 4096 VMAs, then
  *                       DONTNEED inside them and merge them back
  *   remote DIR          changes made by *another* process while this one is
@@ -74,9 +78,11 @@
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <linux/perf_event.h>
 
 #ifndef MADV_FREE
 #define MADV_FREE 8
@@ -1000,6 +1006,58 @@ static int sc_exec(int argc, char **argv)
 }
 
 /* ------------------------------------------------------------------ */
+/* partial: failed calls that changed part of their range              */
+
+static int sc_partial(int argc, char **argv)
+{
+    (void)argc; (void)argv;
+    size_t len = 40 * MiB;
+    char *a = map_anon(len, PROT_READ | PROT_WRITE, 0);
+    touch_write(a, len, PAGE);
+    do_munmap(a + 8 * MiB, 1 * MiB);
+    do_munmap(a + 20 * MiB, 1 * MiB);
+    do_munmap(a + 28 * MiB, 1 * MiB);
+    pause_point("holes");
+
+    /* [4, 8) MiB becomes read-only, then the hole: ENOMEM */
+    CHECK(mprotect(a + 4 * MiB, 8 * MiB, PROT_READ) == -1 && errno == ENOMEM,
+          "mprotect over a hole did not fail with ENOMEM");
+    pause_point("mprotect-partial");
+
+    /* [14, 20) and [21, 22) MiB get VM_DONTCOPY (split off), ENOMEM for the hole */
+    CHECK(madvise(a + 14 * MiB, 8 * MiB, MADV_DONTFORK) == -1 && errno == ENOMEM,
+          "madvise over a hole did not fail with ENOMEM");
+    pause_point("madvise-partial");
+
+    /* [24, 28) MiB is locked (split off), then the hole: ENOMEM */
+    CHECK(mlock(a + 24 * MiB, 6 * MiB) == -1 && errno == ENOMEM,
+          "mlock over a hole did not fail with ENOMEM");
+    pause_point("mlock-partial");
+
+    /* A perf event buffer is 1 + 2^n pages: 4 pages are refused, after the old
+     * pages under MAP_FIXED were already removed (a hole is left). Skipped
+     * where perf events are not available. */
+    struct perf_event_attr attr;
+    memset(&attr, 0, sizeof attr);
+    attr.size = sizeof attr;
+    attr.type = PERF_TYPE_SOFTWARE;
+    attr.config = PERF_COUNT_SW_DUMMY;
+    attr.exclude_kernel = 1;
+    int fd = (int)syscall(SYS_perf_event_open, &attr, 0, -1, -1, 0);
+    if (fd >= 0) {
+        void *p = mmap(a + 32 * MiB, 4 * PAGE, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
+        CHECK(p == MAP_FAILED, "mmap of a 4-page perf buffer succeeded");
+        close(fd);
+    }
+    pause_point("mmap-fixed-failed");
+
+    CHECK(munlock(a + 24 * MiB, 4 * MiB) == 0, "munlock");
+    do_munmap(a, len);
+    pause_point("unmapped");
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
 /* manymaps: thousands of VMAs                                         */
 
 static int sc_manymaps(int argc, char **argv)
@@ -1076,7 +1134,7 @@ static const struct scenario scenarios[] = {
     {"mlock", sc_mlock},       {"readfile", sc_readfile},
     {"zeropage", sc_zeropage}, {"exit", sc_exit},
     {"exec", sc_exec},         {"manymaps", sc_manymaps},
-    {"remote", sc_remote},
+    {"remote", sc_remote},     {"partial", sc_partial},
 };
 
 int main(int argc, char **argv)
