@@ -19,6 +19,7 @@ from memtrace.exporter import ExporterState, StateBox, add_counters, empty_count
 from memtrace.heap import HeapSampler
 from memtrace.libevents import LibraryEvents
 from memtrace.livepss import LivePss, drop_all
+from memtrace.ownmem import shed_compiler_memory
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS, statm_is_exact
@@ -82,6 +83,7 @@ class Session:
                              stream_events=getattr(self.reporter, "wants_events", False))
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
+        shed_compiler_memory()    # the compiler is not needed again (memtrace/ownmem.py)
         return self.probes
 
     def install_signal_handlers(self, on_signal: Callable[[int], None] | None = None) -> None:
