@@ -448,7 +448,9 @@ def doctor() -> None:
     if failed:
         codes = {"BCC": ExitCode.NO_BCC, "kernel headers": ExitCode.NO_HEADERS,
                  "privileges": ExitCode.NOT_ROOT, "tracepoints": ExitCode.NO_TRACEFS}
-        sys.exit(codes.get(failed[0].name, ExitCode.INTERNAL))
+        # Without privileges every other failure follows from it: say that first.
+        first = next((c for c in failed if c.name == "privileges"), failed[0])
+        sys.exit(codes.get(first.name, ExitCode.INTERNAL))
 
 
 def main() -> None:

@@ -79,9 +79,24 @@ def tracefs_dir() -> str | None:
     return next((d for d in TRACEFS_DIRS if os.path.isdir(f"{d}/events")), None)
 
 
-def check_tracepoints() -> Check:
+def tracefs_mounts(mounts: str = "/proc/self/mounts") -> list[str]:
+    """Mount points of tracefs, from the mount table (readable without root)."""
+    try:
+        lines = Path(mounts).read_text().splitlines()
+    except OSError:
+        return []
+    return [f[1] for f in (line.split() for line in lines) if len(f) > 2 and f[2] == "tracefs"]
+
+
+def check_tracepoints(mounts: str = "/proc/self/mounts") -> Check:
     base = tracefs_dir()
     if base is None:
+        mounted = tracefs_mounts(mounts)
+        if mounted:
+            # Mounted, but its events are not visible to us: tracefs is mode
+            # 0700 root, so this is a permission problem, not a missing mount.
+            return Check("tracepoints", False, f"tracefs is mounted at {mounted[0]} but "
+                         "not readable by this user (permission denied)", "run with sudo")
         return Check("tracepoints", False, "tracefs not mounted",
                      "mount -t tracefs nodev /sys/kernel/tracing")
     missing = [tp for tp in TRACEPOINTS if not os.path.isdir(f"{base}/events/{tp}")]

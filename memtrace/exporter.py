@@ -60,14 +60,36 @@ class ExporterState:
 
 
 def empty_counters() -> dict[str, Any]:
-    return {"syscalls": {}, "syscall_bytes": {}, "faults_by_mapping": {}}
+    return {"syscalls": {}, "syscall_bytes": {}, "faults_by_mapping": {}, "kernel_faults": {}}
 
 
 def add_counters(into: dict[str, Any], snap: dict[str, Any]) -> None:
-    for key in ("syscalls", "syscall_bytes", "faults_by_mapping"):
+    for key in ("syscalls", "syscall_bytes", "faults_by_mapping", "kernel_faults"):
         bucket = into.setdefault(key, {})
         for name, n in snap.get(key, {}).items():
             bucket[name] = bucket.get(name, 0) + n
+    if "kernel_faults" not in snap:     # a snapshot: its top-level counters
+        bucket = into["kernel_faults"]
+        for fault in FAULT_TYPES:
+            bucket[fault] = bucket.get(fault, 0) + (snap.get(f"{fault}_faults") or 0)
+
+
+# The resident types a mapping of each kind can hold: the others are always 0
+# and get no series (a type that is not 0 is served whatever the kind). Private
+# file mappings hold anonymous copy-on-write pages; a file on tmpfs holds shmem.
+TYPES_BY_KIND = {
+    "heap": ("anon",), "stack": ("anon",), "anon": ("anon",), "shmem": ("shmem",),
+    "library": ("anon", "file"), "executable": ("anon", "file"), "file": ("anon", "file"),
+}
+FAULT_TYPES = ("minor", "major")
+
+
+def resident_types(kind: str, anon: Any, file: Any, shmem: Any) -> list[tuple[str, Any]]:
+    """(type, bytes) of the series memtrace_mapping_resident_bytes serves for one
+    mapping identity of `kind`."""
+    allowed = TYPES_BY_KIND.get(kind, TYPES)
+    return [(t, v) for t, v in (("anon", anon), ("file", file), ("shmem", shmem))
+            if t in allowed or v]
 
 
 def _zero_row() -> dict[str, Any]:
@@ -99,6 +121,9 @@ def _merge(retired: dict[str, Any] | None, snaps: list[dict[str, Any]]) -> dict[
     for snap in snaps:
         for f in ("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "drift_bytes"):
             row[f] += snap[f]
+        swap = snap.get("swap_bytes")
+        row["swap_bytes"] = None if swap is None or row.get("swap_bytes", 0) is None \
+            else row.get("swap_bytes", 0) + swap
         row["mappings"] = row["mappings"] + snap["mappings"]
         add_counters(row, snap)
     return row
@@ -459,9 +484,8 @@ class MemtraceCollector(Collector):
                 if not (type(a) is int and type(f) is int and type(s) is int
                         and type(v) is int and type(ps) is int and type(us) is int):
                     a, f, s, v, ps, us = num(a), num(f), num(s), num(v), num(ps), num(us)
-                mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
-                          f'{res_prefix}{lab},type="file"}} {f}\n'
-                          f'{res_prefix}{lab},type="shmem"}} {s}\n')
+                mr.extend([f'{res_prefix}{lab},type="{t}"}} {x}\n'
+                           for t, x in resident_types(key[1], a, f, s)])
                 mv.append(f"{virt_prefix}{lab}}} {v}\n")
                 mp.append(f"{pss_prefix}{lab}}} {ps}\n")
                 mu.append(f"{uss_prefix}{lab}}} {us}\n")
@@ -473,9 +497,8 @@ class MemtraceCollector(Collector):
                 if not (type(a) is int and type(f) is int and type(s) is int
                         and type(v) is int):
                     a, f, s, v = num(a), num(f), num(s), num(v)
-                mr.append(f'{res_prefix}{lab},type="anon"}} {a}\n'
-                          f'{res_prefix}{lab},type="file"}} {f}\n'
-                          f'{res_prefix}{lab},type="shmem"}} {s}\n')
+                mr.extend([f'{res_prefix}{lab},type="{t}"}} {x}\n'
+                           for t, x in resident_types(key[1], a, f, s)])
                 mv.append(f"{virt_prefix}{lab}}} {v}\n")
         labels = self._labels
         label = self._label
@@ -566,7 +589,10 @@ class MemtraceCollector(Collector):
         text: list[str] = []
         lib_rows = ([(ids, get_snap()) for ids, _, get_snap in rows]
                     if state.groups is None else [])
-        for family in [*heap_families(state), *library_families(lib_rows, list(who))]:
+        proc_rows = ([(ids, get_snap()) for ids, _, get_snap in rows]
+                     if state.groups is None else grouped_rows(state))
+        for family in [*process_families(proc_rows, list(who)), *heap_families(state),
+                       *library_families(lib_rows, list(who))]:
             family.render(text, escaped)
         if state.groups is None:
             # the PSS/USS samples were rendered (and cached) with each process's
@@ -605,9 +631,8 @@ class MemtraceCollector(Collector):
             dropped_now += folded
             for (identity, kind), (a, f, s, v) in groups:
                 name = safe_label(identity)
-                map_res.add_metric([*ids, name, kind, "anon"], a)
-                map_res.add_metric([*ids, name, kind, "file"], f)
-                map_res.add_metric([*ids, name, kind, "shmem"], s)
+                for t, x in resident_types(kind, a, f, s):
+                    map_res.add_metric([*ids, name, kind, t], x)
                 map_virt.add_metric([*ids, name, kind], v)
             for identity, n in self._fault_series(tuple(ids), snap):
                 faults.add_metric([*ids, safe_label(identity)], n)
@@ -619,6 +644,7 @@ class MemtraceCollector(Collector):
             dropped_total = self.series_dropped_total
         self.forget({tuple(ids) for ids, _ in rows})
         return [*families,
+                *process_families(rows, who),
                 *heap_families(state),
                 *library_families(rows, who),
                 *pss_families(state, rows, who, self.max_mapping_series),
@@ -663,6 +689,37 @@ class MemtraceCollector(Collector):
                                    "Time to build the metrics of this scrape.")
         scrape.add_metric([], build_seconds)
         return [info, targets, lost, rescans, tick, attach, folded_total, targets_dropped, scrape]
+
+
+# ------------------------------------------------------------------ the kernel's own figures
+
+def process_families(rows: list[tuple[list[str], dict[str, Any]]],
+                     who: list[str]) -> list[Family]:
+    """Per process (or group): swap (with PSS figures: --pss-interval), the peak
+    resident size (VmHWM; per pid only: the peaks of a group's processes do not
+    add up to the group's peak) and the kernel's minor and major fault counters
+    since the process started (a group adds those of its exited processes)."""
+    swap = _gauge("memtrace_process_swap_bytes",
+                  "Swapped-out bytes of the process (smaps Swap summed; needs "
+                  "--pss-interval > 0).", labels=who)
+    peak = _gauge("memtrace_process_peak_resident_bytes",
+                  "The kernel's high-water mark of the process's resident size since it "
+                  "started (VmHWM of /proc/PID/status). Per pid only.", labels=who)
+    faults = _counter("memtrace_process_page_faults",
+                      "The kernel's page fault counters of the process since it started "
+                      "(/proc/PID/stat minflt, majflt): minor (no I/O) and major (read "
+                      "from disk or swap).", labels=[*who, "fault"])
+    for ids, snap in rows:
+        if snap.get("swap_bytes") is not None:
+            swap.add_metric(ids, snap["swap_bytes"])
+        if who[0] == "pid" and snap.get("peak_rss_bytes") is not None:
+            peak.add_metric(ids, snap["peak_rss_bytes"])
+        counts = snap.get("kernel_faults")
+        for fault in FAULT_TYPES:
+            n = counts.get(fault) if counts is not None else snap.get(f"{fault}_faults")
+            if n is not None:
+                faults.add_metric([*ids, fault], n)
+    return [swap, peak, faults]
 
 
 # ------------------------------------------------------------------ heap (memtrace heap)

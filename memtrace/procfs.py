@@ -103,6 +103,8 @@ class ProcStat:
     ppid: int
     flags: int
     start_time: int  # clock ticks after boot; with pid, a process identity that survives reuse
+    minflt: int = 0  # the kernel's fault counters since the process started
+    majflt: int = 0
 
 
 def parse_stat(data: bytes) -> ProcStat:
@@ -116,6 +118,8 @@ def parse_stat(data: bytes) -> ProcStat:
         ppid=int(rest[1]),
         flags=int(rest[6]),
         start_time=int(rest[19]),
+        minflt=int(rest[7]),
+        majflt=int(rest[9]),
     )
 
 
@@ -149,6 +153,15 @@ class ProcFS:
 
     def status(self, pid: int) -> dict[str, str]:
         return parse_status(self._read(pid, "status"))
+
+    def peak_rss_bytes(self, pid: int) -> int | None:
+        """VmHWM of /proc/PID/status in bytes: the kernel's high-water mark of the
+        process's resident size since it started (None for a process without one)."""
+        data = self._read(pid, "status")
+        at = data.find(b"\nVmHWM:")
+        if at < 0:
+            return None
+        return int(data[at + 7:data.index(b"\n", at + 1)].split()[0]) * 1024
 
     def exe(self, pid: int) -> bytes:
         try:

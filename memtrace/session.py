@@ -19,6 +19,7 @@ from memtrace.exporter import ExporterState, StateBox, add_counters, empty_count
 from memtrace.heap import HeapSampler
 from memtrace.libevents import LibraryEvents
 from memtrace.livepss import LivePss, drop_all
+from memtrace.ownmem import shed_compiler_memory
 from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS, statm_is_exact
@@ -82,6 +83,7 @@ class Session:
                              stream_events=getattr(self.reporter, "wants_events", False))
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
+        shed_compiler_memory()    # the compiler is not needed again (memtrace/ownmem.py)
         return self.probes
 
     def install_signal_handlers(self, on_signal: Callable[[int], None] | None = None) -> None:
@@ -117,6 +119,7 @@ class Session:
                 f"cannot read {e.filename or f'/proc/{pid}'}: permission denied (another "
                 "user's process needs CAP_DAC_READ_SEARCH, or CAP_SYS_PTRACE on older "
                 "kernels)", ExitCode.NOT_ROOT) from None
+        self._same_process(tracker)     # the kernel's peak and fault counters
         self.trackers[pid] = tracker
         self._builders[pid] = SnapshotBuilder(
             json_text=getattr(self.reporter, "wants_json_text", False))
@@ -213,7 +216,12 @@ class Session:
             st = self.procfs.stat(tracker.pid)
         except (OSError, ValueError, IndexError):
             return False
-        return st.state not in ("Z", "X") and st.start_time == tracker.start_time
+        if st.state in ("Z", "X") or st.start_time != tracker.start_time:
+            return False
+        tracker.minor_faults, tracker.major_faults = st.minflt, st.majflt
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            tracker.peak_rss_bytes = self.procfs.peak_rss_bytes(tracker.pid)
+        return True
 
     def publish(self) -> None:
         """Hand the exporter a consistent copy of the latest tick."""

@@ -71,6 +71,11 @@ class ProcessTracker:
         self.comm = ""
         self.exe = b""
         self.start_time = 0
+        # the kernel's own figures, read each tick (memtrace.session): VmHWM and
+        # the minor/major fault counters since the process started
+        self.peak_rss_bytes: int | None = None
+        self.minor_faults: int | None = None
+        self.major_faults: int | None = None
         self.statm: Statm | None = None
         self.attached_at = time.time()
         self._scanner: Scanner | None = None

@@ -218,10 +218,16 @@ fi
 # --------------------------------------------------------------------------
 # (d) /usr/local/bin/memtrace
 # --------------------------------------------------------------------------
+# Linked when missing, dangling (its clone was deleted) or MEMTRACE_RELINK=1; a
+# link into another clone that still exists is left alone, so that a throwaway
+# clone (a CI run in a temporary folder) does not take the system command.
 LINK=/usr/local/bin/memtrace
 if [[ "$(readlink "$LINK" 2>/dev/null || true)" != "$VENV/bin/memtrace" ]]; then
     if [[ -e $LINK && ! -L $LINK ]]; then
         warn "$LINK exists and is not a symlink; left alone"
+    elif [[ -L $LINK && -e $LINK && ${MEMTRACE_RELINK:-0} != 1 ]]; then
+        say "note: $LINK -> $(readlink "$LINK") (another clone) left alone;" \
+            "MEMTRACE_RELINK=1 scripts/setup.sh points it here"
     else
         mkdir -p /usr/local/bin
         ln -sfn "$VENV/bin/memtrace" "$LINK"

@@ -235,6 +235,11 @@ class SnapshotBuilder:
             "uss_bytes": uss if pss_on else None,
             "swap_bytes": swap if pss_on else None,
             "statm_rss_bytes": statm.resident_bytes if statm else None,
+            # the kernel's high-water mark (VmHWM) and fault counters since the
+            # process started (null until the first tick reads them)
+            "peak_rss_bytes": tracker.peak_rss_bytes,
+            "minor_faults": tracker.minor_faults,
+            "major_faults": tracker.major_faults,
             "drift_bytes": tracker.drift_bytes(),
             "faults": tracker.faults_total,
             "faults_by_mapping": dict(tracker.faults_by_mapping),

@@ -31,6 +31,13 @@ CONTRACT_METRICS = frozenset({
     "memtrace_targets_dropped_total",
     "memtrace_scrape_build_seconds",
     "memtrace_build_info",
+    "memtrace_process_pss_bytes",
+    "memtrace_process_uss_bytes",
+    "memtrace_mapping_pss_bytes",
+    "memtrace_mapping_uss_bytes",
+    "memtrace_heap_in_use_bytes",
+    "memtrace_heap_free_resident_bytes",
+    "memtrace_heap_trimmable_bytes",
     "process_cpu_seconds_total",
     "process_resident_memory_bytes",
 })

@@ -10,14 +10,16 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace.exporter import MemtraceCollector, StateBox
+from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
 
 from .helpers import CONTRACT_METRICS, DEPLOY, KINDS, REPO
 
 
 def served_names() -> set[str]:
     registry = CollectorRegistry()
-    registry.register(MemtraceCollector(StateBox()))
+    box = StateBox()
+    box.set(ExporterState(heap_walks={}))   # heap families: served with --heap-interval > 0
+    registry.register(MemtraceCollector(box))
     registry.register(ProcessCollector(registry=None))
     names = set()
     for line in generate_latest(registry).decode().splitlines():

@@ -73,15 +73,15 @@ def test_every_panel_and_query_uses_the_datasource_variable(dash):
         assert p.get("targets"), p["title"]
         for t in p["targets"]:
             assert t.get("datasource") == DS, p["title"]
-    for name in ("job", "instance", "pid"):
+    for name in ("job", "instance", "pid", "comm", "group"):
         assert variables(dash)[name]["datasource"] == DS, name
 
 
 def test_variables(dash):
     v = variables(dash)
     assert list(v)[:2] == ["datasource", "job"]
-    assert {"instance", "pid"} <= set(v)
-    for name in ("job", "instance", "pid"):
+    assert {"instance", "pid", "comm", "group"} <= set(v)
+    for name in ("job", "instance", "pid", "comm", "group"):
         assert v[name]["type"] == "query"
         m = re.fullmatch(r"label_values\((.+),\s*(\w+)\)", v[name]["query"]["query"])
         assert m and m.group(2) == name, v[name]["query"]
@@ -89,8 +89,12 @@ def test_variables(dash):
     # instance and pid depend on the variables before them.
     assert "$job" in v["instance"]["query"]["query"]
     assert "$job" in v["pid"]["query"]["query"] and "$instance" in v["pid"]["query"]["query"]
-    # "All" pids must also match series that have no pid (agent --group-by group).
-    assert v["pid"]["includeAll"] and v["pid"]["allValue"] == ".*"
+    for name in ("pid", "comm", "group"):
+        q = v[name]["query"]["query"]
+        assert "$job" in q and "$instance" in q, name
+        # "All" must also match series without the label (pid in group mode,
+        # group in pid mode).
+        assert v[name]["includeAll"] and v[name]["allValue"] == ".*", name
 
 
 def test_queries_use_only_contract_metrics_and_the_variables(dash):
@@ -102,9 +106,12 @@ def test_queries_use_only_contract_metrics_and_the_variables(dash):
         seen |= names
         assert 'job=~"$job"' in t["expr"] and 'instance=~"$instance"' in t["expr"], title
         if any(n.startswith(("memtrace_process_", "memtrace_mapping_resident",
-                             "memtrace_page_faults", "memtrace_syscall"))
+                             "memtrace_page_faults", "memtrace_syscall",
+                             "memtrace_mapping_pss", "memtrace_mapping_uss",
+                             "memtrace_heap_"))
                for n in names):
-            assert 'pid=~"$pid"' in t["expr"], title
+            for sel in ('pid=~"$pid"', 'comm=~"$comm"', 'group=~"$group"'):
+                assert sel in t["expr"], (title, sel)
     # Every per-process metric and every health metric has a panel.
     assert CONTRACT_METRICS - seen == set(), CONTRACT_METRICS - seen
 
@@ -125,9 +132,9 @@ def test_panels_promised(dash):
     by_kind_panel = next(p for p in all_panels(dash["panels"])
                          if re.search("by mapping kind", p["title"]))
     assert by_kind_panel["fieldConfig"]["defaults"]["custom"]["stacking"]["mode"] == "normal"
-    (libs,) = panel(r"top libraries")
+    (libs,) = panel(r"top libraries by resident")
     assert 'kind="library"' in libs and "topk(" in libs
-    (heap,) = panel(r"heap")
+    (heap,) = panel(r"^heap over time")
     assert 'kind="heap"' in heap
     assert "rate(memtrace_page_faults_total" in panel(r"faults")[0]
     assert "rate(memtrace_syscalls_total" in panel(r"system calls per second")[0]
@@ -136,6 +143,14 @@ def test_panels_promised(dash):
     assert any("memtrace_tick_duration_seconds" in e for e in panel(r"tick"))
     assert "process_cpu_seconds_total" in panel(r"cpu")[0]
     assert "process_resident_memory_bytes" in panel(r"memtrace resident")[0]
+    pss = panel(r"PSS and USS per process")
+    assert any("memtrace_process_pss_bytes" in e for e in pss)
+    assert any("memtrace_process_uss_bytes" in e for e in pss)
+    assert any('kind="library"' in e and "memtrace_mapping_pss_bytes" in e
+               for e in panel(r"libraries by PSS"))
+    glibc = " ".join(panel(r"glibc heap"))
+    for name in ("in_use", "free_resident", "trimmable"):
+        assert f"memtrace_heap_{name}_bytes" in glibc, name
 
 
 def test_layout(dash):
@@ -159,7 +174,8 @@ def test_queries_are_valid_promql(dash, tmp_path):
     """Each query, with the dashboard's variables filled in, as a recording rule that
     `promtool check rules` must accept."""
     exe = tool("promtool", "Debian package prometheus")
-    fill = {"$__rate_interval": "1m", "$job": ".+", "$instance": ".+", "$pid": ".*"}
+    fill = {"$__rate_interval": "1m", "$job": ".+", "$instance": ".+", "$pid": ".*", "$comm": ".*",
+            "$group": ".*"}
     rules = []
     for i, (_, t) in enumerate(queries(dash)):
         expr = t["expr"]

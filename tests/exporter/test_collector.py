@@ -11,7 +11,7 @@ import threading
 import pytest
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace.exporter import OTHER, ExporterState
+from memtrace.exporter import OTHER, TYPES_BY_KIND, ExporterState
 
 from . import helpers
 from .helpers import (
@@ -160,6 +160,33 @@ def test_empty_state_renders():
 # grouping by mapping identity
 
 
+def expected_resident_series(proc: dict) -> int:
+    """Series of memtrace_mapping_resident_bytes for a process below the cap: per
+    identity, the types its kind can hold, plus any other type that is not 0."""
+    n = 0
+    for identity, kind in {(m["mapping"], m["kind"]) for m in proc["mappings"]}:
+        segs = [m for m in proc["mappings"] if m["mapping"] == identity]
+        n += sum(1 for t in TYPES if t in TYPES_BY_KIND.get(kind, TYPES)
+                 or sum(m[f"{t}_bytes"] for m in segs))
+    return n
+
+
+def test_no_always_zero_type_series():
+    """[heap] holds only anonymous pages: no file or shmem series for it (they
+    were always 0); a library's anonymous (CoW) and file pages both have one."""
+    proc = realistic_process(100)
+    s = scrape(registry_for(state_of(proc))[0])
+    heap_types = {lab["type"] for lab, _ in
+                  s.series("memtrace_mapping_resident_bytes", pid="100", mapping="[heap]")}
+    assert heap_types == {"anon"}
+    lib_types = {lab["type"] for lab, _ in
+                 s.series("memtrace_mapping_resident_bytes", pid="100", mapping=LIBC)}
+    assert lib_types == {"anon", "file"}
+    zero = [v for lab, v in s.series("memtrace_mapping_resident_bytes", pid="100")
+            if v == 0 and lab["type"] not in TYPES_BY_KIND.get(lab["kind"], TYPES)]
+    assert zero == []
+
+
 def test_segments_of_one_library_sum_into_one_series_per_type():
     proc = realistic_process(100)
     s = scrape(registry_for(state_of(proc))[0])
@@ -169,8 +196,12 @@ def test_segments_of_one_library_sum_into_one_series_per_type():
         for t in TYPES:
             found = s.series("memtrace_mapping_resident_bytes", pid="100", mapping=identity,
                              type=t)
+            total = sum(m[f"{t}_bytes"] for m in segs)
+            if t not in TYPES_BY_KIND[segs[0]["kind"]] and not total:
+                assert found == [], f"{identity} {t}: always 0 for its kind, no series"
+                continue
             assert len(found) == 1, f"{identity} {t}: {found}"
-            assert found[0][1] == sum(m[f"{t}_bytes"] for m in segs), (identity, t)
+            assert found[0][1] == total, (identity, t)
             assert found[0][0]["kind"] == segs[0]["kind"]
         assert s.value("memtrace_mapping_virtual_bytes", pid="100", mapping=identity) \
             == sum(m["virtual_bytes"] for m in segs)
@@ -179,7 +210,7 @@ def test_segments_of_one_library_sum_into_one_series_per_type():
     assert s.label_values("memtrace_mapping_resident_bytes", "mapping", pid="100") \
         == identities
     assert len(s.series("memtrace_mapping_resident_bytes", pid="100")) \
-        == 3 * len(identities)
+        == expected_resident_series(proc)
     assert not s.duplicates()
 
 
@@ -212,8 +243,9 @@ def test_cap_200_identities_to_50_series_with_other():
     names = s.label_values("memtrace_mapping_resident_bytes", "mapping", pid="7")
     assert len(names) == 50, len(names)
     assert OTHER in names
-    for t in TYPES:
-        assert len(s.series("memtrace_mapping_resident_bytes", pid="7", type=t)) == 50
+    # libraries hold no shmem: only [other] (kind "other") has a shmem series
+    for t, n in (("anon", 50), ("file", 50), ("shmem", 1)):
+        assert len(s.series("memtrace_mapping_resident_bytes", pid="7", type=t)) == n, t
     assert len(s.series("memtrace_mapping_virtual_bytes", pid="7")) == 50
 
     # the 49 largest identities keep their own series; [other] is the sum of the rest
@@ -445,7 +477,8 @@ def test_two_concurrent_scrapes():
         n = int(s.value("memtrace_targets"))
         assert n in (3, 5)
         assert len(s.label_values("memtrace_process_resident_bytes", "pid")) == n
-        assert len(s.series("memtrace_mapping_resident_bytes")) == n * 50 * 3
+        # 49 libraries (anon, file) and [other] (anon, file, shmem) per process
+        assert len(s.series("memtrace_mapping_resident_bytes")) == n * (49 * 2 + 3)
         assert not s.duplicates()
 
 

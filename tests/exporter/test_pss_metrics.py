@@ -43,7 +43,7 @@ def test_process_and_mapping_values_and_labels():
     assert s.value("memtrace_mapping_uss_bytes", pid="100", mapping=LIBC) \
         == sum(m["uss_bytes"] for m in libc) == 5 * PAGE
     resident = {(lab["mapping"], lab["kind"])
-                for lab, _ in s.series("memtrace_mapping_resident_bytes", type="anon")}
+                for lab, _ in s.series("memtrace_mapping_resident_bytes")}
     for name in ("memtrace_mapping_pss_bytes", "memtrace_mapping_uss_bytes"):
         assert {(lab["mapping"], lab["kind"]) for lab, _ in s.series(name)} == resident
         assert set(s.series(name)[0][0]) == {"pid", "comm", "mapping", "kind"}

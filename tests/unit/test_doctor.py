@@ -82,3 +82,20 @@ def test_check_headers_missing_release():
     assert c.name == "kernel headers"
     assert f"/lib/modules/{release}/build" in c.detail
     assert c.fix
+
+
+def test_tracefs_mounted_but_unreadable_is_a_permission_problem(tmp_path, monkeypatch):
+    """Without root, tracefs is mounted (0700) but its events are invisible: doctor
+    must say permission, not "not mounted"."""
+    import memtrace.doctor as doctor
+
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw 0 0\ntracefs /sys/kernel/tracing tracefs rw 0 0\n")
+    monkeypatch.setattr(doctor, "tracefs_dir", lambda: None)
+    check = doctor.check_tracepoints(str(mounts))
+    assert not check.ok
+    assert "permission" in check.detail and "not mounted" not in check.detail
+    assert check.fix == "run with sudo"
+    mounts.write_text("proc /proc proc rw 0 0\n")
+    check = doctor.check_tracepoints(str(mounts))
+    assert check.detail == "tracefs not mounted"

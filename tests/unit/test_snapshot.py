@@ -15,6 +15,9 @@ from .fakes import ANON, PAGE, standard_process
 
 TOP_KEYS = {
     "ts",
+    "peak_rss_bytes",
+    "minor_faults",
+    "major_faults",
     "pid",
     "comm",
     "rss_bytes",
