@@ -180,8 +180,8 @@ def _existing_targets(procfs: ProcFS, pids: tuple[int, ...]) -> tuple[int, ...]:
         ok.append(pid)
     if not ok:
         raise gone[0]
-    for e in gone:
-        log(f"{e.message}: not watched")
+    for err in gone:
+        log(f"{err.message}: not watched")
     return tuple(ok)
 
 
