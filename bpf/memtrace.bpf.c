@@ -38,6 +38,8 @@ BPF_RINGBUF_OUTPUT(ranges, MT_RANGES_PAGES);
 BPF_RINGBUF_OUTPUT(events, MT_EVENTS_PAGES);
 #ifdef MT_WATCH_EXECS
 BPF_RINGBUF_OUTPUT(execs, 16);                  /* agent mode: every exec on the system */
+BPF_RINGBUF_OUTPUT(forks, 16);                  /* agent mode: children of watched processes */
+BPF_ARRAY(notices_lost, u64, 2);                /* agent mode: [0] execs, [1] forks not streamed */
 #endif
 
 static __always_inline int is_target(u32 tgid)
@@ -501,15 +503,45 @@ TRACEPOINT_PROBE(kmem, rss_stat)
 #endif /* MT_NO_RSS_STAT */
 
 #ifdef MT_WATCH_EXECS
+/* A notice that did not fit its ring: counted, shown as memtrace_events_lost. */
+static __always_inline int notice_lost(int which)
+{
+    u64 *lost = notices_lost.lookup(&which);
+    if (lost)
+        __sync_fetch_and_add(lost, 1);
+    return 0;
+}
+
 /* Agent mode: tell user space about every exec so it can match its rules
  * against the new program (pid only; user space reads the rest from /proc). */
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 *rec = execs.ringbuf_reserve(sizeof(u32));
     if (!rec)
-        return 0;
+        return notice_lost(0);
     *rec = args->pid;
     execs.ringbuf_submit(rec, 0);
+    return 0;
+}
+
+/* Agent mode: a watched process that forks a new process (not a thread) without
+ * exec (postgres backends, nginx workers) is never seen by sched_process_exec:
+ * stream the child's pid so user space applies its rules to it. task_newtask
+ * runs in the parent at the end of a successful copy_process, with the
+ * child's pid and the clone flags as arguments. */
+#define MT_CLONE_THREAD 0x00010000ULL
+TRACEPOINT_PROBE(task, task_newtask)
+{
+    if (args->clone_flags & MT_CLONE_THREAD)
+        return 0;
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    if (!is_target(parent))
+        return 0;
+    u32 *rec = forks.ringbuf_reserve(sizeof(u32));
+    if (!rec)
+        return notice_lost(1);
+    *rec = args->pid;
+    forks.ringbuf_submit(rec, 0);
     return 0;
 }
 #endif

@@ -1,5 +1,6 @@
-"""`memtrace agent`: pick processes by rule, attach to new ones as they exec,
-detach from the ones that exit, keep serving metrics while targets come and go."""
+"""`memtrace agent`: pick processes by rule, attach to new ones as they exec or
+as watched processes fork them, detach from the ones that exit, keep serving
+metrics while targets come and go."""
 
 from __future__ import annotations
 
@@ -175,11 +176,30 @@ class Agent:
                     self._try_attach(pid, info.comm)
 
     def on_tick(self, drained: Drained) -> None:
-        for pid in dict.fromkeys(drained.execs):
+        # execs anywhere, and children forked (without exec) by watched
+        # processes: postgres backends, nginx workers. Rules are applied to the
+        # new process as /proc shows it now (its own comm, exe, cgroup, user).
+        for pid in dict.fromkeys(drained.execs + drained.forks):
             self.consider(pid)
+        self._count_lost(drained.notices_lost)
         if self.all_min_rss is not None and (
                 time.monotonic() - self._last_sweep >= self.sweep_interval):
             self.sweep()
+
+
+    def _count_lost(self, lost: dict[str, int]) -> None:
+        """Notices the BPF rings dropped (a burst of execs or forks between two
+        ticks): the processes they named may match and are then missed until
+        they exec again; counted in memtrace_events_lost_total and said once
+        per tick on stderr."""
+        session = self.session
+        for ring, total in lost.items():
+            new = total - session.notices_lost.get(ring, 0)
+            if new > 0:
+                session.reporter.message(f"{new} {ring[:-1]} notice(s) lost (ring full): "
+                                         "those processes are not considered")
+        if lost:
+            session.notices_lost = dict(lost)
 
 
 def all_pids(procfs: ProcFS) -> list[int]:

@@ -132,10 +132,11 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
           output: str | None, heap_interval: float, pss_interval: float) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
-    Exits 0 when every watched process has exited."""
+    A PID that exits (or exits while being attached) is reported and the others
+    are still watched. Exits 0 when every watched process has exited, 6 when none
+    of the PIDs could be attached."""
     procfs = ProcFS()
-    for pid in dict.fromkeys(pids):
-        procfs.check_target(pid)
+    pids = _existing_targets(procfs, pids)
     session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
@@ -146,12 +147,42 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
         server = _serve(session, no_serve, listen, web_config, max_mapping_series)
         for pid in dict.fromkeys(pids):
             session.add_target(pid)
-            session.attach(pid)
+            try:
+                session.attach(pid)
+            except MemtraceError as e:
+                if e.code != ExitCode.NO_SUCH_PROCESS:
+                    raise
+                session.reporter.message(f"pid {pid} exited while attaching")
+        if not session.trackers:
+            raise MemtraceError("no process could be attached: every given PID exited",
+                                ExitCode.NO_SUCH_PROCESS)
         session.loop(lambda: bool(session.trackers))
     finally:
         if server:
             server.close()
         session.close()
+
+
+def _existing_targets(procfs: ProcFS, pids: tuple[int, ...]) -> tuple[int, ...]:
+    """The given PIDs that can be watched. One that is gone (no such process,
+    a zombie) is said on stderr and skipped while another one is left; any
+    other refusal, or none left, is the error."""
+    ok: list[int] = []
+    gone: list[MemtraceError] = []
+    for pid in dict.fromkeys(pids):
+        try:
+            procfs.check_target(pid)
+        except MemtraceError as e:
+            if e.code not in (ExitCode.NO_SUCH_PROCESS, ExitCode.ZOMBIE):
+                raise
+            gone.append(e)
+            continue
+        ok.append(pid)
+    if not ok:
+        raise gone[0]
+    for err in gone:
+        log(f"{err.message}: not watched")
+    return tuple(ok)
 
 
 def _check_executable(command: tuple[str, ...]) -> str:

@@ -181,3 +181,7 @@ class Drained:
     stats: dict[int, Stats]
     names_gen: int = 0      # count of unlinks/renames on the whole system
     execs: list[int] = field(default_factory=list)   # agent mode: pids that exec'd
+    # agent mode: new processes (not threads) forked by watched processes
+    forks: list[int] = field(default_factory=list)
+    # agent mode: exec and fork notices that did not fit their ring (totals)
+    notices_lost: dict[str, int] = field(default_factory=dict)

@@ -51,6 +51,8 @@ class ExporterState:
     tick_seconds: float = 0.0
     attach_seconds: dict[int, float] = field(default_factory=dict)
     targets_dropped: int = 0
+    # agent mode: exec and fork notices that did not fit their BPF ring
+    notices_lost: dict[str, int] = field(default_factory=dict)
     # Agent mode with grouping: pid -> group name, and the counters of exited
     # processes per (group, comm), so group counters never go backwards.
     groups: dict[int, str] | None = None
@@ -663,6 +665,8 @@ class MemtraceCollector(Collector):
                                    labels=["buffer"])
         lost.add_metric(["events"], state.events_lost)
         lost.add_metric(["ranges"], state.ranges_lost)
+        for buffer, n in sorted(state.notices_lost.items()):
+            lost.add_metric([buffer], n)
         rescans = _counter("memtrace_full_rescans",
                                       "Full rescans of an address space, by reason.",
                                       labels=["reason"])

@@ -123,8 +123,12 @@ class Probes:
         self.bpf["ranges"].open_ring_buffer(self._on_range)
         self.bpf["events"].open_ring_buffer(self._on_event)
         self._execs: list[int] = []
+        self._forks: list[int] = []
+        self._notices_lost: Any = None
         if watch_execs:
             self.bpf["execs"].open_ring_buffer(self._on_exec)
+            self.bpf["forks"].open_ring_buffer(self._on_fork)
+            self._notices_lost = self.bpf["notices_lost"]
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
         r = decode_range(ctypes.string_at(data, size))
@@ -135,6 +139,9 @@ class Probes:
 
     def _on_exec(self, _ctx: Any, data: Any, size: int) -> None:
         self._execs.append(ctypes.c_uint32.from_address(data).value)
+
+    def _on_fork(self, _ctx: Any, data: Any, size: int) -> None:
+        self._forks.append(ctypes.c_uint32.from_address(data).value)
 
     def add_target(self, pid: int, brk: int = 0) -> None:
         key = self._targets.Key(pid)
@@ -204,9 +211,15 @@ class Probes:
         ranges, self._ranges = dict(self._ranges), defaultdict(list)
         events, self._events = self._events, []
         execs, self._execs = self._execs, []
+        forks, self._forks = self._forks, []
+        notices_lost: dict[str, int] = {}
+        if self._notices_lost is not None:
+            notices_lost = {name: int(self._notices_lost[i].value)
+                            for i, name in enumerate(("execs", "forks"))}
         names_gen = int(self._names_gen[0].value)
         return Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
-                       names_gen=names_gen, execs=execs)
+                       names_gen=names_gen, execs=execs, forks=forks,
+                       notices_lost=notices_lost)
 
     def _detach_quietly(self, tracepoint: bytes) -> None:
         with contextlib.suppress(Exception):

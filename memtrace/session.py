@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
 import threading
@@ -70,6 +71,11 @@ class Session:
         self._attach_seconds: dict[int, float] = {}
         self._last_tick_seconds = 0.0
         self.targets_dropped = 0
+        self.notices_lost: dict[str, int] = {}   # agent: exec/fork notices the rings dropped
+        # Identity of each watched process: a pidfd (refers to that process, not
+        # to whatever later gets its pid) and its start time (exec keeps both).
+        self._pidfds: dict[int, int] = {}
+        self._start_times: dict[int, int] = {}
         self.group_of: dict[int, str] = {}
         self.grouping = False      # metrics by group label instead of pid (agent mode)
         self._retired: dict[tuple[str, str], dict[str, Any]] = {}
@@ -107,20 +113,32 @@ class Session:
         assert self.probes is not None
         tracker = ProcessTracker(pid, self.procfs, self.reconcile_interval)
         tracker.stats = read_stats_of(self.probes, pid)
+        pidfd = _pidfd_open(pid)
         try:
             tracker.start()
+            if pidfd is not None and _pidfd_exited(pidfd):
+                # exited (or its pid was reused) while we read it
+                raise ProcessGone(pid)
         except ProcessGone:
+            _close_fd(pidfd)
+            tracker.close()
             self.probes.remove_target(pid)
             raise MemtraceError(f"process {pid} exited while attaching",
                                 ExitCode.NO_SUCH_PROCESS) from None
         except PermissionError as e:
+            _close_fd(pidfd)
+            tracker.close()
             self.probes.remove_target(pid)
             raise MemtraceError(
                 f"cannot read {e.filename or f'/proc/{pid}'}: permission denied (another "
                 "user's process needs CAP_DAC_READ_SEARCH, or CAP_SYS_PTRACE on older "
                 "kernels)", ExitCode.NOT_ROOT) from None
-        self._same_process(tracker)     # the kernel's peak and fault counters
+        self._same_process(tracker)     # the kernel's fault counters
+        self._read_peak(tracker)
         self.trackers[pid] = tracker
+        if pidfd is not None:
+            self._pidfds[pid] = pidfd
+        self._start_times[pid] = tracker.start_time
         self._builders[pid] = SnapshotBuilder(
             json_text=getattr(self.reporter, "wants_json_text", False))
         if self.pss is not None:
@@ -154,6 +172,8 @@ class Session:
             add_counters(self._retired.setdefault(key, empty_counters()), last)
         self.group_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
+        _close_fd(self._pidfds.pop(pid, None))
+        self._start_times.pop(pid, None)
         self._forget_heap(pid)
         self._libevents.pop(pid, None)
         if self.pss is not None:
@@ -179,6 +199,12 @@ class Session:
         if self.pss is not None:
             self.pss.begin_tick()
         for pid, tracker in list(self.trackers.items()):
+            # Identity before the update (its /proc reads would read a process
+            # that reused the pid) and after it (the pid may be reused meanwhile):
+            # nothing read from another process reaches a snapshot of this one.
+            if not self._same_process(tracker):
+                self.detach(pid, "exited")
+                continue
             try:
                 tracker.update(drained.chunks.get(pid, []), drained.ranges.get(pid, []),
                                drained.stats.get(pid), names_changed)
@@ -188,6 +214,7 @@ class Session:
             if not self._same_process(tracker):
                 self.detach(pid, "exited")
                 continue
+            self._read_peak(tracker)
             self._update_pss(tracker)
             snap = self._builders[pid].build(tracker, now)
             self._add_heap(snap, tracker)
@@ -210,18 +237,29 @@ class Session:
         snap["library_totals"] = lib.totals_dict()
 
     def _same_process(self, tracker: ProcessTracker) -> bool:
-        """Still alive, and not a new process that reused the PID (identity is
-        pid + start time)."""
+        """Still alive, and not a new process that reused the PID. The pidfd
+        opened at attach becomes readable when that process exits, whoever has
+        the pid now; without one (pidfd_open before 5.3), the start time read at
+        attach must still be the pid's. An exec keeps both: tracker.start() after
+        an exec re-reads start_time, so the attach-time value is the one compared."""
+        pidfd = self._pidfds.get(tracker.pid)
+        if pidfd is not None and _pidfd_exited(pidfd):
+            return False
         try:
             st = self.procfs.stat(tracker.pid)
         except (OSError, ValueError, IndexError):
             return False
-        if st.state in ("Z", "X") or st.start_time != tracker.start_time:
+        expected = self._start_times.get(tracker.pid, tracker.start_time)
+        if not (st.state not in ("Z", "X") and st.start_time == expected
+                and tracker.start_time == expected):
             return False
         tracker.minor_faults, tracker.major_faults = st.minflt, st.majflt
+        return True
+
+    def _read_peak(self, tracker: ProcessTracker) -> None:
+        """The kernel's high-water mark of the resident size (VmHWM), once a tick."""
         with contextlib.suppress(OSError, ValueError, IndexError):
             tracker.peak_rss_bytes = self.procfs.peak_rss_bytes(tracker.pid)
-        return True
 
     def publish(self) -> None:
         """Hand the exporter a consistent copy of the latest tick."""
@@ -235,7 +273,7 @@ class Session:
             snapshots=dict(self._snapshots), full_rescans=dict(rescans),
             events_lost=events_lost, ranges_lost=ranges_lost,
             tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds),
-            targets_dropped=self.targets_dropped,
+            targets_dropped=self.targets_dropped, notices_lost=dict(self.notices_lost),
             groups=dict(self.group_of) if self.grouping else None,
             retired={k: {f: dict(v) for f, v in c.items()} for k, c in self._retired.items()},
             heap_walks=self.heap.counts() if self.heap else None))
@@ -316,7 +354,31 @@ class Session:
         for pid in list(self.trackers):
             tracker = self.trackers.pop(pid)
             tracker.close()
+        for fd in self._pidfds.values():
+            _close_fd(fd)
+        self._pidfds.clear()
         if self.probes:
             self.probes.close()
             self.probes = None
         self.reporter.close()
+
+
+def _pidfd_open(pid: int) -> int | None:
+    """A pidfd for pid (None where the kernel or Python has none, or it is gone)."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def _pidfd_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (zombie included)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _close_fd(fd: int | None) -> None:
+    if fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)

@@ -4,6 +4,7 @@ with prometheus_client.generate_latest and parsed back (no root, no BCC)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import subprocess
 import threading
@@ -147,6 +148,15 @@ def test_self_metrics():
     assert s.value("memtrace_tick_duration_seconds") == 0.004
     assert s.value("memtrace_targets_dropped_total") == 0
     assert s.value("memtrace_scrape_build_seconds") >= 0
+
+
+def test_agent_notices_lost_are_events_lost():
+    """Agent mode: exec and fork notices the BPF rings dropped."""
+    state = dataclasses.replace(full_state(), notices_lost={"execs": 0, "forks": 7})
+    s = scrape(registry_for(state)[0])
+    assert s.value("memtrace_events_lost_total", buffer="execs") == 0
+    assert s.value("memtrace_events_lost_total", buffer="forks") == 7
+    assert s.value("memtrace_events_lost_total", buffer="events") == 3
 
 
 def test_empty_state_renders():
