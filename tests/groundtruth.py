@@ -5,9 +5,10 @@ Pure Python, no third-party imports.  ``parse_smaps`` turns the bytes of
 
     {"start": int, "end": int, "perms": "rw-p", "offset": int,
      "dev": "fd:01", "inode": int,
-     "path": str,            # as in /proc/PID/maps, UTF-8 decoded with
-                             # errors="backslashreplace", "" if anonymous
-     "path_bytes": bytes,    # the raw path
+     "path": str,            # path_bytes as memtrace shows names (decode_path),
+                             # "" if anonymous
+     "path_bytes": bytes,    # the path as in smaps (read_smaps: a name with a
+                             # newline, shown as \012 there, from map_files)
      "size_bytes": int, "rss_bytes": int, "pss_bytes": int,
      "anonymous_bytes": int, "swap_bytes": int, ...   # every "kB" field,
                              # in bytes, named in snake case + "_bytes"
