@@ -58,9 +58,9 @@ INJECTED = (b"\x1b[31m", b"\x1b]8", b"\x1b[5m", b"\x1b[2J", b"\x07")
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 WORKLOAD = r"""
-import ctypes, mmap, os, sys
+import ast, ctypes, mmap, os, sys
 base = os.fsencode(sys.argv[1])
-names = eval(sys.argv[2])
+names = ast.literal_eval(sys.argv[2])
 maps = []
 for i, name in enumerate(names):
     path = base + b"/" + name
@@ -74,7 +74,7 @@ for i, name in enumerate(names):
         m[off]
     maps.append(m)
 libc = ctypes.CDLL(None, use_errno=True)
-libc.prctl(15, ctypes.c_char_p(eval(sys.argv[3])), 0, 0, 0)   # PR_SET_NAME
+libc.prctl(15, ctypes.c_char_p(ast.literal_eval(sys.argv[3])), 0, 0, 0)   # PR_SET_NAME
 print("READY", flush=True)
 sys.stdin.readline()
 """
