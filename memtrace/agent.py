@@ -14,7 +14,7 @@ from typing import Any
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import Drained
-from memtrace.procfs import ProcFS
+from memtrace.procfs import ProcFS, escape_name
 from memtrace.session import Session
 
 
@@ -103,7 +103,7 @@ def read_info(procfs: ProcFS, pid: int) -> ProcInfo | None:
     paths = [line.split(b":", 2)[2].decode("utf-8", "backslashreplace")
              for line in cgroup.splitlines() if line.count(b":") >= 2]
     uid = int(status.get("Uid", "0").split()[0])
-    exe = procfs.exe(pid).decode("utf-8", "backslashreplace")
+    exe = escape_name(procfs.exe(pid))   # shown and matched as every name (docs/output.md)
     return ProcInfo(pid=pid, comm=st.comm, exe=exe, cgroup="\n".join(paths), uid=uid)
 
 

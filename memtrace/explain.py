@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from memtrace.procfs import PAGE_SIZE
+from memtrace.procfs import PAGE_SIZE, escape_name
 
 STATM_FIELDS = ("size", "resident", "shared", "text", "lib", "data", "dt")
 
@@ -147,8 +147,8 @@ def process_view(pid: int, proc_root: str | Path = "/proc",
     statm_pages = [int(x) for x in _read(d / "statm").split()]
     statm = dict(zip(STATM_FIELDS, statm_pages))
     status = parse_kb_fields(_read(d / "status"))
-    comm = _read(d / "comm").decode("utf-8", "backslashreplace").strip() if (
-        d / "comm").exists() else ""
+    # the kernel ends comm with one newline; a comm may hold others (escaped)
+    comm = escape_name(_read(d / "comm").removesuffix(b"\n")) if (d / "comm").exists() else ""
     ours = memtrace_figures(snap) if snap is not None else {}
     rows = []
     for name in STATM_FIELDS:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, compress
 from typing import Any, Protocol
 
-from memtrace.procfs import Vma, parse_maps
+from memtrace.procfs import Vma, escape_name, parse_maps
 
 SIZE_SZ = 8
 MALLOC_ALIGNMENT = 16
@@ -283,7 +283,7 @@ def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
         if b"ld-musl" in base or b"libc.musl" in base or (
                 base.startswith(b"libc.so") and b"musl" in p):
             return AllocatorInfo("musl", False, "the process uses musl libc's malloc "
-                                 f"({p.decode(errors='replace')}); memtrace heap reads only "
+                                 f"({escape_name(p)}); memtrace heap reads only "
                                  "glibc malloc")
     libc = next((p for p in paths if _is_libc(p)), b"")
     for p in paths:
@@ -297,7 +297,7 @@ def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
         name = next((n for key, n in KNOWN_ALLOCATORS if key in base.lower()), "unknown")
         if name == "unknown" and p == exe:
             name = next((n for key, n in KNOWN_ALLOCATORS if data and key in data), "unknown")
-        return AllocatorInfo(name, False, f"malloc is provided by {p.decode(errors='replace')}"
+        return AllocatorInfo(name, False, f"malloc is provided by {escape_name(p)}"
                              f"{' (' + name + ')' if name != 'unknown' else ''}, not by glibc; "
                              "memtrace heap reads only glibc malloc")
     if not libc:
@@ -1474,7 +1474,7 @@ def analyse_process(pid: int, stop: bool = False, retries: int = 5,
         if version is None:
             return {**base, "allocator": "glibc", "supported": False,
                     "reason": "unsupported glibc layout: cannot read the glibc version of "
-                    f"{alloc.libc_path.decode(errors='replace')}"}
+                    f"{escape_name(alloc.libc_path)}"}
         try:
             layout = layout_for(version)
         except HeapError as e:

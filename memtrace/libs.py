@@ -77,8 +77,8 @@ ElfSpans = dict[LibKey, "tuple[int, int] | None"]
 
 
 def _read_elf_span(pid: int, proc_root: str, vma: Vma) -> tuple[int, int] | None:
-    for path in (f"{proc_root}/{pid}/map_files/{vma.start:x}-{vma.end:x}",
-                 f"{proc_root}/{pid}/root" + vma.display_path):
+    for path in (os.fsencode(f"{proc_root}/{pid}/map_files/{vma.start:x}-{vma.end:x}"),
+                 os.fsencode(f"{proc_root}/{pid}/root") + vma.path):
         try:
             with open(path, "rb") as f:
                 head = f.read(4096)

@@ -4,7 +4,8 @@ so that the parsers run on fixture trees in tests."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memtrace.errors import ExitCode, MemtraceError
@@ -36,17 +37,71 @@ class Vma:
 
     @property
     def display_path(self) -> str:
-        return decode_path(self.path)
+        return escape_name(self.path)
 
 
-def decode_path(raw: bytes) -> str:
-    """Bytes from the kernel to text that is always valid UTF-8 (no surrogates)."""
-    return raw.decode("utf-8", errors="backslashreplace")
+# -- names -----------------------------------------------------------------------
+#
+# File names, comms and exe paths are bytes. Every view (JSON, table, CSV,
+# /metrics labels, libs, heap, explain, log lines) shows them as the text
+# escape_name gives: valid UTF-8 stays as it is, except
+#   \\                     a backslash
+#   \b \f \n \r \t          those control characters (as JSON writes them)
+#   \uXXXX, \UXXXXXXXX     any other control or format character (Unicode
+#                          categories Cc, Cf, Zl, Zp: C0, DEL, C1, bidi overrides...)
+#   \xNN                   a byte that is not part of valid UTF-8
+# Every backslash in the result starts one of these escapes, so two different
+# byte strings never give the same text, and the text holds no character that
+# a terminal acts on. Names like [heap] or [anon:x] are plain ASCII: unchanged.
+
+_SHORT_ESCAPES = {"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                  "\t": "\\t"}
+_UNSAFE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs"})
+
+
+def _escape_char(ch: str) -> str:
+    short = _SHORT_ESCAPES.get(ch)
+    if short is not None:
+        return short
+    o = ord(ch)
+    if 0xDC80 <= o <= 0xDCFF:            # a byte that is not UTF-8 (surrogateescape)
+        return f"\\x{o - 0xDC00:02x}"
+    if unicodedata.category(ch) in _UNSAFE_CATEGORIES:
+        return f"\\u{o:04x}" if o <= 0xFFFF else f"\\U{o:08x}"
+    return ch
+
+
+def escape_name(raw: bytes) -> str:
+    """A name from the kernel (bytes) as printable text, one way everywhere
+    (see above): injective, valid UTF-8, no control characters."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", "surrogateescape")
+    else:
+        if text.isprintable() and "\\" not in text:
+            return text
+    return "".join(map(_escape_char, text))
+
+
+def escape_text(text: str) -> str:
+    """Text that is already made of escaped names and our own words (messages,
+    table cells), with any control character left escaped like escape_name
+    does; backslashes are kept (they start escapes already made)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch == "\\" or ch.isprintable() else _escape_char(ch) for ch in text)
+
+
+# The name this function had before names were escaped one way.
+decode_path = escape_name
 
 
 def parse_maps(data: bytes) -> list[Vma]:
+    """The lines of /proc/PID/maps. Only \\n ends a line: a path may hold \\r
+    and other line breaks (the kernel writes a newline in a path as \\012)."""
     vmas = []
-    for line in data.splitlines():
+    for line in data.split(b"\n"):
         if not line:
             continue
         fields = line.split(None, 5)
@@ -113,7 +168,7 @@ def parse_stat(data: bytes) -> ProcStat:
     rest = data[close_paren + 2:].split()
     return ProcStat(
         pid=int(data[:open_paren]),
-        comm=decode_path(data[open_paren + 1:close_paren]),
+        comm=escape_name(data[open_paren + 1:close_paren]),
         state=rest[0].decode(),
         ppid=int(rest[1]),
         flags=int(rest[6]),
@@ -137,13 +192,38 @@ class ProcFS:
 
     def __init__(self, root: str | Path = "/proc") -> None:
         self.root = Path(root)
+        # False once /proc/PID/map_files refused a readlink (no CAP_SYS_ADMIN /
+        # CAP_CHECKPOINT_RESTORE): names then come from the maps text, where a
+        # newline and the text "\\012" look the same (docs/output.md).
+        self.names_exact = True
 
     def _read(self, pid: int, name: str) -> bytes:
         with open(self.root / str(pid) / name, "rb") as f:
             return f.read()
 
     def maps(self, pid: int) -> list[Vma]:
-        return parse_maps(self._read(pid, "maps"))
+        """The VMAs, with file names as bytes exactly: maps writes a newline in a
+        path as \\012, which a path may also hold as text; such names are read
+        from map_files (while permitted)."""
+        data = self._read(pid, "maps")
+        vmas = parse_maps(data)
+        if b"\\012" in data and self.names_exact:
+            vmas = [self._exact_name(pid, v) if b"\\012" in v.path else v for v in vmas]
+        return vmas
+
+    def _exact_name(self, pid: int, vma: Vma) -> Vma:
+        if not self.names_exact:
+            return vma
+        try:
+            real = self.map_file_name(pid, vma.start, vma.end)
+        except PermissionError:
+            self.names_exact = False
+            return vma
+        except OSError:             # gone since maps was read
+            return vma
+        if real.replace(b"\n", b"\\012") != vma.path:
+            return vma              # another mapping there now: maps is re-read later
+        return replace(vma, path=real)
 
     def statm(self, pid: int) -> Statm:
         return parse_statm(self._read(pid, "statm"))
@@ -170,12 +250,12 @@ class ProcFS:
             return b""
 
     def map_file_name(self, pid: int, start: int, end: int) -> bytes:
-        """The path maps shows for the file-backed VMA [start, end), read from
-        /proc/PID/map_files (one readlink; needs CAP_SYS_ADMIN). maps escapes
-        a newline in a path as \\012; readlink does not. OSError when the VMA
-        or the process is gone, or not permitted."""
+        """The path of the file-backed VMA [start, end) as bytes, read from
+        /proc/PID/map_files (one readlink; needs CAP_SYS_ADMIN): like maps, with
+        " (deleted)" for a deleted file, but a newline stays a newline. OSError
+        when the VMA or the process is gone, or not permitted."""
         link = os.fsencode(self.root / str(pid) / "map_files" / f"{start:x}-{end:x}")
-        return os.readlink(link).replace(b"\n", b"\\012")
+        return os.readlink(link)
 
     def alive(self, pid: int) -> bool:
         try:

@@ -5,9 +5,10 @@ Pure Python, no third-party imports.  ``parse_smaps`` turns the bytes of
 
     {"start": int, "end": int, "perms": "rw-p", "offset": int,
      "dev": "fd:01", "inode": int,
-     "path": str,            # as in /proc/PID/maps, UTF-8 decoded with
-                             # errors="backslashreplace", "" if anonymous
-     "path_bytes": bytes,    # the raw path
+     "path": str,            # path_bytes as memtrace shows names (decode_path),
+                             # "" if anonymous
+     "path_bytes": bytes,    # the path as in smaps (read_smaps: a name with a
+                             # newline, shown as \012 there, from map_files)
      "size_bytes": int, "rss_bytes": int, "pss_bytes": int,
      "anonymous_bytes": int, "swap_bytes": int, ...   # every "kB" field,
                              # in bytes, named in snake case + "_bytes"
@@ -37,8 +38,36 @@ _FIELD_RE = re.compile(rb"^([A-Za-z_][A-Za-z0-9_]*):\s*(.*)$")
 
 
 def decode_path(raw: bytes) -> str:
-    """Decode a path the way memtrace reports it."""
-    return raw.decode("utf-8", errors="backslashreplace")
+    """A name (bytes) as memtrace reports it (docs/output.md, "Names"), written
+    here independently of memtrace: valid UTF-8 as it is, a backslash as \\\\,
+    \\b \\f \\n \\r \\t, other control and format characters (Unicode Cc, Cf,
+    Zl, Zp) as \\uXXXX (\\UXXXXXXXX above the BMP), each byte that is not valid
+    UTF-8 as \\xNN."""
+    import unicodedata
+
+    out = []
+    i = 0
+    while i < len(raw):
+        # the longest valid UTF-8 sequence (1-4 bytes) starting at i
+        for n in (1, 2, 3, 4):
+            try:
+                ch = raw[i:i + n].decode("utf-8")
+            except UnicodeDecodeError:
+                continue
+            break
+        else:
+            out.append(f"\\x{raw[i]:02x}")
+            i += 1
+            continue
+        i += n
+        if ch in "\\\b\f\n\r\t":
+            out.append({"\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n", "\r": "\\r",
+                        "\t": "\\t"}[ch])
+        elif unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp"):
+            out.append(f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
+        else:
+            out.append(ch)
+    return "".join(out)
 
 
 def snake_case(name: str) -> str:
@@ -111,8 +140,20 @@ def parse_smaps(data: bytes) -> list[dict]:
 
 
 def read_smaps(pid: int) -> list[dict]:
+    """smaps of a live process. smaps writes a newline in a path as \\012, and a
+    path may hold that text too: such names are read from map_files (real
+    bytes, root only), as memtrace does."""
     with open(f"/proc/{pid}/smaps", "rb") as f:
-        return parse_smaps(f.read())
+        mappings = parse_smaps(f.read())
+    for m in mappings:
+        if b"\\012" in m["path_bytes"]:
+            try:
+                real = os.readlink(f"/proc/{pid}/map_files/{m['start']:x}-{m['end']:x}".encode())
+            except OSError:
+                continue
+            if real.replace(b"\n", b"\\012") == m["path_bytes"]:
+                m["path_bytes"], m["path"] = real, decode_path(real)
+    return mappings
 
 
 def parse_statm(text: str | bytes, page_size: int = PAGE_SIZE) -> dict:

@@ -6,6 +6,7 @@ import sys
 from typing import IO, Any
 
 from memtrace.events import SyscallEvent
+from memtrace.procfs import escape_text
 from memtrace.views.snapshot import encode_parts
 
 
@@ -36,7 +37,7 @@ class JsonReporter:
         pass
 
     def message(self, text: str) -> None:
-        print(f"memtrace: {text}", file=sys.stderr, flush=True)
+        print(f"memtrace: {escape_text(text)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass

@@ -1,4 +1,6 @@
-"""The live terminal view (rich)."""
+"""The live terminal view (rich). Names (paths, comm, messages that hold
+them) are never read as Rich markup: every cell is a rich.text.Text of plain
+text, with control characters escaped (memtrace.procfs.escape_text)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from rich.text import Text
 from memtrace.events import SyscallEvent
 from memtrace.explain import meminfo_summary
 from memtrace.libevents import describe as describe_library_event
+from memtrace.procfs import escape_text
 
 
 def human(n: int | None) -> str:
@@ -23,6 +26,11 @@ def human(n: int | None) -> str:
         if abs(n) >= 1 << shift:
             return f"{n / (1 << shift):.1f}{unit}"
     return str(n)
+
+
+def plain(text: str, style: str = "") -> Text:
+    """Text shown as it is: no markup, no control characters."""
+    return Text(escape_text(text), style=style)
 
 
 class TableReporter:
@@ -68,21 +76,21 @@ class TableReporter:
         parts: list[Any] = []
         machine = meminfo_summary()
         if machine:
-            parts.append(Text(machine, style="dim"))
+            parts.append(plain(machine, style="dim"))
         for snap in self.snaps.values():
             parts.append(self._process(snap))
         if self.recent:
             parts.append(Text("recent calls:", style="bold"))
             for ev in self.recent:
-                parts.append(Text(f"  [{ev.tgid}] {ev.describe()}"))
+                parts.append(plain(f"  [{ev.tgid}] {ev.describe()}"))
         for note in self.notes:
-            parts.append(Text(note, style="dim"))
+            parts.append(plain(note, style="dim"))
         self.live.update(Group(*parts), refresh=True)
 
     def _process(self, snap: dict[str, Any]) -> Any:
         swap = f"  swap {human(snap['swap_bytes'])}" if snap.get("swap_bytes") else ""
         head = Text.assemble(
-            (f"{snap['pid']} {snap['comm']}", "bold"),
+            plain(f"{snap['pid']} {snap['comm']}", style="bold"),
             f"  rss {human(snap['rss_bytes'])} (anon {human(snap['anon_bytes'])}, "
             f"file {human(snap['file_bytes'])}, shmem {human(snap['shmem_bytes'])})"
             f"  pss {human(snap.get('pss_bytes'))}  uss {human(snap.get('uss_bytes'))}{swap}"
@@ -91,7 +99,7 @@ class TableReporter:
         )
         calls = ", ".join(f"{k} {v}" for k, v in snap["syscalls"].items() if v)
         rescans = ", ".join(f"{k} {v}" for k, v in snap["full_rescans"].items())
-        info = Text(f"calls: {calls or '-'}   full rescans: {rescans or '-'}   "
+        info = plain(f"calls: {calls or '-'}   full rescans: {rescans or '-'}   "
                     f"lost {snap['events_lost']}", style="dim")
         table = Table(box=None, pad_edge=False, header_style="bold")
         for col, justify in (("range", "left"), ("perms", "left"), ("kind", "left"),
@@ -104,17 +112,18 @@ class TableReporter:
         maps = sorted(snap["mappings"], key=lambda m: m["rss_bytes"], reverse=True)
         limit = self._rows_per_process()
         for m in maps[:limit]:
-            table.add_row(f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
-                          m.get("segment") or "", human(m["virtual_bytes"]),
-                          human(m["rss_bytes"]), human(m.get("pss_bytes")),
-                          human(m.get("uss_bytes")),
-                          human(m["anon_bytes"]), human(m["file_bytes"]),
-                          human(m["shmem_bytes"]), str(m["faults"]),
-                          m["path"] or (m["mapping"] if m.get("segment") == "bss" else ""))
+            cells = (f"{m['start']:x}-{m['end']:x}", m["perms"], m["kind"],
+                     m.get("segment") or "", human(m["virtual_bytes"]),
+                     human(m["rss_bytes"]), human(m.get("pss_bytes")),
+                     human(m.get("uss_bytes")),
+                     human(m["anon_bytes"]), human(m["file_bytes"]),
+                     human(m["shmem_bytes"]), str(m["faults"]),
+                     m["path"] or (m["mapping"] if m.get("segment") == "bss" else ""))
+            table.add_row(*map(plain, cells))
         parts: list[Any] = [head, info, table]
         hidden = maps[limit:]
         if hidden:
-            parts.append(Text(
+            parts.append(plain(
                 f"… {len(hidden)} more mappings not shown "
                 f"({human(sum(m['rss_bytes'] for m in hidden))} resident)", style="dim"))
         return Group(*parts)

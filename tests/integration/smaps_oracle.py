@@ -58,7 +58,7 @@ def snapshot(pid: int) -> dict | None:
         statm = gt.read_statm(pid)
         status = gt.read_status_rss(pid)
         with open(f"/proc/{pid}/comm", "rb") as f:
-            comm = f.read().decode("utf-8", "backslashreplace").strip()
+            comm = gt.decode_path(f.read().removesuffix(b"\n"))
     except (OSError, ValueError):
         return None
     mappings = []

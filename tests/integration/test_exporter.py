@@ -371,12 +371,12 @@ def exporter_harness(tmp_path):
 
 
 def hostile_path(tmp_path: Path) -> tuple[bytes, str]:
-    """The workload's file (bytes) and the path maps shows for it (str)."""
+    """The workload's file (bytes) and the name memtrace shows for it (str:
+    the real bytes escaped, docs/output.md "Names")."""
     d = tmp_path / "data dir"
     d.mkdir(exist_ok=True)
     raw = os.fsencode(d) + b"/" + HOSTILE_NAME
-    shown = raw.replace(b"\n", b"\\012")
-    return raw, gt.decode_path(shown)
+    return raw, gt.decode_path(raw)
 
 
 def watch_workload(h: ExporterHarness, raw: bytes):

@@ -42,10 +42,12 @@ def status_text(pid: int, tgid: int, name: str = "fake") -> bytes:
 
 
 def maps_line(v: Vma) -> bytes:
+    """The line the kernel writes for v (its path the real bytes): a newline
+    in a path becomes \\012, nothing else is escaped."""
     head = f"{v.start:x}-{v.end:x} {v.perms} {v.offset:08x} {v.dev} {v.inode}".encode()
     if not v.path:
         return head + b"\n"
-    return head.ljust(73) + v.path + b"\n"
+    return head.ljust(73) + v.path.replace(b"\n", b"\\012") + b"\n"
 
 
 def runs_of(pages: dict[int, bool], start: int, end: int) -> list[tuple[int, int, bool]]:
@@ -169,7 +171,7 @@ class FakeProcess:
 
     def _sync_map_files(self) -> None:
         """map_files: one symlink per file-backed VMA, named START-END, its
-        target the path unescaped (maps shows a newline as \\012)."""
+        target the path's real bytes (maps shows a newline as \\012)."""
         d = self.dir / "map_files"
         if d.exists():
             shutil.rmtree(d)
@@ -178,7 +180,7 @@ class FakeProcess:
         d.mkdir()
         for v in self.vmas:
             if v.inode:
-                os.symlink(v.path.replace(b"\\012", b"\n"),
+                os.symlink(v.path,
                            os.fsencode(d / f"{v.start:x}-{v.end:x}"))
 
     def vanish(self) -> None:

@@ -148,3 +148,18 @@ def test_cli_no_such_process():
 
     r = CliRunner().invoke(cli, ["explain", "999999999"])
     assert isinstance(r.exception, MemtraceError)
+
+
+def test_process_view_escapes_a_hostile_comm(tmp_path):
+    """The comm holds a newline, an escape sequence and markup (issue 16 item 9):
+    shown as every name is (docs/output.md "Names"), in the text and JSON."""
+    import shutil
+
+    d = tmp_path / "4242"
+    shutil.copytree(FIXTURE / "4242", d)
+    (d / "comm").write_bytes(b"a\nb\x1b[31m[/b] \n")     # the kernel adds one newline
+    shutil.copy(FIXTURE / "meminfo", tmp_path / "meminfo")
+    v = process_view(4242, tmp_path, page_size=4096)
+    assert v["comm"] == "a\\nb\\u001b[31m[/b] "
+    text = render_text(explain(4242, tmp_path))
+    assert "process 4242 (a\\nb\\u001b[31m[/b] ):" in text and "\x1b" not in text

@@ -274,3 +274,195 @@ def test_check_target_messages_are_one_line(tmp_path):
     make_proc(tmp_path, 600, state="Z")
     for pid in (2, 600, 0, 12345):
         assert "\n" not in check(tmp_path, pid).message
+
+
+# -- names: one escaping for every view (issue 16, items 6 and 9) -------------------
+import unicodedata  # noqa: E402
+
+import memtrace.procfs as procfs_mod  # noqa: E402
+from tests import groundtruth as gt  # noqa: E402
+
+
+def escape_name(raw: bytes) -> str:
+    return procfs_mod.escape_name(raw)
+
+
+def escape_text(text: str) -> str:
+    return procfs_mod.escape_text(text)
+
+# tests/unit/fixtures/maps_hostile as the kernel writes it; the VMA at
+# 7f0000003000 is a file whose name holds a newline (maps: \012), the one at
+# 7f0000004000 a file whose name holds the text \012.
+NEWLINE_VMA, LITERAL_012_VMA = 0x7F0000003000, 0x7F0000004000
+HOSTILE_REAL = {
+    0x7F0000000000: b"/tmp/h/tag[/bold]name",
+    0x7F0000001000: b"/tmp/h/[link=http://x]a[/link]",
+    0x7F0000002000: b"/tmp/h/esc\x1b[31mred",
+    NEWLINE_VMA: b"/tmp/h/nl\nline",
+    LITERAL_012_VMA: b"/tmp/h/nl\\012line",
+    0x7F0000005000: b"/tmp/h/ff\xff",
+    0x7F0000006000: b"/tmp/h/ff\\xff",
+    0x7F0000007000: b"/tmp/h/cr\r7f0000100000-7f0000200000 rw-p 00000000 00:00 0"
+                    + b" " * 26 + b"[fake]",
+    0x7F0000008000: b"/tmp/h/[blink]b[/blink]",
+    0x7F0000009000: b"/tmp/h/bidi\xe2\x80\xaeevil\xc2\x9b2J",
+}
+HOSTILE_SHOWN = {
+    0x7F0000000000: "/tmp/h/tag[/bold]name",
+    0x7F0000001000: "/tmp/h/[link=http://x]a[/link]",
+    0x7F0000002000: "/tmp/h/esc\\u001b[31mred",
+    NEWLINE_VMA: "/tmp/h/nl\\nline",
+    LITERAL_012_VMA: "/tmp/h/nl\\\\012line",
+    0x7F0000005000: "/tmp/h/ff\\xff",
+    0x7F0000006000: "/tmp/h/ff\\\\xff",
+    0x7F0000007000: "/tmp/h/cr\\r7f0000100000-7f0000200000 rw-p 00000000 00:00 0"
+                    + " " * 26 + "[fake]",
+    0x7F0000008000: "/tmp/h/[blink]b[/blink]",
+    0x7F0000009000: "/tmp/h/bidi\\u202eevil\\u009b2J",
+}
+
+
+def hostile_tree(root: Path, pid: int = 600, map_files: bool = True) -> ProcFS:
+    make_proc(root, pid, comm=b"a\nb\x1b[1m")
+    (root / str(pid) / "maps").write_bytes((FIXTURES / "maps_hostile").read_bytes())
+    if map_files:
+        d = root / str(pid) / "map_files"
+        d.mkdir()
+        for v in parse_maps((FIXTURES / "maps_hostile").read_bytes()):
+            if v.inode:
+                os.symlink(HOSTILE_REAL[v.start], os.fsencode(d / f"{v.start:x}-{v.end:x}"))
+    return ProcFS(root)
+
+
+@pytest.mark.parametrize("raw, shown", [
+    (b"/usr/lib/libc.so.6", "/usr/lib/libc.so.6"),
+    (b"[heap]", "[heap]"),
+    (b"[anon:jemalloc arena]", "[anon:jemalloc arena]"),
+    ("/srv/données/日本語.so".encode(), "/srv/données/日本語.so"),
+    (b"a\xffb", "a\\xffb"),                  # a byte that is not UTF-8
+    (b"a\\xffb", "a\\\\xffb"),               # the text \xff
+    (b"a\nb", "a\\nb"),
+    (b"a\\012b", "a\\\\012b"),
+    (b"a\\nb", "a\\\\nb"),
+    (b"\t\r\b\f", "\\t\\r\\b\\f"),
+    (b"x\x1b[31mred\x07", "x\\u001b[31mred\\u0007"),
+    (b"\x7f", "\\u007f"),
+    ("\u0085".encode(), "\\u0085"),          # C1 control, valid UTF-8
+    (b"\x85", "\\x85"),                      # the byte 0x85 alone: not UTF-8
+    ("\u202e\u2028\u200b".encode(), "\\u202e\\u2028\\u200b"),
+    ("\U000e0001".encode(), "\\U000e0001"),
+    (b"\xed\xa0\x80", "\\xed\\xa0\\x80"),     # an encoded surrogate is not UTF-8
+    (b"\xe2\x82", "\\xe2\\x82"),             # a cut sequence
+    (b"[/bold]", "[/bold]"),                 # markup is text
+    (b"", ""),
+])
+def test_escape_name(raw, shown):
+    assert escape_name(raw) == shown
+    assert gt.decode_path(raw) == shown      # the test oracle, written separately
+    shown.encode("utf-8")                    # strict: no lone surrogates
+    assert not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs") for c in shown)
+
+
+def _unescape(text: str) -> bytes:
+    """The inverse of escape_name: every backslash starts an escape."""
+    out = bytearray()
+    i = 0
+    short = {"\\": b"\\", "b": b"\b", "f": b"\f", "n": b"\n", "r": b"\r", "t": b"\t"}
+    while i < len(text):
+        ch = text[i]
+        if ch != "\\":
+            out += ch.encode()
+            i += 1
+            continue
+        kind = text[i + 1]
+        if kind in short:
+            out += short[kind]
+            i += 2
+        elif kind == "x":
+            out.append(int(text[i + 2:i + 4], 16))
+            i += 4
+        elif kind == "u":
+            out += chr(int(text[i + 2:i + 6], 16)).encode()
+            i += 6
+        elif kind == "U":
+            out += chr(int(text[i + 2:i + 10], 16)).encode()
+            i += 10
+        else:
+            raise AssertionError(f"bare backslash in {text!r}")
+    return bytes(out)
+
+
+def test_escape_name_is_injective_on_random_bytes():
+    """Two different names never give the same text: the text decodes back."""
+    import random
+
+    rng = random.Random(16)
+    alphabet = [b"\\", b"x", b"f", b"0", b"1", b"2", b"n", b"\n", b"\xff", b"\xc3", b"\xa9",
+                b"\x1b", b"[", b"u", "\u0085".encode(), b"\x85", "\u202e".encode(), b"\xe2"]
+    seen: dict[str, bytes] = {}
+    for _ in range(20000):
+        raw = b"".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 7)))
+        shown = escape_name(raw)
+        assert _unescape(shown) == raw, (raw, shown)
+        assert seen.setdefault(shown, raw) == raw, (raw, seen[shown], shown)
+        assert gt.decode_path(raw) == shown
+        assert not any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp", "Cs")
+                       for c in shown), shown
+
+
+def test_escape_text_escapes_control_characters_only():
+    assert escape_text("pid 4 (a\\nb) exited") == "pid 4 (a\\nb) exited"
+    assert escape_text("x\x1b]8;;http://x\x07y\nz") == "x\\u001b]8;;http://x\\u0007y\\nz"
+    assert escape_text("[heap] [/bold]") == "[heap] [/bold]"
+
+
+def test_maps_only_newline_ends_a_line():
+    """A file name holding \\r and a whole maps line after it is one VMA's
+    name, not a second (fake) VMA."""
+    vmas = parse_maps((FIXTURES / "maps_hostile").read_bytes())
+    assert len(vmas) == 13
+    assert not any(v.path == b"[fake]" or v.start == 0x7F0000100000 for v in vmas)
+    assert vmas[7].path == HOSTILE_REAL[0x7F0000007000]
+
+
+def test_hostile_names_come_from_map_files_and_never_collide(tmp_path):
+    fs = hostile_tree(tmp_path)
+    vmas = fs.maps(600)
+    files = {v.start: v for v in vmas if v.inode}
+    assert {s: v.path for s, v in files.items()} == HOSTILE_REAL
+    assert {s: v.display_path for s, v in files.items()} == HOSTILE_SHOWN
+    # a newline and the text \012; the byte 0xff and the text \xff
+    assert files[NEWLINE_VMA].display_path != files[LITERAL_012_VMA].display_path
+    assert files[0x7F0000005000].display_path != files[0x7F0000006000].display_path
+    assert len({v.display_path for v in vmas}) == len(vmas)
+    assert [v.display_path for v in vmas if not v.inode] == ["[heap]", "[vdso]", "[stack]"]
+    assert fs.names_exact
+    assert fs.stat(600).comm == "a\\nb\\u001b[1m"
+
+
+def test_without_map_files_names_fall_back_to_maps(tmp_path, monkeypatch):
+    """Not permitted to read map_files: the maps text, where a newline and the
+    text \\012 look alike (documented), and names_exact says so."""
+    fs = hostile_tree(tmp_path)
+
+    def refuse(*_: object) -> bytes:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(fs, "map_file_name", refuse)
+    files = {v.start: v for v in fs.maps(600) if v.inode}
+    assert files[NEWLINE_VMA].path == files[LITERAL_012_VMA].path == b"/tmp/h/nl\\012line"
+    assert not fs.names_exact
+    # the other names stay exact: maps escapes nothing but the newline
+    assert files[0x7F0000005000].display_path != files[0x7F0000006000].display_path
+
+
+def test_a_map_files_link_that_disagrees_with_maps_is_not_taken(tmp_path):
+    """The VMA was replaced between the maps read and the readlink: the maps
+    name stays (the next layout change reads maps again)."""
+    fs = hostile_tree(tmp_path)
+    link = os.fsencode(tmp_path / "600" / "map_files" / f"{NEWLINE_VMA:x}-{NEWLINE_VMA + 0x1000:x}")
+    os.unlink(link)
+    os.symlink(b"/tmp/other", link)
+    files = {v.start: v for v in fs.maps(600) if v.inode}
+    assert files[NEWLINE_VMA].path == b"/tmp/h/nl\\012line"
+    assert fs.names_exact

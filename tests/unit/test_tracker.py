@@ -594,10 +594,13 @@ def test_a_deleted_mapped_file_is_renamed_at_once(world):
     assert_exact(tr, p)
 
 
-def test_a_path_with_a_newline_matches_its_escaped_maps_name(world):
+def test_a_path_with_a_newline_has_its_real_name_and_stays_unchanged(world):
+    """maps shows the newline as \\012; the model holds the real bytes (from
+    map_files), so the names check finds nothing changed."""
     p, m, tr = _with_map_files(world)
-    v = p.map(0x7F0002000000, 0x7F0002002000, b"/tmp/a\\012b.dat", "r--s", inode=77)
+    v = p.map(0x7F0002000000, 0x7F0002002000, b"/tmp/a\nb.dat", "r--s", inode=77)
     p.sync()
+    assert b"/tmp/a\\012b.dat\n" in (p.dir / "maps").read_bytes()
     tr.update([], [], bump(tr, layout_gen=1))          # the mmap: maps re-read
     assert v.identity in {x.identity for x in tr.space.vmas}
     tr._last_maps_read, tr._maps_read_seconds = time.monotonic(), 10.0
