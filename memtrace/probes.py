@@ -106,6 +106,12 @@ class Probes:
         except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
             raise MemtraceError(f"loading the BPF program failed: {e}",
                                 ExitCode.BPF_LOAD_FAILED) from None
+        try:
+            finish = self.bpf.load_func(b"finish_exit", bcc.BPF.TRACEPOINT)
+            self.bpf["finish_prog"][ctypes.c_int(0)] = ctypes.c_int(finish.fd)
+        except Exception as e:  # bcc raises bare Exception on load failure
+            raise MemtraceError(f"loading the BPF program failed: {e}",
+                                ExitCode.BPF_LOAD_FAILED) from None
         self._targets = self.bpf["targets"]
         self._stats = self.bpf["stats"]
         self._credit = self.bpf["event_credit"]
