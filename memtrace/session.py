@@ -85,6 +85,8 @@ class Session:
         self.pss: LivePss | None = None   # --pss-interval: see enable_pss
 
     def load(self, watch_execs: bool = False) -> Probes:
+        if sys.stderr.isatty():
+            log("compiling and loading the BPF probes ...")
         self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe(),
                              stream_events=getattr(self.reporter, "wants_events", False))
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
