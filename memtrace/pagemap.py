@@ -3,7 +3,15 @@
 Uses the PAGEMAP_SCAN ioctl (Linux 6.7+) on /proc/PID/pagemap, asking for pages
 that are present and not the shared zero page, which is exactly what smaps Rss
 counts. Each returned run says whether its pages are anonymous (PAGE_IS_FILE
-clear) or file/shmem backed."""
+clear) or file/shmem backed.
+
+What smaps counts as resident, for every reader of raw pagemap entries (the
+fallback below, and memtrace.pss): a present entry, except one that maps the
+shared zero page or the huge zero page. Those are present in the page tables
+(pagemap sets PM_PRESENT and shows their PFN) but smaps skips them, because
+vm_normal_page() is NULL for them (the huge zero page: the PMD walk's
+is_huge_zero_pmd() test). `drop_zero_pages` turns such entries into empty ones;
+PAGEMAP_SCAN readers exclude them with the PAGE_IS_PFNZERO category."""
 
 from __future__ import annotations
 
@@ -11,6 +19,7 @@ import contextlib
 import ctypes
 import errno
 import os
+import re
 from collections.abc import Callable
 
 PAGE_IS_FILE = 1 << 2
@@ -166,6 +175,37 @@ HPAGE_PAGES = 512
 PFNMAP_NAMES = (b"[vvar]", b"[vvar_vclock]")
 
 
+# An entry's top byte (bits 56..63): present (bit 63) and not exclusively mapped
+# (bit 56). Zero-page entries always look like this: the kernel sets the
+# exclusive bit only for a page with a mapcount of 1, and the zero pages are
+# never mapcounted (no struct page for vm_normal_page(); the huge zero folio is
+# not in the rmap).
+_MAYBE_ZERO = bytes(
+    0xFF if (b & 0x80 and not b & 0x01) else 0 for b in range(256))
+_MAYBE_ZERO_RUN = re.compile(rb"\xff+")
+
+
+def drop_zero_pages(raw: bytes, zero_pfns: frozenset[int] | set[int]) -> bytes:
+    """Raw pagemap entries (8 bytes each) with every present entry that maps a
+    zero page (`zero_pfns`) turned into an empty entry (0): what is left
+    present is what smaps counts as resident. Returns `raw` itself when
+    nothing changes."""
+    if not zero_pfns:
+        return raw
+    marks = raw[7::8].translate(_MAYBE_ZERO)
+    if b"\xff" not in marks:
+        return raw
+    q = memoryview(raw).cast("Q")
+    out: bytearray | None = None
+    for m in _MAYBE_ZERO_RUN.finditer(marks):
+        for i in range(m.start(), m.end()):
+            if q[i] & PM_PFN_MASK in zero_pfns:
+                if out is None:
+                    out = bytearray(raw)
+                out[i * 8:i * 8 + 8] = bytes(8)
+    return raw if out is None else bytes(out)
+
+
 def _pfn_of_own_page(addr: int) -> int:
     with open("/proc/self/pagemap", "rb") as f:
         f.seek((addr >> 12) * 8)
@@ -184,7 +224,12 @@ def _is_zero_pfn(pfn: int) -> bool:
 
 def learn_zero_pfns() -> frozenset[int]:
     """PFNs of the shared zero page and the huge zero page, found by reading fresh
-    anonymous memory of our own (needs root to see PFNs)."""
+    anonymous memory of our own (needs root to see PFNs; without it: empty).
+    The huge zero page is checked with /proc/kpageflags (KPF_ZERO_PAGE). Once
+    our own process has mapped the huge zero folio, the kernel keeps it (the
+    mm's MMF_HUGE_ZERO_PAGE reference, dropped at our exit), so its PFNs stay
+    valid as long as we run. Without THP (or with use_zero_page 0) there is no
+    huge zero page to find."""
     import mmap
 
     zero: set[int] = set()
@@ -255,9 +300,9 @@ class RawPagemapScanner(_PagemapFile):
             self.ioctls += 1
             if not data:
                 raise ProcessLookupError(self.pid)
-            entries = memoryview(data).cast("Q")
+            entries = memoryview(drop_zero_pages(data, zero)).cast("Q")
             for i, entry in enumerate(entries):
-                if not entry & PM_PRESENT or (entry & PM_PFN_MASK) in zero:
+                if not entry & PM_PRESENT:
                     continue
                 addr = (page + i) << 12
                 anon = not entry & PM_FILE
@@ -274,6 +319,15 @@ _mechanism: str | None = None
 _zero_pfns: frozenset[int] | None = None
 
 
+def zero_page_pfns() -> frozenset[int]:
+    """The zero pages' PFNs, learned once per memtrace process and shared by
+    every reader of raw pagemap entries (the fallback scanner, PSS)."""
+    global _zero_pfns
+    if _zero_pfns is None:
+        _zero_pfns = learn_zero_pfns()
+    return _zero_pfns
+
+
 def scan_mechanism() -> str:
     """The mechanism this kernel supports, decided once by trying it (never from
     the version string); MEMTRACE_NO_PAGEMAP_SCAN=1 forces the fallback."""
@@ -288,9 +342,6 @@ def scan_mechanism() -> str:
 
 
 def open_scanner(pid: int, proc_root: str, vmas_in: VmaSource) -> Scanner:
-    global _zero_pfns
     if scan_mechanism() == PagemapScanner.mechanism:
         return PagemapScanner(pid, proc_root)
-    if _zero_pfns is None:
-        _zero_pfns = learn_zero_pfns()
-    return RawPagemapScanner(pid, proc_root, vmas_in, _zero_pfns)
+    return RawPagemapScanner(pid, proc_root, vmas_in, zero_page_pfns())
