@@ -384,6 +384,19 @@ def test_drop_zero_pages_empties_only_zero_page_entries():
     # set: a folio not anon) go; a swap entry whose offset looks like the PFN stays
     assert got == [entries[0], 0, 0, PM_SWAP | ZERO, 0, entries[5]]
     assert drop_zero_pages(raw, frozenset()) is raw
+    # a neighbour of the zero page's PFN (same PFN bits 8..47) is not one
+    near = array("Q", [present(ZERO - 1), present(ZERO + 2)]).tobytes()
+    assert drop_zero_pages(near, frozenset({ZERO, ZERO + 1})) is near
+    # the huge zero page: 512 PFNs from a 512-aligned head, mapped by a PMD
+    head = 0x166E00
+    huge = frozenset(range(head, head + PMD_PAGES)) | {ZERO}
+    block = array("Q", [0] + [present(head + i, file=True) for i in range(PMD_PAGES)]
+                  + [present(head + PMD_PAGES, file=True)]).tobytes()
+    got = list(memoryview(drop_zero_pages(block, huge)).cast("Q"))
+    assert got == [0] * (PMD_PAGES + 1) + [present(head + PMD_PAGES, file=True)]
+    # a zero page below PFN 256 (all-zero pattern bytes) is still found
+    low = array("Q", [0, present(3), present(4)]).tobytes()
+    assert list(memoryview(drop_zero_pages(low, frozenset({3}))).cast("Q")) == [0, 0, present(4)]
     clean = array("Q", [entries[0], entries[5]]).tobytes()
     assert drop_zero_pages(clean, frozenset({ZERO})) is clean
 
