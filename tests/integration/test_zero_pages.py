@@ -106,9 +106,9 @@ def zero_page_procs(tmp_path_factory):
         ready = {}
         for who in ("child", "parent"):
             line = proc.stdout.readline().split()
-            assert len(line) == 5 and line[0] == b"READY", line
-            ready[who] = (int(line[1]), int(line[2], 16), int(line[3], 16), int(line[4], 16))
-        parent, region, bss_start, bss_end = ready["parent"]
+            assert len(line) == 6 and line[0] == b"READY", line
+            ready[who] = (int(line[1]), *(int(x, 16) for x in line[2:]))
+        parent, region, bss_start, bss_end, huge = ready["parent"]
         child = ready["child"][0]
         wait_stopped(parent)
         wait_stopped(child)
@@ -118,7 +118,8 @@ def zero_page_procs(tmp_path_factory):
         found = {}
         for pid in (parent, child):
             found[pid] = {"region": zero_ptes(pid, region, region + REGION_PAGES * PAGE),
-                          "libc bss": zero_ptes(pid, bss_start, bss_end)}
+                          "libc bss": zero_ptes(pid, bss_start, bss_end),
+                          "huge": zero_ptes(pid, huge, huge + (2 << 20))}
         if not all(f["region"][1] for f in found.values()):
             pytest.skip(f"no zero-page PTE next to resident pages (pagemap + kpageflags: "
                         f"{found}): needs root and the zero page for anonymous read faults")
@@ -133,10 +134,12 @@ def zero_page_procs(tmp_path_factory):
 
 def test_libc_bss_and_the_region_hold_zero_page_ptes_in_parent_and_child(zero_page_procs):
     """What the tests below exercise: zero-page PTEs among resident pages in
-    the anonymous region of both processes and, here, in libc's bss too."""
+    the anonymous region of both processes and, here, in libc's bss too, and
+    the (huge) zero page over the whole read-only 2 MiB region."""
     for pid, f in zero_page_procs["found"].items():
         assert f["region"][1] > 0, (pid, f)
         assert f["libc bss"][0] > 0, (pid, f, "libc's bss has no zero-page PTE")
+        assert f["huge"][0] == 512, (pid, f)
 
 
 def _smaps(pid: int) -> dict[int, dict]:

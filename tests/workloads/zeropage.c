@@ -18,7 +18,7 @@
  *     page, mapped by a PMD, where THP is available (else small zero pages);
  * then forks: the child inherits them (copy_pte_range copies zero-page PTEs
  * as they are) and writes 2 pages of the region (copy-on-write: its own).
- * Each process prints "READY <pid> <region address> <bss start> <bss end>"
+ * Each process prints "READY <pid> <region> <bss start> <bss end> <huge>"
  * (hex addresses; bss 0 0 when not found) and stops itself with SIGSTOP, the
  * child first. The test kills the parent with SIGKILL; the child dies with it
  * (PR_SET_PDEATHSIG).
@@ -39,7 +39,7 @@
 #define HUGE_SIZE (2UL << 20)
 
 static unsigned long bss_start, bss_end;
-static char *region;
+static char *region, *huge;
 
 /* libc's bss: the anonymous rw-p mapping that starts where the last
  * file-backed mapping of a path containing "/libc" ends. */
@@ -71,8 +71,8 @@ static void find_libc_bss(void)
 static void ready(void)
 {
     char line[128];
-    int n = snprintf(line, sizeof line, "READY %d %lx %lx %lx\n", (int)getpid(),
-                     (unsigned long)region, bss_start, bss_end);
+    int n = snprintf(line, sizeof line, "READY %d %lx %lx %lx %lx\n", (int)getpid(),
+                     (unsigned long)region, bss_start, bss_end, (unsigned long)huge);
     if (write(1, line, (size_t)n) != n)
         _exit(3);
     raise(SIGSTOP);
@@ -103,7 +103,7 @@ int main(void)
                      MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (raw == MAP_FAILED)
         return 3;
-    char *huge = (char *)(((unsigned long)raw + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1));
+    huge = (char *)(((unsigned long)raw + HUGE_SIZE - 1) & ~(HUGE_SIZE - 1));
     madvise(huge, HUGE_SIZE, MADV_HUGEPAGE);
     for (unsigned long off = 0; off < HUGE_SIZE; off += (unsigned long)page)
         sink += ((volatile char *)huge)[off];
