@@ -591,9 +591,8 @@ def _keep(raw: bytes, base: int, inside: Sequence[Range]) -> bytes:
     outside `inside` emptied: gaps read through between nearby runs are not
     resident to the reader (PAGEMAP_SCAN left them out: not present, or the
     zero page), whatever their entries say."""
-    if len(inside) == 1 and inside[0][0] == base and \
-            (inside[0][1] - base) // PAGE_SIZE * ENTRY_SIZE == len(raw):
-        return raw
+    if sum(end - start for start, end in inside) // PAGE_SIZE * ENTRY_SIZE == len(raw):
+        return raw          # the runs (disjoint, inside raw's range) cover it all
     out = bytearray(len(raw))
     for start, end in inside:
         lo = (start - base) // PAGE_SIZE * ENTRY_SIZE
