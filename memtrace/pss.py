@@ -520,12 +520,14 @@ class PssReader:
                 if resident is not None:
                     ents = _drop_present_outside(
                         ents, start, clip(resident, start, end, bisect_right(res_ends, start)))
-                ents = drop_zero_pages(ents, zero)
                 if precise and end - start < PMD_PAGES * PAGE_SIZE:
+                    # only exclusive pages: no zero page among them (the
+                    # zero pages are never marked exclusive)
                     private = _private_only(ents)
                     if private is not None:
                         got.append((_NO_KEY, private))
                         continue
+                ents = drop_zero_pages(ents, zero)
                 vpn = start // PAGE_SIZE
                 prep = _prepare(ents, vpn, PMD_PAGES)
                 # the PMD blocks found decide the plan: same bytes + same
