@@ -20,7 +20,7 @@ import ctypes
 import errno
 import functools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
@@ -176,12 +176,15 @@ PFNMAP_NAMES = (b"[vvar]", b"[vvar_vclock]")
 
 
 @functools.lru_cache(maxsize=8)
-def _zero_patterns(zero_pfns: frozenset[int]) -> tuple[bytes, ...]:
+def _zero_patterns(zero_pfns: frozenset[int]) -> tuple[tuple[bytes, ...], bool]:
     """Bytes 1..5 of the entries of `zero_pfns` (PFN bits 8..47): one pattern
     per 256 PFNs, so one for the zero page and two for the 512 pages of the
-    huge zero page. Found with bytes.find, they make the search C-speed."""
-    return tuple(sorted({((pfn >> 8) & (1 << 40) - 1).to_bytes(5, "little")
-                         for pfn in zero_pfns}))
+    huge zero page; found with bytes.find, at C speed. And whether one of
+    them is all zeros (a PFN below 256: every entry must be looked at)."""
+    patterns = tuple(sorted({((pfn >> 8) & (1 << 40) - 1).to_bytes(5, "little")
+                             for pfn in zero_pfns}))
+    return tuple(p for p in patterns if p.strip(b"\0")), any(not p.strip(b"\0")
+                                                              for p in patterns)
 
 
 def drop_zero_pages(raw: bytes, zero_pfns: frozenset[int]) -> bytes:
@@ -191,31 +194,24 @@ def drop_zero_pages(raw: bytes, zero_pfns: frozenset[int]) -> bytes:
     nothing changes."""
     if not zero_pfns:
         return raw
-    q = memoryview(raw).cast("Q")
+    patterns, low = _zero_patterns(zero_pfns)
     out: bytearray | None = None
-    for pattern in _zero_patterns(zero_pfns):
-        if not pattern.strip(b"\0"):
-            hits: Iterable[int] = range(len(q))          # PFN < 256: look at all
-        else:
-            hits = _aligned_hits(raw, pattern)
-        for i in hits:
-            entry = q[i]
-            if entry & PM_PRESENT and entry & PM_PFN_MASK in zero_pfns:
-                if out is None:
-                    out = bytearray(raw)
-                out[i * 8:i * 8 + 8] = bytes(8)
+    hits: list[int] = list(range(len(raw) // 8)) if low else []
+    for pattern in patterns:
+        pos = raw.find(pattern, 1)
+        while pos >= 0:
+            if pos & 7 == 1:
+                hits.append(pos >> 3)
+                pos = raw.find(pattern, pos + 8)
+            else:
+                pos = raw.find(pattern, pos + 1)
+    for i in hits:
+        entry = int.from_bytes(raw[i * 8:i * 8 + 8], "little")
+        if entry & PM_PRESENT and entry & PM_PFN_MASK in zero_pfns:
+            if out is None:
+                out = bytearray(raw)
+            out[i * 8:i * 8 + 8] = bytes(8)
     return raw if out is None else bytes(out)
-
-
-def _aligned_hits(raw: bytes, pattern: bytes) -> Iterator[int]:
-    """Indices of the entries whose bytes 1..5 are `pattern`."""
-    pos = raw.find(pattern, 1)
-    while pos >= 0:
-        if pos % 8 == 1:
-            yield pos // 8
-            pos = raw.find(pattern, pos + 8)
-        else:
-            pos = raw.find(pattern, pos + 1)
 
 
 def _pfn_of_own_page(addr: int) -> int:

@@ -527,15 +527,24 @@ class PssReader:
                     if private is not None:
                         got.append((_NO_KEY, private))
                         continue
-                ents = drop_zero_pages(ents, zero)
                 vpn = start // PAGE_SIZE
                 prep = _prepare(ents, vpn, PMD_PAGES)
                 # the PMD blocks found decide the plan: same bytes + same
                 # blocks = same result (libraries sit at different alignments)
                 key = (ents, tuple(prep[2]))
                 if key in memo:
+                    # memo keys hold no zero page: neither do these bytes
                     got.append((key, None))
                     continue
+                if b"S" in prep[1]:      # zero pages are present, never exclusive
+                    dropped = drop_zero_pages(ents, zero)
+                    if dropped is not ents:
+                        ents = dropped
+                        prep = _prepare(ents, vpn, PMD_PAGES)
+                        key = (ents, tuple(prep[2]))
+                        if key in memo:
+                            got.append((key, None))
+                            continue
                 new_plan = _plan(ents, precise, vpn, PMD_PAGES, prep)
                 got.append((key, new_plan))
                 wanted += _wanted(new_plan)
