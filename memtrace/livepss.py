@@ -245,12 +245,14 @@ class LivePss:
         swapped out (status VmSwap 0, on a kernel whose counters are exact);
         else PAGEMAP_SCAN for present and swapped pages, one scan from the
         first to the last VMA when `whole` (all of them), else one per run of
-        adjacent VMAs."""
+        adjacent VMAs. Either way a present page counts only inside the
+        model's runs: PSS and USS never count a page the RSS does not."""
         readable = [v for v in vmas if v.path not in SKIP_NAMES]
         if nothing_swapped is None and space is not None:
             nothing_swapped = self._nothing_swapped(reader.pid)
-        if space is not None and nothing_swapped:
-            return reader.usage(vmas, _model_runs(space, readable))
+        model = _model_runs(space, readable) if space is not None else None
+        if model is not None and nothing_swapped:
+            return reader.usage(vmas, model)
         self.scans += 1
         if whole and readable:
             spans = [(readable[0].start, readable[-1].end)]
@@ -263,11 +265,10 @@ class LivePss:
                     runs += reader.scan(start, end)
             except ScanUnsupported:
                 reader.use_scan = False
-                reader._learn_zero_pfns()
                 runs = coalesce(((v.start, v.end) for v in readable), 0)
         else:
             runs = coalesce(((v.start, v.end) for v in readable), 0)
-        return reader.usage(vmas, runs)
+        return reader.usage(vmas, runs, resident=model)
 
     def _nothing_swapped(self, pid: int) -> bool:
         if not statm_is_exact():

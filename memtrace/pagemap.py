@@ -3,13 +3,22 @@
 Uses the PAGEMAP_SCAN ioctl (Linux 6.7+) on /proc/PID/pagemap, asking for pages
 that are present and not the shared zero page, which is exactly what smaps Rss
 counts. Each returned run says whether its pages are anonymous (PAGE_IS_FILE
-clear) or file/shmem backed."""
+clear) or file/shmem backed.
+
+What smaps counts as resident, for every reader of raw pagemap entries (the
+fallback below, and memtrace.pss): a present entry, except one that maps the
+shared zero page or the huge zero page. Those are present in the page tables
+(pagemap sets PM_PRESENT and shows their PFN) but smaps skips them, because
+vm_normal_page() is NULL for them (the huge zero page: the PMD walk's
+is_huge_zero_pmd() test). `drop_zero_pages` turns such entries into empty ones;
+PAGEMAP_SCAN readers exclude them with the PAGE_IS_PFNZERO category."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 from collections.abc import Callable
 
@@ -166,6 +175,45 @@ HPAGE_PAGES = 512
 PFNMAP_NAMES = (b"[vvar]", b"[vvar_vclock]")
 
 
+@functools.lru_cache(maxsize=8)
+def _zero_patterns(zero_pfns: frozenset[int]) -> tuple[tuple[bytes, ...], bool]:
+    """Bytes 1..5 of the entries of `zero_pfns` (PFN bits 8..47): one pattern
+    per 256 PFNs, so one for the zero page and two for the 512 pages of the
+    huge zero page; found with bytes.find, at C speed. And whether one of
+    them is all zeros (a PFN below 256: every entry must be looked at)."""
+    patterns = tuple(sorted({((pfn >> 8) & (1 << 40) - 1).to_bytes(5, "little")
+                             for pfn in zero_pfns}))
+    return tuple(p for p in patterns if p.strip(b"\0")), any(not p.strip(b"\0")
+                                                              for p in patterns)
+
+
+def drop_zero_pages(raw: bytes, zero_pfns: frozenset[int]) -> bytes:
+    """Raw pagemap entries (8 bytes each) with every present entry that maps a
+    zero page (`zero_pfns`) turned into an empty entry (0): what is left
+    present is what smaps counts as resident. Returns `raw` itself when
+    nothing changes."""
+    if not zero_pfns:
+        return raw
+    patterns, low = _zero_patterns(zero_pfns)
+    out: bytearray | None = None
+    hits: list[int] = list(range(len(raw) // 8)) if low else []
+    for pattern in patterns:
+        pos = raw.find(pattern, 1)
+        while pos >= 0:
+            if pos & 7 == 1:
+                hits.append(pos >> 3)
+                pos = raw.find(pattern, pos + 8)
+            else:
+                pos = raw.find(pattern, pos + 1)
+    for i in hits:
+        entry = int.from_bytes(raw[i * 8:i * 8 + 8], "little")
+        if entry & PM_PRESENT and entry & PM_PFN_MASK in zero_pfns:
+            if out is None:
+                out = bytearray(raw)
+            out[i * 8:i * 8 + 8] = bytes(8)
+    return raw if out is None else bytes(out)
+
+
 def _pfn_of_own_page(addr: int) -> int:
     with open("/proc/self/pagemap", "rb") as f:
         f.seek((addr >> 12) * 8)
@@ -184,7 +232,12 @@ def _is_zero_pfn(pfn: int) -> bool:
 
 def learn_zero_pfns() -> frozenset[int]:
     """PFNs of the shared zero page and the huge zero page, found by reading fresh
-    anonymous memory of our own (needs root to see PFNs)."""
+    anonymous memory of our own (needs root to see PFNs; without it: empty).
+    The huge zero page is checked with /proc/kpageflags (KPF_ZERO_PAGE). Once
+    our own process has mapped the huge zero folio, the kernel keeps it (the
+    mm's MMF_HUGE_ZERO_PAGE reference, dropped at our exit), so its PFNs stay
+    valid as long as we run. Without THP (or with use_zero_page 0) there is no
+    huge zero page to find."""
     import mmap
 
     zero: set[int] = set()
@@ -255,9 +308,9 @@ class RawPagemapScanner(_PagemapFile):
             self.ioctls += 1
             if not data:
                 raise ProcessLookupError(self.pid)
-            entries = memoryview(data).cast("Q")
+            entries = memoryview(drop_zero_pages(data, zero)).cast("Q")
             for i, entry in enumerate(entries):
-                if not entry & PM_PRESENT or (entry & PM_PFN_MASK) in zero:
+                if not entry & PM_PRESENT:
                     continue
                 addr = (page + i) << 12
                 anon = not entry & PM_FILE
@@ -274,6 +327,15 @@ _mechanism: str | None = None
 _zero_pfns: frozenset[int] | None = None
 
 
+def zero_page_pfns() -> frozenset[int]:
+    """The zero pages' PFNs, learned once per memtrace process and shared by
+    every reader of raw pagemap entries (the fallback scanner, PSS)."""
+    global _zero_pfns
+    if _zero_pfns is None:
+        _zero_pfns = learn_zero_pfns()
+    return _zero_pfns
+
+
 def scan_mechanism() -> str:
     """The mechanism this kernel supports, decided once by trying it (never from
     the version string); MEMTRACE_NO_PAGEMAP_SCAN=1 forces the fallback."""
@@ -288,9 +350,6 @@ def scan_mechanism() -> str:
 
 
 def open_scanner(pid: int, proc_root: str, vmas_in: VmaSource) -> Scanner:
-    global _zero_pfns
     if scan_mechanism() == PagemapScanner.mechanism:
         return PagemapScanner(pid, proc_root)
-    if _zero_pfns is None:
-        _zero_pfns = learn_zero_pfns()
-    return RawPagemapScanner(pid, proc_root, vmas_in, _zero_pfns)
+    return RawPagemapScanner(pid, proc_root, vmas_in, zero_page_pfns())

@@ -11,7 +11,9 @@ kernels, for small pages, large folios mapped by PTEs and PMD-mapped THP alike.
 Fractions are kept in the sum and the byte count is ``sum >> PSS_SHIFT``;
 smaps prints ``sum >> (PSS_SHIFT + 10)`` kB per mapping, smaps_rollup the same
 shift over the sum of all mappings. The shared zero pages are not counted
-(not "normal" pages to smaps).
+(not "normal" pages to smaps): every raw entry read goes through
+memtrace.pagemap.drop_zero_pages first, whatever found the runs, and pages
+outside the runs a reader is given are not counted either (`PssReader.usage`).
 
 Private is mapcount < 2, as smaps has it. A page whose pagemap "exclusively
 mapped" bit (56) is set has mapcount 1 and needs no kpagecount read, except in
@@ -54,7 +56,9 @@ from memtrace.pagemap import (
     ScanUnsupported,
     _PageRegion,
     _PmScanArg,
+    drop_zero_pages,
     pagemap_scan,
+    zero_page_pfns,
 )
 from memtrace.procfs import PAGE_SIZE, Vma
 
@@ -215,18 +219,13 @@ def wanted_pfns(entries: Entries, zero_pfns: frozenset[int] = frozenset(),
     """PFNs of `entries` whose /proc/kpagecount `account` needs: every present
     page but the zero pages and, with a precise mapcount, pages whose exclusive
     bit says mapcount 1 outside a possible PMD mapping."""
-    return _wanted(_plan(entries, precise_mapcount, first_vpn, pmd_pages), zero_pfns)
+    raw = drop_zero_pages(_raw(entries), zero_pfns)
+    return _wanted(_plan(raw, precise_mapcount, first_vpn, pmd_pages))
 
 
-def _wanted(plan: _Plan, zero_pfns: frozenset[int]) -> list[int]:
+def _wanted(plan: _Plan) -> list[int]:
     q = plan.q
-    out = []
-    for r in plan.slow:
-        for i in r:
-            pfn = q[i] & PM_PFN_MASK
-            if pfn not in zero_pfns:
-                out.append(pfn)
-    return out
+    return [q[i] & PM_PFN_MASK for r in plan.slow for i in r]
 
 
 def account(entries: Entries, counts: Mapping[int, int],
@@ -242,14 +241,16 @@ def account(entries: Entries, counts: Mapping[int, int],
     kernel config) a page is private when its count is below 2, and pages
     whose exclusive bit is set outside a possible PMD mapping are private
     without a count; otherwise (CONFIG_NO_PAGE_MAPCOUNT) private is the
-    exclusive bit. Zero pages (`zero_pfns`) are skipped, as smaps skips them.
-    Swapped entries add to swap only."""
-    return _account(_plan(entries, precise_mapcount, first_vpn, pmd_pages), counts, zero_pfns,
+    exclusive bit. Zero pages (`zero_pfns`) are skipped, as smaps skips them
+    (memtrace.pagemap.drop_zero_pages). Swapped entries add to swap only."""
+    raw = drop_zero_pages(_raw(entries), zero_pfns)
+    return _account(_plan(raw, precise_mapcount, first_vpn, pmd_pages), counts,
                     page_size, precise_mapcount, usage)
 
 
-def _account(plan: _Plan, counts: Mapping[int, int], zero_pfns: frozenset[int],
-             page_size: int, precise_mapcount: bool, usage: Usage | None) -> Usage:
+def _account(plan: _Plan, counts: Mapping[int, int], page_size: int,
+             precise_mapcount: bool, usage: Usage | None) -> Usage:
+    """Account a plan of entries from which the zero pages were dropped."""
     u = usage if usage is not None else Usage()
     full = page_size << PSS_SHIFT
     q = plan.q
@@ -258,8 +259,6 @@ def _account(plan: _Plan, counts: Mapping[int, int], zero_pfns: frozenset[int],
         for i in r:
             entry = q[i]
             pfn = entry & PM_PFN_MASK
-            if pfn in zero_pfns:
-                continue
             pages += 1
             n = counts.get(pfn, 1)
             if n >= 2:
@@ -323,12 +322,6 @@ def precise_mapcount_kernel(proc_root: str = "/proc", boot: str = "/boot") -> bo
 @functools.cache
 def _running_kernel_precise() -> bool:
     return precise_mapcount_kernel()
-
-
-@functools.cache
-def _zero_pfns() -> frozenset[int]:
-    from memtrace.pagemap import learn_zero_pfns
-    return learn_zero_pfns()
 
 
 class KPageCounts:
@@ -421,10 +414,9 @@ class PssReader:
             from memtrace.pagemap import PagemapScanner, scan_mechanism
             use_scan = scan_mechanism() == PagemapScanner.mechanism
         self.use_scan = use_scan
-        self._zero_given = zero_pfns is not None
-        self.zero_pfns = zero_pfns if zero_pfns is not None else frozenset()
-        if not use_scan:
-            self._learn_zero_pfns()
+        # Known whichever way the runs are found: a read spans the gaps
+        # between nearby runs, and runs given by a caller may hold zero pages.
+        self.zero_pfns = zero_pfns if zero_pfns is not None else zero_page_pfns()
         self._vec = (_PageRegion * _VEC_LEN)()
         self._arg = _PmScanArg()
         self.syscalls = 0
@@ -477,7 +469,8 @@ class PssReader:
 
     # -- what to count ----------------------------------------------------
     def usage(self, vmas: Sequence[Vma], runs: Sequence[Sequence[int]] | None = None,
-              max_gap: int = 16 * 4096) -> list[Usage]:
+              max_gap: int = 16 * 4096,
+              resident: Sequence[Sequence[int]] | None = None) -> list[Usage]:
         """One Usage per VMA of `vmas` (sorted by address, of this process).
 
         `runs`: sorted, disjoint address ranges (start, end, ...) to restrict
@@ -485,21 +478,29 @@ class PssReader:
         holds, as (start, end, anon)); they must cover whole resident runs;
         pages outside them count as not resident, so swap is counted only
         inside them. Without runs: PAGEMAP_SCAN finds the present and swapped
-        pages, or, on kernels without it, whole VMAs are read (zero pages
-        recognised by PFN)."""
+        pages, or, on kernels without it, whole VMAs are read.
+
+        `resident`: sorted, disjoint ranges outside which no present page
+        counts (swapped entries still do): the model's resident runs, so that
+        PSS never counts a page its RSS does not.
+
+        Nearby runs are read in one pread (gaps up to `max_gap` bytes), but
+        only the entries inside the runs are accounted, and zero-page entries
+        never are (memtrace.pagemap.drop_zero_pages)."""
         if runs is None:
             runs = self.find_runs(vmas)
         ends = [r[1] for r in runs]
-        per_vma: list[list[Range]] = []
+        per_vma: list[list[tuple[Range, list[Range]]]] = []
         for vma in vmas:
             if vma.path in SKIP_NAMES:
                 per_vma.append([])
                 continue
-            per_vma.append(coalesce(clip(runs, vma.start, vma.end,
-                                         bisect_right(ends, vma.start)), max_gap))
+            exact = clip(runs, vma.start, vma.end, bisect_right(ends, vma.start))
+            per_vma.append(_group(exact, coalesce(exact, max_gap)))
+        res_ends = [r[1] for r in resident] if resident is not None else []
         # One read per span of nearby runs, even across VMAs (the kernel
         # coalesces runs across VMAs too); each VMA takes its slices.
-        spans = coalesce([r for ranges in per_vma for r in ranges], max_gap)
+        spans = coalesce([r for ranges in per_vma for r, _ in ranges], max_gap)
         data = [self.entries(start, end) for start, end in spans]
         # Pass 1: entries, and the PFNs that need a count.
         memo = self.counts.memo
@@ -509,13 +510,19 @@ class PssReader:
         k = 0
         for ranges in per_vma:
             got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | Usage | None]] = []
-            for start, end in ranges:
+            for (start, end), inside in ranges:
                 while spans[k][1] < end:
                     k += 1
                 base = spans[k][0]
                 ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
                                (end - base) // PAGE_SIZE * ENTRY_SIZE]
+                ents = _keep(ents, start, inside)
+                if resident is not None:
+                    ents = _drop_present_outside(
+                        ents, start, clip(resident, start, end, bisect_right(res_ends, start)))
                 if precise and end - start < PMD_PAGES * PAGE_SIZE:
+                    # only exclusive pages: no zero page among them (the
+                    # zero pages are never marked exclusive)
                     private = _private_only(ents)
                     if private is not None:
                         got.append((_NO_KEY, private))
@@ -526,11 +533,21 @@ class PssReader:
                 # blocks = same result (libraries sit at different alignments)
                 key = (ents, tuple(prep[2]))
                 if key in memo:
+                    # memo keys hold no zero page: neither do these bytes
                     got.append((key, None))
                     continue
+                if b"S" in prep[1]:      # zero pages are present, never exclusive
+                    dropped = drop_zero_pages(ents, zero)
+                    if dropped is not ents:
+                        ents = dropped
+                        prep = _prepare(ents, vpn, PMD_PAGES)
+                        key = (ents, tuple(prep[2]))
+                        if key in memo:
+                            got.append((key, None))
+                            continue
                 new_plan = _plan(ents, precise, vpn, PMD_PAGES, prep)
                 got.append((key, new_plan))
-                wanted += _wanted(new_plan, zero)
+                wanted += _wanted(new_plan)
             chunks.append(got)
         if wanted and 0 in wanted:
             # PFN 0 is never a mapped user page: the kernel hid the PFNs
@@ -548,7 +565,7 @@ class PssReader:
                 if isinstance(maybe_plan, Usage):
                     u.add(maybe_plan)
                     continue
-                piece = _account(maybe_plan, counts, zero, PAGE_SIZE, precise, None)
+                piece = _account(maybe_plan, counts, PAGE_SIZE, precise, None)
                 if maybe_plan.slow:
                     memo[key] = piece
                 u.add(piece)
@@ -564,15 +581,56 @@ class PssReader:
                 return self.scan(vmas[0].start, vmas[-1].end)
             except ScanUnsupported:
                 self.use_scan = False
-                self._learn_zero_pfns()
         return [(v.start, v.end) for v in vmas]
 
-    def _learn_zero_pfns(self) -> None:
-        """Whole VMAs are read without PAGEMAP_SCAN: the zero pages must then
-        be recognised by PFN (scan regions exclude them already)."""
-        if not self._zero_given:
-            self.zero_pfns = _zero_pfns()
-            self._zero_given = True
+
+def _group(exact: list[Range], ranges: list[Range]) -> list[tuple[Range, list[Range]]]:
+    """Each of `ranges` (the coalesced `exact` runs) with the exact runs in it."""
+    out: list[tuple[Range, list[Range]]] = []
+    i = 0
+    for start, end in ranges:
+        inside = []
+        while i < len(exact) and exact[i][1] <= end:
+            inside.append(exact[i])
+            i += 1
+        out.append(((start, end), inside))
+    return out
+
+
+def _keep(raw: bytes, base: int, inside: Sequence[Range]) -> bytes:
+    """The entries of `raw` (pages from address `base`) with every entry
+    outside `inside` emptied: gaps read through between nearby runs are not
+    resident to the reader (PAGEMAP_SCAN left them out: not present, or the
+    zero page), whatever their entries say."""
+    if sum(end - start for start, end in inside) // PAGE_SIZE * ENTRY_SIZE == len(raw):
+        return raw          # the runs (disjoint, inside raw's range) cover it all
+    out = bytearray(len(raw))
+    for start, end in inside:
+        lo = (start - base) // PAGE_SIZE * ENTRY_SIZE
+        hi = (end - base) // PAGE_SIZE * ENTRY_SIZE
+        out[lo:hi] = raw[lo:hi]
+    return bytes(out)
+
+
+_PRESENT_RUN = re.compile(rb"[XS]+")
+
+
+def _drop_present_outside(raw: bytes, base: int, resident: Sequence[Range]) -> bytes:
+    """`raw` with every present entry outside the `resident` ranges emptied
+    (swapped entries are kept)."""
+    cls = _classes(raw)
+    out: bytearray | None = None
+    pos = 0
+    n = len(cls)
+    for start, end in [*resident, (base + n * PAGE_SIZE, 0)]:
+        gap_end = min((start - base) // PAGE_SIZE, n)
+        for m in _PRESENT_RUN.finditer(cls, pos, gap_end):
+            if out is None:
+                out = bytearray(raw)
+            out[m.start() * ENTRY_SIZE:m.end() * ENTRY_SIZE] = bytes((m.end() - m.start())
+                                                                     * ENTRY_SIZE)
+        pos = max(pos, (end - base) // PAGE_SIZE)
+    return raw if out is None else bytes(out)
 
 
 def vma_usage(pid: int, vmas: Sequence[Vma], runs: Sequence[Sequence[int]] | None = None,

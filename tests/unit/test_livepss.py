@@ -437,3 +437,49 @@ def test_model_figures_are_not_used_while_ksm_runs(world, tmp_path):
     tick(live, trackers, marks={a.pid: [mark]})
     assert live.vmas_from_model == 0
     assert usage_of(trackers[a.pid]) == frames.expected(a)
+
+
+# -- zero-page PTEs (issue 16, item 2) ---------------------------------------------
+ZERO_PFN = 0x7777
+HEAP = 0x55555555B000
+
+
+@pytest.mark.parametrize("swapped", [False, True], ids=["model_runs", "pagemap_read"])
+def test_zero_page_ptes_never_count_and_pss_stays_within_rss(world, monkeypatch, swapped):
+    """The heap has zero-page PTEs (present in pagemap, PFN not known to the
+    reader, as on the PAGEMAP_SCAN path) between resident pages: not in the
+    model, so not in RSS. Whether the model's runs are read (nothing swapped)
+    or whole mappings (something swapped), on the first tick and on later
+    full refreshes, every mapping has the figures smaps gives and PSS, USS
+    <= RSS. Before the fix they counted in PSS and USS (53248 vs RSS 20480 in
+    the issue's libc bss)."""
+    import memtrace.livepss as livepss_mod
+    monkeypatch.setattr(livepss_mod, "statm_is_exact", lambda: True)
+    p, _ = standard_process(world, 4000)
+    p.touch(HEAP + 7 * PAGE, HEAP + 8 * PAGE)
+    p.touch(HEAP + 10 * PAGE, HEAP + 11 * PAGE)
+    frames = Frames(world)
+    frames.sync()
+    zero_at = [HEAP + i * PAGE for i in (5, 6, 8, 9, 11, 12)]
+    with open(p.dir / "pagemap", "r+b") as f:
+        for addr in zero_at:
+            f.seek(addr // PAGE * 8)
+            f.write(struct.pack("<Q", PRESENT | ZERO_PFN))
+    with open(p.dir / "status", "ab") as f:
+        f.write(b"VmSwap:\t       4 kB\n" if swapped else b"VmSwap:\t       0 kB\n")
+    clock = Clock()
+    live = LivePss(60.0, str(world.root), OPTIONS, clock=clock)
+    tr = ProcessTracker(p.pid, world.procfs())
+    tr.start()
+    trackers = {p.pid: tr}
+    want = frames.expected(p)
+    assert want[HEAP].rss == 7 * PAGE
+    for _ in range(3):
+        tick(live, trackers)
+        got = usage_of(tr)
+        assert got == want
+        for v in tr.space.vmas:
+            rss = tr.space.resident_of(v).total
+            assert got[v.start].pss <= rss and got[v.start].uss <= rss, v
+        clock.now += 61          # the next tick is a full refresh
+    assert live.scans == (3 if swapped else 0)

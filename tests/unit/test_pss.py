@@ -365,3 +365,96 @@ def test_private_only_fast_path_agrees_with_account():
                                        uss=5 * 4096, swap=4096)
     shared = exclusive + [present | 0x2000]
     assert _private_only(array("Q", shared).tobytes()) is None
+
+
+# -- zero-page PTEs (issue 16, items 1 and 2) --------------------------------------
+ZERO = 0x9999     # the zero page's PFN in these fixtures
+
+
+def test_drop_zero_pages_empties_only_zero_page_entries():
+    from array import array
+
+    from memtrace.pagemap import drop_zero_pages
+
+    entries = [present(10, exclusive=True), present(ZERO), present(ZERO + 1, file=True),
+               PM_SWAP | ZERO, 0, present(11)]
+    raw = array("Q", entries).tobytes()
+    got = list(memoryview(drop_zero_pages(raw, frozenset({ZERO, ZERO + 1}))).cast("Q"))
+    # the small zero page (anonymous-looking) and the huge zero page (PM_FILE
+    # set: a folio not anon) go; a swap entry whose offset looks like the PFN stays
+    assert got == [entries[0], 0, 0, PM_SWAP | ZERO, 0, entries[5]]
+    assert drop_zero_pages(raw, frozenset()) is raw
+    # a neighbour of the zero page's PFN (same PFN bits 8..47) is not one
+    near = array("Q", [present(ZERO - 1), present(ZERO + 2)]).tobytes()
+    assert drop_zero_pages(near, frozenset({ZERO, ZERO + 1})) is near
+    # the huge zero page: 512 PFNs from a 512-aligned head, mapped by a PMD
+    head = 0x166E00
+    huge = frozenset(range(head, head + PMD_PAGES)) | {ZERO}
+    block = array("Q", [0] + [present(head + i, file=True) for i in range(PMD_PAGES)]
+                  + [present(head + PMD_PAGES, file=True)]).tobytes()
+    got = list(memoryview(drop_zero_pages(block, huge)).cast("Q"))
+    assert got == [0] * (PMD_PAGES + 1) + [present(head + PMD_PAGES, file=True)]
+    # a zero page below PFN 256 (all-zero pattern bytes) is still found
+    low = array("Q", [0, present(3), present(4)]).tobytes()
+    assert list(memoryview(drop_zero_pages(low, frozenset({3}))).cast("Q")) == [0, 0, present(4)]
+    clean = array("Q", [entries[0], entries[5]]).tobytes()
+    assert drop_zero_pages(clean, frozenset({ZERO})) is clean
+
+
+def bss_fixture(tmp_path: Path, pid: int) -> tuple[list[Vma], dict[int, int]]:
+    """libc's segments and a 13-page bss whose never-written pages map the zero
+    page (read after a fork, as in nginx workers): pages 0, 3, 6, 9, 12
+    resident, the 8 others zero-page PTEs, all within 16 pages of each other."""
+    vmas = libc_vmas()[:3] + [Vma(BASE + 5 * P, BASE + 18 * P, "rw-p", 0, "00:00", 0, b"")]
+    entries = {BASE: present(100, file=True)}
+    for i in range(13):
+        entries[BASE + (5 + i) * P] = (present(500 + i, exclusive=True) if i % 3 == 0
+                                       else present(ZERO))
+    make_proc(tmp_path, pid, "worker", vmas, entries)
+    write_kpagecount(tmp_path, {100: 2, **{500 + i: 1 for i in range(13)}})
+    return vmas, entries
+
+
+BSS_WANT = Usage(5 * P, (5 * P) << PSS_SHIFT, 5 * P, 0)
+
+
+def test_zero_page_ptes_between_scanned_runs_do_not_count(tmp_path):
+    """PAGEMAP_SCAN leaves the zero pages out of its runs, but one pread spans
+    nearby runs: the entries read in between are not resident, whatever they
+    say, even when the zero page's PFN is not known (the scan path never
+    needed it). Before the fix the bss had RSS, PSS and USS of 13 pages, and
+    smaps 5."""
+    vmas, _ = bss_fixture(tmp_path, 50)
+    runs = [(BASE, BASE + P)] + [(BASE + (5 + i) * P, BASE + (6 + i) * P) for i in range(0, 13, 3)]
+    with PssReader(50, str(tmp_path), zero_pfns=frozenset(), use_scan=False) as r:
+        got = r.usage(vmas, runs)
+    assert got[3] == BSS_WANT
+    assert got[0] == Usage(P, (P << PSS_SHIFT) // 2, 0, 0)
+    assert all(u.pss <= u.rss and u.uss <= u.rss for u in got)
+
+
+def test_zero_page_ptes_are_dropped_by_pfn_when_whole_mappings_are_read(tmp_path):
+    """The fallback without PAGEMAP_SCAN reads whole VMAs: the zero page is
+    recognised by its PFN, in the same place (drop_zero_pages)."""
+    vmas, _ = bss_fixture(tmp_path, 51)
+    with PssReader(51, str(tmp_path), zero_pfns=frozenset({ZERO}), use_scan=False) as r:
+        got = r.usage(vmas)
+    assert got[3] == BSS_WANT
+    # and the public core agrees
+    entries = [present(ZERO), present(7, exclusive=True)]
+    assert account(entries, {}, zero_pfns=frozenset({ZERO}), first_vpn=0) == \
+        Usage(P, P << PSS_SHIFT, P, 0)
+    assert wanted_pfns(entries, frozenset({ZERO}), first_vpn=0) == []
+
+
+def test_present_pages_outside_the_resident_runs_do_not_count(tmp_path):
+    """`resident` (the live model's runs): PSS never counts a page the RSS
+    does not, even when the runs read cover it; swapped entries still count."""
+    vmas, entries = bss_fixture(tmp_path, 52)
+    entries[BASE + 7 * P] = PM_SWAP | 77
+    make_proc(tmp_path, 53, "worker", vmas, entries)
+    resident = [(BASE + 5 * P, BASE + 6 * P), (BASE + 11 * P, BASE + 12 * P)]
+    with PssReader(53, str(tmp_path), zero_pfns=frozenset(), use_scan=False) as r:
+        got = r.usage(vmas, [(v.start, v.end) for v in vmas], resident=resident)
+    assert got[3] == Usage(2 * P, (2 * P) << PSS_SHIFT, 2 * P, P)
+    assert [u.rss for u in got[:3]] == [0, 0, 0]
