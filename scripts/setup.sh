@@ -2,6 +2,8 @@
 # Set up this machine to build, run and test memtrace:  sudo scripts/setup.sh
 #
 # Installs BCC and kernel headers from the distribution (never BCC from PyPI),
+# and the real daemons the tests run (nginx, PostgreSQL, wrk; their services
+# are not started: scripts/servers.sh runs private instances),
 # mounts tracefs/debugfs, creates .venv (with system site packages, so that
 # Debian's python3-bpfcc is importable), installs memtrace into it in editable
 # mode with the dev tools, and links /usr/local/bin/memtrace. Idempotent: a
