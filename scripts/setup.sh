@@ -2,6 +2,8 @@
 # Set up this machine to build, run and test memtrace:  sudo scripts/setup.sh
 #
 # Installs BCC and kernel headers from the distribution (never BCC from PyPI),
+# and the real daemons the tests run (nginx, PostgreSQL, wrk; their services
+# are not started: scripts/servers.sh runs private instances),
 # mounts tracefs/debugfs, creates .venv (with system site packages, so that
 # Debian's python3-bpfcc is importable), installs memtrace into it in editable
 # mode with the dev tools, and links /usr/local/bin/memtrace. Idempotent: a
@@ -84,10 +86,38 @@ generic_headers_pkg() {
 PKGS=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev make)
 PKGS+=(prometheus python3-seccomp)  # tests/deploy: promtool; seccomp for the unit sandbox test (no service left running: deploy/README.md)
 PKGS+=(libjemalloc2 musl-tools)  # tests/heap: a jemalloc and a musl program are detected as not glibc
+PKGS+=(nginx postgresql wrk)  # real forked daemons (scripts/servers.sh, tests/integration/test_real_servers.py); their services are not started (below)
 missing=()
 for p in "${PKGS[@]}"; do
     is_installed "$p" || missing+=("$p")
 done
+
+# Packages with services (nginx, postgresql) must not start them: their
+# postinst calls invoke-rc.d, which asks /usr/sbin/policy-rc.d; exit 101 there
+# means "do not start". The tests start private instances (scripts/servers.sh)
+# and the system's own ones would hold ports 80 and 5432. An existing
+# policy-rc.d is put back afterwards.
+POLICY=/usr/sbin/policy-rc.d
+POLICY_SAVED=""
+deny_service_starts() {
+    if [[ -e $POLICY ]]; then
+        POLICY_SAVED="$(mktemp)"
+        cp -p "$POLICY" "$POLICY_SAVED"
+    fi
+    trap allow_service_starts EXIT
+    printf '#!/bin/sh\n# scripts/setup.sh: no service starts while it installs packages\nexit 101\n' >"$POLICY"
+    chmod 755 "$POLICY"
+}
+allow_service_starts() {
+    trap - EXIT
+    if [[ -n $POLICY_SAVED ]]; then
+        cp -p "$POLICY_SAVED" "$POLICY"
+        rm -f "$POLICY_SAVED"
+        POLICY_SAVED=""
+    else
+        rm -f "$POLICY"
+    fi
+}
 
 if ((${#missing[@]})) || ! headers_ok; then
     say "apt-get update"
@@ -102,7 +132,9 @@ if ((${#missing[@]})) || ! headers_ok; then
     fi
     if ((${#missing[@]})); then
         say "apt-get install ${missing[*]}"
+        deny_service_starts
         apt-get install -y -qq -o Dpkg::Use-Pty=0 "${missing[@]}" >/dev/null
+        allow_service_starts
         changed+=("installed ${missing[*]}")
     fi
 fi
