@@ -285,7 +285,7 @@ class _Forwarder:
         self._lock = threading.Lock()
         self.dispositions = {s: signal.getsignal(s) for s in FORWARDED}
         self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        for s in FORWARDED:  # for a thread started before the mask (none known)
+        for s in FORWARDED:  # in case a thread was started before the mask
             signal.signal(s, lambda signum, _frame: self.deliver(signum, False))
         threading.Thread(target=self._wait, name="memtrace-signals", daemon=True).start()
 
@@ -368,8 +368,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     exits."""
     path = _check_executable(command)
     web_cfg = None if no_serve else load_web_config(web_config)
+    stop = threading.Event()
+    forwarder = _Forwarder(stop)      # before any thread: they inherit its mask
     session = Session(_reporter(fmt, output), interval, reconcile_interval)
-    forwarder = _Forwarder(session.stop)
+    session.stop = stop
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     child = 0
