@@ -283,15 +283,18 @@ class _Forwarder:
         self.early: int | None = None      # a signal that came before the command
         self.forwarded: list[int] = []
         self._lock = threading.Lock()
-        self.dispositions = {s: signal.getsignal(s) for s in FORWARDED}
-        self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
-        for s in FORWARDED:  # in case a thread was started before the mask
+        # a signal ignored when memtrace started (nohup; a background job of a
+        # script) stays ignored, for memtrace and the command alike
+        self.signals = tuple(s for s in FORWARDED if signal.getsignal(s) != signal.SIG_IGN)
+        self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        for s in self.signals:  # in case a thread was started before the mask
             signal.signal(s, lambda signum, _frame: self.deliver(signum, False))
-        threading.Thread(target=self._wait, name="memtrace-signals", daemon=True).start()
+        if self.signals:
+            threading.Thread(target=self._wait, name="memtrace-signals", daemon=True).start()
 
     def _wait(self) -> None:
         while True:
-            info = signal.sigwaitinfo(FORWARDED)
+            info = signal.sigwaitinfo(self.signals)
             self.deliver(info.si_signo, info.si_code == SI_KERNEL)
 
     def deliver(self, signum: int, from_terminal: bool) -> None:
@@ -316,9 +319,7 @@ class _Forwarder:
     def in_child(self) -> None:
         """In the forked child, before exec: memtrace's mask and handlers undone
         (an ignored signal stays ignored, as nohup expects)."""
-        for s, was in self.dispositions.items():
-            signal.signal(s, signal.SIG_IGN if was == signal.SIG_IGN else signal.SIG_DFL)
-        for s in (signal.SIGPIPE, signal.SIGXFSZ):   # Python ignores these
+        for s in (*self.signals, signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores the last two
             signal.signal(s, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
 

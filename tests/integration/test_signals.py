@@ -197,6 +197,24 @@ def test_run_passes_the_signal_to_the_command(sig):
         m.kill()
 
 
+def test_run_under_nohup_leaves_sighup_ignored():
+    def ignore_hup() -> None:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+    m = Memtrace(["run", "--no-serve", "--format", "json", *QUIET, "--", "sleep", "30"],
+                 preexec_fn=ignore_hup)
+    try:
+        m.wait_for("first snapshot")
+        m.proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        assert m.proc.poll() is None, m.stderr      # neither memtrace nor sleep stopped
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.wait() == 128 + signal.SIGTERM, m.stderr
+        m.done()
+    finally:
+        m.kill()
+
+
 COUNT_SIGINT = r"""
 import signal, sys, time
 n = 0
