@@ -389,3 +389,24 @@ def test_closed_stdout_pipe_is_quiet_exit_14(cmd, sleeper, tmp_path):
         if own is not None:
             own.kill()
             own.wait()
+
+
+@pytest.mark.parametrize("cmd", ["libs", "heap"])
+def test_one_shot_commands_on_full_disk_and_closed_pipe(cmd, sleeper):
+    """Root-only one-shot commands behave like explain and doctor (tests/unit/test_cli.py)."""
+    run = [*MEMTRACE, cmd, str(sleeper.pid)]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    with open("/dev/full", "w") as full:
+        r = subprocess.run(run, cwd=REPO_ROOT, env=env, stdout=full, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    assert r.returncode == 14, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "memtrace: error: cannot write stdout: No space left on device"]
+    rd, wr = os.pipe()
+    os.close(rd)
+    try:
+        r = subprocess.run(run, cwd=REPO_ROOT, env=env, stdout=wr, stderr=subprocess.PIPE,
+                           text=True, timeout=120)
+    finally:
+        os.close(wr)
+    assert r.returncode == 14 and r.stderr == "", r.stderr
