@@ -10,6 +10,7 @@ import shutil
 import signal
 import sys
 import threading
+import time
 from typing import Any
 
 import click
@@ -40,7 +41,7 @@ to the command and exits with its status."""
 
 
 SECONDS_MAX = 30 * 86400.0     # longest accepted interval: 30 days
-SIZE_MAX = 1 << 60             # largest accepted size: 1 EiB
+SIZE_MAX = 1 << 50             # largest accepted size: 1 PiB
 
 
 class Seconds(click.ParamType):
@@ -69,7 +70,7 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 
 def parse_size(text: str) -> int:
     """Bytes from "64M", "1.5G", "4096", "2GiB" (binary units); ValueError with
-    the reason when it is not a size from 0 to 1 EiB."""
+    the reason when it is not a size from 0 to 1 PiB."""
     t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
     try:
@@ -191,6 +192,8 @@ def _reporter(fmt: str, output: str | None) -> Reporter:
     OutputStream (views/output.py: never blocks; OutputError on failure)."""
     if fmt == "none":
         return _NullReporter()
+    if output == "":
+        raise MemtraceError("-o: empty file name", ExitCode.USAGE)
     from memtrace.views.output import open_output
 
     stream = open_output(output)
@@ -281,7 +284,6 @@ class _Forwarder:
         self.stop = stop
         self.child = 0
         self.early: int | None = None      # a signal that came before the command
-        self.forwarded: list[int] = []
         self._lock = threading.Lock()
         # a signal ignored when memtrace started (nohup; a background job of a
         # script) stays ignored, for memtrace and the command alike
@@ -304,11 +306,20 @@ class _Forwarder:
                     self.early = signum
                 self.stop.set()
                 return
-            if from_terminal:
+            if from_terminal or self.child < 0:   # < 0: reaped, its pid may be reused
                 return
-            self.forwarded.append(signum)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.child, signum)
+
+    def reap(self, pid: int, options: int) -> int | None:
+        """waitpid(pid, options): its status once it has exited (and no signal is
+        sent to that pid any more), else None."""
+        with self._lock:
+            got, status = os.waitpid(pid, options)
+            if got != pid:
+                return None
+            self.child = -1
+            return status
 
     def set_child(self, pid: int) -> None:
         """From now on signals go to pid, unless one came before (self.early)."""
@@ -395,17 +406,14 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
         err = os.read(err_r, 64)
         os.close(err_r)
         if err:
-            os.waitpid(child, 0)
+            forwarder.reap(child, 0)
             raise MemtraceError(f"cannot execute {command[0]}: {os.strerror(int(err))}",
                                 ExitCode.CANNOT_EXECUTE)
 
         def child_running() -> bool:
             nonlocal status
-            pid, st = os.waitpid(child, os.WNOHANG)
-            if pid == child:
-                status = st
-                return False
-            return True
+            status = forwarder.reap(child, os.WNOHANG)
+            return status is None
 
         try:
             try:
@@ -426,8 +434,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             session.close()
         except OutputError as e:
             failure = failure or e
-    if status is None:  # output failed: wait for the command (signals still forwarded)
-        _, status = os.waitpid(child, 0)
+    while status is None:  # output failed: wait for the command (signals still forwarded)
+        status = forwarder.reap(child, os.WNOHANG)
+        if status is None:
+            time.sleep(0.05)
     code = _status_to_code(status)
     log(f"{command[0]} exited with status {code}")
     if failure is not None:
@@ -580,8 +590,6 @@ def explain(pid: int | None, fmt: str) -> None:
 def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
     """memtrace's figures without probes: one full scan of the page tables.
     None where that is not allowed (not root) or the process went away."""
-    import time
-
     from memtrace.tracker import ProcessGone, ProcessTracker
     from memtrace.views.snapshot import snapshot
 

@@ -281,7 +281,8 @@ def test_bad_numbers_are_one_usage_line(cmd, option, monkeypatch, capsys):
 @pytest.mark.parametrize("args", [
     ["watch", "--interval", "0.001", "1"],
     ["watch", "--interval", "1e7", "1"],          # beyond 30 days
-    ["agent", "--all", "--min-rss", "2E"],         # beyond 1 EiB (E is not a unit)
+    ["agent", "--all", "--min-rss", "2E"],         # E is not a unit
+    ["agent", "--all", "--min-rss", "1025P"],      # beyond 1 PiB
     ["agent", "--all", "--min-rss", "infG"],
     ["agent", "--sweep-interval", "0.01", "--all"],
     ["agent", "--max-processes", "0", "--all"],
