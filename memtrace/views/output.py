@@ -30,7 +30,9 @@ from memtrace.errors import OutputError
 
 MAX_QUEUED_BYTES = 64 << 20
 STALL_SECONDS = 2.0
-CHUNK = 1 << 20  # bytes per write(2)
+CHUNK = 1 << 20  # bytes joined from a record's parts at a time
+WRITE_MAX = 64 << 10  # bytes per write(2): a blocking write to a pipe returns only
+# when all of it is taken, so progress (last_progress) is seen at this grain
 
 
 def _log(text: str) -> None:
@@ -155,7 +157,7 @@ class OutputStream:
         for chunk in _chunks(record):
             view = memoryview(chunk)
             while view:
-                n = os.write(self.fd, view)
+                n = os.write(self.fd, view[:WRITE_MAX])
                 view = view[n:]
                 self.written_bytes += n
                 self.last_progress = time.monotonic()

@@ -97,7 +97,7 @@ def test_a_slow_reader_gets_everything(capsys):
 
     reader = threading.Thread(target=read_slowly)
     reader.start()
-    stream = OutputStream(w, "stdout", stall_seconds=0.5, owns_fd=True)
+    stream = OutputStream(w, "stdout", stall_seconds=1.0, owns_fd=True)
     lines = [b"%d " % i + b"z" * 50000 + b"\n" for i in range(40)]
     for line in lines:
         stream.write_record([line])
