@@ -79,16 +79,35 @@ def rule_from_dict(raw: dict[str, Any], index: int) -> Rule:
 def load_config(path: str) -> dict[str, Any]:
     import yaml  # type: ignore[import-untyped]
 
+    from memtrace.web import read_config_text
+
+    text = read_config_text(path, "agent config")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise MemtraceError(f"cannot read {path}: {e.strerror}", ExitCode.USAGE) from None
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise MemtraceError(f"{path} is not valid YAML: {e}", ExitCode.USAGE) from None
-    if not isinstance(raw, dict) or not isinstance(raw.get("rules", []), list):
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise MemtraceError(f"agent config {path} is not valid YAML{where}: {problem}",
+                            ExitCode.USAGE) from None
+    if not isinstance(raw, dict) or not isinstance(raw.get("rules") or [], list):
         raise MemtraceError(f"{path}: expected a mapping with a list under 'rules'",
                             ExitCode.USAGE)
+    unknown = set(raw) - {"rules", "all_min_rss"}
+    if unknown:
+        raise MemtraceError(f"{path}: unknown keys {', '.join(sorted(map(str, unknown)))}",
+                            ExitCode.USAGE)
+    for i, rule in enumerate(raw.get("rules") or []):
+        if not isinstance(rule, dict):
+            raise MemtraceError(f"{path}: rule {i} is not a mapping", ExitCode.USAGE)
+        for key in ("name", "comm", "exe", "cgroup"):
+            if key in rule and not isinstance(rule[key], str):
+                raise MemtraceError(f"{path}: rule {i}: {key} must be a string",
+                                    ExitCode.USAGE)
+        if "user" in rule and (isinstance(rule["user"], bool)
+                               or not isinstance(rule["user"], (str, int))):
+            raise MemtraceError(f"{path}: rule {i}: user must be a name or a UID",
+                                ExitCode.USAGE)
     return raw
 
 

@@ -3,35 +3,118 @@
 from __future__ import annotations
 
 import contextlib
+import errno
+import math
 import os
 import shutil
 import signal
 import sys
-from typing import IO, Any
+import threading
+import time
+from typing import Any
 
 import click
 
 from memtrace import __version__
 from memtrace.doctor import render, run_checks
-from memtrace.errors import ExitCode, MemtraceError
+from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.exporter import MemtraceCollector, freeze_startup_objects
 from memtrace.procfs import ProcFS
 from memtrace.session import Reporter, Session, log
-from memtrace.web import DEFAULT_LISTEN, MetricsServer, load_web_config
+from memtrace.web import (
+    DEFAULT_LISTEN,
+    MetricsServer,
+    WebConfig,
+    listen_problem,
+    load_web_config,
+)
 
 EXIT_CODES_HELP = """\b
-Exit codes: 0 ok; 2 usage; 3 not root; 4 BCC missing; 5 kernel headers missing;
-6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
+Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
+5 kernel headers missing; 6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
 10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted;
-13 heap: no consistent walk or unverified glibc layout.
-`run` otherwise exits with the command's status (128+N if killed by signal N)."""
+13 heap: no consistent walk or unverified glibc layout;
+14 output cannot be written (disk full, I/O error; a closed pipe quietly).
+`run` otherwise exits with the command's status (128+N if killed by signal N).
+SIGINT, SIGTERM, SIGHUP: watch and agent detach and exit 0; run passes them on
+to the command and exits with its status."""
+
+
+SECONDS_MAX = 30 * 86400.0     # longest accepted interval: 30 days
+SIZE_MAX = 1 << 50             # largest accepted size: 1 PiB
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds in [min, SECONDS_MAX] (0 allowed when min is 0)."""
+
+    name = "seconds"
+
+    def __init__(self, min: float = 0.0) -> None:  # noqa: A002
+        self.min = min
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if math.isnan(seconds) or math.isinf(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        if not self.min <= seconds <= SECONDS_MAX:
+            self.fail(f"{value!r} is not in the range {self.min:g} to {SECONDS_MAX:.0f} "
+                      "seconds (30 days)", param, ctx)
+        return seconds
+
+
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50}
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "64M", "1.5G", "4096", "2GiB" (binary units); ValueError with
+    the reason when it is not a size from 0 to 1 PiB."""
+    t = str(text).strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in _UNITS else (t, "")
+    try:
+        value = float(num) * _UNITS[unit]
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size like 64M") from None
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"{text!r} is not a finite size")
+    if not 0 <= value <= SIZE_MAX:
+        raise ValueError(f"{text!r} is not in the range 0 to 1P")
+    return int(value)
+
+
+class Size(click.ParamType):
+    """Bytes, from "64M" and the like (parse_size)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
+
+class ListenAddress(click.ParamType):
+    """HOST:PORT with PORT 0-65535 (web.parse_listen), checked before anything runs."""
+
+    name = "host:port"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> str:
+        problem = listen_problem(str(value))
+        if problem:
+            self.fail(f"{value!r}: {problem}", param, ctx)
+        return str(value)
 
 
 def _heap_interval_option() -> Any:
     from memtrace.heap import DEFAULT_HEAP_INTERVAL
 
     return click.option(
-        "--heap-interval", type=click.FloatRange(min=0.0), default=DEFAULT_HEAP_INTERVAL,
+        "--heap-interval", type=Seconds(), default=DEFAULT_HEAP_INTERVAL,
         show_default=True, help="Seconds between walks of each process's malloc heap "
         "(as memtrace heap, in a background process, never stopping the target; at "
         "least 20x the last walk's duration). 0 = off. See docs/heap.md.")
@@ -41,7 +124,7 @@ def _pss_interval_option() -> Any:
     from memtrace.livepss import DEFAULT_PSS_INTERVAL
 
     return click.option(
-        "--pss-interval", type=click.FloatRange(min=0.0), default=DEFAULT_PSS_INTERVAL,
+        "--pss-interval", type=Seconds(), default=DEFAULT_PSS_INTERVAL,
         show_default=True, help="Seconds between refreshes of every mapping's PSS/USS "
         "(shares change when other processes map, unmap or fork), spaced to at least 20x "
         "the last refresh's duration; mappings whose pages "
@@ -55,22 +138,25 @@ def _common(f: Any) -> Any:
                      default="table", show_default=True, help="Live table, JSON Lines (one "
                      "object per process per interval), or none (only /metrics and log "
                      "lines: for a long-running exporter)."),
-        click.option("--interval", type=click.FloatRange(min=0.01), default=1.0,
+        click.option("--interval", type=Seconds(min=0.01), default=1.0,
                      show_default=True, help="Seconds between snapshots."),
-        click.option("--reconcile-interval", type=click.FloatRange(min=0.0), default=300.0,
+        click.option("--reconcile-interval", type=Seconds(), default=300.0,
                      show_default=True, help="Seconds between unconditional full rescans "
                      "(0 = never; a rescan after a detected mismatch still happens)."),
         click.option("--no-serve", is_flag=True, help="Do not serve /metrics."),
         click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN,
-                     show_default=True, help="Address of the /metrics endpoint."),
+                     type=ListenAddress(), show_default=True,
+                     help="Address of the /metrics endpoint (port 0: any free port)."),
         click.option("--web.config.file", "web_config", default=None,
                      type=click.Path(dir_okay=False),
                      help="exporter-toolkit web config: TLS, client certificates, basic auth."),
-        click.option("--max-mapping-series", type=click.IntRange(min=2), default=50,
+        click.option("--max-mapping-series", type=click.IntRange(min=2, max=1_000_000),
+                     default=50,
                      show_default=True, help="Mapping series per process; the smallest "
                      "are summed as mapping=\"[other]\"."),
-        click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
-                     default=None, help="Write the output to this file instead of stdout."),
+        click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+                     help="Write the output to this file instead of stdout (see "
+                     "docs/output.md for a reader that stops reading, or a full disk)."),
         _heap_interval_option(),
         _pss_interval_option(),
     ]
@@ -79,8 +165,8 @@ def _common(f: Any) -> Any:
     return f
 
 
-def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None,
-           max_mapping_series: int) -> MetricsServer | None:
+def _serve(session: Session, no_serve: bool, listen: str,
+           web_config: str | WebConfig | None, max_mapping_series: int) -> MetricsServer | None:
     if no_serve:
         return None
     from prometheus_client import CollectorRegistry
@@ -90,7 +176,8 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
     collector = MemtraceCollector(session.exporter_box, max_mapping_series)
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
-    server = MetricsServer(registry, listen, load_web_config(web_config),
+    cfg = web_config if isinstance(web_config, WebConfig) else load_web_config(web_config)
+    server = MetricsServer(registry, listen, cfg,
                            fast=collector.render_chunks)
     log(f"serving metrics on {'https' if server.tls else 'http'}://"
         f"{server.address}/metrics")
@@ -101,21 +188,35 @@ def _serve(session: Session, no_serve: bool, listen: str, web_config: str | None
 
 
 def _reporter(fmt: str, output: str | None) -> Reporter:
-    stream: IO[str] | None = None
-    if output:
-        try:
-            stream = open(output, "w")  # noqa: SIM115
-        except OSError as e:
-            raise MemtraceError(f"cannot write {output}: {e.strerror}", ExitCode.USAGE) from None
+    """The view for --format, writing to stdout or -o FILE through an
+    OutputStream (views/output.py: never blocks; OutputError on failure)."""
+    if fmt == "none":
+        return _NullReporter()
+    if output == "":
+        raise MemtraceError("-o: empty file name", ExitCode.USAGE)
+    from memtrace.views.output import open_output
+
+    stream = open_output(output)
     if fmt == "json":
         from memtrace.views.jsonl import JsonReporter
         return JsonReporter(stream)
-    if fmt == "none":
-        return _NullReporter()
     from rich.console import Console
 
+    from memtrace.views.output import TextOutput
     from memtrace.views.table import TableReporter
-    return TableReporter(Console(file=stream) if stream else None)
+    return TableReporter(Console(file=TextOutput(stream).as_io()))
+
+
+def _echo(text: str) -> None:
+    """Print a one-shot command's output (heap, libs, explain, doctor); a write
+    error is an OutputError (exit 14; quiet for a closed pipe)."""
+    from memtrace.views.output import output_error
+
+    try:
+        click.echo(text)
+        sys.stdout.flush()
+    except OSError as e:
+        raise output_error(e, "stdout") from None
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,6 +236,7 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
     A PID that exits (or exits while being attached) is reported and the others
     are still watched. Exits 0 when every watched process has exited, 6 when none
     of the PIDs could be attached."""
+    web_cfg = None if no_serve else load_web_config(web_config)
     procfs = ProcFS()
     pids = _existing_targets(procfs, pids)
     session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
@@ -144,7 +246,7 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
     server = None
     try:
         session.load()
-        server = _serve(session, no_serve, listen, web_config, max_mapping_series)
+        server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
         for pid in dict.fromkeys(pids):
             session.add_target(pid)
             try:
@@ -196,7 +298,76 @@ def _check_executable(command: tuple[str, ...]) -> str:
     return path
 
 
-def _spawn_stopped(path: str, command: tuple[str, ...]) -> tuple[int, int, int]:
+# Signals `run` passes on to the command. A signal sent to memtrace alone
+# (kill, systemd, a supervisor: si_code SI_USER) is forwarded once; one the
+# terminal sent (Ctrl-C, Ctrl-\\, hangup: si_code SI_KERNEL) already went to the
+# whole foreground process group, the command included, and is not sent again.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+SI_KERNEL = 0x80
+
+
+class _Forwarder:
+    """Takes FORWARDED signals for `run` (blocked, and read with sigwaitinfo in a
+    thread, which tells who sent them) and passes them to the command. Before
+    the command is started, the first one stops memtrace (stop event)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self.child = 0
+        self.early: int | None = None      # a signal that came before the command
+        self._lock = threading.Lock()
+        # a signal ignored when memtrace started (nohup; a background job of a
+        # script) stays ignored, for memtrace and the command alike
+        self.signals = tuple(s for s in FORWARDED if signal.getsignal(s) != signal.SIG_IGN)
+        self.old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self.signals)
+        for s in self.signals:  # in case a thread was started before the mask
+            signal.signal(s, lambda signum, _frame: self.deliver(signum, False))
+        if self.signals:
+            threading.Thread(target=self._wait, name="memtrace-signals", daemon=True).start()
+
+    def _wait(self) -> None:
+        while True:
+            info = signal.sigwaitinfo(self.signals)
+            self.deliver(info.si_signo, info.si_code == SI_KERNEL)
+
+    def deliver(self, signum: int, from_terminal: bool) -> None:
+        with self._lock:
+            if not self.child:
+                if self.early is None:
+                    self.early = signum
+                self.stop.set()
+                return
+            if from_terminal or self.child < 0:   # < 0: reaped, its pid may be reused
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.child, signum)
+
+    def reap(self, pid: int, options: int) -> int | None:
+        """waitpid(pid, options): its status once it has exited (and no signal is
+        sent to that pid any more), else None."""
+        with self._lock:
+            got, status = os.waitpid(pid, options)
+            if got != pid:
+                return None
+            self.child = -1
+            return status
+
+    def set_child(self, pid: int) -> None:
+        """From now on signals go to pid, unless one came before (self.early)."""
+        with self._lock:
+            if self.early is None:
+                self.child = pid
+
+    def in_child(self) -> None:
+        """In the forked child, before exec: memtrace's mask and handlers undone
+        (an ignored signal stays ignored, as nohup expects)."""
+        for s in (*self.signals, signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores the last two
+            signal.signal(s, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
+
+
+def _spawn_stopped(path: str, command: tuple[str, ...],
+                   forwarder: _Forwarder) -> tuple[int, int, int]:
     """Fork a child that waits for a go byte before exec. Returns (pid, go_fd, err_fd)."""
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
@@ -205,8 +376,7 @@ def _spawn_stopped(path: str, command: tuple[str, ...]) -> tuple[int, int, int]:
         try:
             os.close(go_w)
             os.close(err_r)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            forwarder.in_child()
             os.read(go_r, 1)
             os.close(go_r)
             os.execv(path, list(command))
@@ -214,6 +384,7 @@ def _spawn_stopped(path: str, command: tuple[str, ...]) -> tuple[int, int, int]:
             os.write(err_w, str(e.errno).encode())
         finally:
             os._exit(127)
+    forwarder.set_child(pid)
     os.close(go_r)
     os.close(err_w)
     return pid, go_w, err_r
@@ -233,54 +404,75 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
         output: str | None, heap_interval: float, pss_interval: float) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
-    Put -- before the command: memtrace run -- ./server --port 8080"""
+    Put -- before the command: memtrace run -- ./server --port 8080
+
+    SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the command (once: not
+    again when the terminal already sent them to it); tracing goes on until it
+    exits."""
     path = _check_executable(command)
+    web_cfg = None if no_serve else load_web_config(web_config)
+    stop = threading.Event()
+    forwarder = _Forwarder(stop)      # before any thread: they inherit its mask
     session = Session(_reporter(fmt, output), interval, reconcile_interval)
+    session.stop = stop
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     child = 0
     status: int | None = None
-
-    def forward(signum: int) -> None:
-        if child and signum == signal.SIGTERM:
-            os.kill(child, signum)
-
-    session.install_signal_handlers(forward)
+    failure: OutputError | None = None
     server = None
     try:
         session.load()
-        server = _serve(session, no_serve, listen, web_config, max_mapping_series)
-        child, go_w, err_r = _spawn_stopped(path, command)
+        server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
+        child, go_w, err_r = _spawn_stopped(path, command, forwarder)
+        if forwarder.early is not None:   # a signal before the command started
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            log(f"{signal.Signals(forwarder.early).name} before {command[0]} started: "
+                "not run")
+            raise SystemExit(128 + forwarder.early)
         session.add_target(child)
         os.write(go_w, b"x")
         os.close(go_w)
         err = os.read(err_r, 64)
         os.close(err_r)
         if err:
-            os.waitpid(child, 0)
+            forwarder.reap(child, 0)
             raise MemtraceError(f"cannot execute {command[0]}: {os.strerror(int(err))}",
                                 ExitCode.CANNOT_EXECUTE)
-        # If it exits before we read it, its status still counts.
-        with contextlib.suppress(MemtraceError):
-            session.attach(child)
 
         def child_running() -> bool:
             nonlocal status
-            pid, st = os.waitpid(child, os.WNOHANG)
-            if pid == child:
-                status = st
-                return False
-            return True
+            status = forwarder.reap(child, os.WNOHANG)
+            return status is None
 
-        session.loop(child_running)
-        if status is None:  # interrupted: let the command finish on its own signal
-            _, status = os.waitpid(child, 0)
+        try:
+            try:
+                session.attach(child)
+            except OutputError:
+                raise
+            except MemtraceError:
+                pass  # it exited before we read it: its status still counts
+            session.loop(child_running)
+        except OutputError as e:
+            failure = e   # tracing stops; the command goes on (it may write there too)
+            if not e.quiet:
+                log(f"{e.message}: tracing stopped; waiting for {command[0]} to exit")
     finally:
         if server:
             server.close()
-        session.close()
+        try:
+            session.close()
+        except OutputError as e:
+            failure = failure or e
+    while status is None:  # output failed: wait for the command (signals still forwarded)
+        status = forwarder.reap(child, os.WNOHANG)
+        if status is None:
+            time.sleep(0.05)
     code = _status_to_code(status)
     log(f"{command[0]} exited with status {code}")
+    if failure is not None:
+        raise failure
     sys.exit(code)
 
 
@@ -303,16 +495,6 @@ class _NullReporter:
         pass
 
 
-def _size(text: str) -> int:
-    units = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    num, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        return int(float(num) * units[unit])
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is not a size like 64M") from None
-
-
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.option("--comm", multiple=True, help="Watch processes whose name matches this regex.")
 @click.option("--exe", multiple=True, help="... whose executable path matches this regex.")
@@ -323,49 +505,57 @@ def _size(text: str) -> int:
               "ANDed, rules ORed), all_min_rss.")
 @click.option("--all", "all_", is_flag=True, help="Also watch every process whose resident "
               "size reaches --min-rss (checked from statm every --sweep-interval).")
-@click.option("--min-rss", default="64M", show_default=True, help="Threshold for --all.")
-@click.option("--sweep-interval", type=click.FloatRange(min=0.1), default=10.0,
+@click.option("--min-rss", type=Size(), default="64M", show_default=True,
+              help="Threshold for --all (bytes; K, M, G, T suffixes).")
+@click.option("--sweep-interval", type=Seconds(min=0.1), default=10.0,
               show_default=True, help="Seconds between --all sweeps of /proc/*/statm.")
-@click.option("--max-processes", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--max-processes", type=click.IntRange(min=1, max=1 << 22), default=100,
+              show_default=True,
               help="Cap on watched processes; the rest are counted as dropped.")
 @click.option("--group-by", type=click.Choice(["pid", "group"]), default="pid",
               show_default=True, help="Label series by pid, or by group (the matching "
               "rule's name; the process name for --all) so restarts keep their series.")
 @click.option("--format", "fmt", type=click.Choice(["none", "json"]), default="none",
               show_default=True, help="Also write JSON Lines snapshots.")
-@click.option("--interval", type=click.FloatRange(min=0.01), default=1.0, show_default=True)
-@click.option("--reconcile-interval", type=click.FloatRange(min=0.0), default=300.0,
+@click.option("--interval", type=Seconds(min=0.01), default=1.0, show_default=True)
+@click.option("--reconcile-interval", type=Seconds(), default=300.0, show_default=True)
+@click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN, type=ListenAddress(),
               show_default=True)
-@click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN, show_default=True)
 @click.option("--web.config.file", "web_config", default=None, type=click.Path(dir_okay=False))
-@click.option("--max-mapping-series", type=click.IntRange(min=2), default=50, show_default=True)
+@click.option("--max-mapping-series", type=click.IntRange(min=2, max=1_000_000), default=50,
+              show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @_heap_interval_option()
 @_pss_interval_option()
 def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
-          user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: str,
+          user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: int,
           sweep_interval: float, max_processes: int, group_by: str, fmt: str,
           interval: float, reconcile_interval: float, listen: str, web_config: str | None,
           max_mapping_series: int, output: str | None, heap_interval: float,
           pss_interval: float) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
-    exec, serve /metrics. SIGTERM detaches every probe and exits 0."""
+    exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
     from memtrace.agent import Agent, load_config, rule_from_dict
 
     raw_rules: list[dict[str, Any]] = [{"name": f"comm={v}", "comm": v} for v in comm]
     raw_rules += [{"name": f"exe={v}", "exe": v} for v in exe]
     raw_rules += [{"name": f"cgroup={v}", "cgroup": v} for v in cgroup]
     raw_rules += [{"name": f"user={v}", "user": v} for v in user]
-    all_min_rss = _size(min_rss) if all_ else None
+    all_min_rss = min_rss if all_ else None
     if config_file:
         config = load_config(config_file)
         raw_rules += list(config.get("rules") or [])
         if config.get("all_min_rss") is not None:
-            all_min_rss = _size(str(config["all_min_rss"]))
+            try:
+                all_min_rss = parse_size(str(config["all_min_rss"]))
+            except ValueError as e:
+                raise MemtraceError(f"{config_file}: all_min_rss: {e}",
+                                    ExitCode.USAGE) from None
     rules = [rule_from_dict(r, i) for i, r in enumerate(raw_rules)]
     if not rules and all_min_rss is None:
         raise MemtraceError("agent needs at least one rule (--comm, --exe, --cgroup, --user, "
                             "--config) or --all", ExitCode.USAGE)
+    web_cfg = load_web_config(web_config)
     reporter: Reporter = _reporter("json", output) if fmt == "json" else _NullReporter()
     session = Session(reporter, interval, reconcile_interval)
     session.grouping = group_by == "group"
@@ -375,7 +565,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     server = None
     try:
         session.load(watch_execs=True)
-        server = _serve(session, False, listen, web_config, max_mapping_series)
+        server = _serve(session, False, listen, web_cfg, max_mapping_series)
         agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval)
         agent_.initial_scan()
         log(f"agent: {len(rules)} rule(s){', --all' if all_min_rss is not None else ''}; "
@@ -395,14 +585,14 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
               show_default=True, help="Table, or one JSON object (see docs/heap.md).")
 @click.option("--stop", is_flag=True, help="SIGSTOP the process for an exact snapshot "
               "(SIGCONT always follows; the pause is reported).")
-@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+@click.option("--retries", type=click.IntRange(min=0, max=1000), default=5, show_default=True,
               help="Walks to retry when the heap changes under the walk.")
 def heap(pid: int, fmt: str, stop: bool, retries: int) -> None:
     """Why memory is not given back: anatomy of a process's glibc malloc heap
     (in use, free, resident holes, what malloc_trim(0) would return)."""
     from memtrace.heap import heap_command
 
-    click.echo(heap_command(pid, fmt, stop, retries))
+    _echo(heap_command(pid, fmt, stop, retries))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -425,14 +615,12 @@ def explain(pid: int | None, fmt: str) -> None:
         report = build(pid, procfs.root if pid is not None else "/proc", snap)
     except FileNotFoundError:
         raise MemtraceError(f"no such process: {pid}", ExitCode.NO_SUCH_PROCESS) from None
-    click.echo(render_json(report) if fmt == "json" else render_text(report))
+    _echo(render_json(report) if fmt == "json" else render_text(report))
 
 
 def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
     """memtrace's figures without probes: one full scan of the page tables.
     None where that is not allowed (not root) or the process went away."""
-    import time
-
     from memtrace.tracker import ProcessGone, ProcessTracker
     from memtrace.views.snapshot import snapshot
 
@@ -467,14 +655,14 @@ def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool
     memtrace libs PID [PID ...] | memtrace libs --all"""
     from memtrace.libs import libs_command
 
-    click.echo(libs_command(pids, all_, sort, fmt, all_files))
+    _echo(libs_command(pids, all_, sort, fmt, all_files))
 
 
 @cli.command()
 def doctor() -> None:
     """Check that memtrace can run here, one line per requirement with the fix."""
     checks = run_checks()
-    click.echo(render(checks))
+    _echo(render(checks))
     failed = [c for c in checks if c.required and not c.ok]
     if failed:
         codes = {"BCC": ExitCode.NO_BCC, "kernel headers": ExitCode.NO_HEADERS,
@@ -484,19 +672,61 @@ def doctor() -> None:
         sys.exit(codes.get(first.name, ExitCode.INTERNAL))
 
 
+def _silence_stdout() -> None:
+    """After an output failure: nothing more reaches fd 1 (Python's flush at
+    exit would fail again and turn the exit code into 120)."""
+    with contextlib.suppress(OSError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.close(devnull)
+
+
+def _usage_line(e: click.ClickException) -> str:
+    """A click error as one line: the message and where to find help."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"memtrace: error: {message}{where}"
+
+
+_OUTPUT_ERRNOS = {errno.EPIPE, errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+
+
 def main() -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(prog_name="memtrace", standalone_mode=False)
+        sys.stdout.flush()
     except click.exceptions.Abort:
         sys.exit(130)
     except click.ClickException as e:
-        e.show()
+        print(_usage_line(e), file=sys.stderr)
         sys.exit(ExitCode.USAGE)
+    except OutputError as e:
+        _silence_stdout()
+        if not e.quiet:
+            print(f"memtrace: error: {e.message}", file=sys.stderr)
+        sys.exit(e.code)
     except MemtraceError as e:
         print(f"memtrace: error: {e.message}", file=sys.stderr)
         sys.exit(e.code)
-    except BrokenPipeError:
-        sys.stderr.close()
-        sys.exit(0)
+    except OSError as e:
+        # click's own output (--help, --version) to a closed pipe or full disk
+        if e.errno not in _OUTPUT_ERRNOS or not _from_click_echo(e):
+            raise
+        _silence_stdout()
+        if e.errno != errno.EPIPE:
+            print(f"memtrace: error: cannot write stdout: {e.strerror}", file=sys.stderr)
+        sys.exit(ExitCode.OUTPUT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+def _from_click_echo(e: BaseException) -> bool:
+    """Whether e was raised writing click's own output (help, version)."""
+    tb = e.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and "click" in code.co_filename:
+            return True
+        tb = tb.tb_next
+    return False

@@ -22,6 +22,7 @@ class ExitCode(enum.IntEnum):
     BPF_LOAD_FAILED = 11
     NO_TRACEFS = 12
     HEAP_UNREADABLE = 13
+    OUTPUT_FAILED = 14
 
 
 class MemtraceError(Exception):
@@ -31,3 +32,13 @@ class MemtraceError(Exception):
         super().__init__(message)
         self.message = message
         self.code = code
+
+
+class OutputError(MemtraceError):
+    """The output (stdout or -o FILE) cannot be written: disk full, I/O error,
+    or its reader closed the pipe (`quiet`: said with no message, as `| head`
+    expects)."""
+
+    def __init__(self, message: str, quiet: bool = False) -> None:
+        super().__init__(message, ExitCode.OUTPUT_FAILED)
+        self.quiet = quiet

@@ -95,12 +95,17 @@ class Session:
         return self.probes
 
     def install_signal_handlers(self, on_signal: Callable[[int], None] | None = None) -> None:
+        """SIGINT, SIGTERM and SIGHUP stop the loop: everything is detached and the
+        command exits 0 (watch, agent; docs/exit-codes.md). A SIGHUP ignored when
+        memtrace started (nohup) stays ignored."""
         def handler(signum: int, _frame: Any) -> None:
             self.stop.set()
             if on_signal:
                 on_signal(signum)
         signal.signal(signal.SIGINT, handler)
         signal.signal(signal.SIGTERM, handler)
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, handler)
 
     def add_target(self, pid: int) -> None:
         """Start tracing pid in the kernel (before any scan, so nothing is missed)."""

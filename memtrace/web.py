@@ -8,6 +8,7 @@ import base64
 import contextlib
 import hashlib
 import ipaddress
+import re
 import socket
 import ssl
 import threading
@@ -56,12 +57,9 @@ def load_web_config(path: str | None) -> WebConfig:
         return WebConfig()
     import yaml  # type: ignore[import-untyped]
 
+    text = read_config_text(path, "web config")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
-    except OSError as e:
-        raise MemtraceError(f"cannot read web config {path}: {e.strerror}",
-                            ExitCode.USAGE) from None
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -95,7 +93,43 @@ def load_web_config(path: str | None) -> WebConfig:
     if cfg.min_version not in _TLS_VERSIONS:
         raise MemtraceError(f"web config {path}: unknown min_version {cfg.min_version!r}",
                             ExitCode.USAGE)
+    for user, hashed in cfg.basic_auth_users.items():
+        if not _BCRYPT.fullmatch(hashed):
+            raise MemtraceError(f"web config {path}: basic_auth_users: the password of "
+                                f"{user!r} is not a bcrypt hash (make one with "
+                                "htpasswd -nBC 10 USER)",
+                                ExitCode.USAGE)
     return cfg
+
+
+CONFIG_MAX_BYTES = 1 << 20
+
+
+def read_config_text(path: str, what: str) -> str:
+    """A YAML config file's text: UTF-8, at most 1 MiB; MemtraceError (usage)
+    with one line otherwise."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise MemtraceError(f"cannot read {what} {path}: {e.strerror or e}",
+                            ExitCode.USAGE) from None
+    if len(data) > CONFIG_MAX_BYTES:
+        raise MemtraceError(f"{what} {path}: larger than {CONFIG_MAX_BYTES >> 20} MiB",
+                            ExitCode.USAGE)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise MemtraceError(f"{what} {path}: not UTF-8 text (byte {e.start})",
+                            ExitCode.USAGE) from None
+    if "\0" in text:
+        raise MemtraceError(f"{what} {path}: not a text file (NUL byte)", ExitCode.USAGE)
+    return text
+
+
+# A bcrypt hash as exporter-toolkit (Go's x/crypto/bcrypt) accepts it:
+# $2a$, $2b$ or $2y$, a cost of 04-31, 22 characters of salt and 31 of hash.
+_BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}")
 
 
 def _section(path: str, raw: dict[str, Any], name: str) -> dict[str, Any]:
@@ -198,11 +232,35 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
-def parse_listen(address: str) -> tuple[str, int]:
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?")
+
+
+def listen_problem(address: str) -> str | None:
+    """Why `address` is not HOST:PORT (PORT 0-65535; HOST empty, an IP address,
+    [IPv6] or a host name), or None."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise MemtraceError(f"--web.listen-address {address!r}: expected HOST:PORT",
-                            ExitCode.USAGE)
+    if not sep or not port.isascii() or not port.isdigit():
+        return "expected HOST:PORT"
+    if len(port) > 5 or int(port) > 65535:
+        return f"port {port} is not in the range 0 to 65535"
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not host:
+        return None
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if len(host) > 253 or not _HOSTNAME.fullmatch(host):
+        return f"{host!r} is not an IP address or host name"
+    return None
+
+
+def parse_listen(address: str) -> tuple[str, int]:
+    problem = listen_problem(address)
+    if problem:
+        raise MemtraceError(f"--web.listen-address {address!r}: {problem}", ExitCode.USAGE)
+    host, _, port = address.rpartition(":")
     host = host.strip("[]")
     return host or "0.0.0.0", int(port)
 

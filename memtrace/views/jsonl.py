@@ -7,26 +7,33 @@ from typing import IO, Any
 
 from memtrace.events import SyscallEvent
 from memtrace.procfs import escape_text
+from memtrace.views.output import OutputStream
 from memtrace.views.snapshot import encode_parts
 
 
 class JsonReporter:
     wants_json_text = True          # snapshots carry their mappings' JSON text
 
-    def __init__(self, out: IO[str] | None = None) -> None:
-        self.out = out or sys.stdout
-        # JSON is ASCII: write the bytes to the binary stream under a text one
-        # (no 13 MB re-encoding per tick for 60k mappings)
-        self._binary: IO[bytes] | None = getattr(self.out, "buffer", None)
+    def __init__(self, out: IO[str] | OutputStream | None = None) -> None:
+        """Write to an OutputStream (stdout when None: written by a background
+        thread, never blocking the loop; see views/output.py), or to a text
+        file object (tests)."""
+        self.stream: OutputStream | None = None
+        self.out: IO[str] | None = None
+        if out is None:
+            self.stream = OutputStream(sys.stdout.fileno(), "stdout")
+        elif isinstance(out, OutputStream):
+            self.stream = out
+        else:
+            self.out = out
 
     def snapshot(self, snap: dict[str, Any]) -> None:
         parts = encode_parts(snap)
         parts.append(b"\n")
-        if self._binary is not None:
-            self.out.flush()
-            self._binary.writelines(parts)
-            self._binary.flush()
+        if self.stream is not None:
+            self.stream.write_record(parts)     # JSON is ASCII: bytes as they are
         else:
+            assert self.out is not None
             self.out.write(b"".join(parts).decode("ascii"))
             self.out.flush()
 
@@ -34,10 +41,12 @@ class JsonReporter:
         pass
 
     def tick_done(self) -> None:
-        pass
+        if self.stream is not None:
+            self.stream.check()
 
     def message(self, text: str) -> None:
         print(f"memtrace: {escape_text(text)}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
-        pass
+        if self.stream is not None:
+            self.stream.close()

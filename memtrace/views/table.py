@@ -17,6 +17,7 @@ from memtrace.events import SyscallEvent
 from memtrace.explain import meminfo_summary
 from memtrace.libevents import describe as describe_library_event
 from memtrace.procfs import escape_text
+from memtrace.views.output import TextOutput, open_output
 
 
 def human(n: int | None) -> str:
@@ -37,7 +38,9 @@ class TableReporter:
     wants_events = True             # shows the latest syscall records
 
     def __init__(self, console: Console | None = None, max_rows: int | None = None) -> None:
-        self.console = console or Console(stderr=False)
+        # stdout through an OutputStream: a terminal or pipe that stops taking
+        # bytes never holds the loop or shutdown (views/output.py)
+        self.console = console or Console(file=TextOutput(open_output(None)).as_io())
         self.max_rows = max_rows
         self.snaps: dict[int, dict[str, Any]] = {}
         self.recent: deque[SyscallEvent] = deque(maxlen=8)
@@ -63,7 +66,11 @@ class TableReporter:
         self._render()
 
     def close(self) -> None:
-        self.live.stop()
+        try:
+            self.live.stop()
+        finally:
+            if isinstance(self.console.file, TextOutput):
+                self.console.file.close()   # drained, bounded in time (views/output.py)
 
     def _rows_per_process(self) -> int:
         if self.max_rows is not None:

@@ -188,11 +188,46 @@ def test_parse_listen(addr, host, port, loop):
     assert is_loopback(host) is loop
 
 
-@pytest.mark.parametrize("addr", ["127.0.0.1", "127.0.0.1:http", "nohost:", ""])
+@pytest.mark.parametrize("addr", ["127.0.0.1", "127.0.0.1:http", "nohost:", "",
+                                  "127.0.0.1:99999", "[::1]:65536", "127.0.0.1:-1",
+                                  "a b:80", "127.0.0.1:１２"])
 def test_bad_listen_address(addr):
     with pytest.raises(MemtraceError) as ei:
         parse_listen(addr)
     assert ei.value.code == ExitCode.USAGE and "\n" not in ei.value.message
+
+
+@pytest.mark.parametrize("hashed", [
+    "plaintext", "$2b$10$short", "$1$abcdefgh$0123456789012345678901",
+    "$2b$03$" + "a" * 53,          # cost below 4
+    "$2x$10$" + "a" * 53,          # not a prefix Go's bcrypt accepts
+])
+def test_basic_auth_password_must_be_a_bcrypt_hash(tmp_path, hashed):
+    path = write(tmp_path, f"basic_auth_users:\n  alice: '{hashed}'\n")
+    with pytest.raises(MemtraceError) as ei:
+        load_web_config(path)
+    assert ei.value.code == ExitCode.USAGE and "\n" not in ei.value.message
+    assert "'alice' is not a bcrypt hash" in ei.value.message
+
+
+def test_basic_auth_real_hashes_are_accepted(tmp_path, users):
+    text = "basic_auth_users:\n" + "".join(f"  {u}: '{h}'\n" for u, h in users.items())
+    text += "  carol: '$2y$10$" + "A" * 53 + "'\n"     # htpasswd -B writes $2y$
+    assert set(load_web_config(write(tmp_path, text)).basic_auth_users) == \
+        {"alice", "bob", "carol"}
+
+
+@pytest.mark.parametrize("data, words", [
+    (b"\x7fELF\x02\x01\x01\x00\xff\xfe", "not UTF-8"),
+    (b"basic_auth_users:\x00\n", "NUL"),
+    (b"#" * ((1 << 20) + 10), "larger than 1 MiB"),
+])
+def test_web_config_that_is_not_text(tmp_path, data, words):
+    p = tmp_path / "web.yml"
+    p.write_bytes(data)
+    with pytest.raises(MemtraceError) as ei:
+        load_web_config(str(p))
+    assert ei.value.code == ExitCode.USAGE and words in ei.value.message
 
 
 # ---------------------------------------------------------------------------

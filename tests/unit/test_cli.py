@@ -210,3 +210,186 @@ def test_format_none_reports_nothing_but_log_lines(capsys):
     reporter.message("pid 1 exited")
     out, err = capsys.readouterr()
     assert out == "" and "pid 1 exited" in err
+
+
+# ---------------------------------------------------------------------------
+# every option value checked at parse time (issue 16 item 10)
+
+BAD_NUMBERS = ["inf", "-inf", "nan", "NaN", "-1", "-5G", "1e309", "99999999999999999999999",
+               "", " ", "0x10", "1e400"]
+
+
+def _numeric_options() -> list[tuple[str, str]]:
+    """(subcommand, option) for every option taking a number, a size or an address."""
+    import click
+
+    from memtrace.cli import ListenAddress, Seconds, Size, cli
+
+    numeric = (Seconds, Size, ListenAddress, click.IntRange, click.FloatRange)
+    out = []
+    for name, cmd in sorted(cli.commands.items()):
+        for p in cmd.params:
+            if isinstance(p, click.Option) and (isinstance(p.type, numeric)
+                                                or p.type in (click.INT, click.FLOAT)):
+                out.append((name, max(p.opts, key=len)))
+    return out
+
+
+NUMERIC_OPTIONS = _numeric_options()
+# what each subcommand needs after the option so that, if a bad value got
+# through, it would fail fast without BPF (and not with the option's name)
+TAIL = {"watch": [str(free_pid())], "run": ["--", "/nonexistent/cmd"],
+        "agent": ["--user", "no-such-user-memtrace"], "heap": [str(free_pid())]}
+
+
+def test_numeric_options_are_all_found():
+    found = set(NUMERIC_OPTIONS)
+    for cmd in ("watch", "run", "agent"):
+        for opt in ("--interval", "--reconcile-interval", "--heap-interval", "--pss-interval",
+                    "--web.listen-address", "--max-mapping-series"):
+            assert (cmd, opt) in found
+    assert {("agent", "--min-rss"), ("agent", "--sweep-interval"),
+            ("agent", "--max-processes"), ("heap", "--retries")} <= found
+
+
+def _main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
+    """memtrace.cli.main in this process (bcc unimportable): exit code, out, err."""
+    from memtrace import cli
+
+    monkeypatch.setitem(sys.modules, "bcc", None)
+    monkeypatch.setattr(sys, "argv", ["memtrace", *argv])
+    with pytest.raises(SystemExit) as ei:
+        cli.main()
+    out, err = capsys.readouterr()
+    return int(ei.value.code or 0), out, err
+
+
+@pytest.mark.parametrize("cmd, option", NUMERIC_OPTIONS)
+def test_bad_numbers_are_one_usage_line(cmd, option, monkeypatch, capsys):
+    values = BAD_NUMBERS + (["127.0.0.1:99999", "127.0.0.1:-1", "[::1]:65536", "1.2.3.4",
+                             "host name:80", ":http", "a:1:2:3x"]
+                            if option == "--web.listen-address" else [])
+    for value in values:
+        code, out, err = _main(monkeypatch, capsys, [cmd, option, value, *TAIL[cmd]])
+        assert code == 2, (option, value, err)
+        assert "Traceback" not in err and out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1, (option, value, err)
+        assert lines[0].startswith("memtrace: error: ") and f"'{option}'" in lines[0], lines
+
+
+@pytest.mark.parametrize("args", [
+    ["watch", "--interval", "0.001", "1"],
+    ["watch", "--interval", "1e7", "1"],          # beyond 30 days
+    ["agent", "--all", "--min-rss", "2E"],         # E is not a unit
+    ["agent", "--all", "--min-rss", "1025P"],      # beyond 1 PiB
+    ["agent", "--all", "--min-rss", "infG"],
+    ["agent", "--sweep-interval", "0.01", "--all"],
+    ["agent", "--max-processes", "0", "--all"],
+])
+def test_out_of_range_values_are_one_usage_line(args, monkeypatch, capsys):
+    code, out, err = _main(monkeypatch, capsys, args)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_good_values_still_parse():
+    from memtrace.cli import agent, parse_size, run, watch
+
+    p = watch.make_context("watch", ["--interval", "0.5", "--pss-interval", "0",
+                                     "--web.listen-address", "[::1]:0", "1"]).params
+    assert p["interval"] == 0.5 and p["pss_interval"] == 0 and p["listen"] == "[::1]:0"
+    p = run.make_context("run", ["--web.listen-address", ":9877", "--", "true"]).params
+    assert p["listen"] == ":9877"
+    p = agent.make_context("agent", ["--all", "--min-rss", "1.5G"]).params
+    assert p["min_rss"] == 3 << 29
+    assert agent.make_context("agent", ["--all"]).params["min_rss"] == 64 << 20
+    assert [parse_size(s) for s in ("0", "4096", "64M", "2GiB", "1k", "1T")] == \
+        [0, 4096, 64 << 20, 2 << 30, 1024, 1 << 40]
+
+
+def test_usage_error_is_one_line_through_the_real_entry_point():
+    r = memtrace("watch", "--interval", "inf", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [
+        "memtrace: error: Invalid value for '--interval': 'inf' is not a finite number of "
+        "seconds (see 'memtrace watch --help')"]
+
+
+def test_agent_config_that_is_binary(tmp_path):
+    f = tmp_path / "bin.yml"
+    f.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe" * 10)
+    assert_one_line_error(memtrace("agent", "--config", str(f)), 2, "not UTF-8")
+
+
+@pytest.mark.parametrize("text, words", [
+    ("rules: [{comm: 5}]\n", "comm must be a string"),
+    ("rules: [5]\n", "rule 0 is not a mapping"),
+    ("rules: [{comm: x}]\nall_min_rss: -5G\n", "all_min_rss"),
+    ("rules: [{comm: x}]\nall_min_rss: .nan\n", "all_min_rss"),
+    ("rules: [{comm: x}]\nextra: 1\n", "unknown keys extra"),
+    ("rules: [{comm: '(' }]\n", "bad comm regex"),
+    ("rules: {comm: x}\n", "expected a mapping with a list"),
+    ("{{{\n", "not valid YAML"),
+])
+def test_agent_config_bad_values(tmp_path, text, words):
+    f = tmp_path / "agent.yml"
+    f.write_text(text)
+    assert_one_line_error(memtrace("agent", "--config", str(f)), 2, words)
+
+
+def test_web_config_with_a_plain_password_is_refused_before_anything(tmp_path):
+    f = tmp_path / "web.yml"
+    f.write_text("basic_auth_users:\n  alice: plaintext\n")
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        r = memtrace("watch", "--web.config.file", str(f), str(sleeper.pid))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # exit 2, not 4 (BCC missing: the check comes before the probes)
+    assert_one_line_error(r, 2, "not a bcrypt hash", "alice")
+
+
+# ---------------------------------------------------------------------------
+# exit codes: errors.py, the --help epilog and docs/exit-codes.md agree
+
+
+def test_exit_codes_agree_everywhere():
+    import re
+
+    from memtrace.cli import EXIT_CODES_HELP
+    from memtrace.errors import ExitCode
+
+    codes = {int(c) for c in ExitCode}
+    doc = (REPO / "docs" / "exit-codes.md").read_text()
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", doc, re.M)}
+    assert documented == codes
+    helped = {int(m) for m in re.findall(r"(?:^|[:;,] ?)(\d+) [A-Za-z`]", EXIT_CODES_HELP, re.M)}
+    assert helped == codes, sorted(helped ^ codes)
+
+
+# ---------------------------------------------------------------------------
+# a full disk or a closed pipe on stdout: one line (or quiet) and exit 14
+
+
+def test_one_shot_output_to_dev_full_is_one_line():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    for args in (["explain"], ["--help"], ["doctor"]):
+        with open("/dev/full", "w") as full:
+            r = subprocess.run([sys.executable, "-m", "memtrace", *args], cwd=REPO, env=env,
+                               stdout=full, stderr=subprocess.PIPE, text=True, timeout=60)
+        assert r.returncode == 14, (args, r.stderr)
+        assert r.stderr.strip().splitlines() == [
+            "memtrace: error: cannot write stdout: No space left on device"], args
+
+
+def test_one_shot_output_to_a_closed_pipe_is_quiet():
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    r_fd, w_fd = os.pipe()
+    os.close(r_fd)           # the reader is gone before anything is written
+    try:
+        r = subprocess.run([sys.executable, "-m", "memtrace", "explain"], cwd=REPO, env=env,
+                           stdout=w_fd, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(w_fd)
+    assert r.returncode == 14 and r.stderr == "", r.stderr
