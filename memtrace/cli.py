@@ -586,7 +586,8 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
 @click.option("--stop", is_flag=True, help="SIGSTOP the process for an exact snapshot "
               "(SIGCONT always follows; the pause is reported).")
 @click.option("--retries", type=click.IntRange(min=0, max=1000), default=5, show_default=True,
-              help="Walks to retry when the heap changes under the walk.")
+              help="Walks to retry when the heap changes under the walk (with --stop: "
+              "snapshots to take again when a thread was stopped inside malloc).")
 def heap(pid: int, fmt: str, stop: bool, retries: int) -> None:
     """Why memory is not given back: anatomy of a process's glibc malloc heap
     (in use, free, resident holes, what malloc_trim(0) would return)."""

@@ -379,6 +379,8 @@ def walk_segment(read: Callable[[int, int], bytes], first: int, end: int, top: i
             if pos == top:
                 if field_ & (IS_MMAPPED | NON_MAIN_ARENA) or size < MINSIZE or size & 15:
                     raise HeapError(f"top chunk at {pos:#x} has an invalid header {field_:#x}")
+                if not field_ & PREV_INUSE:  # free() merges a chunk into the top
+                    raise HeapError(f"a free chunk lies right before the top at {pos:#x}")
                 if pos + size != end:
                     raise HeapError(f"top chunk {pos:#x}+{size:#x} does not end at {end:#x}")
                 w.top, w.top_size = pos, size
@@ -414,6 +416,9 @@ def walk_segment(read: Callable[[int, int], bytes], first: int, end: int, top: i
         if j >= n:
             raise HeapError("the chunk before a fencepost is free")
         free[j] = 1
+    k = free.find(b"\x01\x01")
+    if k >= 0:  # free() coalesces: two free chunks side by side are a free in progress
+        raise HeapError(f"two free chunks side by side at {starts[k]:#x}")
     w.free = free
     return w
 
@@ -467,6 +472,30 @@ def arena_plausible(layout: GlibcLayout, a: ArenaState) -> bool:
     return empty >= 1
 
 
+def arena_locked(a: ArenaState) -> bool:
+    """The arena's mutex (the int at offset 0: 0 free, 1 held, 2 held with waiters)
+    is held: a thread is inside malloc or free on this arena."""
+    return int.from_bytes(a.raw[:4], "little") in (1, 2)
+
+
+def arena_being_updated(layout: GlibcLayout, a: ArenaState) -> bool:
+    """A malloc_state that fails `arena_plausible` only the way one does while the
+    thread holding its lock is between two stores: a bin header half-linked (fd
+    moved on, bk still itself, or the reverse) or system_mem already raised and
+    max_system_mem not yet. Everything else must still hold."""
+    if not arena_locked(a) or arena_plausible(layout, a):
+        return False
+    if a.top == 0 or a.top & 15 or a.system_mem >> 47 or a.attached_threads > 1 << 22:
+        return False
+    if any(fb & 15 for fb in a.fastbins):
+        return False
+    for i in range(NBINS - 1):
+        fd, bk = _QQ.unpack_from(a.raw, layout.bins + 16 * i)
+        if fd == 0 or bk == 0 or fd & 15 or bk & 15:
+            return False
+    return True
+
+
 def arena_chain(space: AddressSpace, layout: GlibcLayout, main: int) -> list[ArenaState]:
     """main_arena, then every arena on its `next` chain until it comes back."""
     out = [read_arena(space, layout, main, True)]
@@ -497,8 +526,12 @@ def libc_data_regions(vmas: list[Vma], libc: bytes) -> list[tuple[int, int]]:
 def find_main_arena(space: AddressSpace, layout: GlibcLayout,
                     regions: list[tuple[int, int]]) -> int:
     """The address of main_arena: a plausible malloc_state in libc's data whose
-    `next` chain returns to itself."""
+    `next` chain returns to itself. If the only such chain has arenas that a
+    thread is updating right now (lock held, half-linked), that is a transient
+    state (HeapError "inconsistent": take the snapshot again), not a layout
+    that cannot be verified."""
     found = []
+    busy: list[tuple[int, int]] = []  # (candidate, the arena being updated)
     for start, end in regions:
         data = space.read(start, end - start)
         words = array("Q")
@@ -516,19 +549,27 @@ def find_main_arena(space: AddressSpace, layout: GlibcLayout,
             a.top, a.next = q(layout.top), q(layout.next)
             a.attached_threads = q(layout.attached_threads)
             a.system_mem, a.max_system_mem = q(layout.system_mem), q(layout.max_system_mem)
-            if not arena_plausible(layout, a):
+            if not arena_plausible(layout, a) and not arena_being_updated(layout, a):
                 continue
             try:
                 chain = arena_chain(space, layout, m)
             except (HeapError, OSError):
                 continue
-            if all(arena_plausible(layout, x) for x in chain[1:]):
+            chain[0] = a
+            odd = [x for x in chain if not arena_plausible(layout, x)]
+            if not odd:
                 found.append(m)
-    if len(found) != 1:
+            elif all(arena_being_updated(layout, x) for x in odd):
+                busy.append((m, odd[0].addr))
+    if len(found) + len(busy) != 1:
+        n = len(found) + len(busy)
         raise HeapError("unsupported glibc layout: "
-                        + ("no malloc_state found in libc's data" if not found else
-                           f"{len(found)} candidate malloc_states in libc's data"),
+                        + ("no malloc_state found in libc's data" if not n else
+                           f"{n} candidate malloc_states in libc's data"),
                         "unsupported")
+    if busy:
+        raise HeapError(f"arena {busy[0][1]:#x} is half-updated (its lock is held: a thread "
+                        "is inside malloc or free)")
     return found[0]
 
 
@@ -634,21 +675,28 @@ def read_tcache(space: AddressSpace, layout: GlibcLayout, index: ChunkIndex, chu
                 max_count: int) -> dict[int, int] | None:
     """Cached chunks {chunk address: size} of the tcache_perthread_struct in the
     chunk at `chunk`, or None if it is not one (every list must have exactly
-    `counts[i]` entries, each an allocated chunk of bin i's size)."""
+    `counts[i]` entries, each an allocated chunk of bin i's size).
+
+    A tcache whose thread was caught inside tcache_put or tcache_get (no lock:
+    the list head and the count are two stores) has exactly one list, of valid
+    entries, one longer or shorter than its count: that raises HeapError
+    "inconsistent" (take the snapshot again) rather than dropping the tcache,
+    which would count its chunks as in use."""
     mem = chunk + CHUNK_HDR_SZ
     raw = space.read(mem, layout.tcache_entries + 8 * layout.tcache_bins)
     fmt = "<64H" if layout.tcache_count_size == 2 else "<64B"
     counts = struct.unpack_from(fmt.replace("64", str(layout.tcache_bins)), raw, 0)
     entries = struct.unpack_from(f"<{layout.tcache_bins}Q", raw, layout.tcache_entries)
     out: dict[int, int] = {}
+    torn: tuple[int, int, int] | None = None  # (bin, entries, count)
     for i in range(layout.tcache_bins):
         want = 32 + 16 * i
         count, e = counts[i], entries[i]
-        if count > max_count or (count == 0) != (e == 0):
+        if count > max_count:
             return None
         n = 0
         while e:
-            if e & 15 or n >= count:
+            if e & 15 or n > count:
                 return None
             hit = index.find(e - CHUNK_HDR_SZ)
             if hit is None:
@@ -660,7 +708,13 @@ def read_tcache(space: AddressSpace, layout: GlibcLayout, index: ChunkIndex, chu
             n += 1
             e = _demangle(layout, e, u64(space, e))
         if n != count:
-            return None
+            if n == 0 or abs(n - count) != 1 or torn is not None:
+                return None
+            torn = (i, n, count)
+    if torn is not None:
+        raise HeapError(f"the tcache at {chunk:#x} is half-updated (list {torn[0]} has "
+                        f"{torn[1]} entries, its count says {torn[2]}: a thread is inside "
+                        "malloc or free)")
     return out
 
 
@@ -1517,11 +1571,19 @@ def analyse_process(pid: int, stop: bool = False, retries: int = 5,
                     return {**base, "allocator": "glibc", "supported": False,
                             "reason": e.message, "glibc_version": f"{version[0]}.{version[1]}"}
                 last = e
+                if stop and info.get("was_stopped"):
+                    break  # stopped by someone else: another look sees the same state
                 time.sleep(0.01 * attempts)
         if report is None:
             assert last is not None
+            if stop:
+                raise HeapError(
+                    f"the heap kept changing during {attempts} stopped snapshot(s) "
+                    f"({last.message})" + ("; the process was already stopped, so another "
+                                           "snapshot would see the same" if info.get(
+                                               "was_stopped") else ""))
             raise HeapError(f"the heap kept changing during {attempts} walks ({last.message})"
-                            + ("" if stop else "; try --stop for an exact snapshot"))
+                            "; try --stop for an exact snapshot")
         report = {**base, **report}
         report["totals"] = totals(report["arenas"])
         report["stopped"] = stop

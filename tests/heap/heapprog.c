@@ -32,6 +32,9 @@ static void *churn_main(void *arg) {
     /* allocate and free all the time, from tcache sizes to large chunks */
     unsigned long x = (unsigned long)arg * 2654435761u + 1;
     void *slot[4096] = {0};
+    /* the first malloc gives the thread its arena and its tcache: say so */
+    free(malloc(16));
+    if (write(thread_done[1], "d", 1) != 1) return NULL;
     for (;;) {
         x = x * 6364136223846793005ul + 1442695040888963407ul;
         unsigned i = (unsigned)(x >> 33) % 4096;
@@ -110,11 +113,19 @@ int main(int argc, char **argv) {
         char done;
         if (read(thread_done[0], &done, 1) != 1) return 2;  /* until it has allocated */
     } else if (!strcmp(mode, "churn")) {
-        /* n threads (1..8) changing their heaps all the time; never joined */
+        /* n threads (1..8) changing their heaps all the time; never joined. READY
+         * once every thread has its own arena and tcache (and so has the main
+         * thread): 1 + n tcaches, n thread arenas, however loaded the machine */
+        if (pipe(thread_go) || pipe(thread_done)) return 2;
+        free(malloc(16));
         nthreads = 0;
-        for (long i = 0; i < (n > 8 || n < 1 ? 2 : n); i++)
+        long nchurn = n > 8 || n < 1 ? 2 : n;
+        for (long i = 0; i < nchurn; i++)
             pthread_create(&th[i], NULL, churn_main, (void *)i);
-        usleep(200000);
+        for (long i = 0; i < nchurn; i++) {
+            char done;
+            if (read(thread_done[0], &done, 1) != 1) return 2;
+        }
     } else if (!strcmp(mode, "many")) {
         /* n live-or-free chunks of 512..1535 bytes (about 1 KiB each): every
          * third one freed, so free chunks do not coalesce (benchmarks) */

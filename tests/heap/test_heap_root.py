@@ -311,15 +311,25 @@ def test_musl_is_detected(tmp_path: Path) -> None:
 
 
 def test_changing_heap_retries_or_says_so_and_stop_is_exact(prog) -> None:
-    p = prog("churn", "2")  # two threads allocating and freeing all the time
+    # two threads allocating and freeing all the time; READY once both have their
+    # arena and tcache (heapprog.c), so the count below holds however loaded
+    p = prog("churn", "2")
     for _ in range(3):
         try:
             r = heap.analyse_process(p.pid, retries=2)
             assert r["supported"] and r["attempts"] >= 1
         except heap.HeapError as e:  # the plain statement, never wrong figures
             assert "kept changing" in e.message and "--stop" in e.message
+        # a stop that catches a thread inside malloc (a bin head half-linked, a
+        # tcache between its list and its count) is taken again, never
+        # "unsupported" and never a tcache missed
         r = heap.analyse_process(p.pid, stop=True)
         assert r["supported"] and len(r["arenas"]) >= 2
+        assert sorted(a["kind"] for a in r["arenas"]) == ["main", "thread", "thread"]
+        assert r["tcaches"] == 3
+        for a in r["arenas"]:
+            assert a["in_use_bytes"] + a["free_bytes"] + a["arena_overhead_bytes"] \
+                == a["size_bytes"]
         assert 0 < r["pause_seconds"] < 2
         with open(f"/proc/{p.pid}/stat") as f:
             assert f.read().rsplit(")", 1)[1].split()[0] in ("R", "S")

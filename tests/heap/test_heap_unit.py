@@ -318,3 +318,105 @@ def test_table_renders():
     un = heap.render_table({"pid": 2, "comm": "y", "supported": False, "allocator": "musl",
                             "reason": "musl"})
     assert "allocator musl" in un
+
+
+# A process stopped with SIGSTOP (heap --stop) may have a thread inside malloc or
+# free: the snapshot then holds a half-made update. Each such state must be
+# "inconsistent" (the snapshot is taken again), never "unsupported", never figures.
+
+def _half_link_unsorted_bin(img, arena: int, locked: bool) -> None:  # type: ignore[no-untyped-def]
+    """The unsorted bin between `bck->fd = p` and `fwd->bk = p` of an insert into
+    the empty bin: fd points at the chunk, bk still at the bin itself."""
+    lay = img.layout
+    slot = arena + lay.bins
+    img.space.q(slot, img.chunks[1].addr)
+    if locked:
+        img.space.write(arena, struct.pack("<i", 1))  # mutex held
+
+
+def test_half_linked_bin_of_a_locked_thread_arena_is_retaken_not_unsupported():
+    img = build([Chunk(0x100), Chunk(0x40)], thread_chunks=[[Chunk(0x100), Chunk(0x80)]])
+    _half_link_unsorted_bin(img, img.thread_arenas[0], locked=True)
+    with pytest.raises(HeapError) as e:
+        analyse(img)
+    assert e.value.kind == "inconsistent", e.value.message
+    assert "half-updated" in e.value.message and f"{img.thread_arenas[0]:#x}" in e.value.message
+
+
+def test_half_linked_bin_of_the_locked_main_arena_is_retaken_not_unsupported():
+    img = build([Chunk(0x100), Chunk(0x40)])
+    _half_link_unsorted_bin(img, MAIN_ARENA, locked=True)
+    with pytest.raises(HeapError) as e:
+        analyse(img)
+    assert e.value.kind == "inconsistent", e.value.message
+    assert "half-updated" in e.value.message
+
+
+def test_half_linked_bin_of_an_unlocked_arena_is_still_unsupported():
+    # nobody is updating it: the layout is not the one we know
+    img = build([Chunk(0x100), Chunk(0x40)], thread_chunks=[[Chunk(0x100)]])
+    _half_link_unsorted_bin(img, img.thread_arenas[0], locked=False)
+    with pytest.raises(HeapError) as e:
+        analyse(img)
+    assert e.value.kind == "unsupported"
+
+
+def test_system_mem_ahead_of_max_in_a_locked_arena_is_retaken():
+    # sysmalloc: `av->system_mem += size` comes before max_system_mem follows
+    img = build([Chunk(0x100)], thread_chunks=[[Chunk(0x100)]])
+    a = img.thread_arenas[0]
+    img.space.q(a + img.layout.max_system_mem, 1 << 19)
+    img.space.write(a, struct.pack("<i", 2))  # held, with waiters
+    with pytest.raises(HeapError) as e:
+        analyse(img)
+    assert e.value.kind == "inconsistent"
+
+
+def _thread_tcache(count: int, entries: int):  # type: ignore[no-untyped-def]
+    """A thread arena whose first chunk is its thread's tcache, list 7 (0x90)
+    holding `entries` of the two 0x90 chunks with `counts[5] = count`."""
+    img = build([Chunk(0x100)], thread_chunks=[[Chunk(0x290), Chunk(0x90), Chunk(0x40),
+                                                Chunk(0x90), Chunk(0x40)]])
+    sp, lay = img.space, img.layout
+    first = img.thread_arenas[0] + lay.state_size
+    first += (16 - (first + 16) % 16) % 16  # as synth lays it out
+    mem = first + 16
+    c1, c2 = first + 0x290, first + 0x290 + 0x90 + 0x40
+    sp.write(mem + 2 * 7, struct.pack("<H", count))
+    chain = [c1 + 16, c2 + 16][:entries]
+    if chain:
+        sp.q(mem + lay.tcache_entries + 8 * 7, chain[0])
+    for a, b in zip(chain, chain[1:] + [0]):
+        sp.q(a, (a >> 12) ^ b)
+    return img
+
+
+def test_thread_tcache_is_found():
+    r = analyse(_thread_tcache(2, 2))
+    assert r["tcaches"] == 2
+    assert r["arenas"][1]["tcache_bytes"] == 2 * 0x90
+
+
+@pytest.mark.parametrize("count,entries", [(0, 1), (1, 2), (2, 1)])
+def test_tcache_caught_between_its_list_and_its_count_is_retaken(count, entries):
+    # tcache_put/tcache_get take no lock: the list head and the count are two
+    # stores; dropping the tcache would count its chunks as in use
+    with pytest.raises(HeapError) as e:
+        analyse(_thread_tcache(count, entries))
+    assert e.value.kind == "inconsistent"
+    assert "tcache" in e.value.message and "half-updated" in e.value.message
+
+
+def test_two_free_chunks_side_by_side_are_a_free_in_progress():
+    # free() coalesces: only a thread between unlink and set_head leaves two
+    img = build([Chunk(0x40), Chunk(0x100, "free"), Chunk(0x100, "free"), Chunk(0x40)])
+    with pytest.raises(HeapError) as e:
+        analyse(img)
+    assert e.value.kind == "inconsistent" and "side by side" in e.value.message
+
+
+def test_free_chunk_right_before_the_top_is_a_free_in_progress():
+    img = build([Chunk(0x40), Chunk(0x100, "free")])
+    with pytest.raises(HeapError) as e:
+        analyse(img)
+    assert e.value.kind == "inconsistent" and "before the top" in e.value.message
