@@ -236,6 +236,11 @@ class Probes:
         # time SIGTERM takes.
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(self._detach_quietly, list(self.bpf.tracepoint_fds)))
+        # Empty the tail-call slot: a program array whose entries hold programs
+        # is freed only after a deferred clear, which a reader opening it by ID
+        # (bpftool, tests) can keep postponing; empty, it goes with its last fd.
+        with contextlib.suppress(Exception):
+            del self.bpf["finish_prog"][ctypes.c_int(0)]
         try:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
