@@ -227,12 +227,13 @@ def _cells(r: Row, exact: bool) -> dict[str, Text]:
         "pss": plain(fmt_bytes(min(pss, r.rss) if stale and pss is not None else pss, exact),
                      style="dim" if stale else ""),
         "uss": plain(fmt_bytes(min(r.uss, r.rss) if r.uss is not None else None, exact)),
-        "Δrss": plain(fmt_delta(r.delta, exact) if r.delta is not None else ""),
+        # no change: an empty cell, so the rows that change stand out
+        "Δrss": plain(fmt_delta(r.delta, exact) if r.delta else ""),
         "anon": plain(fmt_bytes(r.anon, exact)),
         "file": plain(fmt_bytes(r.file, exact)),
         "shmem": plain(fmt_bytes(r.shmem, exact)),
         "faults": plain(str(r.faults)),
-        "faults/s": plain(rate(r.fault_rate) if r.fault_rate is not None else ""),
+        "faults/s": plain(rate(r.fault_rate) if r.fault_rate else ""),
         "path": plain(r.path),
     }
 
@@ -269,6 +270,31 @@ def pack(items: list[str], width: int, sep: str = "  ") -> list[str]:
     if cur:
         lines.append(cur)
     return lines
+
+
+_UNIT_WORD = re.compile(r"^(B|KiB|MiB|GiB|TiB)\W*$")
+
+
+def wrap_words(text: str, width: int) -> list[str]:
+    """`text` on lines of at most `width` characters, broken at spaces but
+    never between a number and its unit (`50.6 MiB` stays on one line)."""
+    words: list[str] = []
+    for w in text.split(" "):
+        if words and _UNIT_WORD.match(w):
+            words[-1] = f"{words[-1]} {w}"
+        else:
+            words.append(w)
+    lines: list[str] = []
+    for line in pack(words, width, sep=" "):
+        while len(line) > width:          # one word longer than a line
+            lines.append(line[:width])
+            line = line[width:]
+        lines.append(line)
+    return lines
+
+
+def wrapped(text: str, width: int, style: str = "") -> list[Text]:
+    return [plain(line, style=style) for line in wrap_words(escape_text(text), width)]
 
 
 class TableReporter:
@@ -371,7 +397,7 @@ class TableReporter:
         width = self.console.size.width
         machine = meminfo_summary()
         if machine:
-            parts.append(plain(machine, style="dim"))
+            parts.extend(wrapped(machine, width, style="dim"))
         if not self.live_mode:
             parts.append(plain(time.strftime("%Y-%m-%d %H:%M:%S"), style="bold"))
         for snap in self.snaps.values():
@@ -383,7 +409,7 @@ class TableReporter:
         if not self.live_mode:
             self.recent.clear()
         for note in self.notes:
-            parts.append(plain(note, style="dim"))
+            parts.extend(wrapped(note, width, style="dim"))
         return Group(*parts)
 
     def _rows_per_process(self) -> int:
@@ -423,17 +449,18 @@ class TableReporter:
         out += [plain(line) for line in lines[1:]]
         heap = snap.get("heap")
         if isinstance(heap, dict) and heap.get("verdict"):
-            out.append(plain(f"heap: {heap['verdict']}", style="dim"))
+            out.extend(wrapped(f"heap: {heap['verdict']}", width, style="dim"))
         elif isinstance(heap, dict) and heap.get("status") in ("unsupported", "failed"):
-            out.append(plain(f"heap: {heap['status']}: {heap.get('reason', '')}", style="dim"))
+            out.extend(wrapped(f"heap: {heap['status']}: {heap.get('reason', '')}", width,
+                               style="dim"))
         return out
 
     def _process(self, snap: dict[str, Any], width: int) -> list[Any]:
         parts: list[Any] = self._head(snap, width)
         calls = ", ".join(f"{k} {v}" for k, v in snap["syscalls"].items() if v)
         rescans = ", ".join(f"{k} {v}" for k, v in snap["full_rescans"].items())
-        parts.append(plain(f"calls: {calls or '-'}   full rescans: {rescans or '-'}   "
-                           f"lost {snap['events_lost']}", style="dim"))
+        parts.extend(wrapped(f"calls: {calls or '-'}   full rescans: {rescans or '-'}   "
+                             f"lost {snap['events_lost']}", width, style="dim"))
         seconds, _, _, previous = self._deltas.get(snap["pid"], (None, None, None, None))
         rows = select_rows(snap, self.opts, previous, seconds)
         limit = self._rows_per_process()

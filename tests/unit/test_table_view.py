@@ -274,11 +274,23 @@ def test_pss_above_rss_is_clamped_and_dim():
     assert "dim pss: refreshed before the latest rss change" in out
 
 
-def test_heap_verdict_in_the_header():
+VERDICT = ("1.3 MiB of 1.5 MiB resident heap bytes are in use: the memory is held by live "
+           "allocations; malloc_trim(0) would return 76.0 KiB; 4 allocation(s) of 50.6 MiB "
+           "have their own mmap (returned to the system by free)")
+
+
+@pytest.mark.parametrize("width", [80, 120, 200])
+def test_heap_verdict_in_the_header(width):
     snap = python_snapshot()
-    snap["heap"] = {"status": "ok", "verdict": "small heap: 1.0 MiB of 1.0 MiB in use"}
-    out = render([snap], 120)
-    assert "heap: small heap: 1.0 MiB of 1.0 MiB in use" in out
+    snap["heap"] = {"status": "ok", "verdict": VERDICT}
+    out = render([snap], width)
+    lines = out.splitlines()
+    at = next(i for i, line in enumerate(lines) if line.startswith("heap: "))
+    text = " ".join(lines[at:at + 4])
+    assert ("heap: " + VERDICT) in text
+    for size in re.findall(r"\d+\.\d (?:KiB|MiB)", VERDICT):   # never split from its unit
+        assert any(size in line for line in lines), size
+    assert all(len(line) <= width for line in lines)
 
 
 def test_a_pipe_gets_one_plain_frame_per_tick():
