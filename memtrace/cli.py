@@ -679,12 +679,14 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
               "(SIGCONT always follows; the pause is reported).")
 @click.option("--retries", type=click.IntRange(min=0, max=1000), default=5, show_default=True,
               help="Walks to retry when the heap changes under the walk.")
-def heap(pid: int, fmt: str, stop: bool, retries: int) -> None:
+@click.option("--bytes", "exact", is_flag=True,
+              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
+def heap(pid: int, fmt: str, stop: bool, retries: int, exact: bool) -> None:
     """Why memory is not given back: anatomy of a process's glibc malloc heap
     (in use, free, resident holes, what malloc_trim(0) would return)."""
     from memtrace.heap import heap_command
 
-    _echo(heap_command(pid, fmt, stop, retries))
+    _echo(heap_command(pid, fmt, stop, retries, exact))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -737,7 +739,10 @@ def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
               show_default=True)
 @click.option("--all-files", is_flag=True, help="Count every file-backed mapping "
               "(executables, data files), not only shared libraries.")
-def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool) -> None:
+@click.option("--bytes", "exact", is_flag=True,
+              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
+def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool,
+         exact: bool) -> None:
     """Shared libraries and who pays for them (like Android's librank): per
     library (all segments: text, rodata/relro, data, bss) the processes mapping
     it with their RSS, PSS (each page divided by its map count) and USS (pages
@@ -747,7 +752,7 @@ def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool
     memtrace libs PID [PID ...] | memtrace libs --all"""
     from memtrace.libs import libs_command
 
-    _echo(libs_command(pids, all_, sort, fmt, all_files))
+    _echo(libs_command(pids, all_, sort, fmt, all_files, exact=exact))
 
 
 @cli.command()
