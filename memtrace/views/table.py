@@ -395,11 +395,11 @@ class TableReporter:
     def _group(self) -> Group:
         parts: list[Any] = []
         width = self.console.size.width
+        if not self.live_mode:         # a pipe: each frame starts with its time
+            parts.append(plain(f"-- {time.strftime('%Y-%m-%d %H:%M:%S')}", style="bold"))
         machine = meminfo_summary()
         if machine:
             parts.extend(wrapped(machine, width, style="dim"))
-        if not self.live_mode:
-            parts.append(plain(time.strftime("%Y-%m-%d %H:%M:%S"), style="bold"))
         for snap in self.snaps.values():
             parts.extend(self._process(snap, width))
         if self.recent and self.live_mode:
@@ -426,7 +426,7 @@ class TableReporter:
         seconds, drss, frate, _ = self._deltas.get(snap["pid"], (None, None, None, None))
         items = [f"rss {fmt_bytes(snap['rss_bytes'], x)}"]
         if drss is not None:
-            items[0] += f" ({fmt_delta(drss, x)})"
+            items[0] += f" (Δ {fmt_delta(drss, x)})"
         items += [f"pss {fmt_bytes(snap.get('pss_bytes'), x)}",
                   f"uss {fmt_bytes(snap.get('uss_bytes'), x)}",
                   f"anon {fmt_bytes(snap['anon_bytes'], x)}",

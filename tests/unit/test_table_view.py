@@ -6,6 +6,7 @@ exact bytes), the heap verdict and plain frames on a pipe."""
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import pytest
@@ -234,7 +235,7 @@ def test_deltas_and_fault_rate_and_sort():
     first = parse_row(header, rows[0])
     assert first["Δrss"] == fmt_delta(2 * MIB) == "+2.0 MiB"
     assert first["faults/s"] == "500"
-    assert "faults/s 500" in out and f"({fmt_delta(2 * MIB)})" in out
+    assert "faults/s 500" in out and f"(Δ {fmt_delta(2 * MIB)})" in out
 
 
 def test_filters_top_and_by_library():
@@ -294,6 +295,36 @@ def test_heap_verdict_in_the_header(width):
 
 
 def test_a_pipe_gets_one_plain_frame_per_tick():
-    out = render([python_snapshot(ts=100.0 + i) for i in range(3)], 120, terminal=False)
-    assert "\x1b" not in out
-    assert len([line for line in out.splitlines() if line.startswith("4242 python3")]) == 3
+    """Not a terminal: every tick writes one plain frame (one record of the
+    bounded writer, flushed), without cursor movement; nothing waits for exit."""
+    from memtrace.views.output import OutputStream, TextOutput
+
+    records = []
+
+    class Stream(OutputStream):        # the writer's side, recorded
+        def __init__(self):
+            self.fd = os.open(os.devnull, os.O_WRONLY)
+
+        def write_record(self, parts):
+            records.append(b"".join(parts).decode())
+            return True
+
+        def check(self):
+            pass
+
+        def close(self):
+            os.close(self.fd)
+
+    console = Console(file=TextOutput(Stream()).as_io(), width=120, color_system=None)
+    assert not console.is_terminal
+    table = TableReporter(console, options=TableOptions(top=3))
+    for i in range(3):
+        table.snapshot(python_snapshot(ts=100.0 + i))
+        table.tick_done()
+        assert len(records) == i + 1       # written at the tick, not at exit
+        frame = records[-1]
+        assert frame.startswith("-- ") and "4242 python3" in frame and "\x1b" not in frame
+        assert frame.count("4242 python3") == 1
+    table.message("pid 4242 exited")
+    table.close()
+    assert records[-1].rstrip().endswith("pid 4242 exited")
