@@ -176,6 +176,18 @@ def _fold(maps: list[dict[str, Any]]) -> list[Row]:
     return rows
 
 
+def _end_key(r: Row) -> tuple[Any, ...]:
+    return ("end", r.end, r.key[-1])
+
+
+def row_figures(rows: list[Row]) -> dict[tuple[Any, ...], tuple[int, int]]:
+    """(rss, faults) of each row, by its key and by its end (for the next deltas)."""
+    out: dict[tuple[Any, ...], tuple[int, int]] = {}
+    for r in rows:
+        out[r.key] = out[_end_key(r)] = (r.rss, r.faults)
+    return out
+
+
 _SORT_KEYS: dict[str, Callable[[Row], Any]] = {
     "rss": lambda r: -r.rss,
     "pss": lambda r: -(r.pss or 0),
@@ -202,7 +214,9 @@ def select_rows(snap: dict[str, Any], opts: TableOptions,
     rows = _fold(maps) if opts.by_library else [_row(m) for m in maps]
     if previous is not None:
         for r in rows:
-            before = previous.get(r.key)
+            # the same mapping: same start, or else same end (an anonymous
+            # mapping that grew downwards: a new mmap merged below it)
+            before = previous.get(r.key) or previous.get(_end_key(r))
             if before is None:
                 continue
             r.delta = r.rss - before[0]
@@ -327,8 +341,8 @@ class TableReporter:
     def snapshot(self, snap: dict[str, Any]) -> None:
         pid = snap["pid"]
         old = self._prev.get(pid)
-        rows_now = {r.key: (r.rss, r.faults) for r in select_rows(
-            snap, TableOptions(by_library=self.opts.by_library), None, None)}
+        rows_now = row_figures(select_rows(
+            snap, TableOptions(by_library=self.opts.by_library), None, None))
         if old is not None and snap.get("ts") is not None and old[0] != snap["ts"]:
             seconds = snap["ts"] - old[0]
             self._deltas[pid] = (seconds, snap["rss_bytes"] - old[1],

@@ -238,6 +238,18 @@ def test_deltas_and_fault_rate_and_sort():
     assert "faults/s 500" in out and f"(Δ {fmt_delta(2 * MIB)})" in out
 
 
+def test_delta_of_an_anonymous_mapping_that_grew_downwards():
+    a = python_snapshot(ts=100.0)
+    b = python_snapshot(ts=101.0)
+    m = next(m for m in b["mappings"] if m["kind"] == "anon")
+    m["start"] -= MIB                   # a new 1 MiB mmap merged below it
+    m["rss_bytes"] += MIB
+    m["anon_bytes"] += MIB
+    out = render([a, b], 120)
+    header, rows = last_table(out)
+    assert parse_row(header, rows[0])["Δrss"] == "+1.0 MiB"
+
+
 def test_filters_top_and_by_library():
     snap = python_snapshot()
     out = render([snap], 200, TableOptions(top=50, kinds=frozenset({"library"}),
