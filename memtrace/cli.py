@@ -221,8 +221,8 @@ def _table_options(f: Any) -> Any:
                      "(faults/s, then faults since attach), delta (largest |Δrss| "
                      "first), name (path)."),
         click.option("--top", type=click.IntRange(min=1, max=1_000_000), default=None,
-                     help="Rows per process (table; default: what fits the terminal, 20 "
-                     "on a pipe)."),
+                     help="Rows per process (table; default: what fits the terminal; on "
+                     "a pipe 20, or what fits $LINES)."),
         click.option("--kind", "kinds", type=click.Choice(KINDS), multiple=True,
                      help="Only mappings of this kind (table; repeatable)."),
         click.option("--path", "path_re", type=Regex(), default=None,

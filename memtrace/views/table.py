@@ -13,6 +13,7 @@ each interval writes one plain frame (no cursor movement), flushed.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections import deque
@@ -429,8 +430,8 @@ class TableReporter:
     def _rows_per_process(self) -> int:
         if self.opts.top is not None:
             return self.opts.top
-        if not self.live_mode:
-            return 20
+        if not self.live_mode and "LINES" not in os.environ:
+            return 20                  # a pipe or a file: no height to fit
         height = self.console.size.height
         n = max(1, len(self.snaps))
         return max(3, (height - 14) // n - 6)
