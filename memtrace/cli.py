@@ -165,6 +165,94 @@ def _common(f: Any) -> Any:
     return f
 
 
+# ---- options of the live table (watch, run; issue 11). Kept together: they all
+# land in one TableOptions (memtrace/views/table.py), passed as `table_opts`.
+
+_TABLE_KEYS = ("sort", "top", "kinds", "path_re", "by_library", "exact", "columns", "wide")
+
+
+class Regex(click.ParamType):
+    """A Python regular expression, compiled (a bad one is a usage error)."""
+
+    name = "regex"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        import re
+
+        if isinstance(value, re.Pattern):
+            return value
+        try:
+            return re.compile(value)
+        except re.error as e:
+            self.fail(f"{value!r} is not a regular expression: {e}", param, ctx)
+
+
+class ColumnList(click.ParamType):
+    """Comma-separated table columns (views/table.py COLUMNS)."""
+
+    name = "columns"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[str, ...]:
+        from memtrace.views.table import COLUMNS
+
+        if isinstance(value, tuple):
+            return value
+        names = tuple(c.strip() for c in str(value).split(",") if c.strip())
+        aliases = {"delta": "Δrss", "drss": "Δrss", "rate": "faults/s"}
+        names = tuple(aliases.get(c, c) for c in names)
+        bad = [c for c in names if c not in COLUMNS]
+        if bad or not names:
+            self.fail(f"{value!r}: unknown column {bad[0] if bad else '(none)'!r}; columns: "
+                      + ", ".join(COLUMNS), param, ctx)
+        return names
+
+
+def _table_options(f: Any) -> Any:
+    """--sort, --top, --kind, --path, --by-library, --bytes, --columns, --wide:
+    what the table shows (docs/output.md, "The live table"). The command gets
+    them as one `table_opts` (a TableOptions)."""
+    import functools
+
+    from memtrace.views.table import KINDS, SORTS
+
+    options = [
+        click.option("--sort", type=click.Choice(SORTS), default="rss", show_default=True,
+                     help="Order of a process's rows (table): a byte column, faults "
+                     "(faults/s, then faults since attach), delta (largest |Δrss| "
+                     "first), name (path)."),
+        click.option("--top", type=click.IntRange(min=1, max=1_000_000), default=None,
+                     help="Rows per process (table; default: what fits the terminal; on "
+                     "a pipe 20, or what fits $LINES)."),
+        click.option("--kind", "kinds", type=click.Choice(KINDS), multiple=True,
+                     help="Only mappings of this kind (table; repeatable)."),
+        click.option("--path", "path_re", type=Regex(), default=None,
+                     help="Only mappings whose path (or library) matches this regex (table)."),
+        click.option("--by-library", is_flag=True, help="One row per library or "
+                     "executable: its segments (text, rodata, relro, data, bss) summed (table)."),
+        click.option("--bytes", "exact", is_flag=True,
+                     help="Exact byte counts instead of KiB/MiB/GiB (table)."),
+        click.option("--columns", type=ColumnList(), default=None,
+                     help="Comma-separated columns to show (table; default every column but "
+                     "range). Columns that do not fit the terminal are still left out."),
+        click.option("--wide", is_flag=True, help="Every column, the address range too (table)."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from memtrace.views.table import COLUMNS, DEFAULT_COLUMNS, TableOptions
+
+        v = {k: kwargs.pop(k) for k in _TABLE_KEYS}
+        columns = COLUMNS if v["wide"] else (v["columns"] or DEFAULT_COLUMNS)
+        kwargs["table_opts"] = TableOptions(
+            sort=v["sort"], top=v["top"], kinds=frozenset(v["kinds"]), path=v["path_re"],
+            by_library=v["by_library"], exact=v["exact"], columns=tuple(columns))
+        return f(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+
+
 def _serve(session: Session, no_serve: bool, listen: str,
            web_config: str | WebConfig | None, max_mapping_series: int) -> MetricsServer | None:
     if no_serve:
@@ -187,7 +275,7 @@ def _serve(session: Session, no_serve: bool, listen: str,
     return server
 
 
-def _reporter(fmt: str, output: str | None) -> Reporter:
+def _reporter(fmt: str, output: str | None, table_opts: Any = None) -> Reporter:
     """The view for --format, writing to stdout or -o FILE through an
     OutputStream (views/output.py: never blocks; OutputError on failure)."""
     if fmt == "none":
@@ -204,7 +292,7 @@ def _reporter(fmt: str, output: str | None) -> Reporter:
 
     from memtrace.views.output import TextOutput
     from memtrace.views.table import TableReporter
-    return TableReporter(Console(file=TextOutput(stream).as_io()))
+    return TableReporter(Console(file=TextOutput(stream).as_io()), options=table_opts)
 
 
 def _echo(text: str) -> None:
@@ -228,9 +316,11 @@ def cli() -> None:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("pids", nargs=-1, required=True, type=int)
 @_common
+@_table_options
 def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: float,
           no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-          output: str | None, heap_interval: float, pss_interval: float) -> None:
+          output: str | None, heap_interval: float, pss_interval: float,
+          table_opts: Any) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
     A PID that exits (or exits while being attached) is reported and the others
@@ -239,7 +329,7 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
     web_cfg = None if no_serve else load_web_config(web_config)
     procfs = ProcFS()
     pids = _existing_targets(procfs, pids)
-    session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
+    session = Session(_reporter(fmt, output, table_opts), interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
@@ -399,9 +489,11 @@ def _status_to_code(status: int) -> int:
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @_common
+@_table_options
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
         no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-        output: str | None, heap_interval: float, pss_interval: float) -> None:
+        output: str | None, heap_interval: float, pss_interval: float,
+        table_opts: Any) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080
@@ -413,7 +505,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     web_cfg = None if no_serve else load_web_config(web_config)
     stop = threading.Event()
     forwarder = _Forwarder(stop)      # before any thread: they inherit its mask
-    session = Session(_reporter(fmt, output), interval, reconcile_interval)
+    session = Session(_reporter(fmt, output, table_opts), interval, reconcile_interval)
     session.stop = stop
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
@@ -588,12 +680,14 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
 @click.option("--retries", type=click.IntRange(min=0, max=1000), default=5, show_default=True,
               help="Walks to retry when the heap changes under the walk (with --stop: "
               "snapshots to take again when a thread was stopped inside malloc).")
-def heap(pid: int, fmt: str, stop: bool, retries: int) -> None:
+@click.option("--bytes", "exact", is_flag=True,
+              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
+def heap(pid: int, fmt: str, stop: bool, retries: int, exact: bool) -> None:
     """Why memory is not given back: anatomy of a process's glibc malloc heap
     (in use, free, resident holes, what malloc_trim(0) would return)."""
     from memtrace.heap import heap_command
 
-    _echo(heap_command(pid, fmt, stop, retries))
+    _echo(heap_command(pid, fmt, stop, retries, exact))
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
@@ -646,7 +740,10 @@ def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
               show_default=True)
 @click.option("--all-files", is_flag=True, help="Count every file-backed mapping "
               "(executables, data files), not only shared libraries.")
-def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool) -> None:
+@click.option("--bytes", "exact", is_flag=True,
+              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
+def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool,
+         exact: bool) -> None:
     """Shared libraries and who pays for them (like Android's librank): per
     library (all segments: text, rodata/relro, data, bss) the processes mapping
     it with their RSS, PSS (each page divided by its map count) and USS (pages
@@ -656,7 +753,7 @@ def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool
     memtrace libs PID [PID ...] | memtrace libs --all"""
     from memtrace.libs import libs_command
 
-    _echo(libs_command(pids, all_, sort, fmt, all_files))
+    _echo(libs_command(pids, all_, sort, fmt, all_files, exact=exact))
 
 
 @cli.command()

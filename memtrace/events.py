@@ -7,6 +7,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 
+from memtrace.units import fmt_bytes
+
 CHUNK_SHIFT = 21
 CHUNK_SIZE = 1 << CHUNK_SHIFT
 USER_ADDR_MAX = 0x00007FFFFFFFF000
@@ -128,7 +130,7 @@ class SyscallEvent:
         n = self.name
         if n == "mmap":
             res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
-            return f"mmap(len={_size(a[1])}, fd={_signed(a[4])}) {res}"
+            return f"mmap(len={_size(a[1])}, fd={_fd(a[4])}) {res}"
         if n in ("munmap", "mprotect", "pkey_mprotect", "mlock", "mlock2", "munlock"):
             return f"{n}({a[0]:#x}, {_size(a[1])}) = {self.ret}"
         if n == "madvise":
@@ -146,11 +148,15 @@ def _signed(v: int) -> int:
     return v - (1 << 64) if v >= 1 << 63 else v
 
 
+def _fd(v: int) -> int:
+    """mmap's fd is an int: the tracepoint's 64-bit slot may hold it
+    zero-extended (4294967295 for -1) or sign-extended."""
+    v &= 0xFFFFFFFF
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
 def _size(n: int) -> str:
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if n >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
+    return fmt_bytes(n)
 
 
 def decode_event(data: bytes) -> SyscallEvent:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrace.procfs import PAGE_SIZE, escape_name
+from memtrace.units import fmt_bytes
 
 STATM_FIELDS = ("size", "resident", "shared", "text", "lib", "data", "dt")
 
@@ -110,13 +111,7 @@ def machine_view(proc_root: str | Path = "/proc") -> dict[str, Any]:
             "fields": fields, "summary": machine_summary(mi)}
 
 
-def _h(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if abs(n) >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
+_h = fmt_bytes
 
 
 def machine_summary(mi: dict[str, int]) -> str:

@@ -38,6 +38,7 @@ from itertools import accumulate, compress
 from typing import Any, Protocol
 
 from memtrace.procfs import Vma, escape_name, parse_maps
+from memtrace.units import fmt_bytes
 
 SIZE_SZ = 8
 MALLOC_ALIGNMENT = 16
@@ -1178,10 +1179,8 @@ def totals(arenas: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def human(n: float) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if abs(n) >= div:
-            return f"{n / div:.1f} {unit}"
-    return f"{int(n)} B"
+    """Sizes in the verdict: always IEC units (memtrace.units)."""
+    return fmt_bytes(n)
 
 
 def verdict(report: dict[str, Any]) -> str:
@@ -1600,7 +1599,13 @@ def analyse_process(pid: int, stop: bool = False, retries: int = 5,
 # ------------------------------------------------------------------------ the table
 
 
-def render_table(report: dict[str, Any]) -> str:
+def render_table(report: dict[str, Any], exact: bool = False) -> str:
+    """The table of `memtrace heap`; exact: byte counts (--bytes) instead of
+    IEC units (the verdict keeps its units)."""
+
+    def human(n: float) -> str:
+        return fmt_bytes(n, exact)
+
     head = f"{report.get('comm') or ''} (pid {report['pid']})".strip()
     if not report.get("supported"):
         return f"{head}: allocator {report.get('allocator')}: {report.get('reason')}"
@@ -1663,7 +1668,7 @@ def render_table(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- command
 
 
-def heap_command(pid: int, fmt: str, stop: bool, retries: int) -> str:
+def heap_command(pid: int, fmt: str, stop: bool, retries: int, exact: bool = False) -> str:
     """What `memtrace heap` prints; MemtraceError (with its exit code) otherwise."""
     import json
 
@@ -1688,7 +1693,7 @@ def heap_command(pid: int, fmt: str, stop: bool, retries: int) -> str:
         raise
     if fmt == "json":
         return json.dumps(report)
-    return render_table(report)
+    return render_table(report, exact)
 
 
 # ------------------------------------------------ background walks for watch/run/agent

@@ -22,6 +22,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from memtrace.units import fmt_bytes
+
 SETTLE_TICKS = 3          # report a load at the latest this many ticks after it appeared
 MAX_NAMED = 100           # library identities with their own totals per process
 OTHER = "[other]"
@@ -166,8 +168,7 @@ class LibraryEvents:
 
 def describe(ev: dict[str, Any]) -> str:
     """One line for the live table."""
-    def mib(n: int) -> str:
-        return f"{n / (1 << 20):.1f} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+    mib = fmt_bytes
     who = f"[{ev['pid']}] {ev['comm']}"
     if ev["event"] == "library_load":
         return (f"{who} loaded {ev['mapping']} at {ev['base']:#x}: {mib(ev['mapped_bytes'])} "

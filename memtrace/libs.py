@@ -20,6 +20,7 @@ from memtrace.attribution import classify
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.procfs import PAGE_SIZE, PF_KTHREAD, ProcFS, Vma
 from memtrace.pss import KPageCounts, PssReader, Usage
+from memtrace.units import fmt_bytes
 
 SORT_KEYS = ("rss", "pss", "uss", "name")
 FORMATS = ("table", "json", "csv")
@@ -309,28 +310,33 @@ def render_csv(report: Report, sort: str) -> str:
     return buf.getvalue().rstrip("\n")
 
 
-def _kb(n: int) -> str:
-    return f"{n >> 10}K"
+def _row(u: Usage, rest: str, exact: bool) -> str:
+    w = 12 if exact else 10
+    return (f"{fmt_bytes(u.rss, exact):>{w}} {fmt_bytes(u.pss, exact):>{w}} "
+            f"{fmt_bytes(u.uss, exact):>{w}} {fmt_bytes(u.swap, exact):>{w}}  {rest}")
 
 
-def _row(u: Usage, rest: str) -> str:
-    return f"{_kb(u.rss):>10} {_kb(u.pss):>10} {_kb(u.uss):>10} {_kb(u.swap):>8}  {rest}"
-
-
-def render_table(report: Report, sort: str) -> str:
+def render_table(report: Report, sort: str, exact: bool = False) -> str:
+    """The table of `memtrace libs`: IEC units (memtrace.units), or exact
+    bytes (--bytes)."""
     comms = _comms(report)
-    lines = [f"{'RSS':>10} {'PSS':>10} {'USS':>10} {'Swap':>8}  LIBRARY / PROCESS [PID]"]
+    w = 12 if exact else 10
+
+    def head(what: str) -> str:
+        return f"{'RSS':>{w}} {'PSS':>{w}} {'USS':>{w}} {'Swap':>{w}}  {what}"
+
+    lines = [head("LIBRARY / PROCESS [PID]")]
     for lib in sorted_libraries(report, sort):
-        lines.append(_row(lib.total, f"{lib.path} ({len(lib.per_pid)} processes)"))
+        lines.append(_row(lib.total, f"{lib.path} ({len(lib.per_pid)} processes)", exact))
         for pid, u in sorted(lib.per_pid.items(),
                              key=lambda kv: _sort_key(sort, comms[kv[0]], kv[1])):
-            lines.append(_row(u, f"    {comms[pid]} [{pid}]"))
+            lines.append(_row(u, f"    {comms[pid]} [{pid}]", exact))
     lines.append("")
-    lines.append(f"{'RSS':>10} {'PSS':>10} {'USS':>10} {'Swap':>8}  PROCESS TOTALS (all mappings)")
+    lines.append(head("PROCESS TOTALS (all mappings)"))
     for p in sorted(report.processes, key=lambda p: _sort_key(sort, p.comm, p.total)):
-        lines.append(_row(p.total, f"{p.comm} [{p.pid}]"))
+        lines.append(_row(p.total, f"{p.comm} [{p.pid}]", exact))
     lines.append(_row(_grand_total(report), f"TOTAL ({len(report.processes)} processes, "
-                      f"{len(report.libraries)} libraries)"))
+                      f"{len(report.libraries)} libraries)", exact))
     if report.skipped:
         lines.append("skipped: " + ", ".join(f"{n} {what.replace('_', ' ')}"
                                              for what, n in sorted(report.skipped.items())))
@@ -341,7 +347,8 @@ RENDERERS = {"table": render_table, "json": render_json, "csv": render_csv}
 
 
 def libs_command(pids: Sequence[int], all_: bool, sort: str, fmt: str,
-                 all_files: bool = False, procfs: ProcFS | None = None) -> str:
+                 all_files: bool = False, procfs: ProcFS | None = None,
+                 exact: bool = False) -> str:
     """What `memtrace libs` prints; MemtraceError for bad input."""
     procfs = procfs or ProcFS()
     if bool(pids) == all_:
@@ -355,4 +362,6 @@ def libs_command(pids: Sequence[int], all_: bool, sort: str, fmt: str,
         for pid in targets:
             procfs.check_target(pid)
     report = collect(targets, procfs, all_files, strict=bool(pids))
+    if fmt == "table":
+        return render_table(report, sort, exact)
     return RENDERERS[fmt](report, sort)

@@ -315,6 +315,10 @@ def test_table_renders():
     text = heap.render_table(r)
     assert "paused 12.0 ms" in text and "verdict:" in text and "yes (208 B)" in text
     assert "malloc's own in-use count (mallinfo2().uordblks)" in text
+    exact = heap.render_table(r, exact=True)       # --bytes (issue 11)
+    size = str(r["arenas"][0]["size_bytes"])
+    assert f" {size} " in exact and f" {heap.human(r['arenas'][0]['size_bytes'])} " in text
+    assert exact.splitlines()[-1] == text.splitlines()[-1]   # the verdict keeps its units
     un = heap.render_table({"pid": 2, "comm": "y", "supported": False, "allocator": "musl",
                             "reason": "musl"})
     assert "allocator musl" in un

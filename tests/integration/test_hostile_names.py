@@ -204,7 +204,7 @@ def test_hostile_names_in_watch_json_metrics_and_table(hostile, tmp_path):
         if not term.wait_for(shown[-1].encode(), ATTACH_TIMEOUT):
             problems.append(f"table on a terminal never showed {shown[-1]!r}")
         term.read(2)
-        # -- the table, into a file (written when memtrace stops) ---------------
+        # -- the table, into a file (a plain frame per interval) ----------------
         deadline = time.monotonic() + ATTACH_TIMEOUT
         while (b"first snapshot" not in (tmp_path / "file.log").read_bytes()
                and file_mt.alive() and time.monotonic() < deadline):

@@ -393,3 +393,49 @@ def test_one_shot_output_to_a_closed_pipe_is_quiet():
     finally:
         os.close(w_fd)
     assert r.returncode == 14 and r.stderr == "", r.stderr
+
+
+# ---- the table's options (issue 11)
+
+@pytest.mark.parametrize("cmd", ["watch", "run"])
+@pytest.mark.parametrize("args", [
+    ["--path", "("], ["--columns", "rss,bogus"], ["--columns", ","], ["--sort", "size"],
+    ["--top", "0"], ["--kind", "heaps"],
+])
+def test_bad_table_options_are_one_usage_line(cmd, args, monkeypatch, capsys):
+    code, out, err = _main(monkeypatch, capsys, [cmd, *args, *TAIL[cmd]])
+    assert code == 2 and "Traceback" not in err and out == "", err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and f"'{args[0]}'" in lines[0], lines
+
+
+def test_table_options_reach_the_table(monkeypatch):
+    import re
+
+    from memtrace import cli
+    from memtrace.views.table import COLUMNS, DEFAULT_COLUMNS, TableOptions
+
+    seen: list[TableOptions] = []
+    monkeypatch.setattr(cli, "_reporter", lambda fmt, output, opts=None: seen.append(opts)
+                        or (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr(cli, "_existing_targets", lambda procfs, pids: pids)
+    for argv in (["1"], ["--sort", "delta", "--top", "7", "--kind", "heap", "--kind", "anon",
+                         "--path", "^/usr", "--by-library", "--bytes",
+                         "--columns", "rss,delta,path", "1"], ["--wide", "1"]):
+        with pytest.raises(SystemExit):
+            cli.watch.main(argv, standalone_mode=False)
+    default, full, wide = seen
+    assert default == TableOptions()
+    assert default.columns == DEFAULT_COLUMNS and "range" not in default.columns
+    assert (full.sort, full.top, full.kinds, full.by_library, full.exact, full.columns) == \
+        ("delta", 7, frozenset({"heap", "anon"}), True, True, ("rss", "Δrss", "path"))
+    assert full.path is not None and full.path.pattern == re.compile("^/usr").pattern
+    assert wide.columns == COLUMNS
+
+
+@pytest.mark.parametrize("cmd", ["heap", "libs"])
+def test_bytes_flag_on_one_shot_tables(cmd):
+    from memtrace import cli
+
+    command = getattr(cli, cmd)
+    assert command.make_context(cmd, ["--bytes", "1"]).params["exact"] is True

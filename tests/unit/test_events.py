@@ -163,7 +163,7 @@ def test_decode_event_negative_ret():
     e = decode_event(pack_event(sys=1, nr=9, ret=-12, args=(0, 1 << 40, 3, 0x22, 2**64 - 1)))
     assert e.ret == -12
     assert not e.ok
-    assert e.describe() == "mmap(len=1024.0 GiB, fd=-1) = -12"
+    assert e.describe() == "mmap(len=1.0 TiB, fd=-1) = -12"
 
 
 @pytest.mark.parametrize(
@@ -177,6 +177,9 @@ def test_decode_event_negative_ret():
             "mmap(len=8.0 KiB, fd=-1) -> 0x7f0000001000",
         ),
         (1, 9, 0x7F0000001000, (0, 4096, 1, 1, 7), "mmap(len=4.0 KiB, fd=7) -> 0x7f0000001000"),
+        # the tracepoint's 64-bit slot holds the int fd zero-extended (issue 11)
+        (1, 9, 0x7F0000001000, (0, 1 << 20, 3, 0x22, 0xFFFFFFFF),
+         "mmap(len=1.0 MiB, fd=-1) -> 0x7f0000001000"),
         (2, 11, 0, (0x7F0000000000, 3 << 20, 0, 0, 0), "munmap(0x7f0000000000, 3.0 MiB) = 0"),
         (5, 10, 0, (0x1000, 100, 1, 0, 0), "mprotect(0x1000, 100 B) = 0"),
         (5, 329, 0, (0x1000, 4096, 1, 2, 0), "pkey_mprotect(0x1000, 4.0 KiB) = 0"),
@@ -221,7 +224,7 @@ def test_describe(sys, nr, ret, args, text):
         (0, "0 B"),
         (1023, "1023 B"),
         (1024, "1.0 KiB"),
-        ((1 << 20) - 1, "1024.0 KiB"),
+        ((1 << 20) - 1, "1.0 MiB"),      # rounds up to the next unit, not "1024.0 KiB"
         (1 << 20, "1.0 MiB"),
         (5 << 30, "5.0 GiB"),
     ],

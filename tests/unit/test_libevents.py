@@ -167,10 +167,10 @@ def test_deleted_library_and_identity_cap(monkeypatch):
 def test_describe_lines():
     load = {"event": "library_load", "pid": 42, "comm": "x", "mapping": "/tmp/l.so",
             "base": 0x1000, "mapped_bytes": 3 << 20, "rss_bytes": 20 << 10}
-    assert describe(load) == "[42] x loaded /tmp/l.so at 0x1000: 3.0 MiB mapped, 20 KiB resident"
+    assert describe(load) == "[42] x loaded /tmp/l.so at 0x1000: 3.0 MiB mapped, 20.0 KiB resident"
     unload = {"event": "library_unload", "pid": 42, "comm": "x", "mapping": "/tmp/l.so",
               "base": 0x1000, "unmapped_bytes": 3 << 20, "rss_bytes": 0}
-    assert "unloaded /tmp/l.so" in describe(unload) and "0 KiB resident given back" in \
+    assert "unloaded /tmp/l.so" in describe(unload) and "0 B resident given back" in \
         describe(unload)
     assert "pid 42 " not in describe(load)   # the table drops a process on "pid N " notes
 

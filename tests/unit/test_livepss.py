@@ -272,8 +272,8 @@ def test_table_shows_pss_and_uss_and_a_dash_when_null(setup):
     table.close()
     text = console.file.getvalue()     # type: ignore[attr-defined]
     lines = text.splitlines()
-    header = next(line for line in lines if line.lstrip().startswith("range"))
-    assert header.split()[5:8] == ["rss", "pss", "uss"]
+    header = next(line for line in lines if line.lstrip().startswith("perms"))
+    assert header.split()[4:7] == ["rss", "pss", "uss"]
     assert f"pss {human(snap['pss_bytes'])}  uss {human(snap['uss_bytes'])}" in text
     assert "pss -  uss -" in text
 

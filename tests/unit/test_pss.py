@@ -299,6 +299,13 @@ def test_collect_and_render(tmp_path, monkeypatch):
     table = libs_mod.render_table(report, "rss")
     assert "(2 processes)" in table and "app11 [11]" in table
     assert "skipped: 1 kernel threads" in table
+    # one unit style (issue 11): IEC units, or exact bytes with --bytes
+    from memtrace.units import fmt_bytes
+    row = next(line for line in table.splitlines() if line.endswith("app10 [10]"))
+    assert row.split()[:2] == fmt_bytes(4 * P).split() == ["16.0", "KiB"]
+    exact = libs_mod.render_table(report, "rss", exact=True)
+    row = next(line for line in exact.splitlines() if line.endswith("app10 [10]"))
+    assert row.split()[0] == str(4 * P)
 
 
 def test_a_process_that_exits_mid_walk_is_skipped_and_counted(tmp_path, monkeypatch):
