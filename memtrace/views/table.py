@@ -43,6 +43,7 @@ class TableReporter:
         self.console = console or Console(file=TextOutput(open_output(None)).as_io())
         self.max_rows = max_rows
         self.snaps: dict[int, dict[str, Any]] = {}
+        self.ended: dict[int, dict[str, Any]] = {}
         self.recent: deque[SyscallEvent] = deque(maxlen=8)
         self.notes: deque[str] = deque(maxlen=5)
         self.live = Live(console=self.console, auto_refresh=False, screen=False)
@@ -62,8 +63,22 @@ class TableReporter:
 
     def message(self, text: str) -> None:
         self.notes.append(f"{time.strftime('%H:%M:%S')} {text}")
-        self.snaps = {p: s for p, s in self.snaps.items() if f"pid {p} " not in text}
+        ended = {p: s for p, s in self.snaps.items() if f"pid {p} " in text}
+        self.ended.update(ended)      # run's final frame shows their last snapshot
+        self.snaps = {p: s for p, s in self.snaps.items() if p not in ended}
         self._render()
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """`run`'s summary, as plain text after the live view stops; its last
+        frame, with the last snapshot of every process seen, stays above it."""
+        from memtrace.views.summary import render_summary
+
+        self.snaps = {**self.ended, **self.snaps}    # the last frame: every process
+        self._render()
+        self.live.stop()
+        width = min(self.console.size.width, 100)
+        for line in render_summary(summary, width).splitlines():
+            self.console.print(plain(line), soft_wrap=True)
 
     def close(self) -> None:
         try:
