@@ -1,0 +1,101 @@
+"""`run`'s summary (memtrace/views/summary.py): the tree's peak is the largest
+sum over one tick, each process keeps its own largest snapshot, the kernel's
+figures are judged against the pre-exec copy, and the text fits 80 columns."""
+
+from __future__ import annotations
+
+import os
+
+from memtrace.views.summary import PeakTracker, build_summary, render_summary, top_mappings
+
+MiB = 1 << 20
+
+
+def snap(pid, ts, comm="job", maps=(), hwm=None):
+    mappings = [{"mapping": name, "path": name, "kind": kind, "rss_bytes": rss}
+                for name, kind, rss in maps]
+    return {"pid": pid, "ts": ts, "comm": comm,
+            "rss_bytes": sum(m["rss_bytes"] for m in mappings),
+            "peak_rss_bytes": hwm, "mappings": mappings}
+
+
+def test_top_mappings_sum_the_segments_of_one_file():
+    s = snap(1, 1.0, maps=[("/lib/libc.so.6", "library", 1 * MiB),
+                           ("/lib/libc.so.6", "library", 2 * MiB),
+                           ("[heap]", "heap", 2 * MiB), ("[anon]", "anon", 0)])
+    assert top_mappings([s]) == [
+        {"pid": 1, "comm": "job", "mapping": "/lib/libc.so.6", "kind": "library",
+         "rss_bytes": 3 * MiB},
+        {"pid": 1, "comm": "job", "mapping": "[heap]", "kind": "heap", "rss_bytes": 2 * MiB}]
+
+
+def test_tree_peak_is_the_largest_sum_at_one_tick():
+    peaks = PeakTracker()
+    # tick 1: parent 10 MiB; tick 2: parent 10 + child 64; tick 3: parent 80 alone
+    peaks.observe({1: snap(1, 1.0, "sh", [("[heap]", "heap", 10 * MiB)], hwm=12 * MiB)})
+    peaks.observe({1: snap(1, 2.0, "sh", [("[heap]", "heap", 10 * MiB)], hwm=12 * MiB),
+                   2: snap(2, 2.0, "py", [("[anon]", "anon", 64 * MiB)], hwm=70 * MiB)})
+    peaks.observe({1: snap(1, 3.0, "sh", [("[heap]", "heap", 70 * MiB)], hwm=75 * MiB)})
+    assert (peaks.peak_rss_bytes, peaks.peak_ts, peaks.peak_processes) == (74 * MiB, 2.0, 2)
+    assert [(m["pid"], m["mapping"]) for m in peaks.peak_top] == [(2, "[anon]"), (1, "[heap]")]
+    s = build_summary(peaks, command=["sh", "-c", "x"], pid=1, status=0, duration=3.0,
+                      ru_maxrss_bytes=75 * MiB, pre_exec_rss_bytes=40 * MiB)
+    assert s["peak_rss_bytes"] == 74 * MiB and s["processes_seen"] == 2 and s["ticks"] == 3
+    by_pid = {p["pid"]: p for p in s["processes"]}
+    assert by_pid[1]["peak_rss_bytes"] == 70 * MiB and by_pid[1]["peak_ts"] == 3.0
+    assert by_pid[1]["kernel_peak_rss_bytes"] == 75 * MiB
+    assert by_pid[2]["peak_rss_bytes"] == 64 * MiB and by_pid[2]["last_ts"] == 2.0
+    assert [p["pid"] for p in s["processes"]] == [1, 2]          # largest peak first
+    assert s["kernel_peak_rss_bytes"] == 75 * MiB
+    assert s["kernel"] == {"ru_maxrss_bytes": 75 * MiB, "pre_exec_rss_bytes": 40 * MiB,
+                           "vmhwm_bytes": 75 * MiB}
+    assert (s["exit_status"], s["signal"]) == (0, None)
+
+
+def test_a_reused_pid_is_another_process():
+    peaks = PeakTracker()
+    peaks.observe({5: snap(5, 1.0, "a", [("[heap]", "heap", MiB)])})
+    peaks.observe({})                                   # 5 exited (no tick counted)
+    peaks.observe({6: snap(6, 2.0, "b", [("[heap]", "heap", MiB)])})
+    peaks.observe({5: snap(5, 3.0, "c", [("[heap]", "heap", 3 * MiB)])})
+    assert sorted((p.pid, p.comm) for p in peaks.processes.values()) == [
+        (5, "a"), (5, "c"), (6, "b")]
+
+
+def test_ru_maxrss_not_above_the_pre_exec_copy_says_nothing():
+    """`run -- true`: ru_maxrss is the forked copy of memtrace that waited to
+    exec; the kernel's peak then comes from VmHWM alone."""
+    peaks = PeakTracker()
+    peaks.observe({1: snap(1, 1.0, "true", [("[stack]", "stack", MiB // 4)], hwm=MiB)})
+    s = build_summary(peaks, command=["true"], pid=1, status=0, duration=0.01,
+                      ru_maxrss_bytes=44 * MiB, pre_exec_rss_bytes=44 * MiB)
+    assert s["kernel_peak_rss_bytes"] == MiB
+    assert s["kernel"]["ru_maxrss_bytes"] == 44 * MiB
+
+
+def test_no_snapshot_and_a_signal():
+    s = build_summary(PeakTracker(), command=["x"], pid=7, status=9, duration=0.5,
+                      ru_maxrss_bytes=None, pre_exec_rss_bytes=None)
+    assert os.WIFSIGNALED(9)
+    assert (s["exit_status"], s["signal"]) == (137, 9)
+    assert s["peak_rss_bytes"] is None and s["kernel_peak_rss_bytes"] is None
+    text = render_summary(s)
+    assert "killed by signal 9" in text and "no snapshot" in text
+
+
+def test_text_fits_80_columns_with_long_names():
+    peaks = PeakTracker()
+    long = "/opt/" + "very-long-directory-name/" * 8 + "libsomething.so.1.2.3"
+    for pid in range(100, 115):
+        peaks.observe({pid: snap(pid, float(pid), "a-process-name-x" * 2,
+                                 [(long, "library", 123456789 + pid), ("[heap]", "heap", 5)],
+                                 hwm=987654321)})
+    s = build_summary(peaks, command=["python3", "-c", "x" * 300], pid=100, status=0,
+                      duration=12.5, ru_maxrss_bytes=999 * MiB, pre_exec_rss_bytes=44 * MiB)
+    text = render_summary(s, 80)
+    lines = text.splitlines()
+    assert all(len(line) <= 80 for line in lines), [ln for ln in lines if len(ln) > 80]
+    assert lines[0].startswith("summary: python") and "…" in lines[0]
+    assert lines[0].endswith("exited with status 0 after 12.50s; 15 processes")
+    assert "peak RSS (kernel): 999.0 MiB" in text
+    assert "more processes" in lines[-1]
