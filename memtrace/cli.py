@@ -457,6 +457,12 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
 
     Put -- before the command: memtrace run -- ./server --port 8080
 
+    The whole process tree is traced: children the command (or a traced child)
+    forks, and what they exec. When the command exits, descendants still
+    running get a final snapshot, and a summary follows (the last JSON line,
+    or text after the table): the tree's peak RSS as memtrace saw it, with its
+    top mappings and each process's peak, and the kernel's (ru_maxrss, VmHWM).
+
     SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the command (once: not
     again when the terminal already sent them to it); tracing goes on until it
     exits."""

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from memtrace.events import Drained
     from memtrace.session import Session
 
+MAX_TREE = 1000      # processes of a `run` tree watched at once (the BPF maps hold 1024)
 COMM_LEN = 15        # the kernel keeps at most 15 bytes of a process name (TASK_COMM_LEN - 1)
 
 
@@ -108,10 +109,12 @@ class TreeFollower:
     by a watched process (the BPF fork notices) and any exec by a descendant of
     the command (exec notices, checked against the parent chain)."""
 
-    def __init__(self, session: Session, root: int) -> None:
+    def __init__(self, session: Session, root: int, limit: int = MAX_TREE) -> None:
         self.session = session
         self.root = root
+        self.limit = limit
         self.followed = 0
+        self.skipped = 0
 
     def on_tick(self, drained: Drained) -> None:
         session = self.session
@@ -119,6 +122,12 @@ class TreeFollower:
             if pid in session.trackers:
                 continue
             if not in_tree(session.procfs, pid, set(session.trackers) | {self.root}):
+                continue
+            if len(session.trackers) >= self.limit:
+                if not self.skipped:
+                    session.reporter.message(f"{self.limit} processes of the tree watched: "
+                                             "more are not followed until some exit")
+                self.skipped += 1
                 continue
             try:
                 st = session.procfs.check_target(pid)

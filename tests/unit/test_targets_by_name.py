@@ -78,3 +78,56 @@ def test_in_tree_follows_the_parent_chain(tree):
     assert in_tree(tree, 200, {200})
     assert not in_tree(tree, 100, {200})
     assert not in_tree(tree, 12345, {200})      # gone
+
+
+class FakeSession:
+    """What TreeFollower uses of a Session: procfs, trackers, attach, messages."""
+
+    def __init__(self, procfs, tracked):
+        self.procfs = procfs
+        self.trackers = dict.fromkeys(tracked, object())
+        self.attached: list[int] = []
+        self.messages: list[str] = []
+        self.reporter = self
+
+    def add_target(self, pid):
+        pass
+
+    def attach(self, pid):
+        self.attached.append(pid)
+        self.trackers[pid] = object()
+
+    def detach_quietly(self, pid):
+        pass
+
+    def message(self, text):
+        self.messages.append(text)
+
+
+def drained(forks=(), execs=()):
+    from memtrace.events import Drained
+    return Drained(chunks={}, ranges={}, events=[], stats={}, names_gen=0,
+                   execs=list(execs), forks=list(forks), notices_lost={})
+
+
+def test_run_follows_descendants_only(tree):
+    from memtrace.targets import TreeFollower
+
+    session = FakeSession(tree, [200])
+    follower = TreeFollower(session, 200)   # type: ignore[arg-type]
+    # 201 forked by bash, 202 exec'd by its child; 100 exec'd elsewhere;
+    # 12345 gone already; 200 already watched
+    follower.on_tick(drained(forks=[201, 12345], execs=[202, 100, 200]))
+    assert session.attached == [201, 202]
+    assert session.messages == ["following pid 201 (python3), child of 200",
+                                "following pid 202 (sh), child of 201"]
+
+
+def test_run_tree_limit(tree):
+    from memtrace.targets import TreeFollower
+
+    session = FakeSession(tree, [200])
+    follower = TreeFollower(session, 200, limit=2)   # type: ignore[arg-type]
+    follower.on_tick(drained(forks=[201, 202]))
+    assert session.attached == [201] and follower.skipped == 1
+    assert "more are not followed" in session.messages[-1]
