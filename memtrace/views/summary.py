@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from memtrace.procfs import escape_name
+
 TOP_MAPPINGS = 5        # mappings listed at the tree's peak
 MAX_PROCESSES = 100     # processes listed (largest peaks first); all are counted
 
@@ -131,7 +133,7 @@ def build_summary(peaks: PeakTracker, *, command: Sequence[str], pid: int,
     procs = sorted(peaks.processes.values(),
                    key=lambda p: (-p.peak_rss_bytes, p.first_ts, p.pid))
     return {
-        "command": list(command),
+        "command": [escape_name(os.fsencode(arg)) for arg in command],
         "pid": pid,
         "exit_status": exit_code,
         "signal": signal_no,

@@ -99,3 +99,13 @@ def test_text_fits_80_columns_with_long_names():
     assert lines[0].endswith("exited with status 0 after 12.50s; 15 processes")
     assert "peak RSS (kernel): 999.0 MiB" in text
     assert "more processes" in lines[-1]
+
+
+def test_the_command_is_escaped_like_every_name():
+    """An argument with a newline or a byte that is not UTF-8 (argv arrives
+    surrogate-escaped) is shown as names are (docs/output.md, Names)."""
+    arg = os.fsdecode(b"a\nb\xff")
+    s = build_summary(PeakTracker(), command=["echo", arg], pid=1, status=0, duration=0.0,
+                      ru_maxrss_bytes=None, pre_exec_rss_bytes=None)
+    assert s["command"] == ["echo", "a\\nb\\xff"]
+    assert render_summary(s).splitlines()[0].startswith("summary: echo a\\nb\\xff exited")
