@@ -244,8 +244,8 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
 
     Each argument is a PID or a process name: a name is matched as pgrep does,
     first exactly against the process name (comm, 15 bytes at most), else as a
-    regular expression anywhere in it; every matching process is watched
-    (memtrace itself excluded). A name that matches nothing exits 6.
+    regular expression anywhere in it; every process matching at start is
+    watched (memtrace itself excluded). A name that matches nothing exits 6.
 
     A PID that exits (or exits while being attached) is reported and the others
     are still watched. Exits 0 when every watched process has exited, or after
