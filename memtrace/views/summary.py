@@ -16,6 +16,8 @@ from memtrace.procfs import escape_name
 
 TOP_MAPPINGS = 5        # mappings listed at the tree's peak
 MAX_PROCESSES = 100     # processes listed (largest peaks first); all are counted
+PRE_EXEC_MARGIN = 1 << 20   # what the waiting child may touch after its VmHWM is read
+                            # (the go byte, building the exec arguments)
 
 
 def top_mappings(snapshots: Sequence[Mapping[str, Any]], n: int = TOP_MAPPINGS,
@@ -116,7 +118,8 @@ def build_summary(peaks: PeakTracker, *, command: Sequence[str], pid: int,
     """The summary object (docs/output.md). status is the command's wait status
     (None when it was not started). ru_maxrss counts the command's image
     before its exec too (the forked copy of memtrace waiting to exec it,
-    pre_exec_rss_bytes): only a figure above that one is the command's."""
+    pre_exec_rss_bytes, plus what it touched until the exec: PRE_EXEC_MARGIN):
+    only a figure above that is the command's."""
     exit_code: int | None = None
     signal_no: int | None = None
     if status is not None:
@@ -127,7 +130,8 @@ def build_summary(peaks: PeakTracker, *, command: Sequence[str], pid: int,
             exit_code = os.WEXITSTATUS(status)
     vmhwm = peaks.vmhwm_bytes()
     ru_counts = (ru_maxrss_bytes is not None
-                 and (pre_exec_rss_bytes is None or ru_maxrss_bytes > pre_exec_rss_bytes))
+                 and (pre_exec_rss_bytes is None
+                      or ru_maxrss_bytes > pre_exec_rss_bytes + PRE_EXEC_MARGIN))
     kernel_candidates = [v for v in (vmhwm, ru_maxrss_bytes if ru_counts else None)
                          if v is not None]
     procs = sorted(peaks.processes.values(),
@@ -198,7 +202,11 @@ def render_summary(s: Mapping[str, Any], width: int = 80) -> str:
         lines.append(f"peak RSS (memtrace, tree sum): {iec(s['peak_rss_bytes'])} at "
                      f"{_clock(s['peak_ts'])} ({k} process{'es' if k != 1 else ''})")
     kern = s["kernel"]
-    lines.append(f"peak RSS (kernel): {iec(s['kernel_peak_rss_bytes'])}")
+    if s["kernel_peak_rss_bytes"] is None and kern["ru_maxrss_bytes"] is not None:
+        lines.append(f"peak RSS (kernel): at most {iec(kern['ru_maxrss_bytes'])} (no more "
+                     "than memtrace's copy before exec)")
+    else:
+        lines.append(f"peak RSS (kernel): {iec(s['kernel_peak_rss_bytes'])}")
     detail = f"  ru_maxrss {iec(kern['ru_maxrss_bytes'])}"
     if kern["pre_exec_rss_bytes"] is not None:
         detail += f" (before exec {iec(kern['pre_exec_rss_bytes'])})"

@@ -67,10 +67,19 @@ def test_ru_maxrss_not_above_the_pre_exec_copy_says_nothing():
     exec; the kernel's peak then comes from VmHWM alone."""
     peaks = PeakTracker()
     peaks.observe({1: snap(1, 1.0, "true", [("[stack]", "stack", MiB // 4)], hwm=MiB)})
+    # the child touched a few pages more after its VmHWM was read (seen: 64 KiB)
     s = build_summary(peaks, command=["true"], pid=1, status=0, duration=0.01,
-                      ru_maxrss_bytes=44 * MiB, pre_exec_rss_bytes=44 * MiB)
+                      ru_maxrss_bytes=44 * MiB + 65536, pre_exec_rss_bytes=44 * MiB)
     assert s["kernel_peak_rss_bytes"] == MiB
-    assert s["kernel"]["ru_maxrss_bytes"] == 44 * MiB
+    assert s["kernel"]["ru_maxrss_bytes"] == 44 * MiB + 65536
+    no_snapshot = build_summary(PeakTracker(), command=["true"], pid=1, status=0,
+                                duration=0.0, ru_maxrss_bytes=44 * MiB,
+                                pre_exec_rss_bytes=44 * MiB)
+    assert no_snapshot["kernel_peak_rss_bytes"] is None
+    assert "peak RSS (kernel): at most 44.0 MiB" in render_summary(no_snapshot)
+    s = build_summary(peaks, command=["true"], pid=1, status=0, duration=0.01,
+                      ru_maxrss_bytes=46 * MiB, pre_exec_rss_bytes=44 * MiB)
+    assert s["kernel_peak_rss_bytes"] == 46 * MiB
 
 
 def test_no_snapshot_and_a_signal():
