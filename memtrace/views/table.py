@@ -76,6 +76,8 @@ class TableReporter:
         self.snaps = {**self.ended, **self.snaps}    # the last frame: every process
         self._render()
         self.live.stop()
+        if not self.console.is_terminal:
+            self.console.line()     # the last frame, written at stop, ends without one
         width = min(self.console.size.width, 100)
         for line in render_summary(summary, width).splitlines():
             self.console.print(plain(line), soft_wrap=True)

@@ -118,3 +118,43 @@ def test_the_command_is_escaped_like_every_name():
                       ru_maxrss_bytes=None, pre_exec_rss_bytes=None)
     assert s["command"] == ["echo", "a\\nb\\xff"]
     assert render_summary(s).splitlines()[0].startswith("summary: echo a\\nb\\xff exited")
+
+
+def test_table_keeps_the_last_frame_and_prints_the_summary_under_it():
+    """Table mode: the process that exited stays in the last frame (its last
+    snapshot), and the summary follows as plain text within 80 columns."""
+    import io
+
+    from rich.console import Console
+
+    from memtrace.views.table import TableReporter
+
+    out = io.StringIO()
+    table = TableReporter(Console(file=out, width=80, height=40, force_terminal=False),
+                          max_rows=5)
+    m = {"start": 0x1000, "end": 0x2000, "perms": "rw-p", "offset": 0, "path": "",
+         "kind": "anon", "mapping": "[anon]", "segment": None, "virtual_bytes": 100 * MiB,
+         "rss_bytes": 100 * MiB, "anon_bytes": 100 * MiB, "file_bytes": 0,
+         "shmem_bytes": 0, "faults": 25600}
+    s = {"ts": 5.0, "pid": 4242, "comm": "shortjob", "mappings": [m],
+         "rss_bytes": 100 * MiB, "anon_bytes": 100 * MiB, "file_bytes": 0, "shmem_bytes": 0,
+         "virtual_bytes": 100 * MiB, "statm_rss_bytes": 100 * MiB, "drift_bytes": 0,
+         "faults": 25600, "syscalls": {}, "full_rescans": {}, "events_lost": 0,
+         "peak_rss_bytes": 100 * MiB}
+    table.snapshot(s)
+    peaks = PeakTracker()
+    peaks.observe({4242: s})
+    table.message("pid 4242 exited")
+    assert 4242 not in table.snaps          # the live view drops it at once
+    summary = build_summary(peaks, command=["shortjob"], pid=4242, status=0, duration=0.6,
+                            ru_maxrss_bytes=101 * MiB, pre_exec_rss_bytes=44 * MiB)
+    table.summary(summary)
+    table.close()
+    text = out.getvalue()
+    summary_at = text.rindex("\nsummary: shortjob exited with status 0") + 1
+    last_frame = text[:summary_at]
+    assert "4242 shortjob" in last_frame[last_frame.rindex("pid 4242 exited") - 4000:]
+    tail = text[summary_at:].splitlines()
+    assert all(len(line) <= 80 for line in tail), tail
+    assert "peak RSS (memtrace, tree sum): 100.0 MiB at " in text[summary_at:]
+    assert "peak RSS (kernel): 101.0 MiB" in text[summary_at:]
