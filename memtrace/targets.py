@@ -115,6 +115,7 @@ class TreeFollower:
         self.limit = limit
         self.followed = 0
         self.skipped = 0
+        self._lost: dict[str, int] = {}
 
     def on_tick(self, drained: Drained) -> None:
         session = self.session
@@ -140,3 +141,9 @@ class TreeFollower:
                 continue
             self.followed += 1
             session.reporter.message(f"following pid {pid} ({st.comm}), child of {st.ppid}")
+        for ring, total in drained.notices_lost.items():
+            new = total - self._lost.get(ring, 0)
+            if new > 0:
+                session.reporter.message(f"{new} {ring[:-1]} notice(s) lost (ring full): "
+                                         "processes of the tree may be missed")
+            self._lost[ring] = total

@@ -104,10 +104,10 @@ class FakeSession:
         self.messages.append(text)
 
 
-def drained(forks=(), execs=()):
+def drained(forks=(), execs=(), lost=None):
     from memtrace.events import Drained
     return Drained(chunks={}, ranges={}, events=[], stats={}, names_gen=0,
-                   execs=list(execs), forks=list(forks), notices_lost={})
+                   execs=list(execs), forks=list(forks), notices_lost=lost or {})
 
 
 def test_run_follows_descendants_only(tree):
@@ -131,3 +131,17 @@ def test_run_tree_limit(tree):
     follower.on_tick(drained(forks=[201, 202]))
     assert session.attached == [201] and follower.skipped == 1
     assert "more are not followed" in session.messages[-1]
+
+
+def test_run_says_when_notices_were_lost(tree):
+    from memtrace.targets import TreeFollower
+
+    session = FakeSession(tree, [200])
+    follower = TreeFollower(session, 200)   # type: ignore[arg-type]
+    follower.on_tick(drained(lost={"execs": 3, "forks": 0}))
+    follower.on_tick(drained(lost={"execs": 3, "forks": 0}))
+    follower.on_tick(drained(lost={"execs": 5, "forks": 1}))
+    assert session.messages == [
+        "3 exec notice(s) lost (ring full): processes of the tree may be missed",
+        "2 exec notice(s) lost (ring full): processes of the tree may be missed",
+        "1 fork notice(s) lost (ring full): processes of the tree may be missed"]
