@@ -6,6 +6,7 @@ import contextlib
 import errno
 import math
 import os
+import select
 import shutil
 import signal
 import sys
@@ -18,9 +19,12 @@ import click
 from memtrace import __version__
 from memtrace.doctor import render, run_checks
 from memtrace.errors import ExitCode, MemtraceError, OutputError
+from memtrace.events import Drained
 from memtrace.exporter import MemtraceCollector, freeze_startup_objects
 from memtrace.procfs import ProcFS
 from memtrace.session import Reporter, Session, log
+from memtrace.targets import TreeFollower, resolve_targets
+from memtrace.views.summary import PeakTracker, build_summary, render_summary
 from memtrace.web import (
     DEFAULT_LISTEN,
     MetricsServer,
@@ -314,26 +318,47 @@ def cli() -> None:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("pids", nargs=-1, required=True, type=int)
+@click.argument("targets", metavar="PID|NAME...", nargs=-1, required=True)
+@click.option("--once", is_flag=True, help="One snapshot of each process, then exit 0.")
+@click.option("--count", type=click.IntRange(min=1, max=1 << 31), default=None,
+              help="N snapshots of each process (the first at attach, then one per "
+                   "interval), then exit 0.")
 @_common
 @_table_options
-def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: float,
-          no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
-          output: str | None, heap_interval: float, pss_interval: float,
-          table_opts: Any) -> None:
+def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, interval: float,
+          reconcile_interval: float, no_serve: bool, listen: str, web_config: str | None,
+          max_mapping_series: int, output: str | None, heap_interval: float,
+          pss_interval: float, table_opts: Any) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
+    Each argument is a PID or a process name: a name is matched as pgrep does,
+    first exactly against the process name (comm, 15 bytes at most), else as a
+    regular expression anywhere in it; every process matching at start is
+    watched (memtrace itself excluded). A name that matches nothing exits 6.
+
     A PID that exits (or exits while being attached) is reported and the others
-    are still watched. Exits 0 when every watched process has exited, 6 when none
-    of the PIDs could be attached."""
+    are still watched. Exits 0 when every watched process has exited, or after
+    --once / --count snapshots; 6 when none of the processes could be attached."""
+    if once and count is not None and count != 1:
+        raise MemtraceError("--once and --count N disagree: give one of them", ExitCode.USAGE)
+    snapshots = 1 if once else count
     web_cfg = None if no_serve else load_web_config(web_config)
     procfs = ProcFS()
-    pids = _existing_targets(procfs, pids)
+    pids = _existing_targets(procfs, resolve_targets(procfs, targets))
     session = Session(_reporter(fmt, output, table_opts), interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
     server = None
+    ticks = 0
+
+    def keep_going() -> bool:
+        return bool(session.trackers) and (snapshots is None or ticks < snapshots - 1)
+
+    def on_tick(_drained: Drained) -> None:
+        nonlocal ticks
+        ticks += 1
+
     try:
         session.load()
         server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
@@ -348,7 +373,7 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
         if not session.trackers:
             raise MemtraceError("no process could be attached: every given PID exited",
                                 ExitCode.NO_SUCH_PROCESS)
-        session.loop(lambda: bool(session.trackers))
+        session.loop(keep_going, on_tick)
     finally:
         if server:
             server.close()
@@ -405,6 +430,7 @@ class _Forwarder:
         self.stop = stop
         self.child = 0
         self.early: int | None = None      # a signal that came before the command
+        self.rusage: Any = None            # the command's, once reaped (os.wait4)
         self._lock = threading.Lock()
         # a signal ignored when memtrace started (nohup; a background job of a
         # script) stays ignored, for memtrace and the command alike
@@ -433,13 +459,15 @@ class _Forwarder:
                 os.kill(self.child, signum)
 
     def reap(self, pid: int, options: int) -> int | None:
-        """waitpid(pid, options): its status once it has exited (and no signal is
-        sent to that pid any more), else None."""
+        """wait4(pid, options): its status once it has exited (and no signal is
+        sent to that pid any more), else None. Its resource usage (ru_maxrss)
+        is kept in self.rusage."""
         with self._lock:
-            got, status = os.waitpid(pid, options)
+            got, status, rusage = os.wait4(pid, options)
             if got != pid:
                 return None
             self.child = -1
+            self.rusage = rusage
             return status
 
     def set_child(self, pid: int) -> None:
@@ -480,6 +508,28 @@ def _spawn_stopped(path: str, command: tuple[str, ...],
     return pid, go_w, err_r
 
 
+def _wake_on_exit(pid: int, stop: threading.Event) -> list[float]:
+    """Set stop as soon as pid exits (its pidfd polls readable), so that `run`
+    ends and summarises without waiting for the next tick. The list gets the
+    monotonic time of the exit. Nothing happens without pidfd_open (< 5.3)."""
+    exited: list[float] = []
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return exited
+
+    def wait() -> None:
+        try:
+            select.select([pidfd], [], [])
+            exited.append(time.monotonic())
+            stop.set()
+        finally:
+            os.close(pidfd)
+
+    threading.Thread(target=wait, name="memtrace-command-exit", daemon=True).start()
+    return exited
+
+
 def _status_to_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -498,6 +548,12 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
 
     Put -- before the command: memtrace run -- ./server --port 8080
 
+    The whole process tree is traced: children the command (or a traced child)
+    forks, and what they exec. When the command exits, descendants still
+    running get a final snapshot, and a summary follows (the last JSON line,
+    or text after the table): the tree's peak RSS as memtrace saw it, with its
+    top mappings and each process's peak, and the kernel's (ru_maxrss, VmHWM).
+
     SIGINT, SIGTERM, SIGHUP and SIGQUIT are passed on to the command (once: not
     again when the terminal already sent them to it); tracing goes on until it
     exits."""
@@ -514,7 +570,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     failure: OutputError | None = None
     server = None
     try:
-        session.load()
+        session.load(watch_execs=True)    # fork and exec notices: the command's tree
         server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
         child, go_w, err_r = _spawn_stopped(path, command, forwarder)
         if forwarder.early is not None:   # a signal before the command started
@@ -524,6 +580,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
                 "not run")
             raise SystemExit(128 + forwarder.early)
         session.add_target(child)
+        # ru_maxrss counts the waiting child (a forked copy of memtrace) too
+        pre_exec = None
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            pre_exec = session.procfs.peak_rss_bytes(child)
         os.write(go_w, b"x")
         os.close(go_w)
         err = os.read(err_r, 64)
@@ -533,10 +593,19 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             raise MemtraceError(f"cannot execute {command[0]}: {os.strerror(int(err))}",
                                 ExitCode.CANNOT_EXECUTE)
 
+        started = time.monotonic()
+        exited = _wake_on_exit(child, stop)
+        peaks = PeakTracker()
+        tree = TreeFollower(session, child)
+
         def child_running() -> bool:
             nonlocal status
             status = forwarder.reap(child, os.WNOHANG)
             return status is None
+
+        def on_tick(drained: Drained) -> None:
+            tree.on_tick(drained)
+            peaks.observe(session.latest_snapshots())
 
         try:
             try:
@@ -545,7 +614,21 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
                 raise
             except MemtraceError:
                 pass  # it exited before we read it: its status still counts
-            session.loop(child_running)
+            peaks.observe(session.latest_snapshots())
+            session.loop(child_running, on_tick, quick_start=True)
+            if status is None and exited:
+                status = forwarder.reap(child, 0)      # woken by its exit (a zombie now)
+            if status is not None:
+                duration = (exited[0] if exited else time.monotonic()) - started
+                if session.trackers:    # descendants still running: a final snapshot
+                    session.tick()
+                    peaks.observe(session.latest_snapshots())
+                rusage = forwarder.rusage
+                summary = build_summary(
+                    peaks, command=command, pid=child, status=status, duration=duration,
+                    ru_maxrss_bytes=rusage.ru_maxrss * 1024 if rusage is not None else None,
+                    pre_exec_rss_bytes=pre_exec)
+                session.reporter.summary(summary)
         except OutputError as e:
             failure = e   # tracing stops; the command goes on (it may write there too)
             if not e.quiet:
@@ -582,6 +665,10 @@ class _NullReporter:
 
     def message(self, text: str) -> None:
         log(text)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        for line in render_summary(summary).splitlines():
+            log(line)
 
     def close(self) -> None:
         pass

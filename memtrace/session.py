@@ -33,6 +33,7 @@ class Reporter(Protocol):
     def events(self, events: list[SyscallEvent]) -> None: ...
     def tick_done(self) -> None: ...
     def message(self, text: str) -> None: ...
+    def summary(self, summary: dict[str, Any]) -> None: ...   # run's last record
     def close(self) -> None: ...
 
 
@@ -285,11 +286,20 @@ class Session:
             retired={k: {f: dict(v) for f, v in c.items()} for k, c in self._retired.items()},
             heap_walks=self.heap.counts() if self.heap else None))
 
+    def latest_snapshots(self) -> dict[int, dict[str, Any]]:
+        """The latest snapshot of every watched process (pid -> snapshot)."""
+        return dict(self._snapshots)
+
     def loop(self, keep_going: Callable[[], bool],
-             on_tick: Callable[[Drained], None] | None = None) -> None:
-        deadline = time.monotonic()
+             on_tick: Callable[[Drained], None] | None = None,
+             quick_start: bool = False) -> None:
+        """Tick every interval until stopped or keep_going() is false. With
+        quick_start (run), the first ticks come 1/8, 1/4 and 1/2 of an interval
+        after the start, so a short job is caught in its first second."""
+        start = deadline = time.monotonic()
+        quick = [start + self.interval * f for f in (0.125, 0.25, 0.5, 1.0)] if quick_start else []
         while not self.stop.is_set() and keep_going():
-            deadline += self.interval
+            deadline = quick.pop(0) if quick else deadline + self.interval
             self.stop.wait(max(0.0, deadline - time.monotonic()))
             if self.stop.is_set():
                 break

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import IO, Any
 
@@ -39,6 +40,16 @@ class JsonReporter:
 
     def events(self, events: list[SyscallEvent]) -> None:
         pass
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """`run`'s last line: {"summary": {...}} (docs/output.md)."""
+        line = json.dumps({"summary": summary}, ensure_ascii=True, separators=(",", ":"))
+        if self.stream is not None:
+            self.stream.write_record([line.encode("ascii"), b"\n"])
+        else:
+            assert self.out is not None
+            self.out.write(line + "\n")
+            self.out.flush()
 
     def tick_done(self) -> None:
         if self.stream is not None:

@@ -328,6 +328,7 @@ class TableReporter:
         self._prev: dict[int, tuple[float, int, int, dict[tuple[Any, ...], tuple[int, int]]]] = {}
         self._deltas: dict[int, tuple[float | None, int | None, float | None,
                                       dict[tuple[Any, ...], tuple[int, int]] | None]] = {}
+        self.ended: dict[int, dict[str, Any]] = {}     # exited: run's final frame shows them
         self.recent: deque[SyscallEvent] = deque(maxlen=8)
         self.notes: deque[str] = deque(maxlen=5)
         self.live_mode = self.console.is_terminal
@@ -373,11 +374,27 @@ class TableReporter:
         self._note(f"{time.strftime('%H:%M:%S')} {text}")
         gone = [p for p in self.snaps if f"pid {p} " in text]
         for p in gone:
-            self.snaps.pop(p, None)
+            self.ended[p] = self.snaps.pop(p)
             self._prev.pop(p, None)
             self._deltas.pop(p, None)
         if self.live_mode:
             self._render()
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        """`run`'s summary, as plain text after the live view stops; its last
+        frame, with the last snapshot of every process seen, stays above it."""
+        from memtrace.views.summary import render_summary
+
+        self.snaps = {**self.ended, **self.snaps}    # the last frame: every process
+        if self.live is not None:
+            self._render()
+            self.live.stop()
+            self.live = None
+        else:
+            self._frame()
+        width = min(self.console.size.width, 100)
+        for line in render_summary(summary, width).splitlines():
+            self.console.print(plain(line), soft_wrap=True)
 
     def close(self) -> None:
         try:

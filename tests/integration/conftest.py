@@ -318,6 +318,7 @@ class JsonStream:
         self.pids_in_order: list[int] = []
         self.first_pid_seen = threading.Event()
         self.bad_lines: list[str] = []
+        self.summary: dict | None = None
         self.count = 0
         self.eof = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"json-{name}", daemon=True)
@@ -338,6 +339,9 @@ class JsonStream:
                     continue
                 try:
                     obj = json.loads(line)
+                    if isinstance(obj, dict) and set(obj) == {"summary"}:
+                        self.summary = obj["summary"]    # run's last line
+                        continue
                     pid = int(obj["pid"])
                 except (ValueError, KeyError, TypeError):
                     self.bad_lines.append(line[:300].decode("utf-8", "backslashreplace"))

@@ -75,6 +75,7 @@ class FakeProcess:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.comm = comm
         self.state = "S"
+        self.ppid = 1
         self.flags = 0x400000
         self.start_time = 4242
         self.tgid = pid
@@ -165,7 +166,8 @@ class FakeProcess:
             f"{size} {anon_pages + other_pages} {other_pages} 1 0 {anon_pages} 0\n"
         )
         (self.dir / "stat").write_bytes(
-            stat_line(self.pid, self.comm, self.state, flags=self.flags, start_time=self.start_time)
+            stat_line(self.pid, self.comm, self.state, ppid=self.ppid, flags=self.flags,
+                      start_time=self.start_time)
         )
         (self.dir / "status").write_bytes(status_text(self.pid, self.tgid))
 

@@ -94,7 +94,9 @@ def test_watch_without_pid_is_usage_error():
 @pytest.mark.parametrize(
     "args",
     [
-        ["watch", "abc"],
+        ["watch", "a(b"],                  # neither a PID nor a valid name pattern
+        ["watch", "--count", "0", "1"],
+        ["watch", "--once", "--count", "3", "1"],
         ["watch", "--format", "xml", "1"],
         ["watch", "--interval", "0", "1"],
         ["no-such-command"],
@@ -104,6 +106,12 @@ def test_usage_errors(args):
     r = memtrace(*args)
     assert r.returncode == 2, (args, r.stderr)
     assert "Traceback" not in r.stderr
+
+
+def test_watch_name_that_matches_nothing():
+    """A name (not a number) is matched like pgrep; none found: one line, exit 6."""
+    assert_one_line_error(memtrace("watch", "no-such-proc-mt"), 6,
+                          "no process named 'no-such-proc-mt'")
 
 
 def test_watch_missing_pid():
