@@ -146,7 +146,9 @@ def _common(f: Any) -> Any:
         click.option("--no-serve", is_flag=True, help="Do not serve /metrics."),
         click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN,
                      type=ListenAddress(), show_default=True,
-                     help="Address of the /metrics endpoint (port 0: any free port)."),
+                     help="Address of the /metrics endpoint (port 0: any free port). "
+                     "Without this option, a default port in use (another memtrace) "
+                     "is replaced by a free one, named on stderr."),
         click.option("--web.config.file", "web_config", default=None,
                      type=click.Path(dir_okay=False),
                      help="exporter-toolkit web config: TLS, client certificates, basic auth."),
@@ -165,9 +167,30 @@ def _common(f: Any) -> Any:
     return f
 
 
-def _serve(session: Session, no_serve: bool, listen: str,
-           web_config: str | WebConfig | None, max_mapping_series: int) -> MetricsServer | None:
+def _listen(no_serve: bool, listen: str, web_config: str | WebConfig | None,
+            fallback: bool = False) -> MetricsServer | None:
+    """Bind the /metrics address (before the probes compile, so a busy port fails
+    at once: one line, exit 2); _serve() starts answering. With `fallback` (watch
+    and run when --web.listen-address was not given), a default port that is in
+    use (another memtrace watch) is replaced by a free port on the same host."""
     if no_serve:
+        return None
+    cfg = web_config if isinstance(web_config, WebConfig) else load_web_config(web_config)
+    return MetricsServer(None, listen, cfg, fallback=fallback)
+
+
+def _listen_given() -> bool:
+    """Whether --web.listen-address was given (not its default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.get_parameter_source("listen") is not ParameterSource.DEFAULT
+
+
+def _serve(session: Session, server: MetricsServer | None,
+           max_mapping_series: int) -> MetricsServer | None:
+    """Serve the session's metrics on the address _listen() bound."""
+    if server is None:
         return None
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
@@ -176,11 +199,13 @@ def _serve(session: Session, no_serve: bool, listen: str,
     collector = MemtraceCollector(session.exporter_box, max_mapping_series)
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
-    cfg = web_config if isinstance(web_config, WebConfig) else load_web_config(web_config)
-    server = MetricsServer(registry, listen, cfg,
-                           fast=collector.render_chunks)
-    log(f"serving metrics on {'https' if server.tls else 'http'}://"
-        f"{server.address}/metrics")
+    server.serve(registry, fast=collector.render_chunks)
+    url = f"{'https' if server.tls else 'http'}://{server.address}/metrics"
+    if server.busy:
+        log(f"{server.busy} is in use (another memtrace?): serving metrics on {url} "
+            "instead (--web.listen-address chooses; --no-serve turns it off)")
+    else:
+        log(f"serving metrics on {url}")
     if server.exposed and not server.protected:
         log(f"warning: {server.address} is reachable beyond loopback without TLS or "
             "authentication (see --web.config.file)")
@@ -239,14 +264,14 @@ def watch(pids: tuple[int, ...], fmt: str, interval: float, reconcile_interval: 
     web_cfg = None if no_serve else load_web_config(web_config)
     procfs = ProcFS()
     pids = _existing_targets(procfs, pids)
+    server = _listen(no_serve, listen, web_cfg, fallback=not _listen_given())
     session = Session(_reporter(fmt, output), interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
-    server = None
     try:
         session.load()
-        server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
+        _serve(session, server, max_mapping_series)
         for pid in dict.fromkeys(pids):
             session.add_target(pid)
             try:
@@ -420,10 +445,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     child = 0
     status: int | None = None
     failure: OutputError | None = None
-    server = None
+    server = _listen(no_serve, listen, web_cfg, fallback=not _listen_given())
     try:
         session.load()
-        server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
+        _serve(session, server, max_mapping_series)
         child, go_w, err_r = _spawn_stopped(path, command, forwarder)
         if forwarder.early is not None:   # a signal before the command started
             os.kill(child, signal.SIGKILL)
@@ -520,7 +545,8 @@ class _NullReporter:
 @click.option("--interval", type=Seconds(min=0.01), default=1.0, show_default=True)
 @click.option("--reconcile-interval", type=Seconds(), default=300.0, show_default=True)
 @click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN, type=ListenAddress(),
-              show_default=True)
+              show_default=True, help="Address of the /metrics endpoint; one in use is an "
+              "error (exit 2), never replaced.")
 @click.option("--web.config.file", "web_config", default=None, type=click.Path(dir_okay=False))
 @click.option("--max-mapping-series", type=click.IntRange(min=2, max=1_000_000), default=50,
               show_default=True)
@@ -562,10 +588,10 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
-    server = None
+    server = _listen(False, listen, web_cfg)   # a fixed port for Prometheus: never another
     try:
         session.load(watch_execs=True)
-        server = _serve(session, False, listen, web_cfg, max_mapping_series)
+        _serve(session, server, max_mapping_series)
         agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval)
         agent_.initial_scan()
         log(f"agent: {len(rules)} rule(s){', --all' if all_min_rss is not None else ''}; "
