@@ -521,7 +521,9 @@ class _NullReporter:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.option("--comm", multiple=True, help="Watch processes whose name matches this regex.")
+@click.option("--comm", multiple=True, help="Watch processes whose name matches this regex. "
+              "NAME=REGEX names the rule (its group with --group-by group); this holds "
+              "for --exe, --cgroup and --user too.")
 @click.option("--exe", multiple=True, help="... whose executable path matches this regex.")
 @click.option("--cgroup", multiple=True, help="... whose cgroup path matches this regex.")
 @click.option("--user", multiple=True, help="... owned by this user (name or UID).")
@@ -537,9 +539,11 @@ class _NullReporter:
 @click.option("--max-processes", type=click.IntRange(min=1, max=1 << 22), default=100,
               show_default=True,
               help="Cap on watched processes; the rest are counted as dropped.")
-@click.option("--group-by", type=click.Choice(["pid", "group"]), default="pid",
-              show_default=True, help="Label series by pid, or by group (the matching "
-              "rule's name; the process name for --all) so restarts keep their series.")
+@click.option("--group-by", type=click.Choice(["pid", "group", "comm"]), default="pid",
+              show_default=True, help="Label series by pid; or by group, summed over "
+              "its processes so restarts keep their series: group = the matching rule's "
+              "name (NAME=REGEX, or name: in --config), else the process name (comm); "
+              "comm = always the process name.")
 @click.option("--format", "fmt", type=click.Choice(["none", "json"]), default="none",
               show_default=True, help="Also write JSON Lines snapshots.")
 @click.option("--interval", type=Seconds(min=0.01), default=1.0, show_default=True)
@@ -561,12 +565,9 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           pss_interval: float) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
-    from memtrace.agent import Agent, load_config, rule_from_dict
+    from memtrace.agent import Agent, command_line_rules, load_config, rule_from_dict
 
-    raw_rules: list[dict[str, Any]] = [{"name": f"comm={v}", "comm": v} for v in comm]
-    raw_rules += [{"name": f"exe={v}", "exe": v} for v in exe]
-    raw_rules += [{"name": f"cgroup={v}", "cgroup": v} for v in cgroup]
-    raw_rules += [{"name": f"user={v}", "user": v} for v in user]
+    raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
     all_min_rss = min_rss if all_ else None
     if config_file:
         config = load_config(config_file)
@@ -584,7 +585,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     web_cfg = load_web_config(web_config)
     reporter: Reporter = _reporter("json", output) if fmt == "json" else _NullReporter()
     session = Session(reporter, interval, reconcile_interval)
-    session.grouping = group_by == "group"
+    session.grouping = group_by != "pid"
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
@@ -592,7 +593,8 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     try:
         session.load(watch_execs=True)
         _serve(session, server, max_mapping_series)
-        agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval)
+        agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval,
+                       group_by=group_by)
         agent_.initial_scan()
         log(f"agent: {len(rules)} rule(s){', --all' if all_min_rss is not None else ''}; "
             f"watching {len(session.trackers)} process(es)")

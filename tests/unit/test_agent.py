@@ -142,3 +142,82 @@ def test_notices_the_rings_dropped_are_said_and_counted(world):
         "3 fork notice(s) lost (ring full): those processes are not considered"]
     agent.on_tick(_drained(notices_lost={"execs": 0, "forks": 3}))   # no new loss
     assert len(session.reporter.messages) == 1
+
+
+# ---------------------------------------------------------------------------
+# group labels: named by the rule (issue 11)
+
+
+def test_command_line_rules_are_named_by_name_equals_value():
+    from memtrace.agent import command_line_rules, rule_from_dict
+
+    raw = command_line_rules(comm=("^(frag|redis-server)$", "kv=^redis-server$", r"a\=b"),
+                             exe=("/usr/bin/x",), user=("web=33",))
+    assert raw == [{"comm": "^(frag|redis-server)$"}, {"name": "kv", "comm": "^redis-server$"},
+                   {"comm": r"a\=b"}, {"exe": "/usr/bin/x"}, {"name": "web", "user": "33"}]
+    rules = [rule_from_dict(r, i) for i, r in enumerate(raw)]
+    assert [r.name for r in rules] == [None, "kv", None, None, "web"]
+    assert rules[2].comm is not None and rules[2].comm.search("a=b")
+    assert [r.describe() for r in rules] == ["comm=^(frag|redis-server)$", "kv",
+                                             r"comm=a\=b", "exe=/usr/bin/x", "web"]
+
+
+def test_config_rule_without_a_name_has_none_and_an_empty_name_is_refused():
+    from memtrace.agent import rule_from_dict
+
+    assert rule_from_dict({"comm": "x"}, 0).name is None
+    assert rule_from_dict({"name": "db", "comm": "x"}, 0).name == "db"
+    try:
+        rule_from_dict({"name": "", "comm": "x"}, 3)
+    except MemtraceError as e:
+        assert e.code == ExitCode.USAGE and "rule 3: name" in e.message
+    else:
+        raise AssertionError("an empty name was accepted")
+
+
+def _group_labels(world, rules: list[Rule], group_by: str) -> list[list[str]]:
+    """The (group, comm) labels the exporter gives frag (pid 600) and redis-server
+    (pid 601) picked by `rules`."""
+    from memtrace.exporter import ExporterState, grouped_rows
+    from tests.exporter.helpers import realistic_process
+
+    _proc(world, 600, b"frag")
+    _proc(world, 601, b"redis-server")
+    session = _Session(world.procfs())
+    agent = Agent(session, rules, None, 100, group_by=group_by)  # type: ignore[arg-type]
+    agent.initial_scan()
+    state = ExporterState(snapshots={600: realistic_process(600, "frag"),
+                                     601: realistic_process(601, "redis-server")},
+                          groups=dict(session.group_of))
+    return [ids for ids, _ in grouped_rows(state)]
+
+
+def test_group_of_an_unnamed_rule_is_the_process_name(world):
+    from memtrace.agent import command_line_rules, rule_from_dict
+
+    raw = command_line_rules(comm=("^(frag|redis-server)$",))
+    rules = [rule_from_dict(r, i) for i, r in enumerate(raw)]
+    assert _group_labels(world, rules, "group") == [["frag", "frag"],
+                                                    ["redis-server", "redis-server"]]
+
+
+def test_group_of_a_named_rule_is_its_name_and_group_by_comm_is_the_process_name(world):
+    from memtrace.agent import command_line_rules, rule_from_dict
+
+    raw = command_line_rules(comm=("kv=^(frag|redis-server)$",))
+    rules = [rule_from_dict(r, i) for i, r in enumerate(raw)]
+    assert _group_labels(world, rules, "group") == [["kv", "frag"], ["kv", "redis-server"]]
+
+
+def test_group_by_comm_ignores_rule_names(world):
+    rules = [Rule("kv", comm=re.compile("^(frag|redis-server)$"))]
+    assert _group_labels(world, rules, "comm") == [["frag", "frag"],
+                                                   ["redis-server", "redis-server"]]
+
+
+def test_agent_takes_group_by_comm():
+    from memtrace import cli
+
+    for value in ("pid", "group", "comm"):
+        ctx = cli.agent.make_context("agent", ["--comm", "x", "--group-by", value])
+        assert ctx.params["group_by"] == value
