@@ -150,6 +150,42 @@ def load_config(path: str) -> dict[str, Any]:
     return raw
 
 
+# Container and pod of a process, from its cgroup path (what kubelet, containerd,
+# CRI-O, Docker and podman name their cgroups after; cAdvisor reads the same):
+#   systemd driver  /kubepods.slice/kubepods-burstable.slice/
+#                     kubepods-burstable-pod<uid, "_" for "-">.slice/cri-containerd-<id>.scope
+#                   (crio-<id>.scope, docker-<id>.scope, libpod-<id>.scope; Guaranteed
+#                    pods: /kubepods.slice/kubepods-pod<uid>.slice/...)
+#   cgroupfs driver /kubepods/burstable/pod<uid>/<id>, /docker/<id>
+# <id> is the runtime's 64-hex-digit container ID; <uid> the pod's metadata.uid
+# (a UUID; a static pod's is 32 hex digits). crio-conmon-<id> (CRI-O's monitor
+# process) is not the container: it gets the pod but no container_id.
+_CONTAINER = re.compile(r"(?:(?:docker|cri-containerd|crio|libpod|containerd)-)?"
+                        r"([0-9a-f]{64})(?:\.scope)?")
+_POD = re.compile(r"(?:[A-Za-z0-9_]+-)*pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
+                  r"[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})(?:\.slice)?")
+
+
+def container_labels(cgroup: str) -> tuple[str, str]:
+    """(container_id, pod_uid) of a process from its cgroup path(s) (one per line,
+    as ProcInfo.cgroup), "" for each it is not in. pod_uid is written with dashes,
+    as Kubernetes (kube_pod_info's uid label) writes it. The innermost container
+    segment wins; the first line that names either is used."""
+    for path in cgroup.splitlines():
+        container = pod = ""
+        for segment in path.split("/"):
+            m = _POD.fullmatch(segment)
+            if m:
+                pod = m.group(1).replace("_", "-")
+                continue
+            m = _CONTAINER.fullmatch(segment)
+            if m:
+                container = m.group(1)
+        if container or pod:
+            return container, pod
+    return "", ""
+
+
 def read_info(procfs: ProcFS, pid: int) -> ProcInfo | None:
     try:
         st = procfs.stat(pid)
@@ -186,7 +222,7 @@ class Agent:
         """The first rule that matches, else None."""
         return next((r for r in self.rules if r.matches(info)), None)
 
-    def _try_attach(self, pid: int, rule: Rule | None) -> None:
+    def _try_attach(self, pid: int, rule: Rule | None, info: ProcInfo) -> None:
         """Attach to pid, picked by `rule` (None: by --all)."""
         session = self.session
         if pid in session.trackers or pid == self.own_pid:
@@ -207,6 +243,7 @@ class Agent:
         # comm as it is at each scrape (an exec may change it).
         if rule is not None and rule.name is not None and self.group_by != "comm":
             session.group_of[pid] = rule.name
+        session.container_of[pid] = container_labels(info.cgroup)
         why = rule.describe() if rule is not None else "--all"
         session.reporter.message(f"attached to pid {pid} ({session.trackers[pid].comm}, "
                                  f"{why})")
@@ -217,7 +254,7 @@ class Agent:
             return
         rule = self.match(info)
         if rule is not None:
-            self._try_attach(pid, rule)
+            self._try_attach(pid, rule, info)
 
     def initial_scan(self) -> None:
         for pid in all_pids(self.session.procfs):
@@ -237,8 +274,10 @@ class Agent:
                 rss = procfs.statm(pid).resident_bytes
             except (OSError, ValueError, IndexError):
                 continue
-            if rss >= self.all_min_rss and rss > 0 and read_info(procfs, pid) is not None:
-                self._try_attach(pid, None)
+            if rss >= self.all_min_rss and rss > 0:
+                info = read_info(procfs, pid)
+                if info is not None:
+                    self._try_attach(pid, None, info)
 
     def on_tick(self, drained: Drained) -> None:
         # execs anywhere, and children forked (without exec) by watched

@@ -586,6 +586,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     reporter: Reporter = _reporter("json", output) if fmt == "json" else _NullReporter()
     session = Session(reporter, interval, reconcile_interval)
     session.grouping = group_by != "pid"
+    session.container_labels = True    # container_id, pod_uid from the cgroup path
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
