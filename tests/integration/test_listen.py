@@ -27,11 +27,12 @@ SERVING = re.compile(r"serving metrics on (http://\S+/metrics)")
 
 
 class _Watch:
-    """`memtrace watch PID` in the background, stderr collected line by line."""
+    """`memtrace watch PID` (or another command) in the background, stderr
+    collected line by line."""
 
-    def __init__(self, *argv: str) -> None:
+    def __init__(self, *argv: str, command: str = "watch") -> None:
         self.lines: list[str] = []
-        self.proc = subprocess.Popen([*MEMTRACE, "watch", *argv], stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen([*MEMTRACE, command, *argv], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
