@@ -132,6 +132,13 @@ def _pss_interval_option() -> Any:
         "every tick. 0 = off (the fields are null). Needs root. See docs/pss.md.")
 
 
+def _remember_changed_only(ctx: click.Context, _param: Any, value: bool) -> bool:
+    """--changed-only is kept in ctx.meta for _reporter (not a parameter of the
+    commands)."""
+    ctx.meta["changed_only"] = value
+    return value
+
+
 def _common(f: Any) -> Any:
     options = [
         click.option("--format", "fmt", type=click.Choice(["table", "json", "none"]),
@@ -161,6 +168,11 @@ def _common(f: Any) -> Any:
                      "docs/output.md for a reader that stops reading, or a full disk)."),
         _heap_interval_option(),
         _pss_interval_option(),
+        click.option("--changed-only", is_flag=True, expose_value=False,
+                     callback=_remember_changed_only,
+                     help="JSON: after a process's first snapshot, list only the mappings "
+                     "that changed since its previous one, and the starts of those that "
+                     "are gone (docs/output.md, \"Changed mappings only\")."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -215,6 +227,10 @@ def _serve(session: Session, server: MetricsServer | None,
 def _reporter(fmt: str, output: str | None) -> Reporter:
     """The view for --format, writing to stdout or -o FILE through an
     OutputStream (views/output.py: never blocks; OutputError on failure)."""
+    ctx = click.get_current_context(silent=True)
+    changed_only = bool(ctx and ctx.meta.get("changed_only"))
+    if changed_only and fmt != "json":
+        raise MemtraceError("--changed-only needs --format json", ExitCode.USAGE)
     if fmt == "none":
         return _NullReporter()
     if output == "":
@@ -224,7 +240,7 @@ def _reporter(fmt: str, output: str | None) -> Reporter:
     stream = open_output(output)
     if fmt == "json":
         from memtrace.views.jsonl import JsonReporter
-        return JsonReporter(stream)
+        return JsonReporter(stream, changed_only=changed_only)
     from rich.console import Console
 
     from memtrace.views.output import TextOutput
