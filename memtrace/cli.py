@@ -172,7 +172,7 @@ def _common(f: Any) -> Any:
                      callback=_remember_changed_only,
                      help="JSON: after a process's first snapshot, list only the mappings "
                      "that changed since its previous one, and the starts of those that "
-                     "are gone (docs/output.md, \"Changed mappings only\")."),
+                     "are gone (docs/output.md, \"Size, and changed mappings only\")."),
     ]
     for option in reversed(options):
         f = option(f)
