@@ -29,9 +29,11 @@ class ProcInfo:
 
 @dataclass(frozen=True)
 class Rule:
-    """All given fields must match (AND); an agent's rules are alternatives (OR)."""
+    """All given fields must match (AND); an agent's rules are alternatives (OR).
+    `name` is the group label of the processes it picks (`--group-by group`);
+    a rule without one groups them by their own comm."""
 
-    name: str
+    name: str | None
     comm: re.Pattern[str] | None = None
     exe: re.Pattern[str] | None = None
     cgroup: re.Pattern[str] | None = None
@@ -42,6 +44,29 @@ class Rule:
                 and (self.exe is None or bool(self.exe.search(info.exe)))
                 and (self.cgroup is None or bool(self.cgroup.search(info.cgroup)))
                 and (self.uid is None or self.uid == info.uid))
+
+    def describe(self) -> str:
+        """The rule as log lines show it: its name, else its fields."""
+        if self.name is not None:
+            return self.name
+        fields = [f"{k}={p.pattern}" for k, p in (("comm", self.comm), ("exe", self.exe),
+                                                  ("cgroup", self.cgroup)) if p is not None]
+        if self.uid is not None:
+            fields.append(f"uid={self.uid}")
+        return " ".join(fields)
+
+
+# NAME=VALUE in --comm/--exe/--cgroup/--user: a rule with a name. NAME is a word
+# (letters, digits, _ . -, not starting with a digit or punctuation), so a regex
+# that starts with "(", "^", a backslash, "[", "." ... is never taken for one; to
+# match a literal "=" in an unnamed rule, escape it: "\=".
+_NAMED = re.compile(r"([A-Za-z_][A-Za-z0-9_.-]*)=(.*)", re.DOTALL)
+
+
+def named_value(value: str) -> tuple[str | None, str]:
+    """(name, value) of a command-line rule given as NAME=VALUE, else (None, value)."""
+    m = _NAMED.fullmatch(value)
+    return (m.group(1), m.group(2)) if m else (None, value)
 
 
 def _regex(value: str, what: str) -> re.Pattern[str]:
@@ -60,6 +85,17 @@ def resolve_user(user: str | int) -> int:
         raise MemtraceError(f"no such user: {user}", ExitCode.USAGE) from None
 
 
+def command_line_rules(**given: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Rules as dicts (like a --config file's) from --comm, --exe, --cgroup and
+    --user values, each a rule of its own, named when given as NAME=VALUE."""
+    rules: list[dict[str, Any]] = []
+    for key, values in given.items():
+        for value in values:
+            name, value = named_value(value)
+            rules.append({key: value} if name is None else {"name": name, key: value})
+    return rules
+
+
 def rule_from_dict(raw: dict[str, Any], index: int) -> Rule:
     unknown = set(raw) - {"name", "comm", "exe", "cgroup", "user"}
     if unknown:
@@ -67,8 +103,11 @@ def rule_from_dict(raw: dict[str, Any], index: int) -> Rule:
     if not set(raw) - {"name"}:
         raise MemtraceError(f"rule {index}: needs at least one of comm, exe, cgroup, user",
                             ExitCode.USAGE)
+    name = raw.get("name")
+    if name is not None and (not isinstance(name, str) or not name):
+        raise MemtraceError(f"rule {index}: name must be a non-empty string", ExitCode.USAGE)
     return Rule(
-        name=str(raw.get("name") or f"rule{index}"),
+        name=name,
         comm=_regex(raw["comm"], "comm") if "comm" in raw else None,
         exe=_regex(raw["exe"], "exe") if "exe" in raw else None,
         cgroup=_regex(raw["cgroup"], "cgroup") if "cgroup" in raw else None,
@@ -111,6 +150,42 @@ def load_config(path: str) -> dict[str, Any]:
     return raw
 
 
+# Container and pod of a process, from its cgroup path (what kubelet, containerd,
+# CRI-O, Docker and podman name their cgroups after; cAdvisor reads the same):
+#   systemd driver  /kubepods.slice/kubepods-burstable.slice/
+#                     kubepods-burstable-pod<uid, "_" for "-">.slice/cri-containerd-<id>.scope
+#                   (crio-<id>.scope, docker-<id>.scope, libpod-<id>.scope; Guaranteed
+#                    pods: /kubepods.slice/kubepods-pod<uid>.slice/...)
+#   cgroupfs driver /kubepods/burstable/pod<uid>/<id>, /docker/<id>
+# <id> is the runtime's 64-hex-digit container ID; <uid> the pod's metadata.uid
+# (a UUID; a static pod's is 32 hex digits). crio-conmon-<id> (CRI-O's monitor
+# process) is not the container: it gets the pod but no container_id.
+_CONTAINER = re.compile(r"(?:(?:docker|cri-containerd|crio|libpod|containerd)-)?"
+                        r"([0-9a-f]{64})(?:\.scope)?")
+_POD = re.compile(r"(?:[A-Za-z0-9_]+-)*pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}"
+                  r"[-_][0-9a-f]{4}[-_][0-9a-f]{12}|[0-9a-f]{32})(?:\.slice)?")
+
+
+def container_labels(cgroup: str) -> tuple[str, str]:
+    """(container_id, pod_uid) of a process from its cgroup path(s) (one per line,
+    as ProcInfo.cgroup), "" for each it is not in. pod_uid is written with dashes,
+    as Kubernetes (kube_pod_info's uid label) writes it. The innermost container
+    segment wins; the first line that names either is used."""
+    for path in cgroup.splitlines():
+        container = pod = ""
+        for segment in path.split("/"):
+            m = _POD.fullmatch(segment)
+            if m:
+                pod = m.group(1).replace("_", "-")
+                continue
+            m = _CONTAINER.fullmatch(segment)
+            if m:
+                container = m.group(1)
+        if container or pod:
+            return container, pod
+    return "", ""
+
+
 def read_info(procfs: ProcFS, pid: int) -> ProcInfo | None:
     try:
         st = procfs.stat(pid)
@@ -128,8 +203,13 @@ def read_info(procfs: ProcFS, pid: int) -> ProcInfo | None:
 
 class Agent:
     def __init__(self, session: Session, rules: list[Rule], all_min_rss: int | None,
-                 max_processes: int, sweep_interval: float = 10.0) -> None:
+                 max_processes: int, sweep_interval: float = 10.0,
+                 group_by: str = "group") -> None:
+        """`group_by` "comm": every process's group is its own comm; otherwise
+        it is the name of the rule that picked it, or its comm for a rule without
+        a name and for --all."""
         self.session = session
+        self.group_by = group_by
         self.rules = rules
         self.all_min_rss = all_min_rss
         self.max_processes = max_processes
@@ -137,13 +217,13 @@ class Agent:
         self.own_pid = os.getpid()
         self._last_sweep = 0.0
         self.targets_dropped = 0
-        self.group_of: dict[int, str] = {}
 
-    def match(self, info: ProcInfo) -> str | None:
-        """The name of the first rule that matches, else None."""
-        return next((r.name for r in self.rules if r.matches(info)), None)
+    def match(self, info: ProcInfo) -> Rule | None:
+        """The first rule that matches, else None."""
+        return next((r for r in self.rules if r.matches(info)), None)
 
-    def _try_attach(self, pid: int, group: str) -> None:
+    def _try_attach(self, pid: int, rule: Rule | None, info: ProcInfo) -> None:
+        """Attach to pid, picked by `rule` (None: by --all)."""
         session = self.session
         if pid in session.trackers or pid == self.own_pid:
             return
@@ -158,18 +238,23 @@ class Agent:
         except MemtraceError:
             session.detach_quietly(pid)
             return
-        self.group_of[pid] = group
-        session.group_of[pid] = group
+        # The group label: the rule's name; without one (and with --group-by
+        # comm) none is kept, and the exporter labels the process with its
+        # comm as it is at each scrape (an exec may change it).
+        if rule is not None and rule.name is not None and self.group_by != "comm":
+            session.group_of[pid] = rule.name
+        session.container_of[pid] = container_labels(info.cgroup)
+        why = rule.describe() if rule is not None else "--all"
         session.reporter.message(f"attached to pid {pid} ({session.trackers[pid].comm}, "
-                                 f"{group})")
+                                 f"{why})")
 
     def consider(self, pid: int) -> None:
         info = read_info(self.session.procfs, pid)
         if info is None:
             return
-        group = self.match(info)
-        if group is not None:
-            self._try_attach(pid, group)
+        rule = self.match(info)
+        if rule is not None:
+            self._try_attach(pid, rule, info)
 
     def initial_scan(self) -> None:
         for pid in all_pids(self.session.procfs):
@@ -192,7 +277,7 @@ class Agent:
             if rss >= self.all_min_rss and rss > 0:
                 info = read_info(procfs, pid)
                 if info is not None:
-                    self._try_attach(pid, info.comm)
+                    self._try_attach(pid, None, info)
 
     def on_tick(self, drained: Drained) -> None:
         # execs anywhere, and children forked (without exec) by watched

@@ -136,6 +136,13 @@ def _pss_interval_option() -> Any:
         "every tick. 0 = off (the fields are null). Needs root. See docs/pss.md.")
 
 
+def _remember_changed_only(ctx: click.Context, _param: Any, value: bool) -> bool:
+    """--changed-only is kept in ctx.meta for _reporter (not a parameter of the
+    commands)."""
+    ctx.meta["changed_only"] = value
+    return value
+
+
 def _common(f: Any) -> Any:
     options = [
         click.option("--format", "fmt", type=click.Choice(["table", "json", "none"]),
@@ -150,7 +157,9 @@ def _common(f: Any) -> Any:
         click.option("--no-serve", is_flag=True, help="Do not serve /metrics."),
         click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN,
                      type=ListenAddress(), show_default=True,
-                     help="Address of the /metrics endpoint (port 0: any free port)."),
+                     help="Address of the /metrics endpoint (port 0: any free port). "
+                     "Without this option, a default port in use (another memtrace) "
+                     "is replaced by a free one, named on stderr."),
         click.option("--web.config.file", "web_config", default=None,
                      type=click.Path(dir_okay=False),
                      help="exporter-toolkit web config: TLS, client certificates, basic auth."),
@@ -163,6 +172,11 @@ def _common(f: Any) -> Any:
                      "docs/output.md for a reader that stops reading, or a full disk)."),
         _heap_interval_option(),
         _pss_interval_option(),
+        click.option("--changed-only", is_flag=True, expose_value=False,
+                     callback=_remember_changed_only,
+                     help="JSON: after a process's first snapshot, list only the mappings "
+                     "that changed since its previous one, and the starts of those that "
+                     "are gone (docs/output.md, \"Size, and changed mappings only\")."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -257,9 +271,30 @@ def _table_options(f: Any) -> Any:
     return wrapper
 
 
-def _serve(session: Session, no_serve: bool, listen: str,
-           web_config: str | WebConfig | None, max_mapping_series: int) -> MetricsServer | None:
+def _listen(no_serve: bool, listen: str, web_config: str | WebConfig | None,
+            fallback: bool = False) -> MetricsServer | None:
+    """Bind the /metrics address (before the probes compile, so a busy port fails
+    at once: one line, exit 2); _serve() starts answering. With `fallback` (watch
+    and run when --web.listen-address was not given), a default port that is in
+    use (another memtrace watch) is replaced by a free port on the same host."""
     if no_serve:
+        return None
+    cfg = web_config if isinstance(web_config, WebConfig) else load_web_config(web_config)
+    return MetricsServer(None, listen, cfg, fallback=fallback)
+
+
+def _listen_given() -> bool:
+    """Whether --web.listen-address was given (not its default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.get_parameter_source("listen") is not ParameterSource.DEFAULT
+
+
+def _serve(session: Session, server: MetricsServer | None,
+           max_mapping_series: int) -> MetricsServer | None:
+    """Serve the session's metrics on the address _listen() bound."""
+    if server is None:
         return None
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
@@ -268,11 +303,13 @@ def _serve(session: Session, no_serve: bool, listen: str,
     collector = MemtraceCollector(session.exporter_box, max_mapping_series)
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
-    cfg = web_config if isinstance(web_config, WebConfig) else load_web_config(web_config)
-    server = MetricsServer(registry, listen, cfg,
-                           fast=collector.render_chunks)
-    log(f"serving metrics on {'https' if server.tls else 'http'}://"
-        f"{server.address}/metrics")
+    server.serve(registry, fast=collector.render_chunks)
+    url = f"{'https' if server.tls else 'http'}://{server.address}/metrics"
+    if server.busy:
+        log(f"{server.busy} is in use (another memtrace?): serving metrics on {url} "
+            "instead (--web.listen-address chooses; --no-serve turns it off)")
+    else:
+        log(f"serving metrics on {url}")
     if server.exposed and not server.protected:
         log(f"warning: {server.address} is reachable beyond loopback without TLS or "
             "authentication (see --web.config.file)")
@@ -282,6 +319,10 @@ def _serve(session: Session, no_serve: bool, listen: str,
 def _reporter(fmt: str, output: str | None, table_opts: Any = None) -> Reporter:
     """The view for --format, writing to stdout or -o FILE through an
     OutputStream (views/output.py: never blocks; OutputError on failure)."""
+    ctx = click.get_current_context(silent=True)
+    changed_only = bool(ctx and ctx.meta.get("changed_only"))
+    if changed_only and fmt != "json":
+        raise MemtraceError("--changed-only needs --format json", ExitCode.USAGE)
     if fmt == "none":
         return _NullReporter()
     if output == "":
@@ -291,7 +332,7 @@ def _reporter(fmt: str, output: str | None, table_opts: Any = None) -> Reporter:
     stream = open_output(output)
     if fmt == "json":
         from memtrace.views.jsonl import JsonReporter
-        return JsonReporter(stream)
+        return JsonReporter(stream, changed_only=changed_only)
     from rich.console import Console
 
     from memtrace.views.output import TextOutput
@@ -345,11 +386,11 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
     web_cfg = None if no_serve else load_web_config(web_config)
     procfs = ProcFS()
     pids = _existing_targets(procfs, resolve_targets(procfs, targets))
+    server = _listen(no_serve, listen, web_cfg, fallback=not _listen_given())
     session = Session(_reporter(fmt, output, table_opts), interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
-    server = None
     ticks = 0
 
     def keep_going() -> bool:
@@ -361,7 +402,7 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
 
     try:
         session.load()
-        server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
+        _serve(session, server, max_mapping_series)
         for pid in dict.fromkeys(pids):
             session.add_target(pid)
             try:
@@ -568,10 +609,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     child = 0
     status: int | None = None
     failure: OutputError | None = None
-    server = None
+    server = _listen(no_serve, listen, web_cfg, fallback=not _listen_given())
     try:
         session.load(watch_execs=True)    # fork and exec notices: the command's tree
-        server = _serve(session, no_serve, listen, web_cfg, max_mapping_series)
+        _serve(session, server, max_mapping_series)
         child, go_w, err_r = _spawn_stopped(path, command, forwarder)
         if forwarder.early is not None:   # a signal before the command started
             os.kill(child, signal.SIGKILL)
@@ -675,7 +716,9 @@ class _NullReporter:
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.option("--comm", multiple=True, help="Watch processes whose name matches this regex.")
+@click.option("--comm", multiple=True, help="Watch processes whose name matches this regex. "
+              "NAME=REGEX names the rule (its group with --group-by group); this holds "
+              "for --exe, --cgroup and --user too.")
 @click.option("--exe", multiple=True, help="... whose executable path matches this regex.")
 @click.option("--cgroup", multiple=True, help="... whose cgroup path matches this regex.")
 @click.option("--user", multiple=True, help="... owned by this user (name or UID).")
@@ -691,15 +734,18 @@ class _NullReporter:
 @click.option("--max-processes", type=click.IntRange(min=1, max=1 << 22), default=100,
               show_default=True,
               help="Cap on watched processes; the rest are counted as dropped.")
-@click.option("--group-by", type=click.Choice(["pid", "group"]), default="pid",
-              show_default=True, help="Label series by pid, or by group (the matching "
-              "rule's name; the process name for --all) so restarts keep their series.")
+@click.option("--group-by", type=click.Choice(["pid", "group", "comm"]), default="pid",
+              show_default=True, help="Label series by pid; or by group, summed over "
+              "its processes so restarts keep their series: group = the matching rule's "
+              "name (NAME=REGEX, or name: in --config), else the process name (comm); "
+              "comm = always the process name.")
 @click.option("--format", "fmt", type=click.Choice(["none", "json"]), default="none",
               show_default=True, help="Also write JSON Lines snapshots.")
 @click.option("--interval", type=Seconds(min=0.01), default=1.0, show_default=True)
 @click.option("--reconcile-interval", type=Seconds(), default=300.0, show_default=True)
 @click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN, type=ListenAddress(),
-              show_default=True)
+              show_default=True, help="Address of the /metrics endpoint; one in use is an "
+              "error (exit 2), never replaced.")
 @click.option("--web.config.file", "web_config", default=None, type=click.Path(dir_okay=False))
 @click.option("--max-mapping-series", type=click.IntRange(min=2, max=1_000_000), default=50,
               show_default=True)
@@ -714,12 +760,9 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           pss_interval: float) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
-    from memtrace.agent import Agent, load_config, rule_from_dict
+    from memtrace.agent import Agent, command_line_rules, load_config, rule_from_dict
 
-    raw_rules: list[dict[str, Any]] = [{"name": f"comm={v}", "comm": v} for v in comm]
-    raw_rules += [{"name": f"exe={v}", "exe": v} for v in exe]
-    raw_rules += [{"name": f"cgroup={v}", "cgroup": v} for v in cgroup]
-    raw_rules += [{"name": f"user={v}", "user": v} for v in user]
+    raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
     all_min_rss = min_rss if all_ else None
     if config_file:
         config = load_config(config_file)
@@ -737,15 +780,17 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     web_cfg = load_web_config(web_config)
     reporter: Reporter = _reporter("json", output) if fmt == "json" else _NullReporter()
     session = Session(reporter, interval, reconcile_interval)
-    session.grouping = group_by == "group"
+    session.grouping = group_by != "pid"
+    session.container_labels = True    # container_id, pod_uid from the cgroup path
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     session.install_signal_handlers()
-    server = None
+    server = _listen(False, listen, web_cfg)   # a fixed port for Prometheus: never another
     try:
         session.load(watch_execs=True)
-        server = _serve(session, False, listen, web_cfg, max_mapping_series)
-        agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval)
+        _serve(session, server, max_mapping_series)
+        agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval,
+                       group_by=group_by)
         agent_.initial_scan()
         log(f"agent: {len(rules)} rule(s){', --all' if all_min_rss is not None else ''}; "
             f"watching {len(session.trackers)} process(es)")

@@ -54,11 +54,42 @@ class ExporterState:
     # agent mode: exec and fork notices that did not fit their BPF ring
     notices_lost: dict[str, int] = field(default_factory=dict)
     # Agent mode with grouping: pid -> group name, and the counters of exited
-    # processes per (group, comm), so group counters never go backwards.
+    # processes per row_key (group, comm[, container_id, pod_uid]), so group
+    # counters never go backwards.
     groups: dict[int, str] | None = None
-    retired: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    retired: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
     # heap walks (--heap-interval) by status; None when heap walks are off
     heap_walks: dict[str, int] | None = None
+    # Agent mode: pid -> (container_id, pod_uid) read from its cgroup path ("" when
+    # not in a container); the series then carry both labels. None: no such labels.
+    containers: dict[int, tuple[str, str]] | None = None
+
+
+CONTAINER_LABELS = ("container_id", "pod_uid")
+NO_CONTAINER = ("", "")
+
+
+def who_of(state: ExporterState) -> tuple[str, ...]:
+    """The label names that say which process (or group) a series is about."""
+    who = ("group", "comm") if state.groups is not None else ("pid", "comm")
+    return who + CONTAINER_LABELS if state.containers is not None else who
+
+
+def row_key(state: ExporterState, pid: int, snap: dict[str, Any]) -> tuple[str, ...]:
+    """The raw values of who_of(state) for one process: its pid (or group), comm
+    and, in agent mode, container_id and pod_uid. Processes with the same key
+    are one row (a group)."""
+    comm = snap["comm"]
+    key: tuple[str, ...] = (
+        state.groups.get(pid, comm) if state.groups is not None else str(pid), comm)
+    if state.containers is not None:
+        key += state.containers.get(pid, NO_CONTAINER)
+    return key
+
+
+def row_ids(state: ExporterState, pid: int, snap: dict[str, Any]) -> list[str]:
+    """row_key() as label values (safe_label)."""
+    return [safe_label(v) for v in row_key(state, pid, snap)]
 
 
 def empty_counters() -> dict[str, Any]:
@@ -99,15 +130,16 @@ def _zero_row() -> dict[str, Any]:
             "drift_bytes": 0, "mappings": []}
 
 
-def _group_members(state: ExporterState) -> dict[tuple[str, str], tuple[
+def _group_members(state: ExporterState) -> dict[tuple[str, ...], tuple[
         dict[str, Any] | None, list[dict[str, Any]]]]:
-    """(group, comm) -> (the retired counters, the live snapshots), in merge order."""
+    """row_key (group, comm[, container_id, pod_uid]) -> (the retired counters, the
+    live snapshots), in merge order."""
     assert state.groups is not None
-    members: dict[tuple[str, str], tuple[dict[str, Any] | None, list[dict[str, Any]]]] = {}
+    members: dict[tuple[str, ...], tuple[dict[str, Any] | None, list[dict[str, Any]]]] = {}
     for key, counters in state.retired.items():
         members[key] = (counters, [])
     for pid, snap in state.snapshots.items():
-        key = (state.groups.get(pid, snap["comm"]), snap["comm"])
+        key = row_key(state, pid, snap)
         if key not in members:
             members[key] = (None, [])
         members[key][1].append(snap)
@@ -132,13 +164,14 @@ def _merge(retired: dict[str, Any] | None, snaps: list[dict[str, Any]]) -> dict[
 
 
 def grouped_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
-    """(label values for `group, comm`, merged snapshot) per group and comm."""
-    return [([safe_label(g), safe_label(c)], _merge(*m))
-            for (g, c), m in sorted(_group_members(state).items())]
+    """(label values for who_of(state), merged snapshot) per group and comm (and
+    container, in agent mode)."""
+    return [([safe_label(v) for v in key], _merge(*m))
+            for key, m in sorted(_group_members(state).items())]
 
 
 def pid_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
-    return [([str(pid), safe_label(snap["comm"])], snap)
+    return [(row_ids(state, pid, snap), snap)
             for pid, snap in sorted(state.snapshots.items())]
 
 
@@ -340,8 +373,10 @@ def _row_families(who: Sequence[str]) -> list[Family]:
     ]
 
 
-_HEADERS = {tuple(who): [f.header().encode() for f in _row_families(who)]
-            for who in (("pid", "comm"), ("group", "comm"))}
+_HEADERS: dict[tuple[str, ...], list[bytes]] = {
+    who: [f.header().encode() for f in _row_families(who)]
+            for first in ("pid", "group")
+            for who in ((first, "comm"), (first, "comm", *CONTAINER_LABELS))}
 
 # Bounds of the caches kept between scrapes (see MemtraceCollector.render_text).
 # The label caches are cleared when either holds this many entries, or their keys
@@ -452,7 +487,7 @@ class MemtraceCollector(Collector):
         for a process with PSS figures, of the four PSS/USS families, as UTF-8
         text (one piece per family, samples in the order build() adds them; the
         PSS pieces are empty for a group or a process without figures)."""
-        p = f'{who[0]}="{_escape_label(ids[0])}",{who[1]}="{_escape_label(ids[1])}"'
+        p = ",".join([f'{k}="{_escape_label(v)}"' for k, v in zip(who, ids)])
         num = _number
         res = (f'memtrace_process_resident_bytes{{{p},type="anon"}} '
                f'{num(snap["anon_bytes"])}\n'
@@ -529,15 +564,15 @@ class MemtraceCollector(Collector):
         per row, in scrape order; for a group the stamp covers every member and the
         exited processes' counters, and the merge only runs when it is needed."""
         if state.groups is None:
-            return [([str(pid), safe_label(snap["comm"])], _stamp(snap), lambda s=snap: s)
+            return [(row_ids(state, pid, snap), _stamp(snap), lambda s=snap: s)
                     for pid, snap in sorted(state.snapshots.items())]
         rows: list[tuple[list[str], Any, Any]] = []
-        for (g, c), (retired, snaps) in sorted(_group_members(state).items()):
+        for key, (retired, snaps) in sorted(_group_members(state).items()):
             stamps = [_stamp(s) for s in snaps]
             stamp = None if None in stamps else (
                 tuple(stamps),
                 None if retired is None else {k: dict(v) for k, v in retired.items()})
-            rows.append(([safe_label(g), safe_label(c)], stamp,
+            rows.append(([safe_label(v) for v in key], stamp,
                          lambda r=retired, s=snaps: _merge(r, s)))
         return rows
 
@@ -558,7 +593,7 @@ class MemtraceCollector(Collector):
     def _render_parts(self) -> list[bytes]:
         t0 = time.perf_counter()
         state = self.box.get()
-        who = ("group", "comm") if state.groups is not None else ("pid", "comm")
+        who = who_of(state)
         rows = self._text_rows(state)
         rendered: list[_Rendered] = []
         dropped_now = 0
@@ -619,7 +654,7 @@ class MemtraceCollector(Collector):
     def build(self) -> list[Family]:
         t0 = time.perf_counter()
         state = self.box.get()
-        who = ["group", "comm"] if state.groups is not None else ["pid", "comm"]
+        who = list(who_of(state))
         rows = grouped_rows(state) if state.groups is not None else pid_rows(state)
         families = _row_families(who)
         proc_res, proc_virt, map_res, map_virt, faults, calls, call_bytes, drift = families
@@ -746,18 +781,14 @@ def heap_families(state: ExporterState) -> list[Family]:
     Processes without figures (not glibc malloc, no walk yet) have no series."""
     if state.heap_walks is None:
         return []
-    who = ["group", "comm"] if state.groups is not None else ["pid", "comm"]
+    who = list(who_of(state))
     fams = [_gauge(name, text, labels=[*who, "arena"]) for name, _, text in HEAP_FAMILIES]
-    sums: dict[tuple[str, str], dict[str, list[int]]] = {}
+    sums: dict[tuple[str, ...], dict[str, list[int]]] = {}
     for pid, snap in sorted(state.snapshots.items()):
         by_kind = (snap.get("heap") or {}).get("by_kind")
         if not by_kind:
             continue
-        if state.groups is not None:
-            ids = (safe_label(state.groups.get(pid, snap["comm"])), safe_label(snap["comm"]))
-        else:
-            ids = (str(pid), safe_label(snap["comm"]))
-        row = sums.setdefault(ids, {})
+        row = sums.setdefault(tuple(row_ids(state, pid, snap)), {})
         for kind, figures in by_kind.items():
             acc = row.setdefault(kind, [0] * len(HEAP_FAMILIES))
             for i, (_, key, _) in enumerate(HEAP_FAMILIES):
@@ -796,11 +827,7 @@ def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any
                      "Unique set size per mapping identity.", labels=[*who, "mapping", "kind"])
     totals: dict[tuple[str, ...], list[int] | None] = {}
     for pid, snap in state.snapshots.items():
-        if state.groups is not None:
-            key: tuple[str, ...] = (safe_label(state.groups.get(pid, snap["comm"])),
-                                    safe_label(snap["comm"]))
-        else:
-            key = (str(pid), safe_label(snap["comm"]))
+        key = tuple(row_ids(state, pid, snap))
         pss, uss = snap.get("pss_bytes"), snap.get("uss_bytes")
         acc = totals.setdefault(key, [0, 0])
         if acc is None or pss is None or uss is None:
@@ -821,6 +848,6 @@ def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any
     return [proc_pss, proc_uss, map_pss, map_uss]
 
 
-_PSS_HEADERS = {tuple(who): [f.header().encode()
-                             for f in pss_families(ExporterState(), [], list(who), 2)]
-                for who in (("pid", "comm"), ("group", "comm"))}
+_PSS_HEADERS: dict[tuple[str, ...], list[bytes]] = {
+    who: [f.header().encode() for f in pss_families(ExporterState(), [], list(who), 2)]
+    for who in _HEADERS}

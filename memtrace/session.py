@@ -16,7 +16,13 @@ from typing import Any, Protocol
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import Drained, SyscallEvent
-from memtrace.exporter import ExporterState, StateBox, add_counters, empty_counters
+from memtrace.exporter import (
+    NO_CONTAINER,
+    ExporterState,
+    StateBox,
+    add_counters,
+    empty_counters,
+)
 from memtrace.heap import HeapSampler
 from memtrace.libevents import LibraryEvents
 from memtrace.livepss import LivePss, drop_all
@@ -79,7 +85,10 @@ class Session:
         self._start_times: dict[int, int] = {}
         self.group_of: dict[int, str] = {}
         self.grouping = False      # metrics by group label instead of pid (agent mode)
-        self._retired: dict[tuple[str, str], dict[str, Any]] = {}
+        # agent mode: pid -> (container_id, pod_uid), labels of every series
+        self.container_labels = False
+        self.container_of: dict[int, tuple[str, str]] = {}
+        self._retired: dict[tuple[str, ...], dict[str, Any]] = {}
         self.heap: HeapSampler | None = None  # --heap-interval: see enable_heap
         self._heap_status: dict[int, str] = {}
         self._libevents: dict[int, LibraryEvents] = {}
@@ -176,9 +185,16 @@ class Session:
         last = self._snapshots.pop(pid, None)
         self._builders.pop(pid, None)
         if last is not None and self.grouping:
-            key = (self.group_of.get(pid, last["comm"]), last["comm"])
-            add_counters(self._retired.setdefault(key, empty_counters()), last)
+            key = self._row_key(pid, last)
+            if not any(key[2:]) or any(
+                    self._row_key(p, s) == key for p, s in self._snapshots.items()):
+                add_counters(self._retired.setdefault(key, empty_counters()), last)
+            else:
+                # the last watched process of a container: its series end with it
+                # (containers come and go; their counters are not kept forever)
+                self._retired.pop(key, None)
         self.group_of.pop(pid, None)
+        self.container_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
         _close_fd(self._pidfds.pop(pid, None))
         self._start_times.pop(pid, None)
@@ -195,6 +211,13 @@ class Session:
         if self.probes:
             self.probes.remove_target(pid)
         self.reporter.message(f"pid {pid} {why}")
+
+    def _row_key(self, pid: int, snap: dict[str, Any]) -> tuple[str, ...]:
+        """The exporter's row_key of a process (group, comm[, container_id, pod_uid])."""
+        key: tuple[str, ...] = (self.group_of.get(pid, snap["comm"]), snap["comm"])
+        if self.container_labels:
+            key += self.container_of.get(pid, NO_CONTAINER)
+        return key
 
     def tick(self) -> Drained:
         assert self.probes is not None
@@ -283,6 +306,7 @@ class Session:
             tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds),
             targets_dropped=self.targets_dropped, notices_lost=dict(self.notices_lost),
             groups=dict(self.group_of) if self.grouping else None,
+            containers=dict(self.container_of) if self.container_labels else None,
             retired={k: {f: dict(v) for f, v in c.items()} for k, c in self._retired.items()},
             heap_walks=self.heap.counts() if self.heap else None))
 

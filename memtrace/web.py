@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import errno
 import hashlib
 import ipaddress
 import re
@@ -336,33 +337,47 @@ def _fast_app(render: FastRender, registry: CollectorRegistry) -> Callable[..., 
     return app
 
 
+def _not_yet(environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
+    start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+    return [b"memtrace is starting\n"]
+
+
 class MetricsServer:
-    """Serves /metrics from `registry` in a daemon thread."""
+    """Serves /metrics from `registry` in a daemon thread.
 
-    def __init__(self, registry: CollectorRegistry, listen: str, cfg: WebConfig,
-                 fast: FastRender | None = None) -> None:
-        """Serve `registry`; with `fast`, serve its text (a str, or UTF-8 pieces as
-        MemtraceCollector.render_chunks returns) first and render the registry
-        (small: the process collector) after it."""
+    Binding and serving are two steps so that a command can take its address
+    before the seconds of BPF compilation (a busy port is then one line at once):
+    MetricsServer(None, listen, cfg) binds and listens (connections wait in the
+    backlog), serve(registry, fast) starts answering them."""
+
+    def __init__(self, registry: CollectorRegistry | None, listen: str, cfg: WebConfig,
+                 fast: FastRender | None = None, fallback: bool = False) -> None:
+        """Bind `listen`; with `registry`, serve it at once (see serve()). With
+        `fallback`, a port that is in use is replaced by any free port on the same
+        host (self.busy then names the address that was in use)."""
         host, port = parse_listen(listen)
-        metrics = make_wsgi_app(registry) if fast is None else _fast_app(fast, registry)
-
-        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-            if environ.get("PATH_INFO", "/") in ("/", ""):
-                return _index(environ, start_response)
-            return metrics(environ, start_response)
-
-        wsgi: Callable[..., Any] = BasicAuth(app, cfg.basic_auth_users) \
-            if cfg.basic_auth_users else app
 
         class Server(_ThreadingServer):
             address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
 
+        self.busy: str | None = None
         try:
-            self.httpd = make_server(host, port, wsgi, Server, handler_class=_QuietHandler)
+            self.httpd = make_server(host, port, _not_yet, Server,
+                                     handler_class=_QuietHandler)
         except OSError as e:
-            raise MemtraceError(f"cannot listen on {listen}: {e.strerror}",
-                                ExitCode.USAGE) from None
+            if not (fallback and port != 0 and e.errno == errno.EADDRINUSE):
+                hint = (" (another memtrace or exporter holds it: choose another port, "
+                        "or port 0 for any free one)" if e.errno == errno.EADDRINUSE else "")
+                raise MemtraceError(f"cannot listen on {listen}: {e.strerror}{hint}",
+                                    ExitCode.USAGE) from None
+            self.busy = listen
+            try:
+                self.httpd = make_server(host, 0, _not_yet, Server,
+                                         handler_class=_QuietHandler)
+            except OSError as e2:
+                raise MemtraceError(f"cannot listen on {host}:0: {e2.strerror}",
+                                    ExitCode.USAGE) from None
+        self.cfg = cfg
         if cfg.tls:
             try:
                 ctx = ssl_context(cfg)
@@ -370,14 +385,34 @@ class MetricsServer:
                 self.httpd.server_close()
                 raise MemtraceError(f"TLS setup failed: {e}", ExitCode.USAGE) from None
             self.httpd.tls = ctx
-        self.address = f"{host}:{self.httpd.server_port}"
+        shown = f"[{host}]" if ":" in host else host
+        self.address = f"{shown}:{self.httpd.server_port}"
         self.exposed = not is_loopback(host)
         self.tls = cfg.tls
         self.protected = cfg.tls or bool(cfg.basic_auth_users)
+        self.thread: threading.Thread | None = None
+        if registry is not None:
+            self.serve(registry, fast)
+
+    def serve(self, registry: CollectorRegistry, fast: FastRender | None = None) -> None:
+        """Serve `registry`; with `fast`, serve its text (a str, or UTF-8 pieces as
+        MemtraceCollector.render_chunks returns) first and render the registry
+        (small: the process collector) after it."""
+        metrics = make_wsgi_app(registry) if fast is None else _fast_app(fast, registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
+            if environ.get("PATH_INFO", "/") in ("/", ""):
+                return _index(environ, start_response)
+            return metrics(environ, start_response)
+
+        wsgi: Callable[..., Any] = BasicAuth(app, self.cfg.basic_auth_users) \
+            if self.cfg.basic_auth_users else app
+        self.httpd.set_app(wsgi)
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                        name="metrics-http")
         self.thread.start()
 
     def close(self) -> None:
-        self.httpd.shutdown()
+        if self.thread is not None:
+            self.httpd.shutdown()
         self.httpd.server_close()

@@ -153,6 +153,26 @@ def test_panels_promised(dash):
         assert f"memtrace_heap_{name}_bytes" in glibc, name
 
 
+def test_per_process_queries_keep_the_group_label(dash):
+    """`by (instance, pid, comm)` would merge the groups of agent --group-by group
+    (or comm) that share a comm; every aggregation that keeps pid keeps group."""
+    for title, t in queries(dash):
+        for by in re.findall(r"by \(([^)]*)\)", t["expr"]):
+            labels = [x.strip() for x in by.split(",")]
+            if "pid" in labels and "memtrace_attach_duration_seconds" not in t["expr"]:
+                assert "group" in labels, (title, t["expr"])
+                assert "{{group}}" in (t.get("legendFormat") or "{{group}}"), (title, t)
+
+
+def test_resident_sums_over_processes_say_pss_is_the_sum(dash):
+    """A sum of resident bytes over processes (or a group) counts shared pages once per
+    process: the panels that show one say so and point at PSS."""
+    for p in all_panels(dash["panels"]):
+        exprs = [t["expr"] for t in p.get("targets", [])]
+        if any("memtrace_process_resident_bytes" in e for e in exprs):
+            assert "PSS" in p.get("description", ""), p["title"]
+
+
 def test_layout(dash):
     ids = [p["id"] for p in all_panels(dash["panels"])]
     assert len(ids) == len(set(ids))

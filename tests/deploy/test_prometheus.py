@@ -193,3 +193,46 @@ def test_configs_load_the_rules_and_name_the_job(config):
     assert [j["job_name"] for j in cfg["scrape_configs"]] == ["memtrace"]
     # The alerts select up{job="memtrace"}.
     assert 'job="memtrace"' in RULES.read_text()
+
+
+def _docs_pod_join() -> str:
+    """The PromQL docs/metrics.md gives to join memtrace with kube_pod_info."""
+    text = (DEPLOY.parent / "docs" / "metrics.md").read_text()
+    after = text.split("Join with kube-state-metrics", 1)[1]
+    return after.split("```", 2)[1].strip()
+
+
+def test_documented_pod_join_works_on_the_agents_series(tmp_path):
+    """The agent's series (rendered by the exporter, empty labels dropped as
+    Prometheus does) joined with kube_pod_info by the documented query: PSS per pod."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from memtrace.exporter import MemtraceCollector, StateBox
+    from tests.exporter.test_collector import POD, container_state
+
+    state = container_state()
+    box = StateBox()
+    box.set(state)
+    series = []
+    for family in text_string_to_metric_families(MemtraceCollector(box).render_text()):
+        for s in family.samples:
+            if s.name == "memtrace_process_pss_bytes":
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()) if v)
+                series.append({"series": f"{s.name}{{{labels}}}", "values": f"{int(s.value)}x2"})
+    assert len(series) == 3
+    series.append({"series": f'kube_pod_info{{namespace="shop",pod="web-0",uid="{POD}",'
+                             'node="n1"}', "values": "1x2"})
+    series.append({"series": 'kube_pod_info{namespace="shop",pod="other",'
+                             'uid="99999999-0000-0000-0000-000000000000",node="n1"}',
+                   "values": "1x2"})
+    (tmp_path / "rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "join", "rules": [
+        {"record": "namespace_pod:memtrace_pss_bytes:sum", "expr": _docs_pod_join()}]}]}))
+    want = sum(state.snapshots[p]["pss_bytes"] for p in (21, 22))
+    (tmp_path / "t.yml").write_text(yaml.safe_dump({
+        "rule_files": ["rules.yml"], "evaluation_interval": "1m",
+        "tests": [{"interval": "1m", "input_series": series, "promql_expr_test": [{
+            "expr": "namespace_pod:memtrace_pss_bytes:sum", "eval_time": "1m",
+            "exp_samples": [{"labels": 'namespace_pod:memtrace_pss_bytes:sum{namespace="shop",'
+                                       'pod="web-0"}', "value": want}]}]}]}))
+    r = promtool("test", "rules", "t.yml", cwd=tmp_path)
+    assert r.returncode == 0 and "SUCCESS" in r.stdout, r.stdout + r.stderr

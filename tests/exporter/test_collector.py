@@ -559,3 +559,79 @@ def test_grouped_counters_keep_the_counts_of_exited_processes():
     s = scrape(registry_for(grouped_state(retired=retired))[0])
     assert s.value("memtrace_syscalls_total", group="batch", syscall="mmap") == 3
     assert s.value("memtrace_process_resident_bytes", group="batch", type="anon") == 0
+
+
+# ---------------------------------------------------------------------------
+# container_id and pod_uid (agent mode: from the cgroup path, memtrace.agent)
+
+CID1, CID2 = "1" * 64, "ab" * 32
+POD = "0d1c2b3a-4f5e-6d7c-8b9a-0123456789ab"
+HEAP = {"status": "ok", "by_kind": {
+    "main": {"in_use_bytes": 100, "free_resident_bytes": 20, "trimmable_bytes": 8},
+    "thread": {"in_use_bytes": 0, "free_resident_bytes": 0, "trimmable_bytes": 0}}}
+
+
+def container_state(groups: dict[int, str] | None = None, **kw) -> ExporterState:
+    """nginx in two containers of one pod (pids 21, 22), sshd outside any (23)."""
+    from tests.exporter.test_pss_metrics import with_pss
+
+    snaps = [with_pss(realistic_process(21, "nginx")), with_pss(realistic_process(22, "nginx")),
+             with_pss(realistic_process(23, "sshd"))]
+    for s in snaps:
+        s["heap"] = copy.deepcopy(HEAP)
+    return state_of(*snaps, containers={21: (CID1, POD), 22: (CID2, POD), 23: ("", "")},
+                    groups=groups, heap_walks={"ok": 3}, **kw)
+
+
+def _process_samples(s):
+    return [(n, lab) for n, lab, _ in s.samples
+            if ("pid" in lab or "group" in lab) and n != "memtrace_attach_duration_seconds"]
+
+
+def test_agent_series_carry_container_id_and_pod_uid():
+    state = container_state()
+    s = scrape(registry_for(state)[0])
+    samples = _process_samples(s)
+    names = {n for n, _ in samples}
+    assert {"memtrace_process_resident_bytes", "memtrace_mapping_resident_bytes",
+            "memtrace_page_faults_total", "memtrace_process_pss_bytes",
+            "memtrace_mapping_uss_bytes", "memtrace_heap_in_use_bytes",
+            "memtrace_process_page_faults_total", "memtrace_library_loads_total"} <= names
+    for name, lab in samples:
+        assert "container_id" in lab and "pod_uid" in lab, (name, lab)
+    a = state.snapshots[21]
+    assert s.value("memtrace_process_virtual_bytes", pid="21", comm="nginx",
+                   container_id=CID1, pod_uid=POD) == a["virtual_bytes"]
+    assert s.value("memtrace_process_pss_bytes", pid="22", container_id=CID2,
+                   pod_uid=POD) == state.snapshots[22]["pss_bytes"]
+    assert s.value("memtrace_heap_in_use_bytes", pid="21", container_id=CID1,
+                   arena="main") == 100
+    # not in a container: empty values, which Prometheus stores as no label
+    assert s.value("memtrace_process_virtual_bytes", pid="23", container_id="",
+                   pod_uid="") == state.snapshots[23]["virtual_bytes"]
+    assert not s.duplicates()
+
+
+def test_watch_series_have_no_container_labels():
+    state = container_state()
+    state.containers = None
+    s = scrape(registry_for(state)[0])
+    for name, lab in _process_samples(s):
+        assert "container_id" not in lab and "pod_uid" not in lab, (name, lab)
+
+
+def test_groups_are_split_by_container():
+    state = container_state(groups={21: "web", 22: "web", 23: "ssh"})
+    s = scrape(registry_for(state)[0])
+    a, b = state.snapshots[21], state.snapshots[22]
+    assert s.value("memtrace_process_virtual_bytes", group="web", container_id=CID1) \
+        == a["virtual_bytes"]
+    assert s.value("memtrace_process_virtual_bytes", group="web", container_id=CID2) \
+        == b["virtual_bytes"]
+    assert s.value("memtrace_process_pss_bytes", group="web", container_id=CID2,
+                   pod_uid=POD) == b["pss_bytes"]
+    assert s.value("memtrace_heap_in_use_bytes", group="ssh", container_id="", pod_uid="",
+                   arena="main") == 100
+    for name, lab in _process_samples(s):
+        assert "pid" not in lab and "container_id" in lab and "pod_uid" in lab, (name, lab)
+    assert not s.duplicates()

@@ -31,13 +31,21 @@ def test_serve_freezes_before_it_serves(monkeypatch):
         tls = exposed = protected = False
         address = "127.0.0.1:0"
 
+        busy = None
+
         def __init__(self, *args, **kw):  # type: ignore[no-untyped-def]
-            calls.append("server")
+            calls.append("bind")
+
+        def serve(self, *args, **kw):  # type: ignore[no-untyped-def]
+            calls.append("serve")
 
     monkeypatch.setattr(cli, "MetricsServer", FakeServer)
     session = SimpleNamespace(exporter_box=StateBox())
-    assert cli._serve(session, False, "127.0.0.1:0", None, 50) is not None  # type: ignore[arg-type]
-    assert calls == ["freeze", "server"]
+    server = cli._listen(False, "127.0.0.1:0", None)
+    assert calls == ["bind"]
+    assert cli._serve(session, server, 50) is server  # type: ignore[arg-type]
+    assert calls == ["bind", "freeze", "serve"]
     calls.clear()
-    assert cli._serve(session, True, "127.0.0.1:0", None, 50) is None  # type: ignore[arg-type]
+    assert cli._listen(True, "127.0.0.1:0", None) is None
+    assert cli._serve(session, None, 50) is None  # type: ignore[arg-type]
     assert calls == []

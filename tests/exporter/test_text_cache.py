@@ -29,7 +29,10 @@ from .helpers import (
     state_of,
 )
 from .test_collector import (
+    CID1,
     HOSTILE,
+    POD,
+    container_state,
     full_state,
     grouped_state,
     hostile_process,
@@ -80,6 +83,11 @@ STATES = {
         ("batch", "job"): {"syscalls": {"mmap": 3}, "syscall_bytes": {},
                            "faults_by_mapping": {}}}),
     "empty": ExporterState,
+    "containers": lambda: container_state(retired={}),
+    "grouped-containers": lambda: container_state(
+        groups={21: "web", 22: "web", 23: "ssh"},
+        retired={("web", "nginx", CID1, POD): {"syscalls": {"mmap": 7}, "syscall_bytes": {},
+                                                "faults_by_mapping": {"[heap]": 9}}}),
 }
 
 

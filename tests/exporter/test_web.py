@@ -566,7 +566,8 @@ def test_require_any_client_cert(serve, pki):
 
 def _serve_log(capsys, listen: str, web_config: str | None) -> list[str]:
     session = types.SimpleNamespace(exporter_box=StateBox())
-    server = cli._serve(session, False, listen, web_config, 50)  # type: ignore[arg-type]
+    server = cli._serve(session, cli._listen(False, listen, web_config),  # type: ignore[arg-type]
+                        50)
     try:
         assert server is not None
         port = server.httpd.server_port
@@ -579,7 +580,8 @@ def _serve_log(capsys, listen: str, web_config: str | None) -> list[str]:
 
 def test_no_serve(capsys):
     session = types.SimpleNamespace(exporter_box=StateBox())
-    assert cli._serve(session, True, "0.0.0.0:0", None, 50) is None  # type: ignore[arg-type]
+    assert cli._listen(True, "0.0.0.0:0", None) is None
+    assert cli._serve(session, None, 50) is None  # type: ignore[arg-type]
     assert capsys.readouterr().err == ""
 
 
@@ -615,3 +617,105 @@ def test_basic_auth_only_logs_http(capsys, tmp_path, users):
     path = write(tmp_path, f"basic_auth_users:\n  alice: '{users['alice']}'\n")
     lines = _serve_log(capsys, "127.0.0.1:0", path)
     assert lines == ["memtrace: serving metrics on http://127.0.0.1:PORT/metrics"]
+
+
+# ---------------------------------------------------------------------------
+# binding before serving; a port that is in use
+
+
+@pytest.fixture
+def held_port():
+    """A loopback port some other process could hold: bound and listening."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    yield s.getsockname()[1]
+    s.close()
+
+
+def test_bind_first_serve_later(held_port):
+    srv = web.MetricsServer(None, "127.0.0.1:0", WebConfig())
+    try:
+        assert srv.thread is None and srv.busy is None
+        port = srv.httpd.server_port
+        c = socket.create_connection(("127.0.0.1", port), timeout=5)  # queued: bound already
+        c.close()
+        srv.serve(registry())
+        status, _, body = get(port)
+        assert status == 200 and b"# TYPE" in body
+    finally:
+        srv.close()
+    unserved = web.MetricsServer(None, "127.0.0.1:0", WebConfig())
+    unserved.close()          # closing a server that never served does not hang
+
+
+def test_busy_port_is_one_line_usage_error(held_port):
+    with pytest.raises(MemtraceError) as ei:
+        web.MetricsServer(None, f"127.0.0.1:{held_port}", WebConfig())
+    msg = ei.value.message
+    assert ei.value.code == ExitCode.USAGE and "\n" not in msg
+    assert msg.startswith(f"cannot listen on 127.0.0.1:{held_port}: Address already in use")
+
+
+def test_busy_port_with_fallback_takes_a_free_port(held_port, capsys):
+    listen = f"127.0.0.1:{held_port}"
+    server = cli._listen(False, listen, None, fallback=True)
+    assert server is not None
+    try:
+        assert server.busy == listen and server.httpd.server_port != held_port
+        cli._serve(types.SimpleNamespace(exporter_box=StateBox()), server, 50)  # type: ignore[arg-type]
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"memtrace: {listen} is in use (another memtrace?): serving metrics on "
+                       f"http://{server.address}/metrics instead (--web.listen-address "
+                       "chooses; --no-serve turns it off)"]
+        assert get(server.httpd.server_port)[0] == 200
+    finally:
+        server.close()
+
+
+def _memtrace(*argv: str) -> tuple[int, str, float]:
+    import subprocess
+    import sys
+
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-m", "memtrace", *argv], capture_output=True,
+                       text=True, timeout=60)
+    return p.returncode, p.stderr, time.monotonic() - t0
+
+
+@pytest.mark.parametrize("command", [
+    ["watch", "--web.listen-address", "127.0.0.1:{port}", "1"],
+    ["run", "--web.listen-address", "127.0.0.1:{port}", "--", "touch", "{file}"],
+    ["agent", "--comm", "^nothing$", "--web.listen-address", "127.0.0.1:{port}"],
+])
+def test_given_busy_port_fails_before_anything_starts(held_port, tmp_path, command):
+    """A --web.listen-address that is in use: one line, exit 2, at once (bound
+    before the probes compile; run does not start the command)."""
+    marker = tmp_path / "ran"
+    argv = [a.format(port=held_port, file=marker) for a in command]
+    code, err, seconds = _memtrace(*argv)
+    assert code == ExitCode.USAGE
+    assert err.splitlines() == [f"memtrace: error: cannot listen on 127.0.0.1:{held_port}: Address "
+                                "already in use (another memtrace or exporter holds it: "
+                                "choose another port, or port 0 for any free one)"], err
+    assert not marker.exists()
+    assert seconds < 2.0, seconds   # ~0.3 s; compiling the probes takes 2-5 s
+
+
+def test_agent_never_falls_back_from_its_default_port():
+    """Prometheus scrapes the agent at a fixed port: when the default port is in
+    use the agent fails (exit 2) instead of serving elsewhere."""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        holder.bind(parse_listen(DEFAULT_LISTEN))
+        holder.listen()
+    except OSError:
+        pass    # in use already (another memtrace on this machine): busy all the same
+    try:
+        code, err, seconds = _memtrace("agent", "--comm", "^nothing$")
+    finally:
+        holder.close()
+    assert code == ExitCode.USAGE, err
+    assert f"cannot listen on {DEFAULT_LISTEN}: Address already in use" in err
+    assert seconds < 2.0, seconds

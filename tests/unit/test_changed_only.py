@@ -1,0 +1,113 @@
+"""--changed-only JSON (memtrace.views.jsonl): after a process's first snapshot,
+only the mappings that changed and the starts of those that are gone; the reader
+full_snapshots() rebuilds exactly the snapshots the full output has."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+
+import pytest
+
+from memtrace import cli
+from memtrace.errors import ExitCode, MemtraceError
+from memtrace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.views.jsonl import JsonReporter, full_snapshots
+from memtrace.views.snapshot import SnapshotBuilder
+
+from .fakes import PAGE
+from .test_snapshot import tracked
+
+
+def _layout_changed(tr):  # type: ignore[no-untyped-def]
+    tr.update([], [], dataclasses.replace(tr.stats, layout_gen=tr.stats.layout_gen + 1))
+
+
+def _snapshots(world) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Snapshots of one process through quiet ticks, faults, pages given back, a
+    new mapping and an unmapped one, as the watch loop's builder makes them (a
+    quiet tick shares the previous snapshot's mapping dicts)."""
+    p, m, tr = tracked(world)
+    builder = SnapshotBuilder()
+    anon = m["anon"]
+    steps = [
+        lambda: None,                                                   # quiet
+        lambda: (p.touch(anon.start, anon.start + 2 * PAGE), p.sync(),
+                 tr.update([ChunkMark(anon.start >> CHUNK_SHIFT, 2, anon.start)], [], None)),
+        lambda: None,                                                   # quiet
+        lambda: (p.drop(anon.start, anon.start + PAGE), p.sync(),
+                 tr.update([], [(anon.start, anon.start + PAGE)], None)),
+        lambda: (p.map(0x100000000, 0x100004000), p.touch(0x100000000, 0x100002000),
+                 p.sync(), _layout_changed(tr)),
+        lambda: (p.unmap(anon.start, anon.end), p.sync(), _layout_changed(tr)),
+    ]
+    snaps = []
+    for i, step in enumerate(steps):
+        step()
+        snaps.append(builder.stamp(builder.build(tr, float(i))))
+    return snaps
+
+
+def _write(snaps: list[dict], changed_only: bool) -> list[str]:
+    out = io.StringIO()
+    reporter = JsonReporter(out, changed_only=changed_only)
+    for snap in snaps:
+        reporter.snapshot(snap)
+    return out.getvalue().splitlines()
+
+
+def test_changed_only_lists_only_changes_and_rebuilds_the_full_snapshots(world):
+    snaps = _snapshots(world)
+    full = _write(snaps, changed_only=False)
+    delta = _write(snaps, changed_only=True)
+    assert len(full) == len(delta) == len(snaps)
+    assert delta[0] == full[0]                          # the first snapshot is whole
+    d = [json.loads(line) for line in delta]
+    assert "changed_only" not in d[0]
+    assert all(x["changed_only"] is True for x in d[1:])
+    assert [len(x["mappings"]) for x in d[1:4]] == [1, 0, 1]   # fault, quiet, given back
+    assert [x["removed_starts"] for x in d[1:5]] == [[], [], [], []]
+    assert [m["start"] for m in d[4]["mappings"]] == [0x100000000]   # a new mapping
+    unmapped = {m["start"] for m in json.loads(full[4])["mappings"]} \
+        - {m["start"] for m in json.loads(full[5])["mappings"]}
+    assert unmapped and set(d[5]["removed_starts"]) == unmapped
+    # every other field is there, unchanged
+    for whole, part in zip(full, d, strict=True):
+        w = json.loads(whole)
+        assert {k: v for k, v in part.items()
+                if k not in ("mappings", "removed_starts", "changed_only")} \
+            == {k: v for k, v in w.items() if k != "mappings"}
+    assert list(full_snapshots(delta)) == [json.loads(line) for line in full]
+    assert list(full_snapshots(full)) == [json.loads(line) for line in full]
+    assert sum(map(len, delta[1:])) < sum(map(len, full[1:])) / 3
+
+
+def test_changed_only_keeps_processes_apart(world):
+    from tests.exporter.helpers import realistic_process
+
+    a1, b1 = realistic_process(1, "a"), realistic_process(2, "b")
+    a2 = json.loads(json.dumps(a1))
+    a2["mappings"][3]["rss_bytes"] += PAGE
+    b2 = json.loads(json.dumps(b1))
+    del b2["mappings"][0]
+    snaps = [a1, b1, a2, b2]
+    delta = _write(snaps, changed_only=True)
+    assert [len(json.loads(x)["mappings"]) for x in delta[2:]] == [1, 0]
+    assert json.loads(delta[3])["removed_starts"] == [b1["mappings"][0]["start"]]
+    assert list(full_snapshots(delta)) == [json.loads(x) for x in _write(snaps, False)]
+
+
+def test_changed_only_is_an_option_of_watch_and_run_for_json():
+    for cmd, argv in ((cli.watch, ["1"]), (cli.run, ["--", "true"])):
+        ctx = cmd.make_context(cmd.name, ["--changed-only", "--format", "json", *argv])
+        assert ctx.meta["changed_only"] is True
+        with ctx:
+            assert cli._reporter("json", None).changed_only is True  # type: ignore[union-attr]
+            with pytest.raises(MemtraceError) as ei:
+                cli._reporter("table", None)
+            assert ei.value.code == ExitCode.USAGE
+            assert ei.value.message == "--changed-only needs --format json"
+        ctx = cmd.make_context(cmd.name, ["--format", "json", *argv])
+        with ctx:
+            assert cli._reporter("json", None).changed_only is False  # type: ignore[union-attr]
