@@ -81,7 +81,12 @@ def _command(cmd: click.Command, ctx: click.Context) -> dict[str, Any]:
         "epilog": cmd.epilog,
         "short_help": cmd.short_help,
         "hidden": cmd.hidden,
-        "params": [_param(p) for p in cmd.get_params(ctx)],
+        # click caches each command's help option when first asked, with the names
+        # of the context asking (a test that makes a subcommand's context without
+        # its group gets --help alone): the names as `memtrace ...` gives them
+        "help_option_names": list(ctx.help_option_names),
+        "params": [_param(p) for p in cmd.get_params(ctx)
+                   if p.name != "_click_default_help"],
     }
     if isinstance(cmd, click.Group):
         out["context_settings"] = _plain(cmd.context_settings)
@@ -95,7 +100,9 @@ def _command(cmd: click.Command, ctx: click.Context) -> dict[str, Any]:
 
 
 def contract() -> dict[str, Any]:
-    ctx = click.Context(cli.cli, info_name="memtrace")
+    # as `memtrace ...` makes them: with the group's context settings (-h), which
+    # the subcommands' contexts inherit
+    ctx = click.Context(cli.cli, info_name="memtrace", **cli.cli.context_settings)
     return {
         "memtrace": _command(cli.cli, ctx),
         "exit_codes": {code.name: int(code) for code in ExitCode},
