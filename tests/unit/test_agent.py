@@ -5,6 +5,7 @@ what the agent asks of it."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -311,3 +312,501 @@ def test_group_counters_of_a_container_end_with_its_last_process(world):
     session.publish()
     state = session.exporter_box.get()
     assert state.containers == {} and state.groups == {}
+
+
+# ---------------------------------------------------------------------------
+# rules: fields ANDed, rules ORed, regexes searched, users by name or UID
+# (issue 12: the agent's rules, config and sweep on fixture /proc trees)
+
+
+def _rules(**given: tuple[str, ...]) -> list[Rule]:
+    from memtrace.agent import command_line_rules, rule_from_dict
+
+    return [rule_from_dict(r, i) for i, r in enumerate(command_line_rules(**given))]
+
+
+def _info(comm: str = "x", exe: str = "/usr/bin/x", cgroup: str = "/system.slice/x.service",
+          uid: int = 0, pid: int = 1):
+    from memtrace.agent import ProcInfo
+
+    return ProcInfo(pid=pid, comm=comm, exe=exe, cgroup=cgroup, uid=uid)
+
+
+def test_rule_regexes_are_searched_not_anchored():
+    rule = _rules(comm=("nginx",))[0]
+    assert rule.matches(_info(comm="nginx")) and rule.matches(_info(comm="my-nginx-2"))
+    anchored = _rules(comm=("^nginx$",))[0]
+    assert not anchored.matches(_info(comm="nginx: worker"))
+    exe = _rules(exe=(r"/postgresql/\d+/bin/postgres$",))[0]
+    assert exe.matches(_info(exe="/usr/lib/postgresql/15/bin/postgres"))
+    assert not exe.matches(_info(exe="/usr/bin/postgres"))
+    # a cgroup regex is searched in every path of a cgroup v1 process (read_info
+    # joins them, one per line)
+    cg = _rules(cgroup=(r"/kubepods/",))[0]
+    assert not cg.matches(_info(cgroup="/"))
+    assert cg.matches(_info(cgroup="/\n/kubepods/burstable/podX/abc"))
+
+
+def test_fields_of_one_rule_are_anded():
+    from memtrace.agent import rule_from_dict
+
+    rule = rule_from_dict({"name": "pg", "comm": "^postgres$", "exe": "/usr/lib/postgresql/",
+                           "cgroup": r"postgresql\.service", "user": 105}, 0)
+    good = _info(comm="postgres", exe="/usr/lib/postgresql/15/bin/postgres",
+                 cgroup="/system.slice/postgresql.service", uid=105)
+    assert rule.matches(good)
+    for field_, value in (("comm", "psql"), ("exe", "/usr/bin/postgres"),
+                          ("cgroup", "/user.slice"), ("uid", 0)):
+        assert not rule.matches(dataclasses.replace(good, **{field_: value})), field_
+    assert rule.describe() == "pg"
+    unnamed = rule_from_dict({"comm": "^postgres$", "exe": "/usr/lib/", "cgroup": "pg",
+                              "user": 105}, 0)
+    assert unnamed.describe() == "comm=^postgres$ exe=/usr/lib/ cgroup=pg uid=105"
+
+
+def test_rules_are_ored_and_the_first_match_names_the_group(world):
+    rules = _rules(comm=("web=^nginx$", "any=."), user=("ops=0",))
+    agent, _ = _agent(world, rules)
+    assert agent.match(_info(comm="nginx")).name == "web"
+    assert agent.match(_info(comm="sshd")).name == "any"
+    only_user = _agent(world, _rules(user=("ops=33",)))[0]
+    assert only_user.match(_info(comm="x", uid=33)).name == "ops"
+    assert only_user.match(_info(comm="x", uid=0)) is None
+    # in /proc: the first matching rule is the one the process is attached under
+    _proc(world, 800, b"nginx")
+    _proc(world, 801, b"sshd")
+    agent.initial_scan()
+    assert agent.session.group_of == {800: "web", 801: "any"}
+    assert "attached to pid 800 (nginx, web)" in agent.session.reporter.messages
+
+
+def test_user_rules_take_names_and_uids():
+    import pwd
+
+    from memtrace.agent import resolve_user
+
+    root = pwd.getpwuid(0).pw_name
+    assert [r.uid for r in _rules(user=(root, "0", "named=33"))] == [0, 0, 33]
+    assert resolve_user(1234) == 1234 and resolve_user("1234") == 1234
+    with pytest.raises(MemtraceError) as e:
+        _rules(user=("no-such-user-memtrace-test",))
+    assert e.value.code == ExitCode.USAGE and "no such user" in e.value.message
+
+
+def test_rule_errors_are_usage_errors():
+    from memtrace.agent import rule_from_dict
+
+    cases = [
+        ({"comm": "("}, "bad comm regex"),
+        ({"exe": "[a-"}, "bad exe regex"),
+        ({"cgroup": "*x"}, "bad cgroup regex"),
+        ({"name": "x", "pid": 3}, "rule 4: unknown keys ['pid']"),
+        ({"name": "only-a-name"}, "rule 4: needs at least one of comm, exe, cgroup, user"),
+        ({}, "rule 4: needs at least one"),
+        ({"name": 5, "comm": "x"}, "rule 4: name must be a non-empty string"),
+    ]
+    for raw, words in cases:
+        with pytest.raises(MemtraceError) as e:
+            rule_from_dict(raw, 4)
+        assert e.value.code == ExitCode.USAGE and words in e.value.message, (raw, e.value)
+
+
+def test_a_value_that_starts_like_a_regex_is_not_a_name():
+    from memtrace.agent import named_value
+
+    assert named_value("web=^nginx$") == ("web", "^nginx$")
+    assert named_value("a.b-c_1=x") == ("a.b-c_1", "x")
+    for value in ("^a=b", "(a|b)=c", r"\=x", ".*=x", "1abc=x", "=x", "-x=y", "[=]"):
+        assert named_value(value) == (None, value), value
+    assert named_value("web=") == ("web", "")      # a name with an empty regex: matches all
+
+
+def test_exe_is_matched_as_shown_escaped(world):
+    """A non-UTF-8 executable path is matched in its escaped form (docs/output.md
+    "Names"): the regex names the byte as \\xNN."""
+    _proc(world, 810, b"tool", exe=b"/opt/caf\xe9/bin/tool")
+    agent, session = _agent(world, _rules(exe=(r"caf\\xe9/bin",)))
+    agent.initial_scan()
+    assert set(session.trackers) == {810}
+
+
+def test_threads_zombies_kernel_threads_and_memtrace_itself_are_never_attached(world):
+    import os
+
+    _proc(world, 820, b"nginx", tgid=819)                   # a thread
+    _proc(world, 821, b"nginx")
+    world.procs[821].state = "Z"                            # a zombie
+    world.procs[821].sync()
+    _proc(world, 822, b"nginx")
+    world.procs[822].flags |= 0x00200000                    # PF_KTHREAD
+    world.procs[822].sync()
+    _proc(world, os.getpid(), b"nginx")                     # memtrace itself
+    _proc(world, 823, b"nginx")
+    agent, session = _agent(world, _rules(comm=("nginx",)))
+    agent.initial_scan()
+    assert set(session.trackers) == {823}
+    assert session.added == [823]
+    assert sorted(session.quietly_detached) == [820, 821, 822]
+
+
+def test_a_process_that_exits_while_attaching_is_detached_quietly(world):
+    _proc(world, 830, b"nginx")
+    agent, session = _agent(world, _rules(comm=("nginx",)))
+    session.attach = lambda pid: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        MemtraceError("gone", ExitCode.NO_SUCH_PROCESS))
+    agent.initial_scan()
+    assert session.trackers == {} and session.quietly_detached == [830]
+    assert session.reporter.messages == []
+
+
+# ---------------------------------------------------------------------------
+# --config YAML
+
+
+def _config(tmp_path, text: str) -> str:
+    path = tmp_path / "agent.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_config_rules_and_all_min_rss_are_read(tmp_path):
+    from memtrace.agent import load_config, rule_from_dict
+
+    cfg = load_config(_config(tmp_path, """
+rules:
+  - name: web
+    comm: ^nginx$
+    user: 33
+  - exe: /usr/lib/postgresql/
+    cgroup: postgresql
+  - user: root
+all_min_rss: 256M
+"""))
+    assert cfg["all_min_rss"] == "256M"
+    rules = [rule_from_dict(r, i) for i, r in enumerate(cfg["rules"])]
+    assert [r.name for r in rules] == ["web", None, None]
+    assert rules[0].uid == 33 and rules[2].uid == 0
+    assert rules[1].exe is not None and rules[1].cgroup is not None and rules[1].comm is None
+
+
+def test_empty_config_and_config_without_rules_are_accepted(tmp_path):
+    from memtrace.agent import load_config
+
+    assert load_config(_config(tmp_path, "")) == {}
+    assert load_config(_config(tmp_path, "# nothing\n")) == {}
+    assert load_config(_config(tmp_path, "rules:\nall_min_rss: 1G\n")) == {
+        "rules": None, "all_min_rss": "1G"}
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("rules: []\nmin_rss: 1G\n", "unknown keys min_rss"),
+    ("rules: []\nzeta: 1\nalpha: 2\n", "unknown keys alpha, zeta"),
+    ("- comm: x\n", "expected a mapping with a list under 'rules'"),
+    ("rules:\n  comm: x\n", "expected a mapping with a list under 'rules'"),
+    ("rules: nginx\n", "expected a mapping with a list under 'rules'"),
+    ("just text\n", "expected a mapping with a list under 'rules'"),
+    ("rules:\n  - nginx\n", "rule 0 is not a mapping"),
+    ("rules:\n  - comm: x\n  - comm: 5\n", "rule 1: comm must be a string"),
+    ("rules:\n  - exe: [a, b]\n", "rule 0: exe must be a string"),
+    ("rules:\n  - cgroup: null\n", "rule 0: cgroup must be a string"),
+    ("rules:\n  - name: 7\n    comm: x\n", "rule 0: name must be a string"),
+    ("rules:\n  - user: true\n", "rule 0: user must be a name or a UID"),
+    ("rules:\n  - user: 1.5\n", "rule 0: user must be a name or a UID"),
+    ("rules:\n  - comm: x\n\t- comm: y\n", "is not valid YAML at line 3"),
+    ("rules: [\n", "is not valid YAML"),
+])
+def test_bad_config_is_a_usage_error(tmp_path, text, words):
+    from memtrace.agent import load_config
+
+    path = _config(tmp_path, text)
+    with pytest.raises(MemtraceError) as e:
+        load_config(path)
+    assert e.value.code == ExitCode.USAGE
+    assert words in e.value.message and path in e.value.message, e.value.message
+
+
+def test_unreadable_config_is_a_usage_error(tmp_path):
+    from memtrace.agent import load_config
+
+    for path, words in ((tmp_path / "missing.yaml", "cannot read agent config"),
+                        (tmp_path / "binary.yaml", "not UTF-8")):
+        if path.name == "binary.yaml":
+            path.write_bytes(b"rules: \xff\n")
+        with pytest.raises(MemtraceError) as e:
+            load_config(str(path))
+        assert e.value.code == ExitCode.USAGE and words in e.value.message
+
+
+# ---------------------------------------------------------------------------
+# --all: the sweep of /proc/*/statm against --min-rss
+
+
+MIB = 1 << 20
+
+
+def _sized(world: World, pid: int, comm: bytes, rss: int, **kw: Any) -> None:
+    """A process whose statm resident size is `rss` bytes (pages statm counts)."""
+    _proc(world, pid, comm, **kw)
+    p = world.procs[pid]
+    p.hidden = (rss // 4096, 0)
+    p.sync()
+
+
+def _all_agent(world: World, min_rss: int | None, rules: list[Rule] | None = None,
+               max_processes: int = 100, sweep_interval: float = 10.0,
+               group_by: str = "group") -> tuple[Agent, _Session]:
+    session = _Session(world.procfs())
+    agent = Agent(session, rules or [], min_rss, max_processes,  # type: ignore[arg-type]
+                  sweep_interval, group_by=group_by)
+    return agent, session
+
+
+def test_sweep_attaches_processes_at_or_above_min_rss(world):
+    _sized(world, 900, b"big", 64 * MIB)
+    _sized(world, 901, b"huge", 1024 * MIB)
+    _sized(world, 902, b"small", 64 * MIB - 4096)
+    _sized(world, 903, b"kworker", 0)
+    agent, session = _all_agent(world, 64 * MIB)
+    agent.initial_scan()
+    assert set(session.trackers) == {900, 901}
+    assert "attached to pid 901 (huge, --all)" in session.reporter.messages
+    assert session.group_of == {}           # --all: grouped by the process's comm
+
+
+def test_sweep_with_min_rss_zero_skips_processes_with_nothing_resident(world):
+    _sized(world, 910, b"tiny", 4096)
+    _sized(world, 911, b"empty", 0)
+    agent, session = _all_agent(world, 0)
+    agent.sweep()
+    assert set(session.trackers) == {910}
+
+
+def test_sweep_is_off_without_all(world):
+    _sized(world, 920, b"big", 512 * MIB)
+    agent, session = _all_agent(world, None)
+    agent.initial_scan()
+    agent.sweep()
+    assert session.trackers == {}
+
+
+def test_rules_and_sweep_together_a_rule_names_its_processes(world):
+    _sized(world, 930, b"nginx", 4096)                 # small, but a rule picks it
+    _sized(world, 931, b"java", 2048 * MIB)            # big: --all
+    _sized(world, 932, b"redis", 2048 * MIB)           # big and a rule: the rule's name
+    agent, session = _all_agent(world, 64 * MIB,
+                                _rules(comm=("web=^nginx$", "kv=^redis$")))
+    agent.initial_scan()
+    assert set(session.trackers) == {930, 931, 932}
+    assert session.group_of == {930: "web", 932: "kv"}
+    assert session.added == [930, 932, 931]        # rules first, then the sweep
+
+
+def test_sweep_runs_again_after_sweep_interval(world, monkeypatch):
+    import memtrace.agent as agent_mod
+
+    now = [1000.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: now[0])
+    _sized(world, 940, b"a", 100 * MIB)
+    agent, session = _all_agent(world, 64 * MIB, sweep_interval=10.0)
+    agent.initial_scan()
+    assert set(session.trackers) == {940}
+    _sized(world, 941, b"b", 100 * MIB)         # grows past --min-rss after the scan
+    now[0] += 9.9
+    agent.on_tick(_drained())
+    assert set(session.trackers) == {940}       # not yet: the interval has not passed
+    now[0] += 0.1
+    agent.on_tick(_drained())
+    assert set(session.trackers) == {940, 941}
+
+
+def test_sweep_reads_statm_at_each_sweep(world):
+    """A process below the threshold at one sweep and above it at the next."""
+    _sized(world, 950, b"grow", 10 * MIB)
+    agent, session = _all_agent(world, 64 * MIB)
+    agent.sweep()
+    assert session.trackers == {}
+    world.procs[950].hidden = (128 * MIB // 4096, 0)
+    world.procs[950].sync()
+    agent.sweep()
+    assert set(session.trackers) == {950}
+
+
+def test_sweep_skips_vanished_and_unreadable_processes(world):
+    _sized(world, 960, b"gone", 100 * MIB)
+    _sized(world, 961, b"ok", 100 * MIB)
+    (world.root / "960" / "statm").unlink()
+    (world.root / "962").mkdir()                        # a pid directory without files
+    (world.root / "self").mkdir()                       # not a pid
+    agent, session = _all_agent(world, 64 * MIB)
+    agent.sweep()
+    assert set(session.trackers) == {961}
+
+
+# ---------------------------------------------------------------------------
+# --max-processes
+
+
+def test_max_processes_caps_the_initial_scan_and_the_sweep(world):
+    for pid in (970, 971, 972):
+        _proc(world, pid, b"nginx")
+    for pid in (973, 974):
+        _sized(world, pid, b"java", 512 * MIB)
+    agent, session = _all_agent(world, 64 * MIB, _rules(comm=("^nginx$",)), max_processes=2)
+    agent.initial_scan()
+    assert set(session.trackers) == {970, 971}
+    # 972 by its rule, 973 and 974 by the sweep
+    assert agent.targets_dropped == session.targets_dropped == 3
+    agent.sweep()                                   # each sweep counts them again
+    assert agent.targets_dropped == 5
+
+
+def test_a_tracked_process_is_not_attached_twice(world):
+    _proc(world, 980, b"nginx")
+    agent, session = _agent(world, _rules(comm=("nginx",)))
+    agent.initial_scan()
+    agent.on_tick(_drained(execs=[980], forks=[980]))
+    agent.initial_scan()
+    assert session.added == [980] and agent.targets_dropped == 0
+
+
+# ---------------------------------------------------------------------------
+# group naming: --group-by pid | group | comm
+
+
+@pytest.mark.parametrize(("group_by", "want"), [
+    ("pid", {990: "kv"}),           # kept, but unused: the series carry the pid
+    ("group", {990: "kv"}),
+    ("comm", {}),
+])
+def test_group_names_by_group_by(world, group_by, want):
+    _proc(world, 990, b"redis-server")
+    _proc(world, 991, b"frag")
+    _sized(world, 992, b"java", 512 * MIB)
+    agent, session = _all_agent(world, 64 * MIB,
+                                _rules(comm=("kv=^redis-server$", "^frag$")), group_by=group_by)
+    agent.initial_scan()
+    assert set(session.trackers) == {990, 991, 992}
+    assert session.group_of == want
+
+
+# ---------------------------------------------------------------------------
+# `memtrace agent`: how the command line and --config reach the Agent (the
+# session, listener and Agent are stand-ins: nothing is loaded)
+
+
+class _Stop(Exception):
+    pass
+
+
+class _CliSession:
+    instances: list[_CliSession] = []
+
+    def __init__(self, reporter: Any, interval: float, reconcile: float) -> None:
+        self.interval, self.reconcile = interval, reconcile
+        self.grouping = self.container_labels = None
+        self.heap_interval = self.pss_interval = None
+        self.loaded: dict[str, Any] | None = None
+        self.closed = False
+        self.trackers: dict[int, Any] = {}
+        _CliSession.instances.append(self)
+
+    def enable_heap(self, interval: float) -> None:
+        self.heap_interval = interval
+
+    def enable_pss(self, interval: float) -> None:
+        self.pss_interval = interval
+
+    def install_signal_handlers(self) -> None: ...
+
+    def load(self, **kw: Any) -> None:
+        self.loaded = kw
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def _run_agent(monkeypatch, *args: str) -> dict[str, Any]:
+    """The arguments `memtrace agent ARGS` gives Agent, and the session's settings."""
+    import memtrace.agent as agent_mod
+    from memtrace import cli
+
+    seen: dict[str, Any] = {}
+
+    def fake_agent(session, rules, all_min_rss, max_processes, sweep_interval,
+                   group_by="group"):
+        seen.update(session=session, rules=rules, all_min_rss=all_min_rss,
+                    max_processes=max_processes, sweep_interval=sweep_interval,
+                    group_by=group_by)
+        raise _Stop
+
+    _CliSession.instances.clear()
+    monkeypatch.setattr(cli, "Session", _CliSession)
+    monkeypatch.setattr(cli, "_listen", lambda *a, **k: None)
+    monkeypatch.setattr(cli, "_serve", lambda *a, **k: None)
+    monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    with pytest.raises(_Stop):
+        cli.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
+    assert seen["session"].closed and seen["session"].loaded == {"watch_execs": True}
+    return seen
+
+
+def test_cli_defaults_reach_the_agent(monkeypatch):
+    seen = _run_agent(monkeypatch, "--comm", "nginx")
+    s = seen["session"]
+    assert [r.comm.pattern for r in seen["rules"]] == ["nginx"]
+    assert seen["all_min_rss"] is None
+    assert (seen["max_processes"], seen["sweep_interval"], seen["group_by"]) == (100, 10.0, "pid")
+    assert (s.interval, s.reconcile, s.grouping, s.container_labels) == (1.0, 300.0, False, True)
+
+
+def test_cli_all_min_rss_sweep_interval_and_max_processes(monkeypatch):
+    seen = _run_agent(monkeypatch, "--all", "--min-rss", "1.5G", "--sweep-interval", "2",
+                      "--max-processes", "7")
+    assert seen["rules"] == []
+    assert (seen["all_min_rss"], seen["sweep_interval"], seen["max_processes"]) == (
+        int(1.5 * (1 << 30)), 2.0, 7)
+    # --min-rss without --all: no sweep
+    assert _run_agent(monkeypatch, "--comm", "x", "--min-rss", "1G")["all_min_rss"] is None
+
+
+@pytest.mark.parametrize(("group_by", "grouping"), [("pid", False), ("group", True),
+                                                    ("comm", True)])
+def test_cli_group_by_sets_grouping(monkeypatch, group_by, grouping):
+    seen = _run_agent(monkeypatch, "--comm", "x", "--group-by", group_by)
+    assert seen["group_by"] == group_by and seen["session"].grouping is grouping
+
+
+def test_cli_rules_come_before_config_rules_and_config_all_min_rss_wins(monkeypatch, tmp_path):
+    path = _config(tmp_path, "rules:\n  - name: db\n    comm: ^postgres$\nall_min_rss: 128M\n")
+    seen = _run_agent(monkeypatch, "--comm", "web=^nginx$", "--user", "0", "--config", path,
+                      "--all", "--min-rss", "1G")
+    assert [r.describe() for r in seen["rules"]] == ["web", "uid=0", "db"]
+    assert seen["all_min_rss"] == 128 * MIB
+    # all_min_rss in the config turns the sweep on without --all
+    path = _config(tmp_path, "all_min_rss: 1024\n")
+    assert _run_agent(monkeypatch, "--config", path)["all_min_rss"] == 1024
+    path = _config(tmp_path, "rules: [{comm: x}]\nall_min_rss: null\n")
+    assert _run_agent(monkeypatch, "--config", path)["all_min_rss"] is None
+
+
+@pytest.mark.parametrize(("args", "config", "words"), [
+    ((), None, "agent needs at least one rule"),
+    (("--config", "CFG"), "rules: []\n", "agent needs at least one rule"),
+    (("--config", "CFG"), "all_min_rss: lots\n", "all_min_rss: 'lots' is not a size"),
+    (("--config", "CFG"), "all_min_rss: -1\n", "all_min_rss"),
+    (("--comm", "("), None, "bad comm regex"),
+    (("--user", "no-such-user-memtrace-test"), None, "no such user"),
+])
+def test_cli_rule_and_config_errors_exit_2_before_loading(monkeypatch, tmp_path, args,
+                                                          config, words):
+    from memtrace import cli
+
+    if config is not None:
+        path = _config(tmp_path, config)
+        args = tuple(path if a == "CFG" else a for a in args)
+    _CliSession.instances.clear()
+    monkeypatch.setattr(cli, "Session", _CliSession)
+    with pytest.raises(MemtraceError) as e:
+        cli.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
+    assert e.value.code == ExitCode.USAGE and words in e.value.message, e.value.message
+    assert _CliSession.instances == []          # nothing was set up
