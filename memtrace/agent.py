@@ -69,9 +69,9 @@ def named_value(value: str) -> tuple[str | None, str]:
     return (m.group(1), m.group(2)) if m else (None, value)
 
 
-def _regex(value: str, what: str) -> re.Pattern[str]:
+def _regex(value: str, what: str, flags: int = 0) -> re.Pattern[str]:
     try:
-        return re.compile(value)
+        return re.compile(value, flags)
     except re.error as e:
         raise MemtraceError(f"bad {what} regex {value!r}: {e}", ExitCode.USAGE) from None
 
@@ -96,23 +96,31 @@ def command_line_rules(**given: tuple[str, ...]) -> list[dict[str, Any]]:
     return rules
 
 
-def rule_from_dict(raw: dict[str, Any], index: int) -> Rule:
+def rule_from_dict(raw: dict[str, Any], index: int, where: str = "") -> Rule:
+    """A Rule from a rule dict; `where` names its origin in error messages
+    ("FILE: " for a --config file's rules; index counts within that origin)."""
+    at = f"{where}rule {index}"
     unknown = set(raw) - {"name", "comm", "exe", "cgroup", "user"}
     if unknown:
-        raise MemtraceError(f"rule {index}: unknown keys {sorted(unknown)}", ExitCode.USAGE)
+        raise MemtraceError(f"{at}: unknown keys {sorted(unknown)}", ExitCode.USAGE)
     if not set(raw) - {"name"}:
-        raise MemtraceError(f"rule {index}: needs at least one of comm, exe, cgroup, user",
+        raise MemtraceError(f"{at}: needs at least one of comm, exe, cgroup, user",
                             ExitCode.USAGE)
     name = raw.get("name")
     if name is not None and (not isinstance(name, str) or not name):
-        raise MemtraceError(f"rule {index}: name must be a non-empty string", ExitCode.USAGE)
-    return Rule(
-        name=name,
-        comm=_regex(raw["comm"], "comm") if "comm" in raw else None,
-        exe=_regex(raw["exe"], "exe") if "exe" in raw else None,
-        cgroup=_regex(raw["cgroup"], "cgroup") if "cgroup" in raw else None,
-        uid=resolve_user(raw["user"]) if "user" in raw else None,
-    )
+        raise MemtraceError(f"{at}: name must be a non-empty string", ExitCode.USAGE)
+    try:
+        return Rule(
+            name=name,
+            comm=_regex(raw["comm"], "comm") if "comm" in raw else None,
+            exe=_regex(raw["exe"], "exe") if "exe" in raw else None,
+            # one line per cgroup v1 hierarchy (ProcInfo.cgroup): ^ and $ anchor
+            # each path, as on cgroup v2's single line
+            cgroup=_regex(raw["cgroup"], "cgroup", re.MULTILINE) if "cgroup" in raw else None,
+            uid=resolve_user(raw["user"]) if "user" in raw else None,
+        )
+    except MemtraceError as e:
+        raise MemtraceError(f"{at}: {e.message}", e.code) from None
 
 
 def load_config(path: str) -> dict[str, Any]:

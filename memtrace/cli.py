@@ -763,17 +763,18 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     from memtrace.agent import Agent, command_line_rules, load_config, rule_from_dict
 
     raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
+    rules = [rule_from_dict(r, i) for i, r in enumerate(raw_rules)]
     all_min_rss = min_rss if all_ else None
     if config_file:
         config = load_config(config_file)
-        raw_rules += list(config.get("rules") or [])
+        rules += [rule_from_dict(r, i, f"{config_file}: ")
+                  for i, r in enumerate(config.get("rules") or [])]
         if config.get("all_min_rss") is not None:
             try:
                 all_min_rss = parse_size(str(config["all_min_rss"]))
             except ValueError as e:
                 raise MemtraceError(f"{config_file}: all_min_rss: {e}",
                                     ExitCode.USAGE) from None
-    rules = [rule_from_dict(r, i) for i, r in enumerate(raw_rules)]
     if not rules and all_min_rss is None:
         raise MemtraceError("agent needs at least one rule (--comm, --exe, --cgroup, --user, "
                             "--config) or --all", ExitCode.USAGE)

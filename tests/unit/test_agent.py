@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from memtrace.agent import Agent, Rule
+from memtrace.agent import Agent, ProcInfo, Rule, rule_from_dict
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.events import Drained
 from memtrace.procfs import ProcFS
@@ -810,3 +810,29 @@ def test_cli_rule_and_config_errors_exit_2_before_loading(monkeypatch, tmp_path,
         cli.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
     assert e.value.code == ExitCode.USAGE and words in e.value.message, e.value.message
     assert _CliSession.instances == []          # nothing was set up
+
+
+def test_config_rule_errors_name_the_file_and_its_own_rule_number(tmp_path):
+    """A bad rule in --config is named by its file and its index there, not by its
+    position after the command-line rules."""
+    from click.testing import CliRunner
+
+    from memtrace.cli import cli as memtrace_cli
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("rules: [{comm: x, pid: 3}]\n")
+    r = CliRunner().invoke(memtrace_cli, ["agent", "--comm", "a", "--exe", "b",
+                                          "--config", str(cfg)], standalone_mode=False)
+    assert isinstance(r.exception, MemtraceError), r.output
+    assert r.exception.message == f"{cfg}: rule 0: unknown keys ['pid']"
+    assert r.exception.code == ExitCode.USAGE
+
+
+def test_cgroup_regex_anchors_each_v1_hierarchy():
+    """With cgroup v1 a process has one path per hierarchy, one per line: ^ and $
+    anchor each path, as on cgroup v2."""
+    rule = rule_from_dict({"cgroup": r"^/system\.slice/postgresql\.service$"}, 0)
+    v1 = "/system.slice/postgresql.service\n/system.slice/postgresql.service\n/"
+    assert rule.matches(ProcInfo(pid=1, comm="postgres", exe="", cgroup=v1, uid=0))
+    other = "/user.slice\n/system.slice/postgresql.service.d\n/"
+    assert not rule.matches(ProcInfo(pid=1, comm="postgres", exe="", cgroup=other, uid=0))
