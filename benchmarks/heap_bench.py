@@ -1,6 +1,6 @@
 """Time `memtrace heap` on a large glibc heap (root).
 
-Builds tests/heap/heapprog.c, runs it in mode `many N` (N chunks of 512..1535
+Builds tests/root/heap/heapprog.c, runs it in mode `many N` (N chunks of 512..1535
 bytes, every third freed: about 1 GiB and a million chunks for N = 1000000),
 then analyses it: without stopping (analysis time; the walk is retried if the
 heap changes, which this idle program does not), and with --stop (the pause:
@@ -49,7 +49,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         exe = Path(tmp) / "heapprog"
         subprocess.run(["gcc", "-O2", "-pthread", "-o", str(exe),
-                        str(REPO / "tests" / "heap" / "heapprog.c")], check=True)
+                        str(REPO / "tests" / "root" / "heap" / "heapprog.c")], check=True)
         p = subprocess.Popen([str(exe), "many", str(args.chunks)], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE)
         try:

@@ -37,7 +37,7 @@ After each timed run, memtrace's PSS in kB is checked against smaps_rollup
 for every process whose rollup Pss was the same just before and after the
 computation (the processes are idle, but the rest of the machine is not, and
 library map counts follow it): up to 10 attempts until all 20 were quiet and
-agreed; reported, not asserted (tests/integration/test_pss.py asserts).
+agreed; reported, not asserted (tests/root/accuracy/test_pss.py asserts).
 Needs root. Children are killed on exit, error and signals.
 """
 

@@ -3,8 +3,8 @@
 #   scripts/guest.sh scripts/guest-tests.sh [pytest args...]
 # (.ci/run does). Inside the guest (root, in the repo) it prints the kernel
 # version, runs `memtrace doctor` (which names the mechanisms memtrace uses
-# here: the fallbacks on 6.1), then the integration tests marked `guest`
-# (pytest -m guest tests/integration -v -rA: pass/fail per test).
+# here: the fallbacks on 6.1), then the root tests marked `guest`
+# (pytest -m guest tests/root/accuracy -v -rA: pass/fail per test).
 #
 # The tests' scratch files (pytest --basetemp: the compiled workloads and the
 # data files the file-mapping scenarios map) go to an ext4 file system on a
@@ -143,9 +143,9 @@ else
 fi
 
 # --- the accuracy subset ------------------------------------------------------
-echo "== guest-tests: pytest -m guest tests/integration"
+echo "== guest-tests: pytest -m guest tests/root/accuracy"
 t0=$SECONDS
-"$PY" -u -m pytest -m guest tests/integration -v -rA --durations=0 -p no:cacheprovider \
+"$PY" -u -m pytest -m guest tests/root/accuracy -v -rA --durations=0 -p no:cacheprovider \
     "${basetemp[@]}" "$@"
 rc=$?
 echo "== guest-tests: pytest exit $rc after $((SECONDS - t0))s on $kver"

@@ -2,7 +2,7 @@
 # Private nginx and PostgreSQL for the tests:  sudo scripts/servers.sh start|stop|status
 #
 # Real forked daemons from the distribution (installed by scripts/setup.sh)
-# for tests/integration/test_real_servers.py, and present on the machine
+# for tests/root/accuracy/test_real_servers.py, and present on the machine
 # while CI runs the host suite (.ci/run):
 #   nginx       master + 2 worker processes, listening on 127.0.0.1:NGINX_PORT
 #   PostgreSQL  its own cluster (initdb as user postgres), listening on

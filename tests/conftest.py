@@ -11,7 +11,7 @@ from tests.golden import ENV
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--update-golden", action="store_true", default=False,
-                     help="rewrite the golden files (tests/*/golden/) from the current "
+                     help="rewrite the golden files (tests/unit/**/golden/) from the current "
                           f"output instead of comparing with them (same as {ENV}=1)")
 
 

@@ -2,8 +2,8 @@
 
 Regenerate them after an intended change with either
 
-    .venv/bin/python -m pytest -q tests --update-golden
-    MEMTRACE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests
+    .venv/bin/python -m pytest -q tests/unit --update-golden
+    MEMTRACE_UPDATE_GOLDEN=1 .venv/bin/python -m pytest -q tests/unit
 
 then review `git diff` of the golden files: every line that changed is
 something a user sees (a metric, a label, a JSON key, a CLI option)."""

@@ -183,7 +183,7 @@ def _group_labels(world, rules: list[Rule], group_by: str) -> list[list[str]]:
     """The (group, comm) labels the exporter gives frag (pid 600) and redis-server
     (pid 601) picked by `rules`."""
     from memtrace.exporter import ExporterState, grouped_rows
-    from tests.exporter.helpers import realistic_process
+    from tests.unit.exporter.helpers import realistic_process
 
     _proc(world, 600, b"frag")
     _proc(world, 601, b"redis-server")
@@ -293,7 +293,7 @@ def test_group_counters_of_a_container_end_with_its_last_process(world):
     """Counters of exited processes are kept per group (rate() stays continuous
     across restarts), but not for a container none of whose processes is left."""
     from memtrace.session import Session
-    from tests.exporter.helpers import realistic_process
+    from tests.unit.exporter.helpers import realistic_process
 
     class _Quiet:
         def message(self, text: str) -> None: ...

@@ -84,7 +84,7 @@ def test_changed_only_lists_only_changes_and_rebuilds_the_full_snapshots(world):
 
 
 def test_changed_only_keeps_processes_apart(world):
-    from tests.exporter.helpers import realistic_process
+    from tests.unit.exporter.helpers import realistic_process
 
     a1, b1 = realistic_process(1, "a"), realistic_process(2, "b")
     a2 = json.loads(json.dumps(a1))

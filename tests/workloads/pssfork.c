@@ -1,6 +1,6 @@
 /*
  * pssfork.c - a forked "server" with copy-on-write children, for the PSS/USS
- * tests (tests/integration/test_pss.py).
+ * tests (tests/root/accuracy/test_pss.py).
  *
  * Usage: pssfork NCHILDREN FILE
  *

@@ -1,6 +1,6 @@
 /*
  * zeropage.c - a forked program whose page tables hold zero-page PTEs next to
- * ordinary pages, for tests/integration/test_zero_pages.py.
+ * ordinary pages, for tests/root/accuracy/test_zero_pages.py.
  *
  * Usage: zeropage
  *
