@@ -7,7 +7,7 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, field
 
-from memtrace.units import fmt_bytes
+from memtrace.util.units import fmt_bytes
 
 CHUNK_SHIFT = 21
 CHUNK_SIZE = 1 << CHUNK_SHIFT
@@ -130,15 +130,15 @@ class SyscallEvent:
         n = self.name
         if n == "mmap":
             res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
-            return f"mmap(len={_size(a[1])}, fd={_fd(a[4])}) {res}"
+            return f"mmap(len={fmt_bytes(a[1])}, fd={_fd(a[4])}) {res}"
         if n in ("munmap", "mprotect", "pkey_mprotect", "mlock", "mlock2", "munlock"):
-            return f"{n}({a[0]:#x}, {_size(a[1])}) = {self.ret}"
+            return f"{n}({a[0]:#x}, {fmt_bytes(a[1])}) = {self.ret}"
         if n == "madvise":
             advice = MADVISE_NAMES.get(a[2], str(a[2]))
-            return f"madvise({a[0]:#x}, {_size(a[1])}, {advice}) = {self.ret}"
+            return f"madvise({a[0]:#x}, {fmt_bytes(a[1])}, {advice}) = {self.ret}"
         if n == "mremap":
             res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
-            return f"mremap({a[0]:#x}, {_size(a[1])} -> {_size(a[2])}) {res}"
+            return f"mremap({a[0]:#x}, {fmt_bytes(a[1])} -> {fmt_bytes(a[2])}) {res}"
         if n == "brk":
             return f"brk({a[0]:#x}) = {self.ret:#x}"
         return f"{n}(...) = {self.ret}"
@@ -153,10 +153,6 @@ def _fd(v: int) -> int:
     zero-extended (4294967295 for -1) or sign-extended."""
     v &= 0xFFFFFFFF
     return v - (1 << 32) if v >= 1 << 31 else v
-
-
-def _size(n: int) -> str:
-    return fmt_bytes(n)
 
 
 def decode_event(data: bytes) -> SyscallEvent:

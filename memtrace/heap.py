@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import signal
@@ -38,7 +39,7 @@ from itertools import accumulate, compress
 from typing import Any, Protocol
 
 from memtrace.procfs import Vma, escape_name, parse_maps
-from memtrace.units import fmt_bytes
+from memtrace.util.units import fmt_bytes
 
 SIZE_SZ = 8
 MALLOC_ALIGNMENT = 16
@@ -1178,18 +1179,13 @@ def totals(arenas: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------- the verdict
 
 
-def human(n: float) -> str:
-    """Sizes in the verdict: always IEC units (memtrace.units)."""
-    return fmt_bytes(n)
-
-
 def verdict(report: dict[str, Any]) -> str:
     if not report.get("supported"):
         return str(report.get("reason", "not supported"))
     arenas = report["arenas"]
     mm = report["mmapped"]
     if not arenas:
-        return (f"the heap is unused; {mm['count']} allocation(s) of {human(mm['bytes'])} "
+        return (f"the heap is unused; {mm['count']} allocation(s) of {fmt_bytes(mm['bytes'])} "
                 "have their own mmap")
     t = report["totals"]
     trim = t["trimmable_bytes"]
@@ -1201,30 +1197,31 @@ def verdict(report: dict[str, Any]) -> str:
         a = max(pinned, key=lambda x: x["hole_resident_bytes"])
         where = "the heap top" if a["kind"] == "main" else "the top of a thread arena"
         pin = (f"a live {a['pin_bytes']}-byte chunk" if a["pin_chunks"] == 1 else
-               f"{a['pin_chunks']} live chunks ({human(a['pin_bytes'])})")
-        parts.append(f"{human(a['hole_resident_bytes'])} free but resident below {pin} at "
+               f"{a['pin_chunks']} live chunks ({fmt_bytes(a['pin_bytes'])})")
+        parts.append(f"{fmt_bytes(a['hole_resident_bytes'])} free but resident below {pin} at "
                      f"{where}")
     elif hole_free >= max(1 << 20, resident // 10):
-        parts.append(f"{human(hole_free)} free but resident in {t['free_chunks']} chunks "
+        parts.append(f"{fmt_bytes(hole_free)} free but resident in {t['free_chunks']} chunks "
                      f"between live ones (fragmentation: largest free chunk "
-                     f"{human(max(a['largest_free_chunk_bytes'] for a in arenas))})")
+                     f"{fmt_bytes(max(a['largest_free_chunk_bytes'] for a in arenas))})")
     else:
         thr = report.get("thresholds", {}).get("trim_threshold_bytes")
-        kept = (f" (the top chunk is kept while below the trim threshold, {human(thr)})"
+        kept = (f" (the top chunk is kept while below the trim threshold, {fmt_bytes(thr)})"
                 if thr else "")
         if t["top_resident_bytes"] >= max(1 << 20, resident // 10):
-            parts.append(f"{human(t['top_resident_bytes'])} resident in the free top chunk"
+            parts.append(f"{fmt_bytes(t['top_resident_bytes'])} resident in the free top chunk"
                          + kept)
         elif t["in_use_bytes"] * 2 >= t["resident_bytes"]:
-            parts.append(f"{human(t['in_use_bytes'])} of {human(t['resident_bytes'])} resident "
+            parts.append(f"{fmt_bytes(t['in_use_bytes'])} of "
+                         f"{fmt_bytes(t['resident_bytes'])} resident "
                          "heap bytes are in use: the memory is held by live allocations")
         else:
-            parts.append(f"small heap: {human(t['in_use_bytes'])} of "
-                         f"{human(t['resident_bytes'])} resident bytes in use, "
-                         f"{human(t['top_resident_bytes'])} in the top chunk" + kept)
-    parts.append(f"malloc_trim(0) would return {human(trim)}")
+            parts.append(f"small heap: {fmt_bytes(t['in_use_bytes'])} of "
+                         f"{fmt_bytes(t['resident_bytes'])} resident bytes in use, "
+                         f"{fmt_bytes(t['top_resident_bytes'])} in the top chunk" + kept)
+    parts.append(f"malloc_trim(0) would return {fmt_bytes(trim)}")
     if mm["bytes"] >= max(1 << 20, resident // 10):
-        parts.append(f"{mm['count']} allocation(s) of {human(mm['bytes'])} have their own "
+        parts.append(f"{mm['count']} allocation(s) of {fmt_bytes(mm['bytes'])} have their own "
                      "mmap (returned to the system by free)")
     return "; ".join(parts)
 
@@ -1603,8 +1600,7 @@ def render_table(report: dict[str, Any], exact: bool = False) -> str:
     """The table of `memtrace heap`; exact: byte counts (--bytes) instead of
     IEC units (the verdict keeps its units)."""
 
-    def human(n: float) -> str:
-        return fmt_bytes(n, exact)
+    human = functools.partial(fmt_bytes, exact=exact)   # sizes in the table
 
     head = f"{report.get('comm') or ''} (pid {report['pid']})".strip()
     if not report.get("supported"):

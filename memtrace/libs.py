@@ -20,7 +20,7 @@ from memtrace.attribution import classify
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.procfs import PAGE_SIZE, PF_KTHREAD, ProcFS, Vma
 from memtrace.pss import KPageCounts, PssReader, Usage
-from memtrace.units import fmt_bytes
+from memtrace.util.units import fmt_bytes
 
 SORT_KEYS = ("rss", "pss", "uss", "name")
 FORMATS = ("table", "json", "csv")
@@ -317,7 +317,7 @@ def _row(u: Usage, rest: str, exact: bool) -> str:
 
 
 def render_table(report: Report, sort: str, exact: bool = False) -> str:
-    """The table of `memtrace libs`: IEC units (memtrace.units), or exact
+    """The table of `memtrace libs`: IEC units (memtrace.util.units), or exact
     bytes (--bytes)."""
     comms = _comms(report)
     w = 12 if exact else 10

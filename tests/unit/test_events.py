@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from memtrace import events as ev
 from memtrace.events import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
@@ -26,6 +25,7 @@ from memtrace.events import (
     decode_range,
     decode_stats,
 )
+from memtrace.util.units import fmt_bytes
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF / "memtrace.h").read_text()
@@ -230,7 +230,7 @@ def test_describe(sys, nr, ret, args, text):
     ],
 )
 def test_size_format(n, text):
-    assert ev._size(n) == text
+    assert fmt_bytes(n) == text
 
 
 def test_decode_stats():

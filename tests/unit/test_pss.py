@@ -300,7 +300,7 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "(2 processes)" in table and "app11 [11]" in table
     assert "skipped: 1 kernel threads" in table
     # one unit style (issue 11): IEC units, or exact bytes with --bytes
-    from memtrace.units import fmt_bytes
+    from memtrace.util.units import fmt_bytes
     row = next(line for line in table.splitlines() if line.endswith("app10 [10]"))
     assert row.split()[:2] == fmt_bytes(4 * P).split() == ["16.0", "KiB"]
     exact = libs_mod.render_table(report, "rss", exact=True)
