@@ -22,8 +22,9 @@ from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.events import Drained
 from memtrace.exporter import MemtraceCollector, freeze_startup_objects
 from memtrace.procfs import ProcFS
-from memtrace.session import Reporter, Session, log
+from memtrace.session import Reporter, Session
 from memtrace.targets import TreeFollower, resolve_targets
+from memtrace.util.log import log
 from memtrace.views.summary import PeakTracker, build_summary, render_summary
 from memtrace.web import (
     DEFAULT_LISTEN,
@@ -934,10 +935,10 @@ def main() -> None:
     except OutputError as e:
         _silence_stdout()
         if not e.quiet:
-            print(f"memtrace: error: {e.message}", file=sys.stderr)
+            log(f"error: {e.message}")
         sys.exit(e.code)
     except MemtraceError as e:
-        print(f"memtrace: error: {e.message}", file=sys.stderr)
+        log(f"error: {e.message}")
         sys.exit(e.code)
     except OSError as e:
         # click's own output (--help, --version) to a closed pipe or full disk
@@ -945,7 +946,7 @@ def main() -> None:
             raise
         _silence_stdout()
         if e.errno != errno.EPIPE:
-            print(f"memtrace: error: cannot write stdout: {e.strerror}", file=sys.stderr)
+            log(f"error: cannot write stdout: {e.strerror}")
         sys.exit(ExitCode.OUTPUT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)

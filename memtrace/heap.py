@@ -39,6 +39,7 @@ from itertools import accumulate, compress
 from typing import Any, Protocol
 
 from memtrace.procfs import Vma, escape_name, parse_maps
+from memtrace.util.ranges import merge_ranges
 from memtrace.util.units import fmt_bytes
 
 SIZE_SZ = 8
@@ -177,13 +178,7 @@ class ResidentMap:
     """Sorted, merged resident runs with O(log n) byte counts over any range."""
 
     def __init__(self, runs: Iterable[tuple[int, int]]) -> None:
-        merged: list[tuple[int, int]] = []
-        for s, e in sorted(runs):
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
+        merged = merge_ranges(runs)
         self.starts = [s for s, _ in merged]
         self.ends = [e for _, e in merged]
         self.cum = [0]
@@ -802,14 +797,9 @@ def trim_ranges(free_runs: list[tuple[int, int]], top: int, top_end: int, page: 
 
 
 def merge_runs(chunks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(address, size) chunks merged where one ends where the next begins."""
-    out: list[tuple[int, int]] = []
-    for p, s in sorted(chunks):
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + s)
-        else:
-            out.append((p, s))
-    return out
+    """(address, size) chunks merged where one ends where the next begins (the
+    chunks of a heap never overlap)."""
+    return [(s, e - s) for s, e in merge_ranges((p, p + z) for p, z in chunks)]
 
 
 @dataclass

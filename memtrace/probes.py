@@ -7,7 +7,6 @@ import contextlib
 import ctypes
 import functools
 import os
-import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from memtrace.events import (
     decode_range,
     decode_stats,
 )
+from memtrace.util.log import log
 
 MAX_TARGETS = 1024
 MAX_CHUNKS = 262144
@@ -244,7 +244,7 @@ class Probes:
         try:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
-            print(f"memtrace: warning: detaching probes: {e}", file=sys.stderr)
+            log(f"warning: detaching probes: {e}")
 
 
 _MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283}

@@ -24,13 +24,13 @@ from memtrace.pss import (
     Usage,
     account,
     clip,
-    coalesce,
     page_share,
     pfn_ranges,
     pmd_blocks,
     precise_mapcount_kernel,
     wanted_pfns,
 )
+from memtrace.util.ranges import merge_ranges as coalesce
 
 P = 4096
 PRESENT = 1 << 63
