@@ -39,6 +39,7 @@ from itertools import accumulate, compress
 from typing import Any, Protocol
 
 from memtrace.procfs import Vma, escape_name, parse_maps
+from memtrace.util.elf import PT_INTERP, defined_dynamic_symbols, is_elf64le, program_headers
 from memtrace.util.ranges import merge_ranges
 from memtrace.util.units import fmt_bytes
 
@@ -237,38 +238,12 @@ def _is_libc(path: bytes) -> bool:
 
 
 def elf_info(data: bytes) -> tuple[bool, set[bytes]] | None:
-    """(has PT_INTERP, names of defined dynamic symbols) of an ELF64 LE file's
-    header-and-section prefix; None if not such a file or the tables are cut off."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    """(has PT_INTERP, names of defined dynamic symbols) of an ELF64 LE file
+    (util/elf); None if not such a file. No names if its section table is cut off."""
+    if not is_elf64le(data):
         return None
-    phoff, shoff = struct.unpack_from("<QQ", data, 32)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
-    interp = False
-    for i in range(phnum):
-        off = phoff + i * phentsize
-        if off + 4 <= len(data) and struct.unpack_from("<I", data, off)[0] == 3:
-            interp = True
-    names: set[bytes] = set()
-    sections = []
-    for i in range(shnum):
-        off = shoff + i * shentsize
-        if off + 64 > len(data):
-            return interp, names
-        sh_type, = struct.unpack_from("<I", data, off + 4)
-        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 24)
-        sh_link, = struct.unpack_from("<I", data, off + 40)
-        sections.append((sh_type, sh_offset, sh_size, sh_link))
-    for sh_type, sh_offset, sh_size, sh_link in sections:
-        if sh_type != 11 or sh_link >= len(sections):  # SHT_DYNSYM
-            continue
-        _, str_off, str_size, _ = sections[sh_link]
-        strtab = data[str_off:str_off + str_size]
-        for off in range(sh_offset, min(sh_offset + sh_size, len(data)) - 23, 24):
-            st_name, _, _, st_shndx = struct.unpack_from("<IBBH", data, off)
-            if st_shndx != 0 and st_name < len(strtab):
-                end = strtab.find(b"\0", st_name)
-                names.add(strtab[st_name:end if end >= 0 else len(strtab)])
-    return interp, names
+    interp = any(h.type == PT_INTERP for h in program_headers(data) or ())
+    return interp, defined_dynamic_symbols(data)
 
 
 def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:

@@ -30,6 +30,7 @@ from memtrace.pss import (
     precise_mapcount_kernel,
     wanted_pfns,
 )
+from memtrace.util.elf import load_span
 from memtrace.util.ranges import merge_ranges as coalesce
 
 P = 4096
@@ -243,8 +244,8 @@ def elf_header(lo: int, hi: int) -> bytes:
 
 
 def test_elf_load_span():
-    assert libs_mod.elf_load_span(elf_header(0, 0x5800)) == (0, 0x5800)
-    assert libs_mod.elf_load_span(b"not an elf") is None
+    assert load_span(elf_header(0, 0x5800)) == (0, 0x5800)
+    assert load_span(b"not an elf") is None
 
 
 def test_library_of_splits_the_bss_from_later_anonymous_memory():
