@@ -34,12 +34,11 @@ from memtrace.web import (
     load_web_config,
 )
 
-EXIT_CODES_HELP = """\b
-Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
-5 kernel headers missing; 6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
-10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted;
-13 heap: no consistent walk or unverified glibc layout;
-14 output cannot be written (disk full, I/O error; a closed pipe quietly).
+# The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
+EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,))
+EXIT_CODES_HELP = "\b\nExit codes: " + ";\n".join(
+    "; ".join(f"{c} {ExitCode(c).description}" for c in line) for line in EXIT_CODE_LINES
+) + """.
 `run` otherwise exits with the command's status (128+N if killed by signal N).
 SIGINT, SIGTERM, SIGHUP: watch and agent detach and exit 0; run passes them on
 to the command and exits with its status."""
