@@ -77,7 +77,8 @@ class Probes:
                 "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing",
                 ExitCode.NO_TRACEFS)
         src = bpf_source_dir()
-        cflags = [f"-I{src}", f"-DMT_MAX_TARGETS={MAX_TARGETS}",
+        cflags = [f"-I{src}", f"-DMT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
+                  f"-DMT_MAX_TARGETS={MAX_TARGETS}",
                   f"-DMT_MAX_CHUNKS={MAX_CHUNKS}", f"-DMT_RANGES_PAGES={RANGES_PAGES}",
                   f"-DMT_EVENTS_PAGES={EVENTS_PAGES}", "-Wno-macro-redefined"]
         if watch_execs:
