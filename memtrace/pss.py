@@ -434,13 +434,9 @@ class PssReader:
             category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE)
         self.syscalls += ioctls
-        runs: list[Range] = []
-        for r_start, r_end, _ in regions:
-            if runs and runs[-1][1] == r_start:
-                runs[-1] = (runs[-1][0], r_end)
-            else:
-                runs.append((r_start, r_end))
-        return runs
+        # regions of other categories side by side make one run
+        return merge_ranges(((r_start, r_end) for r_start, r_end, _ in regions),
+                            presorted=True)
 
     def entries(self, start: int, end: int) -> bytes:
         """Raw pagemap entries of [start, end), as read (8 bytes each)."""

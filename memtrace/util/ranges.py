@@ -1,8 +1,9 @@
 """One range merger: half-open [start, end) integer ranges (addresses, chunk
 numbers) sorted and joined where they overlap, touch, or lie at most `max_gap`
-apart. Used for the chunks a tick rescans (model, tracker, livepss), the
+apart. Used for the chunks a tick rescans (tracker, livepss), the
 resident runs of a heap (heap.ResidentMap), the free chunks malloc_trim would
-release (heap) and the pagemap reads of PSS (pss, livepss)."""
+release (heap) and the pagemap reads of PSS and its
+PAGEMAP_SCAN runs (pss, livepss)."""
 
 from __future__ import annotations
 

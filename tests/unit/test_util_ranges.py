@@ -1,7 +1,7 @@
 """memtrace.util.ranges: the one range merger, checked on random ranges against a
-naive reference (the set of covered points) and against the four routines it
+naive reference (the set of covered points) and against the routines it
 replaced (model.merge_spans, heap.ResidentMap's loop, heap.merge_runs,
-pss.coalesce), copied here as they were."""
+pss.coalesce, the run joining of PssReader.scan), copied here as they were."""
 
 from __future__ import annotations
 
@@ -117,3 +117,27 @@ def test_examples():
         (1, 3), (4, 6), (10, 12)]
     assert merge_ranges([(7, 7)]) == [(7, 7)]                  # an empty range stays
     assert merge_ranges([(0, 10), (12, 20), (40, 50)], 2) == [(0, 20), (40, 50)]
+
+
+def old_scan_runs(regions):            # pss.PssReader.scan: kernel regions, side by side
+    runs = []
+    for r_start, r_end, _ in regions:
+        if runs and runs[-1][1] == r_start:
+            runs[-1] = (runs[-1][0], r_end)
+        else:
+            runs.append((r_start, r_end))
+    return runs
+
+
+def test_same_as_pss_scan_on_kernel_regions():
+    """PAGEMAP_SCAN gives disjoint regions in address order."""
+    rng = random.Random(4)
+    for _ in SEEDS:
+        regions, p = [], 0
+        for _ in range(rng.randrange(0, 14)):
+            p += rng.choice((0, 0, 4096))
+            size = rng.choice((4096, 8192, 1 << 21))
+            regions.append((p, p + size, rng.randrange(4)))
+            p += size
+        got = merge_ranges(((s, e) for s, e, _ in regions), presorted=True)
+        assert got == old_scan_runs(regions)
