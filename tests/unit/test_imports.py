@@ -33,3 +33,17 @@ def test_pure_modules_need_neither_bcc_nor_probes():
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stderr
+
+
+def test_util_imports_nothing_else_from_memtrace():
+    """memtrace/util/ is below every other layer: its modules import only each
+    other and the standard library."""
+    import ast
+
+    for path in sorted((REPO / "memtrace" / "util").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("memtrace") or name.startswith("memtrace.util"), (
+                    path.name, name)
