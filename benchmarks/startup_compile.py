@@ -12,6 +12,7 @@ and their total instructions.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import bcc  # type: ignore[import-not-found]
 
 FLAGS = ["-DMT_MAX_TARGETS=1024", "-DMT_MAX_CHUNKS=65536", "-DMT_RANGES_PAGES=64",
          "-DMT_EVENTS_PAGES=64", "-Wno-macro-redefined", "-DMT_NO_RSS_STAT",
-         "-DMT_NO_EVENT_STREAM"]
+         "-DMT_NO_EVENT_STREAM", f"-DMT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}"]
 
 
 def measure(src: Path) -> tuple[float, int, int]:

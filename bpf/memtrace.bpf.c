@@ -4,12 +4,18 @@
  * rss_stat probe, task_struct.mm at an offset taken from BTF at run time), so
  * it compiles correctly against mismatched kernel headers.
  *
- * Compile-time parameters (-D): MT_MAX_TARGETS, MT_MAX_CHUNKS,
- * MT_RANGES_PAGES, MT_EVENTS_PAGES, and optionally MT_TASK_MM_OFFSET,
+ * Compile-time parameters (-D): MT_PAGE_SIZE (the running system's, from
+ * sysconf), MT_MAX_TARGETS, MT_MAX_CHUNKS, MT_RANGES_PAGES, MT_EVENTS_PAGES,
+ * and optionally MT_TASK_MM_OFFSET,
  * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm) and
  * MT_NO_EVENT_STREAM (no syscall records streamed: no view shows them). */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
+
+#ifndef MT_PAGE_SIZE
+#error "MT_PAGE_SIZE: memtrace/probes.py passes the system's page size (-DMT_PAGE_SIZE=...)"
+#endif
+#define MT_PAGE_MASK ((u64)MT_PAGE_SIZE - 1)
 
 /* tgid -> its epoch: execs since user space added it (equals the low 32 bits of
  * its stats.exec_gen); dirty chunks are keyed by it so that the faults of an
@@ -213,13 +219,18 @@ static __always_inline void learn_current_mm(void)
 #endif
 }
 
-static __always_inline int stash(u32 sys, u32 nr, u64 a0, u64 a1, u64 a2, u64 a3, u64 a4)
+/* A call is stashed with its class (enum mt_syscall), its syscall number as the
+ * tracepoint record gives it (__syscall_nr: the running system's numbering) and
+ * its MT_IN_* flags. */
+static __always_inline int stash(u32 sys, u32 nr, u32 flags, u64 a0, u64 a1, u64 a2, u64 a3,
+                                 u64 a4)
 {
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     if (!is_target(tgid))
         return 0;
-    struct mt_inflight in = {.args = {a0, a1, a2, a3, a4}, .sys = sys, .nr = nr};
+    struct mt_inflight in = {.args = {a0, a1, a2, a3, a4}, .sys = sys, .nr = nr,
+                             .flags = flags};
     inflight.update(&tid, &in);
     return 0;
 }
@@ -277,7 +288,7 @@ static __always_inline int madvise_keeps_layout(u64 advice)
 #define MT_MAP_FIXED 0x10
 #define MT_MREMAP_FIXED 2
 
-static __always_inline u64 page_up(u64 x) { return (x + 4095) & ~4095ULL; }
+static __always_inline u64 page_up(u64 x) { return (x + MT_PAGE_MASK) & ~MT_PAGE_MASK; }
 
 static __always_inline int finish(s64 ret)
 {
@@ -343,16 +354,16 @@ static __always_inline int finish(s64 ret)
         if (old && cur != old) {
             u64 lo = old < cur ? old : cur, hi = old < cur ? cur : old;
             bytes = hi - lo;
-            mark_range(tgid, st, lo & ~4095ULL, page_up(hi));
+            mark_range(tgid, st, lo & ~MT_PAGE_MASK, page_up(hi));
             layout = 1;
         } else if (!old) {
-            mark_range(tgid, st, cur & ~4095ULL, page_up(cur) + 1);
+            mark_range(tgid, st, cur & ~MT_PAGE_MASK, page_up(cur) + 1);
             layout = 1;
         }
         if (a0 && cur != a0) {
             /* a failed move of the break */
             u64 lo = a0 < cur ? a0 : cur, hi = a0 < cur ? cur : a0;
-            mark_range(tgid, st, lo & ~4095ULL, page_up(hi));
+            mark_range(tgid, st, lo & ~MT_PAGE_MASK, page_up(hi));
             layout = 1;
         }
         st->brk = cur;
@@ -380,7 +391,7 @@ static __always_inline int finish(s64 ret)
          * pages of VMAs that go. */
         break;
     case MT_SYS_OTHER:
-        if (in->nr == 157 || in->nr == 152) /* PR_SET_VMA renames; munlockall frees nothing */
+        if (in->flags & MT_IN_NO_RESCAN) /* PR_SET_VMA renames; munlockall frees nothing */
             break;
         /* remap_file_pages, mlockall: effect not bounded by the arguments */
     default:
@@ -411,12 +422,14 @@ static __always_inline int to_finish(void *ctx)
     return 0;       /* reached only when the tail call could not be made */
 }
 
-#define ENTER(name, sys, nr, a0, a1, a2, a3, a4) \
+#define ENTER_FLAGS(name, sys, flags, a0, a1, a2, a3, a4) \
     TRACEPOINT_PROBE(syscalls, sys_enter_##name) \
-    { return stash(sys, nr, (u64)(a0), (u64)(a1), (u64)(a2), (u64)(a3), (u64)(a4)); } \
+    { return stash(sys, args->__syscall_nr, flags, (u64)(a0), (u64)(a1), (u64)(a2), \
+                   (u64)(a3), (u64)(a4)); } \
     TRACEPOINT_PROBE(syscalls, sys_exit_##name) { return to_finish(args); }
+#define ENTER(name, sys, a0, a1, a2, a3, a4) ENTER_FLAGS(name, sys, 0, a0, a1, a2, a3, a4)
 
-ENTER(brk, MT_SYS_BRK, 12, args->brk, 0, 0, 0, 0)
+ENTER(brk, MT_SYS_BRK, args->brk, 0, 0, 0, 0)
 /* The layout every syscalls:sys_exit_* record shares (tracefs format: common
  * fields, then __syscall_nr at offset 8 and ret at offset 16). */
 struct mt_sys_exit {
@@ -426,24 +439,24 @@ struct mt_sys_exit {
     s64 ret;
 };
 int finish_exit(struct mt_sys_exit *args) { return finish(args->ret); }
-ENTER(mmap, MT_SYS_MMAP, 9, args->addr, args->len, args->prot, args->flags, args->fd)
-ENTER(munmap, MT_SYS_MUNMAP, 11, args->addr, args->len, 0, 0, 0)
-ENTER(mremap, MT_SYS_MREMAP, 25, args->addr, args->old_len, args->new_len, args->flags,
+ENTER(mmap, MT_SYS_MMAP, args->addr, args->len, args->prot, args->flags, args->fd)
+ENTER(munmap, MT_SYS_MUNMAP, args->addr, args->len, 0, 0, 0)
+ENTER(mremap, MT_SYS_MREMAP, args->addr, args->old_len, args->new_len, args->flags,
       args->new_addr)
-ENTER(madvise, MT_SYS_MADVISE, 28, args->start, args->len_in, args->behavior, 0, 0)
-ENTER(mprotect, MT_SYS_MPROTECT, 10, args->start, args->len, args->prot, 0, 0)
-ENTER(pkey_mprotect, MT_SYS_MPROTECT, 329, args->start, args->len, args->prot, args->pkey, 0)
-ENTER(mlock, MT_SYS_MLOCK, 149, args->start, args->len, 0, 0, 0)
-ENTER(mlock2, MT_SYS_MLOCK, 325, args->start, args->len, args->flags, 0, 0)
-ENTER(munlock, MT_SYS_MUNLOCK, 150, args->start, args->len, 0, 0, 0)
-ENTER(mlockall, MT_SYS_OTHER, 151, args->flags, 0, 0, 0, 0)
-ENTER(munlockall, MT_SYS_OTHER, 152, 0, 0, 0, 0, 0)
-ENTER(shmat, MT_SYS_SHMAT, 30, args->shmid, args->shmaddr, args->shmflg, 0, 0)
-ENTER(shmdt, MT_SYS_SHMDT, 67, args->shmaddr, 0, 0, 0, 0)
-ENTER(remap_file_pages, MT_SYS_OTHER, 216, args->start, args->size, args->prot, args->pgoff,
+ENTER(madvise, MT_SYS_MADVISE, args->start, args->len_in, args->behavior, 0, 0)
+ENTER(mprotect, MT_SYS_MPROTECT, args->start, args->len, args->prot, 0, 0)
+ENTER(pkey_mprotect, MT_SYS_MPROTECT, args->start, args->len, args->prot, args->pkey, 0)
+ENTER(mlock, MT_SYS_MLOCK, args->start, args->len, 0, 0, 0)
+ENTER(mlock2, MT_SYS_MLOCK, args->start, args->len, args->flags, 0, 0)
+ENTER(munlock, MT_SYS_MUNLOCK, args->start, args->len, 0, 0, 0)
+ENTER(mlockall, MT_SYS_OTHER, args->flags, 0, 0, 0, 0)
+ENTER_FLAGS(munlockall, MT_SYS_OTHER, MT_IN_NO_RESCAN, 0, 0, 0, 0, 0)
+ENTER(shmat, MT_SYS_SHMAT, args->shmid, args->shmaddr, args->shmflg, 0, 0)
+ENTER(shmdt, MT_SYS_SHMDT, args->shmaddr, 0, 0, 0, 0)
+ENTER(remap_file_pages, MT_SYS_OTHER, args->start, args->size, args->prot, args->pgoff,
       args->flags)
-ENTER(execve, MT_SYS_EXEC, 59, 0, 0, 0, 0, 0)
-ENTER(execveat, MT_SYS_EXEC, 322, 0, 0, 0, 0, 0)
+ENTER(execve, MT_SYS_EXEC, 0, 0, 0, 0, 0)
+ENTER(execveat, MT_SYS_EXEC, 0, 0, 0, 0, 0)
 
 /* A mapped file that is deleted or renamed changes its name in maps with no
  * address-space call; any successful unlink/rename on the system makes user
@@ -493,7 +506,8 @@ TRACEPOINT_PROBE(syscalls, sys_enter_prctl)
 {
     if (args->option != PR_SET_VMA)
         return 0;
-    return stash(MT_SYS_OTHER, 157, args->option, args->arg2, args->arg3, args->arg4, 0);
+    return stash(MT_SYS_OTHER, args->__syscall_nr, MT_IN_NO_RESCAN, args->option, args->arg2,
+                 args->arg3, args->arg4, 0);
 }
 TRACEPOINT_PROBE(syscalls, sys_exit_prctl) { return to_finish(args); }
 

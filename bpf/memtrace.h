@@ -68,10 +68,13 @@ struct mt_stats {
 };
 
 /* Arguments of an address-space syscall in flight, per thread. */
+#define MT_IN_NO_RESCAN 1           /* an MT_SYS_OTHER call whose effect needs no rescan */
 struct mt_inflight {
     u64 args[5];
     u32 sys;
-    u32 nr;
+    u32 nr;                         /* __syscall_nr of its tracepoint record */
+    u32 flags;                      /* MT_IN_* */
+    u32 pad;
 };
 
 /* A range too large to mark inline: user space rescans it. */
@@ -88,7 +91,7 @@ struct mt_event {
     u32 tgid;
     u32 tid;
     u32 sys;                        /* enum mt_syscall */
-    u32 nr;                         /* raw syscall number */
+    u32 nr;                         /* syscall number (the tracepoint's __syscall_nr) */
     s64 ret;
     u64 args[5];
 };

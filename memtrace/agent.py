@@ -124,19 +124,9 @@ def rule_from_dict(raw: dict[str, Any], index: int, where: str = "") -> Rule:
 
 
 def load_config(path: str) -> dict[str, Any]:
-    import yaml  # type: ignore[import-untyped]
+    from memtrace.web import read_yaml_config
 
-    from memtrace.web import read_config_text
-
-    text = read_config_text(path, "agent config")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "syntax error"
-        raise MemtraceError(f"agent config {path} is not valid YAML{where}: {problem}",
-                            ExitCode.USAGE) from None
+    raw = read_yaml_config(path, "agent config")
     if not isinstance(raw, dict) or not isinstance(raw.get("rules") or [], list):
         raise MemtraceError(f"{path}: expected a mapping with a list under 'rules'",
                             ExitCode.USAGE)

@@ -4,7 +4,6 @@ bytes split into anon / file / shmem."""
 from __future__ import annotations
 
 import re
-import struct
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from typing import Any
 
 from memtrace.model import Resident
 from memtrace.procfs import PAGE_SIZE, Vma
+from memtrace.util.elf import PF_W, PT_GNU_RELRO, PT_LOAD, program_headers
 
 KINDS = ("library", "executable", "heap", "stack", "anon", "file", "shmem", "special")
 _LIBRARY = re.compile(rb"(\.so(\.[0-9][^/]*)?|/ld-linux[^/]*)( \(deleted\))?$")
@@ -80,9 +80,6 @@ def split(resident: Resident, kind: str) -> Split:
 # after the data: the bss. The kernel shows that one without a path.
 
 SEGMENTS = ("text", "rodata", "relro", "data", "bss", "gap")
-PT_LOAD = 1
-PT_GNU_RELRO = 0x6474E552
-PF_W = 2
 _OBJECT_KINDS = ("library", "executable")
 
 
@@ -96,25 +93,20 @@ class ElfLayout:
 
 
 def parse_elf_layout(head: bytes, page_size: int = PAGE_SIZE) -> ElfLayout | None:
-    """Program headers of a 64-bit little-endian ELF file (its first bytes,
-    enough to hold them); None for anything else."""
-    if len(head) < 64 or head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
-        return None
-    phoff, = struct.unpack_from("<Q", head, 32)
-    phentsize, phnum = struct.unpack_from("<HH", head, 54)
-    if phentsize < 56 or phoff + phentsize * phnum > len(head):
+    """The layout from the program headers of a 64-bit little-endian ELF file
+    (its first bytes, enough to hold them); None for anything else."""
+    headers = program_headers(head)
+    if headers is None:
         return None
     loads: list[tuple[int, int, int, int]] = []   # flags, vaddr, filesz, memsz
     relro = None
     down = ~(page_size - 1)
-    for i in range(phnum):
-        p_type, p_flags, _off, vaddr, _pa, filesz, memsz, _al = struct.unpack_from(
-            "<IIQQQQQQ", head, phoff + i * phentsize)
-        if p_type == PT_LOAD:
-            loads.append((p_flags, vaddr, filesz, memsz))
-        elif p_type == PT_GNU_RELRO and memsz:
+    for h in headers:
+        if h.type == PT_LOAD:
+            loads.append((h.flags, h.vaddr, h.filesz, h.memsz))
+        elif h.type == PT_GNU_RELRO and h.memsz:
             # glibc's _dl_protect_relro: both ends rounded down to a page
-            relro = (vaddr & down, (vaddr + memsz) & down)
+            relro = (h.vaddr & down, (h.vaddr + h.memsz) & down)
     if not loads:
         return None
     bss = None

@@ -22,8 +22,9 @@ from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.events import Drained
 from memtrace.exporter import MemtraceCollector, freeze_startup_objects
 from memtrace.procfs import ProcFS
-from memtrace.session import Reporter, Session, log
+from memtrace.session import Reporter, Session
 from memtrace.targets import TreeFollower, resolve_targets
+from memtrace.util.log import log
 from memtrace.views.summary import PeakTracker, build_summary, render_summary
 from memtrace.web import (
     DEFAULT_LISTEN,
@@ -33,12 +34,11 @@ from memtrace.web import (
     load_web_config,
 )
 
-EXIT_CODES_HELP = """\b
-Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
-5 kernel headers missing; 6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
-10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted;
-13 heap: no consistent walk or unverified glibc layout;
-14 output cannot be written (disk full, I/O error; a closed pipe quietly).
+# The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
+EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,))
+EXIT_CODES_HELP = "\b\nExit codes: " + ";\n".join(
+    "; ".join(f"{c} {ExitCode(c).description}" for c in line) for line in EXIT_CODE_LINES
+) + """.
 `run` otherwise exits with the command's status (128+N if killed by signal N).
 SIGINT, SIGTERM, SIGHUP: watch and agent detach and exit 0; run passes them on
 to the command and exits with its status."""
@@ -935,10 +935,10 @@ def main() -> None:
     except OutputError as e:
         _silence_stdout()
         if not e.quiet:
-            print(f"memtrace: error: {e.message}", file=sys.stderr)
+            log(f"error: {e.message}")
         sys.exit(e.code)
     except MemtraceError as e:
-        print(f"memtrace: error: {e.message}", file=sys.stderr)
+        log(f"error: {e.message}")
         sys.exit(e.code)
     except OSError as e:
         # click's own output (--help, --version) to a closed pipe or full disk
@@ -946,7 +946,7 @@ def main() -> None:
             raise
         _silence_stdout()
         if e.errno != errno.EPIPE:
-            print(f"memtrace: error: cannot write stdout: {e.strerror}", file=sys.stderr)
+            log(f"error: cannot write stdout: {e.strerror}")
         sys.exit(ExitCode.OUTPUT_FAILED)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -1,4 +1,6 @@
-"""Exit codes and the one exception type that carries them to the CLI."""
+"""Exit codes, each with its one-line description (the --help epilog and the
+table of docs/exit-codes.md say the same), and the one exception type that
+carries them to the CLI."""
 
 from __future__ import annotations
 
@@ -23,6 +25,31 @@ class ExitCode(enum.IntEnum):
     NO_TRACEFS = 12
     HEAP_UNREADABLE = 13
     OUTPUT_FAILED = 14
+
+    @property
+    def description(self) -> str:
+        """One line, as `--help` and the table of docs/exit-codes.md give it."""
+        return DESCRIPTIONS[self]
+
+
+DESCRIPTIONS = {
+    ExitCode.OK: "ok",
+    ExitCode.INTERNAL: "internal error (a bug)",
+    ExitCode.USAGE: "usage",
+    ExitCode.NOT_ROOT: "not root",
+    ExitCode.NO_BCC: "BCC missing",
+    ExitCode.NO_HEADERS: "kernel headers missing",
+    ExitCode.NO_SUCH_PROCESS: "no such process",
+    ExitCode.KERNEL_THREAD: "kernel thread",
+    ExitCode.ZOMBIE: "zombie",
+    ExitCode.OWN_PROCESS: "memtrace's own PID",
+    ExitCode.CANNOT_EXECUTE: "command cannot be executed",
+    ExitCode.BPF_LOAD_FAILED: "BPF load failed",
+    ExitCode.NO_TRACEFS: "tracefs not mounted",
+    ExitCode.HEAP_UNREADABLE: "heap: no consistent walk or unverified glibc layout",
+    ExitCode.OUTPUT_FAILED: "output cannot be written (disk full, I/O error; a closed pipe "
+                            "quietly)",
+}
 
 
 class MemtraceError(Exception):

@@ -5,9 +5,10 @@ is tested on recorded bytes."""
 from __future__ import annotations
 
 import ctypes
+import os
 from dataclasses import dataclass, field
 
-from memtrace.units import fmt_bytes
+from memtrace.util.units import fmt_bytes
 
 CHUNK_SHIFT = 21
 CHUNK_SIZE = 1 << CHUNK_SHIFT
@@ -20,11 +21,18 @@ SYSCALL_CLASSES = ("brk", "mmap", "munmap", "mremap", "madvise", "mprotect", "ml
 NSYS = len(SYSCALL_CLASSES)
 NSYS_SLOTS = 16   # array length in struct mt_stats (MT_NSYS_SLOTS)
 
-# x86_64 syscall numbers of the calls traced, for display
-SYSCALL_NAMES = {12: "brk", 9: "mmap", 11: "munmap", 25: "mremap", 28: "madvise",
+# The calls traced, by their x86-64 number. BPF records the number the syscall
+# tracepoint gives (__syscall_nr: the running system's numbering), so this
+# table names records on x86-64 only; elsewhere a record is named by its class
+# where the class is one syscall, else by its number (syscall_name).
+X86_64_SYSCALL_NAMES = {12: "brk", 9: "mmap", 11: "munmap", 25: "mremap", 28: "madvise",
                  10: "mprotect", 329: "pkey_mprotect", 149: "mlock", 325: "mlock2",
                  150: "munlock", 151: "mlockall", 152: "munlockall", 30: "shmat", 67: "shmdt",
                  216: "remap_file_pages", 59: "execve", 322: "execveat", 157: "prctl"}
+SYSCALL_NAMES = X86_64_SYSCALL_NAMES if os.uname().machine == "x86_64" else {}
+# classes of one syscall each: their records need no number to be named
+_ONE_SYSCALL = frozenset({"brk", "mmap", "munmap", "mremap", "madvise", "munlock", "shmat",
+                          "shmdt"})
 
 MADVISE_NAMES = {0: "NORMAL", 1: "RANDOM", 2: "SEQUENTIAL", 3: "WILLNEED", 4: "DONTNEED",
                  8: "FREE", 9: "REMOVE", 10: "DONTFORK", 11: "DOFORK", 12: "MERGEABLE",
@@ -130,15 +138,15 @@ class SyscallEvent:
         n = self.name
         if n == "mmap":
             res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
-            return f"mmap(len={_size(a[1])}, fd={_fd(a[4])}) {res}"
+            return f"mmap(len={fmt_bytes(a[1])}, fd={_fd(a[4])}) {res}"
         if n in ("munmap", "mprotect", "pkey_mprotect", "mlock", "mlock2", "munlock"):
-            return f"{n}({a[0]:#x}, {_size(a[1])}) = {self.ret}"
+            return f"{n}({a[0]:#x}, {fmt_bytes(a[1])}) = {self.ret}"
         if n == "madvise":
             advice = MADVISE_NAMES.get(a[2], str(a[2]))
-            return f"madvise({a[0]:#x}, {_size(a[1])}, {advice}) = {self.ret}"
+            return f"madvise({a[0]:#x}, {fmt_bytes(a[1])}, {advice}) = {self.ret}"
         if n == "mremap":
             res = f"-> {self.ret:#x}" if self.ok else f"= {self.ret}"
-            return f"mremap({a[0]:#x}, {_size(a[1])} -> {_size(a[2])}) {res}"
+            return f"mremap({a[0]:#x}, {fmt_bytes(a[1])} -> {fmt_bytes(a[2])}) {res}"
         if n == "brk":
             return f"brk({a[0]:#x}) = {self.ret:#x}"
         return f"{n}(...) = {self.ret}"
@@ -155,15 +163,20 @@ def _fd(v: int) -> int:
     return v - (1 << 32) if v >= 1 << 31 else v
 
 
-def _size(n: int) -> str:
-    return fmt_bytes(n)
+def syscall_name(cls: str, nr: int, names: dict[int, str] | None = None) -> str:
+    """The name of a record's syscall from its class and number (see
+    SYSCALL_NAMES; names: another machine's table, for tests)."""
+    name = (SYSCALL_NAMES if names is None else names).get(nr)
+    if name is not None:
+        return name
+    return cls if cls in _ONE_SYSCALL else str(nr)
 
 
 def decode_event(data: bytes) -> SyscallEvent:
     raw = RawEvent.from_buffer_copy(data[:ctypes.sizeof(RawEvent)])
     cls = SYSCALL_CLASSES[raw.sys] if raw.sys < NSYS else "other"
     return SyscallEvent(ts_ns=raw.ts_ns, tgid=raw.tgid, tid=raw.tid, syscall=cls,
-                        name=SYSCALL_NAMES.get(raw.nr, str(raw.nr)), ret=raw.ret,
+                        name=syscall_name(cls, raw.nr), ret=raw.ret,
                         args=tuple(int(x) for x in raw.args))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrace.procfs import PAGE_SIZE, escape_name
-from memtrace.units import fmt_bytes
+from memtrace.util.units import fmt_bytes
 
 STATM_FIELDS = ("size", "resident", "shared", "text", "lib", "data", "dt")
 
@@ -111,18 +111,16 @@ def machine_view(proc_root: str | Path = "/proc") -> dict[str, Any]:
             "fields": fields, "summary": machine_summary(mi)}
 
 
-_h = fmt_bytes
-
-
 def machine_summary(mi: dict[str, int]) -> str:
     """One line: why "free" looks small."""
     total, free = mi.get("MemTotal", 0), mi.get("MemFree", 0)
     avail = mi.get("MemAvailable")
     shmem = mi.get("Shmem", 0)
     cache = mi.get("Cached", 0) - shmem + mi.get("Buffers", 0)
-    return (f"machine: RAM {_h(total)}, free {_h(free)} (unused), available {_h(avail)} "
-            f"(free + what the kernel can reclaim); page cache + buffers {_h(cache)}, "
-            f"shmem {_h(shmem)} (cannot be dropped)")
+    return (f"machine: RAM {fmt_bytes(total)}, free {fmt_bytes(free)} (unused), "
+            f"available {fmt_bytes(avail)} "
+            f"(free + what the kernel can reclaim); page cache + buffers {fmt_bytes(cache)}, "
+            f"shmem {fmt_bytes(shmem)} (cannot be dropped)")
 
 
 def meminfo_summary(proc_root: str | Path = "/proc") -> str | None:
@@ -222,15 +220,15 @@ def render_text(report: dict[str, Any], width: int = 100) -> str:
                      f"(pages of {proc['page_size']} B) and status, with memtrace's figures")
         lines.append(f"  {'field':<16} {'/proc says':>11} {'status':>26} {'memtrace':>11}")
         for r in proc["rows"]:
-            status = f"{r['status']} {_h(r['status_bytes'])}" if r["status"] else ""
-            ours = _h(r["memtrace_bytes"]) if r["memtrace_bytes"] is not None else ""
-            lines.append(f"  {r['field']:<16} {_h(r['bytes']):>11} {status:>26} {ours:>11}")
+            status = f"{r['status']} {fmt_bytes(r['status_bytes'])}" if r["status"] else ""
+            ours = fmt_bytes(r["memtrace_bytes"]) if r["memtrace_bytes"] is not None else ""
+            lines.append(f"  {r['field']:<16} {fmt_bytes(r['bytes']):>11} {status:>26} {ours:>11}")
             lines += wrap(r["meaning"], 6)
             if r["memtrace"] and r["memtrace_bytes"] is not None:
                 lines += wrap(f"memtrace: {r['memtrace']}", 6)
         lines.append("  status only:")
         for r in proc["status_rows"]:
-            lines.append(f"  {r['field']:<16} {_h(r['bytes']):>11}")
+            lines.append(f"  {r['field']:<16} {fmt_bytes(r['bytes']):>11}")
             lines += wrap(r["meaning"], 6)
         if proc["memtrace"] is None:
             lines.append("  (memtrace's figures need root: an exact scan of the page tables)")
@@ -238,12 +236,13 @@ def render_text(report: dict[str, Any], width: int = 100) -> str:
     m = report["machine"]
     lines.append("machine: /proc/meminfo")
     for f in m["fields"]:
-        lines.append(f"  {f['name']:<16} {_h(f['bytes']):>11}")
+        lines.append(f"  {f['name']:<16} {fmt_bytes(f['bytes']):>11}")
         lines += wrap(f["meaning"], 6)
     d = m["derived"]
-    lines.append(f"  free(1) 'used' = MemTotal - MemAvailable = {_h(d['used_bytes'])}; "
-                 f"'buff/cache' = Buffers + Cached + SReclaimable = {_h(d['buff_cache_bytes'])}")
+    lines.append(f"  free(1) 'used' = MemTotal - MemAvailable = {fmt_bytes(d['used_bytes'])}; "
+                 "'buff/cache' = Buffers + Cached + SReclaimable = "
+                 f"{fmt_bytes(d['buff_cache_bytes'])}")
     lines.append(f"  page cache without shmem (Cached - Shmem) = "
-                 f"{_h(d['page_cache_without_shmem_bytes'])}")
+                 f"{fmt_bytes(d['page_cache_without_shmem_bytes'])}")
     lines.append(m["summary"])
     return "\n".join(lines)

@@ -25,6 +25,7 @@ import bisect
 import contextlib
 import ctypes
 import errno
+import functools
 import os
 import re
 import signal
@@ -38,7 +39,9 @@ from itertools import accumulate, compress
 from typing import Any, Protocol
 
 from memtrace.procfs import Vma, escape_name, parse_maps
-from memtrace.units import fmt_bytes
+from memtrace.util.elf import PT_INTERP, defined_dynamic_symbols, is_elf64le, program_headers
+from memtrace.util.ranges import merge_ranges
+from memtrace.util.units import fmt_bytes
 
 SIZE_SZ = 8
 MALLOC_ALIGNMENT = 16
@@ -176,13 +179,7 @@ class ResidentMap:
     """Sorted, merged resident runs with O(log n) byte counts over any range."""
 
     def __init__(self, runs: Iterable[tuple[int, int]]) -> None:
-        merged: list[tuple[int, int]] = []
-        for s, e in sorted(runs):
-            if merged and s <= merged[-1][1]:
-                if e > merged[-1][1]:
-                    merged[-1] = (merged[-1][0], e)
-            else:
-                merged.append((s, e))
+        merged = merge_ranges(runs)
         self.starts = [s for s, _ in merged]
         self.ends = [e for _, e in merged]
         self.cum = [0]
@@ -241,38 +238,12 @@ def _is_libc(path: bytes) -> bool:
 
 
 def elf_info(data: bytes) -> tuple[bool, set[bytes]] | None:
-    """(has PT_INTERP, names of defined dynamic symbols) of an ELF64 LE file's
-    header-and-section prefix; None if not such a file or the tables are cut off."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+    """(has PT_INTERP, names of defined dynamic symbols) of an ELF64 LE file
+    (util/elf); None if not such a file. No names if its section table is cut off."""
+    if not is_elf64le(data):
         return None
-    phoff, shoff = struct.unpack_from("<QQ", data, 32)
-    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", data, 54)
-    interp = False
-    for i in range(phnum):
-        off = phoff + i * phentsize
-        if off + 4 <= len(data) and struct.unpack_from("<I", data, off)[0] == 3:
-            interp = True
-    names: set[bytes] = set()
-    sections = []
-    for i in range(shnum):
-        off = shoff + i * shentsize
-        if off + 64 > len(data):
-            return interp, names
-        sh_type, = struct.unpack_from("<I", data, off + 4)
-        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 24)
-        sh_link, = struct.unpack_from("<I", data, off + 40)
-        sections.append((sh_type, sh_offset, sh_size, sh_link))
-    for sh_type, sh_offset, sh_size, sh_link in sections:
-        if sh_type != 11 or sh_link >= len(sections):  # SHT_DYNSYM
-            continue
-        _, str_off, str_size, _ = sections[sh_link]
-        strtab = data[str_off:str_off + str_size]
-        for off in range(sh_offset, min(sh_offset + sh_size, len(data)) - 23, 24):
-            st_name, _, _, st_shndx = struct.unpack_from("<IBBH", data, off)
-            if st_shndx != 0 and st_name < len(strtab):
-                end = strtab.find(b"\0", st_name)
-                names.add(strtab[st_name:end if end >= 0 else len(strtab)])
-    return interp, names
+    interp = any(h.type == PT_INTERP for h in program_headers(data) or ())
+    return interp, defined_dynamic_symbols(data)
 
 
 def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
@@ -801,14 +772,9 @@ def trim_ranges(free_runs: list[tuple[int, int]], top: int, top_end: int, page: 
 
 
 def merge_runs(chunks: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    """(address, size) chunks merged where one ends where the next begins."""
-    out: list[tuple[int, int]] = []
-    for p, s in sorted(chunks):
-        if out and out[-1][0] + out[-1][1] == p:
-            out[-1] = (out[-1][0], out[-1][1] + s)
-        else:
-            out.append((p, s))
-    return out
+    """(address, size) chunks merged where one ends where the next begins (the
+    chunks of a heap never overlap)."""
+    return [(s, e - s) for s, e in merge_ranges((p, p + z) for p, z in chunks)]
 
 
 @dataclass
@@ -1178,18 +1144,13 @@ def totals(arenas: list[dict[str, Any]]) -> dict[str, Any]:
 # ----------------------------------------------------------------------- the verdict
 
 
-def human(n: float) -> str:
-    """Sizes in the verdict: always IEC units (memtrace.units)."""
-    return fmt_bytes(n)
-
-
 def verdict(report: dict[str, Any]) -> str:
     if not report.get("supported"):
         return str(report.get("reason", "not supported"))
     arenas = report["arenas"]
     mm = report["mmapped"]
     if not arenas:
-        return (f"the heap is unused; {mm['count']} allocation(s) of {human(mm['bytes'])} "
+        return (f"the heap is unused; {mm['count']} allocation(s) of {fmt_bytes(mm['bytes'])} "
                 "have their own mmap")
     t = report["totals"]
     trim = t["trimmable_bytes"]
@@ -1201,30 +1162,31 @@ def verdict(report: dict[str, Any]) -> str:
         a = max(pinned, key=lambda x: x["hole_resident_bytes"])
         where = "the heap top" if a["kind"] == "main" else "the top of a thread arena"
         pin = (f"a live {a['pin_bytes']}-byte chunk" if a["pin_chunks"] == 1 else
-               f"{a['pin_chunks']} live chunks ({human(a['pin_bytes'])})")
-        parts.append(f"{human(a['hole_resident_bytes'])} free but resident below {pin} at "
+               f"{a['pin_chunks']} live chunks ({fmt_bytes(a['pin_bytes'])})")
+        parts.append(f"{fmt_bytes(a['hole_resident_bytes'])} free but resident below {pin} at "
                      f"{where}")
     elif hole_free >= max(1 << 20, resident // 10):
-        parts.append(f"{human(hole_free)} free but resident in {t['free_chunks']} chunks "
+        parts.append(f"{fmt_bytes(hole_free)} free but resident in {t['free_chunks']} chunks "
                      f"between live ones (fragmentation: largest free chunk "
-                     f"{human(max(a['largest_free_chunk_bytes'] for a in arenas))})")
+                     f"{fmt_bytes(max(a['largest_free_chunk_bytes'] for a in arenas))})")
     else:
         thr = report.get("thresholds", {}).get("trim_threshold_bytes")
-        kept = (f" (the top chunk is kept while below the trim threshold, {human(thr)})"
+        kept = (f" (the top chunk is kept while below the trim threshold, {fmt_bytes(thr)})"
                 if thr else "")
         if t["top_resident_bytes"] >= max(1 << 20, resident // 10):
-            parts.append(f"{human(t['top_resident_bytes'])} resident in the free top chunk"
+            parts.append(f"{fmt_bytes(t['top_resident_bytes'])} resident in the free top chunk"
                          + kept)
         elif t["in_use_bytes"] * 2 >= t["resident_bytes"]:
-            parts.append(f"{human(t['in_use_bytes'])} of {human(t['resident_bytes'])} resident "
+            parts.append(f"{fmt_bytes(t['in_use_bytes'])} of "
+                         f"{fmt_bytes(t['resident_bytes'])} resident "
                          "heap bytes are in use: the memory is held by live allocations")
         else:
-            parts.append(f"small heap: {human(t['in_use_bytes'])} of "
-                         f"{human(t['resident_bytes'])} resident bytes in use, "
-                         f"{human(t['top_resident_bytes'])} in the top chunk" + kept)
-    parts.append(f"malloc_trim(0) would return {human(trim)}")
+            parts.append(f"small heap: {fmt_bytes(t['in_use_bytes'])} of "
+                         f"{fmt_bytes(t['resident_bytes'])} resident bytes in use, "
+                         f"{fmt_bytes(t['top_resident_bytes'])} in the top chunk" + kept)
+    parts.append(f"malloc_trim(0) would return {fmt_bytes(trim)}")
     if mm["bytes"] >= max(1 << 20, resident // 10):
-        parts.append(f"{mm['count']} allocation(s) of {human(mm['bytes'])} have their own "
+        parts.append(f"{mm['count']} allocation(s) of {fmt_bytes(mm['bytes'])} have their own "
                      "mmap (returned to the system by free)")
     return "; ".join(parts)
 
@@ -1603,8 +1565,7 @@ def render_table(report: dict[str, Any], exact: bool = False) -> str:
     """The table of `memtrace heap`; exact: byte counts (--bytes) instead of
     IEC units (the verdict keeps its units)."""
 
-    def human(n: float) -> str:
-        return fmt_bytes(n, exact)
+    human = functools.partial(fmt_bytes, exact=exact)   # sizes in the table
 
     head = f"{report.get('comm') or ''} (pid {report['pid']})".strip()
     if not report.get("supported"):

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtrace.units import fmt_bytes
+from memtrace.util.units import fmt_bytes
 
 SETTLE_TICKS = 3          # report a load at the latest this many ticks after it appeared
 MAX_NAMED = 100           # library identities with their own totals per process

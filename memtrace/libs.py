@@ -11,7 +11,6 @@ import csv
 import io
 import json
 import os
-import struct
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -20,7 +19,8 @@ from memtrace.attribution import classify
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.procfs import PAGE_SIZE, PF_KTHREAD, ProcFS, Vma
 from memtrace.pss import KPageCounts, PssReader, Usage
-from memtrace.units import fmt_bytes
+from memtrace.util.elf import load_span
+from memtrace.util.units import fmt_bytes
 
 SORT_KEYS = ("rss", "pss", "uss", "name")
 FORMATS = ("table", "json", "csv")
@@ -55,25 +55,6 @@ class Report:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-def elf_load_span(data: bytes) -> tuple[int, int] | None:
-    """(lowest PT_LOAD p_vaddr, highest p_vaddr + p_memsz) of a 64-bit
-    little-endian ELF file's program headers, or None if it is not one."""
-    if len(data) < 64 or data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
-        return None
-    phoff, = struct.unpack_from("<Q", data, 32)
-    phentsize, phnum = struct.unpack_from("<HH", data, 54)
-    lo, hi = None, None
-    for i in range(phnum):
-        off = phoff + i * phentsize
-        if off + 56 > len(data):
-            return None
-        p_type, _, _, p_vaddr, _, _, p_memsz, _ = struct.unpack_from("<IIQQQQQQ", data, off)
-        if p_type == 1:     # PT_LOAD
-            lo = p_vaddr if lo is None else min(lo, p_vaddr)
-            hi = p_vaddr + p_memsz if hi is None else max(hi, p_vaddr + p_memsz)
-    return None if lo is None or hi is None else (lo, hi)
-
-
 ElfSpans = dict[LibKey, "tuple[int, int] | None"]
 
 
@@ -85,7 +66,7 @@ def _read_elf_span(pid: int, proc_root: str, vma: Vma) -> tuple[int, int] | None
                 head = f.read(4096)
         except OSError:
             continue
-        return elf_load_span(head)
+        return load_span(head)
     return None
 
 
@@ -317,7 +298,7 @@ def _row(u: Usage, rest: str, exact: bool) -> str:
 
 
 def render_table(report: Report, sort: str, exact: bool = False) -> str:
-    """The table of `memtrace libs`: IEC units (memtrace.units), or exact
+    """The table of `memtrace libs`: IEC units (memtrace.util.units), or exact
     bytes (--bytes)."""
     comms = _comms(report)
     w = 12 if exact else 10

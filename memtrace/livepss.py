@@ -31,11 +31,12 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from memtrace.model import AddressSpace, chunk_span, merge_spans
+from memtrace.model import AddressSpace, chunk_span
 from memtrace.pagemap import ScanUnsupported
 from memtrace.procfs import Vma, statm_is_exact
-from memtrace.pss import PSS_SHIFT, SKIP_NAMES, KPageCounts, PssReader, Usage, coalesce
+from memtrace.pss import PSS_SHIFT, SKIP_NAMES, KPageCounts, PssReader, Usage
 from memtrace.tracker import ProcessTracker
+from memtrace.util.ranges import merge_ranges
 
 DEFAULT_PSS_INTERVAL = 5.0
 FileKey = tuple[str, int]     # (device, inode)
@@ -257,7 +258,7 @@ class LivePss:
         if whole and readable:
             spans = [(readable[0].start, readable[-1].end)]
         else:
-            spans = coalesce(((v.start, v.end) for v in readable), 0)
+            spans = merge_ranges(((v.start, v.end) for v in readable), 0, presorted=True)
         runs: list[tuple[int, int]] = []
         if reader.use_scan:
             try:
@@ -265,9 +266,9 @@ class LivePss:
                     runs += reader.scan(start, end)
             except ScanUnsupported:
                 reader.use_scan = False
-                runs = coalesce(((v.start, v.end) for v in readable), 0)
+                runs = merge_ranges(((v.start, v.end) for v in readable), 0, presorted=True)
         else:
-            runs = coalesce(((v.start, v.end) for v in readable), 0)
+            runs = merge_ranges(((v.start, v.end) for v in readable), 0, presorted=True)
         return reader.usage(vmas, runs, resident=model)
 
     def _nothing_swapped(self, pid: int) -> bool:
@@ -301,7 +302,7 @@ def _model_runs(space: AddressSpace, vmas: list[Vma]) -> list[tuple[int, int]]:
     PssReader.usage joins adjacent ones)."""
     runs: list[tuple[int, int]] = []
     chunks = space.chunks
-    for first, last in merge_spans(chunk_span(v.start, v.end) for v in vmas):
+    for first, last in merge_ranges(chunk_span(v.start, v.end) for v in vmas):
         if last - first <= len(chunks):
             indices: Iterable[int] = range(first, last)
         else:

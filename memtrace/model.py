@@ -39,17 +39,6 @@ def chunk_span(start: int, end: int) -> tuple[int, int]:
     return start >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1
 
 
-def merge_spans(spans: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
-    merged: list[tuple[int, int]] = []
-    for first, last in sorted(spans):
-        if merged and first <= merged[-1][1]:
-            if last > merged[-1][1]:
-                merged[-1] = (merged[-1][0], last)
-        else:
-            merged.append((first, last))
-    return merged
-
-
 class AddressSpace:
     def __init__(self) -> None:
         self.chunks: dict[int, Chunk] = {}

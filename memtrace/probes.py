@@ -7,7 +7,6 @@ import contextlib
 import ctypes
 import functools
 import os
-import sys
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from memtrace.events import (
     decode_range,
     decode_stats,
 )
+from memtrace.util.log import log
 
 MAX_TARGETS = 1024
 MAX_CHUNKS = 262144
@@ -77,7 +77,8 @@ class Probes:
                 "tracefs is not mounted: mount -t tracefs nodev /sys/kernel/tracing",
                 ExitCode.NO_TRACEFS)
         src = bpf_source_dir()
-        cflags = [f"-I{src}", f"-DMT_MAX_TARGETS={MAX_TARGETS}",
+        cflags = [f"-I{src}", f"-DMT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
+                  f"-DMT_MAX_TARGETS={MAX_TARGETS}",
                   f"-DMT_MAX_CHUNKS={MAX_CHUNKS}", f"-DMT_RANGES_PAGES={RANGES_PAGES}",
                   f"-DMT_EVENTS_PAGES={EVENTS_PAGES}", "-Wno-macro-redefined"]
         if watch_execs:
@@ -244,7 +245,7 @@ class Probes:
         try:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
-            print(f"memtrace: warning: detaching probes: {e}", file=sys.stderr)
+            log(f"warning: detaching probes: {e}")
 
 
 _MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283}

@@ -61,6 +61,7 @@ from memtrace.pagemap import (
     zero_page_pfns,
 )
 from memtrace.procfs import PAGE_SIZE, Vma
+from memtrace.util.ranges import merge_ranges
 
 PSS_SHIFT = 12
 PM_SWAP = 1 << 62
@@ -379,17 +380,6 @@ def clip(runs: Sequence[Sequence[int]], start: int, end: int, first: int = 0) ->
     return out
 
 
-def coalesce(runs: Iterable[Range], max_gap: int) -> list[Range]:
-    """Merge sorted runs separated by at most `max_gap` bytes (fewer preads)."""
-    out: list[Range] = []
-    for start, end in runs:
-        if out and start - out[-1][1] <= max_gap:
-            out[-1] = (out[-1][0], max(end, out[-1][1]))
-        else:
-            out.append((start, end))
-    return out
-
-
 class PssReader:
     """PSS/USS/swap of the mappings of one process. Raises ProcessLookupError
     once the process has gone. One `KPageCounts` may be shared by readers."""
@@ -444,13 +434,9 @@ class PssReader:
             category_anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
             return_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_FILE)
         self.syscalls += ioctls
-        runs: list[Range] = []
-        for r_start, r_end, _ in regions:
-            if runs and runs[-1][1] == r_start:
-                runs[-1] = (runs[-1][0], r_end)
-            else:
-                runs.append((r_start, r_end))
-        return runs
+        # regions of other categories side by side make one run
+        return merge_ranges(((r_start, r_end) for r_start, r_end, _ in regions),
+                            presorted=True)
 
     def entries(self, start: int, end: int) -> bytes:
         """Raw pagemap entries of [start, end), as read (8 bytes each)."""
@@ -496,11 +482,12 @@ class PssReader:
                 per_vma.append([])
                 continue
             exact = clip(runs, vma.start, vma.end, bisect_right(ends, vma.start))
-            per_vma.append(_group(exact, coalesce(exact, max_gap)))
+            per_vma.append(_group(exact, merge_ranges(exact, max_gap, presorted=True)))
         res_ends = [r[1] for r in resident] if resident is not None else []
         # One read per span of nearby runs, even across VMAs (the kernel
         # coalesces runs across VMAs too); each VMA takes its slices.
-        spans = coalesce([r for ranges in per_vma for r, _ in ranges], max_gap)
+        spans = merge_ranges([r for ranges in per_vma for r, _ in ranges], max_gap,
+                             presorted=True)
         data = [self.entries(start, end) for start, end in spans]
         # Pass 1: entries, and the PFNs that need a count.
         memo = self.counts.memo

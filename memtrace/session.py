@@ -31,6 +31,7 @@ from memtrace.pagemap import scan_mechanism
 from memtrace.probes import Probes, read_stats_of
 from memtrace.procfs import ProcFS, statm_is_exact
 from memtrace.tracker import ProcessGone, ProcessTracker
+from memtrace.util.log import log
 from memtrace.views.snapshot import SnapshotBuilder
 
 
@@ -41,10 +42,6 @@ class Reporter(Protocol):
     def message(self, text: str) -> None: ...
     def summary(self, summary: dict[str, Any]) -> None: ...   # run's last record
     def close(self) -> None: ...
-
-
-def log(text: str) -> None:
-    print(f"memtrace: {text}", file=sys.stderr, flush=True)
 
 
 def want_rss_stat_probe() -> bool:

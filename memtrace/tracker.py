@@ -4,18 +4,18 @@ only when a check or an event says the targeted path cannot be trusted."""
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 
 from memtrace.attribution import Segment, classify, mapping_identity, segments_for
 from memtrace.events import CHUNK_SHIFT, EPOCH_MASK, USER_ADDR_MAX, ChunkMark, Stats
-from memtrace.model import AddressSpace, chunk_span, merge_spans
+from memtrace.model import AddressSpace, chunk_span
 from memtrace.pagemap import Scanner, open_scanner
 from memtrace.procfs import ProcFS, Statm, Vma, statm_is_exact
 from memtrace.pss import Usage
+from memtrace.util.log import DEBUG, debug
+from memtrace.util.ranges import merge_ranges
 
 # Mismatches with statm while the process is changing are expected (it runs
 # while we scan); after this many in a row we rescan anyway.
@@ -27,11 +27,6 @@ MAX_DEFERRED_MISMATCHES = 5
 # are spaced so that they cost at most 1/NAMES_REFRESH_COST_FACTOR of a core:
 # immediate for a small process, every ~20 s for a maps read of 60k mappings.
 NAMES_REFRESH_COST_FACTOR = 20
-DEBUG = bool(os.environ.get("MEMTRACE_DEBUG"))
-
-
-def log_debug(text: str) -> None:
-    print(f"memtrace: debug: {text}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -204,7 +199,7 @@ class ProcessTracker:
         statm_before = self._read_statm()
         self.space.set_vmas(self._read_maps())
         self.space.clear()
-        spans = merge_spans(chunk_span(v.start, v.end) for v in self.space.vmas)
+        spans = merge_ranges(chunk_span(v.start, v.end) for v in self.space.vmas)
         self._scan_spans(spans)
         self.space.attribute_all()
         self.statm = self._read_statm()
@@ -296,7 +291,7 @@ class ProcessTracker:
         if layout_changed:
             new_vmas = self.space.set_vmas(self._read_maps())
             spans += [chunk_span(v.start, v.end) for v in new_vmas]
-        merged = merge_spans(spans)
+        merged = merge_ranges(spans)
         self._scan_spans(merged)
         self.space.attribute(merged, new_vmas)
 
@@ -347,8 +342,8 @@ class ProcessTracker:
             return
         self._mismatch_streak = 0
         if DEBUG:
-            log_debug(f"pid {self.pid} tick {self.counters.ticks}: statm - model = "
-                      f"{self._diff(statm)} (anon, file+shmem), accepted {self._unexplained}")
+            debug(f"pid {self.pid} tick {self.counters.ticks}: statm - model = "
+                  f"{self._diff(statm)} (anon, file+shmem), accepted {self._unexplained}")
         self._full_rescan("statm_mismatch")
 
     def _diff(self, statm: Statm) -> tuple[int, int]:

@@ -56,17 +56,7 @@ class WebConfig:
 def load_web_config(path: str | None) -> WebConfig:
     if not path:
         return WebConfig()
-    import yaml  # type: ignore[import-untyped]
-
-    text = read_config_text(path, "web config")
-    try:
-        raw = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or "syntax error"
-        raise MemtraceError(f"web config {path} is not valid YAML{where}: {problem}",
-                            ExitCode.USAGE) from None
+    raw = read_yaml_config(path, "web config")
     if not isinstance(raw, dict):
         raise MemtraceError(f"web config {path}: expected a mapping", ExitCode.USAGE)
     _only_keys(path, "", raw, {"tls_server_config", "basic_auth_users", "http_server_config"})
@@ -126,6 +116,22 @@ def read_config_text(path: str, what: str) -> str:
     if "\0" in text:
         raise MemtraceError(f"{what} {path}: not a text file (NUL byte)", ExitCode.USAGE)
     return text
+
+
+def read_yaml_config(path: str, what: str) -> Any:
+    """A YAML config file (read_config_text), parsed; an empty one is {}. Bad
+    YAML is one line with where and what (MemtraceError, usage)."""
+    import yaml  # type: ignore[import-untyped]
+
+    text = read_config_text(path, what)
+    try:
+        return yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise MemtraceError(f"{what} {path} is not valid YAML{where}: {problem}",
+                            ExitCode.USAGE) from None
 
 
 # A bcrypt hash as exporter-toolkit (Go's x/crypto/bcrypt) accepts it:

@@ -9,6 +9,7 @@ from typing import IO, Any
 
 from memtrace.events import SyscallEvent
 from memtrace.procfs import escape_text
+from memtrace.util.log import log
 from memtrace.views.output import OutputStream
 from memtrace.views.snapshot import encode_parts
 
@@ -82,7 +83,7 @@ class JsonReporter:
             self.stream.check()
 
     def message(self, text: str) -> None:
-        print(f"memtrace: {escape_text(text)}", file=sys.stderr, flush=True)
+        log(escape_text(text))
 
     def close(self) -> None:
         if self.stream is not None:

@@ -27,16 +27,13 @@ from collections.abc import Iterable
 from typing import IO, cast
 
 from memtrace.errors import OutputError
+from memtrace.util.log import log
 
 MAX_QUEUED_BYTES = 64 << 20
 STALL_SECONDS = 2.0
 CHUNK = 1 << 20  # bytes joined from a record's parts at a time
 WRITE_MAX = 64 << 10  # bytes per write(2): a blocking write to a pipe returns only
 # when all of it is taken, so progress (last_progress) is seen at this grain
-
-
-def _log(text: str) -> None:
-    print(f"memtrace: {text}", file=sys.stderr, flush=True)
 
 
 def output_error(err: OSError, name: str) -> OutputError:
@@ -85,7 +82,7 @@ class OutputStream:
                 self.dropped_bytes += size
                 if not self._said_dropping:
                     self._said_dropping = True
-                    _log(f"{self.name} is not being read fast enough: dropping output "
+                    log(f"{self.name} is not being read fast enough: dropping output "
                          f"(more than {self.max_queued >> 20} MiB waiting; counted at exit)")
                 return False
             self._queue.append(record)
@@ -116,11 +113,11 @@ class OutputStream:
         lost_records = len(left) + (1 if in_flight and self.error is None else 0)
         lost_bytes = sum(len(p) for r in left for p in r)
         if lost_records and self.error is None:
-            _log(f"{self.name} not read for {self.stall_seconds:g}s at exit: "
+            log(f"{self.name} not read for {self.stall_seconds:g}s at exit: "
                  f"{lost_records} record(s) ({lost_bytes} bytes queued) not written"
                  + ("; the last line written may be incomplete" if in_flight else ""))
         if self.dropped_records:
-            _log(f"{self.name}: {self.dropped_records} record(s) ({self.dropped_bytes} "
+            log(f"{self.name}: {self.dropped_records} record(s) ({self.dropped_bytes} "
                  "bytes) dropped while the reader was behind")
         if self._owns_fd and not in_flight:
             try:

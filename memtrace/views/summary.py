@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from memtrace.procfs import escape_name
+from memtrace.util.units import fmt_bytes
 
 TOP_MAPPINGS = 5        # mappings listed at the tree's peak
 MAX_PROCESSES = 100     # processes listed (largest peaks first); all are counted
@@ -156,16 +157,6 @@ def build_summary(peaks: PeakTracker, *, command: Sequence[str], pid: int,
     }
 
 
-def iec(n: int | None) -> str:
-    """Bytes in IEC units, one decimal: 100.0 MiB."""
-    if n is None:
-        return "-"
-    for unit, shift in (("TiB", 40), ("GiB", 30), ("MiB", 20), ("KiB", 10)):
-        if abs(n) >= 1 << shift:
-            return f"{n / (1 << shift):.1f} {unit}"
-    return f"{n} B"
-
-
 def _clock(ts: float | None) -> str:
     if ts is None:
         return "-"
@@ -199,23 +190,23 @@ def render_summary(s: Mapping[str, Any], width: int = 80) -> str:
         lines.append("peak RSS (memtrace): - (no snapshot while the command ran)")
     else:
         k = s["peak_processes"]
-        lines.append(f"peak RSS (memtrace, tree sum): {iec(s['peak_rss_bytes'])} at "
+        lines.append(f"peak RSS (memtrace, tree sum): {fmt_bytes(s['peak_rss_bytes'])} at "
                      f"{_clock(s['peak_ts'])} ({k} process{'es' if k != 1 else ''})")
     kern = s["kernel"]
     if s["kernel_peak_rss_bytes"] is None and kern["ru_maxrss_bytes"] is not None:
-        lines.append(f"peak RSS (kernel): at most {iec(kern['ru_maxrss_bytes'])} (no more "
+        lines.append(f"peak RSS (kernel): at most {fmt_bytes(kern['ru_maxrss_bytes'])} (no more "
                      "than memtrace's copy before exec)")
     else:
-        lines.append(f"peak RSS (kernel): {iec(s['kernel_peak_rss_bytes'])}")
-    detail = f"  ru_maxrss {iec(kern['ru_maxrss_bytes'])}"
+        lines.append(f"peak RSS (kernel): {fmt_bytes(s['kernel_peak_rss_bytes'])}")
+    detail = f"  ru_maxrss {fmt_bytes(kern['ru_maxrss_bytes'])}"
     if kern["pre_exec_rss_bytes"] is not None:
-        detail += f" (before exec {iec(kern['pre_exec_rss_bytes'])})"
-    detail += f"; largest VmHWM seen {iec(kern['vmhwm_bytes'])}"
+        detail += f" (before exec {fmt_bytes(kern['pre_exec_rss_bytes'])})"
+    detail += f"; largest VmHWM seen {fmt_bytes(kern['vmhwm_bytes'])}"
     lines.append(_cut(detail, width))
     if s["top_mappings"]:
         lines.append("top mappings at the peak:")
         for m in s["top_mappings"]:
-            head = f"  {iec(m['rss_bytes']):>10}  {m['kind'][:10]:<10} "
+            head = f"  {fmt_bytes(m['rss_bytes']):>10}  {m['kind'][:10]:<10} "
             who = f" {m['pid']} {escape_text(m['comm'])}"
             room = width - len(head) - len(who)
             lines.append(head + _cut(escape_text(m["mapping"]), room).ljust(room) + who)
@@ -226,8 +217,8 @@ def render_summary(s: Mapping[str, Any], width: int = 80) -> str:
         for p in procs[:10]:
             seen = f"{p['last_ts'] - p['first_ts']:.1f}s"
             lines.append(f"{p['pid']:>9} {_cut(escape_text(p['comm']), 16):<16} "
-                         f"{iec(p['peak_rss_bytes']):>10} {_clock(p['peak_ts']):>12} "
-                         f"{iec(p['kernel_peak_rss_bytes']):>10} {seen:>9}")
+                         f"{fmt_bytes(p['peak_rss_bytes']):>10} {_clock(p['peak_ts']):>12} "
+                         f"{fmt_bytes(p['kernel_peak_rss_bytes']):>10} {seen:>9}")
         if s["processes_seen"] > 10:
             lines.append(f"  … {s['processes_seen'] - 10} more processes (the JSON "
                          f"summary lists up to {MAX_PROCESSES})")

@@ -30,7 +30,7 @@ from memtrace.events import SyscallEvent
 from memtrace.explain import meminfo_summary
 from memtrace.libevents import describe as describe_library_event
 from memtrace.procfs import escape_text
-from memtrace.units import fmt_bytes, fmt_delta
+from memtrace.util.units import fmt_bytes, fmt_delta
 from memtrace.views.output import TextOutput, open_output
 
 # Every column, in display order; `range` is shown only when asked for.
@@ -65,11 +65,6 @@ class TableOptions:
     exact: bool = False                     # --bytes
     columns: tuple[str, ...] = DEFAULT_COLUMNS
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def human(n: int | None, exact: bool = False) -> str:
-    """Bytes as the table prints them (memtrace.units.fmt_bytes)."""
-    return fmt_bytes(n, exact)
 
 
 def rate(x: float | None) -> str:

@@ -363,17 +363,40 @@ def test_web_config_with_a_plain_password_is_refused_before_anything(tmp_path):
 
 
 def test_exit_codes_agree_everywhere():
+    """ExitCode is the one list: the --help epilog is made from it, and the
+    table of docs/exit-codes.md has exactly its codes, each with its text."""
     import re
 
-    from memtrace.cli import EXIT_CODES_HELP
-    from memtrace.errors import ExitCode
+    from memtrace.cli import EXIT_CODE_LINES, EXIT_CODES_HELP
+    from memtrace.errors import DESCRIPTIONS, ExitCode
 
-    codes = {int(c) for c in ExitCode}
+    want = {int(c): c.description for c in ExitCode}
+    assert set(DESCRIPTIONS) == set(ExitCode)
     doc = (REPO / "docs" / "exit-codes.md").read_text()
-    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", doc, re.M)}
-    assert documented == codes
+    documented = {int(code): text
+                  for code, text in re.findall(r"^\| (\d+) \| ([^|]+?) \| ", doc, re.M)}
+    assert documented == want
+    assert sorted(c for line in EXIT_CODE_LINES for c in line) == sorted(want)
+    for code, text in want.items():
+        assert re.search(rf"(?:^|[:;] ){code} {re.escape(text)}(?:;|\.$)", EXIT_CODES_HELP,
+                         re.M), code
     helped = {int(m) for m in re.findall(r"(?:^|[:;,] ?)(\d+) [A-Za-z`]", EXIT_CODES_HELP, re.M)}
-    assert helped == codes, sorted(helped ^ codes)
+    assert helped == set(want), sorted(helped ^ set(want))
+
+
+def test_exit_codes_help_is_unchanged():
+    """The epilog made from ExitCode reads as the hand-written one did."""
+    from memtrace.cli import EXIT_CODES_HELP
+
+    assert EXIT_CODES_HELP == """\b
+Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
+5 kernel headers missing; 6 no such process; 7 kernel thread; 8 zombie; 9 memtrace's own PID;
+10 command cannot be executed; 11 BPF load failed; 12 tracefs not mounted;
+13 heap: no consistent walk or unverified glibc layout;
+14 output cannot be written (disk full, I/O error; a closed pipe quietly).
+`run` otherwise exits with the command's status (128+N if killed by signal N).
+SIGINT, SIGTERM, SIGHUP: watch and agent detach and exit 0; run passes them on
+to the command and exits with its status."""
 
 
 # ---------------------------------------------------------------------------

@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from memtrace import events as ev
 from memtrace.events import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
     NSYS,
     NSYS_SLOTS,
     SYSCALL_CLASSES,
-    SYSCALL_NAMES,
     USER_ADDR_MAX,
+    X86_64_SYSCALL_NAMES,
     RawEvent,
     RawRange,
     RawStats,
@@ -25,7 +24,9 @@ from memtrace.events import (
     decode_event,
     decode_range,
     decode_stats,
+    syscall_name,
 )
+from memtrace.util.units import fmt_bytes
 
 BPF = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF / "memtrace.h").read_text()
@@ -94,12 +95,38 @@ def test_constants_match_header():
     )
 
 
-def test_syscall_numbers_match_bpf_probes():
-    entries = re.findall(r"^ENTER\((\w+), MT_SYS_(\w+), (\d+),", SOURCE, re.M)
+def test_bpf_writes_no_syscall_number_or_page_size_by_hand():
+    """The enter probes record the tracepoint's __syscall_nr, and the page size
+    comes from user space (-DMT_PAGE_SIZE, os.sysconf); user space names every
+    traced call."""
+    entries = re.findall(r"^ENTER(?:_FLAGS)?\((\w+), MT_SYS_\w+,", SOURCE, re.M)
     assert len(entries) >= 15
-    for name, _cls, nr in entries:
-        assert SYSCALL_NAMES[int(nr)] == name
-    assert SYSCALL_NAMES[157] == "prctl"
+    for name in entries:
+        assert name in X86_64_SYSCALL_NAMES.values()
+    assert "#define ENTER(name, sys, a0, a1, a2, a3, a4)" in SOURCE
+    assert "args->__syscall_nr" in SOURCE
+    assert not re.search(r"\bnr\s*==\s*\d+|stash\(\w+, \d+", SOURCE)
+    assert not re.search(r"\b409[56]", SOURCE.replace("BPF_HASH(inflight, u32, struct mt_inflight,"
+                                                     " 4096)", ""))
+    assert "prctl" in X86_64_SYSCALL_NAMES.values()
+
+
+def test_x86_64_names_are_the_systems_numbers():
+    """The table agrees with the x86-64 numbering of the system's headers."""
+    header = Path("/usr/include/x86_64-linux-gnu/asm/unistd_64.h")
+    if not header.exists():
+        pytest.skip("no x86-64 asm/unistd_64.h")
+    nrs = {m[0]: int(m[1]) for m in re.findall(r"#define __NR_(\w+) (\d+)", header.read_text())}
+    assert {nrs[name]: name for name in X86_64_SYSCALL_NAMES.values()} == X86_64_SYSCALL_NAMES
+
+
+def test_syscall_name_elsewhere():
+    """On another machine (no table) a record is named by its class where that
+    is one syscall, else by its number."""
+    assert syscall_name("mmap", 222, {}) == "mmap"
+    assert syscall_name("mlock", 284, {}) == "284"
+    assert syscall_name("other", 167, {}) == "167"
+    assert syscall_name("mlock", 325, X86_64_SYSCALL_NAMES) == "mlock2"
 
 
 # -- decoding -----------------------------------------------------------------------
@@ -230,7 +257,7 @@ def test_describe(sys, nr, ret, args, text):
     ],
 )
 def test_size_format(n, text):
-    assert ev._size(n) == text
+    assert fmt_bytes(n) == text
 
 
 def test_decode_stats():

@@ -41,7 +41,7 @@ def test_pure_modules_need_neither_bcc_nor_probes():
 # is a ratchet: a new wrong-way edge fails it, and so does a KNOWN edge that is gone
 # (take it off the list).
 ROLES = {
-    "util": {"errors", "units", "ownmem"},
+    "util": {"errors", "ownmem", "util.units", "util.log", "util.ranges", "util.elf"},
     "engine": {"probes", "events", "btf", "procfs", "pagemap", "model", "attribution",
                "tracker", "session", "targets"},
     "pss": {"pss", "livepss"},
@@ -113,3 +113,16 @@ def test_only_probes_loads_bcc():
         names = {a.name for n in top if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in top if isinstance(n, ast.ImportFrom) and n.module}
         assert "bcc" not in names or path.name == "probes.py", path
+
+def test_util_imports_nothing_else_from_memtrace():
+    """memtrace/util/ is below every other layer: its modules import only each
+    other and the standard library."""
+    import ast
+
+    for path in sorted((REPO / "memtrace" / "util").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            for name in names:
+                assert not name.startswith("memtrace") or name.startswith("memtrace.util"), (
+                    path.name, name)

@@ -258,7 +258,8 @@ def test_table_shows_pss_and_uss_and_a_dash_when_null(setup):
 
     from rich.console import Console
 
-    from memtrace.views.table import TableReporter, human
+    from memtrace.util.units import fmt_bytes as human
+    from memtrace.views.table import TableReporter
     a, b, frames, clock, live, trackers = setup
     tick(live, trackers)
     builder = SnapshotBuilder()

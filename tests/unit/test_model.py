@@ -9,8 +9,9 @@ import re
 import pytest
 
 from memtrace.events import CHUNK_SHIFT, CHUNK_SIZE
-from memtrace.model import AddressSpace, Resident, chunk_span, merge_spans
+from memtrace.model import AddressSpace, Resident, chunk_span
 from memtrace.procfs import Vma
+from memtrace.util.ranges import merge_ranges as merge_spans
 
 P = 4096
 C = CHUNK_SIZE

@@ -24,13 +24,14 @@ from memtrace.pss import (
     Usage,
     account,
     clip,
-    coalesce,
     page_share,
     pfn_ranges,
     pmd_blocks,
     precise_mapcount_kernel,
     wanted_pfns,
 )
+from memtrace.util.elf import load_span
+from memtrace.util.ranges import merge_ranges as coalesce
 
 P = 4096
 PRESENT = 1 << 63
@@ -243,8 +244,8 @@ def elf_header(lo: int, hi: int) -> bytes:
 
 
 def test_elf_load_span():
-    assert libs_mod.elf_load_span(elf_header(0, 0x5800)) == (0, 0x5800)
-    assert libs_mod.elf_load_span(b"not an elf") is None
+    assert load_span(elf_header(0, 0x5800)) == (0, 0x5800)
+    assert load_span(b"not an elf") is None
 
 
 def test_library_of_splits_the_bss_from_later_anonymous_memory():
@@ -300,7 +301,7 @@ def test_collect_and_render(tmp_path, monkeypatch):
     assert "(2 processes)" in table and "app11 [11]" in table
     assert "skipped: 1 kernel threads" in table
     # one unit style (issue 11): IEC units, or exact bytes with --bytes
-    from memtrace.units import fmt_bytes
+    from memtrace.util.units import fmt_bytes
     row = next(line for line in table.splitlines() if line.endswith("app10 [10]"))
     assert row.split()[:2] == fmt_bytes(4 * P).split() == ["16.0", "KiB"]
     exact = libs_mod.render_table(report, "rss", exact=True)

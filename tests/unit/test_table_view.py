@@ -12,7 +12,7 @@ import re
 import pytest
 from rich.console import Console
 
-from memtrace.units import fmt_bytes, fmt_delta
+from memtrace.util.units import fmt_bytes, fmt_delta
 from memtrace.views.table import (
     COLUMNS,
     NUMERIC,

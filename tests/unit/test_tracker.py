@@ -11,8 +11,9 @@ import time
 import pytest
 
 from memtrace.events import CHUNK_SHIFT, ChunkMark, Stats
-from memtrace.model import chunk_span, merge_spans
+from memtrace.model import chunk_span
 from memtrace.tracker import MAX_DEFERRED_MISMATCHES, ProcessGone, ProcessTracker
+from memtrace.util.ranges import merge_ranges as merge_spans
 
 from .fakes import ANON, ARENA, CHUNK, PAGE, HookedProcFS, standard_process
 

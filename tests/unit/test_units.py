@@ -1,10 +1,10 @@
-"""memtrace.units: one byte formatter for every output (issue 11)."""
+"""memtrace.util.units: one byte formatter for every output (issue 11)."""
 
 from __future__ import annotations
 
 import pytest
 
-from memtrace.units import fmt_bytes, fmt_delta
+from memtrace.util.units import fmt_bytes, fmt_delta
 
 
 @pytest.mark.parametrize("n,text", [
@@ -31,12 +31,26 @@ def test_delta():
 
 
 def test_no_other_byte_formatter_is_left():
-    """The commands print sizes through memtrace.units (no K/M/G suffix of
-    their own, no second formatter)."""
-    from memtrace import events, explain, heap, libevents
+    """The commands print sizes through memtrace.util.units (no K/M/G suffix of
+    their own, no second formatter, no wrapper around this one)."""
+    import re
+    from pathlib import Path
 
-    assert explain._h is fmt_bytes
-    assert events._size(1 << 20) == heap.human(1 << 20) == "1.0 MiB"
+    from memtrace import events, explain, heap, libevents
+    from memtrace.views import summary, table
+
+    assert not hasattr(explain, "_h") and not hasattr(events, "_size")
+    assert not hasattr(heap, "human") and not hasattr(table, "human")
+    assert not hasattr(summary, "iec")
+    root = Path(__file__).resolve().parents[2] / "memtrace"
+    for path in root.rglob("*.py"):
+        if path.name == "units.py":
+            continue
+        text = path.read_text()
+        assert not re.search(r"def (human|iec|fmt_bytes|_size)\b", text), path
+        assert not re.search(r"\(\"(KiB|MiB|GiB)\", *\d+\)", text), path   # a unit table
     assert libevents.describe({"event": "library_load", "pid": 1, "comm": "x", "mapping": "/l",
                                "base": 0x1000, "mapped_bytes": 512,
                                "rss_bytes": 0}).endswith("512 B mapped, 0 B resident")
+    assert events.SyscallEvent(0, 1, 1, "mmap", "munmap", 0, (0, 1 << 20, 0, 0, 0)).describe() \
+        == "munmap(0x0, 1.0 MiB) = 0"

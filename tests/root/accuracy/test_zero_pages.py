@@ -33,8 +33,8 @@ import time
 
 import pytest
 
-from memtrace import libs as libs_mod
 from memtrace.procfs import ProcFS
+from memtrace.util.elf import load_span
 from tests import groundtruth as gt
 from tests.root.harness import REPO_ROOT, WORKLOADS_DIR, Memtrace, wait_stopped
 
@@ -173,7 +173,7 @@ def _past_bss(pid: int, libc: str, smaps: dict[int, dict], bss: tuple[int, int]
     bss into one VMA; not libc's): computed here from pagemap, kpageflags and
     kpagecount as smaps computes them."""
     with open(libc, "rb") as f:
-        span = libs_mod.elf_load_span(f.read(4096))
+        span = load_span(f.read(4096))
     assert span is not None
     base = min(start for start, m in smaps.items() if m["path"] == libc)
     end = (base + span[1] + PAGE - 1) & ~(PAGE - 1)

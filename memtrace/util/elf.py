@@ -1,0 +1,91 @@
+"""One reader of ELF headers, for 64-bit little-endian files (x86-64, arm64),
+from the bytes at the start of a file: its program headers (what attribution
+needs for a library's segments, libs for its load span, heap for PT_INTERP)
+and the names of the dynamic symbols it defines (heap: which library provides
+malloc). Reads bytes only; callers open the files."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+PT_LOAD = 1
+PT_INTERP = 3
+PT_GNU_RELRO = 0x6474E552
+PF_W = 2
+SHT_DYNSYM = 11
+_EHDR_SIZE = 64
+_PHDR = struct.Struct("<IIQQQQQQ")      # Elf64_Phdr: 56 bytes
+_SYM = struct.Struct("<IBBHQQ")         # Elf64_Sym: 24 bytes
+
+
+@dataclass(frozen=True)
+class ProgramHeader:
+    type: int
+    flags: int
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+
+
+def is_elf64le(data: bytes) -> bool:
+    """A 64-bit little-endian ELF file's first bytes (its header at least)."""
+    return len(data) >= _EHDR_SIZE and data[:4] == b"\x7fELF" and data[4] == 2 and data[5] == 1
+
+
+def program_headers(data: bytes) -> list[ProgramHeader] | None:
+    """Every program header, in file order; None if data is not a 64-bit
+    little-endian ELF file's start or does not hold the whole table."""
+    if not is_elf64le(data):
+        return None
+    phoff, = struct.unpack_from("<Q", data, 32)
+    phentsize, phnum = struct.unpack_from("<HH", data, 54)
+    if phentsize < _PHDR.size or phoff + phentsize * phnum > len(data):
+        return None
+    out = []
+    for i in range(phnum):
+        p_type, p_flags, off, vaddr, _pa, filesz, memsz, _al = _PHDR.unpack_from(
+            data, phoff + i * phentsize)
+        out.append(ProgramHeader(p_type, p_flags, off, vaddr, filesz, memsz))
+    return out
+
+
+def load_span(data: bytes) -> tuple[int, int] | None:
+    """(lowest PT_LOAD p_vaddr, highest p_vaddr + p_memsz), in the file's own
+    addresses; None if not such a file or it has no PT_LOAD."""
+    loads = [h for h in program_headers(data) or () if h.type == PT_LOAD]
+    if not loads:
+        return None
+    return min(h.vaddr for h in loads), max(h.vaddr + h.memsz for h in loads)
+
+
+def defined_dynamic_symbols(data: bytes) -> set[bytes]:
+    """Names of the symbols of SHT_DYNSYM that the file defines (st_shndx not
+    SHN_UNDEF); empty if data does not hold the whole section header table
+    (data is then cut short: the sections come at the end of the file)."""
+    if not is_elf64le(data):
+        return set()
+    shoff, = struct.unpack_from("<Q", data, 40)
+    shentsize, shnum = struct.unpack_from("<HH", data, 58)
+    sections = []
+    for i in range(shnum):
+        off = shoff + i * shentsize
+        if off + 64 > len(data):
+            return set()
+        sh_type, = struct.unpack_from("<I", data, off + 4)
+        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 24)
+        sh_link, = struct.unpack_from("<I", data, off + 40)
+        sections.append((sh_type, sh_offset, sh_size, sh_link))
+    names: set[bytes] = set()
+    for sh_type, sh_offset, sh_size, sh_link in sections:
+        if sh_type != SHT_DYNSYM or sh_link >= len(sections):
+            continue
+        _, str_off, str_size, _ = sections[sh_link]
+        strtab = data[str_off:str_off + str_size]
+        for off in range(sh_offset, min(sh_offset + sh_size, len(data)) - 23, _SYM.size):
+            st_name, _, _, st_shndx, _, _ = _SYM.unpack_from(data, off)
+            if st_shndx != 0 and st_name < len(strtab):
+                end = strtab.find(b"\0", st_name)
+                names.add(strtab[st_name:end if end >= 0 else len(strtab)])
+    return names
