@@ -230,7 +230,9 @@ class Session:
             # Identity before the update (its /proc reads would read a process
             # that reused the pid) and after it (the pid may be reused meanwhile):
             # nothing read from another process reaches a snapshot of this one.
-            if not self._same_process(tracker):
+            # Before, the pidfd alone says it (no /proc read); the full check,
+            # which also reads the fault counters, runs once, after.
+            if not self._still_there(tracker):
                 self.detach(pid, "exited")
                 continue
             try:
@@ -263,6 +265,14 @@ class Session:
         lib = self._libevents.setdefault(pid, LibraryEvents())
         snap["library_events"] = lib.update(snap, layout)
         snap["library_totals"] = lib.totals_dict()
+
+    def _still_there(self, tracker: ProcessTracker) -> bool:
+        """The process attached is still alive: its pidfd when there is one (a
+        poll, no /proc read), else the full _same_process check."""
+        pidfd = self._pidfds.get(tracker.pid)
+        if pidfd is not None:
+            return not _pidfd_exited(pidfd)
+        return self._same_process(tracker)
 
     def _same_process(self, tracker: ProcessTracker) -> bool:
         """Still alive, and not a new process that reused the PID. The pidfd
