@@ -1,5 +1,5 @@
 """CPU per second of computing PSS/USS for N processes once per second with
-memtrace.pss, against reading their /proc/PID/smaps_rollup once per second.
+memtrace.pss.reader, against reading their /proc/PID/smaps_rollup once per second.
 
     .venv/bin/python benchmarks/pss_bench.py [--procs 20] [--mb 64] [--seconds 20]
         [--reps 3] [--json FILE]
@@ -11,7 +11,7 @@ own memory), then, interleaved for --reps repetitions, runs each method for
 CPU (user + system, getrusage) per wall second:
 
   rollup   read and parse /proc/PID/smaps_rollup (Rss, Pss, Private_*) for every pid
-  pss      memtrace.pss as `memtrace libs` does: read /proc/PID/maps, PAGEMAP_SCAN
+  pss      memtrace.pss.reader as `memtrace libs` does: read /proc/PID/maps, PAGEMAP_SCAN
            for the resident and swapped runs, pagemap entries of those runs,
            /proc/kpagecount of the shared pages (one cache per tick, shared by all
            processes), per-VMA Usage
@@ -57,8 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.benchcommon import cpu_seconds, kill, spawn  # noqa: E402
-from memtrace.procfs import ProcFS  # noqa: E402
-from memtrace.pss import PSS_SHIFT, KPageCounts, PssReader  # noqa: E402
+from memtrace.pss.reader import PSS_SHIFT, KPageCounts, PssReader  # noqa: E402
+from memtrace.trace.procfs import ProcFS  # noqa: E402
 
 PY_CODE = """import sys, json, decimal, ssl, hashlib, sqlite3
 n = int(sys.argv[1]) << 20

@@ -4,7 +4,7 @@
         [--scrapes 200] [--clients 2] [--max-series 50] [--changed 1.0,0.1]
         [--gzip auto|zlib] [--json]
 
-1. Builds an ExporterState by hand: --processes synthetic processes with
+1. Builds an TickState by hand: --processes synthetic processes with
    --mappings VMAs each, shaped like real ones (an executable and ~35 shared
    libraries in 4 segments each, [heap], [stack], [vvar]/[vdso], anonymous
    regions, some named [anon:...], data files under /var/lib, shared memfds,
@@ -159,11 +159,11 @@ def synthetic_process(pid: int, n_maps: int, rng: random.Random) -> dict[str, An
 
 
 def build_state(processes: int, mappings: int, seed: int) -> Any:
-    from memtrace.exporter import ExporterState
+    from memtrace.published import TickState
 
     rng = random.Random(seed)
     snaps = {1000 + i: synthetic_process(1000 + i, mappings, rng) for i in range(processes)}
-    return ExporterState(snapshots=snaps, full_rescans={"attach": processes},
+    return TickState(snapshots=snaps, full_rescans={"attach": processes},
                          tick_seconds=0.05, attach_seconds={p: 0.01 for p in snaps})
 
 
@@ -196,7 +196,7 @@ class Ticker:
         # incrementally, as mappings change): the per-identity sums
         self.sums: dict[tuple[int, int], Any] = {}
         if args.builder_sums:
-            from memtrace.views.snapshot import identity_sums
+            from memtrace.snapshot import identity_sums
             self.sums = {(pid, k): identity_sums(c[k]["mappings"])
                          for pid, c in self.contents.items() for k in (0, 1)}
         self.which = dict.fromkeys(base.snapshots, 0)
@@ -208,7 +208,7 @@ class Ticker:
         self.tick()
 
     def _snapshot(self, pid: int, now: float) -> dict[str, Any]:
-        from memtrace.views.snapshot import Snapshot
+        from memtrace.snapshot import Snapshot
 
         k = self.which[pid]
         snap = Snapshot({**self.contents[pid][k], "ts": now, "generation": self.generation[pid]})
@@ -216,7 +216,7 @@ class Ticker:
         return snap
 
     def tick(self) -> None:
-        from memtrace.exporter import ExporterState
+        from memtrace.published import TickState
 
         with self.lock:
             pids = list(self.contents)
@@ -225,7 +225,7 @@ class Ticker:
                 self.generation[pid] += 1
             now = time.time()
             snaps = {pid: self._snapshot(pid, now) for pid in pids}
-            self.box.set(ExporterState(
+            self.box.set(TickState(
                 snapshots=snaps, full_rescans=self.base.full_rescans, tick_seconds=0.05,
                 attach_seconds=self.base.attach_seconds))
 
@@ -261,9 +261,10 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
 
-    from memtrace import web
-    from memtrace.exporter import MemtraceCollector, StateBox, freeze_startup_objects
-    from memtrace.web import MetricsServer, WebConfig
+    from memtrace.exporter import web
+    from memtrace.exporter.collector import MemtraceCollector, freeze_startup_objects
+    from memtrace.exporter.web import MetricsServer, WebConfig
+    from memtrace.published import StateBox
 
     freeze_startup_objects()  # as cli._serve does, before any process is watched
     if args.gzip == "zlib":
@@ -470,7 +471,7 @@ def main() -> int:
         server.join(10)
         if server.is_alive():
             server.kill()  # our own child, by its pid
-    from memtrace import web
+    from memtrace.exporter import web
     gzip_module = "zlib" if args.gzip == "zlib" else web.GZIP.__name__
     info = {
         "processes": args.processes, "mappings_per_process": args.mappings,

@@ -13,7 +13,7 @@
 #include "memtrace.h"
 
 #ifndef MT_PAGE_SIZE
-#error "MT_PAGE_SIZE: memtrace/probes.py passes the system's page size (-DMT_PAGE_SIZE=...)"
+#error "MT_PAGE_SIZE: memtrace/trace/probes.py passes the system's page size (-DMT_PAGE_SIZE=...)"
 #endif
 #define MT_PAGE_MASK ((u64)MT_PAGE_SIZE - 1)
 

@@ -1,5 +1,5 @@
 /* Structures shared between the BPF program (memtrace.bpf.c) and user space
- * (memtrace/events.py mirrors them with ctypes; keep both in step). */
+ * (memtrace/trace/events.py mirrors them with ctypes; keep both in step). */
 #ifndef MEMTRACE_H
 #define MEMTRACE_H
 

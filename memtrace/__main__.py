@@ -1,3 +1,3 @@
-from memtrace.cli import main
+from memtrace.commands.main import main
 
 main()

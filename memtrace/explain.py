@@ -3,7 +3,7 @@ say, in plain words, next to memtrace's own figures.
 
 Pure apart from reading files under an injectable /proc root: the parsers and
 the renderers run on fixture trees in tests. memtrace's figures (a one-shot
-exact scan of the process, `memtrace.views.snapshot`) are passed in."""
+exact scan of the process, `memtrace.snapshot`) are passed in."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from memtrace.procfs import PAGE_SIZE, escape_name
+from memtrace.trace.procfs import PAGE_SIZE, escape_name
 from memtrace.util.units import fmt_bytes
 
 STATM_FIELDS = ("size", "resident", "shared", "text", "lib", "data", "dt")

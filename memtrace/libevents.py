@@ -8,7 +8,7 @@ of two snapshots, not by decoding syscall records: it works whatever the drop
 rate of those records, and it reports what really happened (no unload event
 when dlclose left the mappings in place).
 
-An object instance is the run of VMAs that `memtrace.attribution` names as the
+An object instance is the run of VMAs that `memtrace.trace.attribution` names as the
 segments of one library (the first at file offset 0, its bss included), keyed
 by (identity, base address). A new instance is reported once its layout has
 stayed the same for one tick (ld.so maps a library in several calls, and its

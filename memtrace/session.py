@@ -15,24 +15,18 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.events import Drained, SyscallEvent
-from memtrace.exporter import (
-    NO_CONTAINER,
-    ExporterState,
-    StateBox,
-    add_counters,
-    empty_counters,
-)
-from memtrace.heap import HeapSampler
+from memtrace.heap.core import HeapSampler
 from memtrace.libevents import LibraryEvents
-from memtrace.livepss import LivePss, drop_all
-from memtrace.ownmem import shed_compiler_memory
-from memtrace.pagemap import scan_mechanism
-from memtrace.probes import Probes, read_stats_of
-from memtrace.procfs import ProcFS, statm_is_exact
-from memtrace.tracker import ProcessGone, ProcessTracker
+from memtrace.pss.live import LivePss, drop_all
+from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
+from memtrace.snapshot import SnapshotBuilder
+from memtrace.trace.events import Drained, SyscallEvent
+from memtrace.trace.ownmem import shed_compiler_memory
+from memtrace.trace.pagemap import scan_mechanism
+from memtrace.trace.probes import Probes, read_stats_of
+from memtrace.trace.procfs import ProcFS, want_rss_stat_probe
+from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import log
-from memtrace.views.snapshot import SnapshotBuilder
 
 
 class Reporter(Protocol):
@@ -42,16 +36,6 @@ class Reporter(Protocol):
     def message(self, text: str) -> None: ...
     def summary(self, summary: dict[str, Any]) -> None: ...   # run's last record
     def close(self) -> None: ...
-
-
-def want_rss_stat_probe() -> bool:
-    """The rss_stat probe finds RSS changes made from outside a process (ksmd,
-    khugepaged, reclaim by others, writes through /proc/PID/mem) the tick
-    they happen, at the cost of one BPF run per RSS counter change. Where
-    statm is exact the per-tick statm check finds them too (within a few ticks
-    when the process is busy), so the probe is left out unless
-    MEMTRACE_RSS_STAT_PROBE=1."""
-    return os.environ.get("MEMTRACE_RSS_STAT_PROBE") == "1" or not statm_is_exact()
 
 
 class Session:
@@ -98,7 +82,7 @@ class Session:
                              stream_events=getattr(self.reporter, "wants_events", False))
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
-        shed_compiler_memory()    # the compiler is not needed again (memtrace/ownmem.py)
+        shed_compiler_memory()    # the compiler is not needed again (memtrace/trace/ownmem.py)
         return self.probes
 
     def install_signal_handlers(self, on_signal: Callable[[int], None] | None = None) -> None:
@@ -307,7 +291,7 @@ class Session:
             rescans.update(tracker.counters.full_rescans)
             events_lost += tracker.stats.events_lost
             ranges_lost += tracker.stats.ranges_lost
-        self.exporter_box.set(ExporterState(
+        self.exporter_box.set(TickState(
             snapshots=dict(self._snapshots), full_rescans=dict(rescans),
             events_lost=events_lost, ranges_lost=ranges_lost,
             tick_seconds=self._last_tick_seconds, attach_seconds=dict(self._attach_seconds),
@@ -338,7 +322,7 @@ class Session:
             if on_tick:
                 on_tick(drained)
 
-    # ---- PSS, USS and swap (memtrace/livepss.py)
+    # ---- PSS, USS and swap (memtrace/pss/live.py)
 
     def enable_pss(self, interval: float) -> None:
         """Keep per-mapping PSS/USS/swap live, refreshing every mapping's shares
@@ -370,7 +354,7 @@ class Session:
         if self.pss is not None:
             snap["pss_refreshed_ts"] = self.pss.refreshed_at(tracker.pid)
 
-    # ---- heap figures (memtrace heap, walked in the background: memtrace/heap.py)
+    # ---- heap figures (memtrace heap, walked in the background: memtrace/heap/core.py)
 
     def enable_heap(self, interval: float) -> None:
         """Walk the malloc heap of every watched process every `interval` seconds

@@ -7,11 +7,11 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
-from memtrace.events import SyscallEvent
-from memtrace.procfs import escape_text
+from memtrace.snapshot import encode_parts
+from memtrace.trace.events import SyscallEvent
+from memtrace.trace.procfs import escape_text
 from memtrace.util.log import log
 from memtrace.views.output import OutputStream
-from memtrace.views.snapshot import encode_parts
 
 
 class JsonReporter:

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from memtrace.procfs import escape_name
+from memtrace.trace.procfs import escape_name
 from memtrace.util.units import fmt_bytes
 
 TOP_MAPPINGS = 5        # mappings listed at the tree's peak
@@ -173,7 +173,7 @@ def _cut(text: str, width: int) -> str:
 
 def render_summary(s: Mapping[str, Any], width: int = 80) -> str:
     """The summary as plain text lines of at most `width` columns (docs/output.md)."""
-    from memtrace.procfs import escape_text
+    from memtrace.trace.procfs import escape_text
 
     lines: list[str] = []
     cmd = escape_text(" ".join(s["command"]))

@@ -1,6 +1,6 @@
 """The live terminal view (rich). Names (paths, comm, messages that hold
 them) are never read as Rich markup: every cell is a rich.text.Text of plain
-text, with control characters escaped (memtrace.procfs.escape_text).
+text, with control characters escaped (memtrace.trace.procfs.escape_text).
 
 Fitting the width (docs/output.md, "The live table"): numeric columns are as
 wide as their widest value and never cut; the path is shortened from the
@@ -26,10 +26,10 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from memtrace.events import SyscallEvent
 from memtrace.explain import meminfo_summary
 from memtrace.libevents import describe as describe_library_event
-from memtrace.procfs import escape_text
+from memtrace.trace.events import SyscallEvent
+from memtrace.trace.procfs import escape_text
 from memtrace.util.units import fmt_bytes, fmt_delta
 from memtrace.views.output import TextOutput, open_output
 

@@ -106,14 +106,14 @@ def skip_reason() -> str | None:
 
 def statm_exact() -> bool:
     """Are /proc/PID/statm and status RssAnon/RssFile/RssShmem exact on this
-    kernel?  memtrace's own probe decides (memtrace.procfs.statm_is_exact).
+    kernel?  memtrace's own probe decides (memtrace.trace.procfs.statm_is_exact).
     Where they are not (6.1: RSS counters cached per task and synced every
     64 events), the process totals of a snapshot are compared with the sums
     over smaps instead; per-mapping comparisons are exact either way.
     MT_TOTALS_FROM_SMAPS=1 forces the smaps sums (to test that path)."""
     if os.environ.get("MT_TOTALS_FROM_SMAPS") == "1":
         return False
-    from memtrace.procfs import statm_is_exact  # probes once, then cached
+    from memtrace.trace.procfs import statm_is_exact  # probes once, then cached
 
     return statm_is_exact()
 

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-import memtrace.tracker as tracker_mod
+import memtrace.trace.tracker as tracker_mod
 
 from .fakes import World
 

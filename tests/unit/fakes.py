@@ -11,8 +11,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from memtrace.events import CHUNK_SHIFT, USER_ADDR_MAX
-from memtrace.procfs import PAGE_SIZE, ProcFS, Vma
+from memtrace.trace.events import CHUNK_SHIFT, USER_ADDR_MAX
+from memtrace.trace.procfs import PAGE_SIZE, ProcFS, Vma
 
 PAGE = PAGE_SIZE
 CHUNK = 1 << CHUNK_SHIFT
@@ -192,7 +192,7 @@ class FakeProcess:
 
 
 class FakeScanner:
-    """Replaces the scanner from memtrace.pagemap.open_scanner: scan() reads
+    """Replaces the scanner from memtrace.trace.pagemap.open_scanner: scan() reads
     FakeProcess.pages."""
 
     def __init__(self, proc: FakeProcess) -> None:

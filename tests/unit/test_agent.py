@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from memtrace.agent import Agent, ProcInfo, Rule, rule_from_dict
+from memtrace.commands.agent import Agent, ProcInfo, Rule, rule_from_dict
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.events import Drained
-from memtrace.procfs import ProcFS
+from memtrace.trace.events import Drained
+from memtrace.trace.procfs import ProcFS
 
 from .fakes import World, status_text
 
@@ -153,7 +153,7 @@ def test_notices_the_rings_dropped_are_said_and_counted(world):
 
 
 def test_command_line_rules_are_named_by_name_equals_value():
-    from memtrace.agent import command_line_rules, rule_from_dict
+    from memtrace.commands.agent import command_line_rules, rule_from_dict
 
     raw = command_line_rules(comm=("^(frag|redis-server)$", "kv=^redis-server$", r"a\=b"),
                              exe=("/usr/bin/x",), user=("web=33",))
@@ -167,7 +167,7 @@ def test_command_line_rules_are_named_by_name_equals_value():
 
 
 def test_config_rule_without_a_name_has_none_and_an_empty_name_is_refused():
-    from memtrace.agent import rule_from_dict
+    from memtrace.commands.agent import rule_from_dict
 
     assert rule_from_dict({"comm": "x"}, 0).name is None
     assert rule_from_dict({"name": "db", "comm": "x"}, 0).name == "db"
@@ -182,7 +182,8 @@ def test_config_rule_without_a_name_has_none_and_an_empty_name_is_refused():
 def _group_labels(world, rules: list[Rule], group_by: str) -> list[list[str]]:
     """The (group, comm) labels the exporter gives frag (pid 600) and redis-server
     (pid 601) picked by `rules`."""
-    from memtrace.exporter import ExporterState, grouped_rows
+    from memtrace.exporter.collector import grouped_rows
+    from memtrace.published import TickState
     from tests.unit.exporter.helpers import realistic_process
 
     _proc(world, 600, b"frag")
@@ -190,14 +191,14 @@ def _group_labels(world, rules: list[Rule], group_by: str) -> list[list[str]]:
     session = _Session(world.procfs())
     agent = Agent(session, rules, None, 100, group_by=group_by)  # type: ignore[arg-type]
     agent.initial_scan()
-    state = ExporterState(snapshots={600: realistic_process(600, "frag"),
+    state = TickState(snapshots={600: realistic_process(600, "frag"),
                                      601: realistic_process(601, "redis-server")},
                           groups=dict(session.group_of))
     return [ids for ids, _ in grouped_rows(state)]
 
 
 def test_group_of_an_unnamed_rule_is_the_process_name(world):
-    from memtrace.agent import command_line_rules, rule_from_dict
+    from memtrace.commands.agent import command_line_rules, rule_from_dict
 
     raw = command_line_rules(comm=("^(frag|redis-server)$",))
     rules = [rule_from_dict(r, i) for i, r in enumerate(raw)]
@@ -206,7 +207,7 @@ def test_group_of_an_unnamed_rule_is_the_process_name(world):
 
 
 def test_group_of_a_named_rule_is_its_name_and_group_by_comm_is_the_process_name(world):
-    from memtrace.agent import command_line_rules, rule_from_dict
+    from memtrace.commands.agent import command_line_rules, rule_from_dict
 
     raw = command_line_rules(comm=("kv=^(frag|redis-server)$",))
     rules = [rule_from_dict(r, i) for i, r in enumerate(raw)]
@@ -220,7 +221,7 @@ def test_group_by_comm_ignores_rule_names(world):
 
 
 def test_agent_takes_group_by_comm():
-    from memtrace import cli
+    from memtrace.commands import main as cli
 
     for value in ("pid", "group", "comm"):
         ctx = cli.agent.make_context("agent", ["--comm", "x", "--group-by", value])
@@ -274,7 +275,7 @@ CGROUPS = {
 
 @pytest.mark.parametrize("case", list(CGROUPS))
 def test_container_labels_from_cgroup_paths(case):
-    from memtrace.agent import container_labels
+    from memtrace.commands.agent import container_labels
 
     text, want = CGROUPS[case]
     lines = [line.split(":", 2)[2] for line in text.splitlines()]   # as read_info joins them
@@ -320,14 +321,14 @@ def test_group_counters_of_a_container_end_with_its_last_process(world):
 
 
 def _rules(**given: tuple[str, ...]) -> list[Rule]:
-    from memtrace.agent import command_line_rules, rule_from_dict
+    from memtrace.commands.agent import command_line_rules, rule_from_dict
 
     return [rule_from_dict(r, i) for i, r in enumerate(command_line_rules(**given))]
 
 
 def _info(comm: str = "x", exe: str = "/usr/bin/x", cgroup: str = "/system.slice/x.service",
           uid: int = 0, pid: int = 1):
-    from memtrace.agent import ProcInfo
+    from memtrace.commands.agent import ProcInfo
 
     return ProcInfo(pid=pid, comm=comm, exe=exe, cgroup=cgroup, uid=uid)
 
@@ -348,7 +349,7 @@ def test_rule_regexes_are_searched_not_anchored():
 
 
 def test_fields_of_one_rule_are_anded():
-    from memtrace.agent import rule_from_dict
+    from memtrace.commands.agent import rule_from_dict
 
     rule = rule_from_dict({"name": "pg", "comm": "^postgres$", "exe": "/usr/lib/postgresql/",
                            "cgroup": r"postgresql\.service", "user": 105}, 0)
@@ -383,7 +384,7 @@ def test_rules_are_ored_and_the_first_match_names_the_group(world):
 def test_user_rules_take_names_and_uids():
     import pwd
 
-    from memtrace.agent import resolve_user
+    from memtrace.commands.agent import resolve_user
 
     root = pwd.getpwuid(0).pw_name
     assert [r.uid for r in _rules(user=(root, "0", "named=33"))] == [0, 0, 33]
@@ -394,7 +395,7 @@ def test_user_rules_take_names_and_uids():
 
 
 def test_rule_errors_are_usage_errors():
-    from memtrace.agent import rule_from_dict
+    from memtrace.commands.agent import rule_from_dict
 
     cases = [
         ({"comm": "("}, "bad comm regex"),
@@ -412,7 +413,7 @@ def test_rule_errors_are_usage_errors():
 
 
 def test_a_value_that_starts_like_a_regex_is_not_a_name():
-    from memtrace.agent import named_value
+    from memtrace.commands.agent import named_value
 
     assert named_value("web=^nginx$") == ("web", "^nginx$")
     assert named_value("a.b-c_1=x") == ("a.b-c_1", "x")
@@ -470,7 +471,7 @@ def _config(tmp_path, text: str) -> str:
 
 
 def test_config_rules_and_all_min_rss_are_read(tmp_path):
-    from memtrace.agent import load_config, rule_from_dict
+    from memtrace.commands.agent import load_config, rule_from_dict
 
     cfg = load_config(_config(tmp_path, """
 rules:
@@ -490,7 +491,7 @@ all_min_rss: 256M
 
 
 def test_empty_config_and_config_without_rules_are_accepted(tmp_path):
-    from memtrace.agent import load_config
+    from memtrace.commands.agent import load_config
 
     assert load_config(_config(tmp_path, "")) == {}
     assert load_config(_config(tmp_path, "# nothing\n")) == {}
@@ -516,7 +517,7 @@ def test_empty_config_and_config_without_rules_are_accepted(tmp_path):
     ("rules: [\n", "is not valid YAML"),
 ])
 def test_bad_config_is_a_usage_error(tmp_path, text, words):
-    from memtrace.agent import load_config
+    from memtrace.commands.agent import load_config
 
     path = _config(tmp_path, text)
     with pytest.raises(MemtraceError) as e:
@@ -526,7 +527,7 @@ def test_bad_config_is_a_usage_error(tmp_path, text, words):
 
 
 def test_unreadable_config_is_a_usage_error(tmp_path):
-    from memtrace.agent import load_config
+    from memtrace.commands.agent import load_config
 
     for path, words in ((tmp_path / "missing.yaml", "cannot read agent config"),
                         (tmp_path / "binary.yaml", "not UTF-8")):
@@ -602,7 +603,7 @@ def test_rules_and_sweep_together_a_rule_names_its_processes(world):
 
 
 def test_sweep_runs_again_after_sweep_interval(world, monkeypatch):
-    import memtrace.agent as agent_mod
+    import memtrace.commands.agent as agent_mod
 
     now = [1000.0]
     monkeypatch.setattr(agent_mod.time, "monotonic", lambda: now[0])
@@ -727,8 +728,8 @@ class _CliSession:
 
 def _run_agent(monkeypatch, *args: str) -> dict[str, Any]:
     """The arguments `memtrace agent ARGS` gives Agent, and the session's settings."""
-    import memtrace.agent as agent_mod
-    from memtrace import cli
+    import memtrace.commands.agent as agent_mod
+    from memtrace.commands import main as cli
 
     seen: dict[str, Any] = {}
 
@@ -799,7 +800,7 @@ def test_cli_rules_come_before_config_rules_and_config_all_min_rss_wins(monkeypa
 ])
 def test_cli_rule_and_config_errors_exit_2_before_loading(monkeypatch, tmp_path, args,
                                                           config, words):
-    from memtrace import cli
+    from memtrace.commands import main as cli
 
     if config is not None:
         path = _config(tmp_path, config)
@@ -817,7 +818,7 @@ def test_config_rule_errors_name_the_file_and_its_own_rule_number(tmp_path):
     position after the command-line rules."""
     from click.testing import CliRunner
 
-    from memtrace.cli import cli as memtrace_cli
+    from memtrace.commands.main import cli as memtrace_cli
 
     cfg = tmp_path / "agent.yaml"
     cfg.write_text("rules: [{comm: x, pid: 3}]\n")

@@ -1,4 +1,4 @@
-"""memtrace.attribution: kinds, identities, anon/file/shmem split."""
+"""memtrace.trace.attribution: kinds, identities, anon/file/shmem split."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.attribution import KINDS, Split, classify, mapping_identity, split
-from memtrace.model import Resident
-from memtrace.procfs import Vma, parse_maps
+from memtrace.trace.attribution import KINDS, Split, classify, mapping_identity, split
+from memtrace.trace.model import Resident
+from memtrace.trace.procfs import Vma, parse_maps
 
 EXE = b"/usr/bin/my prog"
 

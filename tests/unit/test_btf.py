@@ -1,4 +1,4 @@
-"""memtrace.btf.member_offset on synthetic BTF blobs (and the real one if readable)."""
+"""memtrace.trace.btf.member_offset on synthetic BTF blobs (and the real one if readable)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from memtrace import btf
+from memtrace.trace import btf
 
 
 class Blob:

@@ -10,11 +10,11 @@ import json
 
 import pytest
 
-from memtrace import cli
+from memtrace.commands import main as cli
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.snapshot import SnapshotBuilder
+from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
 from memtrace.views.jsonl import JsonReporter, full_snapshots
-from memtrace.views.snapshot import SnapshotBuilder
 
 from .fakes import PAGE
 from .test_snapshot import tracked

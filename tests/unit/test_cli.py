@@ -1,4 +1,4 @@
-"""memtrace.cli, run as a subprocess with bcc made unimportable: the paths
+"""memtrace.commands.main, run as a subprocess with bcc made unimportable: the paths
 tested here must fail early, with one clear line and a documented exit code."""
 
 from __future__ import annotations
@@ -210,7 +210,7 @@ def test_unwritable_output_is_one_clear_line(cmd, tmp_path):
 
 
 def test_format_none_reports_nothing_but_log_lines(capsys):
-    from memtrace.cli import _NullReporter, _reporter
+    from memtrace.commands.main import _NullReporter, _reporter
 
     reporter = _reporter("none", None)
     assert isinstance(reporter, _NullReporter)
@@ -231,7 +231,7 @@ def _numeric_options() -> list[tuple[str, str]]:
     """(subcommand, option) for every option taking a number, a size or an address."""
     import click
 
-    from memtrace.cli import ListenAddress, Seconds, Size, cli
+    from memtrace.commands.main import ListenAddress, Seconds, Size, cli
 
     numeric = (Seconds, Size, ListenAddress, click.IntRange, click.FloatRange)
     out = []
@@ -261,8 +261,8 @@ def test_numeric_options_are_all_found():
 
 
 def _main(monkeypatch, capsys, argv: list[str]) -> tuple[int, str, str]:
-    """memtrace.cli.main in this process (bcc unimportable): exit code, out, err."""
-    from memtrace import cli
+    """memtrace.commands.main.main in this process (bcc unimportable): exit code, out, err."""
+    from memtrace.commands import main as cli
 
     monkeypatch.setitem(sys.modules, "bcc", None)
     monkeypatch.setattr(sys, "argv", ["memtrace", *argv])
@@ -301,7 +301,7 @@ def test_out_of_range_values_are_one_usage_line(args, monkeypatch, capsys):
 
 
 def test_good_values_still_parse():
-    from memtrace.cli import agent, parse_size, run, watch
+    from memtrace.commands.main import agent, parse_size, run, watch
 
     p = watch.make_context("watch", ["--interval", "0.5", "--pss-interval", "0",
                                      "--web.listen-address", "[::1]:0", "1"]).params
@@ -367,7 +367,7 @@ def test_exit_codes_agree_everywhere():
     table of docs/exit-codes.md has exactly its codes, each with its text."""
     import re
 
-    from memtrace.cli import EXIT_CODE_LINES, EXIT_CODES_HELP
+    from memtrace.commands.main import EXIT_CODE_LINES, EXIT_CODES_HELP
     from memtrace.errors import DESCRIPTIONS, ExitCode
 
     want = {int(c): c.description for c in ExitCode}
@@ -386,7 +386,7 @@ def test_exit_codes_agree_everywhere():
 
 def test_exit_codes_help_is_unchanged():
     """The epilog made from ExitCode reads as the hand-written one did."""
-    from memtrace.cli import EXIT_CODES_HELP
+    from memtrace.commands.main import EXIT_CODES_HELP
 
     assert EXIT_CODES_HELP == """\b
 Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
@@ -443,7 +443,7 @@ def test_bad_table_options_are_one_usage_line(cmd, args, monkeypatch, capsys):
 def test_table_options_reach_the_table(monkeypatch):
     import re
 
-    from memtrace import cli
+    from memtrace.commands import main as cli
     from memtrace.views.table import COLUMNS, DEFAULT_COLUMNS, TableOptions
 
     seen: list[TableOptions] = []
@@ -466,7 +466,7 @@ def test_table_options_reach_the_table(monkeypatch):
 
 @pytest.mark.parametrize("cmd", ["heap", "libs"])
 def test_bytes_flag_on_one_shot_tables(cmd):
-    from memtrace import cli
+    from memtrace.commands import main as cli
 
     command = getattr(cli, cmd)
     assert command.make_context(cmd, ["--bytes", "1"]).params["exact"] is True

@@ -1,6 +1,6 @@
 """The CLI contract: every subcommand's options and arguments (names, flags,
 types, choices and ranges, defaults, help and epilog text) and the exit codes,
-walked from the click command tree of memtrace.cli and compared with
+walked from the click command tree of memtrace.commands.main and compared with
 tests/unit/golden/cli_options.json, so a refactor of the commands can prove the
 command line did not change.
 
@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from memtrace import cli
+from memtrace.commands import main as cli
 from memtrace.errors import ExitCode
 from tests.golden import check_golden
 

@@ -1,11 +1,11 @@
-"""memtrace.doctor: output format and the header-tree release detection."""
+"""memtrace.commands.doctor: output format and the header-tree release detection."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from memtrace.doctor import Check, check_headers, headers_release, render
+from memtrace.commands.doctor import Check, check_headers, headers_release, render
 
 
 def test_render_marks_and_fixes():
@@ -87,7 +87,7 @@ def test_check_headers_missing_release():
 def test_tracefs_mounted_but_unreadable_is_a_permission_problem(tmp_path, monkeypatch):
     """Without root, tracefs is mounted (0700) but its events are invisible: doctor
     must say permission, not "not mounted"."""
-    import memtrace.doctor as doctor
+    import memtrace.commands.doctor as doctor
 
     mounts = tmp_path / "mounts"
     mounts.write_text("proc /proc proc rw 0 0\ntracefs /sys/kernel/tracing tracefs rw 0 0\n")

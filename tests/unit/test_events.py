@@ -1,4 +1,4 @@
-"""memtrace.events: the ctypes mirrors of bpf/memtrace.h and their decoding."""
+"""memtrace.trace.events: the ctypes mirrors of bpf/memtrace.h and their decoding."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.events import (
+from memtrace.trace.events import (
     CHUNK_SHIFT,
     CHUNK_SIZE,
     NSYS,

@@ -132,7 +132,7 @@ def test_render_text_and_json():
 
 @pytest.mark.parametrize("fmt", ["table", "json"])
 def test_cli_machine_only(fmt):
-    from memtrace.cli import cli
+    from memtrace.commands.main import cli
 
     r = CliRunner().invoke(cli, ["explain", "--format", fmt])
     assert r.exit_code == 0, r.output
@@ -143,7 +143,7 @@ def test_cli_machine_only(fmt):
 
 
 def test_cli_no_such_process():
-    from memtrace.cli import cli
+    from memtrace.commands.main import cli
     from memtrace.errors import MemtraceError
 
     r = CliRunner().invoke(cli, ["explain", "999999999"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from memtrace.attribution import classify, mapping_identity, name_segments
-from memtrace.exporter import library_families
+from memtrace.exporter.collector import library_families
 from memtrace.libevents import SETTLE_TICKS, LibraryEvents, describe, instances
-from memtrace.procfs import Vma
+from memtrace.trace.attribution import classify, mapping_identity, name_segments
+from memtrace.trace.procfs import Vma
 
 PAGE = 4096
 LIB = b"/tmp/libdummy.so"
@@ -37,7 +37,7 @@ def process_vmas() -> list[Vma]:
 
 
 def snap_of(vmas: list[Vma], ts: float, rss: dict[int, int] | None = None) -> dict[str, Any]:
-    """A snapshot shaped like memtrace.views.snapshot (the keys libevents reads)."""
+    """A snapshot shaped like memtrace.snapshot (the keys libevents reads)."""
     vmas = sorted(vmas, key=lambda v: v.start)
     segs = name_segments(vmas, EXE)
     maps = []

@@ -1,4 +1,4 @@
-"""memtrace.livepss on fake /proc trees: trackers over FakeProcess page tables,
+"""memtrace.pss.live on fake /proc trees: trackers over FakeProcess page tables,
 with pagemap and kpagecount files written from a model of page frames (file
 pages shared by device, inode and offset; anonymous pages private unless a
 test shares them), so that expected PSS/USS is computed by brute force."""
@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.events import CHUNK_SHIFT, ChunkMark
-from memtrace.livepss import LivePss
-from memtrace.pss import PM_EXCLUSIVE, PSS_SHIFT, Usage
+from memtrace.pss.live import LivePss
+from memtrace.pss.reader import PM_EXCLUSIVE, PSS_SHIFT, Usage
 from memtrace.session import Session
-from memtrace.tracker import ProcessTracker
-from memtrace.views.snapshot import SnapshotBuilder
+from memtrace.snapshot import SnapshotBuilder
+from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.trace.tracker import ProcessTracker
 
 from .fakes import ANON, ARENA, LIBC, PAGE, SHM, STACK_END, FakeProcess, World, standard_process
 
@@ -242,7 +242,7 @@ class _Quiet:
 
 
 def test_session_says_once_when_pss_is_off_or_unavailable(tmp_path: Path, capsys):
-    from memtrace.procfs import ProcFS
+    from memtrace.trace.procfs import ProcFS
     s = Session(_Quiet(), 1.0, 0.0, ProcFS(tmp_path))
     s.enable_pss(0)
     assert s.pss is None
@@ -280,7 +280,7 @@ def test_table_shows_pss_and_uss_and_a_dash_when_null(setup):
 
 
 def test_without_swap_the_models_runs_are_read_and_agree(setup, monkeypatch):
-    import memtrace.livepss as livepss_mod
+    import memtrace.pss.live as livepss_mod
     a, b, frames, clock, live, trackers = setup
     monkeypatch.setattr(livepss_mod, "statm_is_exact", lambda: True)
     for p in (a, b):
@@ -454,7 +454,7 @@ def test_zero_page_ptes_never_count_and_pss_stays_within_rss(world, monkeypatch,
     full refreshes, every mapping has the figures smaps gives and PSS, USS
     <= RSS. Before the fix they counted in PSS and USS (53248 vs RSS 20480 in
     the issue's libc bss)."""
-    import memtrace.livepss as livepss_mod
+    import memtrace.pss.live as livepss_mod
     monkeypatch.setattr(livepss_mod, "statm_is_exact", lambda: True)
     p, _ = standard_process(world, 4000)
     p.touch(HEAP + 7 * PAGE, HEAP + 8 * PAGE)

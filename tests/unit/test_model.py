@@ -1,4 +1,4 @@
-"""memtrace.model: chunked runs, VMA lookup and incremental attribution,
+"""memtrace.trace.model: chunked runs, VMA lookup and incremental attribution,
 checked against brute force."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import re
 
 import pytest
 
-from memtrace.events import CHUNK_SHIFT, CHUNK_SIZE
-from memtrace.model import AddressSpace, Resident, chunk_span
-from memtrace.procfs import Vma
+from memtrace.trace.events import CHUNK_SHIFT, CHUNK_SIZE
+from memtrace.trace.model import AddressSpace, Resident, chunk_span
+from memtrace.trace.procfs import Vma
 from memtrace.util.ranges import merge_ranges as merge_spans
 
 P = 4096

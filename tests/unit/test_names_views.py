@@ -14,11 +14,19 @@ import re
 import pytest
 from rich.console import Console
 
-from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
-from memtrace.libs import Library, ProcessUsage, Report, render_csv, render_json, render_table
-from memtrace.pss import Usage
-from memtrace.tracker import ProcessTracker
-from memtrace.views.snapshot import snapshot
+from memtrace.commands.libs import (
+    Library,
+    ProcessUsage,
+    Report,
+    render_csv,
+    render_json,
+    render_table,
+)
+from memtrace.exporter.collector import MemtraceCollector
+from memtrace.pss.reader import Usage
+from memtrace.published import StateBox, TickState
+from memtrace.snapshot import snapshot
+from memtrace.trace.tracker import ProcessTracker
 from memtrace.views.table import TableReporter
 from tests import groundtruth as gt
 
@@ -121,7 +129,7 @@ def test_table_on_a_terminal_writes_no_escape_from_a_name(hostile):
 
 def _exporter_text(tr) -> str:
     box = StateBox()
-    box.set(ExporterState(snapshots={700: snapshot(tr, 1.0)}))
+    box.set(TickState(snapshots={700: snapshot(tr, 1.0)}))
     return MemtraceCollector(box, 100).render_text()
 
 

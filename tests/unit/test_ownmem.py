@@ -1,8 +1,8 @@
-"""memtrace.ownmem: which compiler mappings may be dropped after the BPF load."""
+"""memtrace.trace.ownmem: which compiler mappings may be dropped after the BPF load."""
 
 from __future__ import annotations
 
-from memtrace.ownmem import clean_compiler_mappings, shed_compiler_memory
+from memtrace.trace.ownmem import clean_compiler_mappings, shed_compiler_memory
 
 SMAPS = b"""\
 7f0000000000-7f0000100000 r--p 00000000 fe:01 1 /usr/lib/x86_64-linux-gnu/libLLVM-14.so.1

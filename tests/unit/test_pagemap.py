@@ -1,4 +1,4 @@
-"""memtrace.pagemap.PagemapScanner on our own address space (no root needed;
+"""memtrace.trace.pagemap.PagemapScanner on our own address space (no root needed;
 skipped on kernels without PAGEMAP_SCAN)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from memtrace.pagemap import _VEC_LEN, PagemapScanner, ScanUnsupported, probe_pagemap_scan
+from memtrace.trace.pagemap import _VEC_LEN, PagemapScanner, ScanUnsupported, probe_pagemap_scan
 
 P = mmap.PAGESIZE
 

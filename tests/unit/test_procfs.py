@@ -1,4 +1,4 @@
-"""memtrace.procfs: parsing of maps/statm/stat/status and check_target."""
+"""memtrace.trace.procfs: parsing of maps/statm/stat/status and check_target."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.procfs import (
+from memtrace.trace.procfs import (
     PAGE_SIZE,
     PF_KTHREAD,
     ProcFS,
@@ -279,7 +279,7 @@ def test_check_target_messages_are_one_line(tmp_path):
 # -- names: one escaping for every view (issue 16, items 6 and 9) -------------------
 import unicodedata  # noqa: E402
 
-import memtrace.procfs as procfs_mod  # noqa: E402
+import memtrace.trace.procfs as procfs_mod  # noqa: E402
 from tests import groundtruth as gt  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""memtrace.pss and memtrace.libs on fixtures: pagemap entries, kpagecount and
+"""memtrace.pss.reader and memtrace.commands.libs on fixtures: pagemap entries, kpagecount and
 fake /proc trees (no root needed)."""
 
 from __future__ import annotations
@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from memtrace import libs as libs_mod
+from memtrace.commands import libs as libs_mod
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.procfs import ProcFS, Vma
-from memtrace.pss import (
+from memtrace.pss.reader import (
     PM_EXCLUSIVE,
     PM_SWAP,
     PMD_PAGES,
@@ -30,6 +29,7 @@ from memtrace.pss import (
     precise_mapcount_kernel,
     wanted_pfns,
 )
+from memtrace.trace.procfs import ProcFS, Vma
 from memtrace.util.elf import load_span
 from memtrace.util.ranges import merge_ranges as coalesce
 
@@ -278,7 +278,7 @@ def fixture_machine(tmp_path: Path) -> ProcFS:
 def test_collect_and_render(tmp_path, monkeypatch):
     procfs = fixture_machine(tmp_path)
     monkeypatch.setattr(libs_mod, "_read_elf_span", lambda pid, root, v: (0, 6 * P))
-    monkeypatch.setattr("memtrace.pss.PssReader.find_runs",
+    monkeypatch.setattr("memtrace.pss.reader.PssReader.find_runs",
                         lambda self, vmas: [(v.start, v.end) for v in vmas])
     report = libs_mod.collect(None, procfs)
     assert report.skipped["kernel_threads"] == 1
@@ -320,7 +320,7 @@ def test_a_process_that_exits_mid_walk_is_skipped_and_counted(tmp_path, monkeypa
         return real_maps(self, pid)
 
     monkeypatch.setattr(ProcFS, "maps", maps)
-    monkeypatch.setattr("memtrace.pss.PssReader.find_runs",
+    monkeypatch.setattr("memtrace.pss.reader.PssReader.find_runs",
                         lambda self, vmas: [(v.start, v.end) for v in vmas])
     report = libs_mod.collect([10, 11], procfs)
     assert [p.pid for p in report.processes] == [10]
@@ -349,7 +349,7 @@ def test_libs_command_errors(tmp_path, monkeypatch):
 
 
 def test_libs_cli_usage_error_exit_code(monkeypatch, capsys):
-    from memtrace import cli
+    from memtrace.commands import main as cli
 
     monkeypatch.setattr("sys.argv", ["memtrace", "libs", "--sort", "bogus", "1"])
     with pytest.raises(SystemExit) as e:
@@ -363,7 +363,7 @@ def test_private_only_fast_path_agrees_with_account():
     page sends the run to the slow path."""
     from array import array
 
-    from memtrace.pss import PM_EXCLUSIVE, PM_SWAP, _private_only, account
+    from memtrace.pss.reader import PM_EXCLUSIVE, PM_SWAP, _private_only, account
 
     present = 1 << 63
     exclusive = [present | PM_EXCLUSIVE | (0x1000 + i) for i in range(5)] + [0, PM_SWAP | 7]
@@ -382,7 +382,7 @@ ZERO = 0x9999     # the zero page's PFN in these fixtures
 def test_drop_zero_pages_empties_only_zero_page_entries():
     from array import array
 
-    from memtrace.pagemap import drop_zero_pages
+    from memtrace.trace.pagemap import drop_zero_pages
 
     entries = [present(10, exclusive=True), present(ZERO), present(ZERO + 1, file=True),
                PM_SWAP | ZERO, 0, present(11)]

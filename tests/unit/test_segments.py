@@ -1,4 +1,4 @@
-"""memtrace.attribution: segments of loaded objects (text, rodata, relro, data,
+"""memtrace.trace.attribution: segments of loaded objects (text, rodata, relro, data,
 bss, gap) on fixture maps, with and without the ELF layout."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from memtrace.attribution import (
+from memtrace.trace.attribution import (
     ElfLayout,
     ElfLayouts,
     Segment,
@@ -14,7 +14,7 @@ from memtrace.attribution import (
     parse_elf_layout,
     segments_for,
 )
-from memtrace.procfs import Vma, parse_maps
+from memtrace.trace.procfs import Vma, parse_maps
 
 FIXTURES = Path(__file__).parent / "fixtures"
 EXE = b"/usr/bin/my prog"
@@ -142,7 +142,7 @@ def test_real_libc_layout_names_its_segments():
     """This process's own libc, read through /proc/self/map_files like memtrace does."""
     import os
 
-    from memtrace.procfs import ProcFS
+    from memtrace.trace.procfs import ProcFS
 
     pid = os.getpid()
     vmas = ProcFS().maps(pid)

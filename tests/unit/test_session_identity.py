@@ -5,7 +5,7 @@ re-read its start time; that must not make it the same process."""
 from __future__ import annotations
 
 from memtrace.session import Session
-from memtrace.tracker import ProcessTracker
+from memtrace.trace.tracker import ProcessTracker
 
 from .fakes import World
 

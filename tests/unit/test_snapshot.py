@@ -1,4 +1,4 @@
-"""memtrace.views.snapshot: the JSON snapshot of a tracked process."""
+"""memtrace.snapshot: the JSON snapshot of a tracked process."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import dataclasses
 import io
 import json
 
-from memtrace.events import CHUNK_SHIFT, ChunkMark
-from memtrace.tracker import ProcessTracker
+from memtrace.snapshot import snapshot
+from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.trace.tracker import ProcessTracker
 from memtrace.views.jsonl import JsonReporter
-from memtrace.views.snapshot import snapshot
 
 from .fakes import ANON, PAGE, standard_process
 
@@ -178,7 +178,7 @@ def _plain(snap):
 
 
 def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
-    from memtrace.views.snapshot import SnapshotBuilder, encode
+    from memtrace.snapshot import SnapshotBuilder, encode
 
     p, m, tr = tracked(world)
     builder = SnapshotBuilder()
@@ -197,7 +197,7 @@ def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
                  tr.update([], [], dataclasses.replace(tr.stats,
                                                        layout_gen=tr.stats.layout_gen + 1))),
     ]
-    from memtrace.views.snapshot import identity_sums
+    from memtrace.snapshot import identity_sums
 
     handed_out = []
     for step in steps:
@@ -214,7 +214,7 @@ def test_builder_matches_a_fresh_snapshot_after_each_kind_of_change(world):
 
 
 def test_builder_reuses_unchanged_mappings_and_keeps_old_snapshots_intact(world):
-    from memtrace.views.snapshot import SnapshotBuilder
+    from memtrace.snapshot import SnapshotBuilder
 
     p, m, tr = tracked(world)
     builder = SnapshotBuilder()
@@ -238,7 +238,7 @@ def test_builder_reuses_unchanged_mappings_and_keeps_old_snapshots_intact(world)
 
 
 def test_builder_generation_follows_counters_too(world):
-    from memtrace.views.snapshot import SnapshotBuilder
+    from memtrace.snapshot import SnapshotBuilder
 
     _, _, tr = tracked(world)
     builder = SnapshotBuilder()
@@ -280,7 +280,7 @@ def test_snapshot_bss_counts_toward_its_library(world):
 
 def test_builder_json_text_stays_exact_across_cached_blocks(world):
     """More mappings than one cached JSON block holds; a change in one block."""
-    from memtrace.views.snapshot import _BLOCK, SnapshotBuilder, encode
+    from memtrace.snapshot import _BLOCK, SnapshotBuilder, encode
 
     p, _ = standard_process(world)
     base = 0x200000000
@@ -302,7 +302,7 @@ def test_builder_json_text_stays_exact_across_cached_blocks(world):
 
 
 def test_builder_without_json_text_gives_the_same_snapshot(world):
-    from memtrace.views.snapshot import SnapshotBuilder, encode
+    from memtrace.snapshot import SnapshotBuilder, encode
 
     p, m, tr = tracked(world)
     with_text, without = SnapshotBuilder(), SnapshotBuilder(json_text=False)
@@ -340,7 +340,7 @@ def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch
     from rich.console import Console
 
     import memtrace.session as session_mod
-    from memtrace.cli import _NullReporter
+    from memtrace.commands.main import _NullReporter
     from memtrace.views.table import TableReporter
 
     seen: list[bool] = []
@@ -363,8 +363,9 @@ def test_exporter_text_is_the_same_with_the_builders_sums(world):
     """The exporter takes per-identity sums from the snapshot when it has them
     (no pass over every mapping); the text is what summing the mappings gives,
     with and without PSS figures, with and without folding into [other]."""
-    from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
-    from memtrace.views.snapshot import Snapshot, SnapshotBuilder, identity_sums
+    from memtrace.exporter.collector import MemtraceCollector
+    from memtrace.published import StateBox, TickState
+    from memtrace.snapshot import Snapshot, SnapshotBuilder, identity_sums
 
     _, _, tr = tracked(world)
     builder = SnapshotBuilder()
@@ -379,7 +380,7 @@ def test_exporter_text_is_the_same_with_the_builders_sums(world):
             texts = []
             for s in (snap, dict(snap)):          # dict(): no identity_sums attribute
                 box = StateBox()
-                box.set(ExporterState(snapshots={s["pid"]: s}))
+                box.set(TickState(snapshots={s["pid"]: s}))
                 text = MemtraceCollector(box, max_mapping_series=cap).render_text()
                 texts.append([x for x in text.splitlines()    # not the self-monitoring
                               if x.startswith(("memtrace_mapping", "memtrace_process"))])

@@ -1,6 +1,6 @@
 """The JSON snapshot contract (docs/output.md), pinned by a golden file: fixed
 tracker states on a fixture /proc tree (tests/unit/fakes.py), built by
-memtrace.views.snapshot and encoded with encode(), compared with
+memtrace.snapshot and encoded with encode(), compared with
 tests/unit/golden/snapshot.json.
 
 Two snapshots: "plain" (right after attach and one fault mark, PSS off) and
@@ -26,11 +26,11 @@ import re
 from pathlib import Path
 from typing import Any
 
-from memtrace.events import CHUNK_SHIFT, ChunkMark
 from memtrace.libevents import LibraryEvents
-from memtrace.pss import Usage
-from memtrace.tracker import ProcessTracker
-from memtrace.views.snapshot import Snapshot, encode, snapshot
+from memtrace.pss.reader import Usage
+from memtrace.snapshot import Snapshot, encode, snapshot
+from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
+from memtrace.trace.tracker import ProcessTracker
 
 from ..golden import check_golden
 from .fakes import ANON, PAGE, standard_process

@@ -1,12 +1,12 @@
 """`watch PID|NAME ...`: names matched like pgrep on a fixture /proc tree
-(memtrace/targets.py), and the parent chain `run` follows its tree by."""
+(memtrace/commands/targets.py), and the parent chain `run` follows its tree by."""
 
 from __future__ import annotations
 
 import pytest
 
+from memtrace.commands.targets import in_tree, pids_named, resolve_targets
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.targets import in_tree, pids_named, resolve_targets
 
 OWN = 999
 
@@ -105,13 +105,13 @@ class FakeSession:
 
 
 def drained(forks=(), execs=(), lost=None):
-    from memtrace.events import Drained
+    from memtrace.trace.events import Drained
     return Drained(chunks={}, ranges={}, events=[], stats={}, names_gen=0,
                    execs=list(execs), forks=list(forks), notices_lost=lost or {})
 
 
 def test_run_follows_descendants_only(tree):
-    from memtrace.targets import TreeFollower
+    from memtrace.commands.targets import TreeFollower
 
     session = FakeSession(tree, [200])
     follower = TreeFollower(session, 200)   # type: ignore[arg-type]
@@ -124,7 +124,7 @@ def test_run_follows_descendants_only(tree):
 
 
 def test_run_tree_limit(tree):
-    from memtrace.targets import TreeFollower
+    from memtrace.commands.targets import TreeFollower
 
     session = FakeSession(tree, [200])
     follower = TreeFollower(session, 200, limit=2)   # type: ignore[arg-type]
@@ -134,7 +134,7 @@ def test_run_tree_limit(tree):
 
 
 def test_run_says_when_notices_were_lost(tree):
-    from memtrace.targets import TreeFollower
+    from memtrace.commands.targets import TreeFollower
 
     session = FakeSession(tree, [200])
     follower = TreeFollower(session, 200)   # type: ignore[arg-type]

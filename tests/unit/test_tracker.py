@@ -1,4 +1,4 @@
-"""memtrace.tracker.ProcessTracker on a fake /proc tree and a fake PAGEMAP_SCAN."""
+"""memtrace.trace.tracker.ProcessTracker on a fake /proc tree and a fake PAGEMAP_SCAN."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import time
 
 import pytest
 
-from memtrace.events import CHUNK_SHIFT, ChunkMark, Stats
-from memtrace.model import chunk_span
-from memtrace.tracker import MAX_DEFERRED_MISMATCHES, ProcessGone, ProcessTracker
+from memtrace.trace.events import CHUNK_SHIFT, ChunkMark, Stats
+from memtrace.trace.model import chunk_span
+from memtrace.trace.tracker import MAX_DEFERRED_MISMATCHES, ProcessGone, ProcessTracker
 from memtrace.util.ranges import merge_ranges as merge_spans
 
 from .fakes import ANON, ARENA, CHUNK, PAGE, HookedProcFS, standard_process
@@ -521,7 +521,7 @@ def test_random_marked_workload_stays_exact(world, seed):
 # -- names refresh (unlink/rename somewhere on the system) -----------------------
 def test_names_refresh_is_spaced_by_the_cost_of_reading_maps(world, monkeypatch):
     """Without map_files links (not permitted), maps is re-read, spaced."""
-    import memtrace.tracker as tracker_mod
+    import memtrace.trace.tracker as tracker_mod
 
     p, m = standard_process(world)
     tr = attach(world, p)

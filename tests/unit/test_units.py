@@ -36,7 +36,9 @@ def test_no_other_byte_formatter_is_left():
     import re
     from pathlib import Path
 
-    from memtrace import events, explain, heap, libevents
+    from memtrace import explain, libevents
+    from memtrace.heap import core as heap
+    from memtrace.trace import events
     from memtrace.views import summary, table
 
     assert not hasattr(explain, "_h") and not hasattr(events, "_size")

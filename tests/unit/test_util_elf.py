@@ -11,8 +11,8 @@ import struct
 
 import pytest
 
-from memtrace.attribution import ElfLayout, parse_elf_layout
-from memtrace.heap import elf_info
+from memtrace.heap.core import elf_info
+from memtrace.trace.attribution import ElfLayout, parse_elf_layout
 from memtrace.util.elf import (
     PT_INTERP,
     PT_LOAD,

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from memtrace.heap import ResidentMap, merge_runs
+from memtrace.heap.core import ResidentMap, merge_runs
 from memtrace.util.ranges import merge_ranges
 
 

@@ -1,4 +1,4 @@
-"""Live PSS in `memtrace watch` (memtrace/livepss.py) against smaps, on stopped
+"""Live PSS in `memtrace watch` (memtrace/pss/live.py) against smaps, on stopped
 processes that share libraries: python3 interpreters and pssfork's parent with
 copy-on-write children (THP and small pages, file pages), from test_pss.py.
 

@@ -1,4 +1,4 @@
-"""PSS/USS/swap (memtrace.pss) and `memtrace libs` against the kernel's own
+"""PSS/USS/swap (memtrace.pss.reader) and `memtrace libs` against the kernel's own
 smaps, on stopped processes that share libraries: python3 interpreters and a
 forked C program whose copy-on-write children share small pages, a THP (PMD-
 mapped in the parent, PTE-mapped in children that wrote to it) and file pages.
@@ -36,10 +36,10 @@ import time
 
 import pytest
 
-from memtrace import libs as libs_mod
-from memtrace.attribution import classify
-from memtrace.procfs import ProcFS
-from memtrace.pss import PSS_SHIFT, KPageCounts, PssReader
+from memtrace.commands import libs as libs_mod
+from memtrace.pss.reader import PSS_SHIFT, KPageCounts, PssReader
+from memtrace.trace.attribution import classify
+from memtrace.trace.procfs import ProcFS
 from tests import groundtruth as gt
 from tests.root.harness import WORKLOADS_DIR
 

@@ -492,7 +492,7 @@ def test_watch_live_pss_uss_equal_smaps(watch_round):
 def test_libs_equal_smaps_and_smaps_rollup(daemons, tmp_path):
     """Under load, then stopped: every mapping of every server process
     (library segments included) and the process totals from memtrace's walk
-    (memtrace.pss, which `libs` runs) as smaps and smaps_rollup say; `libs`'
+    (memtrace.pss.reader, which `libs` runs) as smaps and smaps_rollup say; `libs`'
     per-process totals as smaps_rollup; every library of every process listed
     with that process; the command's JSON for the same pids."""
     servers = daemons

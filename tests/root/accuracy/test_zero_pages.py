@@ -33,7 +33,7 @@ import time
 
 import pytest
 
-from memtrace.procfs import ProcFS
+from memtrace.trace.procfs import ProcFS
 from memtrace.util.elf import load_span
 from tests import groundtruth as gt
 from tests.root.harness import REPO_ROOT, WORKLOADS_DIR, Memtrace, wait_stopped

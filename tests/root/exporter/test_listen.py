@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.request
 
-from memtrace.web import DEFAULT_LISTEN, parse_listen
+from memtrace.exporter.web import DEFAULT_LISTEN, parse_listen
 from tests.root.harness import MEMTRACE, TIMEOUT_SCALE
 
 QUIET = ["--format", "json", "--interval", "0.2", "--pss-interval", "0",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace import heap
+from memtrace.heap import core as heap
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="memtrace heap tests need root")]

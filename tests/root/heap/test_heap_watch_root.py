@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from memtrace.exporter import HEAP_FAMILIES
-from memtrace.heap import KIND_FIELDS
+from memtrace.exporter.collector import HEAP_FAMILIES
+from memtrace.heap.core import KIND_FIELDS
 
 from .test_heap_root import JEMALLOC, REPO, Prog
 

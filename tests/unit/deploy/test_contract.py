@@ -10,7 +10,8 @@ import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
+from memtrace.exporter.collector import MemtraceCollector
+from memtrace.published import StateBox, TickState
 
 from .helpers import CONTRACT_METRICS, DEPLOY, KINDS, REPO
 
@@ -18,7 +19,7 @@ from .helpers import CONTRACT_METRICS, DEPLOY, KINDS, REPO
 def served_names() -> set[str]:
     registry = CollectorRegistry()
     box = StateBox()
-    box.set(ExporterState(heap_walks={}))   # heap families: served with --heap-interval > 0
+    box.set(TickState(heap_walks={}))   # heap families: served with --heap-interval > 0
     registry.register(MemtraceCollector(box))
     registry.register(ProcessCollector(registry=None))
     names = set()

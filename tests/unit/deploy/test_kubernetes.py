@@ -200,7 +200,8 @@ def test_containerfile_copies_enough_to_install(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
     (wheel,) = Path(out).glob("memtrace_ebpf-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "memtrace/cli.py" in names
+    assert "memtrace/commands/main.py" in names
     assert "memtrace/bpf/memtrace.bpf.c" in names
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "memtrace = memtrace.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    entry_text = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "memtrace = memtrace.commands.main:main" in entry_text

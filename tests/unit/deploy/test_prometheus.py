@@ -207,7 +207,8 @@ def test_documented_pod_join_works_on_the_agents_series(tmp_path):
     Prometheus does) joined with kube_pod_info by the documented query: PSS per pod."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    from memtrace.exporter import MemtraceCollector, StateBox
+    from memtrace.exporter.collector import MemtraceCollector
+    from memtrace.published import StateBox
     from tests.unit.exporter.test_collector import POD, container_state
 
     state = container_state()

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.web import DEFAULT_LISTEN
+from memtrace.exporter.web import DEFAULT_LISTEN
 
 from .helpers import DEPLOY, REPO, parse_unit, tool, unit_values
 

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import pytest
 from prometheus_client import CollectorRegistry
 
-from memtrace.web import MetricsServer, WebConfig
+from memtrace.exporter.web import MetricsServer, WebConfig
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Building exporter state by hand and reading scrapes back (no root, no BCC).
 
-Snapshots have the shape of memtrace.views.snapshot.snapshot(); only the keys
+Snapshots have the shape of memtrace.snapshot.snapshot(); only the keys
 the exporter reads need to be meaningful, the others are filled in."""
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
+from memtrace.exporter.collector import MemtraceCollector
+from memtrace.published import StateBox, TickState
 
 PAGE = 4096
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
@@ -105,8 +106,8 @@ def realistic_process(pid: int, comm: str = "server") -> dict[str, Any]:
     return snap
 
 
-def state_of(*snaps: dict[str, Any], **kw: Any) -> ExporterState:
-    return ExporterState(snapshots={s["pid"]: s for s in snaps}, **kw)
+def state_of(*snaps: dict[str, Any], **kw: Any) -> TickState:
+    return TickState(snapshots={s["pid"]: s for s in snaps}, **kw)
 
 
 # How registry_for exposes the collector (test_collector runs every test in each):
@@ -131,7 +132,7 @@ class GenerationBox(StateBox):
     """A StateBox whose snapshots carry content_generation() (new dicts each get,
     as each tick of the watch loop makes new ones)."""
 
-    def get(self) -> ExporterState:
+    def get(self) -> TickState:
         state = super().get()
         return dataclasses.replace(state, snapshots={
             pid: {**snap, "generation": content_generation(snap)}
@@ -148,7 +149,7 @@ class TextPath(Collector):
         yield from text_string_to_metric_families(self.collector.render_text())
 
 
-def registry_for(state: ExporterState, max_series: int = 50) -> tuple[
+def registry_for(state: TickState, max_series: int = 50) -> tuple[
         CollectorRegistry, StateBox, MemtraceCollector]:
     box = GenerationBox() if MODE == "text-cached" else StateBox()
     box.set(state)

@@ -1,4 +1,4 @@
-"""MemtraceCollector: metrics built fresh from hand-made ExporterState, rendered
+"""MemtraceCollector: metrics built fresh from hand-made TickState, rendered
 with prometheus_client.generate_latest and parsed back (no root, no BCC)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import threading
 import pytest
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace.exporter import OTHER, TYPES_BY_KIND, ExporterState
+from memtrace.exporter.collector import OTHER, TYPES_BY_KIND
+from memtrace.published import TickState
 
 from . import helpers
 from .helpers import (
@@ -63,7 +64,7 @@ def path(request, monkeypatch):
     return request.param
 
 
-def full_state() -> ExporterState:
+def full_state() -> TickState:
     return state_of(realistic_process(100, "server"), realistic_process(200, "worker"),
                     full_rescans={"attach": 2, "statm_mismatch": 1}, events_lost=3,
                     ranges_lost=1, tick_seconds=0.004, attach_seconds={100: 0.2, 200: 0.3},
@@ -160,7 +161,7 @@ def test_agent_notices_lost_are_events_lost():
 
 
 def test_empty_state_renders():
-    s = scrape(registry_for(ExporterState())[0])
+    s = scrape(registry_for(TickState())[0])
     assert s.value("memtrace_targets") == 0
     assert not s.series("memtrace_process_resident_bytes")
     assert not s.series("memtrace_mapping_resident_bytes")
@@ -443,7 +444,7 @@ def test_removed_process_is_gone_from_the_next_scrape():
     pids = {lab["pid"] for _, lab, _ in s.samples if "pid" in lab}
     assert pids == {"200"}, f"series of pid 100 left behind: {pids}"
     assert s.value("memtrace_targets") == 1
-    box.set(ExporterState())
+    box.set(TickState())
     s = scrape(reg)
     assert not [x for x in s.samples if "pid" in x[1]]
 
@@ -517,7 +518,7 @@ def test_promtool_check_metrics_on_a_full_scrape():
 # grouped labels (memtrace agent --group-by group)
 
 
-def grouped_state(**kw) -> ExporterState:
+def grouped_state(**kw) -> TickState:
     a, b = realistic_process(11, "nginx"), realistic_process(12, "nginx")
     c = realistic_process(13, "postgres")
     return state_of(a, b, c, groups={11: "web", 12: "web", 13: 'db "main"\n'}, **kw)
@@ -562,7 +563,7 @@ def test_grouped_counters_keep_the_counts_of_exited_processes():
 
 
 # ---------------------------------------------------------------------------
-# container_id and pod_uid (agent mode: from the cgroup path, memtrace.agent)
+# container_id and pod_uid (agent mode: from the cgroup path, memtrace.commands.agent)
 
 CID1, CID2 = "1" * 64, "ab" * 32
 POD = "0d1c2b3a-4f5e-6d7c-8b9a-0123456789ab"
@@ -571,7 +572,7 @@ HEAP = {"status": "ok", "by_kind": {
     "thread": {"in_use_bytes": 0, "free_resident_bytes": 0, "trimmable_bytes": 0}}}
 
 
-def container_state(groups: dict[int, str] | None = None, **kw) -> ExporterState:
+def container_state(groups: dict[int, str] | None = None, **kw) -> TickState:
     """nginx in two containers of one pod (pids 21, 22), sshd outside any (23)."""
     from tests.unit.exporter.test_pss_metrics import with_pss
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import gc
 from types import SimpleNamespace
 
-from memtrace import cli, exporter
-from memtrace.exporter import StateBox
+from memtrace.commands import main as cli
+from memtrace.exporter import collector as exporter
+from memtrace.published import StateBox
 
 
 def test_freeze_startup_objects_takes_the_heap_out_of_collections():

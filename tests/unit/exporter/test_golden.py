@@ -38,7 +38,8 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
+from memtrace.exporter.collector import MemtraceCollector
+from memtrace.published import StateBox, TickState
 from tests.golden import check_golden, updating
 from tests.unit.deploy.helpers import REPO, tool
 
@@ -91,7 +92,7 @@ def heap_of(snap: dict[str, Any], main: int, thread: int) -> dict[str, Any]:
     return snap
 
 
-def pid_state() -> ExporterState:
+def pid_state() -> TickState:
     """`memtrace watch`: a server with PSS, heap and library figures, a worker
     without PSS, a process with 60 identities (10 folded into [other]), one with
     odd names."""
@@ -108,7 +109,7 @@ def pid_state() -> ExporterState:
                     targets_dropped=2, heap_walks={"ok": 7, "unsupported": 1})
 
 
-def group_state() -> ExporterState:
+def group_state() -> TickState:
     """agent --group-by group: two nginx in group web (one with PSS, so the group
     has no PSS series), postgres in db, and the counters of exited processes
     (one group with live processes, one without)."""
@@ -130,7 +131,7 @@ def group_state() -> ExporterState:
                     notices_lost={"execs": 0, "forks": 5}, heap_walks={"ok": 2, "failed": 1})
 
 
-def agent_state(groups: dict[int, str] | None = None) -> ExporterState:
+def agent_state(groups: dict[int, str] | None = None) -> TickState:
     """agent (container_id, pod_uid labels): nginx in two containers of one pod,
     sshd outside any."""
     snaps = [with_pss(realistic_process(21, "nginx")), with_pss(realistic_process(22, "nginx")),
@@ -143,26 +144,26 @@ def agent_state(groups: dict[int, str] | None = None) -> ExporterState:
                     notices_lost={"execs": 1, "forks": 0})
 
 
-FIXTURES: dict[str, Callable[[], ExporterState]] = {
+FIXTURES: dict[str, Callable[[], TickState]] = {
     "pid": pid_state,
     "group": group_state,
     "agent": agent_state,
     "agent-group": lambda: agent_state(groups={21: "web", 22: "web", 23: "ssh"}),
-    "empty": ExporterState,
+    "empty": TickState,
 }
 
 
-def collector_for(state: ExporterState) -> MemtraceCollector:
+def collector_for(state: TickState) -> MemtraceCollector:
     box = StateBox()
     box.set(state)
     return MemtraceCollector(box, MAX_SERIES)
 
 
-def text_path(state: ExporterState) -> str:
+def text_path(state: TickState) -> str:
     return normalise(collector_for(state).render_text())
 
 
-def collect_path(state: ExporterState) -> str:
+def collect_path(state: TickState) -> str:
     reg = CollectorRegistry()
     reg.register(collector_for(state))
     return normalise(generate_latest(reg).decode("utf-8"))
@@ -197,7 +198,7 @@ def test_chunks_and_the_cached_text_are_the_golden_text(name):
     state = FIXTURES[name]()
     golden = (GOLDEN / f"{name}.prom").read_text(encoding="utf-8")
     assert normalise(b"".join(collector_for(state).render_chunks()).decode("utf-8")) == golden
-    stamped = ExporterState(**{**state.__dict__, "snapshots": {
+    stamped = TickState(**{**state.__dict__, "snapshots": {
         pid: {**s, "generation": content_generation(s)} for pid, s in state.snapshots.items()}})
     collector = collector_for(stamped)
     first = normalise(collector.render_text())

@@ -14,8 +14,9 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace import exporter
-from memtrace.exporter import ExporterState, MemtraceCollector, StateBox
+from memtrace.exporter import collector as exporter
+from memtrace.exporter.collector import MemtraceCollector
+from memtrace.published import StateBox, TickState
 
 from .helpers import (
     PAGE,
@@ -57,7 +58,7 @@ class Counting(MemtraceCollector):
         return super()._render_row(*args)
 
 
-def text_collector(state: ExporterState, max_series: int = 50) -> tuple[StateBox, Counting]:
+def text_collector(state: TickState, max_series: int = 50) -> tuple[StateBox, Counting]:
     box = StateBox()
     box.set(state)
     return box, Counting(box, max_series)
@@ -82,7 +83,7 @@ STATES = {
                            "faults_by_mapping": {"[heap]": 1000, "/gone/lib.so": 5}},
         ("batch", "job"): {"syscalls": {"mmap": 3}, "syscall_bytes": {},
                            "faults_by_mapping": {}}}),
-    "empty": ExporterState,
+    "empty": TickState,
     "containers": lambda: container_state(retired={}),
     "grouped-containers": lambda: container_state(
         groups={21: "web", 22: "web", 23: "ssh"},
@@ -211,7 +212,7 @@ def test_an_exited_process_is_gone_and_its_cache_entry_too():
     s = text_scrape(c)
     assert s.label_values("memtrace_process_resident_bytes", "pid") == {"2"}
     assert set(c._rendered) == {("2", b["comm"])}
-    box.set(ExporterState())
+    box.set(TickState())
     s = text_scrape(c)
     assert not s.series("memtrace_process_resident_bytes")
     assert not c._rendered and not c._fault_names
@@ -258,7 +259,7 @@ def test_grouped_rows_are_cached_by_all_their_members():
     assert c.rendered_rows == rows + 4
 
 
-def dataclasses_replace_snapshot(state: ExporterState, pid: int, snap: dict) -> ExporterState:
+def dataclasses_replace_snapshot(state: TickState, pid: int, snap: dict) -> TickState:
     out = copy.deepcopy(state)
     out.snapshots[pid] = snap
     return out

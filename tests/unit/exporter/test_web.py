@@ -1,4 +1,4 @@
-"""memtrace.web: web config loading, the /metrics server, basic auth, TLS and
+"""memtrace.exporter.web: web config loading, the /metrics server, basic auth, TLS and
 client certificates, and the CLI's log lines about them (no root, no BCC)."""
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace import cli, web
+from memtrace.commands import main as cli
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.exporter import MemtraceCollector, StateBox
-from memtrace.web import (
+from memtrace.exporter import web
+from memtrace.exporter.collector import MemtraceCollector
+from memtrace.exporter.web import (
     DEFAULT_LISTEN,
     TEXT_FORMAT,
     WRITE_BYTES,
@@ -30,6 +31,7 @@ from memtrace.web import (
     load_web_config,
     parse_listen,
 )
+from memtrace.published import StateBox
 
 from .helpers import (
     PAGE,
@@ -561,7 +563,7 @@ def test_require_any_client_cert(serve, pki):
 
 
 # ---------------------------------------------------------------------------
-# the CLI's log lines (memtrace.cli._serve, without probes)
+# the CLI's log lines (memtrace.commands.main._serve, without probes)
 
 
 def _serve_log(capsys, listen: str, web_config: str | None) -> list[str]:

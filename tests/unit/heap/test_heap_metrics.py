@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from memtrace import heap
-from memtrace.exporter import HEAP_FAMILIES, ExporterState
-from memtrace.heap import KIND_FIELDS, HeapSampler, heap_summary
+from memtrace.exporter.collector import HEAP_FAMILIES
+from memtrace.heap import core as heap
+from memtrace.heap.core import KIND_FIELDS, HeapSampler, heap_summary
+from memtrace.published import TickState
 
 from ..exporter.helpers import realistic_process, registry_for, render, scrape, state_of
 from .synth import Chunk, build
@@ -322,6 +323,6 @@ def test_session_puts_the_latest_summary_under_heap_and_says_why_once():
     assert snap["heap"] is h
     assert rep.messages == ["pid 42: no heap figures: musl"]
     session.publish()
-    state: ExporterState = session.exporter_box.get()
+    state: TickState = session.exporter_box.get()
     assert state.heap_walks == {"unsupported": 1}
     session._forget_heap(42)

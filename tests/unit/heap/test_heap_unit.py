@@ -1,4 +1,4 @@
-"""memtrace.heap on synthetic heap images (no root, no process)."""
+"""memtrace.heap.core on synthetic heap images (no root, no process)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import struct
 
 import pytest
 
-from memtrace import heap
-from memtrace.heap import HeapError, analyse_glibc, layout_for, trim_ranges
+from memtrace.heap import core as heap
+from memtrace.heap.core import HeapError, analyse_glibc, layout_for, trim_ranges
 from memtrace.util.units import fmt_bytes
 
 from .synth import HEAP, LIBC, MAIN_ARENA, MP, PAGE, Chunk, FakeSpace, build

@@ -6,7 +6,7 @@ counts. Each returned run says whether its pages are anonymous (PAGE_IS_FILE
 clear) or file/shmem backed.
 
 What smaps counts as resident, for every reader of raw pagemap entries (the
-fallback below, and memtrace.pss): a present entry, except one that maps the
+fallback below, and memtrace.pss.reader): a present entry, except one that maps the
 shared zero page or the huge zero page. Those are present in the page tables
 (pagemap sets PM_PRESENT and shows their PFN) but smaps skips them, because
 vm_normal_page() is NULL for them (the huge zero page: the PMD walk's

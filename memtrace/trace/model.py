@@ -12,9 +12,9 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from memtrace.events import CHUNK_SHIFT, CHUNK_SIZE
-from memtrace.pagemap import Run
-from memtrace.procfs import Vma
+from memtrace.trace.events import CHUNK_SHIFT, CHUNK_SIZE
+from memtrace.trace.pagemap import Run
+from memtrace.trace.procfs import Vma
 
 
 @dataclass

@@ -14,9 +14,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from memtrace import btf
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.events import (
+from memtrace.trace import btf
+from memtrace.trace.events import (
     ChunkMark,
     Drained,
     RawStats,
@@ -37,7 +37,7 @@ EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest
 
 def bpf_source_dir() -> Path:
     """bpf/ of a source checkout, else the copy installed as memtrace.bpf."""
-    checkout = Path(__file__).resolve().parent.parent / "bpf"
+    checkout = Path(__file__).resolve().parents[2] / "bpf"
     if (checkout / "memtrace.bpf.c").is_file():
         return checkout
     return Path(str(resources.files("memtrace.bpf")))

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, cast
 
-from memtrace.attribution import Segment, classify, mapping_identity, segments_for, split
-from memtrace.model import AddressSpace
-from memtrace.procfs import Vma
-from memtrace.pss import PSS_SHIFT
-from memtrace.tracker import ProcessTracker
+from memtrace.pss.reader import PSS_SHIFT
+from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for, split
+from memtrace.trace.model import AddressSpace
+from memtrace.trace.procfs import Vma
+from memtrace.trace.tracker import ProcessTracker
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 # Keys left out of the generation's fingerprint (the mappings are followed by

@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.events import Drained
-from memtrace.procfs import ProcFS, escape_name
 from memtrace.session import Session
+from memtrace.trace.events import Drained
+from memtrace.trace.procfs import ProcFS, escape_name
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def rule_from_dict(raw: dict[str, Any], index: int, where: str = "") -> Rule:
 
 
 def load_config(path: str) -> dict[str, Any]:
-    from memtrace.web import read_yaml_config
+    from memtrace.exporter.web import read_yaml_config
 
     raw = read_yaml_config(path, "agent config")
     if not isinstance(raw, dict) or not isinstance(raw.get("rules") or [], list):

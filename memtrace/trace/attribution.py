@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from memtrace.model import Resident
-from memtrace.procfs import PAGE_SIZE, Vma
+from memtrace.trace.model import Resident
+from memtrace.trace.procfs import PAGE_SIZE, Vma
 from memtrace.util.elf import PF_W, PT_GNU_RELRO, PT_LOAD, program_headers
 
 KINDS = ("library", "executable", "heap", "stack", "anon", "file", "shmem", "special")

@@ -11,7 +11,7 @@ import hashlib
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
@@ -19,7 +19,15 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from memtrace import __version__
-from memtrace.views.snapshot import identity_sums
+from memtrace.published import (
+    CONTAINER_LABELS,
+    FAULT_TYPES,
+    NO_CONTAINER,
+    StateBox,
+    TickState,
+    add_counters,
+)
+from memtrace.snapshot import identity_sums
 
 OTHER = "[other]"
 MAX_LABEL_CHARS = 512
@@ -39,43 +47,15 @@ def safe_label(value: str) -> str:
     return value
 
 
-@dataclass
-class ExporterState:
-    """What the watch loop publishes for scrapes. Replaced whole, never mutated
-    in place, so a scrape in another thread always sees one consistent tick."""
-
-    snapshots: dict[int, dict[str, Any]] = field(default_factory=dict)
-    full_rescans: dict[str, int] = field(default_factory=dict)
-    events_lost: int = 0
-    ranges_lost: int = 0
-    tick_seconds: float = 0.0
-    attach_seconds: dict[int, float] = field(default_factory=dict)
-    targets_dropped: int = 0
-    # agent mode: exec and fork notices that did not fit their BPF ring
-    notices_lost: dict[str, int] = field(default_factory=dict)
-    # Agent mode with grouping: pid -> group name, and the counters of exited
-    # processes per row_key (group, comm[, container_id, pod_uid]), so group
-    # counters never go backwards.
-    groups: dict[int, str] | None = None
-    retired: dict[tuple[str, ...], dict[str, Any]] = field(default_factory=dict)
-    # heap walks (--heap-interval) by status; None when heap walks are off
-    heap_walks: dict[str, int] | None = None
-    # Agent mode: pid -> (container_id, pod_uid) read from its cgroup path ("" when
-    # not in a container); the series then carry both labels. None: no such labels.
-    containers: dict[int, tuple[str, str]] | None = None
 
 
-CONTAINER_LABELS = ("container_id", "pod_uid")
-NO_CONTAINER = ("", "")
-
-
-def who_of(state: ExporterState) -> tuple[str, ...]:
+def who_of(state: TickState) -> tuple[str, ...]:
     """The label names that say which process (or group) a series is about."""
     who = ("group", "comm") if state.groups is not None else ("pid", "comm")
     return who + CONTAINER_LABELS if state.containers is not None else who
 
 
-def row_key(state: ExporterState, pid: int, snap: dict[str, Any]) -> tuple[str, ...]:
+def row_key(state: TickState, pid: int, snap: dict[str, Any]) -> tuple[str, ...]:
     """The raw values of who_of(state) for one process: its pid (or group), comm
     and, in agent mode, container_id and pod_uid. Processes with the same key
     are one row (a group)."""
@@ -87,24 +67,9 @@ def row_key(state: ExporterState, pid: int, snap: dict[str, Any]) -> tuple[str, 
     return key
 
 
-def row_ids(state: ExporterState, pid: int, snap: dict[str, Any]) -> list[str]:
+def row_ids(state: TickState, pid: int, snap: dict[str, Any]) -> list[str]:
     """row_key() as label values (safe_label)."""
     return [safe_label(v) for v in row_key(state, pid, snap)]
-
-
-def empty_counters() -> dict[str, Any]:
-    return {"syscalls": {}, "syscall_bytes": {}, "faults_by_mapping": {}, "kernel_faults": {}}
-
-
-def add_counters(into: dict[str, Any], snap: dict[str, Any]) -> None:
-    for key in ("syscalls", "syscall_bytes", "faults_by_mapping", "kernel_faults"):
-        bucket = into.setdefault(key, {})
-        for name, n in snap.get(key, {}).items():
-            bucket[name] = bucket.get(name, 0) + n
-    if "kernel_faults" not in snap:     # a snapshot: its top-level counters
-        bucket = into["kernel_faults"]
-        for fault in FAULT_TYPES:
-            bucket[fault] = bucket.get(fault, 0) + (snap.get(f"{fault}_faults") or 0)
 
 
 # The resident types a mapping of each kind can hold: the others are always 0
@@ -114,7 +79,6 @@ TYPES_BY_KIND = {
     "heap": ("anon",), "stack": ("anon",), "anon": ("anon",), "shmem": ("shmem",),
     "library": ("anon", "file"), "executable": ("anon", "file"), "file": ("anon", "file"),
 }
-FAULT_TYPES = ("minor", "major")
 
 
 def resident_types(kind: str, anon: Any, file: Any, shmem: Any) -> list[tuple[str, Any]]:
@@ -130,7 +94,7 @@ def _zero_row() -> dict[str, Any]:
             "drift_bytes": 0, "mappings": []}
 
 
-def _group_members(state: ExporterState) -> dict[tuple[str, ...], tuple[
+def _group_members(state: TickState) -> dict[tuple[str, ...], tuple[
         dict[str, Any] | None, list[dict[str, Any]]]]:
     """row_key (group, comm[, container_id, pod_uid]) -> (the retired counters, the
     live snapshots), in merge order."""
@@ -163,14 +127,14 @@ def _merge(retired: dict[str, Any] | None, snaps: list[dict[str, Any]]) -> dict[
     return row
 
 
-def grouped_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
+def grouped_rows(state: TickState) -> list[tuple[list[str], dict[str, Any]]]:
     """(label values for who_of(state), merged snapshot) per group and comm (and
     container, in agent mode)."""
     return [([safe_label(v) for v in key], _merge(*m))
             for key, m in sorted(_group_members(state).items())]
 
 
-def pid_rows(state: ExporterState) -> list[tuple[list[str], dict[str, Any]]]:
+def pid_rows(state: TickState) -> list[tuple[list[str], dict[str, Any]]]:
     return [(row_ids(state, pid, snap), snap)
             for pid, snap in sorted(state.snapshots.items())]
 
@@ -185,20 +149,6 @@ def freeze_startup_objects() -> None:
     collected as usual."""
     gc.collect()
     gc.freeze()
-
-
-class StateBox:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._state = ExporterState()
-
-    def set(self, state: ExporterState) -> None:
-        with self._lock:
-            self._state = state
-
-    def get(self) -> ExporterState:
-        with self._lock:
-            return self._state
 
 
 GroupRow = tuple[tuple[str, str], list[Any]]
@@ -559,7 +509,7 @@ class MemtraceCollector(Collector):
             "".join(mp), "".join(mu),
         )]), folded)
 
-    def _text_rows(self, state: ExporterState) -> list[tuple[list[str], Any, Any]]:
+    def _text_rows(self, state: TickState) -> list[tuple[list[str], Any, Any]]:
         """(label values, stamp or None, a function returning the row's snapshot)
         per row, in scrape order; for a group the stamp covers every member and the
         exited processes' counters, and the merge only runs when it is needed."""
@@ -587,7 +537,7 @@ class MemtraceCollector(Collector):
     def render_chunks(self) -> list[bytes]:
         """render_text() as UTF-8 pieces (one process's samples of one family
         each, kB to tens of kB), never one buffer of several MB: what /metrics
-        serves (memtrace.web joins them a few at a time as it writes)."""
+        serves (memtrace.exporter.web joins them a few at a time as it writes)."""
         return self._render_parts()
 
     def _render_parts(self) -> list[bytes]:
@@ -687,7 +637,7 @@ class MemtraceCollector(Collector):
                 *pss_families(state, rows, who, self.max_mapping_series),
                 *self._self_metrics(state, dropped_total, time.perf_counter() - t0)]
 
-    def _self_metrics(self, state: ExporterState, dropped_total: int,
+    def _self_metrics(self, state: TickState, dropped_total: int,
                       build_seconds: float) -> list[Family]:
         info = _gauge("memtrace_build_info", "memtrace version.",
                                  labels=["version"])
@@ -775,7 +725,7 @@ HEAP_FAMILIES = (
 )
 
 
-def heap_families(state: ExporterState) -> list[Family]:
+def heap_families(state: TickState) -> list[Family]:
     """memtrace_heap_* gauges from the `heap` key of the snapshots (latest background
     walk, --heap-interval): labels pid (or group), comm, arena (main|thread).
     Processes without figures (not glibc malloc, no walk yet) have no series."""
@@ -808,7 +758,7 @@ def heap_families(state: ExporterState) -> list[Family]:
 
 # ------------------------------------------------------------------ PSS / USS (livepss)
 
-def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any]]],
+def pss_families(state: TickState, rows: list[tuple[list[str], dict[str, Any]]],
                  who: list[str], max_series: int) -> list[Family]:
     """memtrace_{process,mapping}_{pss,uss}_bytes (docs/metrics.md), labelled like
     the resident series. A process (or group) without PSS figures (--pss-interval
@@ -849,5 +799,5 @@ def pss_families(state: ExporterState, rows: list[tuple[list[str], dict[str, Any
 
 
 _PSS_HEADERS: dict[tuple[str, ...], list[bytes]] = {
-    who: [f.header().encode() for f in pss_families(ExporterState(), [], list(who), 2)]
+    who: [f.header().encode() for f in pss_families(TickState(), [], list(who), 2)]
     for who in _HEADERS}

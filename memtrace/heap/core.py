@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from itertools import accumulate, compress
 from typing import Any, Protocol
 
-from memtrace.procfs import Vma, escape_name, parse_maps
+from memtrace.trace.procfs import Vma, escape_name, parse_maps
 from memtrace.util.elf import PT_INTERP, defined_dynamic_symbols, is_elf64le, program_headers
 from memtrace.util.ranges import merge_ranges
 from memtrace.util.units import fmt_bytes
@@ -1209,7 +1209,7 @@ class ProcessSpace:
     """A live process: maps, process_vm_readv, PAGEMAP_SCAN."""
 
     def __init__(self, pid: int, proc_root: str = "/proc") -> None:
-        from memtrace.pagemap import open_scanner
+        from memtrace.trace.pagemap import open_scanner
 
         self.pid = pid
         self.proc_root = proc_root
@@ -1634,7 +1634,7 @@ def heap_command(pid: int, fmt: str, stop: bool, retries: int, exact: bool = Fal
     import json
 
     from memtrace.errors import ExitCode, MemtraceError
-    from memtrace.procfs import ProcFS
+    from memtrace.trace.procfs import ProcFS
 
     st = ProcFS().check_target(pid)
     try:
@@ -1871,11 +1871,11 @@ class HeapSampler:
         if self._stop.is_set():
             raise OSError("closing")
         if self._proc is None or self._proc.poll() is not None:
-            root = str(Path(__file__).resolve().parents[1])
+            root = str(Path(__file__).resolve().parents[2])
             env = dict(os.environ)
             env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
             self._proc = subprocess.Popen(
-                [sys.executable, "-c", "from memtrace.heap import worker_main; worker_main()"],
+                [sys.executable, "-c", "from memtrace.heap.core import worker_main; worker_main()"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
                 start_new_session=True)  # no terminal signals; EOF on stdin ends it
         return self._proc

@@ -17,22 +17,22 @@ from typing import Any
 import click
 
 from memtrace import __version__
-from memtrace.doctor import render, run_checks
+from memtrace.commands.doctor import render, run_checks
+from memtrace.commands.targets import TreeFollower, resolve_targets
 from memtrace.errors import ExitCode, MemtraceError, OutputError
-from memtrace.events import Drained
-from memtrace.exporter import MemtraceCollector, freeze_startup_objects
-from memtrace.procfs import ProcFS
-from memtrace.session import Reporter, Session
-from memtrace.targets import TreeFollower, resolve_targets
-from memtrace.util.log import log
-from memtrace.views.summary import PeakTracker, build_summary, render_summary
-from memtrace.web import (
+from memtrace.exporter.collector import MemtraceCollector, freeze_startup_objects
+from memtrace.exporter.web import (
     DEFAULT_LISTEN,
     MetricsServer,
     WebConfig,
     listen_problem,
     load_web_config,
 )
+from memtrace.session import Reporter, Session
+from memtrace.trace.events import Drained
+from memtrace.trace.procfs import ProcFS
+from memtrace.util.log import log
+from memtrace.views.summary import PeakTracker, build_summary, render_summary
 
 # The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
 EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,))
@@ -115,7 +115,7 @@ class ListenAddress(click.ParamType):
 
 
 def _heap_interval_option() -> Any:
-    from memtrace.heap import DEFAULT_HEAP_INTERVAL
+    from memtrace.heap.core import DEFAULT_HEAP_INTERVAL
 
     return click.option(
         "--heap-interval", type=Seconds(), default=DEFAULT_HEAP_INTERVAL,
@@ -125,7 +125,7 @@ def _heap_interval_option() -> Any:
 
 
 def _pss_interval_option() -> Any:
-    from memtrace.livepss import DEFAULT_PSS_INTERVAL
+    from memtrace.pss.live import DEFAULT_PSS_INTERVAL
 
     return click.option(
         "--pss-interval", type=Seconds(), default=DEFAULT_PSS_INTERVAL,
@@ -760,7 +760,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           pss_interval: float) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
-    from memtrace.agent import Agent, command_line_rules, load_config, rule_from_dict
+    from memtrace.commands.agent import Agent, command_line_rules, load_config, rule_from_dict
 
     raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
     rules = [rule_from_dict(r, i) for i, r in enumerate(raw_rules)]
@@ -818,7 +818,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
 def heap(pid: int, fmt: str, stop: bool, retries: int, exact: bool) -> None:
     """Why memory is not given back: anatomy of a process's glibc malloc heap
     (in use, free, resident holes, what malloc_trim(0) would return)."""
-    from memtrace.heap import heap_command
+    from memtrace.heap.core import heap_command
 
     _echo(heap_command(pid, fmt, stop, retries, exact))
 
@@ -849,8 +849,8 @@ def explain(pid: int | None, fmt: str) -> None:
 def _one_shot_snapshot(procfs: ProcFS, pid: int) -> dict[str, Any] | None:
     """memtrace's figures without probes: one full scan of the page tables.
     None where that is not allowed (not root) or the process went away."""
-    from memtrace.tracker import ProcessGone, ProcessTracker
-    from memtrace.views.snapshot import snapshot
+    from memtrace.snapshot import snapshot
+    from memtrace.trace.tracker import ProcessGone, ProcessTracker
 
     tracker = ProcessTracker(pid, procfs)
     try:
@@ -884,7 +884,7 @@ def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool
     smaps Rss, Pss and Private_Clean + Private_Dirty. Needs root.
 
     memtrace libs PID [PID ...] | memtrace libs --all"""
-    from memtrace.libs import libs_command
+    from memtrace.commands.libs import libs_command
 
     _echo(libs_command(pids, all_, sort, fmt, all_files, exact=exact))
 

@@ -324,3 +324,13 @@ def _statm_matches_rollup() -> bool:
         if line.startswith(b"Rss:"):
             return int(line.split()[1]) * 1024 == resident
     return False
+
+
+def want_rss_stat_probe() -> bool:
+    """The rss_stat probe finds RSS changes made from outside a process (ksmd,
+    khugepaged, reclaim by others, writes through /proc/PID/mem) the tick
+    they happen, at the cost of one BPF run per RSS counter change. Where
+    statm is exact the per-tick statm check finds them too (within a few ticks
+    when the process is busy), so the probe is left out unless
+    MEMTRACE_RSS_STAT_PROBE=1."""
+    return os.environ.get("MEMTRACE_RSS_STAT_PROBE") == "1" or not statm_is_exact()

@@ -7,9 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from memtrace import btf
-from memtrace.pagemap import probe_pagemap_scan, scan_mechanism
-from memtrace.procfs import statm_is_exact
+from memtrace.trace import btf
+from memtrace.trace.pagemap import probe_pagemap_scan, scan_mechanism
+from memtrace.trace.procfs import statm_is_exact, want_rss_stat_probe
 
 TRACEPOINTS = (
     "exceptions/page_fault_user", "exceptions/page_fault_kernel", "kmem/rss_stat",
@@ -139,7 +139,6 @@ def check_pagemap_scan() -> Check:
 
 def check_mechanisms() -> Check:
     """Which mechanism memtrace will use for each job here."""
-    from memtrace.session import want_rss_stat_probe
 
     rss_stat = "raw tracepoint rss_stat + BTF task_struct.mm"
     try:

@@ -9,11 +9,11 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from memtrace.errors import ExitCode, MemtraceError, OutputError
-from memtrace.procfs import PF_KTHREAD, ProcFS, ProcStat
+from memtrace.trace.procfs import PF_KTHREAD, ProcFS, ProcStat
 
 if TYPE_CHECKING:
-    from memtrace.events import Drained
     from memtrace.session import Session
+    from memtrace.trace.events import Drained
 
 MAX_TREE = 1000      # processes of a `run` tree watched at once (the BPF maps hold 1024)
 COMM_LEN = 15        # the kernel keeps at most 15 bytes of a process name (TASK_COMM_LEN - 1)

@@ -8,12 +8,12 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from memtrace.attribution import Segment, classify, mapping_identity, segments_for
-from memtrace.events import CHUNK_SHIFT, EPOCH_MASK, USER_ADDR_MAX, ChunkMark, Stats
-from memtrace.model import AddressSpace, chunk_span
-from memtrace.pagemap import Scanner, open_scanner
-from memtrace.procfs import ProcFS, Statm, Vma, statm_is_exact
-from memtrace.pss import Usage
+from memtrace.pss.reader import Usage
+from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for
+from memtrace.trace.events import CHUNK_SHIFT, EPOCH_MASK, USER_ADDR_MAX, ChunkMark, Stats
+from memtrace.trace.model import AddressSpace, chunk_span
+from memtrace.trace.pagemap import Scanner, open_scanner
+from memtrace.trace.procfs import ProcFS, Statm, Vma, statm_is_exact
 from memtrace.util.log import DEBUG, debug
 from memtrace.util.ranges import merge_ranges
 
@@ -61,7 +61,7 @@ class ProcessTracker:
         # The image before the latest exec, for one tick: its faults made just
         # before the exec can reach the tick after it.
         self._before_exec: tuple[int, AddressSpace, bytes] | None = None
-        # PSS/USS/swap per VMA start, kept by memtrace.livepss; None when off
+        # PSS/USS/swap per VMA start, kept by memtrace.pss.live; None when off
         self.pss_usage: dict[int, Usage] | None = None
         self.comm = ""
         self.exe = b""

@@ -1,6 +1,6 @@
 """Live PSS, USS and swap per mapping for watch/run/agent (docs/pss.md, "Live").
 
-Per tracked process, one `Usage` per VMA (memtrace.pss), recomputed only when
+Per tracked process, one `Usage` per VMA (memtrace.pss.reader), recomputed only when
 it may have changed:
 
 - its pages were rescanned this tick (the tracker re-attributed the VMA: faults,
@@ -31,11 +31,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from memtrace.model import AddressSpace, chunk_span
-from memtrace.pagemap import ScanUnsupported
-from memtrace.procfs import Vma, statm_is_exact
-from memtrace.pss import PSS_SHIFT, SKIP_NAMES, KPageCounts, PssReader, Usage
-from memtrace.tracker import ProcessTracker
+from memtrace.pss.reader import PSS_SHIFT, SKIP_NAMES, KPageCounts, PssReader, Usage
+from memtrace.trace.model import AddressSpace, chunk_span
+from memtrace.trace.pagemap import ScanUnsupported
+from memtrace.trace.procfs import Vma, statm_is_exact
+from memtrace.trace.tracker import ProcessTracker
 from memtrace.util.ranges import merge_ranges
 
 DEFAULT_PSS_INTERVAL = 5.0

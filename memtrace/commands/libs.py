@@ -15,10 +15,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
-from memtrace.attribution import classify
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.procfs import PAGE_SIZE, PF_KTHREAD, ProcFS, Vma
-from memtrace.pss import KPageCounts, PssReader, Usage
+from memtrace.pss.reader import KPageCounts, PssReader, Usage
+from memtrace.trace.attribution import classify
+from memtrace.trace.procfs import PAGE_SIZE, PF_KTHREAD, ProcFS, Vma
 from memtrace.util.elf import load_span
 from memtrace.util.units import fmt_bytes
 

@@ -12,7 +12,7 @@ Fractions are kept in the sum and the byte count is ``sum >> PSS_SHIFT``;
 smaps prints ``sum >> (PSS_SHIFT + 10)`` kB per mapping, smaps_rollup the same
 shift over the sum of all mappings. The shared zero pages are not counted
 (not "normal" pages to smaps): every raw entry read goes through
-memtrace.pagemap.drop_zero_pages first, whatever found the runs, and pages
+memtrace.trace.pagemap.drop_zero_pages first, whatever found the runs, and pages
 outside the runs a reader is given are not counted either (`PssReader.usage`).
 
 Private is mapcount < 2, as smaps has it. A page whose pagemap "exclusively
@@ -46,7 +46,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from memtrace.pagemap import (
+from memtrace.trace.pagemap import (
     _VEC_LEN,
     PAGE_IS_FILE,
     PAGE_IS_PFNZERO,
@@ -60,7 +60,7 @@ from memtrace.pagemap import (
     pagemap_scan,
     zero_page_pfns,
 )
-from memtrace.procfs import PAGE_SIZE, Vma
+from memtrace.trace.procfs import PAGE_SIZE, Vma
 from memtrace.util.ranges import merge_ranges
 
 PSS_SHIFT = 12
@@ -243,7 +243,7 @@ def account(entries: Entries, counts: Mapping[int, int],
     whose exclusive bit is set outside a possible PMD mapping are private
     without a count; otherwise (CONFIG_NO_PAGE_MAPCOUNT) private is the
     exclusive bit. Zero pages (`zero_pfns`) are skipped, as smaps skips them
-    (memtrace.pagemap.drop_zero_pages). Swapped entries add to swap only."""
+    (memtrace.trace.pagemap.drop_zero_pages). Swapped entries add to swap only."""
     raw = drop_zero_pages(_raw(entries), zero_pfns)
     return _account(_plan(raw, precise_mapcount, first_vpn, pmd_pages), counts,
                     page_size, precise_mapcount, usage)
@@ -401,7 +401,7 @@ class PssReader:
         self.precise = (precise_mapcount if precise_mapcount is not None
                         else _running_kernel_precise())
         if use_scan is None:
-            from memtrace.pagemap import PagemapScanner, scan_mechanism
+            from memtrace.trace.pagemap import PagemapScanner, scan_mechanism
             use_scan = scan_mechanism() == PagemapScanner.mechanism
         self.use_scan = use_scan
         # Known whichever way the runs are found: a read spans the gaps
@@ -472,7 +472,7 @@ class PssReader:
 
         Nearby runs are read in one pread (gaps up to `max_gap` bytes), but
         only the entries inside the runs are accounted, and zero-page entries
-        never are (memtrace.pagemap.drop_zero_pages)."""
+        never are (memtrace.trace.pagemap.drop_zero_pages)."""
         if runs is None:
             runs = self.find_runs(vmas)
         ends = [r[1] for r in runs]

@@ -1,0 +1,1 @@
+"""Prometheus: metric definitions, the collector and text path, and the /metrics web server."""

@@ -1,0 +1,1 @@
+"""glibc malloc anatomy read from outside the process, and the background walker."""
