@@ -18,6 +18,7 @@ from memtrace.errors import ExitCode, MemtraceError
 from memtrace.heap.core import HeapSampler
 from memtrace.libevents import LibraryEvents
 from memtrace.pss.live import LivePss, drop_all
+from memtrace.pss.reader import Usage
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
 from memtrace.snapshot import SnapshotBuilder
 from memtrace.trace.events import Drained, SyscallEvent
@@ -142,7 +143,7 @@ class Session:
         if self.pss is not None:
             self.pss.begin_tick()
             self._update_pss(tracker)
-        snap = self._builders[pid].build(tracker, time.time())
+        snap = self._builders[pid].build(tracker, time.time(), self._pss_usage(pid))
         self._add_heap(snap, tracker)
         self._add_pss(snap, tracker)
         self._libevents[pid] = LibraryEvents()
@@ -230,7 +231,7 @@ class Session:
                 continue
             self._read_peak(tracker)
             self._update_pss(tracker)
-            snap = self._builders[pid].build(tracker, now)
+            snap = self._builders[pid].build(tracker, now, self._pss_usage(pid))
             self._add_heap(snap, tracker)
             self._add_pss(snap, tracker)
             self._library_events(pid, snap, tracker.space.vmas)
@@ -349,6 +350,9 @@ class Session:
             self.pss.close()
             self.pss = None
             drop_all(self.trackers.values())
+
+    def _pss_usage(self, pid: int) -> dict[int, Usage] | None:
+        return self.pss.usage_of(pid) if self.pss is not None else None
 
     def _add_pss(self, snap: dict[str, Any], tracker: ProcessTracker) -> None:
         if self.pss is not None:

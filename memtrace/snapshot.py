@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, cast
 
-from memtrace.pss.reader import PSS_SHIFT
+from memtrace.pss.reader import PSS_SHIFT, Usage
 from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for, split
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import Vma
@@ -86,10 +86,14 @@ class SnapshotBuilder:
         self._segments: dict[int, Segment] = {}              # by VMA start
         self._blocks: list[bytes | None] = []  # JSON of _entries[k*_BLOCK:(k+1)*_BLOCK]
         self._sums: dict[tuple[str, str], list[int]] = {}    # Snapshot.identity_sums
+        self._pss_usage: dict[int, Usage] | None = None     # of the build in progress
 
-    def build(self, tracker: ProcessTracker, ts: float) -> Snapshot:
+    def build(self, tracker: ProcessTracker, ts: float,
+              pss_usage: dict[int, Usage] | None = None) -> Snapshot:
         """The snapshot of this tick; call stamp() on it once the caller has
-        added its own keys (heap, library events)."""
+        added its own keys (heap, library events). `pss_usage`: PSS/USS/swap
+        per VMA start (memtrace.pss.live), None when PSS is off or unavailable."""
+        self._pss_usage = pss_usage
         space = tracker.space
         changed = space.take_changed()
         if (space is not self._space or space.layout_version != self._layout
@@ -140,7 +144,7 @@ class SnapshotBuilder:
         mapping["shmem_bytes"] = parts.shmem
         mapping["virtual_bytes"] = vma.size
         mapping["faults"] = faults
-        usage = tracker.pss_usage.get(vma.start) if tracker.pss_usage is not None else None
+        usage = self._pss_usage.get(vma.start) if self._pss_usage is not None else None
         if usage is None:
             pss_fixed = uss = swap = 0
             mapping["pss_bytes"] = mapping["uss_bytes"] = mapping["swap_bytes"] = None
@@ -218,7 +222,7 @@ class SnapshotBuilder:
     def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         anon, file, shmem, virtual = self._totals
         pss_fixed, uss, swap, missing = self._pss_totals
-        pss_on = tracker.pss_usage is not None and not missing
+        pss_on = self._pss_usage is not None and not missing
         c = tracker.counters
         statm = tracker.statm
         snap = Snapshot({
@@ -311,11 +315,12 @@ def identity_sums(mappings: list[dict[str, Any]],
     return sums
 
 
-def snapshot(tracker: ProcessTracker, ts: float) -> Snapshot:
+def snapshot(tracker: ProcessTracker, ts: float,
+             pss_usage: dict[int, Usage] | None = None) -> Snapshot:
     """A one-off snapshot (tests, single reports); the watch loop keeps a
     SnapshotBuilder per process instead."""
     builder = SnapshotBuilder()
-    return builder.stamp(builder.build(tracker, ts))
+    return builder.stamp(builder.build(tracker, ts, pss_usage))
 
 
 def encode_parts(snap: dict[str, Any]) -> list[bytes]:

@@ -21,7 +21,7 @@ it may have changed:
 Between full refreshes, the figures of pages this process did not touch can be
 stale by what other processes did to their map counts in that time. The
 kpagecount reads of one tick are shared by all processes (one KPageCounts,
-cleared per tick). The result lands in `tracker.pss_usage`, and the start of
+cleared per tick). The result is kept per process (`usage_of`), and the start of
 every VMA whose figures changed is added to `space.changed`, so the snapshot
 builder rebuilds exactly those entries."""
 
@@ -56,6 +56,7 @@ class _Process:
     pending: set[int] = field(default_factory=set)            # to compute next time
     last_full: float = float("-inf")                           # monotonic
     full_cost: float = 0.0                                     # seconds, last full refresh
+    usage: dict[int, Usage] = field(default_factory=dict)     # VMA start -> its figures
     refreshed_at: float | None = None                          # wall time of last full
     forks: int | None = None         # the process's fork count at the last full refresh
     ksm_off: bool = False            # KSM was not running at the last full refresh
@@ -68,7 +69,7 @@ FULL_REFRESH_COST_FACTOR = 20
 
 
 class LivePss:
-    """Keeps `tracker.pss_usage` of every tracked process current. Raises
+    """Keeps the PSS/USS/swap of every tracked process's mappings current. Raises
     OSError (PermissionError when not root) if /proc/kpagecount cannot be
     opened; `failure` is set when a later read finds PSS unavailable."""
 
@@ -104,6 +105,12 @@ class LivePss:
         process this tick (those updated later) and the next (all of them)."""
         self._files_prev, self._files_now = self._files_now, set()
 
+    def usage_of(self, pid: int) -> dict[int, Usage] | None:
+        """PSS/USS/swap per VMA start of `pid`; None before its first update
+        (or when its pagemap could not be opened)."""
+        st = self._procs.get(pid)
+        return st.usage if st else None
+
     def refreshed_at(self, pid: int) -> float | None:
         st = self._procs.get(pid)
         return st.refreshed_at if st else None
@@ -127,10 +134,7 @@ class LivePss:
             st = self._procs[tracker.pid] = _Process(space, reader)
             space.track_rescanned = True
             space.take_rescanned()
-            tracker.pss_usage = {}
-        usage = tracker.pss_usage
-        if usage is None:
-            usage = tracker.pss_usage = {}
+        usage = st.usage
         todo = st.pending
         st.pending = set()
         todo |= space.take_rescanned()
@@ -339,8 +343,7 @@ def _by_start(space: AddressSpace, starts: set[int]) -> list[Vma]:
 
 
 def drop_all(trackers: Iterable[ProcessTracker]) -> None:
-    """PSS turned unavailable: every mapping's figures become null."""
+    """PSS turned unavailable: every mapping's entry is rebuilt, its PSS
+    figures null."""
     for t in trackers:
-        if t.pss_usage is not None:
-            t.pss_usage = None
-            t.space.changed.update(v.start for v in t.space.vmas)
+        t.space.changed.update(v.start for v in t.space.vmas)

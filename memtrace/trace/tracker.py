@@ -8,7 +8,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from memtrace.pss.reader import Usage
 from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for
 from memtrace.trace.events import CHUNK_SHIFT, EPOCH_MASK, USER_ADDR_MAX, ChunkMark, Stats
 from memtrace.trace.model import AddressSpace, chunk_span
@@ -62,7 +61,6 @@ class ProcessTracker:
         # before the exec can reach the tick after it.
         self._before_exec: tuple[int, AddressSpace, bytes] | None = None
         # PSS/USS/swap per VMA start, kept by memtrace.pss.live; None when off
-        self.pss_usage: dict[int, Usage] | None = None
         self.comm = ""
         self.exe = b""
         self.start_time = 0

@@ -54,9 +54,7 @@ TOP_LEVEL = {
     "errors": "util", "snapshot": "domain", "published": "domain", "libevents": "domain",
     "explain": "domain", "session": "session",
 }
-KNOWN: set[tuple[str, str]] = {
-    ("trace.tracker", "pss.reader"),   # the tracker holds pss.Usage per VMA, livepss writes it
-}
+KNOWN: set[tuple[str, str]] = set()
 
 
 def _imports() -> dict[str, set[str]]:

@@ -115,19 +115,20 @@ def tick(live: LivePss, trackers: dict[int, ProcessTracker], marks=None, layout=
     live.end_tick()
 
 
-def usage_of(tr: ProcessTracker) -> dict[int, Usage]:
-    assert tr.pss_usage is not None
-    return {s: Usage(u.rss, u.pss_fixed, u.uss, u.swap) for s, u in tr.pss_usage.items()}
+def usage_of(live: LivePss, pid: int) -> dict[int, Usage]:
+    usage = live.usage_of(pid)
+    assert usage is not None
+    return {s: Usage(u.rss, u.pss_fixed, u.uss, u.swap) for s, u in usage.items()}
 
 
 def test_first_update_computes_every_mapping_like_smaps(setup):
     a, b, frames, clock, live, trackers = setup
     tick(live, trackers)
     for p in (a, b):
-        got = usage_of(trackers[p.pid])
+        got = usage_of(live, p.pid)
         assert got == frames.expected(p)
     # libc text is mapped by both: half each, nothing private
-    libc = trackers[a.pid].pss_usage[LIBC]    # type: ignore[index]
+    libc = live.usage_of(a.pid)[LIBC]    # type: ignore[index]
     assert libc.rss == 8 * PAGE and libc.pss == 4 * PAGE and libc.uss == 0
 
 
@@ -144,7 +145,7 @@ def test_snapshot_fields_and_totals_round_like_smaps_rollup(setup):
     frames.sync()
     tick(live, trackers)
     builder = SnapshotBuilder()
-    snap = builder.stamp(builder.build(trackers[a.pid], 1.0))
+    snap = builder.stamp(builder.build(trackers[a.pid], 1.0, live.usage_of(a.pid)))
     want = frames.expected(a)
     for m in snap["mappings"]:
         u = want[m["start"]]
@@ -167,7 +168,7 @@ def test_only_rescanned_mappings_are_recomputed_and_marked_changed(setup):
     mark = ChunkMark((ANON >> CHUNK_SHIFT) + 4, 3, ANON + 4 * (1 << CHUNK_SHIFT))
     tick(live, trackers, marks={b.pid: [mark]})
     assert live.vmas_computed - before == 1            # b's anonymous VMA, nothing else
-    assert usage_of(tr) == frames.expected(b)
+    assert usage_of(live, tr.pid) == frames.expected(b)
     assert ANON in tr.space.changed
 
 
@@ -179,33 +180,33 @@ def test_copy_on_write_break_is_seen_though_rss_is_unchanged(setup):
     frames.shared[(b.pid, ANON + (1 << CHUNK_SHIFT))] = 0x900000
     frames.sync()
     tick(live, trackers)
-    assert trackers[b.pid].pss_usage[ANON].uss == frames.expected(b)[ANON].uss  # type: ignore[index]
+    assert live.usage_of(b.pid)[ANON].uss == frames.expected(b)[ANON].uss  # type: ignore[index]
     del frames.shared[(b.pid, ANON + (1 << CHUNK_SHIFT))]     # b wrote: its own copy
     frames.sync()
     mark = ChunkMark((ANON >> CHUNK_SHIFT) + 1, 1, ANON + (1 << CHUNK_SHIFT))
     tick(live, trackers, marks={b.pid: [mark]})
-    assert usage_of(trackers[b.pid]) == frames.expected(b)
+    assert usage_of(live, b.pid) == frames.expected(b)
     # a did nothing: its share of that page is stale until the full refresh
-    assert usage_of(trackers[a.pid]) != frames.expected(a)
+    assert usage_of(live, a.pid) != frames.expected(a)
     clock.now += 60
     tick(live, trackers)
-    assert usage_of(trackers[a.pid]) == frames.expected(a)
+    assert usage_of(live, a.pid) == frames.expected(a)
 
 
 def test_a_file_mapped_by_another_watched_process_is_recomputed_at_once(setup):
     a, b, frames, clock, live, trackers = setup
     tick(live, trackers)
     odd = SHM + 0x40000
-    assert trackers[a.pid].pss_usage[odd].uss == 0             # type: ignore[index]
+    assert live.usage_of(a.pid)[odd].uss == 0             # type: ignore[index]
     # b unmaps its mapping of the same file (inode 44): a's page is now private
     b.unmap(odd, odd + PAGE)
     frames.sync()
     before = live.vmas_computed
     tick(live, trackers, layout={b.pid})     # a was updated before b saw the change
     tick(live, trackers)                     # so a recomputes in the next tick
-    assert usage_of(trackers[a.pid]) == frames.expected(a)
-    assert trackers[a.pid].pss_usage[odd].uss == PAGE           # type: ignore[index]
-    assert usage_of(trackers[b.pid]) == frames.expected(b)
+    assert usage_of(live, a.pid) == frames.expected(a)
+    assert live.usage_of(a.pid)[odd].uss == PAGE           # type: ignore[index]
+    assert usage_of(live, b.pid) == frames.expected(b)
     assert live.vmas_computed - before == 1    # a's odd mapping; nothing else
 
 
@@ -219,7 +220,7 @@ def test_a_process_that_goes_away_changes_its_files_shares(setup):
     b.vmas.clear()
     frames.sync()
     tick(live, trackers)
-    assert usage_of(trackers[a.pid]) == frames.expected(a)
+    assert usage_of(live, a.pid) == frames.expected(a)
     # file mappings of a (exe x2, libc, shm, odd) only; not its anonymous memory
     assert live.vmas_computed - before == 5
 
@@ -263,7 +264,7 @@ def test_table_shows_pss_and_uss_and_a_dash_when_null(setup):
     a, b, frames, clock, live, trackers = setup
     tick(live, trackers)
     builder = SnapshotBuilder()
-    snap = builder.stamp(builder.build(trackers[a.pid], 1.0))
+    snap = builder.stamp(builder.build(trackers[a.pid], 1.0, live.usage_of(a.pid)))
     console = Console(file=io.StringIO(), width=220, height=60)
     table = TableReporter(console=console, max_rows=3)
     table.snapshot(snap)
@@ -289,7 +290,7 @@ def test_without_swap_the_models_runs_are_read_and_agree(setup, monkeypatch):
     tick(live, trackers)
     assert live.scans == 0
     for p in (a, b):
-        assert usage_of(trackers[p.pid]) == frames.expected(p)
+        assert usage_of(live, p.pid) == frames.expected(p)
     # something swapped out: PAGEMAP_SCAN (here: whole VMAs) again
     a.sync()
     with open(a.dir / "status", "ab") as f:
@@ -327,8 +328,8 @@ def _forking_setup(world, tmp_path: Path, ksm: bytes = b"0\n"):
     return a, frames, clock, live, {a.pid: tr}
 
 
-def _private_anon(tr: ProcessTracker) -> list[int]:
-    usage = tr.pss_usage
+def _private_anon(live: LivePss, tr: ProcessTracker) -> list[int]:
+    usage = live.usage_of(tr.pid)
     assert usage is not None
     return [v.start for v in tr.space.vmas if not v.inode and v.perms.endswith("p")
             and usage[v.start].rss and usage[v.start].uss == usage[v.start].rss]
@@ -338,7 +339,7 @@ def test_full_refresh_leaves_out_exclusive_anonymous_mappings_while_nothing_fork
     a, frames, clock, live, trackers = _forking_setup(world, tmp_path)
     tr = trackers[a.pid]
     tick(live, trackers)
-    settled = _private_anon(tr)
+    settled = _private_anon(live, tr)
     assert settled and live.vmas_settled == 0       # the first refresh computes everything
     computed = live.vmas_computed
     clock.now += 61
@@ -346,7 +347,7 @@ def test_full_refresh_leaves_out_exclusive_anonymous_mappings_while_nothing_fork
     assert live.full_refreshes == 2
     assert live.vmas_settled == len(settled)
     assert live.vmas_computed - computed == len(tr.space.vmas) - len(settled)
-    assert usage_of(tr) == frames.expected(a)
+    assert usage_of(live, tr.pid) == frames.expected(a)
 
 
 def test_a_fork_recomputes_every_mapping_at_the_next_tick(world, tmp_path):
@@ -366,12 +367,12 @@ def test_a_fork_recomputes_every_mapping_at_the_next_tick(world, tmp_path):
     frames.sync()
     clock.now += 1
     tick(live, trackers)
-    assert usage_of(tr) != frames.expected(a)      # no fork counted: stale until a refresh
+    assert usage_of(live, tr.pid) != frames.expected(a)  # no fork counted: stale until a refresh
     tr.stats = dataclasses.replace(tr.stats, forks=tr.stats.forks + 1)
     clock.now += 1
     tick(live, trackers)
     assert live.full_refreshes == 3
-    assert usage_of(tr) == frames.expected(a)
+    assert usage_of(live, tr.pid) == frames.expected(a)
 
 
 def test_nothing_is_left_out_while_ksm_runs_or_forks_are_not_counted(world, tmp_path):
@@ -397,13 +398,13 @@ def test_a_mapping_with_shared_pages_is_still_refreshed_in_full(world, tmp_path)
     frames.shared[(a.pid, page)] = frames.shared[(other.pid, page)] = 0x900000
     frames.sync()
     tick(live, trackers)
-    assert trackers[a.pid].pss_usage[ANON].uss < trackers[a.pid].pss_usage[ANON].rss  # type: ignore[index]
+    assert live.usage_of(a.pid)[ANON].uss < live.usage_of(a.pid)[ANON].rss  # type: ignore[index]
     del frames.shared[(other.pid, page)]
     frames.sync()
     clock.now += 61
     tick(live, trackers)
     assert live.vmas_settled > 0
-    assert usage_of(trackers[a.pid]) == frames.expected(a)
+    assert usage_of(live, a.pid) == frames.expected(a)
 
 
 def test_new_pages_of_a_settled_mapping_come_from_the_model(world, tmp_path):
@@ -414,17 +415,17 @@ def test_new_pages_of_a_settled_mapping_come_from_the_model(world, tmp_path):
     live._nothing_swapped = lambda pid: True          # type: ignore[method-assign]
     tr = trackers[a.pid]
     tick(live, trackers)
-    assert tr.pss_usage[ANON].uss == tr.pss_usage[ANON].rss > 0      # type: ignore[index]
+    assert live.usage_of(tr.pid)[ANON].uss == live.usage_of(tr.pid)[ANON].rss > 0      # type: ignore[index]
     fresh = next(x for x in range(ANON, ANON + (5 << CHUNK_SHIFT), PAGE)
                  if not any(y in a.pages for y in range(x, x + 3 * PAGE, PAGE)))
     a.touch(fresh, fresh + 3 * PAGE)
     frames.sync()
-    before = tr.pss_usage[ANON]                                        # type: ignore[index]
+    before = live.usage_of(tr.pid)[ANON]                                        # type: ignore[index]
     mark = ChunkMark(fresh >> CHUNK_SHIFT, 3, fresh)
     tick(live, trackers, marks={a.pid: [mark]})
     assert live.vmas_from_model == 1
-    assert tr.pss_usage[ANON].rss == before.rss + 3 * PAGE            # type: ignore[index]
-    assert usage_of(tr) == frames.expected(a)
+    assert live.usage_of(tr.pid)[ANON].rss == before.rss + 3 * PAGE            # type: ignore[index]
+    assert usage_of(live, tr.pid) == frames.expected(a)
     assert ANON in tr.space.changed
 
 
@@ -437,7 +438,7 @@ def test_model_figures_are_not_used_while_ksm_runs(world, tmp_path):
     mark = ChunkMark((ANON >> CHUNK_SHIFT) + 2, 1, ANON + (2 << CHUNK_SHIFT))
     tick(live, trackers, marks={a.pid: [mark]})
     assert live.vmas_from_model == 0
-    assert usage_of(trackers[a.pid]) == frames.expected(a)
+    assert usage_of(live, a.pid) == frames.expected(a)
 
 
 # -- zero-page PTEs (issue 16, item 2) ---------------------------------------------
@@ -477,7 +478,7 @@ def test_zero_page_ptes_never_count_and_pss_stays_within_rss(world, monkeypatch,
     assert want[HEAP].rss == 7 * PAGE
     for _ in range(3):
         tick(live, trackers)
-        got = usage_of(tr)
+        got = usage_of(live, tr.pid)
         assert got == want
         for v in tr.space.vmas:
             rss = tr.space.resident_of(v).total

@@ -73,16 +73,16 @@ def snapshots(world) -> dict[str, Snapshot]:
     tr.peak_rss_bytes = 8 << 20
     tr.minor_faults, tr.major_faults = 4321, 5
     # PSS: anonymous pages private, file pages shared by three; one page swapped
-    tr.pss_usage = {}
+    pss_usage: dict[int, Usage] = {}
     for v in tr.space.vmas:
         anon, other = p.expected(v)
-        tr.pss_usage[v.start] = Usage(rss=anon + other, pss_fixed=(anon << 12)
-                                      + (other << 12) // 3, uss=anon,
-                                      swap=PAGE if v.start == m["anon"].start else 0)
-    full = snapshot(tr, 1_700_000_002.5)
+        pss_usage[v.start] = Usage(rss=anon + other, pss_fixed=(anon << 12)
+                                   + (other << 12) // 3, uss=anon,
+                                   swap=PAGE if v.start == m["anon"].start else 0)
+    full = snapshot(tr, 1_700_000_002.5, pss_usage)
     full["library_events"] = lib.update(full)
     while not full["library_events"]:          # the load is reported once it settles
-        full = snapshot(tr, full["ts"] + 1.0)
+        full = snapshot(tr, full["ts"] + 1.0, pss_usage)
         full["library_events"] = lib.update(full)
     full["library_totals"] = lib.totals_dict()
     full["pss_refreshed_ts"] = 1_700_000_001.0
