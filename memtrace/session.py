@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.heap.core import HeapSampler
@@ -20,23 +20,15 @@ from memtrace.libevents import LibraryEvents
 from memtrace.pss.live import LivePss, drop_all
 from memtrace.pss.reader import Usage
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
+from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
-from memtrace.trace.events import Drained, SyscallEvent
+from memtrace.trace.events import Drained
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
 from memtrace.trace.procfs import ProcFS, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import log
-
-
-class Reporter(Protocol):
-    def snapshot(self, snap: dict[str, Any]) -> None: ...
-    def events(self, events: list[SyscallEvent]) -> None: ...
-    def tick_done(self) -> None: ...
-    def message(self, text: str) -> None: ...
-    def summary(self, summary: dict[str, Any]) -> None: ...   # run's last record
-    def close(self) -> None: ...
 
 
 class Session:
@@ -80,7 +72,7 @@ class Session:
         if sys.stderr.isatty():
             log("compiling and loading the BPF probes ...")
         self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe(),
-                             stream_events=getattr(self.reporter, "wants_events", False))
+                             stream_events=self.reporter.wants_events)
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         shed_compiler_memory()    # the compiler is not needed again (memtrace/trace/ownmem.py)
@@ -139,7 +131,7 @@ class Session:
             self._pidfds[pid] = pidfd
         self._start_times[pid] = tracker.start_time
         self._builders[pid] = SnapshotBuilder(
-            json_text=getattr(self.reporter, "wants_json_text", False))
+            json_text=self.reporter.wants_json_text)
         if self.pss is not None:
             self.pss.begin_tick()
             self._update_pss(tracker)
@@ -192,7 +184,7 @@ class Session:
                                   ranges + tracker.stats.ranges_lost)
         if self.probes:
             self.probes.remove_target(pid)
-        self.reporter.message(f"pid {pid} {why}")
+        self.reporter.detached(pid, why)
 
     def _row_key(self, pid: int, snap: dict[str, Any]) -> tuple[str, ...]:
         """The exporter's row_key of a process (group, comm[, container_id, pod_uid])."""

@@ -28,7 +28,8 @@ from memtrace.exporter.web import (
     listen_problem,
     load_web_config,
 )
-from memtrace.session import Reporter, Session
+from memtrace.reporter import Reporter
+from memtrace.session import Session
 from memtrace.trace.events import Drained
 from memtrace.trace.procfs import ProcFS
 from memtrace.util.log import log
@@ -692,7 +693,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     sys.exit(code)
 
 
-class _NullReporter:
+class _NullReporter(Reporter):
     """Agent mode without --format: serve metrics, log attach/detach lines."""
 
     def snapshot(self, snap: dict[str, Any]) -> None:

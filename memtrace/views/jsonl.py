@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
+from memtrace.reporter import Reporter
 from memtrace.snapshot import encode_parts
 from memtrace.trace.events import SyscallEvent
 from memtrace.trace.procfs import escape_text
@@ -14,7 +15,7 @@ from memtrace.util.log import log
 from memtrace.views.output import OutputStream
 
 
-class JsonReporter:
+class JsonReporter(Reporter):
     wants_json_text = True          # snapshots carry their mappings' JSON text
 
     def __init__(self, out: IO[str] | OutputStream | None = None,

@@ -28,6 +28,7 @@ from rich.text import Text
 
 from memtrace.explain import meminfo_summary
 from memtrace.libevents import describe as describe_library_event
+from memtrace.reporter import Reporter
 from memtrace.trace.events import SyscallEvent
 from memtrace.trace.procfs import escape_text
 from memtrace.util.units import fmt_bytes, fmt_delta
@@ -307,7 +308,7 @@ def wrapped(text: str, width: int, style: str = "") -> list[Text]:
     return [plain(line, style=style) for line in wrap_words(escape_text(text), width)]
 
 
-class TableReporter:
+class TableReporter(Reporter):
     wants_events = True             # shows the latest syscall records
 
     def __init__(self, console: Console | None = None, max_rows: int | None = None,
@@ -367,13 +368,16 @@ class TableReporter:
 
     def message(self, text: str) -> None:
         self._note(f"{time.strftime('%H:%M:%S')} {text}")
-        gone = [p for p in self.snaps if f"pid {p} " in text]
-        for p in gone:
-            self.ended[p] = self.snaps.pop(p)
-            self._prev.pop(p, None)
-            self._deltas.pop(p, None)
         if self.live_mode:
             self._render()
+
+    def detached(self, pid: int, why: str) -> None:
+        """The process leaves the live rows; run's last frame still shows it."""
+        if pid in self.snaps:
+            self.ended[pid] = self.snaps.pop(pid)
+        self._prev.pop(pid, None)
+        self._deltas.pop(pid, None)
+        self.message(f"pid {pid} {why}")
 
     def summary(self, summary: dict[str, Any]) -> None:
         """`run`'s summary, as plain text after the live view stops; its last

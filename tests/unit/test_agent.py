@@ -293,13 +293,11 @@ def test_agent_reads_container_labels_at_attach(world):
 def test_group_counters_of_a_container_end_with_its_last_process(world):
     """Counters of exited processes are kept per group (rate() stays continuous
     across restarts), but not for a container none of whose processes is left."""
+    from memtrace.reporter import Reporter
     from memtrace.session import Session
     from tests.unit.exporter.helpers import realistic_process
 
-    class _Quiet:
-        def message(self, text: str) -> None: ...
-
-    session = Session(_Quiet(), 1.0, 0.0, world.procfs())  # type: ignore[arg-type]
+    session = Session(Reporter(), 1.0, 0.0, world.procfs())
     session.grouping = session.container_labels = True
     for pid, labels in ((1, (CID, UID)), (2, (CID, UID)), (3, ("", ""))):
         session._snapshots[pid] = realistic_process(pid, "nginx")

@@ -15,6 +15,7 @@ PURE = [
     "memtrace.trace.tracker",
     "memtrace.snapshot",
     "memtrace.views.jsonl",
+    "memtrace.views.table",
     "memtrace.commands.doctor",
     "memtrace.trace.btf",
     "memtrace.trace.pagemap",
@@ -52,7 +53,7 @@ LAYERS = [
 ]
 TOP_LEVEL = {
     "errors": "util", "snapshot": "domain", "published": "domain", "libevents": "domain",
-    "explain": "domain", "session": "session",
+    "explain": "domain", "reporter": "domain", "session": "session",
 }
 KNOWN: set[tuple[str, str]] = set()
 

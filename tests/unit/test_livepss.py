@@ -14,6 +14,7 @@ import pytest
 
 from memtrace.pss.live import LivePss
 from memtrace.pss.reader import PM_EXCLUSIVE, PSS_SHIFT, Usage
+from memtrace.reporter import Reporter
 from memtrace.session import Session
 from memtrace.snapshot import SnapshotBuilder
 from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
@@ -234,12 +235,8 @@ def test_hidden_pfns_make_pss_unavailable(setup):
     assert live.failure is not None and "CAP_SYS_ADMIN" in live.failure
 
 
-class _Quiet:
-    def snapshot(self, snap): ...
-    def events(self, events): ...
-    def tick_done(self): ...
-    def message(self, text): ...
-    def close(self): ...
+class _Quiet(Reporter):
+    """Reports nothing."""
 
 
 def test_session_says_once_when_pss_is_off_or_unavailable(tmp_path: Path, capsys):

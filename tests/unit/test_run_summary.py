@@ -144,7 +144,7 @@ def test_table_keeps_the_last_frame_and_prints_the_summary_under_it():
     table.snapshot(s)
     peaks = PeakTracker()
     peaks.observe({4242: s})
-    table.message("pid 4242 exited")
+    table.detached(4242, "exited")
     assert 4242 not in table.snaps          # the live view drops it at once
     summary = build_summary(peaks, command=["shortjob"], pid=4242, status=0, duration=0.6,
                             ru_maxrss_bytes=101 * MiB, pre_exec_rss_bytes=44 * MiB)

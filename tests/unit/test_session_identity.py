@@ -4,18 +4,15 @@ re-read its start time; that must not make it the same process."""
 
 from __future__ import annotations
 
+from memtrace.reporter import Reporter
 from memtrace.session import Session
 from memtrace.trace.tracker import ProcessTracker
 
 from .fakes import World
 
 
-class _Quiet:
-    def snapshot(self, snap): ...
-    def events(self, events): ...
-    def tick_done(self): ...
-    def message(self, text): ...
-    def close(self): ...
+class _Quiet(Reporter):
+    """Reports nothing."""
 
 
 def _session_with(world: World, pid: int) -> tuple[Session, ProcessTracker]:

@@ -356,7 +356,8 @@ def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch
                      _NullReporter()):
         session_mod.Session(reporter, 1.0, 0.0).load()
     assert seen == [True, False, False]
-    assert JsonReporter.wants_json_text and not hasattr(TableReporter, "wants_json_text")
+    assert JsonReporter.wants_json_text and not TableReporter.wants_json_text
+    assert not _NullReporter.wants_json_text
 
 
 def test_exporter_text_is_the_same_with_the_builders_sums(world):

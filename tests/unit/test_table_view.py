@@ -337,6 +337,26 @@ def test_a_pipe_gets_one_plain_frame_per_tick():
         frame = records[-1]
         assert frame.startswith("-- ") and "4242 python3" in frame and "\x1b" not in frame
         assert frame.count("4242 python3") == 1
-    table.message("pid 4242 exited")
+    table.detached(4242, "exited")
     table.close()
     assert records[-1].rstrip().endswith("pid 4242 exited")
+
+
+def test_a_message_naming_a_pid_does_not_drop_its_rows():
+    """Only detached() ends a process's rows: a message that merely names a
+    watched pid (agent's "attached to pid N (...)") leaves them."""
+    import io
+
+    from rich.console import Console
+
+    from memtrace.views.table import TableReporter
+
+    table = TableReporter(console=Console(file=io.StringIO(), width=80, height=40))
+    table.snapshot({"pid": 77, "comm": "srv", "ts": 1.0, "rss_bytes": 0, "anon_bytes": 0,
+                    "file_bytes": 0, "shmem_bytes": 0, "virtual_bytes": 0, "faults": 0,
+                    "mappings": []})
+    table.message("attached to pid 77 (srv, rule web)")
+    assert 77 in table.snaps
+    table.detached(77, "exited")
+    assert 77 not in table.snaps and 77 in table.ended
+    table.close()
