@@ -57,7 +57,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.benchcommon import cpu_seconds, kill, spawn  # noqa: E402
-from memtrace.pss.reader import PSS_SHIFT, KPageCounts, PssReader  # noqa: E402
+from memtrace.pss.accounting import PSS_SHIFT
+from memtrace.pss.reader import KPageCounts, PssReader  # noqa: E402
 from memtrace.trace.procfs import ProcFS  # noqa: E402
 
 PY_CODE = """import sys, json, decimal, ssl, hashlib, sqlite3

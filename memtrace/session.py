@@ -17,8 +17,8 @@ from typing import Any
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.heap.core import HeapSampler
 from memtrace.libevents import LibraryEvents
+from memtrace.pss.accounting import Usage
 from memtrace.pss.live import LivePss, drop_all
-from memtrace.pss.reader import Usage
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any, cast
 
-from memtrace.pss.reader import PSS_SHIFT, Usage
+from memtrace.pss.accounting import PSS_SHIFT, Usage
 from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for, split
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import Vma

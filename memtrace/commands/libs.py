@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.pss.reader import KPageCounts, PssReader, Usage
+from memtrace.pss.accounting import Usage
+from memtrace.pss.reader import KPageCounts, PssReader
 from memtrace.trace.attribution import classify
 from memtrace.trace.procfs import PAGE_SIZE, PF_KTHREAD, ProcFS, Vma
 from memtrace.util.elf import load_span

@@ -31,7 +31,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from memtrace.pss.reader import PSS_SHIFT, SKIP_NAMES, KPageCounts, PssReader, Usage
+from memtrace.pss.accounting import PSS_SHIFT, SKIP_NAMES, Usage
+from memtrace.pss.reader import KPageCounts, PssReader
 from memtrace.trace.model import AddressSpace, chunk_span
 from memtrace.trace.pagemap import ScanUnsupported
 from memtrace.trace.procfs import Vma, statm_is_exact

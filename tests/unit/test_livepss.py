@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from memtrace.pss.accounting import PM_EXCLUSIVE, PSS_SHIFT, Usage
 from memtrace.pss.live import LivePss
-from memtrace.pss.reader import PM_EXCLUSIVE, PSS_SHIFT, Usage
 from memtrace.reporter import Reporter
 from memtrace.session import Session
 from memtrace.snapshot import SnapshotBuilder

@@ -23,7 +23,7 @@ from memtrace.commands.libs import (
     render_table,
 )
 from memtrace.exporter.collector import MemtraceCollector
-from memtrace.pss.reader import Usage
+from memtrace.pss.accounting import Usage
 from memtrace.published import StateBox, TickState
 from memtrace.snapshot import snapshot
 from memtrace.trace.tracker import ProcessTracker

@@ -13,22 +13,20 @@ import pytest
 
 from memtrace.commands import libs as libs_mod
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.pss.reader import (
+from memtrace.pss.accounting import (
     PM_EXCLUSIVE,
     PM_SWAP,
     PMD_PAGES,
     PSS_SHIFT,
-    KPageCounts,
-    PssReader,
     Usage,
     account,
-    clip,
     page_share,
     pfn_ranges,
     pmd_blocks,
     precise_mapcount_kernel,
     wanted_pfns,
 )
+from memtrace.pss.reader import KPageCounts, PssReader, clip
 from memtrace.trace.procfs import ProcFS, Vma
 from memtrace.util.elf import load_span
 from memtrace.util.ranges import merge_ranges as coalesce
@@ -363,7 +361,7 @@ def test_private_only_fast_path_agrees_with_account():
     page sends the run to the slow path."""
     from array import array
 
-    from memtrace.pss.reader import PM_EXCLUSIVE, PM_SWAP, _private_only, account
+    from memtrace.pss.accounting import PM_EXCLUSIVE, PM_SWAP, _private_only, account
 
     present = 1 << 63
     exclusive = [present | PM_EXCLUSIVE | (0x1000 + i) for i in range(5)] + [0, PM_SWAP | 7]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from memtrace.libevents import LibraryEvents
-from memtrace.pss.reader import Usage
+from memtrace.pss.accounting import Usage
 from memtrace.snapshot import Snapshot, encode, snapshot
 from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
 from memtrace.trace.tracker import ProcessTracker

@@ -37,7 +37,8 @@ import time
 import pytest
 
 from memtrace.commands import libs as libs_mod
-from memtrace.pss.reader import PSS_SHIFT, KPageCounts, PssReader
+from memtrace.pss.accounting import PSS_SHIFT
+from memtrace.pss.reader import KPageCounts, PssReader
 from memtrace.trace.attribution import classify
 from memtrace.trace.procfs import ProcFS
 from tests import groundtruth as gt
