@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any, TypedDict, cast
 
 from memtrace.pss.accounting import PSS_SHIFT, Usage
 from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for, split
@@ -35,6 +36,72 @@ _generations = itertools.count(1)
 _UNSTAMPED = frozenset({"ts", "tick_seconds", "generation", "mappings"})
 
 
+class MappingRecord(TypedDict):
+    """One mapping of a snapshot (docs/output.md, "mappings"). PSS, USS and swap
+    are null when PSS is off or unavailable."""
+
+    start: int
+    end: int
+    perms: str
+    offset: int
+    path: str
+    kind: str
+    mapping: str              # the identity mappings are summed by (library, file, ...)
+    segment: str | None       # text, rodata, relro, data, bss of a library; else null
+    rss_bytes: int
+    anon_bytes: int
+    file_bytes: int
+    shmem_bytes: int
+    virtual_bytes: int
+    faults: int
+    pss_bytes: int | None
+    uss_bytes: int | None
+    swap_bytes: int | None
+
+
+class _BuiltRecord(TypedDict):
+    """What SnapshotBuilder builds."""
+
+    ts: float
+    pid: int
+    comm: str
+    rss_bytes: int
+    anon_bytes: int
+    file_bytes: int
+    shmem_bytes: int
+    virtual_bytes: int
+    pss_bytes: int | None
+    uss_bytes: int | None
+    swap_bytes: int | None
+    statm_rss_bytes: int | None
+    peak_rss_bytes: int | None
+    minor_faults: int | None
+    major_faults: int | None
+    drift_bytes: int
+    faults: int
+    faults_by_mapping: dict[str, int]
+    syscalls: dict[str, int]
+    syscall_bytes: dict[str, int]
+    full_rescans: dict[str, int]
+    events_lost: int
+    events_sampled_out: int
+    tick_seconds: float
+    generation: int
+    mappings: list[MappingRecord]
+
+
+class SnapshotRecord(_BuiltRecord, total=False):
+    """The declared shape of a snapshot (docs/output.md): what SnapshotBuilder
+    builds, then the keys the session adds (each only when its feature is on).
+    tests/unit/test_snapshot_shape.py checks snapshots against it; at run time
+    a snapshot is a plain dict (a Snapshot)."""
+
+    library_events: list[dict[str, Any]]
+    library_totals: dict[str, Any]
+    pss_refreshed_ts: float | None          # with PSS on
+    heap: dict[str, Any]                    # with --heap-interval
+
+
 class Snapshot(dict[str, Any]):
     """A snapshot dict that may also carry its mappings' JSON text (the JSON
     array of snap["mappings"], as ASCII bytes in pieces to be joined by
@@ -53,7 +120,7 @@ class Snapshot(dict[str, Any]):
 @dataclass(frozen=True)
 class _Entry:
     key: tuple[Any, ...]        # what the mapping's dict was built from
-    mapping: dict[str, Any]
+    mapping: MappingRecord
     text: bytes                 # its JSON (ASCII); empty when the builder makes no text
     anon: int
     file: int
@@ -82,7 +149,7 @@ class SnapshotBuilder:
         self._generation = 0
         self._fingerprint = ""
         self._content_changed = False
-        self._mappings: list[dict[str, Any]] = []            # e.mapping of _entries
+        self._mappings: list[MappingRecord] = []             # e.mapping of _entries
         self._segments: dict[int, Segment] = {}              # by VMA start
         self._blocks: list[bytes | None] = []  # JSON of _entries[k*_BLOCK:(k+1)*_BLOCK]
         self._sums: dict[tuple[str, str], list[int]] = {}    # Snapshot.identity_sums
@@ -121,38 +188,39 @@ class SnapshotBuilder:
         seg = self._segments.get(vma.start)
         if prev is not None:
             kind = prev.mapping["kind"]
-            mapping = dict(prev.mapping)
+            identity, segment = prev.mapping["mapping"], prev.mapping["segment"]
         else:
             kind = classify(vma, tracker.exe)
             if seg is not None:
                 kind = seg.kind           # the bss: anonymous, counted with its library
-            mapping = {
-                "start": vma.start,
-                "end": vma.end,
-                "perms": vma.perms,
-                "offset": vma.offset,
-                "path": vma.display_path,
-                "kind": kind,
-                "mapping": seg.mapping if seg is not None else mapping_identity(vma, kind),
-                "segment": seg.name if seg is not None else None,
-            }
+            identity = seg.mapping if seg is not None else mapping_identity(vma, kind)
+            segment = seg.name if seg is not None else None
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
-        mapping["rss_bytes"] = parts.total
-        mapping["anon_bytes"] = parts.anon
-        mapping["file_bytes"] = parts.file
-        mapping["shmem_bytes"] = parts.shmem
-        mapping["virtual_bytes"] = vma.size
-        mapping["faults"] = faults
         usage = self._pss_usage.get(vma.start) if self._pss_usage is not None else None
         if usage is None:
             pss_fixed = uss = swap = 0
-            mapping["pss_bytes"] = mapping["uss_bytes"] = mapping["swap_bytes"] = None
         else:
             pss_fixed, uss, swap = usage.pss_fixed, usage.uss, usage.swap
-            mapping["pss_bytes"] = usage.pss
-            mapping["uss_bytes"] = uss
-            mapping["swap_bytes"] = swap
+        mapping: MappingRecord = {
+            "start": vma.start,
+            "end": vma.end,
+            "perms": vma.perms,
+            "offset": vma.offset,
+            "path": prev.mapping["path"] if prev is not None else vma.display_path,
+            "kind": kind,
+            "mapping": identity,
+            "segment": segment,
+            "rss_bytes": parts.total,
+            "anon_bytes": parts.anon,
+            "file_bytes": parts.file,
+            "shmem_bytes": parts.shmem,
+            "virtual_bytes": vma.size,
+            "faults": faults,
+            "pss_bytes": usage.pss if usage is not None else None,
+            "uss_bytes": uss if usage is not None else None,
+            "swap_bytes": swap if usage is not None else None,
+        }
         text = _encode(mapping).encode("ascii") if self.json_text else b""
         return _Entry(key=(vma.identity, parts, faults, seg, usage), mapping=mapping,
                       text=text, anon=parts.anon, file=parts.file,
@@ -277,11 +345,11 @@ _KEYED_PSS = itemgetter("mapping", "kind", "anon_bytes", "file_bytes", "shmem_by
                         "virtual_bytes", "pss_bytes", "uss_bytes")
 
 
-def _summed(mapping: dict[str, Any]) -> list[int]:
+def _summed(mapping: Mapping[str, Any]) -> list[int]:
     return [x or 0 for x in _SUMMED(mapping)]
 
 
-def identity_sums(mappings: list[dict[str, Any]],
+def identity_sums(mappings: Sequence[Mapping[str, Any]],
                   pss: bool = True) -> dict[tuple[str, str], list[Any]]:
     """The sums of `mappings` by (identity, kind) ("mapping" and "kind" keys), in
     order of first appearance: [anon, file, shmem, virtual] bytes and, with
