@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.heap.core import HeapSampler
+from memtrace.heap.sampler import HeapSampler
 from memtrace.libevents import LibraryEvents
 from memtrace.pss.live import LivePss, drop_all
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
