@@ -33,7 +33,10 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from memtrace import heap  # noqa: E402
+from memtrace.heap.process import analyse_process  # noqa: E402
+from memtrace.heap.sampler import HeapSampler  # noqa: E402
+from memtrace.heap.worker import sample_once  # noqa: E402
+from memtrace.util.units import fmt_bytes  # noqa: E402
 
 
 def main() -> int:
@@ -64,7 +67,7 @@ def main() -> int:
             for mode in ("running", "stop"):
                 for _ in range(args.repeat):
                     t = time.monotonic()
-                    r = heap.analyse_process(p.pid, stop=mode == "stop")
+                    r = analyse_process(p.pid, stop=mode == "stop")
                     wall = time.monotonic() - t
                     a = r["arenas"][0]
                     row = {"mode": mode, "wall_seconds": round(wall, 3),
@@ -88,7 +91,7 @@ def main() -> int:
         wall = statistics.median(r["wall_seconds"] for r in sel)
         pauses = [r["pause_seconds"] for r in sel if r["pause_seconds"] is not None]
         pause = f"{statistics.median(pauses):.2f} s" if pauses else "—"
-        print(f"| {mode} | {heap.human(sel[0]['heap_bytes'])} | {sel[0]['chunks']} | "
+        print(f"| {mode} | {fmt_bytes(sel[0]['heap_bytes'])} | {sel[0]['chunks']} | "
               f"{wall:.2f} s | {pause} |")
     return 0
 
@@ -155,7 +158,7 @@ def background(pid: int, repeat: int) -> int:
         return summary(name, d, took[0])
 
     def in_sampler() -> dict[str, Any]:
-        sampler = heap.HeapSampler(3600.0)
+        sampler = HeapSampler(3600.0)
         try:
             sampler.track(pid, 1)
             while sampler.latest(pid, 1)["status"] == "pending":
@@ -167,7 +170,7 @@ def background(pid: int, repeat: int) -> int:
     rows = []
     for _ in range(repeat):
         rows.append(summary("no walk", ticks(None, 3.0), None))
-        rows.append(while_walking("walk in a thread (same GIL)", lambda: heap.sample_once(pid)))
+        rows.append(while_walking("walk in a thread (same GIL)", lambda: sample_once(pid)))
         rows.append(while_walking("walk in HeapSampler's walker process", in_sampler))
     print(f"\n{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")
     print("| case | ticks | tick median | tick p99 | tick max | walk |")

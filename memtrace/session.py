@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.heap.core import HeapSampler
+from memtrace.heap.sampler import HeapSampler
 from memtrace.libevents import LibraryEvents
 from memtrace.pss.accounting import Usage
 from memtrace.pss.live import LivePss, drop_all

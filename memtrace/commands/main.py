@@ -116,7 +116,7 @@ class ListenAddress(click.ParamType):
 
 
 def _heap_interval_option() -> Any:
-    from memtrace.heap.core import DEFAULT_HEAP_INTERVAL
+    from memtrace.heap.sampler import DEFAULT_HEAP_INTERVAL
 
     return click.option(
         "--heap-interval", type=Seconds(), default=DEFAULT_HEAP_INTERVAL,
@@ -819,7 +819,7 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
 def heap(pid: int, fmt: str, stop: bool, retries: int, exact: bool) -> None:
     """Why memory is not given back: anatomy of a process's glibc malloc heap
     (in use, free, resident holes, what malloc_trim(0) would return)."""
-    from memtrace.heap.core import heap_command
+    from memtrace.commands.heap import heap_command
 
     _echo(heap_command(pid, fmt, stop, retries, exact))
 

@@ -37,12 +37,14 @@ def test_no_other_byte_formatter_is_left():
     from pathlib import Path
 
     from memtrace import explain, libevents
-    from memtrace.heap import core as heap
+    from memtrace.commands import heap as heap_command
+    from memtrace.heap import figures as heap_figures
     from memtrace.trace import events
     from memtrace.views import summary, table
 
     assert not hasattr(explain, "_h") and not hasattr(events, "_size")
-    assert not hasattr(heap, "human") and not hasattr(table, "human")
+    assert not hasattr(heap_command, "human") and not hasattr(heap_figures, "human")
+    assert not hasattr(table, "human")
     assert not hasattr(summary, "iec")
     root = Path(__file__).resolve().parents[2] / "memtrace"
     for path in root.rglob("*.py"):

@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from memtrace.heap.core import elf_info
+from memtrace.heap.detect import elf_info
 from memtrace.trace.attribution import ElfLayout, parse_elf_layout
 from memtrace.util.elf import (
     PT_INTERP,

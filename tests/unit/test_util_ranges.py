@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from memtrace.heap.core import ResidentMap, merge_runs
+from memtrace.heap.figures import merge_runs
+from memtrace.heap.memory import ResidentMap
 from memtrace.util.ranges import merge_ranges
 
 

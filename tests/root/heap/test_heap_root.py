@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.heap import core as heap
+from memtrace.heap.layout import HeapError
+from memtrace.heap.process import analyse_process
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="memtrace heap tests need root")]
@@ -84,7 +85,7 @@ def main_arena(r: dict) -> dict:
 @pytest.mark.parametrize("stop", [False, True])
 def test_hole_below_a_live_chunk_and_trim_prediction(prog, stop: bool) -> None:
     p = prog("hole", "200000")
-    r = heap.analyse_process(p.pid, stop=stop)
+    r = analyse_process(p.pid, stop=stop)
     a = main_arena(r)
     assert r["supported"] and r["allocator"] == "glibc"
     assert a["top_pinned"] and a["pin_chunks"] == 1 and a["pin_bytes"] == 208
@@ -101,7 +102,7 @@ def test_hole_below_a_live_chunk_and_trim_prediction(prog, stop: bool) -> None:
                                                                      returned)
     # after the trim the hole is still free but no longer resident (the walk reads
     # only resident pages: the headers stayed, the interiors were discarded)
-    after = main_arena(heap.analyse_process(p.pid, stop=stop))
+    after = main_arena(analyse_process(p.pid, stop=stop))
     assert after["hole_bytes"] == a["hole_bytes"] and after["top_pinned"]
     assert after["hole_resident_bytes"] < 64 << 10
     assert after["trimmable_bytes"] < 64 << 10
@@ -110,7 +111,7 @@ def test_hole_below_a_live_chunk_and_trim_prediction(prog, stop: bool) -> None:
 
 def test_process_runs_again_after_stop(prog) -> None:
     p = prog("hole", "1000")
-    heap.analyse_process(p.pid, stop=True)
+    analyse_process(p.pid, stop=True)
     with open(f"/proc/{p.pid}/stat") as f:
         state = f.read().rsplit(")", 1)[1].split()[0]
     assert state in ("S", "R")
@@ -119,9 +120,9 @@ def test_process_runs_again_after_stop(prog) -> None:
 
 def test_top_freed_heap_shrinks_and_hole_is_gone(prog) -> None:
     p = prog("hole", "200000")
-    before = main_arena(heap.analyse_process(p.pid))
+    before = main_arena(analyse_process(p.pid))
     assert p.cmd(b"f").strip() == "FREED"
-    r = heap.analyse_process(p.pid)
+    r = analyse_process(p.pid)
     a = main_arena(r)
     assert a["size_bytes"] < before["size_bytes"] // 10
     assert not a["top_pinned"] and a["hole_bytes"] == 0
@@ -135,7 +136,7 @@ def test_top_freed_heap_shrinks_and_hole_is_gone(prog) -> None:
 
 def test_top_freed_mode_trim_matches(prog) -> None:
     p = prog("topfree", "200000")
-    a = main_arena(heap.analyse_process(p.pid))
+    a = main_arena(analyse_process(p.pid))
     assert not a["top_pinned"]
     before = p.heap_rss()
     p.cmd(b"t")
@@ -144,7 +145,7 @@ def test_top_freed_mode_trim_matches(prog) -> None:
 
 def test_large_allocation_has_its_own_mmap(prog) -> None:
     p = prog("big")
-    r = heap.analyse_process(p.pid)
+    r = analyse_process(p.pid)
     mi = p.mallinfo()
     mm = r["mmapped"]
     assert mm["count"] == 2 == mi["hblks"]
@@ -158,7 +159,7 @@ def test_large_allocation_has_its_own_mmap(prog) -> None:
 
 def test_threads_have_arenas(prog) -> None:
     p = prog("threads", "4")
-    r = heap.analyse_process(p.pid, stop=True)
+    r = analyse_process(p.pid, stop=True)
     threads = [a for a in r["arenas"] if a["kind"] == "thread"]
     assert len(threads) == 4
     mi = p.mallinfo()
@@ -175,7 +176,7 @@ def test_threads_have_arenas(prog) -> None:
 
 def test_tcache_chunks_count_as_free(prog) -> None:
     p = prog("tcache")
-    r = heap.analyse_process(p.pid)
+    r = analyse_process(p.pid)
     mi = p.mallinfo()
     a = main_arena(r)
     # 32 size classes (even indexes) x 7 cached chunks of 32+16*b bytes
@@ -217,7 +218,7 @@ def test_python_in_use_matches_mallinfo2(python: str, pymalloc: str) -> None:
     p = Prog([exe, str(HERE / "py_target.py"), "1000000"], env=env)
     try:
         mi = p.mallinfo()
-        r = heap.analyse_process(p.pid, stop=True)
+        r = analyse_process(p.pid, stop=True)
         assert p.mallinfo() == mi  # quiescent: nothing moved while we looked
         t = r["totals"]
         # malloc_in_use_bytes is malloc's own count, as mallinfo2().uordblks: exact
@@ -316,14 +317,14 @@ def test_changing_heap_retries_or_says_so_and_stop_is_exact(prog) -> None:
     p = prog("churn", "2")
     for _ in range(3):
         try:
-            r = heap.analyse_process(p.pid, retries=2)
+            r = analyse_process(p.pid, retries=2)
             assert r["supported"] and r["attempts"] >= 1
-        except heap.HeapError as e:  # the plain statement, never wrong figures
+        except HeapError as e:  # the plain statement, never wrong figures
             assert "kept changing" in e.message and "--stop" in e.message
         # a stop that catches a thread inside malloc (a bin head half-linked, a
         # tcache between its list and its count) is taken again, never
         # "unsupported" and never a tcache missed
-        r = heap.analyse_process(p.pid, stop=True)
+        r = analyse_process(p.pid, stop=True)
         assert r["supported"] and len(r["arenas"]) >= 2
         assert sorted(a["kind"] for a in r["arenas"]) == ["main", "thread", "thread"]
         assert r["tcaches"] == 3
@@ -337,7 +338,7 @@ def test_changing_heap_retries_or_says_so_and_stop_is_exact(prog) -> None:
 
 def test_thread_arena_with_several_heaps(prog) -> None:
     p = prog("bigthread", "150000")  # 150,000 x 1000 bytes in one thread: > 64 MiB
-    r = heap.analyse_process(p.pid, stop=True)
+    r = analyse_process(p.pid, stop=True)
     (t,) = [a for a in r["arenas"] if a["kind"] == "thread"]
     assert len(t["heaps"]) >= 3
     assert t["in_use_chunks"] >= 112500 and t["free_chunks"] >= 37500

@@ -1,4 +1,4 @@
-"""Synthetic process images for memtrace.heap.core: a libc data region holding
+"""Synthetic process images for memtrace.heap: a libc data region holding
 main_arena and mp_, a brk heap and thread-arena heaps, laid out as glibc 2.36
 lays them out on x86_64, readable through the AddressSpace interface."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
-from memtrace.heap.core import HEAP_MAX_SIZE, GlibcLayout, layout_for
+from memtrace.heap.layout import HEAP_MAX_SIZE, GlibcLayout, layout_for
 from memtrace.trace.procfs import Vma
 
 PAGE = 4096

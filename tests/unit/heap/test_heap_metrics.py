@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 
 from memtrace.exporter.collector import HEAP_FAMILIES
-from memtrace.heap import core as heap
-from memtrace.heap.core import KIND_FIELDS, HeapSampler, heap_summary
+from memtrace.heap.sampler import HeapSampler
+from memtrace.heap.worker import KIND_FIELDS, heap_summary, sample_once
 from memtrace.published import TickState
 
 from ..exporter.helpers import realistic_process, registry_for, render, scrape, state_of
@@ -267,7 +267,7 @@ def test_a_first_walk_without_figures_is_confirmed_before_it_is_reported():
         wait_for(lambda: len(w.calls) == 1)
         time.sleep(0.1)
         assert s.latest(7, 1) == {"status": "pending"}
-        clock[0] += 1.0  # heap.RECHECK_SECONDS later
+        clock[0] += 1.0  # sampler.RECHECK_SECONDS later
         wait_for(lambda: s.latest(7, 1)["status"] == "ok")
         assert s.counts() == {"unsupported": 1, "ok": 1}
         w.results[7] = [musl]
@@ -278,7 +278,7 @@ def test_a_first_walk_without_figures_is_confirmed_before_it_is_reported():
 
 
 def test_sample_once_on_a_missing_process_is_gone():
-    assert heap.sample_once(999_999_999)["status"] == "gone"
+    assert sample_once(999_999_999)["status"] == "gone"
 
 
 def test_session_puts_the_latest_summary_under_heap_and_says_why_once():

@@ -1,4 +1,4 @@
-"""memtrace.heap.core on synthetic heap images (no root, no process)."""
+"""memtrace.heap on synthetic heap images (no root, no process)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,13 @@ import struct
 
 import pytest
 
-from memtrace.heap import core as heap
-from memtrace.heap.core import HeapError, analyse_glibc, layout_for, trim_ranges
+from memtrace.commands.heap import render_table
+from memtrace.heap.analysis import analyse_glibc
+from memtrace.heap.detect import detect_allocator, elf_info
+from memtrace.heap.figures import histogram, totals, trim_ranges, verdict
+from memtrace.heap.layout import HeapError, layout_for, parse_glibc_version
+from memtrace.heap.memory import ResidentMap
+from memtrace.trace.procfs import Vma
 from memtrace.util.units import fmt_bytes
 
 from .synth import HEAP, LIBC, MAIN_ARENA, MP, PAGE, Chunk, FakeSpace, build
@@ -15,8 +20,8 @@ from .synth import HEAP, LIBC, MAIN_ARENA, MP, PAGE, Chunk, FakeSpace, build
 
 def analyse(img):  # type: ignore[no-untyped-def]
     r = analyse_glibc(img.space, img.layout, LIBC)
-    r["totals"] = heap.totals(r["arenas"])
-    r["verdict"] = heap.verdict(r)
+    r["totals"] = totals(r["arenas"])
+    r["verdict"] = verdict(r)
     return r
 
 
@@ -213,7 +218,7 @@ def test_mmapped_chunk_inside_a_merged_vma_is_found():
     merged = bytearray(b"\x55" * PAGE * 4) + buf
     img.space.regions[base - PAGE * 4] = merged
     img.space.vmas = [v for v in img.space.vmas if v.start != base]
-    img.space.vmas.append(heap.Vma(base - PAGE * 4, base + len(buf), "rw-p", 0, "00:00", 0, b""))
+    img.space.vmas.append(Vma(base - PAGE * 4, base + len(buf), "rw-p", 0, "00:00", 0, b""))
     img.space.vmas.sort(key=lambda v: v.start)
     mm = analyse(img)["mmapped"]
     assert mm["located_count"] == 1 and mm["located_bytes"] == 1 << 20
@@ -227,14 +232,14 @@ def test_main_heap_never_used():
 
 
 def test_histogram_buckets():
-    h = heap.histogram([32, 48, 64, 4096, 5000])
+    h = histogram([32, 48, 64, 4096, 5000])
     assert h == [{"min_bytes": 32, "max_bytes": 63, "chunks": 2, "bytes": 80},
                  {"min_bytes": 64, "max_bytes": 127, "chunks": 1, "bytes": 64},
                  {"min_bytes": 4096, "max_bytes": 8191, "chunks": 2, "bytes": 9096}]
 
 
 def test_resident_map_counts():
-    m = heap.ResidentMap([(0, 4096), (8192, 16384), (4096, 6000)])
+    m = ResidentMap([(0, 4096), (8192, 16384), (4096, 6000)])
     assert m.bytes_in(0, 20000) == 6000 + 8192
     assert m.bytes_in(5000, 9000) == 1000 + 808
     assert m.runs_in(5000, 9000) == [(5000, 6000), (8192, 9000)]
@@ -242,8 +247,8 @@ def test_resident_map_counts():
 
 def test_glibc_version_string():
     banner = b"xx GNU C Library (Debian GLIBC 2.36-9+deb12u14) stable release version 2.36.\n"
-    assert heap.parse_glibc_version(banner) == (2, 36)
-    assert heap.parse_glibc_version(b"nothing") is None
+    assert parse_glibc_version(banner) == (2, 36)
+    assert parse_glibc_version(b"nothing") is None
 
 
 def _elf_defining(*names: bytes, interp: bool = True) -> bytes:
@@ -269,7 +274,7 @@ def _elf_defining(*names: bytes, interp: bool = True) -> bytes:
 
 
 def test_elf_info_reads_dynsym():
-    interp, names = heap.elf_info(_elf_defining(b"malloc", b"free")) or (None, set())
+    interp, names = elf_info(_elf_defining(b"malloc", b"free")) or (None, set())
     assert interp is True and {b"malloc", b"free"} <= names
 
 
@@ -285,27 +290,27 @@ def test_detects_jemalloc():
     s = _space_with([b"/usr/bin/app", je, LIBC])
     s.files[je] = _elf_defining(b"malloc", b"free")
     s.files[b"/usr/bin/app"] = _elf_defining(b"main")
-    info = heap.detect_allocator(s, b"/usr/bin/app")
+    info = detect_allocator(s, b"/usr/bin/app")
     assert (info.allocator, info.supported) == ("jemalloc", False)
     assert "libjemalloc.so.2" in info.reason
 
 
 def test_detects_musl_and_static():
     s = _space_with([b"/app", b"/lib/ld-musl-x86_64.so.1"])
-    info = heap.detect_allocator(s, b"/app")
+    info = detect_allocator(s, b"/app")
     assert (info.allocator, info.supported) == ("musl", False)
     s = _space_with([b"/app", b"/usr/lib/x86_64-linux-musl/libc.so"])  # Debian's musl
-    assert heap.detect_allocator(s, b"/app").allocator == "musl"
+    assert detect_allocator(s, b"/app").allocator == "musl"
     s = _space_with([b"/static-app"])
     s.files[b"/static-app"] = _elf_defining(b"main", interp=False)
-    info = heap.detect_allocator(s, b"/static-app")
+    info = detect_allocator(s, b"/static-app")
     assert not info.supported and "statically linked" in info.reason
 
 
 def test_detects_glibc():
     s = _space_with([b"/usr/bin/python3", LIBC])
     s.files[b"/usr/bin/python3"] = _elf_defining(b"PyMem_Malloc")
-    info = heap.detect_allocator(s, b"/usr/bin/python3")
+    info = detect_allocator(s, b"/usr/bin/python3")
     assert (info.allocator, info.supported, info.libc_path) == ("glibc", True, LIBC)
 
 
@@ -313,14 +318,14 @@ def test_table_renders():
     img = build([Chunk(0x100), Chunk(4 << 20, "free"), Chunk(0xD0)], heap_size=5 << 20)
     r = analyse(img)
     r.update(pid=1, comm="x", stopped=True, pause_seconds=0.012)
-    text = heap.render_table(r)
+    text = render_table(r)
     assert "paused 12.0 ms" in text and "verdict:" in text and "yes (208 B)" in text
     assert "malloc's own in-use count (mallinfo2().uordblks)" in text
-    exact = heap.render_table(r, exact=True)       # --bytes (issue 11)
+    exact = render_table(r, exact=True)       # --bytes (issue 11)
     size = str(r["arenas"][0]["size_bytes"])
     assert f" {size} " in exact and f" {fmt_bytes(r['arenas'][0]['size_bytes'])} " in text
     assert exact.splitlines()[-1] == text.splitlines()[-1]   # the verdict keeps its units
-    un = heap.render_table({"pid": 2, "comm": "y", "supported": False, "allocator": "musl",
+    un = render_table({"pid": 2, "comm": "y", "supported": False, "allocator": "musl",
                             "reason": "musl"})
     assert "allocator musl" in un
 
