@@ -350,7 +350,7 @@ class Session:
         if self.pss is not None:
             snap["pss_refreshed_ts"] = self.pss.refreshed_at(tracker.pid)
 
-    # ---- heap figures (memtrace heap, walked in the background: memtrace/heap/core.py)
+    # ---- heap figures (memtrace heap, walked in the background: memtrace/heap/sampler.py)
 
     def enable_heap(self, interval: float) -> None:
         """Walk the malloc heap of every watched process every `interval` seconds
