@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -24,6 +24,7 @@ from prometheus_client import generate_latest, make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from memtrace.errors import ExitCode, MemtraceError
+from memtrace.util.batches import joined
 
 DEFAULT_PORT = 9877
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -308,20 +309,6 @@ FastRender = Callable[[], "str | Iterable[bytes]"]
 WRITE_BYTES = 64 * 1024
 
 
-def _joined(pieces: list[bytes], size: int = WRITE_BYTES) -> Iterator[bytes]:
-    """The pieces, joined lazily into writes of about `size` bytes."""
-    group: list[bytes] = []
-    n = 0
-    for piece in pieces:
-        group.append(piece)
-        n += len(piece)
-        if n >= size:
-            yield b"".join(group)
-            group, n = [], 0
-    if group:
-        yield b"".join(group)
-
-
 def _fast_app(render: FastRender, registry: CollectorRegistry) -> Callable[..., Any]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         if environ.get("REQUEST_METHOD", "GET") not in ("GET", "HEAD"):
@@ -333,13 +320,13 @@ def _fast_app(render: FastRender, registry: CollectorRegistry) -> Callable[..., 
         headers = [("Content-Type", TEXT_FORMAT)]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
             z = GZIP.compressobj(GZIP_LEVEL, GZIP.DEFLATED, 31)  # 31: a gzip stream
-            packed = [z.compress(group) for group in _joined(body)]
+            packed = [z.compress(group) for group in joined(body, WRITE_BYTES)]
             packed.append(z.flush())
             body = packed
             headers.append(("Content-Encoding", "gzip"))
         headers.append(("Content-Length", str(sum(map(len, body)))))
         start_response("200 OK", headers)
-        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else _joined(body)
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else joined(body, WRITE_BYTES)
     return app
 
 

@@ -27,6 +27,7 @@ from collections.abc import Iterable
 from typing import IO, cast
 
 from memtrace.errors import OutputError
+from memtrace.util.batches import joined
 from memtrace.util.log import log
 
 MAX_QUEUED_BYTES = 64 << 20
@@ -151,26 +152,13 @@ class OutputStream:
                 self._cond.notify_all()
 
     def _write(self, record: list[bytes]) -> None:
-        for chunk in _chunks(record):
+        for chunk in joined(record, CHUNK):
             view = memoryview(chunk)
             while view:
                 n = os.write(self.fd, view[:WRITE_MAX])
                 view = view[n:]
                 self.written_bytes += n
                 self.last_progress = time.monotonic()
-
-
-def _chunks(parts: list[bytes], size: int = CHUNK) -> Iterable[bytes]:
-    group: list[bytes] = []
-    n = 0
-    for p in parts:
-        group.append(p)
-        n += len(p)
-        if n >= size:
-            yield group[0] if len(group) == 1 else b"".join(group)
-            group, n = [], 0
-    if group:
-        yield group[0] if len(group) == 1 else b"".join(group)
 
 
 class TextOutput:

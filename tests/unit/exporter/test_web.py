@@ -32,6 +32,7 @@ from memtrace.exporter.web import (
     parse_listen,
 )
 from memtrace.published import StateBox
+from memtrace.util.batches import joined
 
 from .helpers import (
     PAGE,
@@ -347,9 +348,9 @@ def test_render_chunks_is_render_text_in_pieces_joined_lazily_for_writes():
     text = collector.render_text()
     assert len(chunks) > 2
     assert max(map(len, chunks)) < WRITE_BYTES
-    joined = list(web._joined(chunks))
-    assert len(joined) > 1 and b"".join(joined) == b"".join(chunks)
-    assert all(len(j) >= WRITE_BYTES for j in joined[:-1])
+    writes = list(joined(chunks, WRITE_BYTES))
+    assert len(writes) > 1 and b"".join(writes) == b"".join(chunks)
+    assert all(len(w) >= WRITE_BYTES for w in writes[:-1])
     strip = re.compile(rb"^memtrace_(scrape_build_seconds|mapping_series_folded_total) .*$",
                        re.M)
     assert strip.sub(b"", b"".join(chunks)) == strip.sub(b"", text.encode("utf-8"))
