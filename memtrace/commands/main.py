@@ -17,32 +17,13 @@ from memtrace import __version__
 from memtrace.commands.agent import agent
 from memtrace.commands.doctor import doctor
 from memtrace.commands.explain import explain
+from memtrace.commands.heap import heap
 from memtrace.commands.libs import libs
-from memtrace.commands.oneshot import echo
 from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.commands.run import run
 from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.util.log import log
-
-
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("pid", type=int)
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
-              show_default=True, help="Table, or one JSON object (see docs/heap.md).")
-@click.option("--stop", is_flag=True, help="SIGSTOP the process for an exact snapshot "
-              "(SIGCONT always follows; the pause is reported).")
-@click.option("--retries", type=click.IntRange(min=0, max=1000), default=5, show_default=True,
-              help="Walks to retry when the heap changes under the walk (with --stop: "
-              "snapshots to take again when a thread was stopped inside malloc).")
-@click.option("--bytes", "exact", is_flag=True,
-              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
-def heap(pid: int, fmt: str, stop: bool, retries: int, exact: bool) -> None:
-    """Why memory is not given back: anatomy of a process's glibc malloc heap
-    (in use, free, resident holes, what malloc_trim(0) would return)."""
-    from memtrace.commands.heap import heap_command
-
-    echo(heap_command(pid, fmt, stop, retries, exact))
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]},
