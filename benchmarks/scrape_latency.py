@@ -266,7 +266,7 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
     from memtrace.exporter.web import MetricsServer, WebConfig
     from memtrace.published import StateBox
 
-    freeze_startup_objects()  # as cli._serve does, before any process is watched
+    freeze_startup_objects()  # as live.serve_metrics does, before any process is watched
     if args.gzip == "zlib":
         import zlib
         web.GZIP = zlib
@@ -280,7 +280,7 @@ def serve(args: argparse.Namespace, conn: Any) -> None:
         ticker.tick()
         return collector.render_chunks()
 
-    # as memtrace serves it (cli._serve): memtrace's families through the fast
+    # as memtrace serves it (live.serve_metrics): memtrace's families through the fast
     # text renderer, the process collector through prometheus_client
     server = MetricsServer(registry, "127.0.0.1:0", WebConfig(), fast=render)
     gc_clock = GcClock()

@@ -1,6 +1,7 @@
 """`memtrace agent`: pick processes by rule, attach to new ones as they exec or
 as watched processes fork them, detach from the ones that exit, keep serving
-metrics while targets come and go."""
+metrics while targets come and go. The rules, the Agent that applies them each
+tick, and the command that builds both from its options."""
 
 from __future__ import annotations
 
@@ -12,10 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
+
+from memtrace.commands.live import NullReporter, bind_metrics, make_reporter, serve_metrics
+from memtrace.commands.options import (
+    EXIT_CODES_HELP,
+    ListenAddress,
+    Seconds,
+    Size,
+    heap_interval_option,
+    parse_size,
+    pss_interval_option,
+)
 from memtrace.errors import ExitCode, MemtraceError
+from memtrace.exporter.web import DEFAULT_LISTEN, load_web_config
+from memtrace.reporter import Reporter
 from memtrace.session import Session
 from memtrace.trace.events import Drained
 from memtrace.trace.procfs import ProcFS, escape_name
+from memtrace.util.log import log
 
 
 @dataclass(frozen=True)
@@ -309,3 +325,90 @@ def all_pids(procfs: ProcFS) -> list[int]:
         return sorted(int(p.name) for p in Path(procfs.root).iterdir() if p.name.isdigit())
     except OSError:
         return []
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.option("--comm", multiple=True, help="Watch processes whose name matches this regex. "
+              "NAME=REGEX names the rule (its group with --group-by group); this holds "
+              "for --exe, --cgroup and --user too.")
+@click.option("--exe", multiple=True, help="... whose executable path matches this regex.")
+@click.option("--cgroup", multiple=True, help="... whose cgroup path matches this regex.")
+@click.option("--user", multiple=True, help="... owned by this user (name or UID).")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False),
+              help="YAML file: rules (list of {name, comm, exe, cgroup, user}, fields "
+              "ANDed, rules ORed), all_min_rss.")
+@click.option("--all", "all_", is_flag=True, help="Also watch every process whose resident "
+              "size reaches --min-rss (checked from statm every --sweep-interval).")
+@click.option("--min-rss", type=Size(), default="64M", show_default=True,
+              help="Threshold for --all (bytes; K, M, G, T suffixes).")
+@click.option("--sweep-interval", type=Seconds(min=0.1), default=10.0,
+              show_default=True, help="Seconds between --all sweeps of /proc/*/statm.")
+@click.option("--max-processes", type=click.IntRange(min=1, max=1 << 22), default=100,
+              show_default=True,
+              help="Cap on watched processes; the rest are counted as dropped.")
+@click.option("--group-by", type=click.Choice(["pid", "group", "comm"]), default="pid",
+              show_default=True, help="Label series by pid; or by group, summed over "
+              "its processes so restarts keep their series: group = the matching rule's "
+              "name (NAME=REGEX, or name: in --config), else the process name (comm); "
+              "comm = always the process name.")
+@click.option("--format", "fmt", type=click.Choice(["none", "json"]), default="none",
+              show_default=True, help="Also write JSON Lines snapshots.")
+@click.option("--interval", type=Seconds(min=0.01), default=1.0, show_default=True)
+@click.option("--reconcile-interval", type=Seconds(), default=300.0, show_default=True)
+@click.option("--web.listen-address", "listen", default=DEFAULT_LISTEN, type=ListenAddress(),
+              show_default=True, help="Address of the /metrics endpoint; one in use is an "
+              "error (exit 2), never replaced.")
+@click.option("--web.config.file", "web_config", default=None, type=click.Path(dir_okay=False))
+@click.option("--max-mapping-series", type=click.IntRange(min=2, max=1_000_000), default=50,
+              show_default=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@heap_interval_option()
+@pss_interval_option()
+def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
+          user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: int,
+          sweep_interval: float, max_processes: int, group_by: str, fmt: str,
+          interval: float, reconcile_interval: float, listen: str, web_config: str | None,
+          max_mapping_series: int, output: str | None, heap_interval: float,
+          pss_interval: float) -> None:
+    """Run as a node agent: watch processes picked by rules, attach to new ones on
+    exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
+    raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
+    rules = [rule_from_dict(r, i) for i, r in enumerate(raw_rules)]
+    all_min_rss = min_rss if all_ else None
+    if config_file:
+        config = load_config(config_file)
+        rules += [rule_from_dict(r, i, f"{config_file}: ")
+                  for i, r in enumerate(config.get("rules") or [])]
+        if config.get("all_min_rss") is not None:
+            try:
+                all_min_rss = parse_size(str(config["all_min_rss"]))
+            except ValueError as e:
+                raise MemtraceError(f"{config_file}: all_min_rss: {e}",
+                                    ExitCode.USAGE) from None
+    if not rules and all_min_rss is None:
+        raise MemtraceError("agent needs at least one rule (--comm, --exe, --cgroup, --user, "
+                            "--config) or --all", ExitCode.USAGE)
+    web_cfg = load_web_config(web_config)
+    reporter: Reporter = make_reporter("json", output) if fmt == "json" else NullReporter()
+    session = Session(reporter, interval, reconcile_interval)
+    session.grouping = group_by != "pid"
+    session.container_labels = True    # container_id, pod_uid from the cgroup path
+    session.enable_heap(heap_interval)
+    session.enable_pss(pss_interval)
+    session.install_signal_handlers()
+    server = bind_metrics(False, listen, web_cfg)   # a fixed port for Prometheus: never another
+    try:
+        session.load(watch_execs=True)
+        serve_metrics(session, server, max_mapping_series)
+        agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval,
+                       group_by=group_by)
+        agent_.initial_scan()
+        log(f"agent: {len(rules)} rule(s){', --all' if all_min_rss is not None else ''}; "
+            f"watching {len(session.trackers)} process(es)")
+        session.publish()
+        session.loop(lambda: True, agent_.on_tick)
+    finally:
+        if server:
+            server.close()
+        session.close()
+    log("agent: stopped, probes detached")

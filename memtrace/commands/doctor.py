@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
+
+from memtrace.commands.oneshot import echo
+from memtrace.errors import ExitCode
 from memtrace.trace import btf
 from memtrace.trace.pagemap import probe_pagemap_scan, scan_mechanism
 from memtrace.trace.procfs import statm_is_exact, want_rss_stat_probe
@@ -201,3 +206,17 @@ def render(checks: list[Check]) -> str:
             line += f" -- fix: {c.fix}"
         lines.append(line)
     return "\n".join(lines)
+
+
+@click.command()
+def doctor() -> None:
+    """Check that memtrace can run here, one line per requirement with the fix."""
+    checks = run_checks()
+    echo(render(checks))
+    failed = [c for c in checks if c.required and not c.ok]
+    if failed:
+        codes = {"BCC": ExitCode.NO_BCC, "kernel headers": ExitCode.NO_HEADERS,
+                 "privileges": ExitCode.NOT_ROOT, "tracepoints": ExitCode.NO_TRACEFS}
+        # Without privileges every other failure follows from it: say that first.
+        first = next((c for c in failed if c.name == "privileges"), failed[0])
+        sys.exit(codes.get(first.name, ExitCode.INTERNAL))

@@ -1,5 +1,6 @@
 """`memtrace heap PID`: the glibc malloc anatomy of one process (memtrace/heap/),
-printed as a table or as the JSON report, and the exit code when it cannot be read."""
+printed as a table or as the JSON report, and the exit code when it cannot be read;
+the command and its options."""
 
 from __future__ import annotations
 
@@ -8,6 +9,10 @@ import functools
 import json
 from typing import Any
 
+import click
+
+from memtrace.commands.oneshot import echo
+from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.heap.layout import HeapError
 from memtrace.heap.process import analyse_process
@@ -101,3 +106,20 @@ def heap_command(pid: int, fmt: str, stop: bool, retries: int, exact: bool = Fal
     if fmt == "json":
         return json.dumps(report)
     return render_table(report, exact)
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("pid", type=int)
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
+              show_default=True, help="Table, or one JSON object (see docs/heap.md).")
+@click.option("--stop", is_flag=True, help="SIGSTOP the process for an exact snapshot "
+              "(SIGCONT always follows; the pause is reported).")
+@click.option("--retries", type=click.IntRange(min=0, max=1000), default=5, show_default=True,
+              help="Walks to retry when the heap changes under the walk (with --stop: "
+              "snapshots to take again when a thread was stopped inside malloc).")
+@click.option("--bytes", "exact", is_flag=True,
+              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
+def heap(pid: int, fmt: str, stop: bool, retries: int, exact: bool) -> None:
+    """Why memory is not given back: anatomy of a process's glibc malloc heap
+    (in use, free, resident holes, what malloc_trim(0) would return)."""
+    echo(heap_command(pid, fmt, stop, retries, exact))

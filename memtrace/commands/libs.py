@@ -3,7 +3,7 @@ librank). For each library, all of its segments summed (file-backed
 mappings of one file, by device and inode, plus the bss: the anonymous rw-p
 mapping that directly follows the library's file-backed rw-p data segment),
 the processes that map it with their RSS, PSS and USS, and totals; then the
-per-process totals over all mappings."""
+per-process totals over all mappings. The report, its renderers and the command."""
 
 from __future__ import annotations
 
@@ -15,6 +15,10 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
+import click
+
+from memtrace.commands.oneshot import echo
+from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.pss.accounting import Usage
 from memtrace.pss.reader import KPageCounts, PssReader
@@ -347,3 +351,28 @@ def libs_command(pids: Sequence[int], all_: bool, sort: str, fmt: str,
     if fmt == "table":
         return render_table(report, sort, exact)
     return RENDERERS[fmt](report, sort)
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("pids", nargs=-1, type=int)
+@click.option("--all", "all_", is_flag=True, help="Every process (kernel threads, zombies "
+              "and memtrace itself left out; processes that exit during the walk or "
+              "cannot be read are skipped and counted).")
+@click.option("--sort", type=click.Choice(["rss", "pss", "uss", "name"]), default="pss",
+              show_default=True, help="Order of libraries, and of processes within each.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table",
+              show_default=True)
+@click.option("--all-files", is_flag=True, help="Count every file-backed mapping "
+              "(executables, data files), not only shared libraries.")
+@click.option("--bytes", "exact", is_flag=True,
+              help="Exact byte counts in the table instead of KiB/MiB/GiB.")
+def libs(pids: tuple[int, ...], all_: bool, sort: str, fmt: str, all_files: bool,
+         exact: bool) -> None:
+    """Shared libraries and who pays for them (like Android's librank): per
+    library (all segments: text, rodata/relro, data, bss) the processes mapping
+    it with their RSS, PSS (each page divided by its map count) and USS (pages
+    mapped only once), and totals; then per-process totals. Figures equal
+    smaps Rss, Pss and Private_Clean + Private_Dirty. Needs root.
+
+    memtrace libs PID [PID ...] | memtrace libs --all"""
+    echo(libs_command(pids, all_, sort, fmt, all_files, exact=exact))

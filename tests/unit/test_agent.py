@@ -221,10 +221,10 @@ def test_group_by_comm_ignores_rule_names(world):
 
 
 def test_agent_takes_group_by_comm():
-    from memtrace.commands import main as cli
+    from memtrace.commands.agent import agent
 
     for value in ("pid", "group", "comm"):
-        ctx = cli.agent.make_context("agent", ["--comm", "x", "--group-by", value])
+        ctx = agent.make_context("agent", ["--comm", "x", "--group-by", value])
         assert ctx.params["group_by"] == value
 
 
@@ -727,7 +727,6 @@ class _CliSession:
 def _run_agent(monkeypatch, *args: str) -> dict[str, Any]:
     """The arguments `memtrace agent ARGS` gives Agent, and the session's settings."""
     import memtrace.commands.agent as agent_mod
-    from memtrace.commands import main as cli
 
     seen: dict[str, Any] = {}
 
@@ -739,12 +738,12 @@ def _run_agent(monkeypatch, *args: str) -> dict[str, Any]:
         raise _Stop
 
     _CliSession.instances.clear()
-    monkeypatch.setattr(cli, "Session", _CliSession)
-    monkeypatch.setattr(cli, "_listen", lambda *a, **k: None)
-    monkeypatch.setattr(cli, "_serve", lambda *a, **k: None)
+    monkeypatch.setattr(agent_mod, "Session", _CliSession)
+    monkeypatch.setattr(agent_mod, "bind_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(agent_mod, "serve_metrics", lambda *a, **k: None)
     monkeypatch.setattr(agent_mod, "Agent", fake_agent)
     with pytest.raises(_Stop):
-        cli.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
+        agent_mod.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
     assert seen["session"].closed and seen["session"].loaded == {"watch_execs": True}
     return seen
 
@@ -798,15 +797,15 @@ def test_cli_rules_come_before_config_rules_and_config_all_min_rss_wins(monkeypa
 ])
 def test_cli_rule_and_config_errors_exit_2_before_loading(monkeypatch, tmp_path, args,
                                                           config, words):
-    from memtrace.commands import main as cli
+    import memtrace.commands.agent as agent_mod
 
     if config is not None:
         path = _config(tmp_path, config)
         args = tuple(path if a == "CFG" else a for a in args)
     _CliSession.instances.clear()
-    monkeypatch.setattr(cli, "Session", _CliSession)
+    monkeypatch.setattr(agent_mod, "Session", _CliSession)
     with pytest.raises(MemtraceError) as e:
-        cli.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
+        agent_mod.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
     assert e.value.code == ExitCode.USAGE and words in e.value.message, e.value.message
     assert _CliSession.instances == []          # nothing was set up
 

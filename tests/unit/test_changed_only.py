@@ -10,7 +10,9 @@ import json
 
 import pytest
 
-from memtrace.commands import main as cli
+from memtrace.commands.live import make_reporter
+from memtrace.commands.run import run
+from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.snapshot import SnapshotBuilder
 from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
@@ -99,15 +101,15 @@ def test_changed_only_keeps_processes_apart(world):
 
 
 def test_changed_only_is_an_option_of_watch_and_run_for_json():
-    for cmd, argv in ((cli.watch, ["1"]), (cli.run, ["--", "true"])):
+    for cmd, argv in ((watch, ["1"]), (run, ["--", "true"])):
         ctx = cmd.make_context(cmd.name, ["--changed-only", "--format", "json", *argv])
         assert ctx.meta["changed_only"] is True
         with ctx:
-            assert cli._reporter("json", None).changed_only is True  # type: ignore[union-attr]
+            assert make_reporter("json", None).changed_only is True  # type: ignore[union-attr]
             with pytest.raises(MemtraceError) as ei:
-                cli._reporter("table", None)
+                make_reporter("table", None)
             assert ei.value.code == ExitCode.USAGE
             assert ei.value.message == "--changed-only needs --format json"
         ctx = cmd.make_context(cmd.name, ["--format", "json", *argv])
         with ctx:
-            assert cli._reporter("json", None).changed_only is False  # type: ignore[union-attr]
+            assert make_reporter("json", None).changed_only is False  # type: ignore[union-attr]

@@ -210,10 +210,10 @@ def test_unwritable_output_is_one_clear_line(cmd, tmp_path):
 
 
 def test_format_none_reports_nothing_but_log_lines(capsys):
-    from memtrace.commands.main import _NullReporter, _reporter
+    from memtrace.commands.live import NullReporter, make_reporter
 
-    reporter = _reporter("none", None)
-    assert isinstance(reporter, _NullReporter)
+    reporter = make_reporter("none", None)
+    assert isinstance(reporter, NullReporter)
     reporter.snapshot({"pid": 1, "mappings": []})
     reporter.message("pid 1 exited")
     out, err = capsys.readouterr()
@@ -231,7 +231,8 @@ def _numeric_options() -> list[tuple[str, str]]:
     """(subcommand, option) for every option taking a number, a size or an address."""
     import click
 
-    from memtrace.commands.main import ListenAddress, Seconds, Size, cli
+    from memtrace.commands.main import cli
+    from memtrace.commands.options import ListenAddress, Seconds, Size
 
     numeric = (Seconds, Size, ListenAddress, click.IntRange, click.FloatRange)
     out = []
@@ -301,7 +302,10 @@ def test_out_of_range_values_are_one_usage_line(args, monkeypatch, capsys):
 
 
 def test_good_values_still_parse():
-    from memtrace.commands.main import agent, parse_size, run, watch
+    from memtrace.commands.agent import agent
+    from memtrace.commands.options import parse_size
+    from memtrace.commands.run import run
+    from memtrace.commands.watch import watch
 
     p = watch.make_context("watch", ["--interval", "0.5", "--pss-interval", "0",
                                      "--web.listen-address", "[::1]:0", "1"]).params
@@ -367,7 +371,7 @@ def test_exit_codes_agree_everywhere():
     table of docs/exit-codes.md has exactly its codes, each with its text."""
     import re
 
-    from memtrace.commands.main import EXIT_CODE_LINES, EXIT_CODES_HELP
+    from memtrace.commands.options import EXIT_CODE_LINES, EXIT_CODES_HELP
     from memtrace.errors import DESCRIPTIONS, ExitCode
 
     want = {int(c): c.description for c in ExitCode}
@@ -386,7 +390,7 @@ def test_exit_codes_agree_everywhere():
 
 def test_exit_codes_help_is_unchanged():
     """The epilog made from ExitCode reads as the hand-written one did."""
-    from memtrace.commands.main import EXIT_CODES_HELP
+    from memtrace.commands.options import EXIT_CODES_HELP
 
     assert EXIT_CODES_HELP == """\b
 Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
@@ -443,18 +447,18 @@ def test_bad_table_options_are_one_usage_line(cmd, args, monkeypatch, capsys):
 def test_table_options_reach_the_table(monkeypatch):
     import re
 
-    from memtrace.commands import main as cli
+    from memtrace.commands import watch
     from memtrace.views.table import COLUMNS, DEFAULT_COLUMNS, TableOptions
 
     seen: list[TableOptions] = []
-    monkeypatch.setattr(cli, "_reporter", lambda fmt, output, opts=None: seen.append(opts)
+    monkeypatch.setattr(watch, "make_reporter", lambda fmt, output, opts=None: seen.append(opts)
                         or (_ for _ in ()).throw(SystemExit(0)))
-    monkeypatch.setattr(cli, "_existing_targets", lambda procfs, pids: pids)
+    monkeypatch.setattr(watch, "_existing_targets", lambda procfs, pids: pids)
     for argv in (["1"], ["--sort", "delta", "--top", "7", "--kind", "heap", "--kind", "anon",
                          "--path", "^/usr", "--by-library", "--bytes",
                          "--columns", "rss,delta,path", "1"], ["--wide", "1"]):
         with pytest.raises(SystemExit):
-            cli.watch.main(argv, standalone_mode=False)
+            watch.watch.main(argv, standalone_mode=False)
     default, full, wide = seen
     assert default == TableOptions()
     assert default.columns == DEFAULT_COLUMNS and "range" not in default.columns
@@ -466,7 +470,7 @@ def test_table_options_reach_the_table(monkeypatch):
 
 @pytest.mark.parametrize("cmd", ["heap", "libs"])
 def test_bytes_flag_on_one_shot_tables(cmd):
-    from memtrace.commands import main as cli
+    from memtrace.commands.main import cli
 
-    command = getattr(cli, cmd)
+    command = cli.commands[cmd]
     assert command.make_context(cmd, ["--bytes", "1"]).params["exact"] is True

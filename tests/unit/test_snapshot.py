@@ -340,7 +340,7 @@ def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch
     from rich.console import Console
 
     import memtrace.session as session_mod
-    from memtrace.commands.main import _NullReporter
+    from memtrace.commands.live import NullReporter
     from memtrace.views.table import TableReporter
 
     seen: list[bool] = []
@@ -353,11 +353,11 @@ def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch
 
     monkeypatch.setattr(session_mod, "Probes", FakeProbes)
     for reporter in (TableReporter(Console(file=io.StringIO())), JsonReporter(io.StringIO()),
-                     _NullReporter()):
+                     NullReporter()):
         session_mod.Session(reporter, 1.0, 0.0).load()
     assert seen == [True, False, False]
     assert JsonReporter.wants_json_text and not TableReporter.wants_json_text
-    assert not _NullReporter.wants_json_text
+    assert not NullReporter.wants_json_text
 
 
 def test_exporter_text_is_the_same_with_the_builders_sums(world):

@@ -1,11 +1,11 @@
 """`watch P...`: PIDs that are gone before attach are said and skipped while
-another one is left (memtrace/commands/main.py _existing_targets)."""
+another one is left (memtrace/commands/watch.py _existing_targets)."""
 
 from __future__ import annotations
 
 import pytest
 
-from memtrace.commands.main import _existing_targets
+from memtrace.commands.watch import _existing_targets
 from memtrace.errors import ExitCode, MemtraceError
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import gc
 from types import SimpleNamespace
 
-from memtrace.commands import main as cli
+from memtrace.commands import live
 from memtrace.exporter import collector as exporter
 from memtrace.published import StateBox
 
@@ -26,7 +26,7 @@ def test_freeze_startup_objects_takes_the_heap_out_of_collections():
 
 def test_serve_freezes_before_it_serves(monkeypatch):
     calls: list[str] = []
-    monkeypatch.setattr(cli, "freeze_startup_objects", lambda: calls.append("freeze"))
+    monkeypatch.setattr(live, "freeze_startup_objects", lambda: calls.append("freeze"))
 
     class FakeServer:
         tls = exposed = protected = False
@@ -40,13 +40,13 @@ def test_serve_freezes_before_it_serves(monkeypatch):
         def serve(self, *args, **kw):  # type: ignore[no-untyped-def]
             calls.append("serve")
 
-    monkeypatch.setattr(cli, "MetricsServer", FakeServer)
+    monkeypatch.setattr(live, "MetricsServer", FakeServer)
     session = SimpleNamespace(exporter_box=StateBox())
-    server = cli._listen(False, "127.0.0.1:0", None)
+    server = live.bind_metrics(False, "127.0.0.1:0", None)
     assert calls == ["bind"]
-    assert cli._serve(session, server, 50) is server  # type: ignore[arg-type]
+    assert live.serve_metrics(session, server, 50) is server  # type: ignore[arg-type]
     assert calls == ["bind", "freeze", "serve"]
     calls.clear()
-    assert cli._listen(True, "127.0.0.1:0", None) is None
-    assert cli._serve(session, None, 50) is None  # type: ignore[arg-type]
+    assert live.bind_metrics(True, "127.0.0.1:0", None) is None
+    assert live.serve_metrics(session, None, 50) is None  # type: ignore[arg-type]
     assert calls == []

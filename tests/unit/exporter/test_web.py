@@ -18,7 +18,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace.commands import main as cli
+from memtrace.commands import live
+from memtrace.commands.run import run
+from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.exporter import web
 from memtrace.exporter.collector import MemtraceCollector
@@ -169,7 +171,7 @@ def test_unreadable_config_is_a_directory(tmp_path):
 def test_default_listen_address_is_loopback():
     host, port = parse_listen(DEFAULT_LISTEN)
     assert is_loopback(host) and port == 9877
-    for cmd, argv in ((cli.watch, ["1"]), (cli.run, ["--", "true"])):
+    for cmd, argv in ((watch, ["1"]), (run, ["--", "true"])):
         params = cmd.make_context(cmd.name, argv).params
         assert params["listen"] == DEFAULT_LISTEN
         assert params["no_serve"] is False  # serving is the default
@@ -564,13 +566,13 @@ def test_require_any_client_cert(serve, pki):
 
 
 # ---------------------------------------------------------------------------
-# the CLI's log lines (memtrace.commands.main._serve, without probes)
+# the CLI's log lines (memtrace.commands.live.serve_metrics, without probes)
 
 
 def _serve_log(capsys, listen: str, web_config: str | None) -> list[str]:
     session = types.SimpleNamespace(exporter_box=StateBox())
-    server = cli._serve(session, cli._listen(False, listen, web_config),  # type: ignore[arg-type]
-                        50)
+    server = live.serve_metrics(session,  # type: ignore[arg-type]
+                                live.bind_metrics(False, listen, web_config), 50)
     try:
         assert server is not None
         port = server.httpd.server_port
@@ -583,8 +585,8 @@ def _serve_log(capsys, listen: str, web_config: str | None) -> list[str]:
 
 def test_no_serve(capsys):
     session = types.SimpleNamespace(exporter_box=StateBox())
-    assert cli._listen(True, "0.0.0.0:0", None) is None
-    assert cli._serve(session, None, 50) is None  # type: ignore[arg-type]
+    assert live.bind_metrics(True, "0.0.0.0:0", None) is None
+    assert live.serve_metrics(session, None, 50) is None  # type: ignore[arg-type]
     assert capsys.readouterr().err == ""
 
 
@@ -662,11 +664,11 @@ def test_busy_port_is_one_line_usage_error(held_port):
 
 def test_busy_port_with_fallback_takes_a_free_port(held_port, capsys):
     listen = f"127.0.0.1:{held_port}"
-    server = cli._listen(False, listen, None, fallback=True)
+    server = live.bind_metrics(False, listen, None, fallback=True)
     assert server is not None
     try:
         assert server.busy == listen and server.httpd.server_port != held_port
-        cli._serve(types.SimpleNamespace(exporter_box=StateBox()), server, 50)  # type: ignore[arg-type]
+        live.serve_metrics(types.SimpleNamespace(exporter_box=StateBox()), server, 50)  # type: ignore[arg-type]
         err = capsys.readouterr().err.splitlines()
         assert err == [f"memtrace: {listen} is in use (another memtrace?): serving metrics on "
                        f"http://{server.address}/metrics instead (--web.listen-address "

@@ -1,0 +1,112 @@
+"""The live pipeline that watch, run and agent share: the view a --format asks
+for (table, JSON Lines, none), writing to stdout or -o FILE, and the /metrics
+endpoint, bound before the probes compile and served once the session has
+loaded them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from memtrace.errors import ExitCode, MemtraceError
+from memtrace.exporter.collector import MemtraceCollector, freeze_startup_objects
+from memtrace.exporter.web import MetricsServer, WebConfig, load_web_config
+from memtrace.reporter import Reporter
+from memtrace.session import Session
+from memtrace.util.log import log
+from memtrace.views.summary import render_summary
+
+
+def bind_metrics(no_serve: bool, listen: str, web_config: str | WebConfig | None,
+                 fallback: bool = False) -> MetricsServer | None:
+    """Bind the /metrics address (before the probes compile, so a busy port fails
+    at once: one line, exit 2); serve_metrics() starts answering. With `fallback`
+    (watch and run when --web.listen-address was not given), a default port that
+    is in use (another memtrace watch) is replaced by a free port on the same host."""
+    if no_serve:
+        return None
+    cfg = web_config if isinstance(web_config, WebConfig) else load_web_config(web_config)
+    return MetricsServer(None, listen, cfg, fallback=fallback)
+
+
+def listen_address_given() -> bool:
+    """Whether --web.listen-address was given (not its default)."""
+    from click.core import ParameterSource
+
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.get_parameter_source("listen") is not ParameterSource.DEFAULT
+
+
+def serve_metrics(session: Session, server: MetricsServer | None,
+                  max_mapping_series: int) -> MetricsServer | None:
+    """Serve the session's metrics on the address bind_metrics() bound."""
+    if server is None:
+        return None
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.process_collector import ProcessCollector
+
+    freeze_startup_objects()     # before any process is watched (see its docstring)
+    collector = MemtraceCollector(session.exporter_box, max_mapping_series)
+    registry = CollectorRegistry()
+    registry.register(ProcessCollector(registry=None))
+    server.serve(registry, fast=collector.render_chunks)
+    url = f"{'https' if server.tls else 'http'}://{server.address}/metrics"
+    if server.busy:
+        log(f"{server.busy} is in use (another memtrace?): serving metrics on {url} "
+            "instead (--web.listen-address chooses; --no-serve turns it off)")
+    else:
+        log(f"serving metrics on {url}")
+    if server.exposed and not server.protected:
+        log(f"warning: {server.address} is reachable beyond loopback without TLS or "
+            "authentication (see --web.config.file)")
+    return server
+
+
+def make_reporter(fmt: str, output: str | None, table_opts: Any = None) -> Reporter:
+    """The view for --format, writing to stdout or -o FILE through an
+    OutputStream (views/output.py: never blocks; OutputError on failure)."""
+    ctx = click.get_current_context(silent=True)
+    changed_only = bool(ctx and ctx.meta.get("changed_only"))
+    if changed_only and fmt != "json":
+        raise MemtraceError("--changed-only needs --format json", ExitCode.USAGE)
+    if fmt == "none":
+        return NullReporter()
+    if output == "":
+        raise MemtraceError("-o: empty file name", ExitCode.USAGE)
+    from memtrace.views.output import open_output
+
+    stream = open_output(output)
+    if fmt == "json":
+        from memtrace.views.jsonl import JsonReporter
+        return JsonReporter(stream, changed_only=changed_only)
+    from rich.console import Console
+
+    from memtrace.views.output import TextOutput
+    from memtrace.views.table import TableReporter
+    return TableReporter(Console(file=TextOutput(stream).as_io()), options=table_opts)
+
+
+class NullReporter(Reporter):
+    """--format none, and agent without --format: serve metrics, log
+    attach/detach lines."""
+
+    def snapshot(self, snap: dict[str, Any]) -> None:
+        pass
+
+    def events(self, events: list[Any]) -> None:
+        pass
+
+    def tick_done(self) -> None:
+        pass
+
+    def message(self, text: str) -> None:
+        log(text)
+
+    def summary(self, summary: dict[str, Any]) -> None:
+        for line in render_summary(summary).splitlines():
+            log(line)
+
+    def close(self) -> None:
+        pass
+
