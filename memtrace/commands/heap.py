@@ -14,8 +14,6 @@ import click
 from memtrace.commands.oneshot import echo
 from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.heap.layout import HeapError
-from memtrace.heap.process import analyse_process
 from memtrace.trace.procfs import ProcFS
 from memtrace.util.units import fmt_bytes
 
@@ -87,6 +85,10 @@ def render_table(report: dict[str, Any], exact: bool = False) -> str:
 
 def heap_command(pid: int, fmt: str, stop: bool, retries: int, exact: bool = False) -> str:
     """What `memtrace heap` prints; MemtraceError (with its exit code) otherwise."""
+    # imported here: the walker's modules are not needed by the other commands
+    from memtrace.heap.layout import HeapError
+    from memtrace.heap.process import analyse_process
+
     st = ProcFS().check_target(pid)
     try:
         report = analyse_process(pid, stop=stop, retries=retries, comm=st.comm)
