@@ -125,3 +125,21 @@ def test_util_imports_nothing_else_from_memtrace():
             for name in names:
                 assert not name.startswith("memtrace") or name.startswith("memtrace.util"), (
                     path.name, name)
+
+
+MAX_LINES = 600
+
+
+def test_no_module_is_longer_than_600_lines_without_a_reason():
+    """A module over MAX_LINES says why at its top ("Longer than 600 lines:
+    ..." in its docstring); the others stay short enough to read in one go."""
+    import ast
+
+    long = []
+    for path in sorted((REPO / "memtrace").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > MAX_LINES:
+            doc = ast.get_docstring(ast.parse(text)) or ""
+            if "Longer than 600 lines:" not in doc:
+                long.append(f"{path.relative_to(REPO)}: {text.count(chr(10))} lines")
+    assert long == []
