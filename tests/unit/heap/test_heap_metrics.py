@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from memtrace.exporter.collector import HEAP_FAMILIES
+from memtrace.exporter.families import HEAP_FAMILIES
 from memtrace.heap import core as heap
 from memtrace.heap.core import KIND_FIELDS, HeapSampler, heap_summary
 from memtrace.published import TickState
