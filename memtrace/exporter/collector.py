@@ -74,7 +74,6 @@ _CALLS, (_CALL,) = m.SYSCALL_COUNT.sample, m.SYSCALL_COUNT.labels
 _CALL_BYTES, (_CALL_B,) = m.SYSCALL_BYTES.sample, m.SYSCALL_BYTES.labels
 _DRIFT = m.DRIFT.sample
 _PROC_PSS, _PROC_USS, _MAP_PSS, _MAP_USS = (metric.sample for metric in m.PSS_METRICS)
-_TYPE_KEYS = tuple((t, f"{t}_bytes") for t in TYPES)
 
 # Bounds of the caches kept between scrapes (see MemtraceCollector.render_text).
 # The label caches are cleared when either holds this many entries, or their keys
@@ -190,8 +189,9 @@ class MemtraceCollector(Collector):
         PSS pieces are empty for a group or a process without figures)."""
         p = ",".join([f'{k}="{escape_label(v)}"' for k, v in zip(who, ids)])
         num = number
-        res = "".join([f'{_PROC_RES}{{{p},{_PROC_TYPE}="{t}"}} {num(snap[key])}\n'
-                       for t, key in _TYPE_KEYS])
+        res = (f'{_PROC_RES}{{{p},{_PROC_TYPE}="anon"}} {num(snap["anon_bytes"])}\n'
+               f'{_PROC_RES}{{{p},{_PROC_TYPE}="file"}} {num(snap["file_bytes"])}\n'
+               f'{_PROC_RES}{{{p},{_PROC_TYPE}="shmem"}} {num(snap["shmem_bytes"])}\n')
         virt = f'{_PROC_VIRT}{{{p}}} {num(snap["virtual_bytes"])}\n'
         # PSS series for a process with figures (pid mode; a group's merged row
         # has none: group mode renders them from pss_families(), see
