@@ -65,13 +65,13 @@ def freeze_startup_objects() -> None:
 # names after the process labels. Unpacking checks the shapes the renderer assumes.
 _ROW_HEADERS = [metric.header.encode() for metric in m.ROW_METRICS]
 _PSS_HEADERS = [metric.header.encode() for metric in m.PSS_METRICS]
-_PROC_RES, (_PROC_TYPE,) = m.PROCESS_RESIDENT.sample, m.PROCESS_RESIDENT.labels
+_PROC_RES, (_PROC_TYPE_LABEL,) = m.PROCESS_RESIDENT.sample, m.PROCESS_RESIDENT.labels
 _PROC_VIRT = m.PROCESS_VIRTUAL.sample
-_MAP_RES, (_, _, _MAP_TYPE) = m.MAPPING_RESIDENT.sample, m.MAPPING_RESIDENT.labels
-_MAP_VIRT, (_MAPPING, _KIND) = m.MAPPING_VIRTUAL.sample, m.MAPPING_VIRTUAL.labels
-_FAULTS, (_FAULT_MAPPING,) = m.PAGE_FAULTS.sample, m.PAGE_FAULTS.labels
-_CALLS, (_CALL,) = m.SYSCALL_COUNT.sample, m.SYSCALL_COUNT.labels
-_CALL_BYTES, (_CALL_B,) = m.SYSCALL_BYTES.sample, m.SYSCALL_BYTES.labels
+_MAP_RES, (_, _, _MAP_TYPE_LABEL) = m.MAPPING_RESIDENT.sample, m.MAPPING_RESIDENT.labels
+_MAP_VIRT, (_MAPPING_LABEL, _KIND_LABEL) = m.MAPPING_VIRTUAL.sample, m.MAPPING_VIRTUAL.labels
+_FAULTS, (_FAULT_LABEL,) = m.PAGE_FAULTS.sample, m.PAGE_FAULTS.labels
+_CALLS, (_CALL_LABEL,) = m.SYSCALL_COUNT.sample, m.SYSCALL_COUNT.labels
+_CALL_BYTES, (_CALL_BYTES_LABEL,) = m.SYSCALL_BYTES.sample, m.SYSCALL_BYTES.labels
 _DRIFT = m.DRIFT.sample
 _PROC_PSS, _PROC_USS, _MAP_PSS, _MAP_USS = (metric.sample for metric in m.PSS_METRICS)
 
@@ -166,8 +166,8 @@ class MemtraceCollector(Collector):
         """`mapping="…",kind="…"` for an (identity, kind); memoised."""
         value = self._fragments.get(key)
         if value is None:
-            value = (f'{_MAPPING}="{escape_label(safe_label(key[0]))}",'
-                     f'{_KIND}="{escape_label(key[1])}"')
+            value = (f'{_MAPPING_LABEL}="{escape_label(safe_label(key[0]))}",'
+                     f'{_KIND_LABEL}="{escape_label(key[1])}"')
             self._room_for_labels(len(key[0]) + len(value))
             self._fragments[key] = value
         return value
@@ -189,9 +189,9 @@ class MemtraceCollector(Collector):
         PSS pieces are empty for a group or a process without figures)."""
         p = ",".join([f'{k}="{escape_label(v)}"' for k, v in zip(who, ids)])
         num = number
-        res = (f'{_PROC_RES}{{{p},{_PROC_TYPE}="anon"}} {num(snap["anon_bytes"])}\n'
-               f'{_PROC_RES}{{{p},{_PROC_TYPE}="file"}} {num(snap["file_bytes"])}\n'
-               f'{_PROC_RES}{{{p},{_PROC_TYPE}="shmem"}} {num(snap["shmem_bytes"])}\n')
+        res = (f'{_PROC_RES}{{{p},{_PROC_TYPE_LABEL}="anon"}} {num(snap["anon_bytes"])}\n'
+               f'{_PROC_RES}{{{p},{_PROC_TYPE_LABEL}="file"}} {num(snap["file_bytes"])}\n'
+               f'{_PROC_RES}{{{p},{_PROC_TYPE_LABEL}="shmem"}} {num(snap["shmem_bytes"])}\n')
         virt = f'{_PROC_VIRT}{{{p}}} {num(snap["virtual_bytes"])}\n'
         # PSS series for a process with figures (pid mode; a group's merged row
         # has none: group mode renders them from pss_families(), see
@@ -204,7 +204,7 @@ class MemtraceCollector(Collector):
         fragment = self._fragment
         res_prefix = f"{_MAP_RES}{{{p},"
         virt_prefix = f"{_MAP_VIRT}{{{p},"
-        type_label = _MAP_TYPE
+        type_label = _MAP_TYPE_LABEL
         mr: list[str] = []
         mv: list[str] = []
         mp: list[str] = []
@@ -242,14 +242,14 @@ class MemtraceCollector(Collector):
             name = labels.get(identity)
             if name is None:
                 name = label(identity)
-            faults.append(f'{_FAULTS}{{{p},{_FAULT_MAPPING}="{name}"}} {num(n)}\n')
+            faults.append(f'{_FAULTS}{{{p},{_FAULT_LABEL}="{name}"}} {num(n)}\n')
         calls = snap["syscalls"]
         call_bytes = snap["syscall_bytes"]
         return _Rendered(None, tuple([part.encode("utf-8") for part in (
             res, virt, "".join(mr), "".join(mv), "".join(faults),
-            "".join([f'{_CALLS}{{{p},{_CALL}="{sc}"}} '
+            "".join([f'{_CALLS}{{{p},{_CALL_LABEL}="{sc}"}} '
                      f'{num(calls.get(sc, 0))}\n' for sc in SYSCALLS]),
-            "".join([f'{_CALL_BYTES}{{{p},{_CALL_B}="{sc}"}} '
+            "".join([f'{_CALL_BYTES}{{{p},{_CALL_BYTES_LABEL}="{sc}"}} '
                      f'{num(call_bytes.get(sc, 0))}\n' for sc in SYSCALLS]),
             f'{_DRIFT}{{{p}}} {num(snap["drift_bytes"])}\n',
             f"{_PROC_PSS}{{{p}}} {num(proc_pss)}\n" if with_pss else "",
