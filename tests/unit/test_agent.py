@@ -182,7 +182,7 @@ def test_config_rule_without_a_name_has_none_and_an_empty_name_is_refused():
 def _group_labels(world, rules: list[Rule], group_by: str) -> list[list[str]]:
     """The (group, comm) labels the exporter gives frag (pid 600) and redis-server
     (pid 601) picked by `rules`."""
-    from memtrace.exporter.collector import grouped_rows
+    from memtrace.exporter.rows import grouped_rows
     from memtrace.published import TickState
     from tests.unit.exporter.helpers import realistic_process
 

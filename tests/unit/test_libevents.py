@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memtrace.exporter.collector import library_families
+from memtrace.exporter.families import library_families
 from memtrace.libevents import SETTLE_TICKS, LibraryEvents, describe, instances
 from memtrace.trace.attribution import classify, mapping_identity, name_segments
 from memtrace.trace.procfs import Vma

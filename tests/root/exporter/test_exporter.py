@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from memtrace.exporter.collector import safe_label
+from memtrace.exporter.rows import safe_label
 from tests.root import harness as harness_conftest
 from tests.root.harness import (
     ATTACH_TIMEOUT,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from memtrace.exporter.collector import HEAP_FAMILIES
+from memtrace.exporter.families import HEAP_FAMILIES
 from memtrace.heap.worker import KIND_FIELDS
 
 from .test_heap_root import JEMALLOC, REPO, Prog

@@ -12,7 +12,7 @@ import threading
 import pytest
 from prometheus_client.process_collector import ProcessCollector
 
-from memtrace.exporter.collector import OTHER, TYPES_BY_KIND
+from memtrace.exporter.rows import OTHER, TYPES_BY_KIND
 from memtrace.published import TickState
 
 from . import helpers

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from memtrace.exporter.collector import OTHER
+from memtrace.exporter.rows import OTHER
 
 from .helpers import LIBC, PAGE, realistic_process, registry_for, scrape, state_of
 from .test_collector import many_identities

@@ -16,6 +16,7 @@ from prometheus_client.process_collector import ProcessCollector
 
 from memtrace.exporter import collector as exporter
 from memtrace.exporter.collector import MemtraceCollector
+from memtrace.exporter.rows import OTHER, group_mappings, sum_mappings
 from memtrace.published import StateBox, TickState
 
 from .helpers import (
@@ -371,7 +372,7 @@ def reference_group_mappings(snap: dict, max_series: int) -> tuple[dict, int]:
     for _, g in ranked[max_series - 1:]:
         for k in other:
             other[k] += g[k]
-    kept[(exporter.OTHER, "other")] = other
+    kept[(OTHER, "other")] = other
     return kept, len(ranked) - (max_series - 1)
 
 
@@ -386,12 +387,12 @@ def test_group_mappings_matches_the_reference_with_ties():
                 for _ in range(rng.randrange(200))]
         cap = rng.randrange(1, 60)
         want = reference_group_mappings({"mappings": maps}, cap)
-        got = exporter.group_mappings({"mappings": maps}, cap)
+        got = group_mappings({"mappings": maps}, cap)
         assert got == want and list(got[0]) == list(want[0])
 
 
 def test_pss_sums_come_with_the_same_groups_as_the_resident_sums():
-    """_sum_mappings(pss=True): the resident part is group_mappings' (same groups,
+    """sum_mappings(pss=True): the resident part is group_mappings' (same groups,
     order, ties, [other]); the PSS and USS parts are the sums of the same mappings."""
     rng = random.Random(1)
     for _ in range(300):
@@ -409,12 +410,12 @@ def test_pss_sums_come_with_the_same_groups_as_the_resident_sums():
                          "pss_bytes": rng.randrange(3 * PAGE), "uss_bytes": rng.randrange(PAGE)})
         cap = rng.randrange(1, 60)
         want, want_folded = reference_group_mappings({"mappings": maps}, cap)
-        rows, folded = exporter._sum_mappings({"mappings": maps}, cap, pss=True)
+        rows, folded = sum_mappings({"mappings": maps}, cap, pss=True)
         assert folded == want_folded
         assert [key for key, _ in rows] == list(want)
         assert [g[:4] for _, g in rows] == [[w["anon"], w["file"], w["shmem"], w["virtual"]]
                                             for w in want.values()]
-        kept = {key for key, _ in rows} - {(exporter.OTHER, "other")}
+        kept = {key for key, _ in rows} - {(OTHER, "other")}
         for key, g in rows:
             members = [m for m in maps if (m["mapping"], m["kind"]) == key] \
                 if key in kept else [m for m in maps if (m["mapping"], m["kind"]) not in kept]

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from memtrace.exporter.collector import HEAP_FAMILIES
+from memtrace.exporter.families import HEAP_FAMILIES
 from memtrace.heap.sampler import HeapSampler
 from memtrace.heap.worker import KIND_FIELDS, heap_summary, sample_once
 from memtrace.published import TickState
