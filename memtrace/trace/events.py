@@ -190,6 +190,22 @@ class ChunkMark:
     epoch: int = 0      # the process's execs when marked (exec_gen & EPOCH_MASK)
 
 
+@dataclass(frozen=True)
+class StackRecord:
+    """One sampled page fault with what unwinding its user stack needs
+    (--stacks; docs/stacks.md): the faulting address, the user registers at
+    the fault and a copy of the user stack from `sp` upwards."""
+
+    tgid: int
+    addr: int            # the faulting address
+    ip: int              # user instruction pointer at the fault
+    sp: int              # user stack pointer
+    bp: int              # user frame pointer register (rbp), whatever it holds
+    weight: int          # bytes this sample stands for (its expected bytes)
+    stack: bytes         # user memory [sp, sp + len(stack)); may be short
+    epoch: int = 0       # the process's execs when sampled (as ChunkMark.epoch)
+
+
 @dataclass
 class Drained:
     """Everything one drain of the BPF side produced, grouped by process."""
@@ -204,3 +220,5 @@ class Drained:
     forks: list[int] = field(default_factory=list)
     # agent mode: exec and fork notices that did not fit their ring (totals)
     notices_lost: dict[str, int] = field(default_factory=dict)
+    # --stacks: sampled faults with their user stacks, by process
+    stacks: dict[int, list[StackRecord]] = field(default_factory=dict)

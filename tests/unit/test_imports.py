@@ -45,7 +45,7 @@ def test_pure_modules_need_neither_bcc_nor_probes():
 LAYERS = [
     {"util"},              # util/, errors: the standard library only
     {"trace"},             # the engine: probes to tracker
-    {"pss", "heap"},       # figures computed from the engine's output
+    {"pss", "heap", "stacks"},  # figures computed from the engine's output
     {"domain"},            # the snapshot, what a tick publishes, library events, explain
     {"session"},           # the loop shared by watch, run and agent
     {"views", "exporter"}, # renderers: table, JSON Lines, summary, /metrics

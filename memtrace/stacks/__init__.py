@@ -1,0 +1,1 @@
+"""Resident memory by call stack: sampling, unwinding, netting (issue 13)."""

@@ -1,0 +1,67 @@
+"""Resident memory by call stack (issue 13): the data every stack view renders.
+
+A `StackProfile` is what `--stacks` knows about one process at one moment: for
+each distinct (user stack, mapping) pair, the bytes that stack holds resident
+now ("held now": its sampled pages still resident, netted against releases) and
+the bytes it brought in since attach ("brought in": every sampled fault, never
+netted). Samples are taken by bytes with exponential gaps, each weighted by its
+expected bytes; per mapping the held sums are scaled to the mapping's exact
+resident bytes, so the stacks of a mapping add up to memtrace's figure.
+
+Views (folded stacks, pprof, flame graph, JSON) read only these classes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a user stack, leaf first in `Stack.frames`."""
+
+    address: int                 # the instruction address in the process
+    function: str                # demangled symbol, or "[unknown]"
+    module: str                  # the ELF mapped there (path as shown), or "[unknown]"
+    offset: int = 0              # address - symbol start (0 when unknown)
+    build_id: str | None = None  # GNU build-id of the module, hex
+
+
+TRUNCATED = Frame(0, "[truncated]", "[truncated]")
+"""The last frame of a stack the unwinder had to cut (depth, stack copy size)."""
+
+
+@dataclass(frozen=True)
+class Stack:
+    frames: tuple[Frame, ...]    # leaf first; ends with TRUNCATED when cut
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.frames) and self.frames[-1] == TRUNCATED
+
+
+@dataclass
+class StackSample:
+    """What one stack holds in one mapping."""
+
+    stack: Stack
+    mapping: str                 # the mapping identity (snapshot "mapping" key)
+    kind: str                    # heap, anon, stack, library, ... (snapshot "kind")
+    held_bytes: int = 0          # resident now, scaled to the mapping's exact bytes
+    brought_bytes: int = 0       # made resident since attach (estimated from samples)
+    samples: int = 0             # sampled faults behind these figures
+
+
+@dataclass
+class StackProfile:
+    pid: int
+    comm: str
+    ts: float
+    samples: list[StackSample] = field(default_factory=list)
+    sample_period_bytes: int = 0     # mean bytes between samples
+    samples_lost: int = 0            # ring full, stack unreadable, ...
+
+    def held_total(self) -> int:
+        return sum(s.held_bytes for s in self.samples)
+
+    def brought_total(self) -> int:
+        return sum(s.brought_bytes for s in self.samples)
