@@ -37,7 +37,7 @@ PAD = 10              # px, left and right margins
 ROW = 16              # px per stack level
 FONT = 12             # px, frame text
 CHAR = 0.62           # width of a character in FONT units (Verdana, DejaVu Sans: to cut text)
-TOP = 62              # px above the deepest row: title, subtitle, legend
+TOP = 80              # px above the deepest row: title, subtitle, legend
 BOTTOM = 30           # px below `all`: the details line
 MIN_WIDTH = 0.1       # px, narrower frames are left out
 MEASURE_TITLE = {"held": "held now", "brought": "brought in since attach"}
@@ -157,12 +157,14 @@ def _frame_svg(f: Frame, height: int, whole: int, measure: str) -> str:
 
 
 def _legend(y: int) -> Iterator[str]:
-    x = float(WIDTH - PAD)
-    for cls, label in reversed(LEGEND):
-        x -= len(label) * FONT * CHAR + 24
-        fill = colour(Node(label, label, "", cls))
+    """One square per kind of module, in its palette's middle shade."""
+    x = float(PAD)
+    for cls, label in LEGEND:
+        (r, rs), (g, gs), (b, bs) = PALETTES[cls]
         yield (f'<rect class="legend" x="{x:.1f}" y="{y - 10}" width="11" height="11"'
-               f' fill="{fill}"/><text class="small" x="{x + 15:.1f}" y="{y}">{_x(label)}</text>')
+               f' fill="rgb({r + rs // 2},{g + gs // 2},{b + bs // 2})"/>'
+               f'<text x="{x + 15:.1f}" y="{y}">{_x(label)}</text>')
+        x += len(label) * FONT * CHAR + 26
 
 
 def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool = True,
@@ -191,13 +193,13 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
            f"<style>{STYLE}</style>",
            f'<rect class="bg" x="0" y="0" width="{WIDTH}" height="{height}" fill="#f8f8f4"/>',
            f'<text id="title" x="{WIDTH // 2}" y="24" text-anchor="middle">{_x(title)}</text>',
-           f'<text class="small" id="subtitle" x="{PAD}" y="{TOP - 16}">{_x(sub)}</text>',
-           *_legend(TOP - 16),
-           f'<text class="small" id="unzoom" x="{PAD}" y="24" visibility="hidden">Reset zoom'
+           f'<text id="subtitle" x="{PAD}" y="46">{_x(sub)}</text>',
+           *_legend(TOP - 12),
+           f'<text id="unzoom" x="{PAD}" y="24" visibility="hidden">Reset zoom'
            "</text>",
-           f'<text class="small" id="matched" x="{WIDTH - PAD}" y="{height - 10}"'
+           f'<text id="matched" x="{WIDTH - PAD}" y="{height - 10}"'
            ' text-anchor="end"> </text>',
-           f'<text class="small" id="details" x="{PAD}" y="{height - 10}"> </text>',
+           f'<text id="details" x="{PAD}" y="{height - 10}"> </text>',
            '<g id="frames">',
            *(_frame_svg(f, height, whole, measure) for f in frames),
            "</g></svg>\n"]
