@@ -5,7 +5,8 @@ alone, which renders without any script.
 Layout (Brendan Gregg's): the root `all` at the bottom, callers below callees,
 each frame as wide as its bytes of the chosen measure ("held" or "brought");
 siblings sorted by name; frames narrower than MIN_WIDTH pixels are left out
-(with their callees). With by_mapping, the row above `all` is the mappings
+(with their callees), and beyond MAX_FRAMES frames the narrowest ones (the
+subtitle says how many and below which width). With by_mapping, the row above `all` is the mappings
 (`[heap]`, `[anon]`, ...). Colours tell the kind of module: the program (red to
 orange), libraries (blue-green), kernel/vdso/unknown (grey), `[truncated]`
 (purple), mappings (green); the shade within a kind comes from the name, so a
@@ -40,6 +41,7 @@ CHAR = 0.62           # width of a character in FONT units (Verdana, DejaVu Sans
 TOP = 80              # px above the deepest row: title, subtitle, legend
 BOTTOM = 30           # px below `all`: the details line
 MIN_WIDTH = 0.1       # px, narrower frames are left out
+MAX_FRAMES = 30_000   # beyond, the narrowest are left out too (a browser stays quick)
 MEASURE_TITLE = {"held": "held now", "brought": "brought in since attach"}
 
 PALETTES: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = {
@@ -172,6 +174,11 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
     """The flame graph's <svg> element (with an XML declaration when standalone)."""
     check_measure(measure)
     frames = layout(build_tree(profile, measure, by_mapping))
+    dropped, cut = 0, 0.0
+    if len(frames) > MAX_FRAMES:        # a callee is never wider than its caller:
+        cut = sorted((f.width for f in frames), reverse=True)[MAX_FRAMES]  # the tree holds
+        kept = [f for f in frames if f.width > cut]
+        dropped, frames = len(frames) - len(kept), kept
     whole = total(profile, measure)
     depth = max((f.depth for f in frames), default=0)
     height = TOP + (depth + 1) * ROW + BOTTOM
@@ -182,6 +189,8 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
         sub += f", one sample per {fmt_bytes(profile.sample_period_bytes)} on average"
     if profile.samples_lost:
         sub += f", {profile.samples_lost} samples lost"
+    if dropped:
+        sub += f"; {dropped} frames narrower than {cut:.2f} px left out"
     if not frames:
         sub += "; no bytes to show"
     out = ['<?xml version="1.0" encoding="UTF-8" standalone="no"?>\n' if standalone else "",

@@ -388,3 +388,19 @@ def test_fit_cuts_text_to_the_frame():
     cut = flamegraph.fit("alloc_small", 60)
     assert cut.endswith("..") and len(cut) * flamegraph.FONT * flamegraph.CHAR <= 54
     assert flamegraph.fit("alloc_small", 20) == ""
+
+
+def test_flame_graph_keeps_the_widest_frames_beyond_its_cap(monkeypatch):
+    p = two_paths()
+    every = _frames(flamegraph.render_svg(p, "brought"))
+    monkeypatch.setattr(flamegraph, "MAX_FRAMES", 6)
+    svg = flamegraph.render_svg(p, "brought")
+    kept = _frames(svg)
+    assert 0 < len(kept) <= 6
+    narrowest_kept = min(f["w"] for f in kept)
+    assert all(f["w"] <= narrowest_kept for f in every if f["id"] not in {k["id"] for k in kept})
+    for f in kept:                     # every kept frame's caller is kept: still one tree
+        assert f["depth"] == 0 or any(
+            k["depth"] == f["depth"] - 1 and k["x"] <= f["x"] + 0.01
+            and f["x"] + f["w"] <= k["x"] + k["w"] + 0.01 for k in kept)
+    assert f"{len(every) - len(kept)} frames narrower than" in svg
