@@ -65,7 +65,7 @@ class _Tree:
 
 
 @dataclass(frozen=True)
-class Frame:
+class DrawnFrame:
     """One drawn frame: where it is and what it says (also what the tests read)."""
 
     id: str
@@ -99,9 +99,9 @@ def build_tree(profile: StackProfile, measure: str, by_mapping: bool = True) -> 
     return root
 
 
-def layout(root: _Tree, width: float = WIDTH - 2 * PAD) -> list[Frame]:
+def layout(root: _Tree, width: float = WIDTH - 2 * PAD) -> list[DrawnFrame]:
     """Every frame wide enough to draw, root first; x from the left margin."""
-    frames: list[Frame] = []
+    frames: list[DrawnFrame] = []
     if root.value <= 0:
         return frames
     scale = width / root.value
@@ -111,7 +111,7 @@ def layout(root: _Tree, width: float = WIDTH - 2 * PAD) -> list[Frame]:
         w = tree.value * scale
         if w < MIN_WIDTH:
             continue
-        frames.append(Frame(f"f{len(frames)}", tree.node, tree.value, depth, x, w))
+        frames.append(DrawnFrame(f"f{len(frames)}", tree.node, tree.value, depth, x, w))
         cx = x
         kids = sorted(tree.children.values(), key=lambda t: (t.node.text, t.node.module))
         placed = []
@@ -136,7 +136,7 @@ def _x(text: str) -> str:
     return escape(text, quote=True)
 
 
-def _tooltip(f: Frame, whole: int, measure: str) -> str:
+def _tooltip(f: DrawnFrame, whole: int, measure: str) -> str:
     share = 100.0 * f.value / whole if whole else 0.0
     where = {"mapping": "mapping", "root": ""}.get(f.node.cls, "module")
     lines = [f.node.function if f.node.cls not in ("mapping", "root") else f.node.text]
@@ -147,7 +147,7 @@ def _tooltip(f: Frame, whole: int, measure: str) -> str:
     return "\n".join(lines)
 
 
-def _frame_svg(f: Frame, height: int, whole: int, measure: str) -> str:
+def _frame_svg(f: DrawnFrame, height: int, whole: int, measure: str) -> str:
     y = height - BOTTOM - (f.depth + 1) * ROW
     return (f'<g class="f" id="{f.id}" data-n="{_x(f.node.text)}" data-m="{_x(f.node.module)}"'
             f' data-c="{f.node.cls}" data-v="{f.value}" data-d="{f.depth}">'
