@@ -4,11 +4,11 @@ or `.debug_frame`.
 
 pyelftools parses entries, but slowly: about 2 ms per FDE (it builds its
 `construct` structs per entry), 10 s for all of libc's. So nothing is parsed
-up front: the sorted table of `.eh_frame_hdr` (FDE start, FDE offset) is read
-with `struct`, a lookup bisects it, and only the FDE found is parsed and its
-rows decoded, once, into compact `Row`s that later lookups bisect. Files without
-`.eh_frame_hdr` (rare: a linker always writes it for `.eh_frame`) and
-`.debug_frame` are parsed whole on first use.
+up front: the FDEs' start addresses come from `.eh_frame_hdr`'s sorted table
+(or, for `.debug_frame`, from the entries' fixed headers) read with `struct`, a
+lookup bisects them, and only the FDE found is parsed and its rows decoded,
+once, into compact `Row`s that later lookups bisect. `.eh_frame` without
+`.eh_frame_hdr` (rare: linkers write it) is parsed whole on first use.
 
 Rules are kept only for what a copy of the user stack can restore: the CFA,
 the frame pointer (rbp, DWARF register 6) and the return address (16)."""
@@ -108,17 +108,24 @@ class CfiTable:
         self._starts: list[int] = []
         self._offsets: list[int] = []           # FDE offset in the section, or -1
         self._decoded: dict[int, FdeRows | None] = {}
-        index = _hdr_index(hdr, address) if eh_frame and hdr is not None else None
+        self._parsed = False
+        if eh_frame:
+            index = _hdr_index(hdr, address) if hdr is not None else None
+        else:
+            index = _debug_frame_index(data)
         if index is not None:
             self._starts, self._offsets = index
-        else:
-            self._parse_all()
+            self._parsed = True
 
     def __len__(self) -> int:
+        self._parse_all()
         return len(self._starts)
 
     def _parse_all(self) -> None:
-        """Every entry, sorted by start (no index to bisect: .debug_frame)."""
+        """Every entry, sorted by start, once: for .eh_frame without an index."""
+        if self._parsed:
+            return
+        self._parsed = True
         try:
             entries = self._cfi.get_entries()
         except Exception:             # malformed CFI: the file has none usable
@@ -131,6 +138,8 @@ class CfiTable:
             self._decoded[i] = _decode_or_none(e)
 
     def lookup(self, pc: int) -> tuple[Row, bool] | None:
+        if not self._parsed:
+            self._parse_all()
         i = bisect_right(self._starts, pc) - 1
         if i < 0:
             return None
@@ -181,6 +190,38 @@ def _hdr_index(hdr: tuple[bytes, int], eh_address: int) -> tuple[list[int], list
         starts.append(hdr_address + loc)
         offsets.append(hdr_address + fde - eh_address)
     return starts, offsets
+
+
+def _debug_frame_index(data: bytes) -> tuple[list[int], list[int]] | None:
+    """(FDE starts, FDE offsets) of .debug_frame from the entries' headers
+    alone (its addresses are absolute, 8 bytes: no encoding to decode)."""
+    entries: list[tuple[int, int]] = []
+    pos = 0
+    while pos + 4 <= len(data):
+        length, = struct.unpack_from("<I", data, pos)
+        if length == 0xFFFFFFFF:                    # 64-bit DWARF
+            if pos + 20 > len(data):
+                return None
+            length, cie_id = struct.unpack_from("<QQ", data, pos + 4)
+            body, is_cie = pos + 12, cie_id == 0xFFFFFFFFFFFFFFFF
+            fields = pos + 20
+        else:
+            if pos + 8 > len(data):
+                return None
+            cie_id, = struct.unpack_from("<I", data, pos + 4)
+            body, is_cie = pos + 4, cie_id == 0xFFFFFFFF
+            fields = pos + 8
+        end = body + length
+        if length == 0 or end > len(data):
+            return None
+        if not is_cie:
+            if fields + 16 > end:
+                return None
+            start, _range = struct.unpack_from("<QQ", data, fields)
+            entries.append((start, pos))
+        pos = end
+    entries.sort()
+    return [s for s, _ in entries], [o for _, o in entries]
 
 
 def _encoded_size(enc: int) -> int:

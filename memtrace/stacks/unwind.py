@@ -38,7 +38,7 @@ Regs = dict[int, "int | None"]
 @dataclass(frozen=True)
 class RawFrame:
     address: int           # ip, or the return address
-    lookup: int            # the address whose code it is (return address - 1)
+    lookup: int            # the address whose function names it (return address - 1)
     vma: Vma | None
     module: Module | None
     bias: int | None
@@ -104,10 +104,14 @@ class Unwinder:
             vma = self._vma_at(vmas, lookup)
             module = self.modules.get(pid, vma) if vma is not None else None
             bias = module.bias(vma) if module is not None and vma is not None else None
-            frames.append(RawFrame(ip, lookup, vma, module, bias))
+            found = module.cfi(lookup - bias) if module is not None and bias is not None \
+                else None
+            # a signal trampoline is named at the return address itself: the
+            # byte before it (where its FDE starts) belongs to no function
+            named_at = ip if found is not None and found[1] else lookup
+            frames.append(RawFrame(ip, named_at, vma, module, bias))
             if module is None or bias is None:
                 return frames, True
-            found = module.cfi(lookup - bias)
             if found is not None:
                 row, signal = found
             elif len(frames) == 1 and _at_entry(module, lookup - bias):

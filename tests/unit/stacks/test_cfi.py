@@ -116,6 +116,7 @@ def test_debug_frame_is_used_when_there_is_no_eh_frame_entry(tmp_path):
                     "-o", str(exe), str(HERE / "prog.c")], check=True)
     module = _load(exe)
     assert module.debug_frame is not None and len(module.debug_frame) >= 3
+    assert module.debug_frame._decoded == {}        # indexed from headers, nothing parsed
     dbg = readelf_fdes(exe, "frames-interp")
     inner = next(f for f in dbg if f.rows and module.symbols.lookup(f.start) and
                  module.symbols.lookup(f.start)[0] == "inner")
@@ -159,3 +160,18 @@ def test_expression_deref_reads_the_stack_copy_and_fails_outside_it():
     # DW_CFA_expression rules push the CFA first: CFA + 0x10
     assert evaluate(bytes([0x23, 0x10]), {}, read, initial=0x500) == 0x510
     assert evaluate(bytes([0x08, 0xFF, 0x09, 0xFF, 0x22]), {}, read) == 0xFE   # 255 + -1
+
+
+def test_eh_frame_without_its_index_is_parsed_whole_with_the_same_rows(prog):
+    from elftools.elf.elffile import ELFFile
+
+    from memtrace.stacks.cfi import CfiTable
+
+    with open(prog, "rb") as f:
+        sec = ELFFile(f).get_section_by_name(".eh_frame")
+        data, addr = sec.data(), sec["sh_addr"]
+    indexed, whole = _load(prog).eh_frame, CfiTable(data, addr, True, hdr=None)
+    assert len(whole) == len(indexed)
+    for fde in readelf_fdes(prog):
+        for pc in (fde.start, fde.end - 1, fde.end):
+            assert whole.lookup(pc) == indexed.lookup(pc), hex(pc)
