@@ -235,3 +235,43 @@ def test_scale_is_exact_and_proportional():
         assert sum(out.values()) == total
         for k, w_ in weights.items():
             assert abs(out[k] - w_ * total / s) < 1 + 1e-9
+
+
+# -- with the real tracker on the fake /proc world (tests/unit/fakes.py) ----------------
+def test_profile_follows_the_tracker_model_through_dontneed_and_munmap(world, tmp_path):
+    from ..fakes import ANON, ARENA, CHUNK, standard_process
+    from ..test_tracker import attach, bump, marks_for
+
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    unwinder = FakeUnwinder(str(world.root))
+    st = StackTracker(p.pid, unwinder)     # type: ignore[arg-type]
+
+    def rec(ip: int, addr: int) -> StackRecord:
+        return StackRecord(p.pid, addr, ip, 0, 0, 4 * P, b"")
+
+    # path A sampled in [anon] (its pages ANON+CHUNK-3P .. ANON+3CHUNK+5P), path B
+    # in the arena, path C on the heap
+    a_pages = [ANON + CHUNK + i * P for i in range(0, 64, 4)]
+    st.add([rec(1, a) for a in a_pages] + [rec(2, ARENA + P), rec(3, 0x55555555B000)],
+           tr.space.vmas)
+    prof = st.profile(tr.space, tr.space.vmas, tr.exe, "server", 1.0)
+    assert prof.held_total() == tr.space.totals().total
+    held = {(s.stack, s.mapping): s.held_bytes for s in prof.samples}
+    assert held[(PATH_A, "[anon]")] == tr.space.resident_of(m["anon"]).total
+    assert held[(PATH_B, "[anon:arena]")] == tr.space.resident_of(m["arena"]).total
+    assert held[(PATH_C, "[heap]")] == tr.space.resident_of(m["heap"]).total
+    # MADV_DONTNEED of every page path A sampled, then munmap of the arena
+    p.drop(ANON + CHUNK, ANON + CHUNK + 64 * P)
+    p.unmap(m["arena"].start, m["arena"].end)
+    p.sync()
+    tr.update(marks_for((ANON + CHUNK, ANON + CHUNK + 64 * P)),
+              [(m["arena"].start, m["arena"].end)], bump(tr, layout_gen=5))
+    after = st.profile(tr.space, tr.space.vmas, tr.exe, "server", 2.0)
+    held = {(s.stack, s.mapping): s.held_bytes for s in after.samples}
+    assert held.get((PATH_A, "[anon]"), 0) == 0 and held.get((PATH_B, "[anon:arena]"), 0) == 0
+    assert held[(UNSAMPLED, "[anon]")] == tr.space.resident_of(m["anon"]).total > 0
+    assert after.held_total() == tr.space.totals().total == sum(p.expected_total())
+    brought = {(s.stack, s.mapping): s.brought_bytes for s in after.samples}
+    assert brought[(PATH_A, "[anon]")] == len(a_pages) * 4 * P
+    assert brought[(PATH_B, "[anon:arena]")] == 4 * P
