@@ -28,6 +28,7 @@ from memtrace.stacks.symbols import SymbolTable
 from memtrace.trace.procfs import Vma
 from memtrace.util.elf import PT_LOAD, ProgramHeader, program_headers
 
+PF_X = 1
 DEBUG_ROOT = "/usr/lib/debug/.build-id"
 _DELETED = b" (deleted)"
 ModuleKey = tuple[Any, ...]
@@ -63,11 +64,19 @@ class Module:
 
 
 def _bias(loads: list[ProgramHeader], vma: Vma) -> int | None:
+    """From the PT_LOAD whose file range holds the VMA's offset; of two that
+    share that page (an old layout without separate code pages), the one
+    whose execute permission matches the VMA's."""
+    found = None
     for h in loads:
         lo = h.offset & ~0xFFF
         if lo <= vma.offset < max(h.offset + h.filesz, lo + 1):
-            return vma.start - vma.offset - (h.vaddr - h.offset)
-    return None
+            bias = vma.start - vma.offset - (h.vaddr - h.offset)
+            if bool(h.flags & PF_X) == ("x" in vma.perms):
+                return bias
+            if found is None:
+                found = bias
+    return found
 
 
 def parse_module(f: Any) -> Module | None:

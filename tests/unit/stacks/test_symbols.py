@@ -112,3 +112,19 @@ def test_demangling_runs_one_process_per_batch():
 def test_without_cplusfilt_names_stay_mangled():
     d = Demangler(command="no-such-c++filt-here")
     assert d("_ZN8memtrace5stackEv") == "_ZN8memtrace5stackEv" and d.runs == 0
+
+
+def test_load_bias_uses_the_segment_the_vma_maps():
+    from memtrace.stacks.modules import Module
+    from memtrace.trace.procfs import Vma
+    from memtrace.util.elf import ProgramHeader
+
+    # an old layout: text and data share the file page at 0x1000
+    loads = [ProgramHeader(1, 5, 0, 0, 0x1234, 0x1234),
+             ProgramHeader(1, 6, 0x1E10, 0x201E10, 0x200, 0x400)]
+    m = Module(loads, None, SymbolTable.empty())
+    text = Vma(0x400000, 0x402000, "r-xp", 0, "fe:00", 5, b"/x")
+    data = Vma(0x601000, 0x602000, "rw-p", 0x1000, "fe:00", 5, b"/x")
+    assert m.bias(text) == 0x400000
+    assert m.bias(data) == 0x601000 - 0x1000 - (0x201E10 - 0x1E10)
+    assert m.bias(Vma(0x700000, 0x701000, "r-xp", 0x9000, "fe:00", 5, b"/x")) is None
