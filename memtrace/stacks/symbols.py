@@ -45,6 +45,9 @@ class SymbolTable:
                 continue
             end = strtab.find(b"\0", st_name)
             name = strtab[st_name:end if end >= 0 else len(strtab)]
+            at = name.find(b"@", 1)
+            if at > 0:
+                name = name[:at]        # .symtab's version suffix: read@@GLIBC_2.2.5
             if not name:
                 continue
             rank = (_BIND_RANK.get(info >> 4, 3), len(name) - len(name.lstrip(b"_")), len(name))

@@ -79,18 +79,19 @@ def test_a_stripped_program_falls_back_to_dynsym(prog, tmp_path):
 
 def test_aliases_prefer_global_then_fewer_underscores():
     import struct
-    strtab = b"\0__libc_read\0read\0__read\0local_one\0"
+    strtab = b"\0__libc_read\0read\0__read\0local_one\0f@@GLIBC_2.34\0"
 
     def sym(name_off: int, bind: int, value: int, size: int) -> bytes:
         return struct.pack("<IBBHQQ", name_off, (bind << 4) | 2, 0, 1, value, size)
 
     data = (sym(1, 0, 0x100, 16) + sym(13, 2, 0x100, 16) + sym(18, 1, 0x100, 16)
-            + sym(25, 0, 0x200, 0) + sym(25, 0, 0x300, 8))
+            + sym(25, 0, 0x200, 0) + sym(25, 0, 0x300, 8) + sym(35, 1, 0x400, 4))
     table = SymbolTable.from_elf(data, strtab)
     assert table.lookup(0x10F) == ("__read", 0x100)   # the global one
     assert table.lookup(0x110) is None
     assert table.lookup(0x2FF) == ("local_one", 0x200)    # size 0: up to the next symbol
     assert table.lookup(0x308) is None
+    assert table.lookup(0x401) == ("f", 0x400)           # version suffix dropped
 
 
 def test_demangling_runs_one_process_per_batch():
