@@ -198,3 +198,29 @@ def test_cost_of_an_unwind_cold_and_warm(blocker, capsys):
                   f"warm {warm:.1f} us per stack ({per_frame:.2f} us per frame)")
     for _depth, _cold, warm, _ in figures.values():
         assert warm < 5000
+
+
+def test_a_profile_of_a_real_process_adds_up_to_its_model(blocker):
+    """The unwinder and the netting on a live process and its real model
+    (PAGEMAP_SCAN, no BPF): the sampled stack page is held by its stack, the
+    held total is the model's resident total."""
+    from memtrace.stacks.netting import UNSAMPLED, StackTracker
+    from memtrace.trace.tracker import ProcessTracker
+
+    with running([str(blocker), "sleep"], ready=True) as p:
+        rec = capture(p.pid)
+        tracker = ProcessTracker(p.pid, ProcFS("/proc"))
+        tracker.start()
+        try:
+            st = StackTracker(p.pid, Unwinder())
+            st.add([rec], tracker.space.vmas)
+            prof = st.profile(tracker.space, tracker.space.vmas, tracker.exe, "blocker", 0.0)
+        finally:
+            tracker.close()
+    assert prof.held_total() == tracker.space.totals().total > 0
+    mine = [s for s in prof.samples if s.stack != UNSAMPLED]
+    assert len(mine) == 1 and mine[0].mapping == "[stack]" and mine[0].kind == "stack"
+    stack_vma = tracker.space.vma_at(rec.sp)
+    assert mine[0].held_bytes == tracker.space.resident_of(stack_vma).total
+    assert_in_order(names(mine[0].stack), ["inner", "outer", "main"])
+    assert mine[0].brought_bytes == rec.weight and mine[0].samples == 1
