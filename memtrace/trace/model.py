@@ -34,6 +34,9 @@ class Resident:
         return self.anon + self.other
 
 
+_AFTER_ANY_END = 1 << 64     # sorts (addr, _AFTER_ANY_END, ...) after every run starting at addr
+
+
 def chunk_span(start: int, end: int) -> tuple[int, int]:
     """Chunks [first, last) that cover [start, end)."""
     return start >> CHUNK_SHIFT, ((end - 1) >> CHUNK_SHIFT) + 1
@@ -82,6 +85,21 @@ class AddressSpace:
 
     def clear(self) -> None:
         self.chunks.clear()
+
+    def is_resident(self, addr: int) -> bool:
+        """Whether the page holding addr is resident (per the last scan of its
+        chunk). A chunk's runs come from one scan, in address order: bisect."""
+        chunk = self.chunks.get(addr >> CHUNK_SHIFT)
+        if chunk is None:
+            return False
+        runs = chunk.runs
+        i = bisect_right(runs, (addr, _AFTER_ANY_END, True)) - 1
+        return i >= 0 and addr < runs[i][1]
+
+    def resident_flags(self, addrs: Iterable[int]) -> list[bool]:
+        """is_resident of many addresses (the pages of --stacks samples)."""
+        is_resident = self.is_resident
+        return [is_resident(a) for a in addrs]
 
     # -- VMAs -------------------------------------------------------------
     def set_vmas(self, vmas: list[Vma]) -> list[Vma]:

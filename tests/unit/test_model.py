@@ -411,3 +411,37 @@ def test_runs_overlap_reference_agrees(seed):
     runs = table_runs(pt, C0, C0 + N_CHUNKS)
     for v in random_vmas(rng, []):
         assert brute(runs, v) == expected(pt, v)
+
+
+# -- is_resident / resident_flags (--stacks netting) ---------------------------------
+def test_is_resident_matches_brute_force_over_random_runs():
+    rng = random.Random(13)
+    space = AddressSpace()
+    pages: set[int] = set()
+    runs = []
+    addr = BASE
+    while addr < BASE + 3 * C:
+        n = rng.randint(1, 40)
+        if rng.random() < 0.5:
+            runs.append((addr, addr + n * P, rng.random() < 0.5))
+            pages.update(range(addr, addr + n * P, P))
+        addr += n * P
+    space.replace_chunks(BASE >> CHUNK_SHIFT, (BASE + 3 * C) >> CHUNK_SHIFT, runs)
+    probes = list(range(BASE - 4 * P, BASE + 3 * C + 4 * P, P))
+    for a in probes:
+        assert space.is_resident(a) == (a in pages), hex(a)
+        assert space.is_resident(a + 123) == (a in pages), hex(a)
+    assert space.resident_flags(probes) == [a in pages for a in probes]
+    assert any(space.resident_flags(probes)) and not all(space.resident_flags(probes))
+
+
+def test_is_resident_follows_a_rescan_that_drops_pages():
+    space = AddressSpace()
+    space.replace_chunks(BASE >> CHUNK_SHIFT, (BASE >> CHUNK_SHIFT) + 1,
+                         [(BASE, BASE + 8 * P, True)])
+    assert space.is_resident(BASE + 7 * P) and not space.is_resident(BASE + 8 * P)
+    # MADV_DONTNEED of pages 2..5, then the chunk is rescanned
+    space.replace_chunks(BASE >> CHUNK_SHIFT, (BASE >> CHUNK_SHIFT) + 1,
+                         [(BASE, BASE + 2 * P, True), (BASE + 6 * P, BASE + 8 * P, True)])
+    assert space.resident_flags([BASE + i * P for i in range(9)]) == [
+        True, True, False, False, False, False, True, True, False]

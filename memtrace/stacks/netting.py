@@ -1,0 +1,205 @@
+"""Sampled faults netted into "held now" and "brought in" per call stack and
+mapping (docs/stacks.md).
+
+Each sample is unwound when it arrives (its mapping may be gone later) and
+kept as the latest sample of its page: page -> (stack, weight). "Brought in"
+adds every sample's weight to its (stack, mapping), never netted. "Held now"
+counts a sampled page only while the address-space model says it is resident,
+so munmap, MADV_DONTNEED/FREE, mremap away and the like net out with no
+per-syscall bookkeeping. Per VMA, the weights of the held samples are scaled
+so that they add up to the VMA's exact resident bytes; a VMA with resident
+bytes and no live sample gives them to the one-frame stack `[unsampled]`.
+The profile's held total is then the process's resident total exactly."""
+
+from __future__ import annotations
+
+import os
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+
+from memtrace.stacks.profile import Frame, Stack, StackProfile, StackSample
+from memtrace.stacks.unwind import Unwinder
+from memtrace.trace.attribution import classify, mapping_identity, segments_for
+from memtrace.trace.events import StackRecord
+from memtrace.trace.model import AddressSpace
+from memtrace.trace.procfs import PAGE_SIZE, Vma
+
+UNSAMPLED = Stack((Frame(0, "[unsampled]", "[unsampled]"),))
+"""The stack of a VMA's resident bytes when none of its sampled pages is."""
+UNMAPPED = ("[unknown]", "special")     # a sample whose address no VMA holds
+_PAGE_MASK = ~(PAGE_SIZE - 1)
+MappingKey = tuple[str, str]            # (mapping identity, kind)
+
+
+def scale(weights: dict[int, int], total: int) -> dict[int, int]:
+    """Weights scaled to add up to `total` exactly (largest remainders get
+    the bytes rounding left over)."""
+    s = sum(weights.values())
+    if s <= 0:
+        return {}
+    out, rest = {}, []
+    for key, w in weights.items():
+        q, r = divmod(w * total, s)
+        out[key] = q
+        rest.append((r, key))
+    left = total - sum(out.values())
+    rest.sort(key=lambda x: x[0], reverse=True)
+    for _, key in rest[:left]:
+        out[key] += 1
+    return out
+
+
+class StackTracker:
+    """The --stacks state of one process."""
+
+    def __init__(self, pid: int, unwinder: Unwinder, top: int = 20) -> None:
+        self.pid = pid
+        self.unwinder = unwinder
+        self.top = top                  # stacks a view shows; the profile keeps all
+        self._ids: dict[Stack, int] = {}
+        self._stacks: list[Stack] = []
+        self._pages: dict[int, tuple[int, int, int]] = {}   # page -> (stack, weight, gen)
+        self._brought: dict[tuple[int, MappingKey], list[int]] = {}  # -> [bytes, samples]
+        self._gen = 0                   # profiles taken: pages sampled since are kept
+        self._exe: bytes | None = None
+        self.samples = 0
+        self.weight = 0
+        self.samples_lost = 0
+
+    # -- samples in -----------------------------------------------------------------
+    def add(self, records: Iterable[StackRecord], vmas: Sequence[Vma]) -> None:
+        """Unwind and keep samples of this process, taken with this VMA list."""
+        records = list(records)
+        if not records:
+            return
+        stacks = self.unwinder.unwind_many(
+            self.pid, vmas, [(r.ip, r.sp, r.bp, r.stack) for r in records])
+        mapping_of = _MappingFinder(self, vmas, self._exe_now())
+        for r, stack in zip(records, stacks):
+            sid = self._intern(stack)
+            self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
+            key = (sid, mapping_of(r.addr))
+            cell = self._brought.get(key)
+            if cell is None:
+                self._brought[key] = [r.weight, 1]
+            else:
+                cell[0] += r.weight
+                cell[1] += 1
+            self.samples += 1
+            self.weight += r.weight
+
+    def note_lost(self, n: int) -> None:
+        """Samples the capture could not deliver (ring full, stack unreadable)."""
+        self.samples_lost += n
+
+    def forget_exec(self) -> None:
+        """A new program image: nothing sampled before applies to it."""
+        self._ids.clear()
+        self._stacks.clear()
+        self._pages.clear()
+        self._brought.clear()
+        self._exe = None
+        self.samples = self.weight = self.samples_lost = 0
+
+    def _intern(self, stack: Stack) -> int:
+        sid = self._ids.get(stack)
+        if sid is None:
+            sid = self._ids[stack] = len(self._stacks)
+            self._stacks.append(stack)
+        return sid
+
+    def _exe_now(self) -> bytes:
+        if self._exe is None:
+            try:
+                self._exe = os.fsencode(os.readlink(
+                    os.path.join(self.unwinder.proc_root, str(self.pid), "exe")))
+            except OSError:
+                return b""
+        return self._exe
+
+    # -- the profile ------------------------------------------------------------------
+    def profile(self, space: AddressSpace, vmas: Sequence[Vma], exe: bytes, comm: str,
+                ts: float) -> StackProfile:
+        """Held now and brought in per (stack, mapping). Call it after the
+        model has been updated from the same drain as the last add()."""
+        self._exe = exe
+        mapping_of = _MappingFinder(self, vmas, exe)
+        held = self._held_by_vma(space, vmas)
+        out: dict[tuple[int, MappingKey], StackSample] = {}
+        unsampled: dict[MappingKey, int] = {}
+        for vma in vmas:
+            resident = space.resident_of(vma).total
+            if not resident:
+                continue
+            key = mapping_of.of_vma(vma)
+            weights = held.get(vma.start)
+            if not weights:
+                unsampled[key] = unsampled.get(key, 0) + resident
+                continue
+            for sid, nbytes in scale(weights, resident).items():
+                self._sample(out, sid, key).held_bytes += nbytes
+        for (sid, key), (nbytes, n) in self._brought.items():
+            sample = self._sample(out, sid, key)
+            sample.brought_bytes += nbytes
+            sample.samples += n
+        samples = list(out.values())
+        samples += [StackSample(UNSAMPLED, m, kind, held_bytes=b)
+                    for (m, kind), b in unsampled.items()]
+        samples.sort(key=lambda s: (-s.held_bytes, -s.brought_bytes))
+        self._gen += 1
+        return StackProfile(self.pid, comm, ts, samples,
+                            sample_period_bytes=self.weight // self.samples if self.samples else 0,
+                            samples_lost=self.samples_lost)
+
+    def _sample(self, out: dict[tuple[int, MappingKey], StackSample], sid: int,
+                key: MappingKey) -> StackSample:
+        sample = out.get((sid, key))
+        if sample is None:
+            sample = out[(sid, key)] = StackSample(self._stacks[sid], key[0], key[1])
+        return sample
+
+    def _held_by_vma(self, space: AddressSpace,
+                     vmas: Sequence[Vma]) -> dict[int, dict[int, int]]:
+        """Weights of the sampled pages resident now, by VMA start and stack.
+        Pages found not resident are forgotten, except those sampled since the
+        last profile (the model may not have scanned them yet)."""
+        pages = list(self._pages.items())
+        flags = space.resident_flags([p for p, _ in pages])
+        ends = [v.end for v in vmas]
+        held: dict[int, dict[int, int]] = {}
+        for (page, (sid, weight, gen)), resident in zip(pages, flags):
+            if not resident:
+                if gen < self._gen:
+                    del self._pages[page]
+                continue
+            i = bisect_right(ends, page)
+            if i == len(vmas) or vmas[i].start > page:
+                continue
+            by_stack = held.setdefault(vmas[i].start, {})
+            by_stack[sid] = by_stack.get(sid, 0) + weight
+        return held
+
+
+class _MappingFinder:
+    """(mapping identity, kind) of addresses and VMAs, as the snapshot names
+    them (a library's bss counts as the library)."""
+
+    def __init__(self, owner: StackTracker, vmas: Sequence[Vma], exe: bytes) -> None:
+        self.vmas = vmas if isinstance(vmas, list) else list(vmas)
+        self.exe = exe
+        self.ends = [v.end for v in self.vmas]
+        self.segments = segments_for(owner, self.vmas, exe, owner.pid,
+                                     owner.unwinder.proc_root)
+
+    def of_vma(self, vma: Vma) -> MappingKey:
+        seg = self.segments.get(vma.start)
+        if seg is not None:
+            return seg.mapping, seg.kind
+        kind = classify(vma, self.exe)
+        return mapping_identity(vma, kind), kind
+
+    def __call__(self, addr: int) -> MappingKey:
+        i = bisect_right(self.ends, addr)
+        if i < len(self.vmas) and self.vmas[i].start <= addr:
+            return self.of_vma(self.vmas[i])
+        return UNMAPPED

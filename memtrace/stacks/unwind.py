@@ -1,0 +1,223 @@
+"""User stacks without frame pointers: x86-64 DWARF CFI unwinding over a copy
+of the stack taken at a sampled fault (docs/stacks.md).
+
+From the registers at the fault (ip, sp, bp) and the bytes [sp, sp + len):
+find the mapping holding ip, its file's CFI row for ip (modules.py, cfi.py),
+compute the CFA from rsp or rbp (or a DWARF expression over rsp, rbp, rip),
+read the return address and the saved rbp from the copy, continue with
+sp = CFA. A caller's row is looked up at return address - 1 (the call, not
+the instruction after it), except after a signal frame, whose saved ip is
+exact. The walk ends cleanly where the CFI says the return address is
+undefined (`_start`, a thread's first frame) or where it reads 0, and with
+TRUNCATED where it cannot go on: depth, the end of the copy, a mapping with no
+ELF file (JIT code), no CFI for the address, a rule over a register the copy
+cannot restore (only rsp, rbp and rip are known), or no progress.
+
+A function without an FDE (hand-written assembly with no CFI) is unwound only
+as the leaf and only at its first instruction (CFA = rsp + 8: the call just
+happened); anywhere else it ends the stack with TRUNCATED. PLT stubs have
+FDEs (with an expression, which is evaluated)."""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from memtrace.stacks.cfi import RBP, RIP, RSP, Read, Row, Rule, evaluate
+from memtrace.stacks.modules import Module, ModuleCache
+from memtrace.stacks.profile import TRUNCATED, Frame, Stack
+from memtrace.stacks.symbols import UNKNOWN, Demangler
+from memtrace.trace.procfs import Vma
+
+_ENTRY_ROW = Row(RSP, 8, None, None, ("o", -8))
+_OUTERMOST = frozenset({"_start"})
+Regs = dict[int, "int | None"]
+
+
+@dataclass(frozen=True)
+class RawFrame:
+    address: int           # ip, or the return address
+    lookup: int            # the address whose function names it (return address - 1)
+    vma: Vma | None
+    module: Module | None
+    bias: int | None
+
+
+class _End:
+    """The outermost frame was reached (return address undefined)."""
+
+
+_END = _End()
+
+
+class Unwinder:
+    """Unwinds sampled stacks of any process, keeping what it read of each
+    file (modules), the names it demangled and the frames it built."""
+
+    MAX_FRAMES = 100_000
+
+    def __init__(self, proc_root: str = "/proc", max_depth: int = 64) -> None:
+        self.proc_root = proc_root
+        self.max_depth = max_depth
+        self.modules = ModuleCache(proc_root)
+        self.demangler = Demangler()
+        self._vmas: Sequence[Vma] | None = None
+        self._ends: list[int] = []
+        self._frames: dict[tuple[object, ...], Frame] = {}
+
+    # -- the API --------------------------------------------------------------
+    def unwind(self, pid: int, vmas: Sequence[Vma], ip: int, sp: int, bp: int,
+               stack: bytes) -> Stack:
+        return self.unwind_many(pid, vmas, [(ip, sp, bp, stack)])[0]
+
+    def unwind_many(self, pid: int, vmas: Sequence[Vma],
+                    regs: Iterable[tuple[int, int, int, bytes]]) -> list[Stack]:
+        """Stacks of many samples of one process: the new C++ names of all of
+        them are demangled in one batch."""
+        walks = [self.walk(pid, vmas, ip, sp, bp, stack) for ip, sp, bp, stack in regs]
+        pending = [f for frames, _ in walks for f in frames if self._key(f) not in self._frames]
+        if pending:
+            names = [self._raw_name(f)[0] for f in pending]
+            self.demangler.prepare(names)
+        return [self._stack(frames, truncated) for frames, truncated in walks]
+
+    # -- unwinding -------------------------------------------------------------
+    def walk(self, pid: int, vmas: Sequence[Vma], ip: int, sp: int, bp: int,
+             stack: bytes) -> tuple[list[RawFrame], bool]:
+        """The frames (leaf first) and whether the walk was cut short."""
+        base = sp
+
+        def read(addr: int) -> int | None:
+            i = addr - base
+            if i < 0 or i + 8 > len(stack):
+                return None
+            return int.from_bytes(stack[i:i + 8], "little")
+
+        regs: Regs = {RSP: sp, RBP: bp, RIP: ip}
+        frames: list[RawFrame] = []
+        exact = True                   # ip is the faulting one, not a return address
+        while len(frames) < self.max_depth:
+            if ip == 0:
+                return frames, False
+            lookup = ip if exact else ip - 1
+            vma = self._vma_at(vmas, lookup)
+            module = self.modules.get(pid, vma) if vma is not None else None
+            bias = module.bias(vma) if module is not None and vma is not None else None
+            found = module.cfi(lookup - bias) if module is not None and bias is not None \
+                else None
+            # a signal trampoline is named at the return address itself: the
+            # byte before it (where its FDE starts) belongs to no function
+            named_at = ip if found is not None and found[1] else lookup
+            frames.append(RawFrame(ip, named_at, vma, module, bias))
+            if module is None or bias is None:
+                return frames, True
+            if found is not None:
+                row, signal = found
+            elif len(frames) == 1 and _at_entry(module, lookup - bias):
+                row, signal = _ENTRY_ROW, False
+            else:
+                return frames, True
+            step = _step(row, regs, read)
+            if step is _END:
+                return frames, False
+            if not isinstance(step, tuple):
+                return frames, True
+            ip, cfa, rbp = step
+            if cfa <= (regs[RSP] or 0):
+                return frames, True          # no progress: bad CFI or a corrupt stack
+            regs = {RSP: cfa, RBP: rbp, RIP: ip}
+            exact = signal
+        return frames, True
+
+    def _vma_at(self, vmas: Sequence[Vma], addr: int) -> Vma | None:
+        if vmas is not self._vmas:
+            self._vmas = vmas
+            self._ends = [v.end for v in vmas]
+        i = bisect_right(self._ends, addr)
+        if i < len(vmas) and vmas[i].start <= addr:
+            return vmas[i]
+        return None
+
+    # -- symbolizing -------------------------------------------------------------
+    @staticmethod
+    def _key(f: RawFrame) -> tuple[object, ...]:
+        v = f.vma
+        if v is None:
+            return (f.address, f.lookup)
+        return (f.address, f.lookup, v.start, v.offset, v.inode, v.path)
+
+    @staticmethod
+    def _raw_name(f: RawFrame) -> tuple[str, int]:
+        """(symbol name, symbol start in the process) or ([unknown], 0)."""
+        if f.module is None or f.bias is None:
+            return UNKNOWN, 0
+        found = f.module.symbols.lookup(f.lookup - f.bias)
+        if found is None:
+            return UNKNOWN, 0
+        return found[0], found[1] + f.bias
+
+    def _frame(self, f: RawFrame) -> Frame:
+        key = self._key(f)
+        frame = self._frames.get(key)
+        if frame is None:
+            name, start = self._raw_name(f)
+            module = UNKNOWN if f.vma is None else f.vma.display_path or "[anon]"
+            frame = Frame(f.address, self.demangler(name), module,
+                          f.address - start if start else 0,
+                          f.module.build_id if f.module is not None else None)
+            if len(self._frames) >= self.MAX_FRAMES:
+                self._frames.clear()
+            self._frames[key] = frame
+        return frame
+
+    def _stack(self, frames: list[RawFrame], truncated: bool) -> Stack:
+        out = [self._frame(f) for f in frames]
+        if truncated and not (out and out[-1].function in _OUTERMOST):
+            out.append(TRUNCATED)
+        return Stack(tuple(out))
+
+
+def _at_entry(module: Module, pc: int) -> bool:
+    found = module.symbols.lookup(pc)
+    return found is not None and found[1] == pc
+
+
+def _step(row: Row, regs: Regs, read: Read) -> tuple[int, int, int | None] | _End | None:
+    """(caller's ip, CFA = caller's sp, caller's rbp); _END at the outermost
+    frame; None when this row cannot be applied to what is known."""
+    if row.cfa_expr is not None:
+        cfa = evaluate(row.cfa_expr, regs, read)
+    else:
+        base = regs.get(row.cfa_reg) if row.cfa_reg is not None else None
+        cfa = base + row.cfa_offset if base is not None else None
+    if cfa is None:
+        return None
+    if row.ra is not None and row.ra[0] == "u":
+        return _END
+    ra = _recover(row.ra, cfa, regs, read, RIP)
+    if ra is None:
+        return None
+    rbp = regs.get(RBP) if row.rbp is None else _recover(row.rbp, cfa, regs, read, RBP)
+    return ra, cfa, rbp
+
+
+def _recover(rule: Rule | None, cfa: int, regs: Regs, read: Read, reg: int) -> int | None:
+    """A caller's register by its rule; None if unknown or unreadable."""
+    if rule is None:
+        return None
+    kind = rule[0]
+    if kind == "o":
+        return read(cfa + rule[1])
+    if kind == "vo":
+        return cfa + rule[1]
+    if kind == "s":
+        return regs.get(reg)
+    if kind == "r":
+        return regs.get(rule[1])
+    if kind in ("e", "ve"):
+        value = evaluate(rule[1], regs, read, initial=cfa)
+        if value is None or kind == "ve":
+            return value
+        return read(value)
+    return None

@@ -1,0 +1,277 @@
+"""memtrace.stacks.netting.StackTracker on a hand-built AddressSpace: held now
+nets releases, brought in never does, per-mapping scaling is exact, and the
+profile's held total is the process's resident total."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from memtrace.stacks.netting import UNSAMPLED, StackTracker, scale
+from memtrace.stacks.profile import Frame, Stack
+from memtrace.trace.events import StackRecord
+from memtrace.trace.model import AddressSpace, chunk_span
+from memtrace.trace.procfs import PAGE_SIZE, Vma
+
+from ..fakes import runs_of
+
+P = PAGE_SIZE
+PID = 77
+HEAP = Vma(0x555555600000, 0x555555700000, "rw-p", 0, "00:00", 0, b"[heap]")
+A = Vma(0x7F0000000000, 0x7F0000400000, "rw-p", 0, "00:00", 0, b"")          # 1024 pages
+B = Vma(0x7F0000400000 + 16 * P, 0x7F0000500000, "rw-p", 0, "00:00", 0, b"[anon:b]")
+LIB = Vma(0x7F0001000000, 0x7F0001010000, "r-xp", 0, "fe:00", 9,
+          b"/usr/lib/x86_64-linux-gnu/libfoo.so.1")
+VMAS = [HEAP, A, B, LIB]
+
+
+def stack_of(*names: str) -> Stack:
+    return Stack(tuple(Frame(0x1000 + i, n, "/usr/bin/t") for i, n in enumerate(names)))
+
+
+PATH_A = stack_of("memset", "fill_big", "main")
+PATH_B = stack_of("memset", "fill_small", "main")
+PATH_C = stack_of("calloc", "other", "main")
+STACKS = {1: PATH_A, 2: PATH_B, 3: PATH_C}
+
+
+class FakeUnwinder:
+    """Gives the stack named by a record's ip (1, 2, 3), as the real one would."""
+
+    def __init__(self, proc_root: str) -> None:
+        self.proc_root = proc_root
+        self.calls = 0
+
+    def unwind_many(self, pid, vmas, regs):
+        self.calls += 1
+        return [STACKS[ip] for ip, _sp, _bp, _stack in regs]
+
+
+class World:
+    def __init__(self, tmp_path) -> None:
+        (tmp_path / str(PID)).mkdir()
+        self.unwinder = FakeUnwinder(str(tmp_path))
+        self.tracker = StackTracker(PID, self.unwinder)   # type: ignore[arg-type]
+        self.space = AddressSpace()
+        self.pages: dict[int, bool] = {}
+        self.vmas = list(VMAS)
+        self.sync()
+
+    def touch(self, vma: Vma, first: int, count: int) -> None:
+        for i in range(first, first + count):
+            self.pages[vma.start + i * P] = True
+
+    def drop(self, lo: int, hi: int) -> None:
+        for a in [a for a in self.pages if lo <= a < hi]:
+            del self.pages[a]
+
+    def unmap(self, vma: Vma) -> None:
+        self.vmas = [v for v in self.vmas if v != vma]
+        self.drop(vma.start, vma.end)
+
+    def sync(self) -> None:
+        """The model rescans everything (as a tracker would after marks)."""
+        lo, hi = min(v.start for v in VMAS), max(v.end for v in VMAS)
+        first, last = chunk_span(lo, hi)
+        self.space.set_vmas(list(self.vmas))
+        self.space.replace_chunks(first, last, runs_of(self.pages, lo, hi))
+        self.space.attribute_all()
+
+    def sample(self, ip: int, vma: Vma, pages: range, weight: int) -> list[StackRecord]:
+        return [StackRecord(PID, vma.start + i * P + 100, ip, 0, 0, weight, b"")
+                for i in pages]
+
+    def profile(self):
+        return self.tracker.profile(self.space, self.space.vmas, b"/usr/bin/t", "t", 1.0)
+
+
+def by_stack(profile, field: str) -> dict[Stack, int]:
+    out: dict[Stack, int] = {}
+    for s in profile.samples:
+        out[s.stack] = out.get(s.stack, 0) + getattr(s, field)
+    return out
+
+
+@pytest.fixture
+def w(tmp_path):
+    return World(tmp_path)
+
+
+def test_release_of_one_path_nets_out_of_held_but_not_brought(w):
+    # path A makes 768 pages of A resident, path B 192 pages of B; one sample per
+    # 8 pages, weighing 8 pages
+    w.touch(A, 0, 768)
+    w.touch(B, 0, 192)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 768, 8), 8 * P) +
+                  w.sample(2, B, range(0, 192, 8), 8 * P), w.vmas)
+    before = w.profile()
+    assert by_stack(before, "held_bytes") == {PATH_A: 768 * P, PATH_B: 192 * P}
+    assert before.held_total() == w.space.totals().total
+    w.unmap(A)                     # munmap of the first path's memory
+    w.sync()
+    after = w.profile()
+    held = by_stack(after, "held_bytes")
+    assert held.get(PATH_A, 0) == 0 and held[PATH_B] == 192 * P
+    brought = by_stack(after, "brought_bytes")
+    assert brought == {PATH_A: 768 * P, PATH_B: 192 * P}
+    assert after.held_total() == w.space.totals().total == 192 * P
+    assert after.samples[0].stack == PATH_B            # sorted by held bytes
+    assert sum(s.samples for s in after.samples) == 96 + 24
+
+
+def test_madvise_dontneed_inside_a_shared_mapping_moves_held_bytes(w):
+    w.touch(A, 0, 512)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 256, 4), 4 * P) +
+                  w.sample(2, A, range(256, 512, 4), 4 * P), w.vmas)
+    assert by_stack(w.profile(), "held_bytes") == {PATH_A: 256 * P, PATH_B: 256 * P}
+    w.drop(A.start, A.start + 256 * P)        # MADV_DONTNEED of path A's half
+    w.sync()
+    held = by_stack(w.profile(), "held_bytes")
+    assert held.get(PATH_A, 0) == 0 and held[PATH_B] == 256 * P
+
+
+def test_held_weights_are_scaled_to_the_mapping_exact_bytes(w):
+    w.touch(A, 0, 100)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 10), 3 * P) + w.sample(3, A, range(10, 15), 3 * P),
+                  w.vmas)
+    held = by_stack(w.profile(), "held_bytes")
+    assert held[PATH_A] + held[PATH_C] == 100 * P
+    assert abs(held[PATH_A] - 100 * P * 2 / 3) <= 1 and abs(held[PATH_C] - 100 * P / 3) <= 1
+
+
+def test_resident_bytes_with_no_live_sample_go_to_unsampled_per_mapping(w):
+    w.touch(HEAP, 0, 7)
+    w.touch(A, 0, 40)
+    w.touch(LIB, 0, 3)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 40, 10), 10 * P), w.vmas)
+    p = w.profile()
+    unsampled = {(s.mapping, s.kind): s.held_bytes for s in p.samples if s.stack == UNSAMPLED}
+    assert unsampled == {("[heap]", "heap"): 7 * P,
+                         ("/usr/lib/x86_64-linux-gnu/libfoo.so.1", "library"): 3 * P}
+    assert p.held_total() == w.space.totals().total == 50 * P
+    assert UNSAMPLED.frames[0].function == "[unsampled]" and len(UNSAMPLED.frames) == 1
+
+
+def test_mapping_identity_and_kind_are_the_snapshot_ones(w):
+    w.touch(HEAP, 0, 4)
+    w.touch(B, 0, 4)
+    w.sync()
+    w.tracker.add(w.sample(1, HEAP, range(4), P) + w.sample(2, B, range(4), P)
+                  + [StackRecord(PID, 0x10000, 3, 0, 0, P, b"")], w.vmas)   # no VMA there
+    keys = {(s.stack, s.mapping, s.kind) for s in w.profile().samples}
+    assert (PATH_A, "[heap]", "heap") in keys
+    assert (PATH_B, "[anon:b]", "anon") in keys
+    assert (PATH_C, "[unknown]", "special") in keys
+
+
+def test_the_latest_sample_of_a_page_holds_it(w):
+    w.touch(A, 0, 1)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(1), P), w.vmas)
+    w.tracker.add(w.sample(2, A, range(1), P), w.vmas)     # freed and re-faulted
+    p = w.profile()
+    assert by_stack(p, "held_bytes") == {PATH_A: 0, PATH_B: P}
+    assert by_stack(p, "brought_bytes") == {PATH_A: P, PATH_B: P}
+
+
+def test_a_page_not_yet_scanned_is_kept_for_one_profile_then_forgotten(w):
+    w.tracker.add(w.sample(1, A, range(1), P), w.vmas)     # the model has not seen it
+    first = w.profile()
+    assert by_stack(first, "held_bytes").get(PATH_A, 0) == 0
+    w.touch(A, 0, 1)
+    w.sync()
+    assert by_stack(w.profile(), "held_bytes")[PATH_A] == P   # kept: now resident
+    w.drop(A.start, A.end)
+    w.sync()
+    w.profile()                              # not resident after a profile: dropped
+    assert w.tracker._pages == {}
+    w.touch(A, 0, 1)
+    w.sync()
+    held = by_stack(w.profile(), "held_bytes")
+    assert held.get(PATH_A, 0) == 0 and held[UNSAMPLED] == P
+
+
+def test_many_samples_of_few_stacks_are_interned(w):
+    w.touch(A, 0, 1024)
+    w.sync()
+    rng = random.Random(3)
+    records = [StackRecord(PID, A.start + rng.randrange(1024) * P, rng.choice((1, 2, 3)),
+                           0, 0, P, b"") for _ in range(20000)]
+    w.tracker.add(records, w.vmas)
+    assert len(w.tracker._stacks) == 3 and w.unwinder.calls == 1
+    p = w.profile()
+    assert sum(s.samples for s in p.samples) == 20000
+    assert p.brought_total() == 20000 * P and p.sample_period_bytes == P
+    assert p.held_total() == 1024 * P
+
+
+def test_forget_exec_drops_everything(w):
+    w.touch(A, 0, 8)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(8), P), w.vmas)
+    w.tracker.note_lost(3)
+    assert w.profile().samples_lost == 3
+    w.tracker.forget_exec()
+    p = w.profile()
+    assert [s.stack for s in p.samples] == [UNSAMPLED] and p.samples_lost == 0
+    assert p.brought_total() == 0
+
+
+def test_scale_is_exact_and_proportional():
+    rng = random.Random(11)
+    for _ in range(500):
+        weights = {i: rng.randint(0, 10**6) for i in range(rng.randint(1, 30))}
+        total = rng.randint(0, 10**9)
+        out = scale(weights, total)
+        s = sum(weights.values())
+        if s == 0:
+            assert out == {}
+            continue
+        assert sum(out.values()) == total
+        for k, w_ in weights.items():
+            assert abs(out[k] - w_ * total / s) < 1 + 1e-9
+
+
+# -- with the real tracker on the fake /proc world (tests/unit/fakes.py) ----------------
+def test_profile_follows_the_tracker_model_through_dontneed_and_munmap(world, tmp_path):
+    from ..fakes import ANON, ARENA, CHUNK, standard_process
+    from ..test_tracker import attach, bump, marks_for
+
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    unwinder = FakeUnwinder(str(world.root))
+    st = StackTracker(p.pid, unwinder)     # type: ignore[arg-type]
+
+    def rec(ip: int, addr: int) -> StackRecord:
+        return StackRecord(p.pid, addr, ip, 0, 0, 4 * P, b"")
+
+    # path A sampled in [anon] (its pages ANON+CHUNK-3P .. ANON+3CHUNK+5P), path B
+    # in the arena, path C on the heap
+    a_pages = [ANON + CHUNK + i * P for i in range(0, 64, 4)]
+    st.add([rec(1, a) for a in a_pages] + [rec(2, ARENA + P), rec(3, 0x55555555B000)],
+           tr.space.vmas)
+    prof = st.profile(tr.space, tr.space.vmas, tr.exe, "server", 1.0)
+    assert prof.held_total() == tr.space.totals().total
+    held = {(s.stack, s.mapping): s.held_bytes for s in prof.samples}
+    assert held[(PATH_A, "[anon]")] == tr.space.resident_of(m["anon"]).total
+    assert held[(PATH_B, "[anon:arena]")] == tr.space.resident_of(m["arena"]).total
+    assert held[(PATH_C, "[heap]")] == tr.space.resident_of(m["heap"]).total
+    # MADV_DONTNEED of every page path A sampled, then munmap of the arena
+    p.drop(ANON + CHUNK, ANON + CHUNK + 64 * P)
+    p.unmap(m["arena"].start, m["arena"].end)
+    p.sync()
+    tr.update(marks_for((ANON + CHUNK, ANON + CHUNK + 64 * P)),
+              [(m["arena"].start, m["arena"].end)], bump(tr, layout_gen=5))
+    after = st.profile(tr.space, tr.space.vmas, tr.exe, "server", 2.0)
+    held = {(s.stack, s.mapping): s.held_bytes for s in after.samples}
+    assert held.get((PATH_A, "[anon]"), 0) == 0 and held.get((PATH_B, "[anon:arena]"), 0) == 0
+    assert held[(UNSAMPLED, "[anon]")] == tr.space.resident_of(m["anon"]).total > 0
+    assert after.held_total() == tr.space.totals().total == sum(p.expected_total())
+    brought = {(s.stack, s.mapping): s.brought_bytes for s in after.samples}
+    assert brought[(PATH_A, "[anon]")] == len(a_pages) * 4 * P
+    assert brought[(PATH_B, "[anon:arena]")] == 4 * P

@@ -1,0 +1,157 @@
+"""memtrace.stacks.unwind.Unwinder on a stack built by hand for prog.c's real
+CFI (as readelf decodes it): main -> outer -> inner, the file opened through a
+fake /proc/PID/root, no process involved. Checks the walk's arithmetic, where
+it stops cleanly and where it truncates."""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import pytest
+
+from memtrace.stacks.profile import TRUNCATED
+from memtrace.stacks.unwind import Unwinder
+from memtrace.trace.procfs import Vma
+from memtrace.util.elf import PT_LOAD, program_headers
+
+from .helpers import nm_functions, readelf_fdes
+
+PID = 4242
+BIAS = 0x555555554000
+STACK_TOP = 0x7FFC00100000
+
+
+def _fake_proc(tmp_path: Path) -> str:
+    root = tmp_path / "proc"
+    (root / str(PID)).mkdir(parents=True)
+    os.symlink("/", root / str(PID) / "root")
+    return str(root)
+
+
+def _vmas(exe: Path) -> list[Vma]:
+    st = os.stat(exe)
+    out = []
+    for h in program_headers(exe.read_bytes()) or ():
+        if h.type != PT_LOAD:
+            continue
+        perms = "r-xp" if h.flags & 1 else "r--p"
+        start = BIAS + (h.vaddr & ~0xFFF)
+        end = BIAS + ((h.vaddr + h.filesz + 0xFFF) & ~0xFFF)
+        out.append(Vma(start, end, perms, h.offset & ~0xFFF, "fe:01", st.st_ino,
+                       os.fsencode(exe)))
+    out.append(Vma(0x7F0000000000, 0x7F0000010000, "rwxp", 0, "00:00", 0, b""))  # JIT-like
+    out.append(Vma(STACK_TOP - 0x21000, STACK_TOP, "rw-p", 0, "00:00", 0, b"[stack]"))
+    return out
+
+
+def _body_row(prog: Path, name: str) -> tuple[int, int]:
+    """(pc, CFA offset from rsp) in the body of a function: its row with the
+    largest rsp-based CFA (after the prologue, before the epilogue)."""
+    addr, _ = nm_functions(prog)[name]
+    fde = next(f for f in readelf_fdes(prog) if f.start == addr)
+    best = max((r for r in fde.rows if r.cfa.startswith("rsp+")),
+               key=lambda r: int(r.cfa[4:]))
+    return best.loc, int(best.cfa[4:])
+
+
+class Frames:
+    """A stack copy for leaf inner -> outer -> main -> (return address 0)."""
+
+    def __init__(self, prog: Path) -> None:
+        self.pcs, offsets = {}, {}
+        for name in ("inner", "outer", "main"):
+            self.pcs[name], offsets[name] = _body_row(prog, name)
+        self.sp = STACK_TOP - 0x8000
+        mem: dict[int, int] = {}
+        cfa = self.sp
+        self.cfas = []
+        for name, caller in (("inner", "outer"), ("outer", "main"), ("main", None)):
+            cfa += offsets[name]
+            self.cfas.append(cfa)
+            # the return address into the caller: the caller's row is found at ra - 1
+            mem[cfa - 8] = BIAS + self.pcs[caller] + 1 if caller else 0
+        self.size = cfa - self.sp
+        buf = bytearray(self.size)
+        for addr, value in mem.items():
+            struct.pack_into("<Q", buf, addr - self.sp, value)
+        self.stack = bytes(buf)
+
+
+@pytest.fixture
+def setup(prog, tmp_path):
+    return Unwinder(_fake_proc(tmp_path)), _vmas(prog), Frames(prog)
+
+
+def test_unwinds_main_outer_inner_and_ends_cleanly(setup, prog):
+    unwinder, vmas, f = setup
+    stack = unwinder.unwind(PID, vmas, BIAS + f.pcs["inner"], f.sp, 0x1234, f.stack)
+    assert [fr.function for fr in stack.frames] == ["inner", "outer", "main"]
+    assert not stack.truncated
+    funcs = nm_functions(prog)
+    leaf, caller = stack.frames[0], stack.frames[1]
+    assert leaf.address == BIAS + f.pcs["inner"]
+    assert leaf.offset == f.pcs["inner"] - funcs["inner"][0]
+    assert caller.address == BIAS + f.pcs["outer"] + 1      # the return address
+    assert caller.module == str(prog) and caller.build_id == leaf.build_id
+
+
+def test_a_short_copy_truncates_where_the_return_address_is_missing(setup):
+    unwinder, vmas, f = setup
+    cut = f.cfas[1] - 8 - f.sp            # outer's return address slot left out
+    stack = unwinder.unwind(PID, vmas, BIAS + f.pcs["inner"], f.sp, 0, f.stack[:cut])
+    assert [fr.function for fr in stack.frames] == ["inner", "outer", "[truncated]"]
+    assert stack.frames[-1] == TRUNCATED
+
+
+def test_depth_limit_truncates(setup, tmp_path):
+    _, vmas, f = setup
+    unwinder = Unwinder(_fake_proc(tmp_path / "d"), max_depth=2)
+    stack = unwinder.unwind(PID, vmas, BIAS + f.pcs["inner"], f.sp, 0, f.stack)
+    assert [fr.function for fr in stack.frames] == ["inner", "outer", "[truncated]"]
+
+
+def test_code_with_no_file_is_one_unknown_frame_and_truncated(setup):
+    unwinder, vmas, f = setup
+    stack = unwinder.unwind(PID, vmas, 0x7F0000000100, f.sp, 0, f.stack)
+    assert [(fr.function, fr.module) for fr in stack.frames] == [
+        ("[unknown]", "[anon]"), ("[truncated]", "[truncated]")]
+    stack = unwinder.unwind(PID, vmas, 0x1000, f.sp, 0, f.stack)     # no mapping at all
+    assert [fr.function for fr in stack.frames] == ["[unknown]", "[truncated]"]
+
+
+def test_start_ends_the_stack_without_truncation(setup, prog):
+    unwinder, vmas, f = setup
+    start, _ = nm_functions(prog)["_start"]
+    stack = unwinder.unwind(PID, vmas, BIAS + start + 4, f.sp, 0, f.stack)
+    assert [fr.function for fr in stack.frames] == ["_start"]
+    assert not stack.truncated
+
+
+def test_a_leaf_at_its_first_instruction_has_cfa_rsp_plus_8(setup, prog):
+    unwinder, vmas, f = setup
+    inner, _ = nm_functions(prog)["inner"]
+    buf = bytearray(f.stack[:16])
+    struct.pack_into("<Q", buf, 0, BIAS + f.pcs["outer"] + 1)
+    stack = unwinder.unwind(PID, vmas, BIAS + inner, f.sp, 0, bytes(buf))
+    assert [fr.function for fr in stack.frames] == ["inner", "outer", "[truncated]"]
+
+
+def test_code_without_cfi_is_unwound_only_at_its_first_instruction(setup, prog):
+    unwinder, vmas, f = setup
+    nocfi, _ = nm_functions(prog)["nocfi"]
+    buf = bytearray(f.stack[:16])
+    struct.pack_into("<Q", buf, 0, BIAS + f.pcs["outer"] + 1)
+    at_entry = unwinder.unwind(PID, vmas, BIAS + nocfi, f.sp, 0, bytes(buf))
+    assert [fr.function for fr in at_entry.frames] == ["nocfi", "outer", "[truncated]"]
+    inside = unwinder.unwind(PID, vmas, BIAS + nocfi + 1, f.sp, 0, bytes(buf))
+    assert [fr.function for fr in inside.frames] == ["nocfi", "[truncated]"]
+
+
+def test_the_file_is_read_once_and_stacks_repeat_identically(setup):
+    unwinder, vmas, f = setup
+    a = unwinder.unwind(PID, vmas, BIAS + f.pcs["inner"], f.sp, 0, f.stack)
+    b = unwinder.unwind_many(PID, vmas, [(BIAS + f.pcs["inner"], f.sp, 0, f.stack)] * 3)
+    assert all(s == a for s in b) and unwinder.modules.loads == 1
+    assert a.frames[0] is b[2].frames[0]      # frames are shared, not rebuilt
