@@ -20,12 +20,15 @@ from memtrace.trace.events import (
     ChunkMark,
     Drained,
     RawStats,
+    StackRecord,
     Stats,
     SyscallEvent,
     decode_event,
     decode_range,
+    decode_stack_sample,
     decode_stats,
 )
+from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
 from memtrace.util.log import log
 
 MAX_TARGETS = 1024
@@ -33,6 +36,7 @@ MAX_CHUNKS = 262144
 RANGES_PAGES = 64       # 256 KiB: ~10k range records per drain
 EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
 EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
+STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
 
 
 def bpf_source_dir() -> Path:
@@ -62,7 +66,8 @@ class Probes:
     """The loaded BPF program: targets in, dirty chunks, ranges, events, stats out."""
 
     def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False,
-                 rss_stat_probe: bool = True, stream_events: bool = True) -> None:
+                 rss_stat_probe: bool = True, stream_events: bool = True,
+                 stacks: bool = False, stack_period: int = DEFAULT_STACK_PERIOD) -> None:
         if os.geteuid() != 0:
             raise MemtraceError("memtrace needs root (deploy/README.md: the capabilities it uses)",
                                 ExitCode.NOT_ROOT)
@@ -102,11 +107,15 @@ class Probes:
                     f"raw tracepoint rss_stat (task_struct.mm at {offset} from BTF)")
             except btf.BtfError:
                 pass
-        try:
-            self.bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=cflags)
-        except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
-            raise MemtraceError(f"loading the BPF program failed: {e}",
-                                ExitCode.BPF_LOAD_FAILED) from None
+        self.stack_period = stack_period
+        self.stack_weight = 0
+        self.stack_mechanism = ""
+        if stacks:
+            if stack_period < 1:
+                raise MemtraceError("the stack sampling period must be at least 1 byte",
+                                    ExitCode.USAGE)
+            cflags += ["-DMT_STACKS", f"-DMT_STACKS_PAGES={STACKS_PAGES}"]
+        self.bpf = self._load(bcc, src, cflags, stacks)
         try:
             finish = self.bpf.load_func(b"finish_exit", bcc.BPF.TRACEPOINT)
             self.bpf["finish_prog"][ctypes.c_int(0)] = ctypes.c_int(finish.fd)
@@ -136,6 +145,42 @@ class Probes:
             self.bpf["execs"].open_ring_buffer(self._on_exec)
             self.bpf["forks"].open_ring_buffer(self._on_fork)
             self._notices_lost = self.bpf["notices_lost"]
+        self._stacks: dict[int, list[StackRecord]] = defaultdict(list)
+        if stacks:
+            self._start_stacks(stack_period)
+
+    def _load(self, bcc: Any, src: Path, cflags: list[str], stacks: bool) -> Any:
+        """Compile and load; with --stacks, first with kernel-mode faults
+        sampled (BTF helpers bpf_get_current_task_btf and bpf_task_pt_regs),
+        then, where the kernel refuses them, without."""
+        attempts = [cflags + ["-DMT_STACKS_KERNEL"], cflags] if stacks else [cflags]
+        for i, flags in enumerate(attempts):
+            try:
+                bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=flags)
+            except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
+                if i + 1 < len(attempts):
+                    log(f"debug: kernel-mode faults not sampled for --stacks: {e}")
+                    continue
+                raise MemtraceError(f"loading the BPF program failed: {e}",
+                                    ExitCode.BPF_LOAD_FAILED) from None
+            if stacks:
+                self.stack_mechanism = (
+                    "user and kernel-mode faults" if "-DMT_STACKS_KERNEL" in flags
+                    else "user-mode faults only (kernel-mode faults: no BTF task helpers)")
+            return bpf
+        raise AssertionError("unreachable")
+
+    def _start_stacks(self, period: int) -> None:
+        """Fill the gap table BPF draws from, and collect the sampled stacks."""
+        gaps = self.bpf["stack_gaps"]
+        for i, gap in enumerate(exponential_gaps(period)):
+            gaps[gaps.Key(i)] = gaps.Leaf(gap)
+        self.stack_weight = sample_weight(period, os.sysconf("SC_PAGE_SIZE"))
+        self.bpf["stack_samples"].open_ring_buffer(self._on_stack)
+
+    def _on_stack(self, _ctx: Any, data: Any, size: int) -> None:
+        rec = decode_stack_sample(ctypes.string_at(data, size), self.stack_weight)
+        self._stacks[rec.tgid].append(rec)
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
         r = decode_range(ctypes.string_at(data, size))
@@ -224,9 +269,10 @@ class Probes:
             notices_lost = {name: int(self._notices_lost[i].value)
                             for i, name in enumerate(("execs", "forks"))}
         names_gen = int(self._names_gen[0].value)
+        stacks, self._stacks = dict(self._stacks), defaultdict(list)
         return Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
                        names_gen=names_gen, execs=execs, forks=forks,
-                       notices_lost=notices_lost)
+                       notices_lost=notices_lost, stacks=stacks)
 
     def _detach_quietly(self, tracepoint: bytes) -> None:
         with contextlib.suppress(Exception):
