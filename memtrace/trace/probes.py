@@ -29,7 +29,7 @@ from memtrace.trace.events import (
     decode_stats,
 )
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
-from memtrace.util.log import log
+from memtrace.util.log import debug, log
 
 MAX_TARGETS = 1024
 MAX_CHUNKS = 262144
@@ -115,7 +115,17 @@ class Probes:
                 raise MemtraceError("the stack sampling period must be at least 1 byte",
                                     ExitCode.USAGE)
             cflags += ["-DMT_STACKS", f"-DMT_STACKS_PAGES={STACKS_PAGES}"]
-        self.bpf = self._load(bcc, src, cflags, stacks)
+            if _kernel_user_regs(bcc):
+                cflags.append("-DMT_STACKS_KERNEL")
+                self.stack_mechanism = "user and kernel-mode faults"
+            else:
+                self.stack_mechanism = ("user-mode faults only (kernel-mode faults: the kernel "
+                                        "refuses the BTF task helpers)")
+        try:
+            self.bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=cflags)
+        except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
+            raise MemtraceError(f"loading the BPF program failed: {e}",
+                                ExitCode.BPF_LOAD_FAILED) from None
         try:
             finish = self.bpf.load_func(b"finish_exit", bcc.BPF.TRACEPOINT)
             self.bpf["finish_prog"][ctypes.c_int(0)] = ctypes.c_int(finish.fd)
@@ -148,27 +158,6 @@ class Probes:
         self._stacks: dict[int, list[StackRecord]] = defaultdict(list)
         if stacks:
             self._start_stacks(stack_period)
-
-    def _load(self, bcc: Any, src: Path, cflags: list[str], stacks: bool) -> Any:
-        """Compile and load; with --stacks, first with kernel-mode faults
-        sampled (BTF helpers bpf_get_current_task_btf and bpf_task_pt_regs),
-        then, where the kernel refuses them, without."""
-        attempts = [cflags + ["-DMT_STACKS_KERNEL"], cflags] if stacks else [cflags]
-        for i, flags in enumerate(attempts):
-            try:
-                bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=flags)
-            except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
-                if i + 1 < len(attempts):
-                    log(f"debug: kernel-mode faults not sampled for --stacks: {e}")
-                    continue
-                raise MemtraceError(f"loading the BPF program failed: {e}",
-                                    ExitCode.BPF_LOAD_FAILED) from None
-            if stacks:
-                self.stack_mechanism = (
-                    "user and kernel-mode faults" if "-DMT_STACKS_KERNEL" in flags
-                    else "user-mode faults only (kernel-mode faults: no BTF task helpers)")
-            return bpf
-        raise AssertionError("unreachable")
 
     def _start_stacks(self, period: int) -> None:
         """Fill the gap table BPF draws from, and collect the sampled stacks."""
@@ -292,6 +281,36 @@ class Probes:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
             log(f"warning: detaching probes: {e}")
+
+
+# A raw-tracepoint program that reads the task's saved user registers the way
+# bpf/memtrace.bpf.c does for kernel-mode faults (MT_STACKS_KERNEL).
+_KERNEL_REGS_PROBE = b"""
+int probe(void *ctx)
+{
+    u64 regs = (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 ip = 0;
+    bpf_probe_read_kernel(&ip, sizeof(ip), (void *)(regs + 128));
+    return ip != 0;
+}
+"""
+
+
+def _kernel_user_regs(bcc: Any) -> bool:
+    """Does the kernel let a raw-tracepoint program reach the user registers
+    through BTF (bpf_get_current_task_btf, bpf_task_pt_regs)? Tried on a small
+    program of its own: a failed load of the main one could leave some of its
+    programs attached (bcc attaches as it loads)."""
+    try:
+        probe = bcc.BPF(text=_KERNEL_REGS_PROBE)
+        try:
+            probe.load_func(b"probe", bcc.BPF.RAW_TRACEPOINT)
+        finally:
+            probe.cleanup()
+    except Exception as e:  # bcc raises bare Exception on compile/load failure
+        debug(f"kernel-mode faults not sampled for --stacks: {e}")
+        return False
+    return True
 
 
 _MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283}
