@@ -60,6 +60,7 @@ BPF_ARRAY(notices_lost, u64, 2);                /* agent mode: [0] execs, [1] fo
  * fills stack_gaps with the distribution's quantiles and BPF draws an index. */
 BPF_ARRAY(stack_gaps, u64, MT_STACK_GAPS);
 BPF_RINGBUF_OUTPUT(stack_samples, MT_STACKS_PAGES);
+#define MT_STACKS_WAKE 256      /* about a quarter of the ring at its default size */
 
 /* Offsets in the x86-64 uapi struct pt_regs (asm/ptrace.h: r15 r14 r13 r12
  * rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss):
@@ -98,8 +99,7 @@ static __always_inline u32 copy_stack(u8 *dst, u64 sp)
 static __always_inline void take_sample(u32 tgid, u32 epoch, u64 addr, u64 regs, u32 flags)
 {
     struct mt_stats *st = stats.lookup(&tgid);
-    if (st)
-        __sync_fetch_and_add(&st->stacks_sampled, 1);
+    u64 nth = st ? __sync_fetch_and_add(&st->stacks_sampled, 1) : 0;
     struct mt_stack_sample *s = stack_samples.ringbuf_reserve(sizeof(*s));
     if (!s) {
         if (st)
@@ -116,7 +116,11 @@ static __always_inline void take_sample(u32 tgid, u32 epoch, u64 addr, u64 regs,
     s->len = s->sp ? copy_stack(s->stack, s->sp) : 0;
     if (!s->len && st)
         __sync_fetch_and_add(&st->stacks_unread, 1);
-    stack_samples.ringbuf_submit(s, BPF_RB_NO_WAKEUP);
+    /* Records wake nobody, but every MT_STACKS_WAKE-th of a process wakes
+     * user space's reader (probes.py), so that a burst of faults between two
+     * drains does not fill the ring: one wakeup per MT_STACKS_WAKE samples. */
+    stack_samples.ringbuf_submit(s, nth % MT_STACKS_WAKE == MT_STACKS_WAKE - 1
+                                     ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
 /* The user registers of a fault: the tracepoint's regs for a user-mode fault;

@@ -7,6 +7,8 @@ import contextlib
 import ctypes
 import functools
 import os
+import select
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +39,7 @@ RANGES_PAGES = 64       # 256 KiB: ~10k range records per drain
 EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
 EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
 STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
+STACKS_READER_PAUSE = 0.05  # s: the stack reader's rest after each read (at most 20 reads/s)
 
 
 def bpf_source_dir() -> Path:
@@ -156,6 +159,10 @@ class Probes:
             self.bpf["forks"].open_ring_buffer(self._on_fork)
             self._notices_lost = self.bpf["notices_lost"]
         self._stacks: dict[int, list[StackRecord]] = defaultdict(list)
+        # ring callbacks run in drain() and, with --stacks, in the stack reader
+        self._rings_lock = threading.Lock()
+        self._reader_stop = threading.Event()
+        self._reader: threading.Thread | None = None
         if stacks:
             self._start_stacks(stack_period)
 
@@ -165,7 +172,24 @@ class Probes:
         for i, gap in enumerate(exponential_gaps(period)):
             gaps[gaps.Key(i)] = gaps.Leaf(gap)
         self.stack_weight = sample_weight(period, os.sysconf("SC_PAGE_SIZE"))
-        self.bpf["stack_samples"].open_ring_buffer(self._on_stack)
+        ring = self.bpf["stack_samples"]
+        ring.open_ring_buffer(self._on_stack)
+        self._reader = threading.Thread(target=self._read_stacks, args=(ring.map_fd,),
+                                        name="memtrace-stacks", daemon=True)
+        self._reader.start()
+
+    def _read_stacks(self, ring_fd: int) -> None:
+        """Read the rings whenever BPF wakes us (every MT_STACKS_WAKE-th sample
+        of a process): a burst of faults between two drains would otherwise
+        fill the stack ring. A poll on a ring's fd returns while it holds data,
+        and blocks until a wakeup once it is empty."""
+        poller = select.poll()
+        poller.register(ring_fd, select.POLLIN)
+        while not self._reader_stop.is_set():
+            if poller.poll(200):
+                with self._rings_lock:
+                    self.bpf.ring_buffer_consume()
+                self._reader_stop.wait(STACKS_READER_PAUSE)
 
     def _on_stack(self, _ctx: Any, data: Any, size: int) -> None:
         rec = decode_stack_sample(ctypes.string_at(data, size), self.stack_weight)
@@ -243,22 +267,23 @@ class Probes:
 
     def drain(self) -> Drained:
         self._swap()
-        self.bpf.ring_buffer_consume()
+        with self._rings_lock:
+            self.bpf.ring_buffer_consume()
+            ranges, self._ranges = dict(self._ranges), defaultdict(list)
+            events, self._events = self._events, []
+            execs, self._execs = self._execs, []
+            forks, self._forks = self._forks, []
+            stacks, self._stacks = dict(self._stacks), defaultdict(list)
         chunks, self._carry = dict(self._carry), defaultdict(list)
         stats: dict[int, Stats] = {}
         for k, v in self._stats.items():
             stats[k.value] = decode_stats(RawStats.from_buffer_copy(bytes(v)))
             self._credit[self._credit.Key(k.value)] = self._credit.Leaf(EVENT_CREDIT)
-        ranges, self._ranges = dict(self._ranges), defaultdict(list)
-        events, self._events = self._events, []
-        execs, self._execs = self._execs, []
-        forks, self._forks = self._forks, []
         notices_lost: dict[str, int] = {}
         if self._notices_lost is not None:
             notices_lost = {name: int(self._notices_lost[i].value)
                             for i, name in enumerate(("execs", "forks"))}
         names_gen = int(self._names_gen[0].value)
-        stacks, self._stacks = dict(self._stacks), defaultdict(list)
         return Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
                        names_gen=names_gen, execs=execs, forks=forks,
                        notices_lost=notices_lost, stacks=stacks)
@@ -268,6 +293,9 @@ class Probes:
             self.bpf.detach_tracepoint(tracepoint)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader_stop.set()
+            self._reader.join()
         # Each detach waits for an RCU grace period; overlapping them halves the
         # time SIGTERM takes.
         with ThreadPoolExecutor(16) as pool:
