@@ -54,6 +54,10 @@ struct mt_fault_cache {
      * whether a gap was drawn yet (a fresh slot draws one instead of sampling) */
     s64 sample_left;
     u64 sample_armed;
+    /* --stacks: the end of the last stack copy cut short by an unmapped page
+     * (the top of a stack mapping), and its process */
+    u64 stack_end;
+    u64 stack_tgid;
 };
 
 /* Per-process counters; only BPF writes them (atomic adds), user space reads. */
