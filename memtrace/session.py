@@ -22,7 +22,7 @@ from memtrace.pss.live import LivePss, drop_all
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
-from memtrace.trace.events import Drained, StackRecord
+from memtrace.trace.events import ChunkMark, Drained, StackRecord
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
@@ -149,7 +149,7 @@ class Session:
         snap = self._builders[pid].build(tracker, time.time(), self._pss_usage(pid))
         self._add_heap(snap, tracker)
         self._add_pss(snap, tracker)
-        self._add_stacks(snap, tracker, [])
+        self._add_stacks(snap, tracker, [], [])
         self._libevents[pid] = LibraryEvents()
         self._library_events(pid, snap, tracker.space.vmas)
         self._builders[pid].stamp(snap)
@@ -240,7 +240,8 @@ class Session:
             snap = self._builders[pid].build(tracker, now, self._pss_usage(pid))
             self._add_heap(snap, tracker)
             self._add_pss(snap, tracker)
-            self._add_stacks(snap, tracker, drained.stacks.get(pid, []))
+            self._add_stacks(snap, tracker, drained.stacks.get(pid, []),
+                              drained.chunks.get(pid, []))
             self._library_events(pid, snap, tracker.space.vmas)
             self._builders[pid].stamp(snap)
             self._snapshots[pid] = snap
@@ -399,7 +400,7 @@ class Session:
         self._unwinder = Unwinder(str(self.procfs.root))
 
     def _add_stacks(self, snap: dict[str, Any], tracker: ProcessTracker,
-                    records: list[StackRecord]) -> None:
+                    records: list[StackRecord], marks: list[ChunkMark]) -> None:
         """Feed this tick's sampled faults of `tracker`'s process to its
         StackTracker and put the top stacks in the snapshot."""
         if self._unwinder is None:
@@ -416,8 +417,10 @@ class Session:
         self._stack_epochs[pid] = tracker.epoch
         vmas = tracker.space.vmas
         st.add([r for r in records if r.epoch == tracker.epoch], vmas)
+        st.add_faults(m for m in marks if m.epoch == tracker.epoch)
         profile = st.profile(tracker.space, vmas, tracker.exe, tracker.comm, snap["ts"])
         profile.sample_period_bytes = self.stack_period
+        profile.samples_lost = tracker.stats.stacks_lost     # ring full (BPF counts them)
         self._profiles[pid] = profile
         snap["stacks"] = stacks_summary(profile)
 

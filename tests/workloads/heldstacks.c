@@ -13,13 +13,22 @@
 
 #define MiB (1UL << 20)
 
+#define CHUNK (2 * MiB)
+
+/* n bytes of anonymous memory in a mapping of its own, starting and ending on
+ * a 2 MiB boundary: the two paths share neither a VMA nor a 2 MiB chunk, so
+ * memtrace's exact per-mapping and per-chunk figures split them exactly. */
 static char *region(size_t n)
 {
-    char *p = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (p == MAP_FAILED) {
+    char *raw = mmap(NULL, n + 2 * CHUNK, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) {
         perror("mmap");
         exit(1);
     }
+    char *p = (char *)(((unsigned long)raw + CHUNK) & ~(CHUNK - 1));
+    munmap(raw, (size_t)(p - raw));                     /* a gap below ... */
+    munmap(p + n, (size_t)(raw + n + 2 * CHUNK - (p + n)));   /* ... and above */
     madvise(p, n, MADV_NOHUGEPAGE);   /* 4 KiB faults: one per page, as most memory */
     return p;
 }
