@@ -13,8 +13,11 @@ FRAMES_MAX = 32          # frames per stack in a snapshot (the rest: "[...]")
 
 
 def frame_text(function: str, module: str) -> str:
-    """`function (module file name)`, the form the JSON and the table use."""
-    return f"{function} ({os.path.basename(module)})" if module else function
+    """`function (module file name)`, the form the JSON uses; a marker frame
+    (`[unsampled]`, `[truncated]`) alone."""
+    if not module or function == module:
+        return function
+    return f"{function} ({os.path.basename(module)})"
 
 
 def _entry(sample: StackSample, measure: str) -> dict[str, Any]:
