@@ -1,6 +1,7 @@
 """Slowdown of a workload's own timed loop while memtrace watches it.
 
     sudo .venv/bin/python benchmarks/overhead.py [--reps 5] [--only fault,mmaploop,malloc]
+        [--memtrace-args '--stacks']
 
 For each workload (benchmarks/workloads/overhead.c) it alternates runs without
 and with `memtrace watch PID --format json --interval 1 --reconcile-interval 0
@@ -37,7 +38,7 @@ ATTACH_TIMEOUT = 180.0
 
 
 def one_run(binary: Path, args: list[str], memtrace: Path | None,
-            interval: float) -> dict[str, Any]:
+            interval: float, extra: list[str] | None = None) -> dict[str, Any]:
     wl = bc.spawn([str(binary), *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     mt: bc.Memtrace | None = None
     try:
@@ -45,7 +46,7 @@ def one_run(binary: Path, args: list[str], memtrace: Path | None,
         pid = int(bc.read_line(wl.stdout, 30, "workload").split()[1])
         res: dict[str, Any] = {"memtrace": memtrace is not None}
         if memtrace is not None:
-            mt = bc.Memtrace(memtrace, pid, interval)
+            mt = bc.Memtrace(memtrace, pid, interval, extra=extra or [])
             res["first_snapshot_wall_s"] = mt.wait_first_snapshot(ATTACH_TIMEOUT)
             res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
         cpu0 = bc.tree_cpu_seconds(mt.pid) if mt else 0.0
@@ -107,6 +108,9 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--memtrace", type=Path, default=bc.DEFAULT_MEMTRACE)
     ap.add_argument("--json", type=Path, help="also write all raw results here")
+    ap.add_argument("--memtrace-args", default="",
+                    help="more arguments for memtrace watch, e.g. '--stacks' "
+                    "(split on spaces)")
     ap.add_argument("--quiet-wait", type=float, default=120.0,
                     help="before each run, wait up to this long for no other memtrace "
                     "process and < 0.1 busy core on the machine")
@@ -136,7 +140,8 @@ def main() -> int:
                 for attempt in range(1 + opts.retries):
                     waited, busy_with = bc.wait_quiet(opts.quiet_wait)
                     try:
-                        r = one_run(binary, args, mt, opts.interval)
+                        r = one_run(binary, args, mt, opts.interval,
+                                    opts.memtrace_args.split())
                     except (RuntimeError, TimeoutError, EOFError, OSError) as e:
                         errors.append(f"{name} rep {rep} {tag}: {e}")
                         print(f"[{name} rep {rep} {tag}] FAILED: {e}", file=sys.stderr,

@@ -7,8 +7,10 @@
  * Compile-time parameters (-D): MT_PAGE_SIZE (the running system's, from
  * sysconf), MT_MAX_TARGETS, MT_MAX_CHUNKS, MT_RANGES_PAGES, MT_EVENTS_PAGES,
  * and optionally MT_TASK_MM_OFFSET,
- * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm) and
- * MT_NO_EVENT_STREAM (no syscall records streamed: no view shows them). */
+ * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm),
+ * MT_NO_EVENT_STREAM (no syscall records streamed: no view shows them) and
+ * MT_STACKS with MT_STACKS_PAGES (--stacks: sampled faults with user stacks;
+ * MT_STACKS_KERNEL also samples kernel-mode faults, through BTF helpers). */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
 
@@ -46,6 +48,136 @@ BPF_RINGBUF_OUTPUT(events, MT_EVENTS_PAGES);
 BPF_RINGBUF_OUTPUT(execs, 16);                  /* agent mode: every exec on the system */
 BPF_RINGBUF_OUTPUT(forks, 16);                  /* agent mode: children of watched processes */
 BPF_ARRAY(notices_lost, u64, 2);                /* agent mode: [0] execs, [1] forks not streamed */
+#endif
+
+#ifdef MT_STACKS
+/* --stacks: faults are sampled by bytes. Each CPU counts the bytes of watched
+ * processes' faults (MT_PAGE_SIZE each) down from a gap drawn from an
+ * exponential distribution; the fault that exhausts it is sampled and the
+ * next gap is drawn. Exponential gaps are memoryless, so one countdown per CPU
+ * shared by every watched process samples each process's faults as its own
+ * countdown would (docs/stacks.md). BPF has no floating point: user space
+ * fills stack_gaps with the distribution's quantiles and BPF draws an index. */
+BPF_ARRAY(stack_gaps, u64, MT_STACK_GAPS);
+BPF_RINGBUF_OUTPUT(stack_samples, MT_STACKS_PAGES);
+#define MT_STACKS_WAKE 256      /* about a quarter of the ring at its default size */
+
+/* Offsets in the x86-64 uapi struct pt_regs (asm/ptrace.h: r15 r14 r13 r12
+ * rbp rbx r11 r10 r9 r8 rax rcx rdx rsi rdi orig_rax rip cs eflags rsp ss):
+ * an ABI, the same in every kernel. */
+#define MT_REGS_BP 32
+#define MT_REGS_IP 128
+#define MT_REGS_SP 152
+
+static __always_inline u64 read_reg(u64 regs, u64 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (void *)(regs + off));
+    return v;
+}
+
+/* Copy [sp, end) of user memory, end - sp in [1, MT_STACK_COPY]: 0 on success. */
+static __always_inline long copy_to(u8 *dst, u64 sp, u64 end)
+{
+    /* masked into [1, MT_STACK_COPY] so that every verifier sees the bound */
+    u32 len = (((u32)(end - sp)) - 1) & (MT_STACK_COPY - 1);
+    return bpf_probe_read_user(dst, len + 1, (void *)sp);
+}
+
+/* Copy [sp, sp + MT_STACK_COPY) of user memory, or, when its end is unmapped
+ * (a read fails as a whole, after a fault), the longest prefix ending at a page
+ * boundary. The CPU remembers where a copy was cut: the next sample with sp
+ * just below that end (the same shallow stack, as a main thread's near the top
+ * of [stack]) copies up to it at once instead of failing first. */
+static __always_inline u32 copy_stack(struct mt_fault_cache *fc, u32 tgid, u8 *dst, u64 sp)
+{
+    u64 end = fc->stack_end;
+    if (fc->stack_tgid == tgid && end > sp && end - sp < MT_STACK_COPY &&
+        copy_to(dst, sp, end) == 0)
+        return end - sp;
+    if (bpf_probe_read_user(dst, MT_STACK_COPY, (void *)sp) == 0)
+        return MT_STACK_COPY;
+    u32 head = MT_PAGE_SIZE - (sp & MT_PAGE_MASK);
+#pragma unroll
+    for (int pages = MT_STACK_COPY / MT_PAGE_SIZE - 1; pages >= 0; pages--) {
+        u32 len = head + pages * MT_PAGE_SIZE;
+        if (len >= MT_STACK_COPY)
+            continue;
+        if (copy_to(dst, sp, sp + len) == 0) {
+            fc->stack_end = sp + len;
+            fc->stack_tgid = tgid;
+            return len;
+        }
+    }
+    return 0;
+}
+
+static __always_inline void take_sample(struct mt_fault_cache *fc, u32 tgid, u32 epoch, u64 addr,
+                                        u64 regs, u32 flags)
+{
+    struct mt_stats *st = stats.lookup(&tgid);
+    u64 nth = st ? __sync_fetch_and_add(&st->stacks_sampled, 1) : 0;
+    struct mt_stack_sample *s = stack_samples.ringbuf_reserve(sizeof(*s));
+    if (!s) {
+        if (st)
+            __sync_fetch_and_add(&st->stacks_lost, 1);
+        return;
+    }
+    s->tgid = tgid;
+    s->epoch = epoch;
+    s->addr = addr;
+    s->flags = flags;
+    s->ip = regs ? read_reg(regs, MT_REGS_IP) : 0;
+    s->sp = regs ? read_reg(regs, MT_REGS_SP) : 0;
+    s->bp = regs ? read_reg(regs, MT_REGS_BP) : 0;
+    s->len = s->sp ? copy_stack(fc, tgid, s->stack, s->sp) : 0;
+    if (!s->len && st)
+        __sync_fetch_and_add(&st->stacks_unread, 1);
+    /* Records wake nobody, but every MT_STACKS_WAKE-th of a process wakes
+     * user space's reader (probes.py), so that a burst of faults between two
+     * drains does not fill the ring: one wakeup per MT_STACKS_WAKE samples. */
+    stack_samples.ringbuf_submit(s, nth % MT_STACKS_WAKE == MT_STACKS_WAKE - 1
+                                     ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+}
+
+/* The user registers of a fault: the tracepoint's regs for a user-mode fault;
+ * for a kernel-mode one, the task's saved user registers (BTF helpers). */
+static __always_inline u64 user_regs(u64 tp_regs, u32 flags)
+{
+    if (!(flags & MT_STACK_FROM_KERNEL))
+        return tp_regs;
+#ifdef MT_STACKS_KERNEL
+    return (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+#else
+    return 0;
+#endif
+}
+
+/* Count one fault down on this CPU's countdown (kept in its fault-cache slot,
+ * which the fault path has looked up already); sample when it runs out. */
+static __always_inline void count_down(struct mt_fault_cache *fc, u32 tgid, u32 epoch, u64 addr,
+                                       u64 tp_regs, u32 flags)
+{
+#ifndef MT_STACKS_KERNEL
+    if (flags & MT_STACK_FROM_KERNEL)
+        return;     /* no way to the user registers: not counted (docs/stacks.md) */
+#endif
+    fc->sample_left -= MT_PAGE_SIZE;
+    if (fc->sample_left > 0)
+        return;
+    u32 i = bpf_get_prandom_u32() & (MT_STACK_GAPS - 1);
+    u64 *gap = stack_gaps.lookup(&i);
+    u64 armed = fc->sample_armed;
+    /* an empty table (user space not ready) takes no sample and arms nothing */
+    fc->sample_left = gap ? (s64)*gap : 0;
+    fc->sample_armed = fc->sample_left > 0;
+    if (armed)
+        take_sample(fc, tgid, epoch, addr, user_regs(tp_regs, flags), flags);
+}
+#define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags) \
+    count_down(fc, tgid, epoch, addr, regs, flags)
+#else
+#define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags) do { } while (0)
 #endif
 
 static __always_inline int is_target(u32 tgid)
@@ -89,7 +221,7 @@ static __always_inline void mark_chunk(u32 tgid, u32 epoch, u64 addr, u64 faults
     }
 }
 
-static __always_inline void on_fault(u64 addr)
+static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
 {
     if (addr >= MT_USER_ADDR_MAX)
         return;
@@ -111,6 +243,7 @@ static __always_inline void on_fault(u64 addr)
     if (fc->gen == gen && fc->execs == execs && fc->tgid == tgid && fc->chunk == chunk) {
         fc->pending++;
         fc->last_addr = addr;
+        COUNT_DOWN(fc, tgid, fc->epoch, addr, regs, flags);
         return;
     }
     epoch = targets.lookup(&tgid);
@@ -128,20 +261,22 @@ static __always_inline void on_fault(u64 addr)
     fc->execs = execs;
     fc->pending = 0;
     fc->last_addr = addr;
+    COUNT_DOWN(fc, tgid, ep, addr, regs, flags);
 }
 
 /* Raw tracepoints: the handler gets the tracepoint's arguments
  * (address, regs, error_code) without the cost of building a trace record. */
 RAW_TRACEPOINT_PROBE(page_fault_user)
 {
-    on_fault(ctx->args[0]);
+    on_fault(ctx->args[0], ctx->args[1], 0);
     return 0;
 }
 
-/* Kernel-mode faults on user addresses: read() into a fresh buffer, etc. */
+/* Kernel-mode faults on user addresses: read() into a fresh buffer, etc. (its
+ * regs are the kernel's: --stacks finds the user's elsewhere) */
 RAW_TRACEPOINT_PROBE(page_fault_kernel)
 {
-    on_fault(ctx->args[0]);
+    on_fault(ctx->args[0], 0, MT_STACK_FROM_KERNEL);
     return 0;
 }
 

@@ -50,6 +50,14 @@ struct mt_fault_cache {
     u64 execs;                      /* exec_count when the slot was filled */
     u64 pending;                    /* faults not yet added to the dirty map */
     u64 last_addr;
+    /* --stacks (MT_STACKS): bytes left until this CPU takes its next sample, and
+     * whether a gap was drawn yet (a fresh slot draws one instead of sampling) */
+    s64 sample_left;
+    u64 sample_armed;
+    /* --stacks: the end of the last stack copy cut short by an unmapped page
+     * (the top of a stack mapping), and its process */
+    u64 stack_end;
+    u64 stack_tgid;
 };
 
 /* Per-process counters; only BPF writes them (atomic adds), user space reads. */
@@ -65,6 +73,9 @@ struct mt_stats {
     u64 events_sampled_out;         /* event records skipped because the budget was spent */
     u64 brk;                        /* last program break seen */
     u64 forks;                      /* clone/fork calls without CLONE_VM (copy-on-write children) */
+    u64 stacks_sampled;             /* --stacks: faults sampled (delivered or not) */
+    u64 stacks_lost;                /* --stacks: samples that did not fit the ring buffer */
+    u64 stacks_unread;              /* --stacks: samples delivered without any stack bytes */
 };
 
 /* Arguments of an address-space syscall in flight, per thread. */
@@ -94,6 +105,29 @@ struct mt_event {
     u32 nr;                         /* syscall number (the tracepoint's __syscall_nr) */
     s64 ret;
     u64 args[5];
+};
+
+/* --stacks: one sampled page fault with what unwinding its user stack needs.
+ * The record has a fixed size (ringbuf_reserve); `len` says how much of
+ * `stack` holds user memory [sp, sp + len). */
+#ifndef MT_STACK_COPY
+#define MT_STACK_COPY 8192          /* bytes of user stack copied from sp; a power of two */
+#endif
+#define MT_STACK_GAPS 4096          /* pre-drawn exponential gaps, filled by user space */
+#define MT_STACK_FROM_KERNEL 1      /* flags: a kernel-mode fault (read() into a fresh
+                                       buffer...): the registers are the user's at
+                                       syscall entry */
+struct mt_stack_sample {
+    u32 tgid;
+    u32 epoch;                      /* as in mt_chunk_key */
+    u64 addr;                       /* the faulting address */
+    u64 ip;                         /* user registers at the fault (or at syscall entry) */
+    u64 sp;
+    u64 bp;
+    u32 len;                        /* bytes of stack copied: MT_STACK_COPY, less near the
+                                       top of a stack mapping, 0 when unreadable */
+    u32 flags;                      /* MT_STACK_* */
+    u8 stack[MT_STACK_COPY];
 };
 
 #endif

@@ -12,7 +12,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.heap.sampler import HeapSampler
@@ -22,13 +22,18 @@ from memtrace.pss.live import LivePss, drop_all
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
-from memtrace.trace.events import Drained
+from memtrace.trace.events import ChunkMark, Drained, StackRecord
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
 from memtrace.trace.procfs import ProcFS, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import log
+
+if TYPE_CHECKING:
+    from memtrace.stacks.netting import StackTracker
+    from memtrace.stacks.profile import StackProfile
+    from memtrace.stacks.unwind import Unwinder
 
 
 class Session:
@@ -67,12 +72,18 @@ class Session:
         self._heap_status: dict[int, str] = {}
         self._libevents: dict[int, LibraryEvents] = {}
         self.pss: LivePss | None = None   # --pss-interval: see enable_pss
+        self.stack_period = 0             # --stacks: mean bytes between samples (0: off)
+        self._unwinder: Unwinder | None = None
+        self._stacks: dict[int, StackTracker] = {}
+        self._stack_epochs: dict[int, int] = {}
+        self._profiles: dict[int, StackProfile] = {}   # last one of every process seen
 
     def load(self, watch_execs: bool = False) -> Probes:
         if sys.stderr.isatty():
             log("compiling and loading the BPF probes ...")
         self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe(),
-                             stream_events=self.reporter.wants_events)
+                             stream_events=self.reporter.wants_events,
+                             stacks=self.stack_period > 0, stack_period=self.stack_period)
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         shed_compiler_memory()    # the compiler is not needed again (memtrace/trace/ownmem.py)
@@ -138,6 +149,7 @@ class Session:
         snap = self._builders[pid].build(tracker, time.time(), self._pss_usage(pid))
         self._add_heap(snap, tracker)
         self._add_pss(snap, tracker)
+        self._add_stacks(snap, tracker, [], [])
         self._libevents[pid] = LibraryEvents()
         self._library_events(pid, snap, tracker.space.vmas)
         self._builders[pid].stamp(snap)
@@ -173,6 +185,8 @@ class Session:
         _close_fd(self._pidfds.pop(pid, None))
         self._start_times.pop(pid, None)
         self._forget_heap(pid)
+        self._stacks.pop(pid, None)
+        self._stack_epochs.pop(pid, None)
         self._libevents.pop(pid, None)
         if self.pss is not None:
             self.pss.forget(pid)
@@ -226,6 +240,8 @@ class Session:
             snap = self._builders[pid].build(tracker, now, self._pss_usage(pid))
             self._add_heap(snap, tracker)
             self._add_pss(snap, tracker)
+            self._add_stacks(snap, tracker, drained.stacks.get(pid, []),
+                              drained.chunks.get(pid, []))
             self._library_events(pid, snap, tracker.space.vmas)
             self._builders[pid].stamp(snap)
             self._snapshots[pid] = snap
@@ -372,6 +388,46 @@ class Session:
         self._heap_status.pop(pid, None)
         if self.heap is not None:
             self.heap.forget(pid)
+
+    # ---- stacks (--stacks: memtrace/stacks/, docs/stacks.md)
+
+    def enable_stacks(self, period: int) -> None:
+        """Sample the user stacks of page faults every `period` bytes on average
+        (before load(): the BPF program is built with the sampler)."""
+        from memtrace.stacks.unwind import Unwinder
+
+        self.stack_period = period
+        self._unwinder = Unwinder(str(self.procfs.root))
+
+    def _add_stacks(self, snap: dict[str, Any], tracker: ProcessTracker,
+                    records: list[StackRecord], marks: list[ChunkMark]) -> None:
+        """Feed this tick's sampled faults of `tracker`'s process to its
+        StackTracker and put the top stacks in the snapshot."""
+        if self._unwinder is None:
+            return
+        from memtrace.stacks.netting import StackTracker
+        from memtrace.stacks.summary import stacks_summary
+
+        pid = tracker.pid
+        st = self._stacks.get(pid)
+        if st is None:
+            st = self._stacks[pid] = StackTracker(pid, self._unwinder)
+        elif self._stack_epochs.get(pid) != tracker.epoch:
+            st.forget_exec()          # a new image: its stacks start again
+        self._stack_epochs[pid] = tracker.epoch
+        vmas = tracker.space.vmas
+        st.add([r for r in records if r.epoch == tracker.epoch], vmas)
+        st.add_faults(m for m in marks if m.epoch == tracker.epoch)
+        profile = st.profile(tracker.space, vmas, tracker.exe, tracker.comm, snap["ts"])
+        profile.sample_period_bytes = self.stack_period
+        profile.samples_lost = tracker.stats.stacks_lost     # ring full (BPF counts them)
+        self._profiles[pid] = profile
+        snap["stacks"] = stacks_summary(profile)
+
+    def stack_profiles(self) -> dict[int, StackProfile]:
+        """The last stack profile of every process watched with --stacks,
+        exited ones included (for --stacks-output)."""
+        return dict(self._profiles)
 
     def close(self) -> None:
         if self.heap is not None:

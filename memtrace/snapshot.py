@@ -100,6 +100,7 @@ class SnapshotRecord(_BuiltRecord, total=False):
     library_totals: dict[str, Any]
     pss_refreshed_ts: float | None          # with PSS on
     heap: dict[str, Any]                    # with --heap-interval
+    stacks: dict[str, Any]                  # with --stacks (memtrace/stacks/summary.py)
 
 
 class Snapshot(dict[str, Any]):

@@ -5,17 +5,21 @@ loaded them."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from memtrace.errors import ExitCode, MemtraceError
+from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.exporter.collector import MemtraceCollector, freeze_startup_objects
 from memtrace.exporter.web import MetricsServer, WebConfig, load_web_config
 from memtrace.reporter import Reporter
 from memtrace.session import Session
 from memtrace.util.log import log
 from memtrace.views.summary import render_summary
+
+if TYPE_CHECKING:
+    from memtrace.stacks.profile import StackProfile
 
 
 def bind_metrics(no_serve: bool, listen: str, web_config: str | WebConfig | None,
@@ -110,3 +114,36 @@ class NullReporter(Reporter):
     def close(self) -> None:
         pass
 
+
+
+def write_stack_outputs(profiles: dict[int, StackProfile], directory: str | None) -> list[str]:
+    """--stacks-output DIR: per process, folded stacks and an HTML flame graph
+    for bytes held now and bytes brought in, and one pprof profile with both;
+    the paths written. OutputError (exit 14) when the directory cannot take them."""
+    if directory is None:
+        return []
+    from memtrace.views.flamegraph import render_flamegraph
+    from memtrace.views.folded import render_folded
+    from memtrace.views.pprof import render_pprof
+
+    written: list[str] = []
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for pid, profile in sorted(profiles.items()):
+            base = os.path.join(directory, f"memtrace-{pid}")
+            for measure in ("held", "brought"):
+                written.append(_write(f"{base}-{measure}.folded",
+                                      render_folded(profile, measure).encode()))
+                written.append(_write(f"{base}-{measure}.html",
+                                      render_flamegraph(profile, measure).encode()))
+            written.append(_write(f"{base}.pb.gz", render_pprof(profile)))
+    except OSError as e:
+        raise OutputError(f"--stacks-output {directory}: {e.strerror or e}") from None
+    log(f"stacks of {len(profiles)} process(es) written to {directory}")
+    return written
+
+
+def _write(path: str, data: bytes) -> str:
+    with open(path, "wb") as f:
+        f.write(data)
+    return path

@@ -7,11 +7,13 @@ ExitCode (memtrace/errors.py)."""
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from memtrace.errors import ExitCode
+from memtrace.errors import ExitCode, MemtraceError
 from memtrace.exporter.web import DEFAULT_LISTEN, listen_problem
 
 # The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
@@ -251,3 +253,53 @@ def table_options(f: Any) -> Any:
     for option in reversed(options):
         wrapper = option(wrapper)
     return wrapper
+
+
+# ---- --stacks (watch, run; issue 13, docs/stacks.md): one `stacks_opts`.
+
+DEFAULT_STACKS_PERIOD = 512 * 1024
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class StacksOptions:
+    period: int                 # mean bytes between sampled faults
+    output: str | None          # --stacks-output DIR
+
+
+def stacks_options(f: Any) -> Any:
+    """--stacks, --stacks-period, --stacks-output. The command gets them as one
+    `stacks_opts`: a StacksOptions, or None when --stacks is off."""
+    import functools
+
+    options = [
+        click.option("--stacks", is_flag=True, help="Sample the user stacks of the code "
+                     "that makes pages resident (page faults), net of releases: each "
+                     "snapshot names the stacks that hold resident memory now and those "
+                     "that brought the most in since attach (docs/stacks.md)."),
+        click.option("--stacks-period", type=Size(), default=f"{DEFAULT_STACKS_PERIOD // 1024}K",
+                     show_default=True, help="With --stacks: mean bytes of faults between "
+                     "two samples (exponential gaps; each sample stands for its expected "
+                     "bytes). Smaller: closer estimates, more cost."),
+        click.option("--stacks-output", type=click.Path(file_okay=False), default=None,
+                     help="With --stacks: at exit, write each process's stacks to this "
+                     "directory: folded stacks, pprof and an HTML flame graph, for bytes "
+                     "held now and bytes brought in."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        on, period, output = (kwargs.pop(k) for k in ("stacks", "stacks_period",
+                                                         "stacks_output"))
+        if not on and output is not None:
+            raise MemtraceError("--stacks-output needs --stacks", ExitCode.USAGE)
+        if on and not PAGE <= period <= 1 << 30:
+            raise MemtraceError(f"--stacks-period: from {PAGE} bytes (a page) to 1 GiB",
+                                ExitCode.USAGE)
+        kwargs["stacks_opts"] = StacksOptions(period, output) if on else None
+        return f(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper
+

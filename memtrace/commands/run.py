@@ -21,8 +21,15 @@ from memtrace.commands.live import (
     listen_address_given,
     make_reporter,
     serve_metrics,
+    write_stack_outputs,
 )
-from memtrace.commands.options import EXIT_CODES_HELP, live_options, table_options
+from memtrace.commands.options import (
+    EXIT_CODES_HELP,
+    StacksOptions,
+    live_options,
+    stacks_options,
+    table_options,
+)
 from memtrace.commands.targets import TreeFollower
 from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.exporter.web import load_web_config
@@ -170,10 +177,11 @@ def _status_to_code(status: int) -> int:
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 @live_options
 @table_options
+@stacks_options
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
         no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
         output: str | None, heap_interval: float, pss_interval: float,
-        table_opts: Any) -> None:
+        table_opts: Any, stacks_opts: StacksOptions | None) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080
@@ -195,6 +203,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     session.stop = stop
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
+    if stacks_opts is not None:
+        session.enable_stacks(stacks_opts.period)
     child = 0
     status: int | None = None
     failure: OutputError | None = None
@@ -268,6 +278,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             server.close()
         try:
             session.close()
+            if stacks_opts is not None:
+                write_stack_outputs(session.stack_profiles(), stacks_opts.output)
         except OutputError as e:
             failure = failure or e
     while status is None:  # output failed: wait for the command (signals still forwarded)

@@ -12,8 +12,15 @@ from memtrace.commands.live import (
     listen_address_given,
     make_reporter,
     serve_metrics,
+    write_stack_outputs,
 )
-from memtrace.commands.options import EXIT_CODES_HELP, live_options, table_options
+from memtrace.commands.options import (
+    EXIT_CODES_HELP,
+    StacksOptions,
+    live_options,
+    stacks_options,
+    table_options,
+)
 from memtrace.commands.targets import resolve_targets
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.exporter.web import load_web_config
@@ -31,10 +38,11 @@ from memtrace.util.log import log
                    "interval), then exit 0.")
 @live_options
 @table_options
+@stacks_options
 def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, interval: float,
           reconcile_interval: float, no_serve: bool, listen: str, web_config: str | None,
           max_mapping_series: int, output: str | None, heap_interval: float,
-          pss_interval: float, table_opts: Any) -> None:
+          pss_interval: float, table_opts: Any, stacks_opts: StacksOptions | None) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
     Each argument is a PID or a process name: a name is matched as pgrep does,
@@ -56,6 +64,8 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
     session = Session(reporter, interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
+    if stacks_opts is not None:
+        session.enable_stacks(stacks_opts.period)
     session.install_signal_handlers()
     ticks = 0
 
@@ -85,6 +95,8 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
         if server:
             server.close()
         session.close()
+        if stacks_opts is not None:
+            write_stack_outputs(session.stack_profiles(), stacks_opts.output)
 
 
 def _existing_targets(procfs: ProcFS, pids: tuple[int, ...]) -> tuple[int, ...]:

@@ -3,7 +3,10 @@ mapping (docs/stacks.md).
 
 Each sample is unwound when it arrives (its mapping may be gone later) and
 kept as the latest sample of its page: page -> (stack, weight). "Brought in"
-adds every sample's weight to its (stack, mapping), never netted. "Held now"
+is never netted: per 2 MiB chunk of the address space, the weights of the
+samples in it are scaled to the chunk's exact fault count (BPF counts every
+fault per chunk) times the page size, so a path's brought-in bytes are exact
+up to how the samples split the chunks it shares with other paths. "Held now"
 counts a sampled page only while the address-space model says it is resident,
 so munmap, MADV_DONTNEED/FREE, mremap away and the like net out with no
 per-syscall bookkeeping. Per VMA, the weights of the held samples are scaled
@@ -16,11 +19,12 @@ from __future__ import annotations
 import os
 from bisect import bisect_right
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 from memtrace.stacks.profile import Frame, Stack, StackProfile, StackSample
 from memtrace.stacks.unwind import Unwinder
 from memtrace.trace.attribution import classify, mapping_identity, segments_for
-from memtrace.trace.events import StackRecord
+from memtrace.trace.events import CHUNK_SHIFT, ChunkMark, StackRecord
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import PAGE_SIZE, Vma
 
@@ -29,9 +33,10 @@ UNSAMPLED = Stack((Frame(0, "[unsampled]", "[unsampled]"),))
 UNMAPPED = ("[unknown]", "special")     # a sample whose address no VMA holds
 _PAGE_MASK = ~(PAGE_SIZE - 1)
 MappingKey = tuple[str, str]            # (mapping identity, kind)
+K = TypeVar("K")
 
 
-def scale(weights: dict[int, int], total: int) -> dict[int, int]:
+def scale(weights: dict[K, int], total: int) -> dict[K, int]:
     """Weights scaled to add up to `total` exactly (largest remainders get
     the bytes rounding left over)."""
     s = sum(weights.values())
@@ -60,6 +65,9 @@ class StackTracker:
         self._stacks: list[Stack] = []
         self._pages: dict[int, tuple[int, int, int]] = {}   # page -> (stack, weight, gen)
         self._brought: dict[tuple[int, MappingKey], list[int]] = {}  # -> [bytes, samples]
+        # chunk -> (stack, mapping) -> sampled weight, and chunk -> exact faults
+        self._chunk_weights: dict[int, dict[tuple[int, MappingKey], int]] = {}
+        self._chunk_faults: dict[int, int] = {}
         self._gen = 0                   # profiles taken: pages sampled since are kept
         self._exe: bytes | None = None
         self.samples = 0
@@ -79,6 +87,8 @@ class StackTracker:
             sid = self._intern(stack)
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))
+            in_chunk = self._chunk_weights.setdefault(r.addr >> CHUNK_SHIFT, {})
+            in_chunk[key] = in_chunk.get(key, 0) + r.weight
             cell = self._brought.get(key)
             if cell is None:
                 self._brought[key] = [r.weight, 1]
@@ -87,6 +97,14 @@ class StackTracker:
                 cell[1] += 1
             self.samples += 1
             self.weight += r.weight
+
+    def add_faults(self, marks: Iterable[ChunkMark]) -> None:
+        """The exact fault counts of this image's chunks, drained with the
+        samples (ChunkMark.last_addr names the chunk)."""
+        for m in marks:
+            if m.faults:
+                chunk = m.last_addr >> CHUNK_SHIFT
+                self._chunk_faults[chunk] = self._chunk_faults.get(chunk, 0) + m.faults
 
     def note_lost(self, n: int) -> None:
         """Samples the capture could not deliver (ring full, stack unreadable)."""
@@ -98,6 +116,8 @@ class StackTracker:
         self._stacks.clear()
         self._pages.clear()
         self._brought.clear()
+        self._chunk_weights.clear()
+        self._chunk_faults.clear()
         self._exe = None
         self.samples = self.weight = self.samples_lost = 0
 
@@ -138,10 +158,10 @@ class StackTracker:
                 continue
             for sid, nbytes in scale(weights, resident).items():
                 self._sample(out, sid, key).held_bytes += nbytes
-        for (sid, key), (nbytes, n) in self._brought.items():
-            sample = self._sample(out, sid, key)
-            sample.brought_bytes += nbytes
-            sample.samples += n
+        for (sid, key), nbytes in self._brought_bytes().items():
+            self._sample(out, sid, key).brought_bytes += nbytes
+        for (sid, key), (_, n) in self._brought.items():
+            self._sample(out, sid, key).samples += n
         samples = list(out.values())
         samples += [StackSample(UNSAMPLED, m, kind, held_bytes=b)
                     for (m, kind), b in unsampled.items()]
@@ -157,6 +177,18 @@ class StackTracker:
         if sample is None:
             sample = out[(sid, key)] = StackSample(self._stacks[sid], key[0], key[1])
         return sample
+
+    def _brought_bytes(self) -> dict[tuple[int, MappingKey], int]:
+        """Brought-in bytes per (stack, mapping): per chunk, the samples'
+        weights scaled to the chunk's exact faults x page size (the weights
+        as they are where no fault of the chunk was counted)."""
+        out: dict[tuple[int, MappingKey], int] = {}
+        for chunk, weights in self._chunk_weights.items():
+            faults = self._chunk_faults.get(chunk, 0)
+            split = scale(weights, faults * PAGE_SIZE) if faults else weights
+            for key, nbytes in split.items():
+                out[key] = out.get(key, 0) + nbytes
+        return out
 
     def _held_by_vma(self, space: AddressSpace,
                      vmas: Sequence[Vma]) -> dict[int, dict[int, int]]:

@@ -55,6 +55,9 @@ class RawStats(ctypes.Structure):
         ("events_sampled_out", ctypes.c_uint64),
         ("brk", ctypes.c_uint64),
         ("forks", ctypes.c_uint64),
+        ("stacks_sampled", ctypes.c_uint64),
+        ("stacks_lost", ctypes.c_uint64),
+        ("stacks_unread", ctypes.c_uint64),
     ]
 
 
@@ -90,6 +93,9 @@ class Stats:
     events_sampled_out: int = 0
     brk: int = 0
     forks: int = 0      # fork/clone calls without CLONE_VM: copy-on-write children
+    stacks_sampled: int = 0     # --stacks: faults sampled, delivered or not
+    stacks_lost: int = 0        # --stacks: samples that did not fit the ring buffer
+    stacks_unread: int = 0      # --stacks: samples delivered without stack bytes
 
     @classmethod
     def empty(cls) -> Stats:
@@ -103,7 +109,8 @@ def decode_stats(raw: RawStats) -> Stats:
         layout_gen=raw.layout_gen, exec_gen=raw.exec_gen, remote_rss=raw.remote_rss,
         full_rescan_requests=raw.full_rescan_requests, ranges_lost=raw.ranges_lost,
         events_lost=raw.events_lost, events_sampled_out=raw.events_sampled_out, brk=raw.brk,
-        forks=raw.forks,
+        forks=raw.forks, stacks_sampled=raw.stacks_sampled, stacks_lost=raw.stacks_lost,
+        stacks_unread=raw.stacks_unread,
     )
 
 
@@ -204,6 +211,38 @@ class StackRecord:
     weight: int          # bytes this sample stands for (its expected bytes)
     stack: bytes         # user memory [sp, sp + len(stack)); may be short
     epoch: int = 0       # the process's execs when sampled (as ChunkMark.epoch)
+    # a kernel-mode fault (read() into a fresh buffer...): ip, sp and bp are
+    # the user's registers at syscall entry, not at the faulting instruction
+    from_kernel: bool = False
+
+
+STACK_FROM_KERNEL = 1   # mt_stack_sample.flags (MT_STACK_FROM_KERNEL)
+
+
+class RawStackHeader(ctypes.Structure):
+    """struct mt_stack_sample up to its stack bytes, which follow it."""
+
+    _fields_ = [
+        ("tgid", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
+        ("addr", ctypes.c_uint64),
+        ("ip", ctypes.c_uint64),
+        ("sp", ctypes.c_uint64),
+        ("bp", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
+    """A sampled fault as BPF wrote it; `weight` is the bytes each sample
+    stands for (memtrace.trace.sampling.sample_weight). Only the `len` bytes
+    BPF copied are kept (never more than the record holds)."""
+    size = ctypes.sizeof(RawStackHeader)
+    raw = RawStackHeader.from_buffer_copy(data[:size])
+    return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
+                       weight=weight, stack=bytes(data[size:size + raw.len]),
+                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL))
 
 
 @dataclass

@@ -7,6 +7,8 @@ import contextlib
 import ctypes
 import functools
 import os
+import select
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -20,19 +22,24 @@ from memtrace.trace.events import (
     ChunkMark,
     Drained,
     RawStats,
+    StackRecord,
     Stats,
     SyscallEvent,
     decode_event,
     decode_range,
+    decode_stack_sample,
     decode_stats,
 )
-from memtrace.util.log import log
+from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
+from memtrace.util.log import debug, log
 
 MAX_TARGETS = 1024
 MAX_CHUNKS = 262144
 RANGES_PAGES = 64       # 256 KiB: ~10k range records per drain
 EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
 EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
+STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
+STACKS_READER_PAUSE = 0.05  # s: the stack reader's rest after each read (at most 20 reads/s)
 
 
 def bpf_source_dir() -> Path:
@@ -62,7 +69,8 @@ class Probes:
     """The loaded BPF program: targets in, dirty chunks, ranges, events, stats out."""
 
     def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False,
-                 rss_stat_probe: bool = True, stream_events: bool = True) -> None:
+                 rss_stat_probe: bool = True, stream_events: bool = True,
+                 stacks: bool = False, stack_period: int = DEFAULT_STACK_PERIOD) -> None:
         if os.geteuid() != 0:
             raise MemtraceError("memtrace needs root (deploy/README.md: the capabilities it uses)",
                                 ExitCode.NOT_ROOT)
@@ -102,6 +110,20 @@ class Probes:
                     f"raw tracepoint rss_stat (task_struct.mm at {offset} from BTF)")
             except btf.BtfError:
                 pass
+        self.stack_period = stack_period
+        self.stack_weight = 0
+        self.stack_mechanism = ""
+        if stacks:
+            if stack_period < 1:
+                raise MemtraceError("the stack sampling period must be at least 1 byte",
+                                    ExitCode.USAGE)
+            cflags += ["-DMT_STACKS", f"-DMT_STACKS_PAGES={STACKS_PAGES}"]
+            if _kernel_user_regs(bcc):
+                cflags.append("-DMT_STACKS_KERNEL")
+                self.stack_mechanism = "user and kernel-mode faults"
+            else:
+                self.stack_mechanism = ("user-mode faults only (kernel-mode faults: the kernel "
+                                        "refuses the BTF task helpers)")
         try:
             self.bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
@@ -136,6 +158,42 @@ class Probes:
             self.bpf["execs"].open_ring_buffer(self._on_exec)
             self.bpf["forks"].open_ring_buffer(self._on_fork)
             self._notices_lost = self.bpf["notices_lost"]
+        self._stacks: dict[int, list[StackRecord]] = defaultdict(list)
+        # ring callbacks run in drain() and, with --stacks, in the stack reader
+        self._rings_lock = threading.Lock()
+        self._reader_stop = threading.Event()
+        self._reader: threading.Thread | None = None
+        if stacks:
+            self._start_stacks(stack_period)
+
+    def _start_stacks(self, period: int) -> None:
+        """Fill the gap table BPF draws from, and collect the sampled stacks."""
+        gaps = self.bpf["stack_gaps"]
+        for i, gap in enumerate(exponential_gaps(period)):
+            gaps[gaps.Key(i)] = gaps.Leaf(gap)
+        self.stack_weight = sample_weight(period, os.sysconf("SC_PAGE_SIZE"))
+        ring = self.bpf["stack_samples"]
+        ring.open_ring_buffer(self._on_stack)
+        self._reader = threading.Thread(target=self._read_stacks, args=(ring.map_fd,),
+                                        name="memtrace-stacks", daemon=True)
+        self._reader.start()
+
+    def _read_stacks(self, ring_fd: int) -> None:
+        """Read the rings whenever BPF wakes us (every MT_STACKS_WAKE-th sample
+        of a process): a burst of faults between two drains would otherwise
+        fill the stack ring. A poll on a ring's fd returns while it holds data,
+        and blocks until a wakeup once it is empty."""
+        poller = select.poll()
+        poller.register(ring_fd, select.POLLIN)
+        while not self._reader_stop.is_set():
+            if poller.poll(200):
+                with self._rings_lock:
+                    self.bpf.ring_buffer_consume()
+                self._reader_stop.wait(STACKS_READER_PAUSE)
+
+    def _on_stack(self, _ctx: Any, data: Any, size: int) -> None:
+        rec = decode_stack_sample(ctypes.string_at(data, size), self.stack_weight)
+        self._stacks[rec.tgid].append(rec)
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
         r = decode_range(ctypes.string_at(data, size))
@@ -209,16 +267,18 @@ class Probes:
 
     def drain(self) -> Drained:
         self._swap()
-        self.bpf.ring_buffer_consume()
+        with self._rings_lock:
+            self.bpf.ring_buffer_consume()
+            ranges, self._ranges = dict(self._ranges), defaultdict(list)
+            events, self._events = self._events, []
+            execs, self._execs = self._execs, []
+            forks, self._forks = self._forks, []
+            stacks, self._stacks = dict(self._stacks), defaultdict(list)
         chunks, self._carry = dict(self._carry), defaultdict(list)
         stats: dict[int, Stats] = {}
         for k, v in self._stats.items():
             stats[k.value] = decode_stats(RawStats.from_buffer_copy(bytes(v)))
             self._credit[self._credit.Key(k.value)] = self._credit.Leaf(EVENT_CREDIT)
-        ranges, self._ranges = dict(self._ranges), defaultdict(list)
-        events, self._events = self._events, []
-        execs, self._execs = self._execs, []
-        forks, self._forks = self._forks, []
         notices_lost: dict[str, int] = {}
         if self._notices_lost is not None:
             notices_lost = {name: int(self._notices_lost[i].value)
@@ -226,13 +286,16 @@ class Probes:
         names_gen = int(self._names_gen[0].value)
         return Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
                        names_gen=names_gen, execs=execs, forks=forks,
-                       notices_lost=notices_lost)
+                       notices_lost=notices_lost, stacks=stacks)
 
     def _detach_quietly(self, tracepoint: bytes) -> None:
         with contextlib.suppress(Exception):
             self.bpf.detach_tracepoint(tracepoint)
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader_stop.set()
+            self._reader.join()
         # Each detach waits for an RCU grace period; overlapping them halves the
         # time SIGTERM takes.
         with ThreadPoolExecutor(16) as pool:
@@ -246,6 +309,36 @@ class Probes:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
             log(f"warning: detaching probes: {e}")
+
+
+# A raw-tracepoint program that reads the task's saved user registers the way
+# bpf/memtrace.bpf.c does for kernel-mode faults (MT_STACKS_KERNEL).
+_KERNEL_REGS_PROBE = b"""
+int probe(void *ctx)
+{
+    u64 regs = (u64)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 ip = 0;
+    bpf_probe_read_kernel(&ip, sizeof(ip), (void *)(regs + 128));
+    return ip != 0;
+}
+"""
+
+
+def _kernel_user_regs(bcc: Any) -> bool:
+    """Does the kernel let a raw-tracepoint program reach the user registers
+    through BTF (bpf_get_current_task_btf, bpf_task_pt_regs)? Tried on a small
+    program of its own: a failed load of the main one could leave some of its
+    programs attached (bcc attaches as it loads)."""
+    try:
+        probe = bcc.BPF(text=_KERNEL_REGS_PROBE)
+        try:
+            probe.load_func(b"probe", bcc.BPF.RAW_TRACEPOINT)
+        finally:
+            probe.cleanup()
+    except Exception as e:  # bcc raises bare Exception on compile/load failure
+        debug(f"kernel-mode faults not sampled for --stacks: {e}")
+        return False
+    return True
 
 
 _MEMBARRIER_NR = {"x86_64": 324, "aarch64": 283}

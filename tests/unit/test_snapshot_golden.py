@@ -29,6 +29,9 @@ from typing import Any
 from memtrace.libevents import LibraryEvents
 from memtrace.pss.accounting import Usage
 from memtrace.snapshot import Snapshot, encode, snapshot
+from memtrace.stacks.netting import UNSAMPLED
+from memtrace.stacks.profile import TRUNCATED, Frame, Stack, StackProfile, StackSample
+from memtrace.stacks.summary import stacks_summary
 from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
 from memtrace.trace.tracker import ProcessTracker
 
@@ -46,6 +49,22 @@ def normalised(snap: Snapshot) -> Snapshot:
     snap["tick_seconds"] = 0.0
     snap["generation"] = 1
     return snap
+
+
+def _stack_profile(snap: Snapshot) -> StackProfile:
+    """--stacks: one path holding the anonymous mapping, a cut one, the rest unsampled."""
+    main = Frame(0x555555555100, "main", "/usr/bin/server", 0x10)
+    fill = Frame(0x555555555200, "fill", "/usr/bin/server", 0x8)
+    memset = Frame(0x7F0000012345, "__memset_avx2_unaligned_erms",
+                   "/usr/lib/x86_64-linux-gnu/libc.so.6", 0x45)
+    cut = Stack((memset, TRUNCATED))
+    rest = snap["rss_bytes"] - 6 * PAGE
+    return StackProfile(snap["pid"], snap["comm"], snap["ts"], [
+        StackSample(Stack((memset, fill, main)), "[anon]", "anon", held_bytes=5 * PAGE,
+                    brought_bytes=7 * PAGE, samples=7),
+        StackSample(cut, "[heap]", "heap", held_bytes=PAGE, brought_bytes=PAGE, samples=1),
+        StackSample(UNSAMPLED, "/usr/bin/server", "executable", held_bytes=rest),
+    ], sample_period_bytes=PAGE, samples_lost=2)
 
 
 def snapshots(world) -> dict[str, Snapshot]:
@@ -87,6 +106,7 @@ def snapshots(world) -> dict[str, Snapshot]:
     full["library_totals"] = lib.totals_dict()
     full["pss_refreshed_ts"] = 1_700_000_001.0
     full["heap"] = {"status": "pending"}
+    full["stacks"] = stacks_summary(_stack_profile(full))
     out["full"] = normalised(full)
     return out
 

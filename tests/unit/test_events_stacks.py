@@ -1,0 +1,112 @@
+"""--stacks records: the sampled-fault record and counters of bpf/memtrace.h,
+their ctypes mirrors and decoding (memtrace.trace.events), on packed bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import struct
+from pathlib import Path
+
+import pytest
+
+from memtrace.trace.events import (
+    STACK_FROM_KERNEL,
+    RawStackHeader,
+    RawStats,
+    decode_stack_sample,
+    decode_stats,
+)
+from memtrace.trace.sampling import GAP_TABLE_SIZE
+from tests.unit.test_events import CTYPE, HEADER, SOURCE, c_struct, py_struct
+
+UAPI_PTRACE = Path("/usr/include/x86_64-linux-gnu/asm/ptrace.h")
+
+
+def header_define(name: str) -> int:
+    m = re.search(r"#define " + name + r" (\w+)", HEADER)
+    assert m, name
+    return int(m.group(1), 0)
+
+
+def pack_sample(*, tgid=4242, epoch=1, addr=0x7F0000001000, ip=0x7F00DEAD0000,
+                sp=0x7FFC00000F00, bp=0, length=0, flags=0, stack=b"") -> bytes:
+    copy = header_define("MT_STACK_COPY")
+    body = stack.ljust(copy, b"\xee")[:copy]   # BPF leaves bytes past len unwritten
+    return struct.pack("<IIQQQQII", tgid, epoch, addr, ip, sp, bp, length, flags) + body
+
+
+def test_stack_header_mirrors_the_c_struct():
+    fields = c_struct("mt_stack_sample")
+    assert [(n, CTYPE[t], k) for n, t, k in fields] == py_struct(RawStackHeader)
+    body = re.search(r"struct mt_stack_sample \{(.*?)\};", HEADER, re.S).group(1)
+    # the stack bytes follow the header, last, and the header keeps them aligned
+    assert body.rstrip().splitlines()[-1].split()[:2] == ["u8", "stack[MT_STACK_COPY];"]
+    assert ctypes.sizeof(RawStackHeader) == 48
+
+
+def test_stack_constants_match_header():
+    copy = header_define("MT_STACK_COPY")
+    assert copy >= 4096 and copy & (copy - 1) == 0     # BPF masks lengths with copy - 1
+    assert header_define("MT_STACK_GAPS") == GAP_TABLE_SIZE
+    assert GAP_TABLE_SIZE & (GAP_TABLE_SIZE - 1) == 0   # BPF masks a random index
+    assert header_define("MT_STACK_FROM_KERNEL") == STACK_FROM_KERNEL
+
+
+def test_stats_carry_the_stack_counters():
+    names = [n for n, _, _ in c_struct("mt_stats")]
+    assert names[-3:] == ["stacks_sampled", "stacks_lost", "stacks_unread"]
+    raw = RawStats()
+    raw.stacks_sampled, raw.stacks_lost, raw.stacks_unread, raw.forks = 300, 12, 3, 1
+    s = decode_stats(RawStats.from_buffer_copy(bytes(raw)))
+    assert (s.stacks_sampled, s.stacks_lost, s.stacks_unread, s.forks) == (300, 12, 3, 1)
+
+
+def test_decode_keeps_only_the_bytes_copied():
+    stack = bytes(range(256)) * 2
+    rec = decode_stack_sample(pack_sample(length=300, stack=stack, bp=0x7FFC00001000),
+                              weight=264192)
+    assert (rec.tgid, rec.epoch, rec.addr) == (4242, 1, 0x7F0000001000)
+    assert (rec.ip, rec.sp, rec.bp) == (0x7F00DEAD0000, 0x7FFC00000F00, 0x7FFC00001000)
+    assert rec.stack == stack[:300]
+    assert rec.weight == 264192
+    assert not rec.from_kernel
+
+
+def test_decode_full_copy_and_kernel_flag():
+    copy = header_define("MT_STACK_COPY")
+    stack = bytes(i % 251 for i in range(copy))
+    rec = decode_stack_sample(pack_sample(length=copy, stack=stack, flags=STACK_FROM_KERNEL), 7)
+    assert rec.stack == stack and len(rec.stack) == copy
+    assert rec.from_kernel
+
+
+def test_decode_unreadable_stack():
+    rec = decode_stack_sample(pack_sample(length=0, sp=0, ip=0), 1)
+    assert rec.stack == b"" and rec.sp == 0
+
+
+def test_decode_never_reads_past_the_record():
+    """A length beyond the record (never written by BPF) cannot pull in
+    bytes that are not there."""
+    data = pack_sample(length=0xFFFFFFFF, stack=b"\x01" * 64)
+    assert decode_stack_sample(data, 1).stack == data[48:]
+
+
+def test_decode_short_buffer_raises():
+    with pytest.raises(ValueError):
+        decode_stack_sample(b"\0" * 40, 1)
+
+
+def test_register_offsets_are_the_uapi_layout():
+    """BPF reads rip, rsp and rbp at fixed offsets of the x86-64 uapi pt_regs."""
+    if not UAPI_PTRACE.exists():
+        pytest.skip("no x86-64 asm/ptrace.h")
+    text = UAPI_PTRACE.read_text().split("#else /* __i386__ */", 1)[1]
+    body = re.search(r"struct pt_regs \{(.*?)\};", text, re.S).group(1)
+    names = re.findall(r"unsigned long (\w+);", body)
+    assert len(names) == 21
+    for reg, define in (("rbp", "MT_REGS_BP"), ("rip", "MT_REGS_IP"), ("rsp", "MT_REGS_SP")):
+        m = re.search(r"#define " + define + r" (\d+)", SOURCE)
+        assert m, define
+        assert int(m.group(1)) == 8 * names.index(reg), reg
