@@ -22,6 +22,9 @@ SCRIPT = r""""use strict";
   var doc = document.documentElement;
   try {
     main();
+    // the root is at the bottom: a graph taller than the window opens there,
+    // on its widest frames, not on the tips of its deepest stacks
+    window.scrollTo(0, doc.scrollHeight);
     doc.setAttribute("data-flamegraph", "ready");
   } catch (e) {
     doc.setAttribute("data-flamegraph", "error: " + e);
