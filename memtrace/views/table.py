@@ -308,6 +308,20 @@ def wrapped(text: str, width: int, style: str = "") -> list[Text]:
     return [plain(line, style=style) for line in wrap_words(escape_text(text), width)]
 
 
+def stacks_line(stacks: dict[str, Any], exact: bool = False) -> str:
+    """--stacks in the table: the stack holding the most now and the one that
+    brought the most in, innermost three functions first (docs/stacks.md)."""
+    def top(measure: str) -> str:
+        entry = next((e for e in stacks.get(measure, ())
+                      if e["frames"] and e["frames"][0] != "[unsampled]"), None)
+        if entry is None:
+            return "-"
+        names = [f.split(" (")[0] for f in entry["frames"][:3]]
+        more = " < ..." if len(entry["frames"]) > 3 else ""
+        return f"{' < '.join(names)}{more} {fmt_bytes(entry['bytes'], exact)} {entry['mapping']}"
+    return f"held most: {top('held')}   brought most: {top('brought')}"
+
+
 class TableReporter(Reporter):
     wants_events = True             # shows the latest syscall records
 
@@ -484,6 +498,9 @@ class TableReporter(Reporter):
         elif isinstance(heap, dict) and heap.get("status") in ("unsupported", "failed"):
             out.extend(wrapped(f"heap: {heap['status']}: {heap.get('reason', '')}", width,
                                style="dim"))
+        stacks = snap.get("stacks")
+        if isinstance(stacks, dict):
+            out.extend(wrapped(stacks_line(stacks, x), width, style="dim"))
         return out
 
     def _process(self, snap: dict[str, Any], width: int) -> list[Any]:

@@ -360,3 +360,34 @@ def test_a_message_naming_a_pid_does_not_drop_its_rows():
     table.detached(77, "exited")
     assert 77 not in table.snaps and 77 in table.ended
     table.close()
+
+
+def test_stacks_line_names_the_top_holder_and_bringer_and_fits_80_columns():
+    """--stacks: one dim line under the process head, the [unsampled] remainder
+    skipped, wrapped to the terminal's width."""
+    import io
+
+    from rich.console import Console
+
+    from memtrace.views.table import TableReporter, stacks_line
+
+    frames = ["__memset_avx2_unaligned_erms (libc.so.6)", "fill_small (heldstacks)",
+              "main (heldstacks)", "__libc_start_call_main (libc.so.6)"]
+    stacks = {"held": [{"bytes": 900 << 20, "mapping": "[stack]", "frames": ["[unsampled]"]},
+                       {"bytes": 16 << 20, "mapping": "[anon]", "frames": frames}],
+              "brought": [{"bytes": 64 << 20, "mapping": "[anon]",
+                           "frames": ["fill_big (heldstacks)", "main (heldstacks)"]}]}
+    line = stacks_line(stacks)
+    assert line == ("held most: __memset_avx2_unaligned_erms < fill_small < main < ... "
+                    "16.0 MiB [anon]   brought most: fill_big < main 64.0 MiB [anon]")
+    assert stacks_line({"held": [], "brought": []}) == "held most: -   brought most: -"
+    console = Console(file=io.StringIO(), width=80, height=40)
+    table = TableReporter(console=console)
+    table.snapshot({"pid": 7, "comm": "heldstacks", "ts": 1.0, "rss_bytes": 0,
+                    "anon_bytes": 0, "file_bytes": 0, "shmem_bytes": 0, "virtual_bytes": 0,
+                    "statm_rss_bytes": 0, "drift_bytes": 0, "faults": 0, "syscalls": {},
+                    "full_rescans": {}, "events_lost": 0, "mappings": [], "stacks": stacks})
+    table.close()
+    text = console.file.getvalue()     # type: ignore[attr-defined]
+    assert "fill_small" in text and "brought most: fill_big < main" in text
+    assert max(len(line) for line in text.splitlines()) <= 80
