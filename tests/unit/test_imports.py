@@ -143,3 +143,13 @@ def test_no_module_is_longer_than_600_lines_without_a_reason():
             if "Longer than 600 lines:" not in doc:
                 long.append(f"{path.relative_to(REPO)}: {text.count(chr(10))} lines")
     assert long == []
+
+
+def test_every_module_has_its_line_in_the_architecture_doc():
+    """docs/architecture.md gives each module one line (issue 12): a new module
+    without one fails here."""
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(REPO / "memtrace"))
+               for p in sorted((REPO / "memtrace").rglob("*.py"))
+               if p.name != "__init__.py" and str(p.relative_to(REPO / "memtrace")) not in doc]
+    assert missing == []
