@@ -10,7 +10,11 @@
  * MT_NO_RSS_STAT (no rss_stat probe: user space relies on an exact statm),
  * MT_NO_EVENT_STREAM (no syscall records streamed: no view shows them) and
  * MT_STACKS with MT_STACKS_PAGES (--stacks: sampled faults with user stacks;
- * MT_STACKS_KERNEL also samples kernel-mode faults, through BTF helpers). */
+ * MT_STACKS_KERNEL also samples kernel-mode faults, through BTF helpers).
+ *
+ * Longer than 600 lines: BCC compiles one source file into one BPF object whose
+ * maps every program shares (targets, dirty chunks, stats, rings), so the fault,
+ * syscall, exec/fork and stack programs live in this one file. */
 #include <uapi/linux/ptrace.h>
 #include "memtrace.h"
 
