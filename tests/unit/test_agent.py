@@ -313,6 +313,23 @@ def test_group_counters_of_a_container_end_with_its_last_process(world):
     assert state.containers == {} and state.groups == {}
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_stack_profiles_of_exited_processes_are_kept_only_when_asked(world, keep):
+    """watch/run keep an exited process's last profile for --stacks-output; the
+    agent (keep_exited_profiles off) drops it at detach, processes still watched
+    keep theirs."""
+    from memtrace.reporter import Reporter
+    from memtrace.session import Session
+    from memtrace.stacks.profile import StackProfile
+
+    session = Session(Reporter(), 1.0, 0.0, world.procfs())
+    session.keep_exited_profiles = keep
+    for pid in (1, 2):
+        session._profiles[pid] = StackProfile(pid, "app", 1.0)
+    session.detach(1, "exited")
+    assert set(session.stack_profiles()) == ({1, 2} if keep else {2})
+
+
 # ---------------------------------------------------------------------------
 # rules: fields ANDed, rules ORed, regexes searched, users by name or UID
 # (issue 12: the agent's rules, config and sweep on fixture /proc trees)

@@ -142,3 +142,26 @@ def test_helpers_fixture_is_sorted_like_the_summary():
     for measure in ("held", "brought"):
         values = [e["bytes"] for e in snap["stacks"][measure]]
         assert values == sorted(values, reverse=True)
+
+
+@pytest.mark.parametrize("n", [0, 2])
+def test_the_served_endpoint_has_the_stack_series_asked_for(n):
+    """serve_metrics (what watch, run and agent call with --stacks-series) hands
+    the number to the collector that /metrics serves."""
+    import types
+
+    from memtrace.commands import live
+
+    box = StateBox()
+    box.set(stacks_state())
+    server = live.serve_metrics(types.SimpleNamespace(exporter_box=box),  # type: ignore[arg-type]
+                                live.bind_metrics(False, "127.0.0.1:0", None), 50, n)
+    assert server is not None
+    try:
+        status, _, body = helpers.get(server.httpd.server_port)
+    finally:
+        server.close()
+    assert status == 200
+    scrape = Scrape(body.decode("utf-8"))
+    assert len(scrape.series(HELD, pid="500")) == n
+    assert len(scrape.series(BROUGHT, pid="501")) == n
