@@ -77,6 +77,8 @@ class Session:
         self._stacks: dict[int, StackTracker] = {}
         self._stack_epochs: dict[int, int] = {}
         self._profiles: dict[int, StackProfile] = {}   # last one of every process seen
+        # agent: processes come and go for days; their profiles go with them
+        self.keep_exited_profiles = True
 
     def load(self, watch_execs: bool = False) -> Probes:
         if sys.stderr.isatty():
@@ -187,6 +189,8 @@ class Session:
         self._forget_heap(pid)
         self._stacks.pop(pid, None)
         self._stack_epochs.pop(pid, None)
+        if not self.keep_exited_profiles:
+            self._profiles.pop(pid, None)
         self._libevents.pop(pid, None)
         if self.pss is not None:
             self.pss.forget(pid)
@@ -426,7 +430,8 @@ class Session:
 
     def stack_profiles(self) -> dict[int, StackProfile]:
         """The last stack profile of every process watched with --stacks,
-        exited ones included (for --stacks-output)."""
+        exited ones included unless keep_exited_profiles is off (for
+        --stacks-output)."""
         return dict(self._profiles)
 
     def close(self) -> None:

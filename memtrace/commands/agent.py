@@ -15,15 +15,23 @@ from typing import Any
 
 import click
 
-from memtrace.commands.live import NullReporter, bind_metrics, make_reporter, serve_metrics
+from memtrace.commands.live import (
+    NullReporter,
+    bind_metrics,
+    make_reporter,
+    serve_metrics,
+    write_stack_outputs,
+)
 from memtrace.commands.options import (
     EXIT_CODES_HELP,
     ListenAddress,
     Seconds,
     Size,
+    StacksOptions,
     heap_interval_option,
     parse_size,
     pss_interval_option,
+    stacks_options,
 )
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.exporter.web import DEFAULT_LISTEN, load_web_config
@@ -364,12 +372,13 @@ def all_pids(procfs: ProcFS) -> list[int]:
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
 @heap_interval_option()
 @pss_interval_option()
+@stacks_options
 def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: int,
           sweep_interval: float, max_processes: int, group_by: str, fmt: str,
           interval: float, reconcile_interval: float, listen: str, web_config: str | None,
           max_mapping_series: int, output: str | None, heap_interval: float,
-          pss_interval: float) -> None:
+          pss_interval: float, stacks_opts: StacksOptions | None) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
     raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
@@ -395,11 +404,17 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
     session.container_labels = True    # container_id, pod_uid from the cgroup path
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
+    if stacks_opts is not None:
+        session.enable_stacks(stacks_opts.period)
+        # --stacks-output: the processes watched at exit (an agent's exited
+        # processes are not kept: they would pile up for as long as it runs)
+        session.keep_exited_profiles = False
     session.install_signal_handlers()
     server = bind_metrics(False, listen, web_cfg)   # a fixed port for Prometheus: never another
     try:
         session.load(watch_execs=True)
-        serve_metrics(session, server, max_mapping_series)
+        serve_metrics(session, server, max_mapping_series,
+                      stacks_opts.series if stacks_opts is not None else 0)
         agent_ = Agent(session, rules, all_min_rss, max_processes, sweep_interval,
                        group_by=group_by)
         agent_.initial_scan()
@@ -411,4 +426,6 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
         if server:
             server.close()
         session.close()
+        if stacks_opts is not None:
+            write_stack_outputs(session.stack_profiles(), stacks_opts.output)
     log("agent: stopped, probes detached")

@@ -43,15 +43,16 @@ def listen_address_given() -> bool:
 
 
 def serve_metrics(session: Session, server: MetricsServer | None,
-                  max_mapping_series: int) -> MetricsServer | None:
-    """Serve the session's metrics on the address bind_metrics() bound."""
+                  max_mapping_series: int, stack_series: int = 0) -> MetricsServer | None:
+    """Serve the session's metrics on the address bind_metrics() bound, with
+    `stack_series` stack series per process and measure (--stacks-series)."""
     if server is None:
         return None
     from prometheus_client import CollectorRegistry
     from prometheus_client.process_collector import ProcessCollector
 
     freeze_startup_objects()     # before any process is watched (see its docstring)
-    collector = MemtraceCollector(session.exporter_box, max_mapping_series)
+    collector = MemtraceCollector(session.exporter_box, max_mapping_series, stack_series)
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
     server.serve(registry, fast=collector.render_chunks)

@@ -15,6 +15,7 @@ import click
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.exporter.web import DEFAULT_LISTEN, listen_problem
+from memtrace.stacks.summary import STACKS_TOP
 
 # The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
 EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,))
@@ -255,21 +256,25 @@ def table_options(f: Any) -> Any:
     return wrapper
 
 
-# ---- --stacks (watch, run; issue 13, docs/stacks.md): one `stacks_opts`.
+# ---- --stacks (watch, run, agent; issue 13, docs/stacks.md): one `stacks_opts`.
 
 DEFAULT_STACKS_PERIOD = 512 * 1024
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# --stacks-series: at most the stacks a snapshot carries per measure, which the
+# series are built from.
+STACKS_SERIES_MAX = STACKS_TOP
 
 
 @dataclass(frozen=True)
 class StacksOptions:
     period: int                 # mean bytes between sampled faults
     output: str | None          # --stacks-output DIR
+    series: int = 0             # --stacks-series N: Prometheus series per process and measure
 
 
 def stacks_options(f: Any) -> Any:
-    """--stacks, --stacks-period, --stacks-output. The command gets them as one
-    `stacks_opts`: a StacksOptions, or None when --stacks is off."""
+    """--stacks, --stacks-period, --stacks-output, --stacks-series. The command
+    gets them as one `stacks_opts`: a StacksOptions, or None when --stacks is off."""
     import functools
 
     options = [
@@ -285,18 +290,26 @@ def stacks_options(f: Any) -> Any:
                      help="With --stacks: at exit, write each process's stacks to this "
                      "directory: folded stacks, pprof and an HTML flame graph, for bytes "
                      "held now and bytes brought in."),
+        click.option("--stacks-series", type=click.IntRange(min=0, max=STACKS_SERIES_MAX),
+                     default=0, show_default=True,
+                     help="With --stacks: serve the N stacks holding the most bytes now "
+                     "and the N that brought the most in, per process, as the /metrics "
+                     "series memtrace_stack_held_bytes and memtrace_stack_brought_bytes "
+                     "(docs/metrics.md). 0 = none."),
     ]
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        on, period, output = (kwargs.pop(k) for k in ("stacks", "stacks_period",
-                                                         "stacks_output"))
+        on, period, output, series = (kwargs.pop(k) for k in (
+            "stacks", "stacks_period", "stacks_output", "stacks_series"))
         if not on and output is not None:
             raise MemtraceError("--stacks-output needs --stacks", ExitCode.USAGE)
+        if not on and series:
+            raise MemtraceError("--stacks-series needs --stacks", ExitCode.USAGE)
         if on and not PAGE <= period <= 1 << 30:
             raise MemtraceError(f"--stacks-period: from {PAGE} bytes (a page) to 1 GiB",
                                 ExitCode.USAGE)
-        kwargs["stacks_opts"] = StacksOptions(period, output) if on else None
+        kwargs["stacks_opts"] = StacksOptions(period, output, series) if on else None
         return f(*args, **kwargs)
 
     for option in reversed(options):

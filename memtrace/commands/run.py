@@ -211,7 +211,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     server = bind_metrics(no_serve, listen, web_cfg, fallback=not listen_address_given())
     try:
         session.load(watch_execs=True)    # fork and exec notices: the command's tree
-        serve_metrics(session, server, max_mapping_series)
+        serve_metrics(session, server, max_mapping_series,
+                      stacks_opts.series if stacks_opts is not None else 0)
         child, go_w, err_r = _spawn_stopped(path, command, forwarder)
         if forwarder.early is not None:   # a signal before the command started
             os.kill(child, signal.SIGKILL)

@@ -78,7 +78,8 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
 
     try:
         session.load()
-        serve_metrics(session, server, max_mapping_series)
+        serve_metrics(session, server, max_mapping_series,
+                      stacks_opts.series if stacks_opts is not None else 0)
         for pid in dict.fromkeys(pids):
             session.add_target(pid)
             try:

@@ -45,6 +45,7 @@ from memtrace.exporter.rows import (
     sum_mappings,
     who_of,
 )
+from memtrace.exporter.stackseries import stack_families
 from memtrace.published import StateBox, TickState
 
 
@@ -108,9 +109,11 @@ class MemtraceCollector(Collector):
     """memtrace's families for the latest tick in `box`: collect() (prometheus_client)
     and render_text()/render_chunks() (the text fast path) serve the same samples."""
 
-    def __init__(self, box: StateBox, max_mapping_series: int = 50) -> None:
+    def __init__(self, box: StateBox, max_mapping_series: int = 50,
+                 stack_series: int = 0) -> None:
         self.box = box
         self.max_mapping_series = max_mapping_series
+        self.stack_series = stack_series     # --stacks-series (0: no stack families)
         self.series_dropped_total = 0
         self._lock = threading.Lock()
         self._render_lock = threading.Lock()
@@ -344,6 +347,8 @@ class MemtraceCollector(Collector):
                                for s in state.snapshots.values()) else [])
             for family in pss_families(state, pss_rows, list(who), self.max_mapping_series):
                 family.render(text, escaped)
+        for family in stack_families(state, self.stack_series):
+            family.render(text, escaped)
         for family in self_families(state, dropped_total, time.perf_counter() - t0):
             family.render(text, escaped)
         out.append("".join(text).encode("utf-8"))
@@ -383,4 +388,5 @@ class MemtraceCollector(Collector):
                 *heap_families(state),
                 *library_families(rows, who),
                 *pss_families(state, rows, who, self.max_mapping_series),
+                *stack_families(state, self.stack_series),
                 *self_families(state, dropped_total, time.perf_counter() - t0)]

@@ -155,6 +155,20 @@ MAPPING_USS = _gauge(
 # The PSS/USS families, in this order (the text path caches them per process too).
 PSS_METRICS = (PROCESS_PSS, PROCESS_USS, MAPPING_PSS, MAPPING_USS)
 
+# ------------------------------------------------ stacks (--stacks --stacks-series N)
+
+STACK_HELD = _gauge(
+    "memtrace_stack_held_bytes",
+    "Resident bytes a user call stack holds now in a mapping identity (sampled page "
+    "faults net of releases, scaled to the mapping's exact resident bytes); the top "
+    "--stacks-series stacks per process. stack: its innermost frames, outermost first.",
+    ("mapping", "stack"))
+STACK_BROUGHT = _gauge(
+    "memtrace_stack_brought_bytes",
+    "Estimated bytes a user call stack made resident in a mapping identity since "
+    "attach (never netted); the top --stacks-series stacks per process. stack: its "
+    "innermost frames, outermost first.", ("mapping", "stack"))
+
 # ------------------------------------------------ memtrace itself
 
 BUILD_INFO = _gauge("memtrace_build_info", "memtrace version.", ("version",),
@@ -192,6 +206,7 @@ METRICS: tuple[MetricDef, ...] = (
     LIBRARY_LOADS, LIBRARY_UNLOADS, LIBRARY_LOADED_BYTES, LIBRARY_UNLOADED_BYTES,
     LIBRARY_UNLOADED_RESIDENT,
     *PSS_METRICS,
+    STACK_HELD, STACK_BROUGHT,
     BUILD_INFO, TARGETS, EVENTS_LOST, FULL_RESCANS, TICK_DURATION, ATTACH_DURATION,
     SERIES_FOLDED, TARGETS_DROPPED, SCRAPE_BUILD,
 )

@@ -313,6 +313,23 @@ def test_group_counters_of_a_container_end_with_its_last_process(world):
     assert state.containers == {} and state.groups == {}
 
 
+@pytest.mark.parametrize("keep", [True, False])
+def test_stack_profiles_of_exited_processes_are_kept_only_when_asked(world, keep):
+    """watch/run keep an exited process's last profile for --stacks-output; the
+    agent (keep_exited_profiles off) drops it at detach, processes still watched
+    keep theirs."""
+    from memtrace.reporter import Reporter
+    from memtrace.session import Session
+    from memtrace.stacks.profile import StackProfile
+
+    session = Session(Reporter(), 1.0, 0.0, world.procfs())
+    session.keep_exited_profiles = keep
+    for pid in (1, 2):
+        session._profiles[pid] = StackProfile(pid, "app", 1.0)
+    session.detach(1, "exited")
+    assert set(session.stack_profiles()) == ({1, 2} if keep else {2})
+
+
 # ---------------------------------------------------------------------------
 # rules: fields ANDed, rules ORed, regexes searched, users by name or UID
 # (issue 12: the agent's rules, config and sweep on fixture /proc trees)
@@ -707,10 +724,19 @@ class _CliSession:
         self.loaded: dict[str, Any] | None = None
         self.closed = False
         self.trackers: dict[int, Any] = {}
+        self.stack_period: int | None = None
+        self.keep_exited_profiles = True
+        self.profiles: dict[int, Any] = {}
         _CliSession.instances.append(self)
 
     def enable_heap(self, interval: float) -> None:
         self.heap_interval = interval
+
+    def enable_stacks(self, period: int) -> None:
+        self.stack_period = period
+
+    def stack_profiles(self) -> dict[int, Any]:
+        return dict(self.profiles)
 
     def enable_pss(self, interval: float) -> None:
         self.pss_interval = interval
@@ -724,7 +750,8 @@ class _CliSession:
         self.closed = True
 
 
-def _run_agent(monkeypatch, *args: str) -> dict[str, Any]:
+def _run_agent(monkeypatch, *args: str, profiles: dict[int, Any] | None = None
+               ) -> dict[str, Any]:
     """The arguments `memtrace agent ARGS` gives Agent, and the session's settings."""
     import memtrace.commands.agent as agent_mod
 
@@ -740,8 +767,11 @@ def _run_agent(monkeypatch, *args: str) -> dict[str, Any]:
     _CliSession.instances.clear()
     monkeypatch.setattr(agent_mod, "Session", _CliSession)
     monkeypatch.setattr(agent_mod, "bind_metrics", lambda *a, **k: None)
-    monkeypatch.setattr(agent_mod, "serve_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(agent_mod, "serve_metrics",
+                        lambda *a, **k: seen.update(serve_args=a[2:], serve_kw=k))
     monkeypatch.setattr(agent_mod, "Agent", fake_agent)
+    if profiles:
+        monkeypatch.setattr(_CliSession, "stack_profiles", lambda self: dict(profiles))
     with pytest.raises(_Stop):
         agent_mod.agent.main(list(args), prog_name="memtrace agent", standalone_mode=False)
     assert seen["session"].closed and seen["session"].loaded == {"watch_execs": True}
@@ -755,6 +785,72 @@ def test_cli_defaults_reach_the_agent(monkeypatch):
     assert seen["all_min_rss"] is None
     assert (seen["max_processes"], seen["sweep_interval"], seen["group_by"]) == (100, 10.0, "pid")
     assert (s.interval, s.reconcile, s.grouping, s.container_labels) == (1.0, 300.0, False, True)
+
+
+def test_cli_without_stacks_samples_no_stacks_and_serves_no_stack_series(monkeypatch):
+    seen = _run_agent(monkeypatch, "--comm", "nginx")
+    assert seen["session"].stack_period is None
+    assert seen["session"].keep_exited_profiles is True
+    assert seen["serve_args"] == (50, 0)
+
+
+def test_cli_stacks_period_and_series_reach_the_session_and_the_exporter(monkeypatch):
+    seen = _run_agent(monkeypatch, "--comm", "nginx", "--stacks", "--stacks-period", "64K",
+                      "--stacks-series", "5", "--max-mapping-series", "20")
+    s = seen["session"]
+    assert s.stack_period == 64 * 1024
+    assert s.keep_exited_profiles is False     # an agent does not pile up exited ones
+    assert seen["serve_args"] == (20, 5)
+    # default period, series off
+    seen = _run_agent(monkeypatch, "--comm", "nginx", "--stacks")
+    assert seen["session"].stack_period == 512 * 1024 and seen["serve_args"] == (50, 0)
+
+
+def test_cli_stacks_output_writes_the_profiles_at_exit(monkeypatch, tmp_path):
+    from memtrace.stacks.profile import Frame, Stack, StackProfile, StackSample
+
+    sample = StackSample(Stack((Frame(0x401000, "grow", "/usr/bin/app"),
+                                Frame(0x401100, "main", "/usr/bin/app"))),
+                         "[heap]", "heap", held_bytes=8192, brought_bytes=12288, samples=3)
+    out = tmp_path / "stacks"
+    seen = _run_agent(monkeypatch, "--comm", "app", "--stacks", "--stacks-output", str(out),
+                      profiles={42: StackProfile(42, "app", 1.0, [sample])})
+    assert seen["session"].closed
+    assert sorted(p.name for p in out.iterdir()) == [
+        "memtrace-42-brought.folded", "memtrace-42-brought.html", "memtrace-42-held.folded",
+        "memtrace-42-held.html", "memtrace-42.pb.gz"]
+    assert (out / "memtrace-42-held.folded").read_text() == "[heap];main;grow 8192\n"
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    (("--stacks-output", "DIR"), "--stacks-output needs --stacks"),
+    (("--stacks-series", "3"), "--stacks-series needs --stacks"),
+    (("--stacks", "--stacks-period", "100"), "--stacks-period"),
+])
+def test_cli_stacks_option_errors_exit_2_before_anything_is_set_up(monkeypatch, tmp_path,
+                                                                   args, words):
+    import memtrace.commands.agent as agent_mod
+
+    args = tuple(str(tmp_path / "d") if a == "DIR" else a for a in args)
+    _CliSession.instances.clear()
+    monkeypatch.setattr(agent_mod, "Session", _CliSession)
+    with pytest.raises(MemtraceError) as e:
+        agent_mod.agent.main(["--comm", "x", *args], prog_name="memtrace agent",
+                             standalone_mode=False)
+    assert e.value.code == ExitCode.USAGE and words in e.value.message
+    assert _CliSession.instances == []
+
+
+def test_cli_stacks_series_is_bounded_by_what_a_snapshot_carries():
+    import click
+
+    import memtrace.commands.agent as agent_mod
+    from memtrace.stacks.summary import STACKS_TOP
+
+    with pytest.raises(click.BadParameter):
+        agent_mod.agent.main(["--comm", "x", "--stacks", "--stacks-series",
+                              str(STACKS_TOP + 1)], prog_name="memtrace agent",
+                             standalone_mode=False)
 
 
 def test_cli_all_min_rss_sweep_interval_and_max_processes(monkeypatch):

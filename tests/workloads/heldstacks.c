@@ -2,7 +2,8 @@
  * gives its memory back (issue 13, done-when 1). Built -O2 without frame
  * pointers, as Debian builds libc: stacks must unwind through both.
  *
- *   heldstacks HOLD_SECONDS AFTER_SECONDS
+ *   heldstacks HOLD_SECONDS AFTER_SECONDS [BEFORE_SECONDS]
+ * sleeps BEFORE_SECONDS (default 0: time for an agent to attach on the exec),
  * prints "ready" once both are resident, sleeps HOLD_SECONDS, unmaps the
  * first, prints "released", sleeps AFTER_SECONDS and exits. */
 #include <stdio.h>
@@ -55,6 +56,8 @@ int main(int argc, char **argv)
 {
     unsigned hold = argc > 1 ? (unsigned)atoi(argv[1]) : 2;
     unsigned after = argc > 2 ? (unsigned)atoi(argv[2]) : 3;
+    if (argc > 3)
+        sleep((unsigned)atoi(argv[3]));
     char *big = fill_big(64 * MiB);
     char *small = fill_small(16 * MiB);
     printf("ready\n");

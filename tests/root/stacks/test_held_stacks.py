@@ -11,13 +11,19 @@ import gzip
 import json
 import os
 import shutil
+import signal
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.root.harness import MEMTRACE, REPO_ROOT, TIMEOUT_SCALE
+from tests.root.harness import MEMTRACE, REPO_ROOT, TIMEOUT_SCALE, skip_reason
+
+_SKIP = skip_reason()
+pytestmark = [pytest.mark.root, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
 
 MiB = 1 << 20
 WORKLOAD = REPO_ROOT / "tests" / "workloads" / "heldstacks.c"
@@ -98,3 +104,82 @@ def test_stacks_output_files(traced):
     html = (out_dir / f"memtrace-{pid}-held.html").read_text()
     assert html.lstrip().lower().startswith("<!doctype html") and "fill_small" in html
     assert gzip.decompress((out_dir / f"memtrace-{pid}.pb.gz").read_bytes())
+
+
+# ---- agent --stacks --stacks-series: the same split on /metrics, and files at exit
+
+def _wait_for(path: Path, text: str, proc: subprocess.Popen, timeout: float) -> str:
+    """The first line of `path` that contains `text` (waiting for it)."""
+    deadline = time.monotonic() + timeout * TIMEOUT_SCALE
+    while time.monotonic() < deadline:
+        for line in path.read_text(errors="replace").splitlines():
+            if text in line:
+                return line
+        if proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    pytest.fail(f"no {text!r} in {path.name}: {path.read_text(errors='replace')[-2000:]}")
+
+
+def _stack_series(url: str, name: str) -> list[tuple[dict[str, str], float]]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        text = resp.read().decode("utf-8")
+    return [(dict(s.labels), s.value) for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name]
+
+
+def _series_bytes(series: list[tuple[dict[str, str], float]], function: str) -> float:
+    return sum(v for lab, v in series if function in lab["stack"].split(";"))
+
+
+def test_agent_serves_the_split_as_stack_series_and_writes_files_at_exit(program, tmp_path):
+    out_dir = tmp_path / "agent-stacks"
+    log_path = tmp_path / "agent.log"
+    with open(log_path, "w") as log_file:
+        agent = subprocess.Popen(
+            [*MEMTRACE, "agent", "--comm", f"^{program.name}$", "--interval", "0.5",
+             "--pss-interval", "0", "--heap-interval", "0", "--web.listen-address",
+             "127.0.0.1:0", "--stacks", "--stacks-period", "64K", "--stacks-series", "5",
+             "--stacks-output", str(out_dir)],
+            cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log_file,
+            stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    workload = None
+    try:
+        url = _wait_for(log_path, "serving metrics on ", agent, 120).split(
+            "serving metrics on ", 1)[1].split()[0]
+        _wait_for(log_path, "agent: ", agent, 60)                  # initial scan done
+        # 1 s before filling: the agent attaches on the exec notice first
+        workload = subprocess.Popen([str(program), "4", "30", "1"], stdout=subprocess.PIPE,
+                                    text=True, stdin=subprocess.DEVNULL)
+        assert workload.stdout is not None
+        assert workload.stdout.readline().strip() == "ready"
+        assert workload.stdout.readline().strip() == "released"
+        time.sleep(1.5)                                            # three ticks
+        held = _stack_series(url, "memtrace_stack_held_bytes")
+        brought = _stack_series(url, "memtrace_stack_brought_bytes")
+        pid = str(workload.pid)
+        assert held and all(lab["pid"] == pid for lab, _ in held), held
+        assert len(held) <= 5 and len(brought) <= 5
+        assert {"container_id", "pod_uid", "mapping", "stack"} <= set(held[0][0])
+        assert _series_bytes(held, "fill_small") == pytest.approx(16 * MiB, rel=0.05), held
+        assert _series_bytes(held, "fill_big") == 0, held
+        assert _series_bytes(brought, "fill_big") == pytest.approx(64 * MiB, rel=0.05), brought
+        assert _series_bytes(brought, "fill_small") == pytest.approx(16 * MiB, rel=0.05), \
+            brought
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        try:
+            code = agent.wait(timeout=60 * TIMEOUT_SCALE)
+        finally:
+            if agent.poll() is None:
+                agent.kill()
+                agent.wait()
+            if workload is not None:
+                workload.kill()
+                workload.wait()
+    assert code == 0, log_path.read_text(errors="replace")[-2000:]
+    folded = (out_dir / f"memtrace-{pid}-brought.folded").read_text()
+    assert "fill_big" in folded and "fill_small" in folded
+    assert "fill_big" not in (out_dir / f"memtrace-{pid}-held.folded").read_text()

@@ -106,6 +106,51 @@ def realistic_process(pid: int, comm: str = "server") -> dict[str, Any]:
     return snap
 
 
+def stack_entry(nbytes: int, mapping: str, frames: list[str], kind: str = "heap",
+                samples: int = 4) -> dict[str, Any]:
+    """One stack of a snapshot's `stacks` lists (memtrace.stacks.summary)."""
+    return {"bytes": nbytes, "mapping": mapping, "kind": kind, "samples": samples,
+            "truncated": frames[-1:] == ["[truncated]"], "frames": frames}
+
+
+def with_stacks(snap: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Give a snapshot a `stacks` object (--stacks) whose lists hold more stacks
+    than the fixtures serve, sorted as the summary sorts them: names to escape
+    and cut, a function without a symbol, a `;` in a name, two stacks that
+    differ only beyond the kept innermost frames, [unsampled], a zero."""
+    exe = snap["comm"]
+    base = [f"main ({exe})", "__libc_start_call_main (libc.so.6)", f"_start ({exe})"]
+    deep = [f"level{i} (app)" for i in range(10)]
+    memset = "__memset_avx2_unaligned_erms (libc.so.6)"
+    cpp = ("std::vector<std::pair<std::string, std::map<int, std::string>>>::"
+           "_M_realloc_insert(iterator, value_type&&)") * 2 + " (libapp.so)"
+    unknown = ["[unknown] (libc.so.6)", "parse;line (app)", 'say "hi"\\n (app)', *base]
+    held = [
+        stack_entry(seed * 64 * PAGE * 256, "[heap]", [memset, "fill_cache (app)", *base]),
+        stack_entry(seed * 16 * PAGE * 256, "[anon]", [memset, *deep, "path_a (app)", *base],
+                    kind="anon"),
+        stack_entry(seed * 8 * PAGE * 256, "[anon]", [memset, *deep, "path_b (app)", *base],
+                    kind="anon"),
+        stack_entry(seed * 5 * PAGE * 256, "[heap]", [cpp, *base]),
+        stack_entry(seed * 4 * PAGE * 256, LIBC, unknown, kind="library"),
+        stack_entry(seed * PAGE, "[stack]", ["[unsampled]"], kind="stack", samples=0),
+        stack_entry(0, "[heap]", ["idle (app)", *base]),
+    ]
+    brought = [
+        stack_entry(seed * 80 * PAGE * 256, "[anon]", [memset, "load_all (app)", *base],
+                    kind="anon"),
+        stack_entry(seed * 64 * PAGE * 256, "[heap]", [memset, "fill_cache (app)", *base]),
+        stack_entry(seed * 5 * PAGE * 256, "[heap]", [cpp, *base]),
+        stack_entry(seed * 4 * PAGE * 256, LIBC, unknown, kind="library"),
+        stack_entry(PAGE, "[anon]", ["tiny (app)", *base], kind="anon"),
+    ]
+    snap["stacks"] = {"period_bytes": 524288, "samples": 1000 * seed, "lost": 0,
+                      "held_bytes": snap["rss_bytes"],
+                      "brought_bytes": sum(e["bytes"] for e in brought),
+                      "held": held, "brought": brought}
+    return snap
+
+
 def state_of(*snaps: dict[str, Any], **kw: Any) -> TickState:
     return TickState(snapshots={s["pid"]: s for s in snaps}, **kw)
 

@@ -3,11 +3,13 @@ rendered by both exporter paths, compared with tests/unit/exporter/golden/*.prom
 
 Each fixture (pid.prom: `memtrace watch`; group.prom: agent --group-by group;
 agent.prom: agent with container labels; agent-group.prom: both; empty.prom: no
-targets) is built by hand from tests/unit/exporter/helpers.py and covers every
-metric family memtrace serves: resident and virtual bytes, per mapping with
-[other] folding, PSS/USS/swap, heap figures and walks, library loads, page
-faults (per mapping and the kernel's), syscalls, self-monitoring; label values
-that need escaping or cutting; a group with exited processes' counters.
+targets; stacks.prom: watch --stacks --stacks-series 4; stacks-agent-group.prom:
+agent --group-by group --stacks --stacks-series 4) is built by hand from
+tests/unit/exporter/helpers.py and covers every metric family memtrace serves:
+resident and virtual bytes, per mapping with [other] folding, PSS/USS/swap, heap
+figures and walks, library loads, page faults (per mapping and the kernel's),
+syscalls, self-monitoring, stacks; label values that need escaping or cutting; a
+group with exited processes' counters.
 
 - The fast text path (MemtraceCollector.render_text(), what /metrics serves, also
   as render_chunks()) must equal the golden file byte for byte, also when served
@@ -52,6 +54,7 @@ from .helpers import (
     realistic_process,
     snapshot,
     state_of,
+    with_stacks,
 )
 from .test_collector import CID1, CID2, HEAP, POD, many_identities
 from .test_pss_metrics import with_pss
@@ -144,19 +147,48 @@ def agent_state(groups: dict[int, str] | None = None) -> TickState:
                     notices_lost={"execs": 1, "forks": 0})
 
 
+def stacks_state() -> TickState:
+    """watch --stacks --stacks-series 4: a process with more stacks than that,
+    names to escape and cut, two stacks that give one label; a process without
+    the stacks key (attached before --stacks figures, or a test's other)."""
+    a = with_stacks(realistic_process(500, "server"), 1)
+    b = with_stacks(realistic_process(501, 'we"ird'), 2)
+    c = realistic_process(502, "plain")
+    return state_of(a, b, c, full_rescans={"attach": 3}, tick_seconds=0.002,
+                    attach_seconds={500: 0.1, 501: 0.2, 502: 0.3})
+
+
+def stacks_agent_group_state() -> TickState:
+    """agent --group-by group --stacks --stacks-series 4: two processes of one
+    group in one container (their stacks summed), one outside containers."""
+    snaps = [with_stacks(realistic_process(31, "nginx"), 1),
+             with_stacks(realistic_process(32, "nginx"), 3),
+             with_stacks(realistic_process(33, "sshd"), 2)]
+    return state_of(*snaps, groups={31: "web", 32: "web", 33: "ssh"},
+                    containers={31: (CID1, POD), 32: (CID1, POD), 33: ("", "")},
+                    full_rescans={"attach": 3}, tick_seconds=0.003,
+                    attach_seconds={31: 0.1, 32: 0.1, 33: 0.1})
+
+
 FIXTURES: dict[str, Callable[[], TickState]] = {
     "pid": pid_state,
     "group": group_state,
     "agent": agent_state,
     "agent-group": lambda: agent_state(groups={21: "web", 22: "web", 23: "ssh"}),
     "empty": TickState,
+    "stacks": stacks_state,
+    "stacks-agent-group": stacks_agent_group_state,
 }
+STACK_SERIES = 4
 
 
 def collector_for(state: TickState) -> MemtraceCollector:
+    """The collector of a fixture: with --stacks-series STACK_SERIES where its
+    snapshots carry stacks (the stacks fixtures), else as without --stacks."""
     box = StateBox()
     box.set(state)
-    return MemtraceCollector(box, MAX_SERIES)
+    with_stacks = any("stacks" in s for s in state.snapshots.values())
+    return MemtraceCollector(box, MAX_SERIES, STACK_SERIES if with_stacks else 0)
 
 
 def text_path(state: TickState) -> str:
