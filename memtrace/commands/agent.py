@@ -18,9 +18,9 @@ import click
 from memtrace.commands.live import (
     NullReporter,
     bind_metrics,
+    close_live,
     make_reporter,
     serve_metrics,
-    write_stack_outputs,
 )
 from memtrace.commands.options import (
     EXIT_CODES_HELP,
@@ -423,9 +423,5 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
         session.publish()
         session.loop(lambda: True, agent_.on_tick)
     finally:
-        if server:
-            server.close()
-        session.close()
-        if stacks_opts is not None:
-            write_stack_outputs(session.stack_profiles(), stacks_opts.output)
+        close_live(session, server, stacks_opts.output if stacks_opts else None)
     log("agent: stopped, probes detached")

@@ -148,3 +148,15 @@ def _write(path: str, data: bytes) -> str:
     with open(path, "wb") as f:
         f.write(data)
     return path
+
+
+def close_live(session: Session, server: MetricsServer | None,
+               stacks_output: str | None) -> None:
+    """The end of watch and agent: stop serving, detach, then write the stack
+    profiles if --stacks-output asked for them."""
+    if server:
+        server.close()
+    session.close()
+    if stacks_output is not None:
+        write_stack_outputs(session.stack_profiles(), stacks_output)
+

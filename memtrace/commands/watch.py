@@ -9,10 +9,10 @@ import click
 
 from memtrace.commands.live import (
     bind_metrics,
+    close_live,
     listen_address_given,
     make_reporter,
     serve_metrics,
-    write_stack_outputs,
 )
 from memtrace.commands.options import (
     EXIT_CODES_HELP,
@@ -93,11 +93,7 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
                                 ExitCode.NO_SUCH_PROCESS)
         session.loop(keep_going, on_tick)
     finally:
-        if server:
-            server.close()
-        session.close()
-        if stacks_opts is not None:
-            write_stack_outputs(session.stack_profiles(), stacks_opts.output)
+        close_live(session, server, stacks_opts.output if stacks_opts else None)
 
 
 def _existing_targets(procfs: ProcFS, pids: tuple[int, ...]) -> tuple[int, ...]:

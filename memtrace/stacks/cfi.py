@@ -271,7 +271,8 @@ def _encoded_size(enc: int) -> int:
 Read = Callable[[int], "int | None"]
 
 
-def _uleb(expr: bytes, pos: int) -> tuple[int, int]:
+def _leb128(expr: bytes, pos: int, signed: bool) -> tuple[int, int]:
+    """A LEB128 number at expr[pos] and the position after it."""
     value = shift = 0
     while True:
         b = expr[pos]
@@ -279,20 +280,17 @@ def _uleb(expr: bytes, pos: int) -> tuple[int, int]:
         value |= (b & 0x7F) << shift
         shift += 7
         if not b & 0x80:
+            if signed and b & 0x40:
+                value -= 1 << shift
             return value, pos
+
+
+def _uleb(expr: bytes, pos: int) -> tuple[int, int]:
+    return _leb128(expr, pos, signed=False)
 
 
 def _sleb(expr: bytes, pos: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        b = expr[pos]
-        pos += 1
-        value |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            if b & 0x40:
-                value -= 1 << shift
-            return value, pos
+    return _leb128(expr, pos, signed=True)
 
 
 _CONSTS = {0x08: "<B", 0x09: "<b", 0x0A: "<H", 0x0B: "<h", 0x0C: "<I", 0x0D: "<i",
