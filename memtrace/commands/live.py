@@ -55,7 +55,7 @@ def serve_metrics(session: Session, server: MetricsServer | None,
     collector = MemtraceCollector(session.exporter_box, max_mapping_series, stack_series)
     registry = CollectorRegistry()
     registry.register(ProcessCollector(registry=None))
-    server.serve(registry, fast=collector.render_chunks)
+    server.serve(registry, fast=collector.render_scrape)
     url = f"{'https' if server.tls else 'http'}://{server.address}/metrics"
     if server.busy:
         log(f"{server.busy} is in use (another memtrace?): serving metrics on {url} "

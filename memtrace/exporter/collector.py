@@ -1,9 +1,10 @@
-"""The Prometheus collector of memtrace's metrics, built fresh from the latest
-snapshots on every scrape (a process that exits is gone from the next scrape), in
-two ways that give the same samples: collect() for prometheus_client, and the text
-fast path /metrics serves (MemtraceCollector.render_text, render_chunks). Between
-scrapes the text path keeps only escaped label values and, per live process, its
-rendered text for one snapshot generation. What each family is called, its HELP
+"""The Prometheus collector of memtrace's metrics, built from the latest tick (a
+process that exits is gone from the next scrape), in two ways that give the same
+samples: collect() for prometheus_client, and the text fast path /metrics serves
+(MemtraceCollector.render_scrape; render_text, render_chunks). Between scrapes the
+text path keeps escaped label values, per live process its rendered text for one
+snapshot generation, and the text of the latest tick, which every scrape of that
+tick serves with a fresh tail of self-monitoring families. What each family is called, its HELP
 text and labels come from memtrace.exporter.metrics (a contract: docs/metrics.md)."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
@@ -20,6 +22,7 @@ from prometheus_client.core import Metric
 from prometheus_client.registry import Collector
 
 from memtrace.exporter import metrics as m
+from memtrace.exporter.body import TickText
 from memtrace.exporter.families import (
     Family,
     escape_label,
@@ -130,6 +133,9 @@ class MemtraceCollector(Collector):
         self._fragments: dict[tuple[str, str], str] = {}  # the same for (identity, kind)
         self._label_chars = 0
         self._rendered: dict[tuple[str, ...], _Rendered] = {}
+        # The latest tick's text (render_scrape): its state (weakly: a state
+        # replaced by the next tick is freed), text and folded identities.
+        self._tick: tuple[weakref.ref[TickState], TickText, int] | None = None
 
     def _fault_series(self, key: tuple[str, ...], snap: dict[str, Any]) -> list[tuple[str, int]]:
         counts: dict[str, int] = snap.get("faults_by_mapping", {})
@@ -283,45 +289,61 @@ class MemtraceCollector(Collector):
         state on every scrape; a process's (or group's) text is reused from the
         previous scrape only when its snapshot carries the same generation (see
         _stamp), so a cached text is never served for a changed snapshot."""
-        return b"".join(self._render_parts()).decode("utf-8")
+        return b"".join(self.render_chunks()).decode("utf-8")
 
     def render_chunks(self) -> list[bytes]:
         """render_text() as UTF-8 pieces (one process's samples of one family
-        each, kB to tens of kB), never one buffer of several MB: what /metrics
-        serves (memtrace.exporter.web joins them a few at a time as it writes)."""
-        return self._render_parts()
+        each, kB to tens of kB), never one buffer of several MB."""
+        head, tail = self.render_scrape()
+        return [*head.chunks, *tail]
 
-    def _render_parts(self) -> list[bytes]:
+    def render_scrape(self) -> tuple[TickText, list[bytes]]:
+        """What /metrics serves (memtrace.exporter.web): the text of the latest
+        tick, built by the first scrape that sees that tick and shared by every
+        later scrape of it (with its gzip form, see TickText), and this scrape's
+        own tail: the self-monitoring families (memtrace_scrape_build_seconds is
+        this scrape's time, the folded-series counter adds this scrape's folds)."""
         t0 = time.perf_counter()
         state = self.box.get()
+        # One scrape renders at a time: a concurrent scrape of the same tick
+        # waits for it (off the interpreter lock) and serves its text.
+        with self._render_lock:
+            tick = self._tick
+            if tick is None or tick[0]() is not state:
+                chunks, dropped = self._render_parts(state)
+                tick = self._tick = (weakref.ref(state), TickText(chunks), dropped)
+        with self._lock:
+            self.series_dropped_total += tick[2]
+            dropped_total = self.series_dropped_total
+        text: list[str] = []
+        for family in self_families(state, dropped_total, time.perf_counter() - t0):
+            family.render(text, {})
+        return tick[1], ["".join(text).encode("utf-8")]
+
+    def _render_parts(self, state: TickState) -> tuple[list[bytes], int]:
+        """The text of every family but the self-monitoring ones, for `state`,
+        and how many mapping identities the series cap folded in it."""
         who = who_of(state)
         rows = self._text_rows(state)
         rendered: list[_Rendered] = []
         dropped_now = 0
         cache = self._rendered
-        # One scrape renders at a time: a concurrent scrape of the same tick
-        # then finds every process in the cache instead of rendering it again
-        # while both share the interpreter lock.
-        with self._render_lock:
-            for ids, stamp, get_snap in rows:
-                key = tuple(ids)
-                entry = cache.get(key) if stamp is not None else None
-                if entry is None or entry.stamp != stamp:
-                    entry = self._render_row(who, ids, get_snap())
-                    entry.stamp = stamp
-                    if stamp is not None:
-                        with self._lock:
-                            cache[key] = entry
-                rendered.append(entry)
-                dropped_now += entry.folded
+        for ids, stamp, get_snap in rows:
+            key = tuple(ids)
+            entry = cache.get(key) if stamp is not None else None
+            if entry is None or entry.stamp != stamp:
+                entry = self._render_row(who, ids, get_snap())
+                entry.stamp = stamp
+                if stamp is not None:
+                    with self._lock:
+                        cache[key] = entry
+            rendered.append(entry)
+            dropped_now += entry.folded
         out: list[bytes] = []
         parts = [r.parts for r in rendered]
         for i, header in enumerate(_ROW_HEADERS):
             out.append(header)
             out.extend(map(itemgetter(i), parts))
-        with self._lock:
-            self.series_dropped_total += dropped_now
-            dropped_total = self.series_dropped_total
         self.forget({tuple(ids) for ids, _, _ in rows})
         escaped: dict[str, str] = {}
         text: list[str] = []
@@ -347,15 +369,18 @@ class MemtraceCollector(Collector):
                                for s in state.snapshots.values()) else [])
             for family in pss_families(state, pss_rows, list(who), self.max_mapping_series):
                 family.render(text, escaped)
+            out.append("".join(text).encode("utf-8"))
+            text = []
         for family in stack_families(state, self.stack_series):
             family.render(text, escaped)
-        for family in self_families(state, dropped_total, time.perf_counter() - t0):
-            family.render(text, escaped)
-        out.append("".join(text).encode("utf-8"))
-        return out
+        if text:
+            out.append("".join(text).encode("utf-8"))
+        return out, dropped_now
 
     def build(self) -> list[Family]:
         t0 = time.perf_counter()
+        with self._render_lock:
+            self._tick = None  # its fault series and row cache may change below
         state = self.box.get()
         who = list(who_of(state))
         rows = grouped_rows(state) if state.groups is not None else pid_rows(state)

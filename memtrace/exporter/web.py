@@ -24,7 +24,8 @@ from prometheus_client import generate_latest, make_wsgi_app
 from prometheus_client.registry import CollectorRegistry
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.util.batches import joined
+from memtrace.exporter.body import WRITE_BYTES as WRITE_BYTES  # re-exported
+from memtrace.exporter.body import TickText, gzip_body, plain_body
 
 DEFAULT_PORT = 9877
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -297,16 +298,9 @@ GZIP: Any = zlib
 with contextlib.suppress(ImportError):  # isal is a dependency where it has wheels
     from isal import isal_zlib as GZIP  # type: ignore[no-redef,import-not-found]
 
-FastRender = Callable[[], "str | Iterable[bytes]"]
-
-
-# Bytes per write: the pieces of a response are joined into writes of about this
-# size as the response is written (and as it is gzipped), each freed before the
-# next is made. A whole scrape in one buffer (3.4 MB at 100 processes x 200
-# mappings), or all of it joined at once, is handed back to the kernel by malloc
-# after every scrape and faulted in again page by page on the next: ~1,000 page
-# faults, several ms of CPU.
-WRITE_BYTES = 64 * 1024
+# What fast= returns: the memtrace part of a scrape as a str, as UTF-8 pieces, or
+# (as MemtraceCollector.render_scrape) the tick's text and this scrape's own tail.
+FastRender = Callable[[], "str | Iterable[bytes] | tuple[TickText, list[bytes]]"]
 
 
 def _fast_app(render: FastRender, registry: CollectorRegistry) -> Callable[..., Any]:
@@ -315,18 +309,21 @@ def _fast_app(render: FastRender, registry: CollectorRegistry) -> Callable[..., 
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
         text = render()
-        body = [text.encode("utf-8")] if isinstance(text, str) else list(text)
-        body.append(generate_latest(registry))
+        if isinstance(text, tuple):
+            head, tail = text[0], list(text[1])
+        else:
+            head = TickText([text.encode("utf-8")] if isinstance(text, str) else list(text))
+            tail = []
+        tail.append(generate_latest(registry))
         headers = [("Content-Type", TEXT_FORMAT)]
         if "gzip" in environ.get("HTTP_ACCEPT_ENCODING", ""):
-            z = GZIP.compressobj(GZIP_LEVEL, GZIP.DEFLATED, 31)  # 31: a gzip stream
-            packed = [z.compress(group) for group in joined(body, WRITE_BYTES)]
-            packed.append(z.flush())
-            body = packed
+            body = gzip_body(head, tail, GZIP, GZIP_LEVEL)
             headers.append(("Content-Encoding", "gzip"))
+        else:
+            body = plain_body(head, tail)
         headers.append(("Content-Length", str(sum(map(len, body)))))
         start_response("200 OK", headers)
-        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else joined(body, WRITE_BYTES)
+        return [b""] if environ.get("REQUEST_METHOD") == "HEAD" else body
     return app
 
 

@@ -128,12 +128,43 @@ def test_text_path_passes_promtool():
 # the per-process cache
 
 
-def test_without_generation_nothing_is_cached():
-    box, c = text_collector(state_of(realistic_process(1), realistic_process(2)))
-    for _ in range(3):
+def test_without_generation_nothing_is_cached_beyond_its_tick():
+    a, b = realistic_process(1), realistic_process(2)
+    box, c = text_collector(state_of(a, b))
+    for _ in range(3):  # one tick: its text is built once
+        text_scrape(c)
+    assert c.rendered_rows == 2
+    assert not c._rendered
+    for _ in range(2):  # every new tick (equal content, new state) renders again
+        box.set(state_of(a, b))
         text_scrape(c)
     assert c.rendered_rows == 6
-    assert not c._rendered
+
+
+def test_scrapes_of_one_tick_share_its_text_and_a_fresh_tail():
+    box, c = text_collector(state_of(with_gen(many_identities(7, 200), 1)))
+    head1, tail1 = c.render_scrape()
+    head2, tail2 = c.render_scrape()
+    assert head1 is head2 and c.rendered_rows == 1
+    # the tail is this scrape's own: the folded counter has counted both scrapes
+    assert b"memtrace_mapping_series_folded_total 151" in tail1[0]
+    assert b"memtrace_mapping_series_folded_total 302" in tail2[0]
+    assert b"memtrace_scrape_build_seconds " in tail2[0]
+    assert b"memtrace_scrape_build_seconds" not in b"".join(head1.chunks)
+    box.set(state_of(with_gen(many_identities(7, 200), 1)))
+    head3, _ = c.render_scrape()
+    assert head3 is not head1 and b"".join(head3.chunks) == b"".join(head1.chunks)
+    assert c.rendered_rows == 1  # the new tick's process came from the row cache
+
+
+def test_collect_between_scrapes_rebuilds_the_tick_text():
+    """collect() (prometheus_client's path) admits fault series and prunes rows
+    as the text path does; the text of the tick is not reused after it."""
+    box, c = text_collector(state_of(with_gen(realistic_process(1), 1)))
+    head1, _ = c.render_scrape()
+    list(c.collect())
+    head2, _ = c.render_scrape()
+    assert head2 is not head1 and b"".join(head2.chunks) == b"".join(head1.chunks)
 
 
 def test_same_generation_is_served_from_the_cache():
@@ -253,10 +284,12 @@ def test_grouped_rows_are_cached_by_all_their_members():
     s = text_scrape(c)
     assert samples(s) == samples(scrape(reg))
     assert c.rendered_rows == rows + 2
-    # a member without a generation: that group is not cached
-    box.set(dataclasses_replace_snapshot(more, 11, realistic_process(11, "nginx")))
-    text_scrape(c)
-    text_scrape(c)
+    # a member without a generation: that group is rendered again every tick
+    # (a second scrape of one tick serves that tick's text)
+    for _ in range(2):
+        box.set(dataclasses_replace_snapshot(more, 11, realistic_process(11, "nginx")))
+        text_scrape(c)
+        text_scrape(c)
     assert c.rendered_rows == rows + 4
 
 
