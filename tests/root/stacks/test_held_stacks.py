@@ -49,12 +49,14 @@ def _bytes_of(stacks: list[dict[str, Any]], function: str) -> int:
 @pytest.fixture(scope="module")
 def traced(program: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], Path]:
     out_dir = tmp_path_factory.mktemp("stacks-out")
-    # 64 KiB between samples: ~1,300 samples for 80 MiB. The two paths have
-    # their own mappings and 2 MiB chunks, so memtrace's exact per-mapping
+    # 128 KiB between samples: ~660 samples for 82 MiB, 16 per 2 MiB chunk, and
+    # fewer than the stack ring holds (about 1,000) even when the reader is
+    # late on a busy machine (at 64 KiB, 71 of 1,272 were once lost). The paths
+    # have their own mappings and 2 MiB chunks, so memtrace's exact per-mapping
     # (held) and per-chunk (brought) figures split them exactly.
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "0.5", "--stacks",
-         "--stacks-period", "64K", "--stacks-output", str(out_dir), "--", str(program), "2", "3"],
+         "--stacks-period", "128K", "--stacks-output", str(out_dir), "--", str(program), "2", "3"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -141,7 +143,7 @@ def test_agent_serves_the_split_as_stack_series_and_writes_files_at_exit(program
         agent = subprocess.Popen(
             [*MEMTRACE, "agent", "--comm", f"^{program.name}$", "--interval", "0.5",
              "--pss-interval", "0", "--heap-interval", "0", "--web.listen-address",
-             "127.0.0.1:0", "--stacks", "--stacks-period", "64K", "--stacks-series", "5",
+             "127.0.0.1:0", "--stacks", "--stacks-period", "128K", "--stacks-series", "5",
              "--stacks-output", str(out_dir)],
             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=log_file,
             stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
