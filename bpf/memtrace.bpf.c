@@ -188,6 +188,8 @@ static __always_inline void count_down(struct mt_fault_cache *fc, u32 tgid, u32 
 #define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags) do { } while (0)
 #endif
 
+#define MT_GEN_NONE (~0ULL)     /* no drain generation: a fault-cache slot being rewritten */
+
 static __always_inline int is_target(u32 tgid)
 {
     return targets.lookup(&tgid) != NULL;
@@ -262,13 +264,19 @@ static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
         mark_chunk(fc->tgid, fc->epoch, fc->last_addr, fc->pending, gen);
     u32 ep = *epoch;
     mark_chunk(tgid, ep, addr, 1, gen);
+    /* Invalid while it is rewritten: a program that preempts this one on this
+     * CPU (a preemptible kernel) must not take a half-written slot for a
+     * marked chunk (mark_range skips chunks the slot names). */
+    fc->gen = MT_GEN_NONE;
+    asm volatile("" ::: "memory");
     fc->tgid = tgid;
     fc->epoch = ep;
     fc->chunk = chunk;
-    fc->gen = gen;
     fc->execs = execs;
     fc->pending = 0;
     fc->last_addr = addr;
+    asm volatile("" ::: "memory");
+    fc->gen = gen;
     COUNT_DOWN(fc, tgid, ep, addr, regs, flags);
 }
 
@@ -300,10 +308,17 @@ static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start,
     u64 last = (end - 1) >> MT_CHUNK_SHIFT;
     if (last - first < MT_INLINE_CHUNKS) {
         u64 gen = current_gen();
+        int slot = gen & 1;
+        struct mt_fault_cache *fc = fault_cache.lookup(&slot);
 #pragma unroll
         for (int i = 0; i < MT_INLINE_CHUNKS; i++) {
             if (first + i > last)
                 break;
+            /* This CPU's last fault marked this chunk in this generation (the
+             * churn of mmap, touch, munmap): its entry is in the map already. */
+            if (fc && fc->gen == gen && fc->tgid == tgid && fc->epoch == epoch &&
+                fc->chunk == first + i)
+                continue;
             mark_chunk(tgid, epoch, (first + i) << MT_CHUNK_SHIFT, 0, gen);
         }
         return;
