@@ -10,6 +10,11 @@ Kinds of run, alternated per repetition (order rotated every repetition):
             mmap, munmap and brk paths use (raw page_fault_user, syscalls
             sys_enter/exit_{mmap,munmap,brk}): the cost of the tracepoints
             themselves, which no change inside memtrace's programs can remove
+- rawexit:  what one raw_syscalls:sys_exit program would cost instead of the
+            syscalls enter/exit pairs (a prototype, not memtrace's design): it
+            reads the syscall number from the uapi pt_regs (orig_ax) on every
+            syscall of the system, and the argument registers of mmap, munmap
+            and brk; plus the same empty raw page_fault_user program
 - probes:   memtrace's BPF program as the session loads it on this kernel
             (memtrace.trace.probes.Probes: no rss_stat probe, no event stream),
             the workload added as its target, drained every second on a thread
@@ -37,10 +42,11 @@ import benchcommon as bc
 
 sys.path.insert(0, str(bc.REPO))
 
+from memtrace.trace.events import X86_64_SYSCALL_NAMES  # noqa: E402
 from memtrace.trace.probes import Probes, import_bcc  # noqa: E402
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD  # noqa: E402
 
-KINDS = ("baseline", "empty", "probes", "stacks")
+KINDS = ("baseline", "empty", "rawexit", "probes", "stacks")
 WORKLOADS = {"fault": ["fault", "16"], "mmaploop": ["mmaploop", "200000"],
              "brk": ["brk", "200000"]}
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -52,6 +58,26 @@ TRACEPOINT_PROBE(syscalls, sys_enter_munmap) { return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_munmap) { return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_brk) { return 0; }
 TRACEPOINT_PROBE(syscalls, sys_exit_brk) { return 0; }
+"""
+
+RAWEXIT_SRC = b"""
+RAW_TRACEPOINT_PROBE(page_fault_user) { return 0; }
+BPF_ARRAY(sink, u64, 1);
+RAW_TRACEPOINT_PROBE(sys_exit)
+{
+    u64 regs = ctx->args[0];
+    u64 nr = 0;
+    bpf_probe_read_kernel(&nr, sizeof(nr), (void *)(regs + 120));   /* orig_ax */
+    if (nr != NR_MMAP && nr != NR_MUNMAP && nr != NR_BRK)
+        return 0;
+    u64 a[9] = {};      /* r10 r9 r8 rax rcx rdx rsi rdi orig_ax */
+    bpf_probe_read_kernel(a, sizeof(a), (void *)(regs + 56));
+    int zero = 0;
+    u64 *v = sink.lookup(&zero);
+    if (v)
+        *v += a[7] + a[6] + ctx->args[1];
+    return 0;
+}
 """
 
 
@@ -93,6 +119,10 @@ def one_run(binary: Path, workload: str, kind: str, period: int) -> dict[str, An
     probes: Probes | None = None
     if kind == "empty":
         bpf = import_bcc().BPF(text=EMPTY_SRC)
+    elif kind == "rawexit":
+        nrs = {v: k for k, v in X86_64_SYSCALL_NAMES.items()}
+        bpf = import_bcc().BPF(text=RAWEXIT_SRC, cflags=[
+            f"-DNR_{n.upper()}={nrs[n]}" for n in ("mmap", "munmap", "brk")])
     elif kind in ("probes", "stacks"):
         probes = Probes(rss_stat_probe=False, stream_events=False, stacks=kind == "stacks",
                         stack_period=period)
