@@ -11,6 +11,8 @@ uncounted rounds. Kinds:
 - memtrace:   `memtrace watch PID --format json --interval 1 --reconcile-interval 0
               --no-serve` (its defaults otherwise; plus --memtrace-args)
 - stacks:     the same with `--stacks` (period 512 KiB unless --memtrace-args says)
+- ref:        memtrace with its defaults from another checkout (--ref PATH to its
+              memtrace), to compare two versions in the same rounds
 - stackcount: the peer, `stackcount-bpfcc -U -p PID TRACEPOINT` on the one
               tracepoint the workload hits (PEERS below): a user stack per event
 
@@ -53,7 +55,7 @@ PEERS = {
     "mmaploop": "t:syscalls:sys_enter_mmap",
     "brk": "t:syscalls:sys_enter_brk",
 }
-KINDS = ("baseline", "memtrace", "stacks", "stackcount")
+KINDS = ("baseline", "memtrace", "stacks", "stackcount", "ref")
 STACKS_GOAL = {"fault": 1.05, "mmaploop": 1.10}     # issue 13, done-when 3
 LOOP_TIMEOUT = 600.0
 ATTACH_TIMEOUT = 180.0
@@ -92,7 +94,7 @@ def stop_stackcount(p: subprocess.Popen[bytes], log: Path) -> int:
 
 
 def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: float,
-            extra: list[str], tmp: Path) -> dict[str, Any]:
+            extra: list[str], tmp: Path, ref: Path | None = None) -> dict[str, Any]:
     wl = bc.spawn([str(binary), *WORKLOADS[workload][0]], stdin=subprocess.PIPE,
                   stdout=subprocess.PIPE)
     mt: bc.Memtrace | None = None
@@ -101,11 +103,12 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
     try:
         assert wl.stdin is not None and wl.stdout is not None
         pid = int(bc.read_line(wl.stdout, 30, "workload").split()[1])
-        res: dict[str, Any] = {"kind": kind, "memtrace": kind in ("memtrace", "stacks")}
+        res: dict[str, Any] = {"kind": kind, "memtrace": kind in ("memtrace", "stacks", "ref")}
         tool_pid = None
-        if kind in ("memtrace", "stacks"):
+        if res["memtrace"]:
             args = extra + (["--stacks"] if kind == "stacks" else [])
-            mt = bc.Memtrace(memtrace, pid, interval, extra=args)
+            exe = ref if kind == "ref" and ref is not None else memtrace
+            mt = bc.Memtrace(exe, pid, interval, extra=args)
             res["first_snapshot_wall_s"] = mt.wait_first_snapshot(ATTACH_TIMEOUT)
             res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
             tool_pid = mt.pid
@@ -197,7 +200,8 @@ def run_all(opts: argparse.Namespace, binary: Path, names: list[str], kinds: lis
                 for attempt in range(1 + opts.retries):
                     waited, _busy_with = bc.wait_quiet(opts.quiet_wait)
                     try:
-                        r = one_run(binary, name, kind, opts.memtrace, opts.interval, extra, tmp)
+                        r = one_run(binary, name, kind, opts.memtrace, opts.interval, extra, tmp,
+                                    opts.ref)
                     except (RuntimeError, TimeoutError, EOFError, OSError) as e:
                         errors.append(f"{name} round {rnd} {kind}: {e}")
                         print(f"[{name} round {rnd} {kind}] FAILED: {e}", file=sys.stderr,
@@ -313,7 +317,7 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
                        f"{fmt(k['median_tool_cpu_loop_s'], 2)}")
         rows.append(row)
     print(bc.table(["workload", "baseline s", "memtrace", "memtrace --stacks",
-                    "stackcount (peer)"], rows))
+                    "stackcount (peer)", "ref"], rows))
     print()
     print("Medians over the kept runs. Ratio = median elapsed / baseline median. 'tool CPU'")
     print("is the tool's own CPU (user+sys, with children) during the timed loop; BPF")
@@ -357,6 +361,7 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--memtrace", type=Path, default=bc.DEFAULT_MEMTRACE)
     ap.add_argument("--json", type=Path, help="also write all raw results here")
+    ap.add_argument("--ref", type=Path, help="another checkout's memtrace, for kind 'ref'")
     ap.add_argument("--memtrace-args", default="",
                     help="more arguments for memtrace watch in memtrace and stacks runs, "
                     "e.g. '--stacks-period 256K' (split on spaces)")
@@ -378,6 +383,8 @@ def main() -> int:
     for k in kinds:
         if k not in KINDS:
             ap.error(f"unknown kind {k}")
+    if "ref" in kinds and opts.ref is None:
+        ap.error("kind 'ref' needs --ref PATH")
     print(f"load {os.getloadavg()}, commit {bc.git_commit()}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         all_runs, discarded, errors = run_all(opts, binary, names, kinds, Path(tmp))
