@@ -35,7 +35,11 @@ BPF_HASH(event_credit, u32, s64, MT_MAX_TARGETS);
  * so no count is added to an entry that is being deleted. */
 BPF_HASH(dirty0, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
 BPF_HASH(dirty1, struct mt_chunk_key, struct mt_chunk_val, MT_MAX_CHUNKS);
-BPF_HASH(inflight, u32, struct mt_inflight, 4096);
+/* tid -> its call in flight. An entry stays while its thread lives (removed at
+ * the thread's exit) and is rewritten in place by the thread's next call: a
+ * lookup and a few stores instead of a hash update at every enter and a delete
+ * at every exit. */
+BPF_HASH(inflight, u32, struct mt_inflight, 16384);
 /* Per-CPU fault cache, one slot per generation parity (user space reads the
  * old generation's slot after the grace period; BPF resets it two
  * generations later). */
@@ -184,6 +188,8 @@ static __always_inline void count_down(struct mt_fault_cache *fc, u32 tgid, u32 
 #define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags) do { } while (0)
 #endif
 
+#define MT_GEN_NONE (~0ULL)     /* no drain generation: a fault-cache slot being rewritten */
+
 static __always_inline int is_target(u32 tgid)
 {
     return targets.lookup(&tgid) != NULL;
@@ -258,13 +264,19 @@ static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
         mark_chunk(fc->tgid, fc->epoch, fc->last_addr, fc->pending, gen);
     u32 ep = *epoch;
     mark_chunk(tgid, ep, addr, 1, gen);
+    /* Invalid while it is rewritten: a program that preempts this one on this
+     * CPU (a preemptible kernel) must not take a half-written slot for a
+     * marked chunk (mark_range skips chunks the slot names). */
+    fc->gen = MT_GEN_NONE;
+    asm volatile("" ::: "memory");
     fc->tgid = tgid;
     fc->epoch = ep;
     fc->chunk = chunk;
-    fc->gen = gen;
     fc->execs = execs;
     fc->pending = 0;
     fc->last_addr = addr;
+    asm volatile("" ::: "memory");
+    fc->gen = gen;
     COUNT_DOWN(fc, tgid, ep, addr, regs, flags);
 }
 
@@ -296,10 +308,17 @@ static __always_inline void mark_range(u32 tgid, struct mt_stats *st, u64 start,
     u64 last = (end - 1) >> MT_CHUNK_SHIFT;
     if (last - first < MT_INLINE_CHUNKS) {
         u64 gen = current_gen();
+        int slot = gen & 1;
+        struct mt_fault_cache *fc = fault_cache.lookup(&slot);
 #pragma unroll
         for (int i = 0; i < MT_INLINE_CHUNKS; i++) {
             if (first + i > last)
                 break;
+            /* This CPU's last fault marked this chunk in this generation (the
+             * churn of mmap, touch, munmap): its entry is in the map already. */
+            if (fc && fc->gen == gen && fc->tgid == tgid && fc->epoch == epoch &&
+                fc->chunk == first + i)
+                continue;
             mark_chunk(tgid, epoch, (first + i) << MT_CHUNK_SHIFT, 0, gen);
         }
         return;
@@ -368,9 +387,27 @@ static __always_inline int stash(u32 sys, u32 nr, u32 flags, u64 a0, u64 a1, u64
     u32 tgid = id >> 32, tid = (u32)id;
     if (!is_target(tgid))
         return 0;
+    struct mt_inflight *cur = inflight.lookup(&tid);
+    if (cur) {
+        /* Only this thread writes its entry, and only between its calls. */
+        cur->args[0] = a0;
+        cur->args[1] = a1;
+        cur->args[2] = a2;
+        cur->args[3] = a3;
+        cur->args[4] = a4;
+        cur->sys = sys;
+        cur->nr = nr;
+        cur->flags = flags | MT_IN_LIVE;
+        return 0;
+    }
     struct mt_inflight in = {.args = {a0, a1, a2, a3, a4}, .sys = sys, .nr = nr,
-                             .flags = flags};
-    inflight.update(&tid, &in);
+                             .flags = flags | MT_IN_LIVE};
+    if (inflight.update(&tid, &in) != 0) {
+        /* Full: this call's range would go unmarked. */
+        struct mt_stats *st = stats.lookup(&tgid);
+        if (st)
+            __sync_fetch_and_add(&st->full_rescan_requests, 1);
+    }
     return 0;
 }
 
@@ -434,12 +471,12 @@ static __always_inline int finish(s64 ret)
     u64 id = bpf_get_current_pid_tgid();
     u32 tgid = id >> 32, tid = (u32)id;
     struct mt_inflight *in = inflight.lookup(&tid);
-    if (!in)
+    if (!in || !(in->flags & MT_IN_LIVE))
         return 0;
     struct mt_stats zero = {};
     struct mt_stats *st = stats.lookup_or_try_init(&tgid, &zero);
     if (!st) {
-        inflight.delete(&tid);
+        in->flags = 0;
         return 0;
     }
     learn_current_mm();
@@ -543,7 +580,7 @@ static __always_inline int finish(s64 ret)
     if (layout)
         __sync_fetch_and_add(&st->layout_gen, 1);
     stream(tgid, tid, in, ret, st);
-    inflight.delete(&tid);
+    in->flags = 0;      /* finished: the entry waits for the thread's next call */
     return 0;
 }
 
@@ -596,6 +633,15 @@ ENTER(remap_file_pages, MT_SYS_OTHER, args->start, args->size, args->prot, args-
       args->flags)
 ENTER(execve, MT_SYS_EXEC, 0, 0, 0, 0, 0)
 ENTER(execveat, MT_SYS_EXEC, 0, 0, 0, 0, 0)
+
+/* A thread's in-flight entry goes with the thread (whether its process is
+ * watched or not: it may have been). */
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u32 tid = args->pid;
+    inflight.delete(&tid);
+    return 0;
+}
 
 /* A mapped file that is deleted or renamed changes its name in maps with no
  * address-space call; any successful unlink/rename on the system makes user

@@ -80,6 +80,7 @@ struct mt_stats {
 
 /* Arguments of an address-space syscall in flight, per thread. */
 #define MT_IN_NO_RESCAN 1           /* an MT_SYS_OTHER call whose effect needs no rescan */
+#define MT_IN_LIVE 2                /* stashed at enter, not yet finished at exit */
 struct mt_inflight {
     u64 args[5];
     u32 sys;

@@ -77,6 +77,8 @@ class Session:
         self._stacks: dict[int, StackTracker] = {}
         self._stack_epochs: dict[int, int] = {}
         self._profiles: dict[int, StackProfile] = {}   # last one of every process seen
+        # pid -> (what its last profile was computed from, its summary)
+        self._profile_inputs: dict[int, tuple[tuple[object, ...], dict[str, Any]]] = {}
         # agent: processes come and go for days; their profiles go with them
         self.keep_exited_profiles = True
 
@@ -189,6 +191,7 @@ class Session:
         self._forget_heap(pid)
         self._stacks.pop(pid, None)
         self._stack_epochs.pop(pid, None)
+        self._profile_inputs.pop(pid, None)
         if not self.keep_exited_profiles:
             self._profiles.pop(pid, None)
         self._libevents.pop(pid, None)
@@ -419,14 +422,27 @@ class Session:
         elif self._stack_epochs.get(pid) != tracker.epoch:
             st.forget_exec()          # a new image: its stacks start again
         self._stack_epochs[pid] = tracker.epoch
+        records = [r for r in records if r.epoch == tracker.epoch]
+        marks = [m for m in marks if m.epoch == tracker.epoch and m.faults]
+        # Nothing sampled, faulted or rescanned since the last profile (an idle
+        # process): the last profile still holds; only its time moves.
+        inputs = (id(tracker.space), tracker.space.version, tracker.epoch, tracker.exe,
+                  tracker.comm, tracker.stats.stacks_lost)
+        last = self._profile_inputs.get(pid)
+        if not records and not marks and last is not None and last[0] == inputs \
+                and pid in self._profiles:
+            self._profiles[pid].ts = snap["ts"]
+            snap["stacks"] = last[1]
+            return
         vmas = tracker.space.vmas
-        st.add([r for r in records if r.epoch == tracker.epoch], vmas)
-        st.add_faults(m for m in marks if m.epoch == tracker.epoch)
+        st.add(records, vmas)
+        st.add_faults(marks)
         profile = st.profile(tracker.space, vmas, tracker.exe, tracker.comm, snap["ts"])
         profile.sample_period_bytes = self.stack_period
         profile.samples_lost = tracker.stats.stacks_lost     # ring full (BPF counts them)
         self._profiles[pid] = profile
         snap["stacks"] = stacks_summary(profile)
+        self._profile_inputs[pid] = (inputs, snap["stacks"])
 
     def stack_profiles(self) -> dict[int, StackProfile]:
         """The last stack profile of every process watched with --stacks,

@@ -5,6 +5,8 @@
  *                         loops are timed.
  *   overhead mmaploop [N] N x (mmap 64 KiB, write one byte per page, munmap), timed
  *                         whole (default 200000).
+ *   overhead brk [N]      N x (sbrk +64 KiB, write one byte per page, sbrk -64 KiB),
+ *                         timed whole (default 200000).
  *   overhead malloc [N]   N x (malloc 64..1024 bytes, write its first and last byte,
  *                         free), timed whole (default 10000000).
  *
@@ -82,6 +84,27 @@ static double run_mmaploop(long iters)
     return now() - t0;
 }
 
+static double run_brk(long iters)
+{
+    const long len = 64L << 10;
+    double t0 = now(), c0 = cpu_now();
+    for (long i = 0; i < iters; i++) {
+        volatile char *p = sbrk(len);
+        if (p == (void *)-1) {
+            perror("sbrk");
+            exit(1);
+        }
+        for (long off = 0; off < len; off += (long)PAGE)
+            p[off] = 1;
+        if (sbrk(-len) == (void *)-1) {
+            perror("sbrk");
+            exit(1);
+        }
+    }
+    timed_cpu = cpu_now() - c0;
+    return now() - t0;
+}
+
 static double run_malloc(long iters)
 {
     uint32_t x = 2463534242u; /* xorshift32 */
@@ -112,7 +135,7 @@ static double run_malloc(long iters)
 int main(int argc, char **argv)
 {
     if (argc != 2 && argc != 3) {
-        fprintf(stderr, "usage: %s fault|mmaploop|malloc [N]\n", argv[0]);
+        fprintf(stderr, "usage: %s fault|mmaploop|brk|malloc [N]\n", argv[0]);
         return 2;
     }
     double (*fn)(long) = NULL;
@@ -122,6 +145,9 @@ int main(int argc, char **argv)
         n = 16;
     } else if (!strcmp(argv[1], "mmaploop")) {
         fn = run_mmaploop;
+        n = 200000;
+    } else if (!strcmp(argv[1], "brk")) {
+        fn = run_brk;
         n = 200000;
     } else if (!strcmp(argv[1], "malloc")) {
         fn = run_malloc;

@@ -44,6 +44,19 @@ class RawFrame:
     bias: int | None
 
 
+_Walk = tuple[list[RawFrame], bool]
+_Reads = tuple[tuple[int, "int | None"], ...]
+_MEMO_PER_REGS = 8      # distinct stacks remembered per (ip, sp, bp) in one batch
+
+
+def _word(stack: bytes, base: int, addr: int) -> int | None:
+    """The 8-byte word at `addr` of a copy of [base, base + len(stack))."""
+    i = addr - base
+    if i < 0 or i + 8 > len(stack):
+        return None
+    return int.from_bytes(stack[i:i + 8], "little")
+
+
 class _End:
     """The outermost frame was reached (return address undefined)."""
 
@@ -74,25 +87,47 @@ class Unwinder:
     def unwind_many(self, pid: int, vmas: Sequence[Vma],
                     regs: Iterable[tuple[int, int, int, bytes]]) -> list[Stack]:
         """Stacks of many samples of one process: the new C++ names of all of
-        them are demangled in one batch."""
-        walks = [self.walk(pid, vmas, ip, sp, bp, stack) for ip, sp, bp, stack in regs]
-        pending = [f for frames, _ in walks for f in frames if self._key(f) not in self._frames]
+        them are demangled in one batch. A loop faulting in one place gives the
+        same registers and stack words again and again: a walk is a function of
+        (ip, sp, bp) and the words it read, so a sample whose registers match
+        an earlier walk's, and whose copy holds the same words where that walk
+        read, gets that walk without unwinding again."""
+        memo: dict[tuple[int, int, int], list[tuple[_Reads, _Walk]]] = {}
+        walks = [self._walk_memo(memo, pid, vmas, ip, sp, bp, stack)
+                 for ip, sp, bp, stack in regs]
+        unique = list({id(w): w for w in walks}.values())
+        pending = [f for frames, _ in unique for f in frames if self._key(f) not in self._frames]
         if pending:
             names = [self._raw_name(f)[0] for f in pending]
             self.demangler.prepare(names)
-        return [self._stack(frames, truncated) for frames, truncated in walks]
+        built = {id(w): self._stack(*w) for w in unique}
+        return [built[id(w)] for w in walks]
+
+    def _walk_memo(self, memo: dict[tuple[int, int, int], list[tuple[_Reads, _Walk]]],
+                   pid: int, vmas: Sequence[Vma], ip: int, sp: int, bp: int,
+                   stack: bytes) -> _Walk:
+        seen = memo.setdefault((ip, sp, bp), [])
+        for reads, walk in seen:
+            if all(_word(stack, sp, addr) == value for addr, value in reads):
+                return walk
+        log: list[tuple[int, int | None]] = []
+        walk = self.walk(pid, vmas, ip, sp, bp, stack, log)
+        if len(seen) < _MEMO_PER_REGS:
+            seen.append((tuple(log), walk))
+        return walk
 
     # -- unwinding -------------------------------------------------------------
     def walk(self, pid: int, vmas: Sequence[Vma], ip: int, sp: int, bp: int,
-             stack: bytes) -> tuple[list[RawFrame], bool]:
-        """The frames (leaf first) and whether the walk was cut short."""
+             stack: bytes, log: list[tuple[int, int | None]] | None = None) -> _Walk:
+        """The frames (leaf first) and whether the walk was cut short; every
+        word read from the copy is appended to `log` as (address, value)."""
         base = sp
 
         def read(addr: int) -> int | None:
-            i = addr - base
-            if i < 0 or i + 8 > len(stack):
-                return None
-            return int.from_bytes(stack[i:i + 8], "little")
+            value = _word(stack, base, addr)
+            if log is not None:
+                log.append((addr, value))
+            return value
 
         regs: Regs = {RSP: sp, RBP: bp, RIP: ip}
         frames: list[RawFrame] = []

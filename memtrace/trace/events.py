@@ -245,6 +245,20 @@ def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
                        epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL))
 
 
+def decode_stack_sample_at(address: int, size: int, weight: int) -> StackRecord:
+    """decode_stack_sample of a record in place (a ring buffer's memory, valid
+    during its callback): copies only the header's fields and the `len` bytes
+    of stack BPF wrote, not the whole 8 KiB record first."""
+    head = ctypes.sizeof(RawStackHeader)
+    if size < head:
+        raise ValueError(f"stack record of {size} bytes")
+    raw = RawStackHeader.from_address(address)
+    n = max(0, min(raw.len, size - head))
+    return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
+                       weight=weight, stack=ctypes.string_at(address + head, n),
+                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL))
+
+
 @dataclass
 class Drained:
     """Everything one drain of the BPF side produced, grouped by process."""

@@ -53,6 +53,9 @@ class AddressSpace:
         # the starts of VMAs whose figures changed since take_changed().
         self.layout_version = 0
         self.changed: set[int] = set()
+        # Bumped by every change of what the model holds (scans, VMAs,
+        # figures): a reader whose last look saw this version needs no new one.
+        self.version = 0
         # Starts of VMAs re-attributed since take_rescanned() (their pages were
         # rescanned, whether or not their resident bytes changed: a copy-on-write
         # break keeps the count but makes a shared page private). Kept only once
@@ -63,6 +66,7 @@ class AddressSpace:
     # -- resident pages -------------------------------------------------
     def replace_chunks(self, first: int, last: int, runs: Iterable[Run]) -> None:
         """Chunks [first, last) now hold exactly `runs` (from one scan of them)."""
+        self.version += 1
         if last - first <= len(self.chunks):
             for c in range(first, last):
                 self.chunks.pop(c, None)
@@ -84,6 +88,7 @@ class AddressSpace:
                 start = piece_end
 
     def clear(self) -> None:
+        self.version += 1
         self.chunks.clear()
 
     def is_resident(self, addr: int) -> bool:
@@ -107,6 +112,7 @@ class AddressSpace:
         old = {v.identity for v in self.vmas}
         self.vmas = vmas
         self.layout_version += 1
+        self.version += 1
         self._ends = [v.end for v in self.vmas]
         starts = {v.start for v in self.vmas}
         for s in [s for s in self.resident if s not in starts]:
@@ -165,6 +171,7 @@ class AddressSpace:
             self.rescanned.update(todo)
 
     def attribute_all(self) -> None:
+        self.version += 1
         self.resident = {v.start: self._measure(v) for v in self.vmas}
         self.changed.update(self.resident)
         if self.track_rescanned:
@@ -185,6 +192,7 @@ class AddressSpace:
     def _set(self, start: int, res: Resident | None) -> None:
         if res is not None and self.resident.get(start) == res:
             return      # a rescan that found the same pages changes nothing
+        self.version += 1
         self.changed.add(start)
         old = self.resident.pop(start, None)
         if old is not None:

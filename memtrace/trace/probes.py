@@ -27,7 +27,7 @@ from memtrace.trace.events import (
     SyscallEvent,
     decode_event,
     decode_range,
-    decode_stack_sample,
+    decode_stack_sample_at,
     decode_stats,
 )
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
@@ -192,7 +192,7 @@ class Probes:
                 self._reader_stop.wait(STACKS_READER_PAUSE)
 
     def _on_stack(self, _ctx: Any, data: Any, size: int) -> None:
-        rec = decode_stack_sample(ctypes.string_at(data, size), self.stack_weight)
+        rec = decode_stack_sample_at(data, size, self.stack_weight)
         self._stacks[rec.tgid].append(rec)
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:

@@ -15,6 +15,7 @@ from memtrace.trace.events import (
     RawStackHeader,
     RawStats,
     decode_stack_sample,
+    decode_stack_sample_at,
     decode_stats,
 )
 from memtrace.trace.sampling import GAP_TABLE_SIZE
@@ -110,3 +111,15 @@ def test_register_offsets_are_the_uapi_layout():
         m = re.search(r"#define " + define + r" (\d+)", SOURCE)
         assert m, define
         assert int(m.group(1)) == 8 * names.index(reg), reg
+
+
+@pytest.mark.parametrize("length", [0, 300, 0xFFFFFFFF])
+def test_decode_in_place_equals_decode_of_a_copy(length):
+    """The ring callback decodes the record where it lies: the same record as
+    from a copy, and never more than the record's bytes."""
+    data = pack_sample(length=length, stack=bytes(range(256)) * 40, flags=STACK_FROM_KERNEL)
+    buf = ctypes.create_string_buffer(data, len(data))
+    at = decode_stack_sample_at(ctypes.addressof(buf), len(data), 5)
+    assert at == decode_stack_sample(data, 5)
+    with pytest.raises(ValueError):
+        decode_stack_sample_at(ctypes.addressof(buf), 40, 5)

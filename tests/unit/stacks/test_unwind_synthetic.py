@@ -155,3 +155,21 @@ def test_the_file_is_read_once_and_stacks_repeat_identically(setup):
     b = unwinder.unwind_many(PID, vmas, [(BIAS + f.pcs["inner"], f.sp, 0, f.stack)] * 3)
     assert all(s == a for s in b) and unwinder.modules.loads == 1
     assert a.frames[0] is b[2].frames[0]      # frames are shared, not rebuilt
+
+
+def test_a_batch_reuses_a_walk_only_where_the_words_it_read_agree(setup):
+    """Same registers, different return address in the copy: a new walk (as
+    unwound alone); same words where the walk read (others differ): the same
+    stack as the first sample's."""
+    unwinder, vmas, f = setup
+    ip = BIAS + f.pcs["inner"]
+    moved = bytearray(f.stack)     # outer's return address now points into main
+    struct.pack_into("<Q", moved, f.cfas[0] - 8 - f.sp, BIAS + f.pcs["main"] + 1)
+    unread = bytearray(f.stack)    # a word no walk reads (inner's frame body)
+    unread[0] ^= 0xFF
+    batch = unwinder.unwind_many(PID, vmas, [(ip, f.sp, 0, f.stack), (ip, f.sp, 0, bytes(moved)),
+                                             (ip, f.sp, 0, bytes(unread))])
+    assert [fr.function for fr in batch[0].frames] == ["inner", "outer", "main"]
+    assert [fr.function for fr in batch[1].frames] == ["inner", "main"]
+    assert batch[1] == unwinder.unwind(PID, vmas, ip, f.sp, 0, bytes(moved))
+    assert batch[2] is batch[0]
