@@ -367,11 +367,9 @@ class SnapshotBuilder:
         if not changed:
             self._delta = (base, [], [])
             return
-        entries = list(self._entries)   # a snapshot already handed out keeps its list
-        mappings = list(self._mappings)
-        sums = {key: list(g) for key, g in self._sums.items()}   # and its sums
         vmas = tracker.space.vmas
         differ: list[int] = []
+        entries = self._entries
         for start in changed:
             i = self._index.get(start)
             if i is None:
@@ -380,6 +378,10 @@ class SnapshotBuilder:
             new = self._entry(tracker, vmas[i], prev=old)
             if new.mapping == old.mapping and new.pss_fixed == old.pss_fixed:
                 continue        # rescanned, same figures: the old entry stays
+            if not differ:      # a snapshot already handed out keeps its lists and sums
+                entries = list(self._entries)
+                mappings = list(self._mappings)
+                sums = {key: list(g) for key, g in self._sums.items()}
             differ.append(i)
             if self.json_text:
                 self._texts.replace(i, mapping_json(new.mapping))
@@ -396,9 +398,10 @@ class SnapshotBuilder:
             p[1] += new.uss - old.uss
             p[2] += new.swap - old.swap
             p[3] += new.pss_missing - old.pss_missing
-        self._entries = entries
-        self._mappings = mappings
-        self._sums = sums
+        if differ:
+            self._entries = entries
+            self._mappings = mappings
+            self._sums = sums
         self._delta = (base, sorted(differ), [])
 
     def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:

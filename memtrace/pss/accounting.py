@@ -26,7 +26,7 @@ ENTRY_SIZE = 8
 SKIP_NAMES = (*PFNMAP_NAMES, b"[vsyscall]")
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     """Resident, proportional, private and swapped bytes of a set of pages.
     `pss_fixed` keeps the kernel's fixed-point fractions (bytes << PSS_SHIFT)

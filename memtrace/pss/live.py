@@ -59,6 +59,9 @@ class _Process:
     full_cost: float = 0.0                                     # seconds, last full refresh
     usage: dict[int, Usage] = field(default_factory=dict)     # VMA start -> its figures
     refreshed_at: float | None = None                          # wall time of last full
+    # starts of mappings computed and not _settled: what a full refresh must
+    # recompute while no new sharing can have happened (kept in step with usage)
+    unsettled: set[int] = field(default_factory=set)
     forks: int | None = None         # the process's fork count at the last full refresh
     ksm_off: bool = False            # KSM was not running at the last full refresh
 
@@ -154,10 +157,12 @@ class LivePss:
         nothing_swapped: bool | None = None       # /proc/PID/status read once, if needed
         if full:
             st.ksm_off = not self._ksm_running()
-            vmas = list(space.vmas)
             if _no_new_sharing(st, forks):
-                vmas = [v for v in vmas if v.start in todo or not _settled(v, usage.get(v.start))]
+                # the settled ones are left out (no pass over every mapping)
+                vmas = _by_start(space, todo | st.unsettled)
                 self.vmas_settled += len(space.vmas) - len(vmas)
+            else:
+                vmas = list(space.vmas)
         else:
             vmas = _by_start(space, todo)
             if vmas and _no_new_sharing(st, forks) and any(
@@ -186,7 +191,12 @@ class LivePss:
             st.last_full = now
             st.refreshed_at = time.time()
             st.forks = forks
+        unsettled = st.unsettled
         for vma, u in zip(vmas, new):
+            if _settled(vma, u):
+                unsettled.discard(vma.start)
+            else:
+                unsettled.add(vma.start)
             if usage.get(vma.start) != u:
                 usage[vma.start] = u
                 space.changed.add(vma.start)
@@ -204,8 +214,12 @@ class LivePss:
                 rest.append(v)
                 continue
             rss = space.resident_of(v).total
+            old = usage[v.start]          # settled: pss and uss are its rss, no swap
+            if old.rss == rss and old.uss == rss and old.pss_fixed == rss << PSS_SHIFT:
+                self.vmas_from_model += 1
+                continue
             u = Usage(rss=rss, pss_fixed=rss << PSS_SHIFT, uss=rss)
-            if usage.get(v.start) != u:
+            if old != u:
                 usage[v.start] = u
                 space.changed.add(v.start)
             self.vmas_from_model += 1
@@ -233,6 +247,7 @@ class LivePss:
                     changes.add(f)
                 if v is None:
                     usage.pop(start, None)
+                    st.unsettled.discard(start)
         for v in current.values():
             if st.idents.get(v.start) != v.identity:
                 todo.add(v.start)
