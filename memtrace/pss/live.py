@@ -52,7 +52,7 @@ class _Process:
     space: AddressSpace
     reader: PssReader
     layout: int = -1
-    idents: dict[int, tuple[object, ...]] = field(default_factory=dict)
+    idents: dict[int, Vma] = field(default_factory=dict)       # VMA start -> VMA computed
     files: dict[int, FileKey] = field(default_factory=dict)   # VMA start -> file
     pending: set[int] = field(default_factory=set)            # to compute next time
     last_full: float = float("-inf")                           # monotonic
@@ -239,9 +239,9 @@ class LivePss:
         # changed; later, new and removed file mappings change their files' shares.
         changes = self._files_now if st.layout != -1 else set()
         current = {v.start: v for v in st.space.vmas}
-        for start, ident in list(st.idents.items()):
+        for start, was in list(st.idents.items()):
             v = current.get(start)
-            if v is None or v.identity != ident:
+            if v is None or not v.same_identity(was):
                 f = st.files.pop(start, None)
                 if f is not None:
                     changes.add(f)
@@ -249,13 +249,14 @@ class LivePss:
                     usage.pop(start, None)
                     st.unsettled.discard(start)
         for v in current.values():
-            if st.idents.get(v.start) != v.identity:
+            before = st.idents.get(v.start)
+            if before is None or not v.same_identity(before):
                 todo.add(v.start)
                 f = file_key(v)
                 if f is not None:
                     st.files[v.start] = f
                     changes.add(f)
-        st.idents = {s: v.identity for s, v in current.items()}
+        st.idents = current
         st.layout = st.space.layout_version
 
     def _compute(self, reader: PssReader, vmas: list[Vma], whole: bool = False,

@@ -57,6 +57,7 @@ from memtrace.pss.accounting import (
     _running_kernel_precise,
     _wanted,
     pfn_ranges,
+    private_only_classes,
 )
 from memtrace.trace.pagemap import (
     _VEC_LEN,
@@ -250,12 +251,27 @@ class PssReader:
         wanted: list[int] = []
         zero, precise = self.zero_pfns, self.precise
         k = 0
+        # the entries' classes per span, made once (not per mapping)
+        classes: list[bytes | None] = [None] * len(spans)
         for ranges in per_vma:
             got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | Usage | None]] = []
             for (start, end), inside in ranges:
                 while spans[k][1] < end:
                     k += 1
                 base = spans[k][0]
+                if (resident is None and precise and end - start < PMD_PAGES * PAGE_SIZE
+                        and len(inside) == 1 and inside[0][0] == start
+                        and inside[0][1] == end):
+                    # _keep keeps these entries as read: _private_only of a slice
+                    # of the span's classes is that of the sliced entries
+                    cls = classes[k]
+                    if cls is None:
+                        cls = classes[k] = _classes(data[k])
+                    private = private_only_classes(
+                        cls[(start - base) // PAGE_SIZE:(end - base) // PAGE_SIZE])
+                    if private is not None:
+                        got.append((_NO_KEY, private))
+                        continue
                 ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
                                (end - base) // PAGE_SIZE * ENTRY_SIZE]
                 ents = _keep(ents, start, inside)

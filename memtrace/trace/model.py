@@ -17,14 +17,14 @@ from memtrace.trace.pagemap import Run
 from memtrace.trace.procfs import Vma
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     runs: list[Run]
     anon: int       # bytes of anonymous pages
     other: int      # bytes of file or shmem pages
 
 
-@dataclass
+@dataclass(slots=True)
 class Resident:
     anon: int = 0
     other: int = 0
