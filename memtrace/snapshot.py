@@ -254,6 +254,8 @@ class SnapshotBuilder:
         self._content_changed = False
         self._mappings: list[MappingRecord] = []             # e.mapping of _entries
         self._segments: dict[int, Segment] = {}              # by VMA start
+        # (path, shared without inode) -> kind, identity, display path: per VMA list
+        self._names: dict[tuple[bytes, bool], tuple[str, str, str]] = {}
         self._texts = _TextBlocks()             # JSON of _entries (with json_text)
         self._sums: dict[tuple[str, str], list[int]] = {}    # Snapshot.identity_sums
         self._pss_usage: dict[int, Usage] | None = None     # of the build in progress
@@ -295,13 +297,20 @@ class SnapshotBuilder:
             kind = prev.mapping["kind"]
             identity, segment = prev.mapping["mapping"], prev.mapping["segment"]
             path = prev.mapping["path"]
+        elif seg is not None:
+            kind = seg.kind               # the bss: anonymous, counted with its library
+            identity, segment, path = seg.mapping, seg.name, vma.display_path
         else:
-            kind = classify(vma, tracker.exe)
-            if seg is not None:
-                kind = seg.kind           # the bss: anonymous, counted with its library
-            identity = seg.mapping if seg is not None else mapping_identity(vma, kind)
-            segment = seg.name if seg is not None else None
-            path = vma.display_path
+            # what classify and mapping_identity read of a VMA: many share it
+            # (60k anonymous mappings: one computation)
+            key = (vma.path, vma.perms[3:4] == "s" and vma.inode == 0)
+            names = self._names.get(key)
+            if names is None:
+                kind = classify(vma, tracker.exe)
+                names = self._names[key] = (kind, mapping_identity(vma, kind),
+                                            vma.display_path)
+            kind, identity, path = names
+            segment = None
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
         usage = self._pss_usage.get(vma.start) if self._pss_usage is not None else None
@@ -323,6 +332,7 @@ class SnapshotBuilder:
         # named again for every new VMA list.
         self._segments = segments_for(tracker.space, tracker.space.vmas, tracker.exe,
                                       tracker.pid, tracker.procfs.root)
+        self._names = {}
         old_index, old_entries, old_texts = self._index, self._entries, self._texts
         first = self._space is None
         entries: list[_Entry] = []
