@@ -153,3 +153,25 @@ def test_full_every_is_an_option_with_changed_only():
         make_reporter("json", None)
     assert ei.value.code == ExitCode.USAGE
     assert ei.value.message == "--full-every needs --changed-only"
+
+
+def test_memtrace_rebuild_writes_the_whole_output_byte_for_byte(world, tmp_path):
+    """`memtrace rebuild FILE` (or stdin) turns --changed-only output back into
+    exactly the lines the whole output has; a changes-only line without a whole
+    snapshot before it is a usage error."""
+    from click.testing import CliRunner
+
+    from memtrace.commands.main import cli
+
+    snaps = _snapshots(world)
+    delta = _write(snaps, changed_only=True)
+    path = tmp_path / "changes.jsonl"
+    path.write_text("\n".join(delta) + "\n")
+    runner = CliRunner()
+    got = runner.invoke(cli, ["rebuild", str(path)])
+    assert got.exit_code == 0, got.output
+    assert got.output.splitlines() == _write(snaps, changed_only=False)
+    assert runner.invoke(cli, ["rebuild"], input=path.read_bytes()).output == got.output
+    bad = runner.invoke(cli, ["rebuild"], input="\n".join(delta[1:]) + "\n")
+    assert isinstance(bad.exception, MemtraceError)      # main() makes it exit 2
+    assert bad.exception.code == ExitCode.USAGE
