@@ -388,8 +388,7 @@ class SnapshotBuilder:
             new = self._entry(tracker, vmas[i], prev=old)
             if new.mapping == old.mapping and new.pss_fixed == old.pss_fixed:
                 continue        # rescanned, same figures: the old entry stays
-            if not differ:      # a snapshot already handed out keeps its lists and sums
-                entries = list(self._entries)
+            if not differ:      # a snapshot already handed out keeps its list and sums
                 mappings = list(self._mappings)
                 sums = {key: list(g) for key, g in self._sums.items()}
             differ.append(i)
@@ -409,7 +408,6 @@ class SnapshotBuilder:
             p[2] += new.swap - old.swap
             p[3] += new.pss_missing - old.pss_missing
         if differ:
-            self._entries = entries
             self._mappings = mappings
             self._sums = sums
         self._delta = (base, sorted(differ), [])

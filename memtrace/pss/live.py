@@ -164,10 +164,20 @@ class LivePss:
             else:
                 vmas = list(space.vmas)
         else:
+            if todo and _no_new_sharing(st, forks):
+                # settled mappings known by their start alone (a VMA whose
+                # identity changed is unsettled until computed: _diff_layout)
+                settled = [s for s in todo if s in usage and s not in st.unsettled]
+                if settled:
+                    nothing_swapped = self._nothing_swapped(tracker.pid)
+                    if nothing_swapped:
+                        self._settled_from_model(space, settled, usage)
+                        todo.difference_update(settled)
             vmas = _by_start(space, todo)
             if vmas and _no_new_sharing(st, forks) and any(
                     _settled(v, usage.get(v.start)) for v in vmas):
-                nothing_swapped = self._nothing_swapped(tracker.pid)
+                if nothing_swapped is None:
+                    nothing_swapped = self._nothing_swapped(tracker.pid)
                 if nothing_swapped:
                     vmas = self._from_model(space, vmas, usage)
         if not vmas:
@@ -225,6 +235,21 @@ class LivePss:
             self.vmas_from_model += 1
         return rest
 
+    def _settled_from_model(self, space: AddressSpace, starts: list[int],
+                            usage: dict[int, Usage]) -> None:
+        """_from_model for mappings known settled, by start: no VMA lookup (a
+        tick rescans ~1,300 of them at 60k mappings, most with the same pages)."""
+        resident = space.resident
+        for start in starts:
+            r = resident.get(start)
+            rss = r.anon + r.other if r is not None else 0
+            old = usage[start]
+            self.vmas_from_model += 1
+            if old.rss == rss and old.uss == rss and old.pss_fixed == rss << PSS_SHIFT:
+                continue
+            usage[start] = Usage(rss=rss, pss_fixed=rss << PSS_SHIFT, uss=rss)
+            space.changed.add(start)
+
     def _ksm_running(self) -> bool:
         try:
             with open(self.ksm_run_path, "rb") as f:
@@ -252,6 +277,7 @@ class LivePss:
             before = st.idents.get(v.start)
             if before is None or not v.same_identity(before):
                 todo.add(v.start)
+                st.unsettled.add(v.start)     # until computed as what it is now
                 f = file_key(v)
                 if f is not None:
                     st.files[v.start] = f
