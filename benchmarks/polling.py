@@ -139,7 +139,30 @@ def compare_metrics(body: bytes, smaps: dict[int, dict[str, int]],
     }
 
 
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+
+
+@contextlib.contextmanager
+def map_count_for(regions: int) -> Any:
+    """vm.max_map_count raised for the run when the workload needs more mappings
+    than it allows (default 65530: --regions 100000 needs more), then restored."""
+    old = int(MAX_MAP_COUNT.read_text())
+    need = regions + 4096
+    if need > old:
+        MAX_MAP_COUNT.write_text(str(need))
+    try:
+        yield
+    finally:
+        if need > old:
+            MAX_MAP_COUNT.write_text(str(old))
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
+    with map_count_for(opts.regions):
+        return _run(opts)
+
+
+def _run(opts: argparse.Namespace) -> dict[str, Any]:
     binary = bc.build("manymaps")
     res: dict[str, Any] = {"regions": opts.regions, "pages_per_region": opts.pages,
                            "seconds": opts.seconds, "mode": opts.mode, "parse": opts.parse}
