@@ -30,7 +30,7 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 # the builder itself).
 # Mappings per cached piece of the JSON array: a tick re-joins only the pieces
 # holding a changed mapping.
-_BLOCK = 256
+_BLOCK = 64
 # Generations are drawn from one counter for all processes, so a generation
 # never repeats, even for a new process that reuses a PID (the exporter caches
 # a process's rendered metrics by pid and generation).

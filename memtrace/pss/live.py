@@ -154,6 +154,10 @@ class LivePss:
         full = self.interval > 0 and since >= max(self.interval, spacing) or (
             forks is not None and st.forks is not None and forks != st.forks
             and since >= spacing)
+        # For the next tick: a settled mapping rescanned with the same pages
+        # keeps its figures while no new sharing can happen (its pages stay
+        # exclusive): only the unsettled ones need such rescans.
+        space.rescan_watch = st.unsettled if _no_new_sharing(st, forks) else None
         nothing_swapped: bool | None = None       # /proc/PID/status read once, if needed
         if full:
             st.ksm_off = not self._ksm_running()

@@ -58,6 +58,10 @@ class AddressSpace:
         # break keeps the count but makes a shared page private). Kept only once
         # a reader asks for it (live PSS), so that it never grows unread.
         self.track_rescanned = False
+        # With it, the starts whose rescans matter even when their pages are the
+        # same (live PSS: mappings with shared pages, where a copy-on-write break
+        # keeps the count); None: every start. Kept by the reader (a live set).
+        self.rescan_watch: set[int] | None = None
         self.rescanned: set[int] = set()
 
     # -- resident pages -------------------------------------------------
@@ -178,9 +182,13 @@ class AddressSpace:
             self._set(v.start, self._measure(v))
         if self.track_rescanned:
             self.rescanned.update(todo)
-            for first, last in same:
-                self.rescanned.update(v.start for v in self.vmas_overlapping(
-                    first << CHUNK_SHIFT, last << CHUNK_SHIFT))
+            watch = self.rescan_watch
+            if watch is None or watch:
+                for first, last in same:
+                    self.rescanned.update(
+                        v.start for v in self.vmas_overlapping(
+                            first << CHUNK_SHIFT, last << CHUNK_SHIFT)
+                        if watch is None or v.start in watch)
 
     def attribute_all(self) -> None:
         self.resident = {v.start: self._measure(v) for v in self.vmas}

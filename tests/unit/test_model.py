@@ -479,3 +479,21 @@ def test_attribute_leaves_unchanged_spans_but_counts_them_rescanned():
     assert space.take_changed() == {a.start}
     assert space.take_rescanned() == {a.start, b.start}
     assert space.resident_of(a).anon == 4 * P and space.resident_of(b).anon == P
+
+
+def test_rescans_with_the_same_pages_count_only_for_watched_starts():
+    """rescan_watch (live PSS: its unsettled mappings) limits which VMAs of
+    unchanged spans count as rescanned; VMAs of changed spans always count."""
+    space = AddressSpace()
+    a, b = vma(BASE, BASE + 8 * P), vma(BASE + 2 * C, BASE + 2 * C + 8 * P)
+    space.set_vmas([a, b])
+    space.replace_chunks(0, 1 << 40, [(BASE, BASE + 2 * P, True)])
+    space.attribute_all()
+    space.track_rescanned = True
+    span_a, span_b = chunk_span(a.start, a.end), chunk_span(b.start, b.end)
+    for watch, expected in ((set(), {a.start}), ({b.start}, {a.start, b.start}),
+                            (None, {a.start, b.start})):
+        space.rescan_watch = watch
+        space.take_rescanned()
+        space.attribute([span_a], same=[span_b])
+        assert space.take_rescanned() == expected
