@@ -224,9 +224,12 @@ class Memtrace:
     the last raw line and its "ts", and all of stderr."""
 
     def __init__(self, exe: Path, pid: int, interval: float = 1.0,
-                 listen: str | None = None, extra: Sequence[str] = ()) -> None:
+                 listen: str | None = None, extra: Sequence[str] = (),
+                 keep_lines: bool = False) -> None:
         """listen: instead of JSON on stdout, `--format none` and /metrics on
-        this address (the first snapshot is then taken from memtrace's log)."""
+        this address (the first snapshot is then taken from memtrace's log).
+        keep_lines: keep every line (--changed-only: whole snapshots are
+        rebuilt from all of them)."""
         self.argv = [str(exe), "watch", str(pid), "--interval", str(interval),
                      "--reconcile-interval", "0"]
         self.argv += (["--format", "none", "--web.listen-address", listen] if listen
@@ -234,6 +237,10 @@ class Memtrace:
         self.argv += list(extra)
         self.interval = interval
         self.lines = 0
+        self.bytes = 0                  # bytes of JSON written so far
+        self.first_line_bytes = 0
+        self.keep_lines = keep_lines
+        self.all_lines: list[bytes] = []
         self.last_line = b""
         self.last_ts = 0.0
         self.first_line_at: float | None = None
@@ -260,7 +267,12 @@ class Memtrace:
             with self._cond:
                 if self.first_line_at is None:
                     self.first_line_at = now
+                if self.lines == 0:
+                    self.first_line_bytes = len(line)
                 self.lines += 1
+                self.bytes += len(line)
+                if self.keep_lines:
+                    self.all_lines.append(line)
                 self.last_line = line
                 if m:
                     self.last_ts = float(m.group(1))

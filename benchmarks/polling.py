@@ -139,7 +139,30 @@ def compare_metrics(body: bytes, smaps: dict[int, dict[str, int]],
     }
 
 
+MAX_MAP_COUNT = Path("/proc/sys/vm/max_map_count")
+
+
+@contextlib.contextmanager
+def map_count_for(regions: int) -> Any:
+    """vm.max_map_count raised for the run when the workload needs more mappings
+    than it allows (default 65530: --regions 100000 needs more), then restored."""
+    old = int(MAX_MAP_COUNT.read_text())
+    need = regions + 4096
+    if need > old:
+        MAX_MAP_COUNT.write_text(str(need))
+    try:
+        yield
+    finally:
+        if need > old:
+            MAX_MAP_COUNT.write_text(str(old))
+
+
 def run(opts: argparse.Namespace) -> dict[str, Any]:
+    with map_count_for(opts.regions):
+        return _run(opts)
+
+
+def _run(opts: argparse.Namespace) -> dict[str, Any]:
     binary = bc.build("manymaps")
     res: dict[str, Any] = {"regions": opts.regions, "pages_per_region": opts.pages,
                            "seconds": opts.seconds, "mode": opts.mode, "parse": opts.parse}
@@ -160,11 +183,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     listen = f"127.0.0.1:{opts.port}" if opts.output == "metrics" else None
     res["output"] = opts.output
+    changed_only = "--changed-only" in opts.memtrace_args.split()
     mt = bc.Memtrace(opts.memtrace, pid, opts.interval, listen=listen,
-                     extra=opts.memtrace_args.split())
+                     extra=opts.memtrace_args.split(), keep_lines=changed_only)
     res["memtrace_command"] = mt.command
     res["first_snapshot_wall_s"] = mt.wait_first_snapshot(600)
     res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
+    res["memtrace_vm_hwm_kib_first"] = bc.status_kb(mt.pid, "VmHWM")
+    res["memtrace_vm_rss_kib_first"] = bc.status_kb(mt.pid, "VmRSS")
     print(f"memtrace first snapshot after {res['first_snapshot_wall_s']:.2f}s "
           f"(CPU {res['cpu_to_first_snapshot_s']:.2f}s)", file=sys.stderr, flush=True)
 
@@ -194,7 +220,7 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         bpf0 = bpf_run_ns(mt.pid)
         watch = bc.Interference([wl.pid, mt.pid, reader.pid])
         m0, r0, t0 = bc.tree_cpu_seconds(mt.pid), bc.cpu_seconds(reader.pid), time.monotonic()
-        lines0 = mt.lines
+        lines0, bytes0 = mt.lines, mt.bytes
         scraper = Scraper(listen, opts.scrape_interval) if listen else None
         wl.stdin.write(b"g")
         wl.stdin.flush()
@@ -222,6 +248,9 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
     res.update({
         "window_s": window, "workload_ticks": ticks,
         "memtrace_snapshots_in_window": mt.lines - lines0,
+        "memtrace_json_bytes_in_window": mt.bytes - bytes0,
+        "memtrace_json_bytes_per_hour": (mt.bytes - bytes0) / window * 3600,
+        "first_snapshot_bytes": mt.first_line_bytes,
         "memtrace_cpu_s": m1 - m0, "reader_cpu_s": r1 - r0,
         "memtrace_cpu_per_s": (m1 - m0) / window, "reader_cpu_per_s": (r1 - r0) / window,
         "reader_summary": summary,
@@ -247,9 +276,17 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
         res["accuracy"] = compare_metrics(scrape(listen), smaps, statm)
     else:
         raw = mt.wait_snapshot_after(stopped_at + 2 * opts.interval, 60 + 10 * opts.interval)
-        res["accuracy"] = compare(json.loads(raw), smaps, statm)
+        if changed_only:        # the whole snapshot, rebuilt from every line up to it
+            from memtrace.views.jsonl import full_snapshots
+
+            lines = list(mt.all_lines)
+            last = full_snapshots(lines[:lines.index(raw) + 1])
+            res["accuracy"] = compare(list(last)[-1], smaps, statm)
+        else:
+            res["accuracy"] = compare(json.loads(raw), smaps, statm)
     res["accuracy"]["stopped_at"] = stopped_at
     res["memtrace_vm_hwm_kib_end"] = bc.status_kb(mt.pid, "VmHWM")
+    res["memtrace_vm_rss_kib_end"] = bc.status_kb(mt.pid, "VmRSS")
 
     bc.kill(wl)
     res["memtrace_exit"] = mt.wait_exit(3 * opts.interval + 30)
@@ -278,7 +315,10 @@ def report(r: dict[str, Any]) -> None:
         ["memtrace output", r["output"] + (
             f" ({r['scrapes_in_window']} scrapes of /metrics in the window, "
             f"{r['scrape_bytes']} bytes each)" if r["output"] == "metrics" else
-            f" ({r['memtrace_snapshots_in_window']} snapshots in the window)")],
+            f" ({r['memtrace_snapshots_in_window']} snapshots in the window, "
+            f"{r['memtrace_json_bytes_in_window']} bytes: "
+            f"{r['memtrace_json_bytes_per_hour'] / 1e9:.3f} GB per hour; first snapshot "
+            f"{r['first_snapshot_bytes']} bytes)")],
         ["memtrace CPU per second (user+sys, with child processes)",
          f"{r['memtrace_cpu_per_s']:.3f} s/s ({r['memtrace_cpu_s']:.2f} s)"],
         ["smaps reader CPU per second (user+sys)",
@@ -300,6 +340,10 @@ def report(r: dict[str, Any]) -> None:
         ["memtrace VmHWM / reader VmHWM",
          f"{r['memtrace_vm_hwm_kib_end'] / 1024:.0f} MiB / "
          f"{r['reader_vm_hwm_kib'] / 1024:.0f} MiB"],
+        ["memtrace VmHWM / VmRSS right after the first snapshot; VmRSS at the end",
+         f"{r['memtrace_vm_hwm_kib_first'] / 1024:.0f} / "
+         f"{r['memtrace_vm_rss_kib_first'] / 1024:.0f} MiB; "
+         f"{r['memtrace_vm_rss_kib_end'] / 1024:.0f} MiB"],
         ["other CPU on the machine in the window",
          f"{r['foreign_cpu_s']:.2f} s; other memtrace processes: "
          f"{r['foreign_memtrace_pids'] or 'none'}"],

@@ -111,7 +111,7 @@ class Session:
         assert self.probes is not None
         heap_end = 0
         with contextlib.suppress(OSError):
-            heap_end = next((v.end for v in self.procfs.maps(pid) if v.path == b"[heap]"), 0)
+            heap_end = self.procfs.heap_end(pid)
         self.probes.add_target(pid, brk=heap_end)
 
     def attach(self, pid: int) -> None:

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Mapping, Sequence
+from array import array
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _json_str  # type: ignore[attr-defined]
 from operator import itemgetter
 from typing import Any, TypedDict, cast
 
@@ -28,7 +30,7 @@ _encode = json.JSONEncoder(separators=(",", ":")).encode
 # the builder itself).
 # Mappings per cached piece of the JSON array: a tick re-joins only the pieces
 # holding a changed mapping.
-_BLOCK = 256
+_BLOCK = 64
 # Generations are drawn from one counter for all processes, so a generation
 # never repeats, even for a new process that reuses a PID (the exporter caches
 # a process's rendered metrics by pid and generation).
@@ -112,17 +114,26 @@ class Snapshot(dict[str, Any]):
     process share their mappings list and that text."""
 
     mappings_json_blocks: list[bytes] | None = None
+    # With the JSON text: what changed since the builder's previous snapshot of
+    # this process, for --changed-only (views/jsonl.py), or None (the first
+    # one, or no text kept). `delta_base` is that previous snapshot's mappings
+    # list; `delta_texts` the JSON of every mapping of snap["mappings"] that is
+    # new or differs from the one at its start there, in address order;
+    # `delta_removed` the starts there that are gone.
+    delta_base: list[Any] | None = None
+    delta_texts: list[bytes] = []
+    delta_removed: list[int] = []
     # (mapping identity, kind) -> [anon, file, shmem, virtual, pss, uss] bytes
     # summed over the mappings, in order of first appearance (pss/uss 0 where
     # null); read-only. The exporter uses it instead of summing every mapping.
     identity_sums: dict[tuple[str, str], list[int]] | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class _Entry:
-    key: tuple[Any, ...]        # what the mapping's dict was built from
+    vma: Vma                    # what the mapping's dict was built from (its identity)
+    seg: Segment | None         # and its library segment
     mapping: MappingRecord
-    text: bytes                 # its JSON (ASCII); empty when the builder makes no text
     anon: int
     file: int
     shmem: int
@@ -131,6 +142,97 @@ class _Entry:
     uss: int = 0
     swap: int = 0
     pss_missing: int = 0    # 1: no PSS figures for this mapping (off, unavailable)
+
+
+class _Record:
+    """Only its instances' __dict__ is kept, as a mapping's dict: CPython shares
+    the keys of such dicts between instances (the values alone per mapping,
+    about half the memory of a dict display at 60k mappings)."""
+
+    def __init__(self, start: int, end: int, perms: str, offset: int, path: str, kind: str,
+                 mapping: str, segment: str | None, rss: int, anon: int, file: int,
+                 shmem: int, virtual: int, faults: int, pss: int | None, uss: int | None,
+                 swap: int | None) -> None:
+        self.start = start          # the order of MappingRecord (docs/output.md)
+        self.end = end
+        self.perms = perms
+        self.offset = offset
+        self.path = path
+        self.kind = kind
+        self.mapping = mapping
+        self.segment = segment
+        self.rss_bytes = rss
+        self.anon_bytes = anon
+        self.file_bytes = file
+        self.shmem_bytes = shmem
+        self.virtual_bytes = virtual
+        self.faults = faults
+        self.pss_bytes = pss
+        self.uss_bytes = uss
+        self.swap_bytes = swap
+
+
+def _num(x: int | None) -> str:
+    return "null" if x is None else str(x)
+
+
+def mapping_json(m: Mapping[str, Any]) -> bytes:
+    """The JSON text of one MappingRecord, as json.dumps(m, separators=(",", ":"))
+    writes it (ASCII; tests/unit/test_snapshot_text.py compares them), about 3x
+    faster: a snapshot's first text is every mapping's."""
+    seg = m["segment"]
+    return (f'{{"start":{m["start"]},"end":{m["end"]},"perms":{_json_str(m["perms"])},'
+            f'"offset":{m["offset"]},"path":{_json_str(m["path"])},'
+            f'"kind":{_json_str(m["kind"])},"mapping":{_json_str(m["mapping"])},'
+            f'"segment":{"null" if seg is None else _json_str(seg)},'
+            f'"rss_bytes":{m["rss_bytes"]},"anon_bytes":{m["anon_bytes"]},'
+            f'"file_bytes":{m["file_bytes"]},"shmem_bytes":{m["shmem_bytes"]},'
+            f'"virtual_bytes":{m["virtual_bytes"]},"faults":{m["faults"]},'
+            f'"pss_bytes":{_num(m["pss_bytes"])},"uss_bytes":{_num(m["uss_bytes"])},'
+            f'"swap_bytes":{_num(m["swap_bytes"])}}}').encode("ascii")
+
+
+class _TextBlocks:
+    """The JSON text of every mapping, in blocks of _BLOCK mappings joined by
+    commas (the pieces a snapshot's text is written from), with each text's
+    offset in its block: one copy of the text, never one per mapping and one
+    per block. A changed mapping replaces its slice of one block."""
+
+    def __init__(self, texts: Iterable[bytes] = ()) -> None:
+        self.blocks: list[bytes] = []
+        self._offsets: list[array[int]] = []    # per block: start of each text, and the end
+        batch: list[bytes] = []
+        for text in texts:
+            batch.append(text)
+            if len(batch) == _BLOCK:
+                self._add(batch)
+                batch = []
+        if batch:
+            self._add(batch)
+
+    def _add(self, batch: list[bytes]) -> None:
+        offsets = array("q", [0])
+        at = 0
+        for text in batch:
+            at += len(text) + 1
+            offsets.append(at)
+        self.blocks.append(b",".join(batch))
+        self._offsets.append(offsets)
+
+    def text(self, i: int) -> bytes:
+        k, j = divmod(i, _BLOCK)
+        offsets = self._offsets[k]
+        return self.blocks[k][offsets[j]:offsets[j + 1] - 1]
+
+    def replace(self, i: int, text: bytes) -> None:
+        k, j = divmod(i, _BLOCK)
+        block, offsets = self.blocks[k], self._offsets[k]
+        start, end = offsets[j], offsets[j + 1] - 1
+        self.blocks[k] = b"".join((block[:start], text, block[end:]))
+        shift = len(text) - (end - start)
+        if shift:
+            for n in range(j + 1, len(offsets)):
+                offsets[n] += shift
 
 
 class SnapshotBuilder:
@@ -152,9 +254,13 @@ class SnapshotBuilder:
         self._content_changed = False
         self._mappings: list[MappingRecord] = []             # e.mapping of _entries
         self._segments: dict[int, Segment] = {}              # by VMA start
-        self._blocks: list[bytes | None] = []  # JSON of _entries[k*_BLOCK:(k+1)*_BLOCK]
+        # (path, shared without inode) -> kind, identity, display path: per VMA list
+        self._names: dict[tuple[bytes, bool], tuple[str, str, str]] = {}
+        self._texts = _TextBlocks()             # JSON of _entries (with json_text)
         self._sums: dict[tuple[str, str], list[int]] = {}    # Snapshot.identity_sums
         self._pss_usage: dict[int, Usage] | None = None     # of the build in progress
+        # what changed since the previous snapshot (Snapshot.delta_*), with json_text
+        self._delta: tuple[list[Any] | None, list[int], list[int]] = (None, [], [])
 
     def build(self, tracker: ProcessTracker, ts: float,
               pss_usage: dict[int, Usage] | None = None) -> Snapshot:
@@ -190,65 +296,74 @@ class SnapshotBuilder:
         if prev is not None:
             kind = prev.mapping["kind"]
             identity, segment = prev.mapping["mapping"], prev.mapping["segment"]
+            path = prev.mapping["path"]
+        elif seg is not None:
+            kind = seg.kind               # the bss: anonymous, counted with its library
+            identity, segment, path = seg.mapping, seg.name, vma.display_path
         else:
-            kind = classify(vma, tracker.exe)
-            if seg is not None:
-                kind = seg.kind           # the bss: anonymous, counted with its library
-            identity = seg.mapping if seg is not None else mapping_identity(vma, kind)
-            segment = seg.name if seg is not None else None
+            # what classify and mapping_identity read of a VMA: many share it
+            # (60k anonymous mappings: one computation)
+            key = (vma.path, vma.perms[3:4] == "s" and vma.inode == 0)
+            names = self._names.get(key)
+            if names is None:
+                kind = classify(vma, tracker.exe)
+                names = self._names[key] = (kind, mapping_identity(vma, kind),
+                                            vma.display_path)
+            kind, identity, path = names
+            segment = None
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
         usage = self._pss_usage.get(vma.start) if self._pss_usage is not None else None
+        size = vma.end - vma.start
         if usage is None:
-            pss_fixed = uss = swap = 0
-        else:
-            pss_fixed, uss, swap = usage.pss_fixed, usage.uss, usage.swap
-        mapping: MappingRecord = {
-            "start": vma.start,
-            "end": vma.end,
-            "perms": vma.perms,
-            "offset": vma.offset,
-            "path": prev.mapping["path"] if prev is not None else vma.display_path,
-            "kind": kind,
-            "mapping": identity,
-            "segment": segment,
-            "rss_bytes": parts.total,
-            "anon_bytes": parts.anon,
-            "file_bytes": parts.file,
-            "shmem_bytes": parts.shmem,
-            "virtual_bytes": vma.size,
-            "faults": faults,
-            "pss_bytes": usage.pss if usage is not None else None,
-            "uss_bytes": uss if usage is not None else None,
-            "swap_bytes": swap if usage is not None else None,
-        }
-        text = _encode(mapping).encode("ascii") if self.json_text else b""
-        return _Entry(key=(vma.identity, parts, faults, seg, usage), mapping=mapping,
-                      text=text, anon=parts.anon, file=parts.file,
-                      shmem=parts.shmem, virtual=vma.size, pss_fixed=pss_fixed, uss=uss,
-                      swap=swap, pss_missing=int(usage is None))
+            mapping = _Record(vma.start, vma.end, vma.perms, vma.offset, path, kind, identity,
+                              segment, parts.total, parts.anon, parts.file, parts.shmem, size,
+                              faults, None, None, None).__dict__
+            return _Entry(vma, seg, cast(MappingRecord, mapping), parts.anon, parts.file,
+                          parts.shmem, size, pss_missing=1)
+        mapping = _Record(vma.start, vma.end, vma.perms, vma.offset, path, kind, identity,
+                          segment, parts.total, parts.anon, parts.file, parts.shmem, size,
+                          faults, usage.pss, usage.uss, usage.swap).__dict__
+        return _Entry(vma, seg, cast(MappingRecord, mapping), parts.anon, parts.file,
+                      parts.shmem, size, usage.pss_fixed, usage.uss, usage.swap)
 
     def _rebuild_all(self, tracker: ProcessTracker, changed: set[int]) -> None:
         # Segment names depend on neighbours (a bss follows its data segment):
         # named again for every new VMA list.
         self._segments = segments_for(tracker.space, tracker.space.vmas, tracker.exe,
                                       tracker.pid, tracker.procfs.root)
-        old = {e.mapping["start"]: e for e in self._entries}
+        self._names = {}
+        old_index, old_entries, old_texts = self._index, self._entries, self._texts
+        first = self._space is None
         entries: list[_Entry] = []
+        new_at: list[int] = []          # positions of entries new or changed in content
         for vma in tracker.space.vmas:
-            prev = old.get(vma.start)
-            if (prev is None or prev.key[0] != vma.identity or tracker.exe != self._exe
-                    or prev.key[3] != self._segments.get(vma.start)):
-                entries.append(self._entry(tracker, vma))
+            i = old_index.get(vma.start)
+            prev = old_entries[i] if i is not None else None
+            if (prev is None or not prev.vma.same_identity(vma) or tracker.exe != self._exe
+                    or prev.seg != self._segments.get(vma.start)):
+                entry = self._entry(tracker, vma)
             elif vma.start in changed:
-                entries.append(self._entry(tracker, vma, prev=prev))
+                entry = self._entry(tracker, vma, prev=prev)
             else:
-                entries.append(prev)
+                entry = prev
+            if prev is None or (entry is not prev and entry.mapping != prev.mapping):
+                new_at.append(len(entries))
+            entries.append(entry)
         self._entries = entries
         self._mappings = [e.mapping for e in entries]
         self._sums = identity_sums(self._mappings)
-        self._blocks = [None] * ((len(entries) + _BLOCK - 1) // _BLOCK)
         self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
+        if self.json_text:
+            fresh = set(new_at)
+            self._texts = _TextBlocks(
+                mapping_json(e.mapping) if n in fresh
+                else old_texts.text(old_index[e.mapping["start"]])
+                for n, e in enumerate(entries))
+            removed = [] if first else [e.mapping["start"] for e in old_entries
+                                        if e.mapping["start"] not in self._index]
+            self._delta = (None if first else [e.mapping for e in old_entries],
+                           new_at, removed)
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
                         sum(e.shmem for e in entries), sum(e.virtual for e in entries)]
         self._pss_totals = [sum(e.pss_fixed for e in entries), sum(e.uss for e in entries),
@@ -258,19 +373,27 @@ class SnapshotBuilder:
         self._exe = tracker.exe
 
     def _rebuild_changed(self, tracker: ProcessTracker, changed: set[int]) -> None:
+        base = self._mappings
         if not changed:
+            self._delta = (base, [], [])
             return
-        entries = list(self._entries)   # a snapshot already handed out keeps its list
-        mappings = list(self._mappings)
-        sums = {key: list(g) for key, g in self._sums.items()}   # and its sums
         vmas = tracker.space.vmas
+        differ: list[int] = []
+        entries = self._entries
         for start in changed:
             i = self._index.get(start)
             if i is None:
                 continue
             old = entries[i]
             new = self._entry(tracker, vmas[i], prev=old)
-            self._blocks[i // _BLOCK] = None
+            if new.mapping == old.mapping and new.pss_fixed == old.pss_fixed:
+                continue        # rescanned, same figures: the old entry stays
+            if not differ:      # a snapshot already handed out keeps its list and sums
+                mappings = list(self._mappings)
+                sums = {key: list(g) for key, g in self._sums.items()}
+            differ.append(i)
+            if self.json_text:
+                self._texts.replace(i, mapping_json(new.mapping))
             entries[i] = new
             mappings[i] = new.mapping
             g = sums[(new.mapping["mapping"], new.mapping["kind"])]
@@ -284,9 +407,10 @@ class SnapshotBuilder:
             p[1] += new.uss - old.uss
             p[2] += new.swap - old.swap
             p[3] += new.pss_missing - old.pss_missing
-        self._entries = entries
-        self._mappings = mappings
-        self._sums = sums
+        if differ:
+            self._mappings = mappings
+            self._sums = sums
+        self._delta = (base, sorted(differ), [])
 
     def _snapshot(self, tracker: ProcessTracker, ts: float) -> Snapshot:
         anon, file, shmem, virtual = self._totals
@@ -326,16 +450,14 @@ class SnapshotBuilder:
             "mappings": self._mappings,
         })
         if self.json_text:
-            snap.mappings_json_blocks = self._json_blocks()
+            snap.mappings_json_blocks = list(self._texts.blocks)
+            base, at, removed = self._delta
+            if base is not None:
+                snap.delta_base = base
+                snap.delta_texts = [self._texts.text(i) for i in at]
+                snap.delta_removed = removed
         snap.identity_sums = self._sums
         return snap
-
-    def _json_blocks(self) -> list[bytes]:
-        entries = self._entries
-        for k, block in enumerate(self._blocks):
-            if block is None:
-                self._blocks[k] = b",".join(e.text for e in entries[k * _BLOCK:(k + 1) * _BLOCK])
-        return list(cast(list[bytes], self._blocks))
 
 
 _SUMMED = itemgetter("anon_bytes", "file_bytes", "shmem_bytes", "virtual_bytes", "pss_bytes",

@@ -75,6 +75,9 @@ def make_reporter(fmt: str, output: str | None, table_opts: Any = None) -> Repor
     changed_only = bool(ctx and ctx.meta.get("changed_only"))
     if changed_only and fmt != "json":
         raise MemtraceError("--changed-only needs --format json", ExitCode.USAGE)
+    full_every = int(ctx.meta.get("full_every") or 0) if ctx else 0
+    if full_every and not changed_only:
+        raise MemtraceError("--full-every needs --changed-only", ExitCode.USAGE)
     if fmt == "none":
         return NullReporter()
     if output == "":
@@ -84,7 +87,7 @@ def make_reporter(fmt: str, output: str | None, table_opts: Any = None) -> Repor
     stream = open_output(output)
     if fmt == "json":
         from memtrace.views.jsonl import JsonReporter
-        return JsonReporter(stream, changed_only=changed_only)
+        return JsonReporter(stream, changed_only=changed_only, full_every=full_every)
     from rich.console import Console
 
     from memtrace.views.output import TextOutput

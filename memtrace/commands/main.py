@@ -20,6 +20,7 @@ from memtrace.commands.explain import explain
 from memtrace.commands.heap import heap
 from memtrace.commands.libs import libs
 from memtrace.commands.options import EXIT_CODES_HELP
+from memtrace.commands.rebuild import rebuild
 from memtrace.commands.run import run
 from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError, OutputError
@@ -27,7 +28,7 @@ from memtrace.util.log import log
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]},
-             commands=[watch, run, agent, heap, libs, explain, doctor])
+             commands=[watch, run, agent, heap, libs, explain, doctor, rebuild])
 @click.version_option(__version__, prog_name="memtrace")
 def cli() -> None:
     """Exact per-mapping resident memory of processes, from eBPF events."""

@@ -126,6 +126,12 @@ def _remember_changed_only(ctx: click.Context, _param: Any, value: bool) -> bool
     return value
 
 
+def _remember_full_every(ctx: click.Context, _param: Any, value: int) -> int:
+    """--full-every, like --changed-only, for live.make_reporter."""
+    ctx.meta["full_every"] = value
+    return value
+
+
 def live_options(f: Any) -> Any:
     """The options of watch and run: output, intervals, the /metrics endpoint,
     heap and PSS sampling."""
@@ -162,6 +168,11 @@ def live_options(f: Any) -> Any:
                      help="JSON: after a process's first snapshot, list only the mappings "
                      "that changed since its previous one, and the starts of those that "
                      "are gone (docs/output.md, \"Size, and changed mappings only\")."),
+        click.option("--full-every", type=click.IntRange(min=0, max=1 << 31), default=0,
+                     expose_value=False, callback=_remember_full_every, metavar="N",
+                     help="With --changed-only: every Nth snapshot of a process is whole "
+                     "again, so a reader can start from any whole line (0: only the "
+                     "first; default 0)."),
     ]
     for option in reversed(options):
         f = option(f)

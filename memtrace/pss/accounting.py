@@ -26,7 +26,7 @@ ENTRY_SIZE = 8
 SKIP_NAMES = (*PFNMAP_NAMES, b"[vsyscall]")
 
 
-@dataclass
+@dataclass(slots=True)
 class Usage:
     """Resident, proportional, private and swapped bytes of a set of pages.
     `pss_fixed` keeps the kernel's fixed-point fractions (bytes << PSS_SHIFT)
@@ -237,7 +237,11 @@ def _private_only(raw: bytes) -> Usage | None:
     among them) whose present pages are all exclusive, with a precise
     mapcount: each is private with a full share, no kpagecount needed; None
     when some present page may be shared."""
-    cls = raw[7::ENTRY_SIZE].translate(_CLASS)
+    return private_only_classes(raw[7::ENTRY_SIZE].translate(_CLASS))
+
+
+def private_only_classes(cls: bytes) -> Usage | None:
+    """_private_only of entries given by their classes (_classes: one byte each)."""
     if b"S" in cls:
         return None
     pages = cls.count(b"X")

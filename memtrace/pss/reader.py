@@ -57,6 +57,7 @@ from memtrace.pss.accounting import (
     _running_kernel_precise,
     _wanted,
     pfn_ranges,
+    private_only_classes,
 )
 from memtrace.trace.pagemap import (
     _VEC_LEN,
@@ -234,7 +235,10 @@ class PssReader:
                 per_vma.append([])
                 continue
             exact = clip(runs, vma.start, vma.end, bisect_right(ends, vma.start))
-            per_vma.append(_group(exact, merge_ranges(exact, max_gap, presorted=True)))
+            if len(exact) <= 1:     # most mappings: what _group would give, 3x faster
+                per_vma.append([(exact[0], exact)] if exact else [])
+            else:
+                per_vma.append(_group(exact, merge_ranges(exact, max_gap, presorted=True)))
         res_ends = [r[1] for r in resident] if resident is not None else []
         # One read per span of nearby runs, even across VMAs (the kernel
         # coalesces runs across VMAs too); each VMA takes its slices.
@@ -247,12 +251,27 @@ class PssReader:
         wanted: list[int] = []
         zero, precise = self.zero_pfns, self.precise
         k = 0
+        # the entries' classes per span, made once (not per mapping)
+        classes: list[bytes | None] = [None] * len(spans)
         for ranges in per_vma:
             got: list[tuple[tuple[bytes, tuple[int, ...]], _Plan | Usage | None]] = []
             for (start, end), inside in ranges:
                 while spans[k][1] < end:
                     k += 1
                 base = spans[k][0]
+                if (resident is None and precise and end - start < PMD_PAGES * PAGE_SIZE
+                        and len(inside) == 1 and inside[0][0] == start
+                        and inside[0][1] == end):
+                    # _keep keeps these entries as read: _private_only of a slice
+                    # of the span's classes is that of the sliced entries
+                    cls = classes[k]
+                    if cls is None:
+                        cls = classes[k] = _classes(data[k])
+                    private = private_only_classes(
+                        cls[(start - base) // PAGE_SIZE:(end - base) // PAGE_SIZE])
+                    if private is not None:
+                        got.append((_NO_KEY, private))
+                        continue
                 ents = data[k][(start - base) // PAGE_SIZE * ENTRY_SIZE:
                                (end - base) // PAGE_SIZE * ENTRY_SIZE]
                 ents = _keep(ents, start, inside)
@@ -341,7 +360,11 @@ def _keep(raw: bytes, base: int, inside: Sequence[Range]) -> bytes:
     outside `inside` emptied: gaps read through between nearby runs are not
     resident to the reader (PAGEMAP_SCAN left them out: not present, or the
     zero page), whatever their entries say."""
-    if sum(end - start for start, end in inside) // PAGE_SIZE * ENTRY_SIZE == len(raw):
+    if len(inside) == 1:
+        covered = inside[0][1] - inside[0][0]
+    else:
+        covered = sum(end - start for start, end in inside)
+    if covered // PAGE_SIZE * ENTRY_SIZE == len(raw):
         return raw          # the runs (disjoint, inside raw's range) cover it all
     out = bytearray(len(raw))
     for start, end in inside:

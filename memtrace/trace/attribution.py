@@ -52,7 +52,7 @@ def mapping_identity(vma: Vma, kind: str) -> str:
     return vma.display_path
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Split:
     anon: int
     file: int

@@ -17,14 +17,14 @@ from memtrace.trace.pagemap import Run
 from memtrace.trace.procfs import Vma
 
 
-@dataclass
+@dataclass(slots=True)
 class Chunk:
     runs: list[Run]
     anon: int       # bytes of anonymous pages
     other: int      # bytes of file or shmem pages
 
 
-@dataclass
+@dataclass(slots=True)
 class Resident:
     anon: int = 0
     other: int = 0
@@ -61,18 +61,34 @@ class AddressSpace:
         # break keeps the count but makes a shared page private). Kept only once
         # a reader asks for it (live PSS), so that it never grows unread.
         self.track_rescanned = False
+        # With it, the starts whose rescans matter even when their pages are the
+        # same (live PSS: mappings with shared pages, where a copy-on-write break
+        # keeps the count); None: every start. Kept by the reader (a live set).
+        self.rescan_watch: set[int] | None = None
         self.rescanned: set[int] = set()
 
     # -- resident pages -------------------------------------------------
-    def replace_chunks(self, first: int, last: int, runs: Iterable[Run]) -> None:
-        """Chunks [first, last) now hold exactly `runs` (from one scan of them)."""
+    def replace_chunks(self, first: int, last: int, runs: Iterable[Run]) -> bool:
+        """Chunks [first, last) now hold exactly `runs` (from one scan of them).
+        Returns whether they hold other runs than before (a rescan that finds
+        the same pages changes no VMA's figures)."""
         self.version += 1
-        if last - first <= len(self.chunks):
-            for c in range(first, last):
-                self.chunks.pop(c, None)
-        else:
-            for c in [c for c in self.chunks if first <= c < last]:
-                del self.chunks[c]
+        before = self._chunks_in(first, last)
+        for c in before:
+            del self.chunks[c]
+        self._fill(runs)
+        after = self._chunks_in(first, last)
+        return len(after) != len(before) or any(
+            (old := before.get(c)) is None or old.runs != chunk.runs
+            for c, chunk in after.items())
+
+    def _chunks_in(self, first: int, last: int) -> dict[int, Chunk]:
+        chunks = self.chunks
+        if last - first <= len(chunks):
+            return {c: chunks[c] for c in range(first, last) if c in chunks}
+        return {c: chunk for c, chunk in chunks.items() if first <= c < last}
+
+    def _fill(self, runs: Iterable[Run]) -> None:
         for start, end, anon in runs:
             while start < end:
                 c = start >> CHUNK_SHIFT
@@ -159,8 +175,11 @@ class AddressSpace:
                         res.other += hi - lo
         return res
 
-    def attribute(self, spans: Iterable[tuple[int, int]], new_vmas: Iterable[Vma] = ()) -> None:
-        """Recompute the VMAs overlapping chunk spans [first, last), and new VMAs."""
+    def attribute(self, spans: Iterable[tuple[int, int]], new_vmas: Iterable[Vma] = (),
+                  same: Iterable[tuple[int, int]] = ()) -> None:
+        """Recompute the VMAs overlapping chunk spans [first, last), and new VMAs.
+        `same`: spans rescanned that hold the same runs as before: their VMAs'
+        figures stand (only counted as rescanned)."""
         todo = {v.start: v for v in new_vmas}
         for first, last in spans:
             for v in self.vmas_overlapping(first << CHUNK_SHIFT, last << CHUNK_SHIFT):
@@ -169,6 +188,13 @@ class AddressSpace:
             self._set(v.start, self._measure(v))
         if self.track_rescanned:
             self.rescanned.update(todo)
+            watch = self.rescan_watch
+            if watch is None or watch:
+                for first, last in same:
+                    self.rescanned.update(
+                        v.start for v in self.vmas_overlapping(
+                            first << CHUNK_SHIFT, last << CHUNK_SHIFT)
+                        if watch is None or v.start in watch)
 
     def attribute_all(self) -> None:
         self.version += 1

@@ -14,7 +14,7 @@ PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 PF_KTHREAD = 0x00200000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Vma:
     """One line of /proc/PID/maps. `path` stays bytes: paths need not be UTF-8."""
 
@@ -34,6 +34,13 @@ class Vma:
     def identity(self) -> tuple[int, int, str, int, int, bytes]:
         """What must stay equal for two reads to name the same VMA."""
         return (self.start, self.end, self.perms, self.offset, self.inode, self.path)
+
+    def same_identity(self, other: Vma) -> bool:
+        """identity == other.identity, without building the tuples."""
+        return self is other or (
+            self.start == other.start and self.end == other.end and self.perms == other.perms
+            and self.offset == other.offset and self.inode == other.inode
+            and self.path == other.path)
 
     @property
     def display_path(self) -> str:
@@ -97,6 +104,20 @@ def escape_text(text: str) -> str:
 decode_path = escape_name
 
 
+_ascii_cache: dict[bytes, str] = {}
+
+
+def _ascii(raw: bytes) -> str:
+    """Perms and device fields as text, one str per distinct value (there are
+    few: at 60k mappings, 120k strings fewer)."""
+    text = _ascii_cache.get(raw)
+    if text is None:
+        text = raw.decode("ascii", "replace")
+        if len(_ascii_cache) < 4096:
+            _ascii_cache[raw] = text
+    return text
+
+
 def parse_maps(data: bytes) -> list[Vma]:
     """The lines of /proc/PID/maps. Only \\n ends a line: a path may hold \\r
     and other line breaks (the kernel writes a newline in a path as \\012)."""
@@ -108,18 +129,8 @@ def parse_maps(data: bytes) -> list[Vma]:
         if len(fields) < 5:
             continue
         start_s, _, end_s = fields[0].partition(b"-")
-        path = fields[5] if len(fields) == 6 else b""
-        vmas.append(
-            Vma(
-                start=int(start_s, 16),
-                end=int(end_s, 16),
-                perms=fields[1].decode("ascii", "replace"),
-                offset=int(fields[2], 16),
-                dev=fields[3].decode("ascii", "replace"),
-                inode=int(fields[4]),
-                path=path,
-            )
-        )
+        vmas.append(Vma(int(start_s, 16), int(end_s, 16), _ascii(fields[1]), int(fields[2], 16),
+                        _ascii(fields[3]), int(fields[4]), fields[5] if len(fields) == 6 else b""))
     return vmas
 
 
@@ -210,6 +221,18 @@ class ProcFS:
         if b"\\012" in data and self.names_exact:
             vmas = [self._exact_name(pid, v) if b"\\012" in v.path else v for v in vmas]
         return vmas
+
+    def heap_end(self, pid: int) -> int:
+        """The end of the [heap] mapping (0 if none), from maps without parsing
+        every line (60k lines: 0.2 s)."""
+        data = self._read(pid, "maps")
+        at = data.find(b" [heap]\n")
+        while at >= 0:
+            vmas = parse_maps(data[data.rfind(b"\n", 0, at) + 1:at + 8])
+            if vmas and vmas[0].path == b"[heap]":
+                return vmas[0].end
+            at = data.find(b" [heap]\n", at + 1)    # a file named "... [heap]"
+        return 0
 
     def _exact_name(self, pid: int, vma: Vma) -> Vma:
         if not self.names_exact:

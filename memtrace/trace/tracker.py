@@ -174,8 +174,10 @@ class ProcessTracker:
         except OSError as e:
             raise ProcessGone(self.pid) from e
 
-    def _scan_spans(self, spans: list[tuple[int, int]]) -> None:
+    def _scan_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Rescan chunk spans; return those whose runs are the same as before."""
         assert self._scanner is not None
+        same = []
         for first, last in spans:
             start, end = first << CHUNK_SHIFT, min(last << CHUNK_SHIFT, USER_ADDR_MAX)
             if start >= end:
@@ -188,9 +190,11 @@ class ProcessTracker:
                 if not self.procfs.alive(self.pid):
                     raise ProcessGone(self.pid) from e
                 raise
-            self.space.replace_chunks(first, last, runs)
+            if not self.space.replace_chunks(first, last, runs):
+                same.append((first, last))
             self.counters.ranges_scanned += 1
             self.counters.chunks_scanned += last - first
+        return same
 
     def _full_rescan(self, reason: str) -> None:
         self.counters.full_rescans[reason] += 1
@@ -290,8 +294,12 @@ class ProcessTracker:
             new_vmas = self.space.set_vmas(self._read_maps())
             spans += [chunk_span(v.start, v.end) for v in new_vmas]
         merged = merge_ranges(spans)
-        self._scan_spans(merged)
-        self.space.attribute(merged, new_vmas)
+        same = self._scan_spans(merged)
+        if same:
+            kept = set(same)
+            self.space.attribute([s for s in merged if s not in kept], new_vmas, same)
+        else:
+            self.space.attribute(merged, new_vmas)
 
     def _count_faults(self, marks: list[ChunkMark], space: AddressSpace | None = None,
                       exe: bytes | None = None) -> None:

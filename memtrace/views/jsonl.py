@@ -14,21 +14,27 @@ from memtrace.trace.procfs import escape_text
 from memtrace.util.log import log
 from memtrace.views.output import OutputStream
 
+_encode = json.JSONEncoder(separators=(",", ":")).encode
+
 
 class JsonReporter(Reporter):
     wants_json_text = True          # snapshots carry their mappings' JSON text
 
     def __init__(self, out: IO[str] | OutputStream | None = None,
-                 changed_only: bool = False) -> None:
+                 changed_only: bool = False, full_every: int = 0) -> None:
         """Write to an OutputStream (stdout when None: written by a background
         thread, never blocking the loop; see views/output.py), or to a text
         file object (tests). `changed_only` (--changed-only): after a process's
         first snapshot, list only the mappings that changed since its previous
         one, and the starts of those that are gone (docs/output.md; full_snapshots
-        rebuilds the whole ones)."""
+        rebuilds the whole ones); `full_every` (--full-every N): with it, every
+        Nth snapshot of a process is whole again (0: only the first)."""
         self.changed_only = changed_only
-        # --changed-only: pid -> its previous snapshot's mappings by start
-        self._last: dict[int, dict[int, dict[str, Any]]] = {}
+        self.full_every = full_every
+        # --changed-only: pid -> its previous snapshot's mappings list, and the
+        # snapshots written since its last whole one
+        self._last: dict[int, list[dict[str, Any]]] = {}
+        self._since_whole: dict[int, int] = {}
         self.stream: OutputStream | None = None
         self.out: IO[str] | None = None
         if out is None:
@@ -52,19 +58,30 @@ class JsonReporter(Reporter):
         """--changed-only: the snapshot with only the mappings whose content changed
         since the previous snapshot of its pid (a mapping is named by its start),
         `removed_starts` for the ones that are gone and `changed_only: true`; the
-        first snapshot of a pid is whole (no `changed_only` key)."""
-        now = {m["start"]: m for m in snap["mappings"]}
-        before = self._last.get(snap["pid"])
-        self._last[snap["pid"]] = now
-        if before is None:
+        first snapshot of a pid is whole (no `changed_only` key), and so is every
+        `full_every`th one."""
+        pid = snap["pid"]
+        before = self._last.get(pid)
+        self._last[pid] = snap["mappings"]
+        n = self._since_whole.get(pid, 0) + 1
+        if before is None or (self.full_every and n >= self.full_every):
+            self._since_whole[pid] = 0
             return encode_parts(snap)
-        delta = {k: v for k, v in snap.items() if k != "mappings"}
-        # a quiet process's snapshots share their mapping dicts: `is` first
-        delta["mappings"] = [m for start, m in now.items()
-                             if (old := before.get(start)) is not m and old != m]
-        delta["removed_starts"] = [start for start in before if start not in now]
-        delta["changed_only"] = True
-        return encode_parts(delta)
+        self._since_whole[pid] = n
+        head = _encode({k: v for k, v in snap.items() if k != "mappings"}).encode("ascii")
+        if getattr(snap, "delta_base", None) is before:
+            # the builder knows what changed since `before`: no pass over every mapping
+            texts: list[bytes] = snap.delta_texts     # type: ignore[attr-defined]
+            removed: list[int] = snap.delta_removed   # type: ignore[attr-defined]
+        else:
+            old = {m["start"]: m for m in before}
+            now = {m["start"]: m for m in snap["mappings"]}
+            # a quiet process's snapshots share their mapping dicts: `is` first
+            texts = [_encode(m).encode("ascii") for start, m in now.items()
+                     if (o := old.get(start)) is not m and o != m]
+            removed = [start for start in old if start not in now]
+        return [head[:-1], b',"mappings":[', b",".join(texts), b'],"removed_starts":',
+                _encode(removed).encode("ascii"), b',"changed_only":true}']
 
     def events(self, events: list[SyscallEvent]) -> None:
         pass

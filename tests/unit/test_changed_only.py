@@ -113,3 +113,65 @@ def test_changed_only_is_an_option_of_watch_and_run_for_json():
         ctx = cmd.make_context(cmd.name, ["--format", "json", *argv])
         with ctx:
             assert make_reporter("json", None).changed_only is False  # type: ignore[union-attr]
+
+
+def test_changed_only_from_the_builder_is_byte_for_byte_the_compared_output(world):
+    """The builder's own record of what changed (no pass over every mapping)
+    writes exactly what comparing each mapping with the previous snapshot
+    writes (a plain dict has no such record: compared)."""
+    snaps = _snapshots(world)
+    assert all(s.delta_base is not None for s in snaps[1:])
+    fast = _write(snaps, changed_only=True)
+    compared = _write([dict(s) for s in snaps], changed_only=True)
+    assert fast == compared
+    assert [len(json.loads(x)["mappings"]) for x in fast[1:4]] == [1, 0, 1]
+
+
+def test_full_every_writes_a_whole_snapshot_every_n(world):
+    snaps = _snapshots(world)
+    out = io.StringIO()
+    reporter = JsonReporter(out, changed_only=True, full_every=2)
+    for snap in snaps:
+        reporter.snapshot(snap)
+    lines = out.getvalue().splitlines()
+    whole = [i for i, x in enumerate(lines) if "changed_only" not in json.loads(x)]
+    assert whole == [0, 2, 4]
+    full = _write(snaps, changed_only=False)
+    assert [lines[i] for i in whole] == [full[i] for i in whole]
+    assert list(full_snapshots(lines)) == [json.loads(x) for x in full]
+    # a reader that starts at a whole line rebuilds every snapshot from there
+    assert list(full_snapshots(lines[2:])) == [json.loads(x) for x in full[2:]]
+
+
+def test_full_every_is_an_option_with_changed_only():
+    ctx = watch.make_context("watch", ["--changed-only", "--full-every", "60", "--format",
+                                       "json", "1"])
+    with ctx:
+        assert make_reporter("json", None).full_every == 60  # type: ignore[union-attr]
+    ctx = watch.make_context("watch", ["--full-every", "60", "--format", "json", "1"])
+    with ctx, pytest.raises(MemtraceError) as ei:
+        make_reporter("json", None)
+    assert ei.value.code == ExitCode.USAGE
+    assert ei.value.message == "--full-every needs --changed-only"
+
+
+def test_memtrace_rebuild_writes_the_whole_output_byte_for_byte(world, tmp_path):
+    """`memtrace rebuild FILE` (or stdin) turns --changed-only output back into
+    exactly the lines the whole output has; a changes-only line without a whole
+    snapshot before it is a usage error."""
+    from click.testing import CliRunner
+
+    from memtrace.commands.main import cli
+
+    snaps = _snapshots(world)
+    delta = _write(snaps, changed_only=True)
+    path = tmp_path / "changes.jsonl"
+    path.write_text("\n".join(delta) + "\n")
+    runner = CliRunner()
+    got = runner.invoke(cli, ["rebuild", str(path)])
+    assert got.exit_code == 0, got.output
+    assert got.output.splitlines() == _write(snaps, changed_only=False)
+    assert runner.invoke(cli, ["rebuild"], input=path.read_bytes()).output == got.output
+    bad = runner.invoke(cli, ["rebuild"], input="\n".join(delta[1:]) + "\n")
+    assert isinstance(bad.exception, MemtraceError)      # main() makes it exit 2
+    assert bad.exception.code == ExitCode.USAGE

@@ -445,3 +445,55 @@ def test_is_resident_follows_a_rescan_that_drops_pages():
                          [(BASE, BASE + 2 * P, True), (BASE + 6 * P, BASE + 8 * P, True)])
     assert space.resident_flags([BASE + i * P for i in range(9)]) == [
         True, True, False, False, False, False, True, True, False]
+
+
+def test_replace_chunks_says_whether_the_runs_changed():
+    """A rescan that finds the same runs changes nothing (the tracker then
+    measures no VMA there); any other run, a chunk emptied or a new chunk does."""
+    space = AddressSpace()
+    runs = [(BASE, BASE + 3 * P, True), (BASE + C + P, BASE + C + 2 * P, False)]
+    space.replace_chunks(0, 1 << 40, runs)
+    first, last = chunk_span(BASE, BASE + 2 * C)
+    assert space.replace_chunks(first, last, list(runs)) is False
+    for other in ([runs[0]],                                        # a chunk emptied
+                  [*runs, (BASE + 3 * C, BASE + 3 * C + P, True)],  # a new chunk
+                  [(BASE, BASE + 2 * P, True), runs[1]],            # a run shorter
+                  [(BASE, BASE + 3 * P, False), runs[1]]):          # anon -> file
+        space.replace_chunks(first, last + 2, runs)
+        assert space.replace_chunks(first, last + 2, other) is True
+    assert space.replace_chunks(first, last + 2, other) is False
+
+
+def test_attribute_leaves_unchanged_spans_but_counts_them_rescanned():
+    space = AddressSpace()
+    a, b = vma(BASE, BASE + 8 * P), vma(BASE + 2 * C, BASE + 2 * C + 8 * P)
+    space.set_vmas([a, b])
+    space.replace_chunks(0, 1 << 40, [(BASE, BASE + 2 * P, True),
+                                      (BASE + 2 * C, BASE + 2 * C + P, True)])
+    space.attribute_all()
+    space.track_rescanned = True
+    space.take_changed()
+    span_a, span_b = chunk_span(a.start, a.end), chunk_span(b.start, b.end)
+    space.replace_chunks(*span_a, [(BASE, BASE + 4 * P, True)])
+    space.attribute([span_a], same=[span_b])
+    assert space.take_changed() == {a.start}
+    assert space.take_rescanned() == {a.start, b.start}
+    assert space.resident_of(a).anon == 4 * P and space.resident_of(b).anon == P
+
+
+def test_rescans_with_the_same_pages_count_only_for_watched_starts():
+    """rescan_watch (live PSS: its unsettled mappings) limits which VMAs of
+    unchanged spans count as rescanned; VMAs of changed spans always count."""
+    space = AddressSpace()
+    a, b = vma(BASE, BASE + 8 * P), vma(BASE + 2 * C, BASE + 2 * C + 8 * P)
+    space.set_vmas([a, b])
+    space.replace_chunks(0, 1 << 40, [(BASE, BASE + 2 * P, True)])
+    space.attribute_all()
+    space.track_rescanned = True
+    span_a, span_b = chunk_span(a.start, a.end), chunk_span(b.start, b.end)
+    for watch, expected in ((set(), {a.start}), ({b.start}, {a.start, b.start}),
+                            (None, {a.start, b.start})):
+        space.rescan_watch = watch
+        space.take_rescanned()
+        space.attribute([span_a], same=[span_b])
+        assert space.take_rescanned() == expected

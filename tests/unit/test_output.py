@@ -158,3 +158,29 @@ def test_json_reporter_keeps_writing_to_a_text_file():
     out = io.StringIO()
     JsonReporter(out).snapshot({"pid": 2, "mappings": []})
     assert out.getvalue().endswith("\n") and '"pid":2' in out.getvalue()
+
+
+def test_a_record_of_many_pieces_is_written_as_it_is(capsys):
+    """Pieces big and small (a snapshot: its head, ~56 KB blocks, commas),
+    more than one writev can take, through a pipe that takes part of a call:
+    the bytes arrive whole and in order."""
+    r, w = os.pipe()
+    got = bytearray()
+
+    def read_all() -> None:
+        while chunk := os.read(r, 4096 + 17):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    stream = OutputStream(w, "stdout", stall_seconds=5.0, owns_fd=True)
+    pieces = [b"{head"]
+    for i in range(1500):
+        pieces += [b"," if i else b"[", bytes([65 + i % 26]) * (i * 37 % 70000)]
+    pieces += [b"", b"]}\n"]
+    stream.write_record(list(pieces))
+    stream.close()
+    reader.join(10)
+    assert bytes(got) == b"".join(pieces)
+    assert stream.written_bytes == len(got)
+    assert capsys.readouterr().err == ""

@@ -466,3 +466,26 @@ def test_a_map_files_link_that_disagrees_with_maps_is_not_taken(tmp_path):
     files = {v.start: v for v in fs.maps(600) if v.inode}
     assert files[NEWLINE_VMA].path == b"/tmp/h/nl\\012line"
     assert fs.names_exact
+
+
+def test_heap_end_is_the_heap_line_of_maps(tmp_path):
+    """heap_end finds [heap] without parsing every line: the same end as maps,
+    not fooled by a file whose name ends in [heap], 0 without a heap."""
+    lines = [
+        b"555555554000-555555556000 r--p 00000000 fe:00 1234   /usr/bin/x [heap]",
+        b"555555556000-55555557b000 rw-p 00000000 00:00 0                          [heap]",
+        b"7ffff7dd3000-7ffff7dd5000 rw-p 00000000 00:00 0 ",
+    ]
+    for pid, text in ((1, lines), (2, [lines[0], lines[2]]), (3, [])):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "maps").write_bytes(b"".join(x + b"\n" for x in text))
+    procfs = ProcFS(tmp_path)
+    assert procfs.heap_end(1) == next(v.end for v in procfs.maps(1) if v.path == b"[heap]")
+    assert procfs.heap_end(1) == 0x55555557B000
+    assert procfs.heap_end(2) == procfs.heap_end(3) == 0
+
+
+def test_maps_text_fields_are_shared_between_lines(tricky):
+    """Perms and device text: one str per distinct value (memory at 60k mappings)."""
+    again = parse_maps((FIXTURES / "maps_tricky").read_bytes())
+    assert all(a.perms is b.perms and a.dev is b.dev for a, b in zip(tricky, again))

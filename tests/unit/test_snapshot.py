@@ -389,3 +389,21 @@ def test_exporter_text_is_the_same_with_the_builders_sums(world):
             assert any(x.startswith("memtrace_mapping_resident_bytes") for x in texts[0])
         assert any(x.startswith("memtrace_mapping_pss_bytes") for x in texts[0]) == (
             snap is with_pss)
+
+
+def test_mapping_json_is_what_json_writes():
+    """The builder's own encoder of a mapping gives json.dumps's exact text:
+    names with quotes, backslashes, control and non-ASCII characters, nulls,
+    big numbers."""
+    from memtrace.snapshot import mapping_json
+
+    base = {"start": 0x7F0000000000, "end": 0x7F0000012000, "perms": "rw-p", "offset": 0,
+            "path": "", "kind": "anon", "mapping": "[anon]", "segment": None,
+            "rss_bytes": 73728, "anon_bytes": 73728, "file_bytes": 0, "shmem_bytes": 0,
+            "virtual_bytes": 73728, "faults": 18, "pss_bytes": None, "uss_bytes": None,
+            "swap_bytes": None}
+    odd = {**base, "path": 'a "b" \\x01\\\\ é ☃ \U0001F600 \u2028', "kind": "library",
+           "mapping": "lib\"x\".so", "segment": "text", "pss_bytes": 1 << 62,
+           "uss_bytes": 0, "swap_bytes": 4096, "offset": 0xFFFFF000}
+    for m in (base, odd):
+        assert mapping_json(m) == json.dumps(m, separators=(",", ":")).encode("ascii")
