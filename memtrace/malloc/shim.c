@@ -201,8 +201,8 @@ EXPORT void *realloc(void *ptr, size_t size)
     int was = ptr && forget((uintptr_t)ptr);
     void *q = __libc_realloc(ptr, size);
     if (was) {
-        if (!q) {       /* failed: the old block stays */
-            if (remember((uintptr_t)ptr)) {}
+        if (!q) {       /* failed: the old block stays, still sampled */
+            (void)remember((uintptr_t)ptr);
             return q;
         }
         memtrace_malloc_freed(ptr);

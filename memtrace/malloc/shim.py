@@ -34,10 +34,13 @@ def cache_dir(env: Mapping[str, str]) -> Path:
 
 
 def find_compiler(env: Mapping[str, str]) -> str | None:
-    cc = env.get("CC")
-    if cc and shutil.which(cc):
-        return shutil.which(cc)
-    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    """$CC if it is found, else cc, gcc or clang on env's PATH."""
+    path = env.get("PATH", os.defpath)
+    for cc in (env.get("CC"), "cc", "gcc", "clang"):
+        found = shutil.which(cc, path=path) if cc else None
+        if found:
+            return found
+    return None
 
 
 def build_shim(env: Mapping[str, str] | None = None) -> Path:
