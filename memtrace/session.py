@@ -459,7 +459,7 @@ class Session:
         if self.malloc is not None:
             snap["malloc"] = self.malloc.update(
                 tracker.pid, tracker.epoch, records, tracker.space.vmas, tracker.comm,
-                snap["ts"], counts.get("lost", 0))
+                snap["ts"], counts.get("lost", 0) + counts.get("frees_lost", 0))
 
     def close(self) -> None:
         if self.heap is not None:

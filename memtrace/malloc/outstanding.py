@@ -6,8 +6,9 @@ memtrace/stacks/unwind.py) and stands for its weight in bytes (size divided
 by its chance of being sampled, from the sampler), so sums are unbiased. A
 free of a sampled pointer takes its weight off its stack. Records of one
 drain are applied in the order of their kernel timestamps; a free that
-matches nothing is kept for one more drain, in case its allocation's record
-was still in flight (rings are read by two threads). Frees of pointers this
+matches nothing is applied again with the next drain's records, in case its
+allocation's record was still in its ring (two rings are read one after the
+other: the same address can be allocated and freed many times in between). Frees of pointers this
 process did not sample here (allocated before a fork, in the parent) are
 ignored."""
 
@@ -53,29 +54,26 @@ class MallocTracker:
         self._live: dict[int, tuple[int, int]] = {}        # ptr -> (stack id, weight)
         self._outstanding: dict[int, list[int]] = {}       # stack id -> [bytes, blocks]
         self._allocated: dict[int, list[int]] = {}         # stack id -> [bytes, samples]
-        self._unmatched: dict[int, int] = {}               # ptr -> ts of a free kept one drain
+        self._carried: list[MallocRecord] = []             # frees that matched nothing yet
         self.samples = 0
         self.frees = 0
 
     def add(self, records: Iterable[MallocRecord], vmas: Sequence[Vma]) -> None:
-        """Apply one drain's records (unwinding allocations with this VMA list)."""
-        records = sorted(records, key=lambda r: r.ts)
+        """Apply one drain's records (unwinding allocations with this VMA list).
+        Frees that match nothing are applied again with the next drain's
+        records, in timestamp order with them, then dropped."""
+        records = sorted([*self._carried, *records], key=lambda r: r.ts)
         allocs = [r for r in records if not r.freed]
         stacks = iter(self.unwinder.unwind_many(
             self.pid, vmas, [(r.ip, r.sp, r.bp, r.stack) for r in allocs])) if allocs else None
-        unmatched: dict[int, int] = {}
+        carried = {id(r) for r in self._carried}      # applied twice now: dropped if unmatched
+        self._carried = []
         for r in records:
-            if r.freed:
-                if not self._free(r.ptr):
-                    unmatched[r.ptr] = r.ts
-                continue
-            assert stacks is not None
-            sid = self._intern(trim_sampler(next(stacks)))
-            self.alloc(sid, r.ptr, r.weight)
-            late = self._unmatched.pop(r.ptr, None)
-            if late is not None and late > r.ts:    # its free came in an earlier drain
-                self._free(r.ptr)
-        self._unmatched = unmatched
+            if not r.freed:
+                assert stacks is not None
+                self.alloc(self._intern(trim_sampler(next(stacks))), r.ptr, r.weight)
+            elif not self._free(r.ptr) and id(r) not in carried:
+                self._carried.append(r)
 
     def alloc(self, sid: int, ptr: int, weight: int) -> None:
         if ptr in self._live:       # its free was lost: the address is in use again

@@ -85,9 +85,21 @@ def test_a_free_whose_allocation_comes_a_drain_later_still_nets_it():
     t.add([_free(20, 0x10)], [])
     t.add([_alloc(10, 0x10, 500, 1), _alloc(30, 0x30, 100, 2)], [])
     assert _by_leaf_caller(t) == {"leak": 100}
+    t.add([_free(50, 0x40)], [])
     t.add([], [])
     t.add([_alloc(40, 0x40, 100, 1)], [])          # kept one drain only
     assert _by_leaf_caller(t) == {"leak": 100, "churn": 100}
+
+
+def test_one_address_allocated_and_freed_again_across_a_drain_boundary():
+    """The frees ring was read after the samples ring: two later cycles of the
+    same address have their frees in this drain and allocations in the next."""
+    t = _tracker()
+    t.add([_alloc(1, 0x10, 500, 1), _free(2, 0x10), _free(4, 0x10), _free(6, 0x10)], [])
+    t.add([_alloc(3, 0x10, 500, 1), _alloc(5, 0x10, 500, 1), _alloc(7, 0x10, 500, 1)], [])
+    assert _by_leaf_caller(t) == {"churn": 500}
+    t.add([_free(8, 0x10)], [])
+    assert _by_leaf_caller(t) == {}
 
 
 def test_an_address_sampled_again_replaces_its_lost_free():
