@@ -79,7 +79,7 @@ static int remember(uintptr_t p)
  * live, or p's slot is empty) is a load or two. */
 static inline int forget(uintptr_t p)
 {
-    if (LIKELY(__atomic_load_n(&live, __ATOMIC_RELAXED) == 0))
+    if (__atomic_load_n(&live, __ATOMIC_RELAXED) == 0)
         return 0;
     uint32_t i = slot_of(p);
     for (int n = 0; n < MT_PROBES; n++, i = (i + 1) & (MT_SLOTS - 1)) {
@@ -163,16 +163,35 @@ static inline void *count(void *ptr, size_t size)
     return ptr;
 }
 
-static inline void release(void *ptr)
+static __attribute__((noinline)) void release_slow(void *ptr)
 {
-    if (ptr && UNLIKELY(forget((uintptr_t)ptr)))
+    if (ptr && forget((uintptr_t)ptr))
         memtrace_malloc_freed(ptr);
 }
 
-/* ---- the interposed functions */
+static inline void release(void *ptr)
+{
+    if (UNLIKELY(__atomic_load_n(&live, __ATOMIC_RELAXED) != 0))
+        release_slow(ptr);
+}
+
+static __attribute__((noinline)) void *malloc_sampled(size_t size)
+{
+    void *p = __libc_malloc(size);
+    sampled(p, size);
+    return p;
+}
+
+/* ---- the interposed functions. malloc and free stay a few instructions and
+ * a tail call to glibc unless this allocation is sampled or a sampled block
+ * is live (then free looks its pointer up). */
 EXPORT void *malloc(size_t size)
 {
-    return count(__libc_malloc(size), size);
+    long left = bytes_left - (long)size;
+    bytes_left = left;
+    if (LIKELY(left > 0))
+        return __libc_malloc(size);
+    return malloc_sampled(size);
 }
 
 EXPORT void free(void *ptr)
