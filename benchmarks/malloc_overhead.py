@@ -106,12 +106,15 @@ def main() -> None:
     ap.add_argument("--delay", type=float, default=12.0,
                     help="seconds the loop waits for memleak or the uprobes to attach")
     ap.add_argument("--touch", action="store_true", help="the loop writes each block whole")
+    ap.add_argument("--period", type=int, default=PERIOD, help="--malloc-period in bytes")
+    ap.add_argument("--only", default="", help="comma-separated mode names (prefixes) to run")
     args = ap.parse_args()
-    global TOUCH
+    global TOUCH, PERIOD
     TOUCH = "1" if args.touch else "0"
+    PERIOD = args.period
     loop = build("mallocloop")
     shim = str(build_shim())
-    shim_env = child_env(os.environ, shim, PERIOD)
+    shim_env = child_env(os.environ, shim, args.period)
     memleak = shutil.which("memleak-bpfcc")
     modes = {
         "bare": lambda: bare(loop, args.steps),
@@ -126,6 +129,10 @@ def main() -> None:
     if memleak:
         modes["memleak-bpfcc -p PID"] = lambda: attached(
             loop, args.slow_steps, args.delay, [memleak])
+    if args.only:
+        keep = [w.strip() for w in args.only.split(",")]
+        modes = {m: f for m, f in modes.items() if m == "bare" or any(m.startswith(k)
+                                                                       for k in keep)}
     results: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.repeat):
         for name, fn in modes.items():

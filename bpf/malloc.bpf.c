@@ -15,8 +15,17 @@
 
 BPF_HASH(malloc_targets, u32, u8, MT_MAX_TARGETS);
 BPF_RINGBUF_OUTPUT(malloc_samples, MT_MALLOC_PAGES);
-BPF_RINGBUF_OUTPUT(malloc_frees, 64);
+BPF_RINGBUF_OUTPUT(malloc_frees, 1024);     /* 4 MiB, ~130,000 frees: a lost free leaves its block outstanding */
 BPF_ARRAY(malloc_counts, u64, MT_MALLOC_NCOUNTS);
+/* Per CPU: the end of the last stack copy cut short by an unmapped page, and
+ * its process (as memtrace.bpf.c keeps in its fault cache): a shallow main
+ * thread near the top of [stack] would otherwise fail a full read first at
+ * every sample, which costs a fault. */
+struct mt_malloc_cut {
+    u64 end;
+    u64 tgid;
+};
+BPF_PERCPU_ARRAY(malloc_cut, struct mt_malloc_cut, 1);
 
 static __always_inline void count(u32 which)
 {
@@ -34,9 +43,14 @@ static __always_inline long copy_to(u8 *dst, u64 sp, u64 end)
 
 /* [sp, sp + MT_STACK_COPY), or the longest prefix ending at a page boundary
  * when its end is unmapped (a read fails as a whole), as memtrace.bpf.c's
- * copy_stack (without its per-CPU memory of cut copies: samples are rare here). */
-static __always_inline u32 copy_stack(u8 *dst, u64 sp)
+ * copy_stack. */
+static __always_inline u32 copy_stack(u8 *dst, u64 sp, u32 tgid)
 {
+    u32 zero = 0;
+    struct mt_malloc_cut *cut = malloc_cut.lookup(&zero);
+    if (cut && cut->tgid == tgid && cut->end > sp && cut->end - sp < MT_STACK_COPY &&
+        copy_to(dst, sp, cut->end) == 0)
+        return cut->end - sp;
     if (bpf_probe_read_user(dst, MT_STACK_COPY, (void *)sp) == 0)
         return MT_STACK_COPY;
     u32 head = MT_PAGE_SIZE - (sp & MT_PAGE_MASK);
@@ -45,8 +59,13 @@ static __always_inline u32 copy_stack(u8 *dst, u64 sp)
         u32 len = head + pages * MT_PAGE_SIZE;
         if (len >= MT_STACK_COPY)
             continue;
-        if (copy_to(dst, sp, sp + len) == 0)
+        if (copy_to(dst, sp, sp + len) == 0) {
+            if (cut) {
+                cut->end = sp + len;
+                cut->tgid = tgid;
+            }
             return len;
+        }
     }
     return 0;
 }
@@ -70,7 +89,7 @@ int on_malloc_sampled(struct pt_regs *ctx)
     s->ip = ctx->ip;
     s->sp = ctx->sp;
     s->bp = ctx->bp;
-    s->len = s->sp ? copy_stack(s->stack, s->sp) : 0;
+    s->len = s->sp ? copy_stack(s->stack, s->sp, tgid) : 0;
     if (!s->len)
         count(MT_MALLOC_UNREAD);
     malloc_samples.ringbuf_submit(s, 0);

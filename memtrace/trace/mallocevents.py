@@ -53,16 +53,26 @@ class RawMallocFree(ctypes.Structure):
     ]
 
 
-def decode_malloc_sample(data: bytes) -> MallocRecord:
-    """A sampled allocation as BPF wrote it; only the `len` stack bytes BPF
-    copied are kept."""
-    size = ctypes.sizeof(RawMallocHeader)
-    raw = RawMallocHeader.from_buffer_copy(data[:size])
+_HEADER = ctypes.sizeof(RawMallocHeader)
+
+
+def decode_malloc_sample(data: bytes | int, size: int | None = None) -> MallocRecord:
+    """A sampled allocation as BPF wrote it: bytes, or the address of a ring
+    record and its size (then only the header and the `len` stack bytes BPF
+    copied are read, not the whole fixed-size record)."""
+    if isinstance(data, int):
+        raw = RawMallocHeader.from_buffer_copy(ctypes.string_at(data, _HEADER))
+        n = min(raw.len, (size or _HEADER) - _HEADER)
+        stack = ctypes.string_at(data + _HEADER, n) if n > 0 else b""
+    else:
+        raw = RawMallocHeader.from_buffer_copy(data[:_HEADER])
+        stack = bytes(data[_HEADER:_HEADER + raw.len])
     return MallocRecord(tgid=raw.tgid, ts=raw.ts, ptr=raw.ptr, size=raw.size,
-                        weight=raw.weight, ip=raw.ip, sp=raw.sp, bp=raw.bp,
-                        stack=bytes(data[size:size + raw.len]))
+                        weight=raw.weight, ip=raw.ip, sp=raw.sp, bp=raw.bp, stack=stack)
 
 
-def decode_malloc_free(data: bytes) -> MallocRecord:
-    raw = RawMallocFree.from_buffer_copy(data[:ctypes.sizeof(RawMallocFree)])
+def decode_malloc_free(data: bytes | int, size: int | None = None) -> MallocRecord:
+    n = ctypes.sizeof(RawMallocFree)
+    raw = RawMallocFree.from_buffer_copy(
+        ctypes.string_at(data, n) if isinstance(data, int) else data[:n])
     return MallocRecord(tgid=raw.tgid, ts=raw.ts, ptr=raw.ptr, freed=True)

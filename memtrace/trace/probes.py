@@ -46,7 +46,8 @@ EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
 EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
 STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
 STACKS_READER_PAUSE = 0.05  # s: the stack reader's rest after each read (at most 20 reads/s)
-MALLOC_PAGES = 2048     # 8 MiB: ~1000 sampled allocations (8 KiB of stack each) between reads
+MALLOC_PAGES = 8192     # 32 MiB: ~4000 sampled allocations (8 KiB of stack each) between reads
+MALLOC_READER_PAUSE = 0.01  # s: the --malloc reader's rest after each read
 
 
 def bpf_source_dir() -> Path:
@@ -364,7 +365,7 @@ class _MallocProbes:
         self._reader.start()
 
     def _on_record(self, decode: Any, _ctx: Any, data: Any, size: int) -> None:
-        rec = decode(ctypes.string_at(data, size))
+        rec = decode(data, size)
         self._records[rec.tgid].append(rec)
 
     def _read(self, fds: list[int]) -> None:
@@ -375,7 +376,7 @@ class _MallocProbes:
             if poller.poll(200):
                 with self._lock:
                     self.bpf.ring_buffer_consume()
-                self._stop.wait(STACKS_READER_PAUSE)
+                self._stop.wait(MALLOC_READER_PAUSE)
 
     def add(self, pid: int) -> None:
         self._targets[self._targets.Key(pid)] = self._targets.Leaf(1)

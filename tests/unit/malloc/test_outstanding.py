@@ -3,6 +3,7 @@ with a stand-in unwinder (the real one is tested in tests/unit/stacks)."""
 
 from __future__ import annotations
 
+import ctypes
 from typing import Any
 
 import pytest
@@ -179,5 +180,10 @@ def test_records_decode_from_their_bytes():
     assert (rec.tgid, rec.ts, rec.ptr, rec.size, rec.weight, rec.ip, rec.sp) == (
         7, 5, 0x1234, 100, 600, 0x400000, 0x7ff0)
     assert rec.stack == b"A" * 16 and not rec.freed
+    # from a ring record's address: the header and the len bytes only
+    buf = ctypes.create_string_buffer(bytes(head) + b"A" * 16 + b"B" * 32)
+    assert decode_malloc_sample(ctypes.addressof(buf), len(buf.raw)) == rec
     f = decode_malloc_free(bytes(RawMallocFree(tgid=7, pad=0, ts=9, ptr=0x1234)))
     assert f.freed and (f.tgid, f.ts, f.ptr) == (7, 9, 0x1234)
+    fbuf = ctypes.create_string_buffer(bytes(RawMallocFree(tgid=7, pad=0, ts=9, ptr=0x1234)))
+    assert decode_malloc_free(ctypes.addressof(fbuf), 24) == f
