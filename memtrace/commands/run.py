@@ -215,7 +215,10 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     exits."""
     path = _check_executable(command)
     spawn_env = None
-    if malloc_opts is not None:   # the sampler, built before anything is loaded
+    shim = ""
+    # the sampler, built before anything is loaded (not as a user: loading the
+    # probes refuses them first, exit 3, rather than the cache directory)
+    if malloc_opts is not None and os.geteuid() == 0:
         from memtrace.malloc.shim import build_shim, child_env
 
         shim = str(build_shim())
