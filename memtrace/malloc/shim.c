@@ -208,24 +208,13 @@ EXPORT void *calloc(size_t n, size_t size)
 
 EXPORT void *realloc(void *ptr, size_t size)
 {
-    if (!ptr)
-        return count(__libc_realloc(ptr, size), size);
-    if (size == 0) {    /* glibc frees it */
-        release(ptr);
-        return __libc_realloc(ptr, size);
-    }
     /* A sampled block that moves or shrinks is freed and allocated again, as
-     * far as the sampler goes. Forget it first: the old address may be reused
-     * by another thread as soon as realloc returns. */
-    int was = ptr && forget((uintptr_t)ptr);
+     * far as the sampler goes. Its free is said before the real realloc: the
+     * old address may be handed out to another thread as soon as glibc lets
+     * it go. (Should realloc fail, the block stays but is no longer sampled;
+     * realloc(p, 0) frees p and returns NULL.) */
+    release(ptr);
     void *q = __libc_realloc(ptr, size);
-    if (was) {
-        if (!q) {       /* failed: the old block stays, still sampled */
-            (void)remember((uintptr_t)ptr);
-            return q;
-        }
-        memtrace_malloc_freed(ptr);
-    }
     return q ? count(q, size) : q;
 }
 
