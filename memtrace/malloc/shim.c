@@ -191,7 +191,10 @@ EXPORT void *malloc(size_t size)
     bytes_left = left;
     if (LIKELY(left > 0))
         return __libc_malloc(size);
-    return malloc_sampled(size);
+    void *p = malloc_sampled(size);
+    /* no tail call here: the sampled stack keeps this frame, named malloc */
+    __asm__ volatile("" : : : "memory");
+    return p;
 }
 
 EXPORT void free(void *ptr)
