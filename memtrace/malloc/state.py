@@ -68,7 +68,7 @@ def leak_report(summaries: dict[int, dict[str, Any]]) -> list[str]:
             continue
         lines.append(f"{head}; growing across the last {s['leak_intervals']} intervals:")
         for lk in leaks:
-            frames = [f for f in lk["frames"]]
+            frames = lk["frames"]
             lines.append(f"  {lk['bytes']} bytes outstanding, +{lk['growth_bytes']} in "
                          f"{lk['seconds']}s ({lk['bytes_per_second']} B/s): "
                          + " <- ".join(frames[:8]) + (" ..." if len(frames) > 8 else ""))
