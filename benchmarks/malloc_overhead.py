@@ -98,6 +98,7 @@ def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
 
 
 def main() -> None:
+    global TOUCH, PERIOD
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30_000_000)
     ap.add_argument("--slow-steps", type=int, default=200_000,
@@ -109,7 +110,6 @@ def main() -> None:
     ap.add_argument("--period", type=int, default=PERIOD, help="--malloc-period in bytes")
     ap.add_argument("--only", default="", help="comma-separated mode names (prefixes) to run")
     args = ap.parse_args()
-    global TOUCH, PERIOD
     TOUCH = "1" if args.touch else "0"
     PERIOD = args.period
     loop = build("mallocloop")
