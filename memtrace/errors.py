@@ -25,6 +25,7 @@ class ExitCode(enum.IntEnum):
     NO_TRACEFS = 12
     HEAP_UNREADABLE = 13
     OUTPUT_FAILED = 14
+    NO_COMPILER = 15
 
     @property
     def description(self) -> str:
@@ -49,6 +50,7 @@ DESCRIPTIONS = {
     ExitCode.HEAP_UNREADABLE: "heap: no consistent walk or unverified glibc layout",
     ExitCode.OUTPUT_FAILED: "output cannot be written (disk full, I/O error; a closed pipe "
                             "quietly)",
+    ExitCode.NO_COMPILER: "no C compiler to build the --malloc sampler",
 }
 
 

@@ -23,6 +23,7 @@ from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, 
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
 from memtrace.trace.events import ChunkMark, Drained, StackRecord
+from memtrace.trace.mallocevents import MallocRecord
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
@@ -31,6 +32,7 @@ from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import log
 
 if TYPE_CHECKING:
+    from memtrace.malloc.state import MallocState
     from memtrace.stacks.netting import StackTracker
     from memtrace.stacks.profile import StackProfile
     from memtrace.stacks.unwind import Unwinder
@@ -81,13 +83,16 @@ class Session:
         self._profile_inputs: dict[int, tuple[tuple[object, ...], dict[str, Any]]] = {}
         # agent: processes come and go for days; their profiles go with them
         self.keep_exited_profiles = True
+        self.malloc: MallocState | None = None     # --malloc: see enable_malloc
+        self._malloc_shim: str | None = None
 
     def load(self, watch_execs: bool = False) -> Probes:
         if sys.stderr.isatty():
             log("compiling and loading the BPF probes ...")
         self.probes = Probes(watch_execs=watch_execs, rss_stat_probe=want_rss_stat_probe(),
                              stream_events=self.reporter.wants_events,
-                             stacks=self.stack_period > 0, stack_period=self.stack_period)
+                             stacks=self.stack_period > 0, stack_period=self.stack_period,
+                             malloc_shim=self._malloc_shim)
         log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
             f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}")
         shed_compiler_memory()    # the compiler is not needed again (memtrace/trace/ownmem.py)
@@ -154,6 +159,7 @@ class Session:
         self._add_heap(snap, tracker)
         self._add_pss(snap, tracker)
         self._add_stacks(snap, tracker, [], [])
+        self._add_malloc(snap, tracker, [], {})
         self._libevents[pid] = LibraryEvents()
         self._library_events(pid, snap, tracker.space.vmas)
         self._builders[pid].stamp(snap)
@@ -192,6 +198,8 @@ class Session:
         self._stacks.pop(pid, None)
         self._stack_epochs.pop(pid, None)
         self._profile_inputs.pop(pid, None)
+        if self.malloc is not None:
+            self.malloc.forget(pid)
         if not self.keep_exited_profiles:
             self._profiles.pop(pid, None)
         self._libevents.pop(pid, None)
@@ -249,6 +257,7 @@ class Session:
             self._add_pss(snap, tracker)
             self._add_stacks(snap, tracker, drained.stacks.get(pid, []),
                               drained.chunks.get(pid, []))
+            self._add_malloc(snap, tracker, drained.malloc.get(pid, []), drained.malloc_counts)
             self._library_events(pid, snap, tracker.space.vmas)
             self._builders[pid].stamp(snap)
             self._snapshots[pid] = snap
@@ -449,6 +458,24 @@ class Session:
         exited ones included unless keep_exited_profiles is off (for
         --stacks-output)."""
         return dict(self._profiles)
+
+    # ---- --malloc (run: the preloaded sampler; memtrace/malloc/, docs/malloc.md)
+
+    def enable_malloc(self, period: int, shim: str) -> None:
+        """Take the sampled allocations of the sampler `shim` (preloaded into
+        the command by `run`), before load()."""
+        from memtrace.malloc.state import MallocState
+        from memtrace.stacks.unwind import Unwinder
+
+        self._malloc_shim = shim
+        self.malloc = MallocState(period, self._unwinder or Unwinder(str(self.procfs.root)))
+
+    def _add_malloc(self, snap: dict[str, Any], tracker: ProcessTracker,
+                    records: list[MallocRecord], counts: dict[str, int]) -> None:
+        if self.malloc is not None:
+            snap["malloc"] = self.malloc.update(
+                tracker.pid, tracker.epoch, records, tracker.space.vmas, tracker.comm,
+                snap["ts"], counts.get("lost", 0) + counts.get("frees_lost", 0))
 
     def close(self) -> None:
         if self.heap is not None:

@@ -103,6 +103,7 @@ class SnapshotRecord(_BuiltRecord, total=False):
     pss_refreshed_ts: float | None          # with PSS on
     heap: dict[str, Any]                    # with --heap-interval
     stacks: dict[str, Any]                  # with --stacks (memtrace/stacks/summary.py)
+    malloc: dict[str, Any]                  # with run --malloc (memtrace/malloc/outstanding.py)
 
 
 class Snapshot(dict[str, Any]):

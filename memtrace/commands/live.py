@@ -147,6 +147,31 @@ def write_stack_outputs(profiles: dict[int, StackProfile], directory: str | None
     return written
 
 
+def write_malloc_outputs(profiles: dict[int, StackProfile], directory: str | None) -> list[str]:
+    """--malloc-output DIR: per process, folded stacks of the bytes outstanding
+    and allocated, and one pprof profile with both (outstanding_space,
+    allocated_space); the paths written. OutputError (exit 14) as above."""
+    if directory is None:
+        return []
+    from memtrace.views.folded import render_folded
+    from memtrace.views.pprof import MALLOC_SAMPLE_TYPES, render_pprof
+
+    written: list[str] = []
+    try:
+        os.makedirs(directory, exist_ok=True)
+        for pid, profile in sorted(profiles.items()):
+            base = os.path.join(directory, f"memtrace-{pid}-malloc")
+            for measure, name in (("held", "outstanding"), ("brought", "allocated")):
+                written.append(_write(f"{base}-{name}.folded", render_folded(
+                    profile, measure, by_mapping=False).encode()))
+            written.append(_write(f"{base}.pb.gz", render_pprof(
+                profile, "held", MALLOC_SAMPLE_TYPES, "--malloc")))
+    except OSError as e:
+        raise OutputError(f"--malloc-output {directory}: {e.strerror or e}") from None
+    log(f"--malloc stacks of {len(profiles)} process(es) written to {directory}")
+    return written
+
+
 def _write(path: str, data: bytes) -> str:
     with open(path, "wb") as f:
         f.write(data)

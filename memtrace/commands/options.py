@@ -18,7 +18,7 @@ from memtrace.exporter.web import DEFAULT_LISTEN, listen_problem
 from memtrace.stacks.summary import STACKS_TOP
 
 # The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
-EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,))
+EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,), (15,))
 EXIT_CODES_HELP = "\b\nExit codes: " + ";\n".join(
     "; ".join(f"{c} {ExitCode(c).description}" for c in line) for line in EXIT_CODE_LINES
 ) + """.
@@ -327,3 +327,53 @@ def stacks_options(f: Any) -> Any:
         wrapper = option(wrapper)
     return wrapper
 
+
+
+# ---- --malloc (run; watch refuses it; docs/malloc.md): one `malloc_opts`.
+
+DEFAULT_MALLOC_PERIOD = 512 * 1024
+
+
+@dataclass(frozen=True)
+class MallocOptions:
+    period: int                 # mean bytes allocated between samples
+    output: str | None          # --malloc-output DIR
+
+
+def malloc_options(f: Any) -> Any:
+    """--malloc, --malloc-period, --malloc-output. The command gets them as one
+    `malloc_opts`: a MallocOptions, or None when --malloc is off."""
+    import functools
+
+    options = [
+        click.option("--malloc", "malloc_on", is_flag=True,
+                     help="Sample allocations by bytes (malloc, calloc, realloc, "
+                     "memalign...) and net them against their frees: each snapshot names "
+                     "the stacks whose allocations are still outstanding, and a leak report "
+                     "the stacks whose outstanding bytes keep growing. `run` only: a sampler "
+                     "is preloaded into the command (built with the C compiler at first "
+                     "use; docs/malloc.md)."),
+        click.option("--malloc-period", type=Size(),
+                     default=f"{DEFAULT_MALLOC_PERIOD // 1024}K", show_default=True,
+                     help="With --malloc: mean bytes allocated between two samples "
+                     "(exponential gaps; each sample stands for its expected bytes)."),
+        click.option("--malloc-output", type=click.Path(file_okay=False), default=None,
+                     help="With --malloc: at exit, write each process's stacks to this "
+                     "directory: folded stacks and pprof (outstanding_space, "
+                     "allocated_space)."),
+    ]
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        on, period, output = (kwargs.pop(k) for k in ("malloc_on", "malloc_period",
+                                                      "malloc_output"))
+        if not on and output is not None:
+            raise MemtraceError("--malloc-output needs --malloc", ExitCode.USAGE)
+        if on and not 1 <= period <= 1 << 30:
+            raise MemtraceError("--malloc-period: from 1 byte to 1 GiB", ExitCode.USAGE)
+        kwargs["malloc_opts"] = MallocOptions(period, output) if on else None
+        return f(*args, **kwargs)
+
+    for option in reversed(options):
+        wrapper = option(wrapper)
+    return wrapper

@@ -21,12 +21,15 @@ from memtrace.commands.live import (
     listen_address_given,
     make_reporter,
     serve_metrics,
+    write_malloc_outputs,
     write_stack_outputs,
 )
 from memtrace.commands.options import (
     EXIT_CODES_HELP,
+    MallocOptions,
     StacksOptions,
     live_options,
+    malloc_options,
     stacks_options,
     table_options,
 )
@@ -121,9 +124,10 @@ class _Forwarder:
         signal.pthread_sigmask(signal.SIG_SETMASK, self.old_mask)
 
 
-def _spawn_stopped(path: str, command: tuple[str, ...],
-                   forwarder: _Forwarder) -> tuple[int, int, int]:
-    """Fork a child that waits for a go byte before exec. Returns (pid, go_fd, err_fd)."""
+def _spawn_stopped(path: str, command: tuple[str, ...], forwarder: _Forwarder,
+                   env: dict[str, str] | None = None) -> tuple[int, int, int]:
+    """Fork a child that waits for a go byte before exec (with `env`, else
+    memtrace's environment). Returns (pid, go_fd, err_fd)."""
     go_r, go_w = os.pipe()
     err_r, err_w = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
@@ -134,7 +138,9 @@ def _spawn_stopped(path: str, command: tuple[str, ...],
             forwarder.in_child()
             os.read(go_r, 1)
             os.close(go_r)
-            os.execv(path, list(command))
+            if env is None:
+                os.execv(path, list(command))
+            os.execve(path, list(command), env)
         except OSError as e:
             os.write(err_w, str(e.errno).encode())
         finally:
@@ -167,6 +173,16 @@ def _wake_on_exit(pid: int, stop: threading.Event) -> list[float]:
     return exited
 
 
+def _report_malloc(session: Session, opts: MallocOptions) -> None:
+    """--malloc at the end of run: the leak report on stderr, the files."""
+    from memtrace.malloc.state import leak_report
+
+    assert session.malloc is not None
+    for line in leak_report(session.malloc.summaries):
+        log(line)
+    write_malloc_outputs(session.malloc.profiles, opts.output)
+
+
 def _status_to_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -178,10 +194,12 @@ def _status_to_code(status: int) -> int:
 @live_options
 @table_options
 @stacks_options
+@malloc_options
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
         no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
         output: str | None, heap_interval: float, pss_interval: float,
-        table_opts: Any, stacks_opts: StacksOptions | None) -> None:
+        table_opts: Any, stacks_opts: StacksOptions | None,
+        malloc_opts: MallocOptions | None) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080
@@ -196,6 +214,15 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     again when the terminal already sent them to it); tracing goes on until it
     exits."""
     path = _check_executable(command)
+    spawn_env = None
+    shim = ""
+    # the sampler, built before anything is loaded (not as a user: loading the
+    # probes refuses them first, exit 3, rather than the cache directory)
+    if malloc_opts is not None and os.geteuid() == 0:
+        from memtrace.malloc.shim import build_shim, child_env
+
+        shim = str(build_shim())
+        spawn_env = child_env(os.environ, shim, malloc_opts.period)
     web_cfg = None if no_serve else load_web_config(web_config)
     stop = threading.Event()
     forwarder = _Forwarder(stop)      # before any thread: they inherit its mask
@@ -205,6 +232,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     session.enable_pss(pss_interval)
     if stacks_opts is not None:
         session.enable_stacks(stacks_opts.period)
+    if malloc_opts is not None:
+        session.enable_malloc(malloc_opts.period, shim)
     child = 0
     status: int | None = None
     failure: OutputError | None = None
@@ -213,7 +242,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
         session.load(watch_execs=True)    # fork and exec notices: the command's tree
         serve_metrics(session, server, max_mapping_series,
                       stacks_opts.series if stacks_opts is not None else 0)
-        child, go_w, err_r = _spawn_stopped(path, command, forwarder)
+        child, go_w, err_r = _spawn_stopped(path, command, forwarder, spawn_env)
         if forwarder.early is not None:   # a signal before the command started
             os.kill(child, signal.SIGKILL)
             os.waitpid(child, 0)
@@ -281,6 +310,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             session.close()
             if stacks_opts is not None:
                 write_stack_outputs(session.stack_profiles(), stacks_opts.output)
+            if malloc_opts is not None and session.malloc is not None:
+                _report_malloc(session, malloc_opts)
         except OutputError as e:
             failure = failure or e
     while status is None:  # output failed: wait for the command (signals still forwarded)

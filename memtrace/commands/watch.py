@@ -16,8 +16,10 @@ from memtrace.commands.live import (
 )
 from memtrace.commands.options import (
     EXIT_CODES_HELP,
+    MallocOptions,
     StacksOptions,
     live_options,
+    malloc_options,
     stacks_options,
     table_options,
 )
@@ -39,10 +41,12 @@ from memtrace.util.log import log
 @live_options
 @table_options
 @stacks_options
+@malloc_options
 def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, interval: float,
           reconcile_interval: float, no_serve: bool, listen: str, web_config: str | None,
           max_mapping_series: int, output: str | None, heap_interval: float,
-          pss_interval: float, table_opts: Any, stacks_opts: StacksOptions | None) -> None:
+          pss_interval: float, table_opts: Any, stacks_opts: StacksOptions | None,
+          malloc_opts: MallocOptions | None) -> None:
     """Watch running processes: every mapping's resident bytes, faults and calls.
 
     Each argument is a PID or a process name: a name is matched as pgrep does,
@@ -53,6 +57,11 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
     A PID that exits (or exits while being attached) is reported and the others
     are still watched. Exits 0 when every watched process has exited, or after
     --once / --count snapshots; 6 when none of the processes could be attached."""
+    if malloc_opts is not None:
+        # no sampler can be put into a running process; uprobes on every call
+        # of libc's malloc and free would cost it far more (docs/malloc.md)
+        raise MemtraceError("--malloc needs its sampler loaded when the program starts: "
+                            "use memtrace run --malloc -- CMD", ExitCode.USAGE)
     if once and count is not None and count != 1:
         raise MemtraceError("--once and --count N disagree: give one of them", ExitCode.USAGE)
     snapshots = 1 if once else count

@@ -8,6 +8,7 @@ import ctypes
 import os
 from dataclasses import dataclass, field
 
+from memtrace.trace.mallocevents import MallocRecord
 from memtrace.util.units import fmt_bytes
 
 CHUNK_SHIFT = 21
@@ -275,3 +276,7 @@ class Drained:
     notices_lost: dict[str, int] = field(default_factory=dict)
     # --stacks: sampled faults with their user stacks, by process
     stacks: dict[int, list[StackRecord]] = field(default_factory=dict)
+    # --malloc: sampled allocations and frees of sampled pointers, by process
+    # (memtrace.trace.mallocevents.MallocRecord), and the BPF side's loss counters
+    malloc: dict[int, list[MallocRecord]] = field(default_factory=dict)
+    malloc_counts: dict[str, int] = field(default_factory=dict)

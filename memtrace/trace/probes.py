@@ -30,6 +30,12 @@ from memtrace.trace.events import (
     decode_stack_sample_at,
     decode_stats,
 )
+from memtrace.trace.mallocevents import (
+    MALLOC_COUNTS,
+    MallocRecord,
+    decode_malloc_free,
+    decode_malloc_sample,
+)
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
 from memtrace.util.log import debug, log
 
@@ -40,6 +46,8 @@ EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
 EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
 STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
 STACKS_READER_PAUSE = 0.05  # s: the stack reader's rest after each read (at most 20 reads/s)
+MALLOC_PAGES = 8192     # 32 MiB: ~4000 sampled allocations (8 KiB of stack each) between reads
+MALLOC_READER_PAUSE = 0.01  # s: the --malloc reader's rest after each read
 
 
 def bpf_source_dir() -> Path:
@@ -70,7 +78,8 @@ class Probes:
 
     def __init__(self, use_raw_rss_stat: bool = True, watch_execs: bool = False,
                  rss_stat_probe: bool = True, stream_events: bool = True,
-                 stacks: bool = False, stack_period: int = DEFAULT_STACK_PERIOD) -> None:
+                 stacks: bool = False, stack_period: int = DEFAULT_STACK_PERIOD,
+                 malloc_shim: str | None = None) -> None:
         if os.geteuid() != 0:
             raise MemtraceError("memtrace needs root (deploy/README.md: the capabilities it uses)",
                                 ExitCode.NOT_ROOT)
@@ -165,6 +174,9 @@ class Probes:
         self._reader: threading.Thread | None = None
         if stacks:
             self._start_stacks(stack_period)
+        self._malloc: _MallocProbes | None = None
+        if malloc_shim is not None:
+            self._malloc = _MallocProbes(bcc, src, malloc_shim)
 
     def _start_stacks(self, period: int) -> None:
         """Fill the gap table BPF draws from, and collect the sampled stacks."""
@@ -216,8 +228,12 @@ class Probes:
         self._credit[self._credit.Key(pid)] = self._credit.Leaf(EVENT_CREDIT)
         # the value is the process's epoch: its execs from now on, as stats.exec_gen
         self._targets[key] = self._targets.Leaf(0)
+        if self._malloc is not None:
+            self._malloc.add(pid)
 
     def remove_target(self, pid: int) -> None:
+        if self._malloc is not None:
+            self._malloc.remove(pid)
         # Collect what the per-CPU fault caches still hold, so that no later
         # fault of this pid is counted against a stale cache entry.
         self._swap()
@@ -284,9 +300,12 @@ class Probes:
             notices_lost = {name: int(self._notices_lost[i].value)
                             for i, name in enumerate(("execs", "forks"))}
         names_gen = int(self._names_gen[0].value)
-        return Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
-                       names_gen=names_gen, execs=execs, forks=forks,
-                       notices_lost=notices_lost, stacks=stacks)
+        drained = Drained(chunks=chunks, ranges=ranges, events=events, stats=stats,
+                          names_gen=names_gen, execs=execs, forks=forks,
+                          notices_lost=notices_lost, stacks=stacks)
+        if self._malloc is not None:
+            drained.malloc, drained.malloc_counts = self._malloc.take()
+        return drained
 
     def _detach_quietly(self, tracepoint: bytes) -> None:
         with contextlib.suppress(Exception):
@@ -296,6 +315,9 @@ class Probes:
         if self._reader is not None:
             self._reader_stop.set()
             self._reader.join()
+        if self._malloc is not None:
+            self._malloc.close()
+            self._malloc = None
         # Each detach waits for an RCU grace period; overlapping them halves the
         # time SIGTERM takes.
         with ThreadPoolExecutor(16) as pool:
@@ -309,6 +331,76 @@ class Probes:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
             log(f"warning: detaching probes: {e}")
+
+
+class _MallocProbes:
+    """--malloc (docs/malloc.md): bpf/malloc.bpf.c, its own BPF object, with
+    uprobes on the preloaded sampler's two probed functions; a reader thread
+    empties its rings as they fill (a burst of samples between two drains)."""
+
+    def __init__(self, bcc: Any, src: Path, shim: str) -> None:
+        cflags = [f"-I{src}", f"-DMT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
+                  f"-DMT_MAX_TARGETS={MAX_TARGETS}", f"-DMT_MALLOC_PAGES={MALLOC_PAGES}",
+                  "-Wno-macro-redefined"]
+        try:
+            self.bpf = bcc.BPF(src_file=str(src / "malloc.bpf.c").encode(), cflags=cflags)
+            for sym, fn in ((b"memtrace_malloc_sampled", b"on_malloc_sampled"),
+                            (b"memtrace_malloc_freed", b"on_malloc_freed")):
+                self.bpf.attach_uprobe(name=shim.encode(), sym=sym, fn_name=fn)
+        except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
+            raise MemtraceError(f"loading the --malloc probes failed: {e}",
+                                ExitCode.BPF_LOAD_FAILED) from None
+        self._targets = self.bpf["malloc_targets"]
+        self._counts = self.bpf["malloc_counts"]
+        self._records: dict[int, list[MallocRecord]] = defaultdict(list)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        fds = []
+        for ring, decode in (("malloc_samples", decode_malloc_sample),
+                             ("malloc_frees", decode_malloc_free)):
+            self.bpf[ring].open_ring_buffer(functools.partial(self._on_record, decode))
+            fds.append(self.bpf[ring].map_fd)
+        self._reader = threading.Thread(target=self._read, args=(fds,),
+                                        name="memtrace-malloc", daemon=True)
+        self._reader.start()
+
+    def _on_record(self, decode: Any, _ctx: Any, data: Any, size: int) -> None:
+        rec = decode(data, size)
+        self._records[rec.tgid].append(rec)
+
+    def _read(self, fds: list[int]) -> None:
+        poller = select.poll()
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(200):
+                with self._lock:
+                    self.bpf.ring_buffer_consume()
+                self._stop.wait(MALLOC_READER_PAUSE)
+
+    def add(self, pid: int) -> None:
+        self._targets[self._targets.Key(pid)] = self._targets.Leaf(1)
+
+    def remove(self, pid: int) -> None:
+        with contextlib.suppress(KeyError):
+            del self._targets[self._targets.Key(pid)]
+
+    def take(self) -> tuple[dict[int, list[MallocRecord]], dict[str, int]]:
+        """The records read since the last take, by process, and the loss
+        counters (totals since load)."""
+        with self._lock:
+            self.bpf.ring_buffer_consume()
+            records, self._records = dict(self._records), defaultdict(list)
+        counts = {name: int(self._counts[i].value) for i, name in enumerate(MALLOC_COUNTS)}
+        return records, counts
+
+    def close(self) -> None:
+        self._stop.set()
+        self._reader.join()
+        try:
+            self.bpf.cleanup()
+        except Exception as e:  # detaching must never turn into a traceback at exit
+            log(f"warning: detaching the --malloc probes: {e}")
 
 
 # A raw-tracepoint program that reads the task's saved user registers the way

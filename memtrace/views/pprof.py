@@ -41,6 +41,8 @@ from memtrace.views.stackframes import (
 
 SAMPLE_TYPES = (("resident_space", "bytes"), ("brought_space", "bytes"))
 DEFAULT_TYPE = {"held": "resident_space", "brought": "brought_space"}
+# --malloc (docs/malloc.md): held is outstanding, brought is allocated since attach
+MALLOC_SAMPLE_TYPES = (("outstanding_space", "bytes"), ("allocated_space", "bytes"))
 
 
 # -- the wire format (https://protobuf.dev/programming-guides/encoding/) ------------
@@ -126,11 +128,14 @@ def _function_name(namer: FrameNamer, frame: Frame) -> str:
 
 # -- the profile -------------------------------------------------------------------
 
-def encode_profile(profile: StackProfile, measure: str = "held") -> bytes:
-    """The profile.proto message of a StackProfile (not gzipped)."""
+def encode_profile(profile: StackProfile, measure: str = "held",
+                   sample_types: tuple[tuple[str, str], ...] = SAMPLE_TYPES,
+                   source: str = "--stacks") -> bytes:
+    """The profile.proto message of a StackProfile (not gzipped); sample_types
+    name its two measures (held, brought)."""
     check_measure(measure)
     t = _Tables()
-    types = [(t.string(a), t.string(b)) for a, b in SAMPLE_TYPES]
+    types = [(t.string(a), t.string(b)) for a, b in sample_types]
     namer = FrameNamer(profile)
     samples = []
     for s in profile.samples:
@@ -156,10 +161,10 @@ def encode_profile(profile: StackProfile, measure: str = "held") -> bytes:
     for name, fn_id in t.functions.items():
         idx = t.string(name)
         body.append(_bytes(5, _int(1, fn_id) + _int(2, idx) + _int(3, idx)))
-    comments = [t.string(f"memtrace --stacks: pid {profile.pid} ({clean(profile.comm)})"),
+    comments = [t.string(f"memtrace {source}: pid {profile.pid} ({clean(profile.comm)})"),
                 t.string(f"samples lost: {profile.samples_lost}")]
     period = (t.string("space"), t.string("bytes"))
-    default = t.string(DEFAULT_TYPE[measure])
+    default = t.string(sample_types[0 if measure == "held" else 1][0])
     body += [_bytes(6, s.encode()) for s in t.strings]
     body += [_int(9, int(profile.ts * 1e9)),
              _bytes(11, _int(1, period[0]) + _int(2, period[1])),
@@ -184,7 +189,9 @@ def _encode_mapping(m: _Mapping, t: _Tables) -> bytes:
                   + _int(7, 1))
 
 
-def render_pprof(profile: StackProfile, measure: str = "held") -> bytes:
+def render_pprof(profile: StackProfile, measure: str = "held",
+                 sample_types: tuple[tuple[str, str], ...] = SAMPLE_TYPES,
+                 source: str = "--stacks") -> bytes:
     """The gzipped profile.proto (what pprof files are on disk); reproducible
     (no time in the gzip header)."""
-    return gzip.compress(encode_profile(profile, measure), mtime=0)
+    return gzip.compress(encode_profile(profile, measure, sample_types, source), mtime=0)

@@ -46,6 +46,7 @@ LAYERS = [
     {"util"},              # util/, errors: the standard library only
     {"trace"},             # the engine: probes to tracker
     {"pss", "heap", "stacks"},  # figures computed from the engine's output
+    {"malloc"},            # --malloc: outstanding allocations by stack (uses stacks)
     {"domain"},            # the snapshot, what a tick publishes, library events, explain
     {"session"},           # the loop shared by watch, run and agent
     {"views", "exporter"}, # renderers: table, JSON Lines, summary, /metrics

@@ -67,6 +67,35 @@ def _stack_profile(snap: Snapshot) -> StackProfile:
     ], sample_period_bytes=PAGE, samples_lost=2)
 
 
+def _malloc_object() -> dict[str, Any]:
+    """run --malloc: one stack leaking across six ticks, one freeing what it takes."""
+    from memtrace.malloc.state import MallocState
+    from memtrace.trace.mallocevents import MallocRecord
+
+    shim = "/var/cache/memtrace/libmemtrace-malloc-0123456789abcdef.so"
+    stacks = {ip: Stack((Frame(0x7F0000001000, "malloc", shim, 0x20),
+                         Frame(0x555555555000 + ip, fn, "/usr/bin/server", 0x18),
+                         Frame(0x555555555100, "main", "/usr/bin/server", 0x10)))
+              for ip, fn in ((1, "leak"), (2, "churn"))}
+
+    class Unwinder:
+        proc_root = "/proc"
+
+        def unwind_many(self, _pid: int, _vmas: Any, regs: list[Any]) -> list[Stack]:
+            return [stacks[r[0]] for r in regs]
+
+    state = MallocState(512 * 1024, Unwinder())  # type: ignore[arg-type]
+    out: dict[str, Any] = {}
+    for tick in range(6):
+        t = tick * 100
+        out = state.update(42, 0, [
+            MallocRecord(42, t, 0x10000 + tick, size=4096, weight=526336, ip=1),
+            MallocRecord(42, t + 1, 0x20000 + tick, size=65536, weight=557056, ip=2),
+            MallocRecord(42, t + 2, 0x20000 + tick, freed=True)], [], "server",
+            1_700_000_000.0 + tick, 0)
+    return out
+
+
 def snapshots(world) -> dict[str, Snapshot]:
     p, m = standard_process(world)
     tr = ProcessTracker(p.pid, world.procfs())
@@ -107,6 +136,7 @@ def snapshots(world) -> dict[str, Snapshot]:
     full["pss_refreshed_ts"] = 1_700_000_001.0
     full["heap"] = {"status": "pending"}
     full["stacks"] = stacks_summary(_stack_profile(full))
+    full["malloc"] = _malloc_object()
     out["full"] = normalised(full)
     return out
 

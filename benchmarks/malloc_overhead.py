@@ -1,0 +1,151 @@
+"""--malloc cost on a malloc/free loop (issue 13, item 4; benchmarks/README.md).
+
+benchmarks/workloads/mallocloop.c times its own loop (64 live blocks, each
+step frees the oldest and mallocs 16 B .. 4 KiB) and prints ns per
+malloc+free pair; every mode below runs the same binary:
+
+  bare           the loop alone
+  shim           the --malloc sampler preloaded (LD_PRELOAD), no memtrace, no probes
+  run            memtrace run (no --malloc)
+  run --malloc   memtrace run --malloc: the sampler, its uprobes, the unwinding
+  memleak        bcc's memleak-bpfcc -p PID (uprobes on every libc allocation
+                 call and free), attached while the loop waits
+  uprobe ...     an empty BPF program on libc's malloc entry (push: emulated),
+                 free + 9 (its first push, the non-NULL path) or free + 0
+                 (test %rdi,%rdi: single-stepped): what `watch --malloc` would
+                 pay per call with probes in libc, before any work
+
+Modes are interleaved, REPEAT rounds; the median of each is reported.
+Run as root: sudo .venv/bin/python benchmarks/malloc_overhead.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.benchcommon import DEFAULT_MEMTRACE, build, kill, median, spawn, table  # noqa: E402
+from memtrace.malloc.shim import build_shim, child_env  # noqa: E402
+
+LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
+QUIET = ["--format", "none", "--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
+PERIOD = 512 * 1024
+
+
+def _ns(out: str) -> float:
+    m = re.search(r"ns_per_pair ([0-9.]+)", out)
+    if not m:
+        raise RuntimeError(f"no figure in {out[-500:]!r}")
+    return float(m.group(1))
+
+
+TOUCH = "0"     # set by --touch: the loop writes each block whole
+
+
+def bare(loop: Path, steps: int, env: dict[str, str] | None = None) -> float:
+    return _ns(subprocess.run([str(loop), str(steps), "0", TOUCH], capture_output=True,
+                              text=True, check=True, env=env).stdout)
+
+
+SAMPLES: list[str] = []     # run --malloc: samples taken and lost, per run
+
+
+def memtrace_run(loop: Path, steps: int, malloc: bool) -> float:
+    extra = ["--malloc", "--malloc-period", str(PERIOD)] if malloc else []
+    fmt = ["--format", "json"] if malloc else []
+    r = subprocess.run([str(DEFAULT_MEMTRACE), "run", *QUIET, *fmt, *extra, "--", str(loop),
+                        str(steps), "0", TOUCH], capture_output=True, text=True, check=True)
+    if malloc:
+        last = [line for line in r.stdout.splitlines() if '"malloc"' in line][-1]
+        m = re.search(r'"samples":\s*(\d+),\s*"frees":\s*\d+,\s*"lost":\s*(\d+)', last)
+        SAMPLES.append(f"{m.group(1)} sampled, {m.group(2)} lost" if m else "?")
+    return _ns(r.stdout)
+
+
+def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
+             probes: list[tuple[str, int]] | None = None) -> float:
+    """The loop, waiting `delay` s before it starts, with a tracer command
+    (-p PID appended) or empty uprobes (bcc) on libc at (symbol, offset)."""
+    p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE)
+    t = bpf = None
+    try:
+        if tracer is not None:
+            t = spawn([*tracer, "-p", str(p.pid)], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.DEVNULL)
+        else:
+            import bcc  # type: ignore[import-not-found]
+
+            bpf = bcc.BPF(text=b"int empty(void *ctx) { return 0; }")
+            for sym, off in probes or []:
+                bpf.attach_uprobe(name=LIBC.encode(), sym=sym.encode(), sym_off=off,
+                                  fn_name=b"empty", pid=p.pid)
+        out, _ = p.communicate(timeout=3600)
+        return _ns(out.decode())
+    finally:
+        if t is not None:
+            kill(t, term_first=True)
+        if bpf is not None:
+            bpf.cleanup()
+        kill(p)
+
+
+def main() -> None:
+    global TOUCH, PERIOD
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30_000_000)
+    ap.add_argument("--slow-steps", type=int, default=200_000,
+                    help="steps for memleak and the uprobe modes (ns per pair is per step)")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--delay", type=float, default=12.0,
+                    help="seconds the loop waits for memleak or the uprobes to attach")
+    ap.add_argument("--touch", action="store_true", help="the loop writes each block whole")
+    ap.add_argument("--period", type=int, default=PERIOD, help="--malloc-period in bytes")
+    ap.add_argument("--only", default="", help="comma-separated mode names (prefixes) to run")
+    args = ap.parse_args()
+    TOUCH = "1" if args.touch else "0"
+    PERIOD = args.period
+    loop = build("mallocloop")
+    shim = str(build_shim())
+    shim_env = child_env(os.environ, shim, args.period)
+    memleak = shutil.which("memleak-bpfcc")
+    modes = {
+        "bare": lambda: bare(loop, args.steps),
+        "shim (LD_PRELOAD only)": lambda: bare(loop, args.steps, shim_env),
+        "memtrace run": lambda: memtrace_run(loop, args.steps, False),
+        "memtrace run --malloc": lambda: memtrace_run(loop, args.steps, True),
+        "uprobe malloc+0, free+9 (emulated push)": lambda: attached(
+            loop, args.slow_steps, args.delay / 3, None, [("malloc", 0), ("free", 9)]),
+        "uprobe malloc+0, free+0 (free single-stepped)": lambda: attached(
+            loop, args.slow_steps, args.delay / 3, None, [("malloc", 0), ("free", 0)]),
+    }
+    if memleak:
+        modes["memleak-bpfcc -p PID"] = lambda: attached(
+            loop, args.slow_steps, args.delay, [memleak])
+    if args.only:
+        keep = [w.strip() for w in args.only.split(",")]
+        modes = {m: f for m, f in modes.items() if m == "bare" or any(m.startswith(k)
+                                                                       for k in keep)}
+    results: dict[str, list[float]] = {m: [] for m in modes}
+    for r in range(args.repeat):
+        for name, fn in modes.items():
+            results[name].append(fn())
+            print(f"round {r + 1} {name}: {results[name][-1]:.2f} ns/pair", flush=True)
+    base = median(results["bare"])
+    rows = [(name, f"{median(v):.2f}", f"{median(v) / base:.2f}x",
+             " ".join(f"{x:.1f}" for x in v)) for name, v in results.items()]
+    print(table(["mode", "ns per malloc+free (median)", "vs bare", "runs"], rows))
+    print(f"run --malloc samples per run: {'; '.join(SAMPLES)} (steps {args.steps}, "
+          f"period {PERIOD}, touch {TOUCH})")
+    print(f"load average: {os.getloadavg()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+
+if __name__ == "__main__":
+    main()

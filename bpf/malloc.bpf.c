@@ -1,0 +1,116 @@
+/* memtrace --malloc (docs/malloc.md): uprobes on the two empty functions of the
+ * sampler memtrace preloads into `run`'s command (memtrace/malloc/shim.c). The
+ * sampler decides which allocations are sampled (by bytes); this program only
+ * hands each one to user space with the user registers and a copy of the top
+ * of the user stack (unwound there with CFI, as --stacks does), and each free
+ * of a sampled pointer. Processes are filtered by tgid in the kernel.
+ *
+ * Its own BPF object (probes.py loads it next to memtrace.bpf.c), so that
+ * --malloc costs the fault and syscall paths nothing.
+ * Compile-time parameters (-D): MT_PAGE_SIZE, MT_MAX_TARGETS, MT_MALLOC_PAGES. */
+#include <uapi/linux/ptrace.h>
+#include "malloc.h"
+
+#define MT_PAGE_MASK ((u64)MT_PAGE_SIZE - 1)
+
+BPF_HASH(malloc_targets, u32, u8, MT_MAX_TARGETS);
+BPF_RINGBUF_OUTPUT(malloc_samples, MT_MALLOC_PAGES);
+BPF_RINGBUF_OUTPUT(malloc_frees, 1024);     /* 4 MiB, ~130,000 frees: a lost free leaves its block outstanding */
+BPF_ARRAY(malloc_counts, u64, MT_MALLOC_NCOUNTS);
+/* Per CPU: the end of the last stack copy cut short by an unmapped page, and
+ * its process (as memtrace.bpf.c keeps in its fault cache): a shallow main
+ * thread near the top of [stack] would otherwise fail a full read first at
+ * every sample, which costs a fault. */
+struct mt_malloc_cut {
+    u64 end;
+    u64 tgid;
+};
+BPF_PERCPU_ARRAY(malloc_cut, struct mt_malloc_cut, 1);
+
+static __always_inline void count(u32 which)
+{
+    u64 *n = malloc_counts.lookup(&which);
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+/* Copy [sp, end) of user memory, end - sp in [1, MT_STACK_COPY]: 0 on success. */
+static __always_inline long copy_to(u8 *dst, u64 sp, u64 end)
+{
+    u32 len = (((u32)(end - sp)) - 1) & (MT_STACK_COPY - 1);
+    return bpf_probe_read_user(dst, len + 1, (void *)sp);
+}
+
+/* [sp, sp + MT_STACK_COPY), or the longest prefix ending at a page boundary
+ * when its end is unmapped (a read fails as a whole), as memtrace.bpf.c's
+ * copy_stack. */
+static __always_inline u32 copy_stack(u8 *dst, u64 sp, u32 tgid)
+{
+    u32 zero = 0;
+    struct mt_malloc_cut *cut = malloc_cut.lookup(&zero);
+    if (cut && cut->tgid == tgid && cut->end > sp && cut->end - sp < MT_STACK_COPY &&
+        copy_to(dst, sp, cut->end) == 0)
+        return cut->end - sp;
+    if (bpf_probe_read_user(dst, MT_STACK_COPY, (void *)sp) == 0)
+        return MT_STACK_COPY;
+    u32 head = MT_PAGE_SIZE - (sp & MT_PAGE_MASK);
+#pragma unroll
+    for (int pages = MT_STACK_COPY / MT_PAGE_SIZE - 1; pages >= 0; pages--) {
+        u32 len = head + pages * MT_PAGE_SIZE;
+        if (len >= MT_STACK_COPY)
+            continue;
+        if (copy_to(dst, sp, sp + len) == 0) {
+            if (cut) {
+                cut->end = sp + len;
+                cut->tgid = tgid;
+            }
+            return len;
+        }
+    }
+    return 0;
+}
+
+/* memtrace_malloc_sampled(ptr, size, weight) */
+int on_malloc_sampled(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!malloc_targets.lookup(&tgid))
+        return 0;
+    struct mt_malloc_sample *s = malloc_samples.ringbuf_reserve(sizeof(*s));
+    if (!s) {
+        count(MT_MALLOC_LOST);
+        return 0;
+    }
+    s->tgid = tgid;
+    s->ts = bpf_ktime_get_ns();
+    s->ptr = PT_REGS_PARM1(ctx);
+    s->size = PT_REGS_PARM2(ctx);
+    s->weight = PT_REGS_PARM3(ctx);
+    s->ip = ctx->ip;
+    s->sp = ctx->sp;
+    s->bp = ctx->bp;
+    s->len = s->sp ? copy_stack(s->stack, s->sp, tgid) : 0;
+    if (!s->len)
+        count(MT_MALLOC_UNREAD);
+    malloc_samples.ringbuf_submit(s, 0);
+    return 0;
+}
+
+/* memtrace_malloc_freed(ptr) */
+int on_malloc_freed(struct pt_regs *ctx)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    if (!malloc_targets.lookup(&tgid))
+        return 0;
+    struct mt_malloc_free *f = malloc_frees.ringbuf_reserve(sizeof(*f));
+    if (!f) {
+        count(MT_MALLOC_FREES_LOST);
+        return 0;
+    }
+    f->tgid = tgid;
+    f->pad = 0;
+    f->ts = bpf_ktime_get_ns();
+    f->ptr = PT_REGS_PARM1(ctx);
+    malloc_frees.ringbuf_submit(f, 0);
+    return 0;
+}

@@ -1,0 +1,1 @@
+"""--malloc: allocations still outstanding by call stack (docs/malloc.md)."""

@@ -1,0 +1,75 @@
+"""--malloc for every watched process: a MallocTracker and a LeakDetector per
+process image, fed once a tick by the session, and what `run` reports at the
+end (docs/malloc.md)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from memtrace.malloc.leaks import LeakDetector
+from memtrace.malloc.outstanding import MallocTracker, malloc_summary
+from memtrace.stacks.profile import StackProfile
+from memtrace.stacks.unwind import Unwinder
+from memtrace.trace.mallocevents import MallocRecord
+from memtrace.trace.procfs import Vma
+
+
+class MallocState:
+    def __init__(self, period: int, unwinder: Unwinder) -> None:
+        self.period = period
+        self.unwinder = unwinder
+        self._trackers: dict[int, MallocTracker] = {}
+        self._detectors: dict[int, LeakDetector] = {}
+        self._epochs: dict[int, int] = {}
+        self.profiles: dict[int, StackProfile] = {}       # the last one of every process seen
+        self.summaries: dict[int, dict[str, Any]] = {}    # likewise, the snapshot's object
+
+    def update(self, pid: int, epoch: int, records: list[MallocRecord], vmas: Sequence[Vma],
+               comm: str, ts: float, lost: int) -> dict[str, Any]:
+        """Apply a tick's records of one process; its `malloc` snapshot object."""
+        tracker = self._trackers.get(pid)
+        detector = self._detectors.get(pid)
+        if tracker is None or detector is None:
+            tracker = self._trackers[pid] = MallocTracker(pid, self.unwinder)
+            detector = self._detectors[pid] = LeakDetector()
+        elif self._epochs.get(pid) != epoch:
+            # a new image: its allocations start again; this drain's records may
+            # be the old image's (they carry no epoch) and are dropped
+            tracker.forget_exec()
+            detector.clear()
+            records = []
+        self._epochs[pid] = epoch
+        tracker.add(records, vmas)
+        profile = tracker.profile(comm, ts, self.period, lost)
+        detector.observe(ts, tracker.outstanding())
+        self.profiles[pid] = profile
+        summary = self.summaries[pid] = malloc_summary(tracker, profile, detector.leaks())
+        return summary
+
+    def forget(self, pid: int) -> None:
+        """A process detached: its figures stay in profiles and summaries."""
+        self._trackers.pop(pid, None)
+        self._detectors.pop(pid, None)
+        self._epochs.pop(pid, None)
+
+
+def leak_report(summaries: dict[int, dict[str, Any]]) -> list[str]:
+    """The lines `run` prints at its end: per process, the stacks the leak
+    rule names (docs/malloc.md), or that there are none."""
+    lines = []
+    for pid, s in sorted(summaries.items()):
+        leaks = s.get("leaks") or []
+        head = (f"--malloc pid {pid}: {s['outstanding_bytes']} bytes outstanding in sampled "
+                f"allocations ({s['samples']} samples, {s['frees']} freed)")
+        if not leaks:
+            lines.append(f"{head}; no stack grew across the last {s['leak_intervals']} "
+                         "intervals")
+            continue
+        lines.append(f"{head}; growing across the last {s['leak_intervals']} intervals:")
+        for lk in leaks:
+            frames = lk["frames"]
+            lines.append(f"  {lk['bytes']} bytes outstanding, +{lk['growth_bytes']} in "
+                         f"{lk['seconds']}s ({lk['bytes_per_second']} B/s): "
+                         + " <- ".join(frames[:8]) + (" ..." if len(frames) > 8 else ""))
+    return lines

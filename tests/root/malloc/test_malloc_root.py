@@ -1,0 +1,99 @@
+"""`run --malloc` end to end (issue 13, item 4): tests/workloads/mallocleak.c,
+built -O2 without frame pointers, allocates through two paths at known rates:
+churn_blocks mallocs 64 KiB blocks and frees each one, leak_slowly keeps
+1 MiB/s outstanding in 4 KiB blocks. Outstanding bytes by stack must give
+leak_slowly its exact leaked bytes within 10 % and churn_blocks nothing; the
+leak report (stderr and JSON) must name leak_slowly and not churn_blocks."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.root.harness import MEMTRACE, REPO_ROOT, TIMEOUT_SCALE, skip_reason
+
+_SKIP = skip_reason()
+pytestmark = [pytest.mark.root, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
+
+WORKLOAD = REPO_ROOT / "tests" / "workloads" / "mallocleak.c"
+QUIET = ["--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        pytest.fail("no C compiler (gcc) found")
+    out = tmp_path_factory.mktemp("mallocleak") / "mallocleak"
+    subprocess.run([cc, "-O2", "-fomit-frame-pointer", "-o", str(out), str(WORKLOAD)],
+                   check=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def traced(program: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    out_dir = tmp_path_factory.mktemp("malloc-out")
+    # 16 KiB between samples: ~500 samples of leak_slowly's 8 MiB (4.4 % RSD)
+    r = subprocess.run(
+        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--malloc",
+         "--malloc-period", "16K", "--malloc-output", str(out_dir), "--",
+         str(program), "8", "3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = re.search(r"leaked (\d+) churned (\d+)", r.stdout)
+    assert m, r.stdout[-2000:]
+    snaps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    snaps = [s for s in snaps if "summary" not in s]
+    assert snaps and all("malloc" in s for s in snaps), r.stderr[-2000:]
+    return {"snaps": snaps, "leaked": int(m.group(1)), "churned": int(m.group(2)),
+            "stderr": r.stderr, "out": out_dir}
+
+
+def _bytes_of(entries: list[dict[str, Any]], function: str) -> int:
+    return sum(e["bytes"] for e in entries
+               if any(f.split(" (")[0] == function for f in e["frames"]))
+
+
+def test_outstanding_by_stack_gives_the_leak_its_bytes_and_the_churn_none(traced):
+    last = traced["snaps"][-1]["malloc"]      # in the pause: nothing moves any more
+    assert _bytes_of(last["outstanding"], "leak_slowly") == pytest.approx(
+        traced["leaked"], rel=0.10), last["outstanding"]
+    assert _bytes_of(last["outstanding"], "churn_blocks") == 0, last["outstanding"]
+    assert _bytes_of(last["allocated"], "churn_blocks") == pytest.approx(
+        traced["churned"], rel=0.10), last["allocated"]
+    assert last["lost"] == 0
+
+
+def test_frames_go_from_malloc_through_the_path_to_main(traced):
+    top = traced["snaps"][-1]["malloc"]["outstanding"][0]
+    names = [f.split(" (")[0] for f in top["frames"]]
+    assert names[:3] == ["malloc", "leak_slowly", "main"], names
+    assert not top["truncated"]
+
+
+def test_the_leak_report_names_the_leak_and_not_the_churn(traced):
+    leaks = traced["snaps"][-1]["malloc"]["leaks"]
+    assert _bytes_of(leaks, "leak_slowly") > 0 and _bytes_of(leaks, "churn_blocks") == 0
+    report = [line for line in traced["stderr"].splitlines() if "--malloc pid" in line
+              or "B/s)" in line]
+    assert any("leak_slowly" in line for line in report), traced["stderr"][-2000:]
+    assert not any("churn_blocks" in line for line in report), report
+
+
+def test_malloc_output_files(traced):
+    pid = traced["snaps"][0]["pid"]
+    out: Path = traced["out"]
+    outstanding = (out / f"memtrace-{pid}-malloc-outstanding.folded").read_text()
+    assert "leak_slowly" in outstanding and "churn_blocks" not in outstanding
+    assert "churn_blocks" in (out / f"memtrace-{pid}-malloc-allocated.folded").read_text()
+    profile = gzip.decompress((out / f"memtrace-{pid}-malloc.pb.gz").read_bytes())
+    assert b"outstanding_space" in profile and b"leak_slowly" in profile

@@ -1,0 +1,189 @@
+"""--malloc netting and the leak rule (memtrace/malloc/), on hand-made records
+with a stand-in unwinder (the real one is tested in tests/unit/stacks)."""
+
+from __future__ import annotations
+
+import ctypes
+from typing import Any
+
+import pytest
+
+from memtrace.malloc.leaks import LeakDetector
+from memtrace.malloc.outstanding import MallocTracker, malloc_summary, trim_sampler
+from memtrace.malloc.state import MallocState, leak_report
+from memtrace.stacks.profile import Frame, Stack
+from memtrace.trace.mallocevents import (
+    MallocRecord,
+    RawMallocFree,
+    RawMallocHeader,
+    decode_malloc_free,
+    decode_malloc_sample,
+)
+
+SHIM = "/var/cache/memtrace/libmemtrace-malloc-0123456789abcdef.so"
+
+
+def _stack(*names: str) -> Stack:
+    frames = [Frame(0x1000 + i, n, SHIM if n.startswith(("memtrace_", "malloc", "sampled"))
+                    else "/usr/bin/prog") for i, n in enumerate(names)]
+    return Stack(tuple(frames))
+
+
+class FakeUnwinder:
+    """Unwinds a record to the stack named by its ip (the test's table)."""
+
+    def __init__(self, stacks: dict[int, Stack]) -> None:
+        self.stacks = stacks
+        self.proc_root = "/proc"
+
+    def unwind_many(self, pid: int, vmas: Any, regs: list[tuple[int, int, int, bytes]]
+                    ) -> list[Stack]:
+        return [self.stacks[ip] for ip, _sp, _bp, _stack in regs]
+
+
+A = _stack("memtrace_malloc_sampled", "sampled", "malloc", "churn", "main")
+B = _stack("memtrace_malloc_sampled", "malloc", "leak", "main")
+
+
+def _alloc(ts: int, ptr: int, weight: int, ip: int) -> MallocRecord:
+    return MallocRecord(tgid=1, ts=ts, ptr=ptr, size=weight, weight=weight, ip=ip)
+
+
+def _free(ts: int, ptr: int) -> MallocRecord:
+    return MallocRecord(tgid=1, ts=ts, ptr=ptr, freed=True)
+
+
+def _tracker() -> MallocTracker:
+    return MallocTracker(1, FakeUnwinder({1: A, 2: B}))   # type: ignore[arg-type]
+
+
+def _by_leaf_caller(t: MallocTracker) -> dict[str, int]:
+    return {t.stack(sid).frames[1].function: b for sid, b in t.outstanding().items()}
+
+
+def test_the_sampler_frames_are_cut_to_the_function_the_program_called():
+    assert [f.function for f in trim_sampler(A).frames] == ["malloc", "churn", "main"]
+    assert [f.function for f in trim_sampler(B).frames] == ["malloc", "leak", "main"]
+    plain = _stack("leak", "main")
+    assert trim_sampler(plain) == plain
+
+
+def test_frees_net_their_own_allocations_in_timestamp_order():
+    t = _tracker()
+    # out of order as two rings deliver them: the free of 0x10 comes first
+    t.add([_free(30, 0x10), _alloc(10, 0x10, 500, 1), _alloc(20, 0x20, 700, 2),
+           _alloc(40, 0x10, 300, 1)], [])
+    assert _by_leaf_caller(t) == {"churn": 300, "leak": 700}
+    t.add([_free(50, 0x20), _free(60, 0x999)], [])   # a pointer never sampled: ignored
+    assert _by_leaf_caller(t) == {"churn": 300}
+    assert (t.samples, t.frees) == (3, 2)
+    p = t.profile("prog", 1.0, 512)
+    assert p.held_total() == 300 and p.brought_total() == 1500
+
+
+def test_a_free_whose_allocation_comes_a_drain_later_still_nets_it():
+    t = _tracker()
+    t.add([_free(20, 0x10)], [])
+    t.add([_alloc(10, 0x10, 500, 1), _alloc(30, 0x30, 100, 2)], [])
+    assert _by_leaf_caller(t) == {"leak": 100}
+    t.add([_free(50, 0x40)], [])
+    t.add([], [])
+    t.add([_alloc(40, 0x40, 100, 1)], [])          # kept one drain only
+    assert _by_leaf_caller(t) == {"leak": 100, "churn": 100}
+
+
+def test_one_address_allocated_and_freed_again_across_a_drain_boundary():
+    """The frees ring was read after the samples ring: two later cycles of the
+    same address have their frees in this drain and allocations in the next."""
+    t = _tracker()
+    t.add([_alloc(1, 0x10, 500, 1), _free(2, 0x10), _free(4, 0x10), _free(6, 0x10)], [])
+    t.add([_alloc(3, 0x10, 500, 1), _alloc(5, 0x10, 500, 1), _alloc(7, 0x10, 500, 1)], [])
+    assert _by_leaf_caller(t) == {"churn": 500}
+    t.add([_free(8, 0x10)], [])
+    assert _by_leaf_caller(t) == {}
+
+
+def test_an_address_sampled_again_replaces_its_lost_free():
+    t = _tracker()
+    t.add([_alloc(10, 0x10, 500, 1), _alloc(20, 0x10, 100, 2)], [])
+    assert _by_leaf_caller(t) == {"leak": 100}
+
+
+def test_an_exec_starts_again_and_drops_that_drains_records():
+    state = MallocState(512, FakeUnwinder({1: A, 2: B}))   # type: ignore[arg-type]
+    s = state.update(1, 0, [_alloc(10, 0x10, 500, 1)], [], "prog", 1.0, 0)
+    assert s["outstanding_bytes"] == 500
+    s = state.update(1, 1, [_alloc(20, 0x20, 700, 2)], [], "prog", 2.0, 0)
+    assert s["outstanding_bytes"] == 0 and s["samples"] == 0
+    s = state.update(1, 1, [_alloc(30, 0x30, 900, 2)], [], "prog", 3.0, 0)
+    assert s["outstanding_bytes"] == 900
+
+
+def test_the_leak_rule_names_a_stack_that_only_grows():
+    d = LeakDetector(intervals=3)
+    for i, (a, b, c) in enumerate([(0, 0, 5), (10, 100, 5), (0, 200, 5), (10, 300, 5),
+                                   (0, 300, 5)]):
+        d.observe(float(i), {"churn": a, "leak": b, "flat": c})
+    leaks = d.leaks()
+    assert [lk.key for lk in leaks] == ["leak"]
+    assert (leaks[0].bytes, leaks[0].growth, leaks[0].seconds) == (300, 200, 3.0)
+    assert leaks[0].bytes_per_second == pytest.approx(200 / 3)
+    d.observe(5.0, {"leak": 250})                    # one decrease: out of the report
+    assert d.leaks() == []
+
+
+def test_the_leak_rule_needs_a_whole_window():
+    d = LeakDetector(intervals=5)
+    for i in range(5):
+        d.observe(float(i), {"leak": 100 * i})
+    assert d.leaks() == []                           # 5 readings: 4 intervals
+    d.observe(5.0, {"leak": 500})
+    assert [lk.key for lk in d.leaks()] == ["leak"]
+
+
+def test_a_stack_that_holds_nothing_for_a_window_is_forgotten():
+    d = LeakDetector(intervals=2)
+    d.observe(0.0, {"gone": 10})
+    for i in range(1, 5):
+        d.observe(float(i), {})
+    assert "gone" not in d._history
+
+
+def test_summary_and_leak_report():
+    state = MallocState(512, FakeUnwinder({1: A, 2: B}))   # type: ignore[arg-type]
+    ptr = 0x1000
+    for tick in range(7):
+        recs = [_alloc(tick * 10, ptr + tick, 1000, 2), _alloc(tick * 10 + 1, 0x9000 + tick, 50, 1),
+                _free(tick * 10 + 2, 0x9000 + tick)]
+        s = state.update(1, 0, recs, [], "prog", float(tick), 0)
+    assert s["outstanding_bytes"] == 7000 and s["allocated_bytes"] == 7350
+    assert s["outstanding"][0]["frames"][:2] == ["malloc (libmemtrace-malloc-0123456789abcdef.so)",
+                                                 "leak (prog)"]
+    assert [lk["frames"][1] for lk in s["leaks"]] == ["leak (prog)"]
+    assert s["leaks"][0]["growth_bytes"] == 5000 and s["leak_intervals"] == 5
+    lines = leak_report(state.summaries)
+    assert "growing" in lines[0] and "leak (prog)" in lines[1] and "churn" not in "".join(lines)
+
+
+def test_malloc_summary_is_bounded():
+    t = MallocTracker(1, FakeUnwinder({i: _stack("malloc", f"f{i}", "main")
+                                       for i in range(30)}))   # type: ignore[arg-type]
+    t.add([_alloc(i, 0x100 + i, 10 + i, i) for i in range(30)], [])
+    s = malloc_summary(t, t.profile("p", 0.0, 512), [], top=10)
+    assert len(s["outstanding"]) == 10 and s["outstanding"][0]["bytes"] == 39
+
+
+def test_records_decode_from_their_bytes():
+    head = RawMallocHeader(tgid=7, len=16, ts=5, ptr=0x1234, size=100, weight=600,
+                           ip=0x400000, sp=0x7ff0, bp=0)
+    rec = decode_malloc_sample(bytes(head) + b"A" * 16 + b"B" * 32)
+    assert (rec.tgid, rec.ts, rec.ptr, rec.size, rec.weight, rec.ip, rec.sp) == (
+        7, 5, 0x1234, 100, 600, 0x400000, 0x7ff0)
+    assert rec.stack == b"A" * 16 and not rec.freed
+    # from a ring record's address: the header and the len bytes only
+    buf = ctypes.create_string_buffer(bytes(head) + b"A" * 16 + b"B" * 32)
+    assert decode_malloc_sample(ctypes.addressof(buf), len(buf.raw)) == rec
+    f = decode_malloc_free(bytes(RawMallocFree(tgid=7, pad=0, ts=9, ptr=0x1234)))
+    assert f.freed and (f.tgid, f.ts, f.ptr) == (7, 9, 0x1234)
+    fbuf = ctypes.create_string_buffer(bytes(RawMallocFree(tgid=7, pad=0, ts=9, ptr=0x1234)))
+    assert decode_malloc_free(ctypes.addressof(fbuf), 24) == f
