@@ -34,41 +34,7 @@ static __always_inline void count(u32 which)
         __sync_fetch_and_add(n, 1);
 }
 
-/* Copy [sp, end) of user memory, end - sp in [1, MT_STACK_COPY]: 0 on success. */
-static __always_inline long copy_to(u8 *dst, u64 sp, u64 end)
-{
-    u32 len = (((u32)(end - sp)) - 1) & (MT_STACK_COPY - 1);
-    return bpf_probe_read_user(dst, len + 1, (void *)sp);
-}
-
-/* [sp, sp + MT_STACK_COPY), or the longest prefix ending at a page boundary
- * when its end is unmapped (a read fails as a whole), as memtrace.bpf.c's
- * copy_stack. */
-static __always_inline u32 copy_stack(u8 *dst, u64 sp, u32 tgid)
-{
-    u32 zero = 0;
-    struct mt_malloc_cut *cut = malloc_cut.lookup(&zero);
-    if (cut && cut->tgid == tgid && cut->end > sp && cut->end - sp < MT_STACK_COPY &&
-        copy_to(dst, sp, cut->end) == 0)
-        return cut->end - sp;
-    if (bpf_probe_read_user(dst, MT_STACK_COPY, (void *)sp) == 0)
-        return MT_STACK_COPY;
-    u32 head = MT_PAGE_SIZE - (sp & MT_PAGE_MASK);
-#pragma unroll
-    for (int pages = MT_STACK_COPY / MT_PAGE_SIZE - 1; pages >= 0; pages--) {
-        u32 len = head + pages * MT_PAGE_SIZE;
-        if (len >= MT_STACK_COPY)
-            continue;
-        if (copy_to(dst, sp, sp + len) == 0) {
-            if (cut) {
-                cut->end = sp + len;
-                cut->tgid = tgid;
-            }
-            return len;
-        }
-    }
-    return 0;
-}
+#include "stackcopy.h"
 
 /* memtrace_malloc_sampled(ptr, size, weight) */
 int on_malloc_sampled(struct pt_regs *ctx)
@@ -89,7 +55,9 @@ int on_malloc_sampled(struct pt_regs *ctx)
     s->ip = ctx->ip;
     s->sp = ctx->sp;
     s->bp = ctx->bp;
-    s->len = s->sp ? copy_stack(s->stack, s->sp, tgid) : 0;
+    u32 zero = 0;
+    struct mt_malloc_cut *cut = malloc_cut.lookup(&zero);     /* never NULL: one slot per CPU */
+    s->len = s->sp && cut ? copy_stack(&cut->end, &cut->tgid, tgid, s->stack, s->sp) : 0;
     if (!s->len)
         count(MT_MALLOC_UNREAD);
     malloc_samples.ringbuf_submit(s, 0);

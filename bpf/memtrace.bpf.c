@@ -84,41 +84,7 @@ static __always_inline u64 read_reg(u64 regs, u64 off)
     return v;
 }
 
-/* Copy [sp, end) of user memory, end - sp in [1, MT_STACK_COPY]: 0 on success. */
-static __always_inline long copy_to(u8 *dst, u64 sp, u64 end)
-{
-    /* masked into [1, MT_STACK_COPY] so that every verifier sees the bound */
-    u32 len = (((u32)(end - sp)) - 1) & (MT_STACK_COPY - 1);
-    return bpf_probe_read_user(dst, len + 1, (void *)sp);
-}
-
-/* Copy [sp, sp + MT_STACK_COPY) of user memory, or, when its end is unmapped
- * (a read fails as a whole, after a fault), the longest prefix ending at a page
- * boundary. The CPU remembers where a copy was cut: the next sample with sp
- * just below that end (the same shallow stack, as a main thread's near the top
- * of [stack]) copies up to it at once instead of failing first. */
-static __always_inline u32 copy_stack(struct mt_fault_cache *fc, u32 tgid, u8 *dst, u64 sp)
-{
-    u64 end = fc->stack_end;
-    if (fc->stack_tgid == tgid && end > sp && end - sp < MT_STACK_COPY &&
-        copy_to(dst, sp, end) == 0)
-        return end - sp;
-    if (bpf_probe_read_user(dst, MT_STACK_COPY, (void *)sp) == 0)
-        return MT_STACK_COPY;
-    u32 head = MT_PAGE_SIZE - (sp & MT_PAGE_MASK);
-#pragma unroll
-    for (int pages = MT_STACK_COPY / MT_PAGE_SIZE - 1; pages >= 0; pages--) {
-        u32 len = head + pages * MT_PAGE_SIZE;
-        if (len >= MT_STACK_COPY)
-            continue;
-        if (copy_to(dst, sp, sp + len) == 0) {
-            fc->stack_end = sp + len;
-            fc->stack_tgid = tgid;
-            return len;
-        }
-    }
-    return 0;
-}
+#include "stackcopy.h"
 
 static __always_inline void take_sample(struct mt_fault_cache *fc, u32 tgid, u32 epoch, u64 addr,
                                         u64 regs, u32 flags)
@@ -138,7 +104,7 @@ static __always_inline void take_sample(struct mt_fault_cache *fc, u32 tgid, u32
     s->ip = regs ? read_reg(regs, MT_REGS_IP) : 0;
     s->sp = regs ? read_reg(regs, MT_REGS_SP) : 0;
     s->bp = regs ? read_reg(regs, MT_REGS_BP) : 0;
-    s->len = s->sp ? copy_stack(fc, tgid, s->stack, s->sp) : 0;
+    s->len = s->sp ? copy_stack(&fc->stack_end, &fc->stack_tgid, tgid, s->stack, s->sp) : 0;
     if (!s->len && st)
         __sync_fetch_and_add(&st->stacks_unread, 1);
     /* Records wake nobody, but every MT_STACKS_WAKE-th of a process wakes

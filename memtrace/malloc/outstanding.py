@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from memtrace.malloc.leaks import LEAK_INTERVALS, Leak
-from memtrace.stacks.profile import Stack, StackProfile, StackSample
+from memtrace.stacks.profile import Stack, StackIds, StackProfile, StackSample
 from memtrace.stacks.summary import FRAMES_MAX, frame_text
 from memtrace.stacks.unwind import Unwinder
 from memtrace.trace.mallocevents import MallocRecord
@@ -49,8 +49,7 @@ class MallocTracker:
         self._reset()
 
     def _reset(self) -> None:
-        self._ids: dict[Stack, int] = {}
-        self._stacks: list[Stack] = []
+        self._stacks = StackIds()
         self._live: dict[int, tuple[int, int]] = {}        # ptr -> (stack id, weight)
         self._outstanding: dict[int, list[int]] = {}       # stack id -> [bytes, blocks]
         self._allocated: dict[int, list[int]] = {}         # stack id -> [bytes, samples]
@@ -71,7 +70,7 @@ class MallocTracker:
         for r in records:
             if not r.freed:
                 assert stacks is not None
-                self.alloc(self._intern(trim_sampler(next(stacks))), r.ptr, r.weight)
+                self.alloc(self._stacks.intern(trim_sampler(next(stacks))), r.ptr, r.weight)
             elif not self._free(r.ptr) and id(r) not in carried:
                 self._carried.append(r)
 
@@ -95,13 +94,6 @@ class MallocTracker:
             del self._outstanding[sid]
         self.frees += 1
         return True
-
-    def _intern(self, stack: Stack) -> int:
-        sid = self._ids.get(stack)
-        if sid is None:
-            sid = self._ids[stack] = len(self._stacks)
-            self._stacks.append(stack)
-        return sid
 
     def stack(self, sid: int) -> Stack:
         return self._stacks[sid]

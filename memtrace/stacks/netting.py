@@ -21,7 +21,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
-from memtrace.stacks.profile import Frame, Stack, StackProfile, StackSample
+from memtrace.stacks.profile import Frame, Stack, StackIds, StackProfile, StackSample
 from memtrace.stacks.unwind import Unwinder
 from memtrace.trace.attribution import classify, mapping_identity, segments_for
 from memtrace.trace.events import CHUNK_SHIFT, ChunkMark, StackRecord
@@ -61,8 +61,7 @@ class StackTracker:
         self.pid = pid
         self.unwinder = unwinder
         self.top = top                  # stacks a view shows; the profile keeps all
-        self._ids: dict[Stack, int] = {}
-        self._stacks: list[Stack] = []
+        self._stacks = StackIds()
         self._pages: dict[int, tuple[int, int, int]] = {}   # page -> (stack, weight, gen)
         self._brought: dict[tuple[int, MappingKey], list[int]] = {}  # -> [bytes, samples]
         # chunk -> (stack, mapping) -> sampled weight, and chunk -> exact faults
@@ -84,7 +83,7 @@ class StackTracker:
             self.pid, vmas, [(r.ip, r.sp, r.bp, r.stack) for r in records])
         mapping_of = _MappingFinder(self, vmas, self._exe_now())
         for r, stack in zip(records, stacks):
-            sid = self._intern(stack)
+            sid = self._stacks.intern(stack)
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))
             in_chunk = self._chunk_weights.setdefault(r.addr >> CHUNK_SHIFT, {})
@@ -112,7 +111,6 @@ class StackTracker:
 
     def forget_exec(self) -> None:
         """A new program image: nothing sampled before applies to it."""
-        self._ids.clear()
         self._stacks.clear()
         self._pages.clear()
         self._brought.clear()
@@ -120,13 +118,6 @@ class StackTracker:
         self._chunk_faults.clear()
         self._exe = None
         self.samples = self.weight = self.samples_lost = 0
-
-    def _intern(self, stack: Stack) -> int:
-        sid = self._ids.get(stack)
-        if sid is None:
-            sid = self._ids[stack] = len(self._stacks)
-            self._stacks.append(stack)
-        return sid
 
     def _exe_now(self) -> bytes:
         if self._exe is None:

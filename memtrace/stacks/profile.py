@@ -39,6 +39,32 @@ class Stack:
         return bool(self.frames) and self.frames[-1] == TRUNCATED
 
 
+class StackIds:
+    """Small integer ids for distinct stacks, so that per-page and per-block
+    state holds an int instead of a tuple of frames."""
+
+    def __init__(self) -> None:
+        self._ids: dict[Stack, int] = {}
+        self._stacks: list[Stack] = []
+
+    def intern(self, stack: Stack) -> int:
+        sid = self._ids.get(stack)
+        if sid is None:
+            sid = self._ids[stack] = len(self._stacks)
+            self._stacks.append(stack)
+        return sid
+
+    def __getitem__(self, sid: int) -> Stack:
+        return self._stacks[sid]
+
+    def __len__(self) -> int:
+        return len(self._stacks)
+
+    def clear(self) -> None:
+        self._ids.clear()
+        self._stacks.clear()
+
+
 @dataclass
 class StackSample:
     """What one stack holds in one mapping."""

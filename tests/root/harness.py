@@ -172,11 +172,25 @@ class Workloads:
     libdummy: Path
 
 
-def build_workloads(out: Path) -> Workloads:
-    """Compile tests/workloads (scenarios, libdummy.so) into the directory out."""
+def c_compiler() -> str:
+    """$CC, gcc or cc; the test fails when there is none."""
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if not cc:
         pytest.fail("no C compiler (gcc) found: needed to build tests/workloads")
+    return cc
+
+
+def build_without_frame_pointers(source: Path, out: Path) -> Path:
+    """Compile one C workload -O2 without frame pointers (as Debian builds libc),
+    for the tests whose stacks must unwind through CFI."""
+    subprocess.run([c_compiler(), "-O2", "-fomit-frame-pointer", "-o", str(out), str(source)],
+                   check=True)
+    return out
+
+
+def build_workloads(out: Path) -> Workloads:
+    """Compile tests/workloads (scenarios, libdummy.so) into the directory out."""
+    cc = c_compiler()
     scen, lib = out / "scenarios", out / "libdummy.so"
     cmds = [
         [cc, "-O1", "-pthread", "-o", str(scen), str(WORKLOADS_DIR / "scenarios.c"), "-ldl"],

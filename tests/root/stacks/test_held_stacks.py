@@ -10,7 +10,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,7 +19,13 @@ from typing import Any
 
 import pytest
 
-from tests.root.harness import MEMTRACE, REPO_ROOT, TIMEOUT_SCALE, skip_reason
+from tests.root.harness import (
+    MEMTRACE,
+    REPO_ROOT,
+    TIMEOUT_SCALE,
+    build_without_frame_pointers,
+    skip_reason,
+)
 
 _SKIP = skip_reason()
 pytestmark = [pytest.mark.root, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
@@ -32,13 +37,8 @@ QUIET = ["--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
 
 @pytest.fixture(scope="module")
 def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        pytest.fail("no C compiler (gcc) found")
     out = tmp_path_factory.mktemp("heldstacks") / "heldstacks"
-    subprocess.run([cc, "-O2", "-fomit-frame-pointer", "-o", str(out), str(WORKLOAD)],
-                   check=True)
-    return out
+    return build_without_frame_pointers(WORKLOAD, out)
 
 
 def _bytes_of(stacks: list[dict[str, Any]], function: str) -> int:
