@@ -26,6 +26,8 @@ class ExitCode(enum.IntEnum):
     HEAP_UNREADABLE = 13
     OUTPUT_FAILED = 14
     NO_COMPILER = 15
+    RECORDING_UNREADABLE = 16
+    BUDGET_EXCEEDED = 17
 
     @property
     def description(self) -> str:
@@ -51,6 +53,10 @@ DESCRIPTIONS = {
     ExitCode.OUTPUT_FAILED: "output cannot be written (disk full, I/O error; a closed pipe "
                             "quietly)",
     ExitCode.NO_COMPILER: "no C compiler to build the --malloc sampler",
+    ExitCode.RECORDING_UNREADABLE: "recording unreadable, cut short or corrupt (what could "
+                                   "be read was used)",
+    ExitCode.BUDGET_EXCEEDED: "a memory budget was exceeded (run --max-rss, --max-growth, "
+                              "--max-pss; check)",
 }
 
 

@@ -50,6 +50,8 @@ LAYERS = [
     {"domain"},            # the snapshot, what a tick publishes, library events, explain
     {"session"},           # the loop shared by watch, run and agent
     {"views", "exporter"}, # renderers: table, JSON Lines, summary, /metrics
+    {"record"},            # recordings (.mtrace): the writer (a view) and the reader
+    {"reports"},           # what is made from recordings: HTML report, diff, gate
     {"commands"},          # one module per subcommand
 ]
 TOP_LEVEL = {
