@@ -53,10 +53,8 @@ DESCRIPTIONS = {
     ExitCode.OUTPUT_FAILED: "output cannot be written (disk full, I/O error; a closed pipe "
                             "quietly)",
     ExitCode.NO_COMPILER: "no C compiler to build the --malloc sampler",
-    ExitCode.RECORDING_UNREADABLE: "recording unreadable, cut short or corrupt (what could "
-                                   "be read was used)",
-    ExitCode.BUDGET_EXCEEDED: "a memory budget was exceeded (run --max-rss, --max-growth, "
-                              "--max-pss; check)",
+    ExitCode.RECORDING_UNREADABLE: "recording unreadable, cut short or corrupt",
+    ExitCode.BUDGET_EXCEEDED: "memory budget exceeded",
 }
 
 

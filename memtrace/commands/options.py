@@ -18,7 +18,7 @@ from memtrace.exporter.web import DEFAULT_LISTEN, listen_problem
 from memtrace.stacks.summary import STACKS_TOP
 
 # The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
-EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,), (15,))
+EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,), (15,), (16, 17))
 EXIT_CODES_HELP = "\b\nExit codes: " + ";\n".join(
     "; ".join(f"{c} {ExitCode(c).description}" for c in line) for line in EXIT_CODE_LINES
 ) + """.
