@@ -4,9 +4,12 @@ import it without the engine."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memtrace.trace.events import SyscallEvent
+
+if TYPE_CHECKING:
+    from memtrace.stacks.profile import StackProfile
 
 
 class Reporter:
@@ -15,9 +18,14 @@ class Reporter:
 
     wants_events = False        # the probes stream syscall records for events()
     wants_json_text = False     # snapshots carry their mappings' JSON text
+    wants_stack_profiles = False  # --stacks: stack_profile() before each snapshot
 
     def snapshot(self, snap: dict[str, Any]) -> None:
         """The latest snapshot of one process (docs/output.md)."""
+
+    def stack_profile(self, profile: StackProfile) -> None:
+        """--stacks: the whole profile of a process, just before its snapshot
+        (only when wants_stack_profiles; the same object while nothing changed)."""
 
     def events(self, events: list[SyscallEvent]) -> None:
         """The syscall records drained this tick (only when wants_events)."""

@@ -442,6 +442,7 @@ class Session:
                 and pid in self._profiles:
             self._profiles[pid].ts = snap["ts"]
             snap["stacks"] = last[1]
+            self._report_profile(pid)
             return
         vmas = tracker.space.vmas
         st.add(records, vmas)
@@ -452,6 +453,12 @@ class Session:
         self._profiles[pid] = profile
         snap["stacks"] = stacks_summary(profile)
         self._profile_inputs[pid] = (inputs, snap["stacks"])
+        self._report_profile(pid)
+
+    def _report_profile(self, pid: int) -> None:
+        """The whole profile to a reporter that keeps it (a recording)."""
+        if self.reporter.wants_stack_profiles:
+            self.reporter.stack_profile(self._profiles[pid])
 
     def stack_profiles(self) -> dict[int, StackProfile]:
         """The last stack profile of every process watched with --stacks,

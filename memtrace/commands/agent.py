@@ -20,6 +20,7 @@ from memtrace.commands.live import (
     bind_metrics,
     close_live,
     make_reporter,
+    recording_tee,
     serve_metrics,
 )
 from memtrace.commands.options import (
@@ -328,6 +329,27 @@ class Agent:
             session.notices_lost = dict(lost)
 
 
+def agent_recording_path(directory: str, now: float | None = None) -> str:
+    """DIR/memtrace-HOST-YYYYmmdd-HHMMSS.mtrace for --record DIR (DIR created;
+    a name taken in the same second gets -2, -3, ...)."""
+    import socket
+
+    from memtrace.errors import OutputError
+
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"--record {directory}: {e.strerror or e}") from None
+    host = re.sub(r"[^A-Za-z0-9_.-]+", "_", socket.gethostname()) or "host"
+    base = os.path.join(directory, f"memtrace-{host}-"
+                        f"{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
+    path, n = f"{base}.mtrace", 1
+    while os.path.exists(path):
+        n += 1
+        path = f"{base}-{n}.mtrace"
+    return path
+
+
 def all_pids(procfs: ProcFS) -> list[int]:
     try:
         return sorted(int(p.name) for p in Path(procfs.root).iterdir() if p.name.isdigit())
@@ -370,6 +392,11 @@ def all_pids(procfs: ProcFS) -> list[int]:
 @click.option("--max-mapping-series", type=click.IntRange(min=2, max=1_000_000), default=50,
               show_default=True)
 @click.option("-o", "--output", type=click.Path(dir_okay=False), default=None)
+@click.option("--record", "record_dir", type=click.Path(file_okay=False), default=None,
+              metavar="DIR", help="Also write a recording of this agent run to "
+              "DIR/memtrace-HOST-YYYYmmdd-HHMMSS.mtrace (named on stderr; DIR is created): "
+              "every watched process's snapshots, attach and exit messages, and with "
+              "--stacks the stack profiles (docs/recording.md).")
 @heap_interval_option()
 @pss_interval_option()
 @stacks_options
@@ -377,8 +404,9 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
           user: tuple[str, ...], config_file: str | None, all_: bool, min_rss: int,
           sweep_interval: float, max_processes: int, group_by: str, fmt: str,
           interval: float, reconcile_interval: float, listen: str, web_config: str | None,
-          max_mapping_series: int, output: str | None, heap_interval: float,
-          pss_interval: float, stacks_opts: StacksOptions | None) -> None:
+          max_mapping_series: int, output: str | None, record_dir: str | None,
+          heap_interval: float, pss_interval: float,
+          stacks_opts: StacksOptions | None) -> None:
     """Run as a node agent: watch processes picked by rules, attach to new ones on
     exec, serve /metrics. SIGTERM, SIGINT or SIGHUP detaches every probe and exits 0."""
     raw_rules = command_line_rules(comm=comm, exe=exe, cgroup=cgroup, user=user)
@@ -399,6 +427,8 @@ def agent(comm: tuple[str, ...], exe: tuple[str, ...], cgroup: tuple[str, ...],
                             "--config) or --all", ExitCode.USAGE)
     web_cfg = load_web_config(web_config)
     reporter: Reporter = make_reporter("json", output) if fmt == "json" else NullReporter()
+    if record_dir is not None:
+        reporter = recording_tee(reporter, agent_recording_path(record_dir), "agent")
     session = Session(reporter, interval, reconcile_interval)
     session.grouping = group_by != "pid"
     session.container_labels = True    # container_id, pod_uid from the cgroup path

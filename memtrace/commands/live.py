@@ -68,10 +68,47 @@ def serve_metrics(session: Session, server: MetricsServer | None,
     return server
 
 
-def make_reporter(fmt: str, output: str | None, table_opts: Any = None) -> Reporter:
+def make_reporter(fmt: str, output: str | None, table_opts: Any = None,
+                  pids: tuple[int, ...] = ()) -> Reporter:
     """The view for --format, writing to stdout or -o FILE through an
-    OutputStream (views/output.py: never blocks; OutputError on failure)."""
+    OutputStream (views/output.py: never blocks; OutputError on failure); with
+    --record FILE, the view and a recording of watch (`pids`) or run."""
     ctx = click.get_current_context(silent=True)
+    view = _make_view(fmt, output, table_opts, ctx)
+    record = ctx.meta.get("record") if ctx else None
+    if record is None:
+        return view
+    assert ctx is not None
+    return recording_tee(view, record, "run" if "command" in ctx.params else "watch", pids)
+
+
+def recording_tee(view: Reporter, path: str, mode: str, pids: tuple[int, ...] = ()) -> Reporter:
+    """`view` and a recording to `path` (docs/recording.md), its header from
+    the command's options."""
+    from memtrace.record.writer import RecordingWriter, Tee, make_header, open_recording_output
+
+    ctx = click.get_current_context(silent=True)
+    params = dict(ctx.params) if ctx else {}
+    stacks = bool(params.get("stacks"))
+    malloc = bool(params.get("malloc_on"))
+    options = {
+        "stacks": stacks, "stacks_period": params.get("stacks_period") if stacks else None,
+        "malloc": malloc, "malloc_period": params.get("malloc_period") if malloc else None,
+        "pss_interval": params.get("pss_interval"),
+        "heap_interval": params.get("heap_interval"),
+        "reconcile_interval": params.get("reconcile_interval"),
+    }
+    command = params.get("command")
+    header = make_header(mode, float(params.get("interval") or 1.0),
+                         command=list(command) if command else None, pids=pids,
+                         options=options)
+    writer = RecordingWriter(open_recording_output(path), header)
+    log(f"recording to {path}")
+    return Tee(view, writer)
+
+
+def _make_view(fmt: str, output: str | None, table_opts: Any,
+               ctx: click.Context | None) -> Reporter:
     changed_only = bool(ctx and ctx.meta.get("changed_only"))
     if changed_only and fmt != "json":
         raise MemtraceError("--changed-only needs --format json", ExitCode.USAGE)

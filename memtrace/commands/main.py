@@ -1,4 +1,4 @@
-"""Command line: memtrace watch | run | agent | heap | libs | explain | doctor.
+"""Command line: memtrace watch | run | record | agent | heap | libs | explain | doctor.
 
 The top-level group gets each subcommand from its module (memtrace/commands/);
 main() runs it and turns what fails into one line on stderr and the exit code
@@ -21,6 +21,7 @@ from memtrace.commands.heap import heap
 from memtrace.commands.libs import libs
 from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.commands.rebuild import rebuild
+from memtrace.commands.record import record
 from memtrace.commands.run import run
 from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError, OutputError
@@ -28,7 +29,7 @@ from memtrace.util.log import log
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]},
-             commands=[watch, run, agent, heap, libs, explain, doctor, rebuild])
+             commands=[watch, run, record, agent, heap, libs, explain, doctor, rebuild])
 @click.version_option(__version__, prog_name="memtrace")
 def cli() -> None:
     """Exact per-mapping resident memory of processes, from eBPF events."""

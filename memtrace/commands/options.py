@@ -132,6 +132,25 @@ def _remember_full_every(ctx: click.Context, _param: Any, value: int) -> int:
     return value
 
 
+def _remember_record(ctx: click.Context, _param: Any, value: str | None) -> str | None:
+    """--record FILE, like --changed-only, for live.make_reporter: the view and
+    the recording are one Tee there, so watch and run need no parameter."""
+    ctx.meta["record"] = value
+    return value
+
+
+def record_option() -> Any:
+    """--record FILE of watch and run (agent has its own: a directory)."""
+    return click.option(
+        "--record", type=click.Path(dir_okay=False), default=None, expose_value=False,
+        callback=_remember_record, metavar="FILE",
+        help="Also write a recording to FILE (.mtrace, created or truncated): every "
+        "snapshot (changed mappings only between whole ones), messages, the summary, "
+        "and with --stacks the stack profile, for memtrace report/diff/check. Safe to "
+        "kill at any time; a full disk stops it with one error (exit 14). See "
+        "docs/recording.md.")
+
+
 def live_options(f: Any) -> Any:
     """The options of watch and run: output, intervals, the /metrics endpoint,
     heap and PSS sampling."""
@@ -173,6 +192,7 @@ def live_options(f: Any) -> Any:
                      help="With --changed-only: every Nth snapshot of a process is whole "
                      "again, so a reader can start from any whole line (0: only the "
                      "first; default 0)."),
+        record_option(),
     ]
     for option in reversed(options):
         f = option(f)

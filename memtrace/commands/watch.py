@@ -69,7 +69,7 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
     procfs = ProcFS()
     pids = _existing_targets(procfs, resolve_targets(procfs, targets))
     server = bind_metrics(no_serve, listen, web_cfg, fallback=not listen_address_given())
-    reporter = make_reporter(fmt, output, table_opts)
+    reporter = make_reporter(fmt, output, table_opts, pids)
     session = Session(reporter, interval, reconcile_interval, procfs)
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)

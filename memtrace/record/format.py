@@ -9,7 +9,9 @@ recorder killed at any time leaves a file that reads up to its last whole line:
 - other lines are objects with one of RECORD_KINDS as their first key:
   {"message": TEXT, "ts": T}, {"summary": {...}} (run's), {"dropped": {...}}
   (snapshots the writer could not keep up with: the next one of that pid is whole),
-  {"end": {...}} (the last line of a recording that was closed, not killed).
+  {"end": {...}} (the last line of a recording that was closed, not killed),
+  {"stacks": {...}} (--stacks: what changed in a process's stack profile since
+  its previous stacks line; record/stacks.py).
 """
 
 from __future__ import annotations
@@ -37,4 +39,4 @@ HEADER_KEYS = (
     "options",          # what was on: stacks, stacks_period, malloc, pss, heap
 )
 
-RECORD_KINDS = ("message", "summary", "dropped", "end")
+RECORD_KINDS = ("message", "summary", "dropped", "end", "stacks")

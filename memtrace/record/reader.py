@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.record.format import FORMAT_VERSION, MAGIC_KEY, RECORD_KINDS
+from memtrace.record.stacks import StackNames
 
 
 class RecordingError(MemtraceError):
@@ -50,6 +51,7 @@ class Recording:
     corrupt: bool = False
     _current: dict[int, dict[int, dict[str, Any]]] = field(default_factory=dict)
     _skipping: set[int] = field(default_factory=set)
+    _names: StackNames = field(default_factory=StackNames)
 
     def records(self) -> Iterator[Record]:
         try:
@@ -109,6 +111,8 @@ class Recording:
             data = obj[kind]
             ts = obj.get("ts") if kind == "message" else (
                 data.get("ts") if isinstance(data, dict) else None)
+            if kind == "stacks":
+                self._names.feed(data)
             if kind == "dropped":
                 self._current.pop(int(data["pid"]), None)
                 self._skipping.add(int(data["pid"]))
@@ -119,6 +123,8 @@ class Recording:
         """The whole snapshot; None for changes that follow a dropped snapshot
         (skipped until the next whole one of that pid)."""
         pid = int(snap["pid"])
+        if "stacks" in snap:
+            self._names.expand(snap["stacks"])
         if snap.pop("changed_only", False):
             maps = self._current.get(pid)
             if maps is None:

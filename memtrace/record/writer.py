@@ -10,16 +10,20 @@ import platform
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from memtrace import __version__
 from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.record.format import DEFAULT_FULL_EVERY, FORMAT_VERSION, MAGIC_KEY
+from memtrace.record.stacks import StackLineEncoder
 from memtrace.reporter import Reporter
 from memtrace.snapshot import encode_parts
 from memtrace.trace.events import SyscallEvent
 from memtrace.views.jsonl import JsonReporter
 from memtrace.views.output import OutputStream
+
+if TYPE_CHECKING:
+    from memtrace.stacks.profile import StackProfile
 
 
 def _line(obj: dict[str, Any]) -> list[bytes]:
@@ -62,18 +66,39 @@ class RecordingWriter(JsonReporter):
     JSON Lines (whole every `full_every`th per process), messages, run's
     summary, and an end line at close. A snapshot the stream had to drop is
     counted ({"dropped": ...} line) and the next one of its pid is whole, so
-    that the changes that follow still apply."""
+    that the changes that follow still apply. With --stacks, each snapshot is
+    followed by a {"stacks": ...} line with what changed in the process's stack
+    profile (record/stacks.py)."""
+
+    wants_stack_profiles = True
 
     def __init__(self, stream: OutputStream, header: dict[str, Any]) -> None:
         super().__init__(stream, changed_only=True, full_every=int(header["full_every"]))
         self.stream_out = stream
         self.snapshots = 0
         self.dropped = 0
+        self.stack_lines = 0
         self._closed = False
+        self._stacks = StackLineEncoder(int(header["full_every"]))
+        self._profiles: dict[int, StackProfile] = {}     # this tick's, until its snapshot
         stream.write_record(_line(header))
 
+    def stack_profile(self, profile: StackProfile) -> None:
+        self._profiles[profile.pid] = profile
+
     def snapshot(self, snap: dict[str, Any]) -> None:
-        parts = self._changes(snap)
+        profile = self._profiles.pop(snap["pid"], None)
+        summary = snap.get("stacks")
+        if profile is not None and self._write_stacks(profile) and summary is not None:
+            # the top stacks name the stacks just written by id (the reader
+            # puts their frames back); the view's snapshot is left as it was
+            snap["stacks"] = self._stacks.compact(summary)
+            try:
+                parts = self._changes(snap)
+            finally:
+                snap["stacks"] = summary
+        else:
+            parts = self._changes(snap)
         parts.append(b"\n")
         if self.stream_out.write_record(parts):
             self.snapshots += 1
@@ -82,6 +107,24 @@ class RecordingWriter(JsonReporter):
         self._last.pop(snap["pid"], None)       # the next one is whole
         self.stream_out.write_record(_line({"dropped": {"pid": snap["pid"],
                                                         "ts": snap.get("ts")}}))
+
+    def _write_stacks(self, profile: StackProfile) -> bool:
+        """The stacks line of `profile`, before its snapshot; False when it
+        could not be written (the snapshot then keeps its frames)."""
+        got = self._stacks.line(profile)
+        if got is None:
+            return True         # the same profile as last time: nothing changed
+        line, defined = got
+        if self.stream_out.write_record(_line({"stacks": line})):
+            self.stack_lines += 1
+            return True
+        self._stacks.undo(profile.pid, defined)
+        return False
+
+    def detached(self, pid: int, why: str) -> None:
+        self._stacks.forget(pid)
+        self._profiles.pop(pid, None)
+        self.message(f"pid {pid} {why}")
 
     def message(self, text: str) -> None:
         self.stream_out.write_record(_line({"message": text, "ts": time.time()}))
@@ -113,6 +156,8 @@ class Tee(Reporter):
         self.wants_events = view.wants_events or any(o.wants_events for o in others)
         self.wants_json_text = view.wants_json_text or any(
             o.wants_json_text for o in others)
+        self.wants_stack_profiles = view.wants_stack_profiles or any(
+            o.wants_stack_profiles for o in others)
 
     def _all(self) -> tuple[Reporter, ...]:
         return (self.view, *self.others)
@@ -120,6 +165,11 @@ class Tee(Reporter):
     def snapshot(self, snap: dict[str, Any]) -> None:
         for r in self._all():
             r.snapshot(snap)
+
+    def stack_profile(self, profile: StackProfile) -> None:
+        for r in self._all():
+            if r.wants_stack_profiles:
+                r.stack_profile(profile)
 
     def events(self, events: list[SyscallEvent]) -> None:
         for r in self._all():
@@ -135,14 +185,21 @@ class Tee(Reporter):
             r.message(text)
 
     def detached(self, pid: int, why: str) -> None:
-        self.view.detached(pid, why)
-        for r in self.others:
-            r.message(f"pid {pid} {why}")
+        for r in self._all():
+            r.detached(pid, why)
 
     def summary(self, summary: dict[str, Any]) -> None:
         for r in self._all():
             r.summary(summary)
 
     def close(self) -> None:
+        """Every reporter is closed (a recording gets its end line even when
+        the view's output failed); the first error is raised after."""
+        failure: Exception | None = None
         for r in self._all():
-            r.close()
+            try:
+                r.close()
+            except Exception as e:  # noqa: BLE001 (raised again below)
+                failure = failure or e
+        if failure is not None:
+            raise failure

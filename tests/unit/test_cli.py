@@ -248,6 +248,7 @@ NUMERIC_OPTIONS = _numeric_options()
 # what each subcommand needs after the option so that, if a bad value got
 # through, it would fail fast without BPF (and not with the option's name)
 TAIL = {"watch": [str(free_pid())], "run": ["--", "/nonexistent/cmd"],
+        "record": ["--", "/nonexistent/cmd"],
         "agent": ["--user", "no-such-user-memtrace"], "heap": [str(free_pid())]}
 
 
@@ -453,7 +454,8 @@ def test_table_options_reach_the_table(monkeypatch):
     from memtrace.views.table import COLUMNS, DEFAULT_COLUMNS, TableOptions
 
     seen: list[TableOptions] = []
-    monkeypatch.setattr(watch, "make_reporter", lambda fmt, output, opts=None: seen.append(opts)
+    monkeypatch.setattr(watch, "make_reporter",
+                        lambda fmt, output, opts=None, pids=(): seen.append(opts)
                         or (_ for _ in ()).throw(SystemExit(0)))
     monkeypatch.setattr(watch, "_existing_targets", lambda procfs, pids: pids)
     for argv in (["1"], ["--sort", "delta", "--top", "7", "--kind", "heap", "--kind", "anon",
