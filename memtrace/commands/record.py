@@ -51,7 +51,7 @@ def _params() -> list[click.Parameter]:
 
 def _record(recording: str | None, **kwargs: Any) -> None:
     ctx = click.get_current_context()
-    path = recording or default_recording_name(kwargs["command"])
+    path = default_recording_name(kwargs["command"]) if recording is None else recording
     ctx.meta["record"] = path
     ctx.invoke(run.callback, output=None, **kwargs)       # type: ignore[arg-type]
 

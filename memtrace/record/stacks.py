@@ -214,6 +214,10 @@ class StackNames:
             self._text[int(fid)] = frame_text(str(function), str(module))
         for sid, fids, *_ in data.get("new", ()):
             self._stacks[int(sid)] = capped([self._text[int(f)] for f in fids])
+        for measure in ("held", "brought"):
+            for sid, *_ in data.get(measure, ()):
+                if int(sid) not in self._stacks:
+                    raise KeyError(f"stack {sid} used before its definition")
 
     def expand(self, summary: Any) -> None:
         """Put the frames back into `summary`'s entries that name a stack id."""
