@@ -13,6 +13,10 @@ uncounted rounds. Kinds:
 - stacks:     the same with `--stacks` (period 512 KiB unless --memtrace-args says)
 - ref:        memtrace with its defaults from another checkout (--ref PATH to its
               memtrace), to compare two versions in the same rounds
+- record:     `memtrace` with `--record FILE` (the recording, issue 14): its cost
+              against `memtrace` is what recording costs; the recording's bytes
+              written during the timed loop are kept (bytes/hour at that rate)
+- record-stacks: `stacks` with `--record FILE`
 - stackcount: the peer, `stackcount-bpfcc -U -p PID TRACEPOINT` on the one
               tracepoint the workload hits (PEERS below): a user stack per event
 
@@ -56,7 +60,10 @@ PEERS = {
     "mmaploop": "t:syscalls:sys_enter_mmap",
     "brk": "t:syscalls:sys_enter_brk",
 }
-KINDS = ("baseline", "memtrace", "stacks", "stackcount", "ref")
+KINDS = ("baseline", "memtrace", "stacks", "stackcount", "ref", "record", "record-stacks")
+LABELS = {"memtrace": "memtrace", "stacks": "memtrace --stacks", "stackcount": "stackcount (peer)",
+          "ref": "ref", "record": "--record", "record-stacks": "--stacks --record"}
+MEMTRACE_KINDS = ("memtrace", "stacks", "ref", "record", "record-stacks")
 STACKS_GOAL = {"fault": 1.05, "mmaploop": 1.10}     # issue 13, done-when 3
 LOOP_TIMEOUT = 600.0
 ATTACH_TIMEOUT = 180.0
@@ -104,10 +111,12 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
     try:
         assert wl.stdin is not None and wl.stdout is not None
         pid = int(bc.read_line(wl.stdout, 30, "workload").split()[1])
-        res: dict[str, Any] = {"kind": kind, "memtrace": kind in ("memtrace", "stacks", "ref")}
+        res: dict[str, Any] = {"kind": kind, "memtrace": kind in MEMTRACE_KINDS}
         tool_pid = None
+        recording = tmp / "overhead.mtrace"
         if res["memtrace"]:
-            args = extra + (["--stacks"] if kind == "stacks" else [])
+            args = extra + (["--stacks"] if kind in ("stacks", "record-stacks") else [])
+            args += ["--record", str(recording)] if kind.startswith("record") else []
             exe = ref if kind == "ref" and ref is not None else memtrace
             mt = bc.Memtrace(exe, pid, interval, extra=args)
             res["first_snapshot_wall_s"] = mt.wait_first_snapshot(ATTACH_TIMEOUT)
@@ -118,12 +127,16 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
             res["peer"] = f"stackcount-bpfcc -U -p PID {PEERS[workload]}"
             tool_pid = peer.pid
         cpu0 = bc.tree_cpu_seconds(tool_pid) if tool_pid else 0.0
+        rec0 = recording.stat().st_size if kind.startswith("record") else 0
         watch = bc.Interference([wl.pid] + ([tool_pid] if tool_pid else []))
         t0 = time.monotonic()
         wl.stdin.write(b"g")
         wl.stdin.flush()
         line = bc.read_line(wl.stdout, LOOP_TIMEOUT, "workload")
         wall = time.monotonic() - t0
+        if kind.startswith("record"):
+            res["record_bytes_loop"] = recording.stat().st_size - rec0
+            res["record_bytes_per_hour"] = res["record_bytes_loop"] / wall * 3600
         res["foreign_cpu_s"] = watch.stop()
         res["foreign_memtrace_pids"] = sorted(watch.foreign_mt)
         res["loop_wall_s"] = wall
@@ -162,7 +175,11 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
             rc = mt.wait_exit(3 * interval + 10)
             res["memtrace_exit"] = rc
             res["first_snapshot_logged_s"] = mt.logged_first_snapshot()
-            res["unexpected_stderr"] = mt.unexpected_stderr()
+            res["unexpected_stderr"] = [ln for ln in mt.unexpected_stderr()
+                                        if not ln.startswith("memtrace: recording to ")]
+            if kind.startswith("record"):
+                res["record_bytes"] = recording.stat().st_size
+                res["record_readable"] = _recording_problem(recording)
             if rc != 0:
                 res["stderr_tail"] = mt.stderr[-20:]
         return res
@@ -172,6 +189,16 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
             bc.kill(mt.proc, term_first=True)
         if peer is not None:
             bc.kill(peer, term_first=True)
+
+
+def _recording_problem(path: Path) -> str:
+    """"ok" for a recording that reads to its end line, else what its reader says."""
+    sys.path.insert(0, str(bc.REPO))
+    from memtrace.record.reader import open_recording
+
+    rec = open_recording(str(path))
+    n = sum(1 for _ in rec.snapshots())
+    return f"ok ({n} snapshots)" if rec.problem is None else rec.problem
 
 
 def fmt(x: float, d: int = 3) -> str:
@@ -268,6 +295,10 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             k["goal"] = WORKLOADS[name][1]
         if kind == "stacks" and name in STACKS_GOAL:
             k["goal"] = STACKS_GOAL[name]
+        if kind.startswith("record"):
+            k["median_record_bytes_per_hour"] = bc.median(
+                [r["record_bytes_per_hour"] for r in rs])
+            k["record_readable"] = sorted({r["record_readable"].split(" (")[0] for r in rs})
         if rs[0]["memtrace"]:
             k.update({
                 "median_cpu_to_first_snapshot_s":
@@ -317,8 +348,9 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
             row.append(f"{fmt(k['median_s'])} = {k['ratio']:.3f}x{goal}; tool CPU "
                        f"{fmt(k['median_tool_cpu_loop_s'], 2)}")
         rows.append(row)
-    print(bc.table(["workload", "baseline s", "memtrace", "memtrace --stacks",
-                    "stackcount (peer)", "ref"], rows))
+    shown = [k for k in KINDS[1:] if any(k in s.get("kinds", {}) for s in summary.values())]
+    rows = [[row[0], row[1]] + [row[2 + KINDS[1:].index(k)] for k in shown] for row in rows]
+    print(bc.table(["workload", "baseline s"] + [LABELS[k] for k in shown], rows))
     print()
     print("Medians over the kept runs. Ratio = median elapsed / baseline median. 'tool CPU'")
     print("is the tool's own CPU (user+sys, with children) during the timed loop; BPF")
@@ -331,6 +363,14 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
             verdict = "ahead" if mt["ratio"] <= peer["ratio"] else "BEHIND"
             print(f"{name}: memtrace {mt['ratio']:.3f}x vs {peer['peer']} "
                   f"{peer['ratio']:.3f}x: {verdict}")
+        for kind, base in (("record", "memtrace"), ("record-stacks", "stacks")):
+            rec, without = s["kinds"].get(kind), s["kinds"].get(base)
+            if rec:
+                vs = (f"; {rec['median_s'] / without['median_s']:.3f}x {base} without it"
+                      if without else "")
+                print(f"{name}: {LABELS[kind]}: {rec['ratio']:.3f}x baseline{vs}; recording "
+                      f"{rec['median_record_bytes_per_hour'] / 1e6:.1f} MB/hour during the "
+                      f"timed loop; read back: {', '.join(rec['record_readable'])}")
         print(f"{name}: median CPU of other processes per timed loop "
               f"{s['median_foreign_cpu_s']:.2f}s")
     for name, runs in all_runs.items():
