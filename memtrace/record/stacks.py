@@ -13,7 +13,7 @@ A line stores only what changed since the previous stacks line of its pid:
 Frames and stacks are interned once per recording (ids shared by every pid):
 "frames" and "new" define the ones first used by this line, leaf first. A
 (stack, mapping) pair's figure is written again only when it moved by more
-than CHANGE_FRACTION of itself (or one page), so a process whose heap grows
+than 1/CHANGE_FRACTION of itself and more than a page, so a process whose heap grows
 a little every tick does not rewrite its 10k stacks each time; `whole` lines
 (a pid's first, every `full_every`th, and the one after a dropped line) list
 every pair exactly and replace what the reader had for that pid. A pair
