@@ -117,7 +117,7 @@ class Process:
         for i, s in enumerate(self.samples):
             held, brought, k = s.held_bytes, s.brought_bytes, s.samples
             if s.mapping == "[heap]" or sampled is None:
-                held = int(held * move) // PAGE * PAGE
+                held = int(held * move)     # byte-exact, as scale() splits them
             if i in chosen:
                 brought += 512 * 1024
                 k += 1

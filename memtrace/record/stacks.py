@@ -97,35 +97,42 @@ class StackLineEncoder:
         st.profile = profile
         defined = Defined()
         defs: list[list[Any]] = []
+        old_cache = st.cache
         cache: dict[tuple[int, str, str], tuple[Stack, int]] = {}
-        now: dict[int, list[int]] = {}
-        for s in profile.samples:
+        now: dict[int, tuple[int, int, int]] = {}
+        for s in profile.samples:       # 10k stacks: kept to plain lookups
             key = (id(s.stack), s.mapping, s.kind)
-            hit = st.cache.get(key)
-            sid = hit[1] if hit is not None else self._entry(s, defined, defs)
-            cache[key] = (s.stack, sid)
-            cell = now.get(sid)
-            if cell is None:
-                now[sid] = [s.held_bytes, s.brought_bytes, s.samples]
-            else:   # two stacks that print the same (the same frames)
-                cell[0] += s.held_bytes
-                cell[1] += s.brought_bytes
-                cell[2] += s.samples
+            hit = old_cache.get(key)
+            if hit is None:
+                hit = (s.stack, self._entry(s, defined, defs))
+            cache[key] = hit
+            sid = hit[1]
+            if sid in now:      # two stacks that print the same (the same frames)
+                h, b, k = now[sid]
+                now[sid] = (h + s.held_bytes, b + s.brought_bytes, k + s.samples)
+            else:
+                now[sid] = (s.held_bytes, s.brought_bytes, s.samples)
         st.cache = cache
-        held, brought = [], []
+        held: list[list[int]] = []
+        brought: list[list[int]] = []
+        last = st.last
+        floor = PAGE * CHANGE_FRACTION
         for sid, (h, b, k) in now.items():
-            old = st.last.get(sid)
+            old = last.get(sid)
             if whole or old is None:
                 if h:
                     held.append([sid, h])
                 if b or k:
                     brought.append([sid, b, k])
-                st.last[sid] = [h, b, k]
+                last[sid] = [h, b, k]
                 continue
-            if moved(old[0], h):
+            # moved(), inlined: this loop runs for every stack of every tick
+            o = old[0]
+            if h != o and (not o or not h or abs(h - o) * CHANGE_FRACTION > max(o, floor)):
                 held.append([sid, h])
                 old[0] = h
-            if moved(old[1], b):
+            o = old[1]
+            if b != o and (not o or not b or abs(b - o) * CHANGE_FRACTION > max(o, floor)):
                 brought.append([sid, b, k])
                 old[1], old[2] = b, k
         gone = [sid for sid in st.last if sid not in now]
