@@ -185,7 +185,7 @@ def main() -> int:
     ap.add_argument("--stacks", type=int, default=10000)
     ap.add_argument("--ticks", type=int, default=1200,
                     help="simulated 1 s ticks (extrapolated to an hour)")
-    ap.add_argument("--scenario", default="steady,busy,worst")
+    ap.add_argument("--scenario", default="steady,growing,busy,worst")
     ap.add_argument("--json", type=Path)
     opts = ap.parse_args()
     results = []

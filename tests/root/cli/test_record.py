@@ -10,7 +10,9 @@ on tests/workloads/heldstacks.c, as root.
 - the workload killed with SIGKILL (as the OOM killer does): the recording has
   the summary (signal 9) and its end line;
 - a full disk (a 256 KiB tmpfs): exit 14, the error on stderr naming the file
-  and the disk, no traceback, and a file that reads up to where it was cut.
+  and the disk, no traceback, and a file that reads up to where it was cut
+  (`record`: after the command exits; `watch --record`: one line, at once, the
+  watched process left running).
 """
 
 from __future__ import annotations
@@ -60,6 +62,11 @@ def _snapshot_lines(path: Path) -> int:
 def _first_pid(path: Path) -> int:
     return next(int(json.loads(line)["pid"]) for line in path.read_bytes().splitlines()
                 if line.startswith(b'{"ts"'))
+
+
+def _max_rss(path: Path) -> int:
+    return max((int(json.loads(line)["rss_bytes"]) for line in path.read_bytes().splitlines(
+        keepends=True) if line.startswith(b'{"ts"') and line.endswith(b"\n")), default=0)
 
 
 def _wait_for(what, timeout: float = TIMEOUT) -> None:  # type: ignore[no-untyped-def]
@@ -151,7 +158,8 @@ def test_target_killed_by_sigkill_is_summarised(heldstacks, tmp_path):  # type: 
                          stdin=subprocess.DEVNULL, env=ENV)
     child = None
     try:
-        _wait_for(lambda: _snapshot_lines(path) >= 3)
+        # killed once its 82 MiB are resident (as the OOM killer would find it)
+        _wait_for(lambda: _snapshot_lines(path) >= 3 and _max_rss(path) >= 80 * MiB)
         child = _first_pid(path)
         os.kill(child, signal.SIGKILL)
         _, err = p.communicate(timeout=TIMEOUT)
@@ -199,3 +207,28 @@ def test_a_full_disk_is_exit_14_and_a_readable_file(heldstacks, small_disk):  # 
     rec = open_recording(str(path))
     snaps = list(rec.snapshots())
     assert len(snaps) >= 1 and not rec.ended and not rec.corrupt and rec.problem
+
+
+def test_watch_on_a_full_disk_stops_with_one_line(heldstacks, small_disk):  # type: ignore[no-untyped-def]
+    path = small_disk / "watch.mtrace"
+    (small_disk / "filler").write_bytes(b"\0" * (200 << 10))
+    wl = subprocess.Popen([str(heldstacks), "60", "0"], stdout=subprocess.PIPE,
+                          stdin=subprocess.DEVNULL)
+    try:
+        assert wl.stdout is not None and wl.stdout.readline() == b"ready\n"
+        r = subprocess.run([*MEMTRACE, "watch", "--record", str(path), "--format", "none",
+                            "--interval", "0.05", "--stacks", *QUIET, str(wl.pid)],
+                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=TIMEOUT,
+                           stdin=subprocess.DEVNULL, env=ENV)
+        assert r.returncode == 14, r.stderr
+        errors = [ln for ln in r.stderr.splitlines() if "No space left" in ln]
+        assert errors == [f"memtrace: error: cannot write {path}: No space left on device"], \
+            r.stderr
+        assert wl.poll() is None            # the process watched is left as it was
+        st = _state(wl.pid)
+        assert st is not None and st[0] not in "Tt" and st[1] == 0
+        rec = open_recording(str(path))
+        assert len(list(rec.snapshots())) >= 1 and not rec.corrupt and rec.problem
+    finally:
+        _kill(wl.pid)
+        wl.wait(10)
