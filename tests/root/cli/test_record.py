@@ -12,7 +12,9 @@ on tests/workloads/heldstacks.c, as root.
 - a full disk (a 256 KiB tmpfs): exit 14, the error on stderr naming the file
   and the disk, no traceback, and a file that reads up to where it was cut
   (`record`: after the command exits; `watch --record`: one line, at once, the
-  watched process left running).
+  watched process left running);
+- `agent --record DIR`: one file in DIR, mode agent, the snapshots of the process
+  it attached to on exec, the attach message, the end line after SIGTERM.
 """
 
 from __future__ import annotations
@@ -232,3 +234,36 @@ def test_watch_on_a_full_disk_stops_with_one_line(heldstacks, small_disk):  # ty
     finally:
         _kill(wl.pid)
         wl.wait(10)
+
+
+def test_agent_records_each_run_in_its_directory(heldstacks, tmp_path):  # type: ignore[no-untyped-def]
+    directory = tmp_path / "recs"
+    agent = subprocess.Popen([*MEMTRACE, "agent", "--comm", "^heldstacks$", "--record",
+                              str(directory), "--interval", "0.1", "--pss-interval", "0",
+                              "--heap-interval", "0", "--web.listen-address", "127.0.0.1:0"],
+                             cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             text=True, stdin=subprocess.DEVNULL, env=ENV)
+    wl = None
+    try:
+        _wait_for(lambda: directory.is_dir() and any(directory.iterdir()))
+        [path] = list(directory.iterdir())
+        assert path.name.startswith("memtrace-") and path.suffix == ".mtrace"
+        time.sleep(0.5)     # the probes loaded: the agent attaches on exec
+        wl = subprocess.Popen([str(heldstacks), "30", "0", "1"], stdout=subprocess.DEVNULL,
+                              stdin=subprocess.DEVNULL)
+        _wait_for(lambda: _snapshot_lines(path) >= 3)
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=TIMEOUT)
+        assert agent.returncode == 0, err
+        assert f"recording to {path}" in err
+        rec = open_recording(str(path))
+        records = list(rec.records())
+        assert rec.ended and rec.problem is None and rec.header["mode"] == "agent"
+        assert {r.data["pid"] for r in records if r.kind == "snapshot"} == {wl.pid}
+        assert any(r.kind == "message" and f"attached to pid {wl.pid}" in r.data
+                   for r in records)
+    finally:
+        _kill(agent.pid)
+        if wl is not None:
+            _kill(wl.pid)
+            wl.wait(10)
