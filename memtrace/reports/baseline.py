@@ -18,7 +18,7 @@ from memtrace.util.units import fmt_bytes, fmt_delta
 
 @dataclass
 class Increase:
-    what: str           # "tree rss", "tree pss", "process", "library"
+    what: str           # "tree RSS", "tree PSS", "process", "library"
     key: str
     baseline: int
     value: int
@@ -62,9 +62,9 @@ def _verdict(name: str, found: list[Increase], checked: int, max_increase: float
                        details)
     if not checked:
         return Verdict(name, "max-increase", "unchecked",
-                       f"max-increase: {name}: nothing to compare", details)
+                       f"{name}: not checked: nothing to compare", details)
     return Verdict(name, "max-increase", "passed",
-                   f"max-increase: {name}: {checked} compared, none above the baseline "
+                   f"{name}: passed: {checked} compared, none above the baseline "
                    f"+ {max_increase * 100:g}%", details)
 
 
@@ -75,18 +75,18 @@ def compare_to_baseline(run: RunProfile, base: RunProfile, max_increase: float,
     pct = f"{max_increase * 100:g}%"
     tree = {"tree": Peak(run.peak.rss, run.peak.ts)} if run.ticks else {}
     base_tree = {"tree": Peak(base.peak.rss, base.peak.ts)} if base.ticks else {}
-    found = _compare("tree rss", tree, base_tree, first, max_increase,
+    found = _compare("tree RSS", tree, base_tree, first, max_increase,
                      ignore_below) if base_tree else []
     verdicts = [_verdict(f"max-increase {pct}: tree peak RSS", found,
                          len(tree) * len(base_tree), max_increase)]
     if run.peak_pss is not None and base.peak_pss is not None:
-        found = _compare("tree pss", {"tree": run.peak_pss}, {"tree": base.peak_pss}, first,
+        found = _compare("tree PSS", {"tree": run.peak_pss}, {"tree": base.peak_pss}, first,
                          max_increase, ignore_below)
         verdicts.append(_verdict(f"max-increase {pct}: tree peak PSS", found, 1, max_increase))
     else:
         verdicts.append(Verdict(f"max-increase {pct}: tree peak PSS", "max-increase",
-                                "unchecked", "max-increase: tree peak PSS: not recorded in "
-                                "both recordings", {"max_increase": max_increase}))
+                                "unchecked", f"max-increase {pct}: tree peak PSS: not checked: "
+                                "not recorded in both recordings", {"max_increase": max_increase}))
     verdicts.append(_verdict(f"max-increase {pct}: processes",
                              _compare("process", run.processes, base.processes, first,
                                       max_increase, ignore_below),

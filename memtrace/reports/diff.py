@@ -129,12 +129,6 @@ def _rows(a_peak: Mapping[tuple[str, str], int], b_peak: Mapping[tuple[str, str]
     return rows, same
 
 
-def stack_text(frames: tuple[str, ...], n: int = 3) -> str:
-    """A stack as one line: its first frames, leaf first."""
-    shown = " < ".join(frames[:n])
-    return shown + (" < ..." if len(frames) > n else "")
-
-
 def _stacks(m: Moment) -> dict[tuple[str, str], int]:
     return {(" < ".join(k), "stack"): v for k, v in m.stacks.items()}
 
@@ -164,38 +158,43 @@ def _cut(text: str, width: int) -> str:
     return text[:keep // 2] + "…" + text[len(text) - (keep - keep // 2):]
 
 
-def _section(title: str, rows: list[DiffRow], peak_only: bool = False) -> list[str]:
+def _section(title: str, rows: list[DiffRow], peak_only: bool = False,
+             stacks: bool = False) -> list[str]:
+    """One block of the table; a stack's row is numbered, its frames on the
+    next line (leaf first)."""
     if not rows:
         return []
     name_w = 23         # + kind 7 + 10 + 10 + 11 + 11 and spaces: 77 columns
     lines = [f"{title[:name_w]:<{name_w}} {'kind':<7} {'peak a':>10} {'peak b':>10} "
              f"{'Δ peak':>11} {'' if peak_only else 'Δ end':>11}".rstrip()]
-    for r in rows[:TABLE_ROWS]:
-        name = _cut(escape_text(r.name), name_w)
+    for i, r in enumerate(rows[:TABLE_ROWS]):
+        name = f"#{i + 1}" if stacks else _cut(escape_text(r.name), name_w)
         end = "" if peak_only else fmt_delta(r.delta_end)
         lines.append(f"{name:<{name_w}} {r.kind[:7]:<7} {fmt_bytes(r.a_peak):>10} "
                      f"{fmt_bytes(r.b_peak):>10} {fmt_delta(r.delta_peak):>11} "
                      f"{end:>11}".rstrip())
+        if stacks:
+            lines.append(_cut("    " + escape_text(r.name), 80))
     if len(rows) > TABLE_ROWS:
         lines.append(f"  … {len(rows) - TABLE_ROWS} more (--format json lists up to {MAX_ROWS})")
     return [*lines, ""]
 
 
+def _head(label: str, s: RunSide) -> list[str]:
+    pss = f", peak PSS {fmt_bytes(s.peak_pss)}" if s.peak_pss is not None else ""
+    return [_cut(f"{label}: {escape_text(s.path)} ({s.duration:.1f} s, {s.ticks} ticks)", 80),
+            f"   peak RSS {fmt_bytes(s.peak_rss)} at +{s.peak_offset:.1f} s{pss}; "
+            f"end RSS {fmt_bytes(s.end_rss)}"]
+
+
 def render_table(d: RunDiff) -> str:
     """The diff as plain text lines of at most 80 columns."""
-    def head(label: str, s: RunSide) -> str:
-        pss = f", peak PSS {fmt_bytes(s.peak_pss)}" if s.peak_pss is not None else ""
-        return _cut(f"{label}: {os.path.basename(s.path)}: peak RSS {fmt_bytes(s.peak_rss)} at "
-                    f"+{s.peak_offset:.1f} s{pss}, end {fmt_bytes(s.end_rss)}, "
-                    f"{s.duration:.1f} s", 80)
-    lines = [head("a", d.a), head("b", d.b),
+    lines = [*_head("a", d.a), *_head("b", d.b),
              f"change (b - a): peak RSS {fmt_delta(d.b.peak_rss - d.a.peak_rss)}, "
              f"end RSS {fmt_delta(d.b.end_rss - d.a.end_rss)}", ""]
     lines += _section("mapping", d.mappings)
     lines += _section("library", d.libraries)
-    stacks = [DiffRow(r.name.split(" < ")[0], "", r.a_peak, r.b_peak, r.a_end, r.b_end)
-              for r in d.stacks]      # the leaf frame (JSON has the whole stack)
-    lines += _section("stack (its leaf)", stacks)
+    lines += _section("stack held", d.stacks, stacks=True)
     lines += _section("process", d.processes, peak_only=True)
     if not (d.mappings or d.libraries or d.stacks or d.processes):
         lines.append("no mapping, library, stack or process changed")
