@@ -6,6 +6,7 @@ pass (build_profile(gate=...))."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ def _raise(peaks: dict[str, Peak], key: str, value: int, ts: float) -> None:
         p.bytes, p.ts = value, ts
 
 
+@functools.lru_cache(maxsize=65536)
 def library_name(mapping: str) -> str:
     return os.path.basename(mapping) or mapping
 
@@ -103,6 +105,7 @@ class _Builder:
         self.p = profile
         self.gate = gate
         self.last: Tick | None = None
+        self.peak: Tick | None = None       # its Moment is made once, at the end
 
     def tick(self, tick: Tick) -> None:
         p = self.p
@@ -114,8 +117,9 @@ class _Builder:
             self.gate.observe(tick.snapshots)
         rss = sum(int(s.get("rss_bytes") or 0) for s in snaps)
         groups = group_totals(snaps)
-        if p.ticks == 1 or rss > p.peak.rss:
-            p.peak = moment(tick, groups)
+        if self.peak is None or rss > p.peak.rss:
+            self.peak = tick
+            p.peak.rss = rss
         pss_values = [s.get("pss_bytes") for s in snaps]
         if None not in pss_values:
             pss = sum(int(v or 0) for v in pss_values)
@@ -145,7 +149,8 @@ def build_profile(path: str, gate: Gate | None = None) -> RunProfile:
     builder = _Builder(profile, gate)
     for tick in iter_ticks(rec, profile.info):
         builder.tick(tick)
-    if builder.last is not None:
+    if builder.peak is not None and builder.last is not None:
+        profile.peak = moment(builder.peak)
         profile.end = moment(builder.last)
     profile.problem, profile.ended, profile.corrupt = rec.problem, rec.ended, rec.corrupt
     return profile
