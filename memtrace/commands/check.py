@@ -77,7 +77,7 @@ def check(recording: str, baseline: str | None, max_increase: float, ignore_belo
     if baseline is None and not opts.budgets.any():
         raise MemtraceError("check needs --baseline or a budget (--max-rss, --max-pss, "
                             "--max-growth)", ExitCode.USAGE)
-    prepare_outputs(opts)
+    prepare_outputs(opts, "check")
     problems: list[str] = []
     gate = Gate(opts.budgets) if opts.budgets.any() else None
     run = _read(recording, gate, problems)

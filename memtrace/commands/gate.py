@@ -155,21 +155,21 @@ def gate_options(f: Any) -> Any:
     return budget_options(wrapper)
 
 
-def prepare_outputs(opts: GateOptions) -> None:
-    """Create (truncate) the result files now, so that one that cannot be
-    written fails before anything runs (exit 14), not after the test."""
-    for path in (opts.junit, opts.results):
-        if path is None:
-            continue
-        try:
-            with open(path, "wb"):
-                pass
-        except OSError as e:
-            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+UNFINISHED = ("memtrace did not finish: killed, or stopped by an error before its "
+              "verdicts (see its log)")
+
+
+def prepare_outputs(opts: GateOptions, mode: str) -> None:
+    """Write the result files now, saying that no verdict was reached yet: one
+    that cannot be written fails before anything runs (exit 14), and a memtrace
+    killed or stopped by an error leaves a JUnit error, not an empty file, for
+    CI to show. write_outputs replaces them at the end."""
+    verdict = Verdict(f"memtrace {mode}", "memtrace", "error", UNFINISHED)
+    write_outputs(opts, [verdict], mode=mode, exit_code=None, context={}, duration=0.0)
 
 
 def write_outputs(opts: GateOptions, verdicts: Sequence[Verdict], *, mode: str,
-                  exit_code: int, context: dict[str, Any], duration: float) -> None:
+                  exit_code: int | None, context: dict[str, Any], duration: float) -> None:
     import json
 
     files: list[tuple[str, bytes]] = []
@@ -201,7 +201,7 @@ class RunGate:
         self.say = say
         self.child = 0
         self.stopped = False
-        prepare_outputs(opts)
+        prepare_outputs(opts, "run")
 
     def observe(self, snapshots: Snapshots) -> None:
         for result in self.gate.observe(snapshots):

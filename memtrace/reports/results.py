@@ -21,7 +21,8 @@ RESULTS_VERSION = 1
 
 @dataclass
 class Verdict:
-    """One budget checked: `status` "passed", "failed" or "unchecked"; `message`
+    """One budget checked: `status` "passed", "failed" or "unchecked" ("error":
+    no verdict, memtrace did not finish); `message`
     one line (the breach, or what was seen); `details` its figures (JSON)."""
 
     name: str                       # the testcase name
@@ -67,14 +68,14 @@ def budget_verdict(r: BudgetResult) -> Verdict:
                    f"{r.name}: passed: {seen} {worst} <= {_limit_text(r)}{note}", details)
 
 
-def results_document(verdicts: Sequence[Verdict], *, mode: str, exit_code: int,
+def results_document(verdicts: Sequence[Verdict], *, mode: str, exit_code: int | None,
                      context: dict[str, Any]) -> dict[str, Any]:
     """The JSON results: the verdicts and what was gated (`context`: command,
     command_exit_status, recording, baseline, ...)."""
     return {
         "memtrace_gate": RESULTS_VERSION,
         "mode": mode,
-        "passed": not any(v.failed for v in verdicts),
+        "passed": not any(v.status in ("failed", "error") for v in verdicts),
         "exit_code": exit_code,
         **context,
         "budgets": [{"name": v.name, "budget": v.budget, "status": v.status,
@@ -86,11 +87,12 @@ def junit_xml(verdicts: Sequence[Verdict], *, suite: str, duration: float,
               properties: dict[str, Any], timestamp: float | None = None) -> bytes:
     """JUnit XML as GitLab and Jenkins read it: <testsuites><testsuite> with one
     <testcase> per verdict; <failure message=...> for a broken budget,
-    <skipped> for one that could not be checked."""
+    <skipped> for one that could not be checked, <error> for no verdict."""
     when = time.time() if timestamp is None else timestamp
     failures = sum(v.failed for v in verdicts)
     skipped = sum(v.status == "unchecked" for v in verdicts)
-    counts = {"tests": str(len(verdicts)), "failures": str(failures), "errors": "0",
+    errors = sum(v.status == "error" for v in verdicts)
+    counts = {"tests": str(len(verdicts)), "failures": str(failures), "errors": str(errors),
               "skipped": str(skipped), "time": f"{duration:.3f}"}
     root = ET.Element("testsuites", {"name": "memtrace", **counts})
     ts = ET.SubElement(root, "testsuite", {
@@ -108,6 +110,8 @@ def junit_xml(verdicts: Sequence[Verdict], *, suite: str, duration: float,
             fail = ET.SubElement(case, "failure", {"message": v.message,
                                                    "type": "MemoryBudgetExceeded"})
             fail.text = v.message + "\n" + json.dumps(v.details, indent=1, sort_keys=True)
+        elif v.status == "error":
+            ET.SubElement(case, "error", {"message": v.message, "type": "NoVerdict"})
         elif v.status == "unchecked":
             ET.SubElement(case, "skipped", {"message": v.message})
         else:

@@ -95,3 +95,17 @@ def test_fail_fast_stops_the_command(leakrate, tmp_path):
                  "--", str(leakrate), "30", "1024", "0")
     assert r.returncode == 17, r.stderr
     assert "--fail-fast: SIGTERM" in r.stderr and "exited with status 143" in r.stderr
+
+
+def test_the_budget_is_on_the_tree(leakrate, tmp_path):
+    """A shell that runs the leaker as its child: the tree's total (the shell
+    holds little) breaks --max-rss, and the line names the child's [heap]."""
+    res = tmp_path / "gate.json"
+    r = memtrace("run", *QUIET, "--pss-interval", "0", "--max-rss", "8MiB", "--results",
+                 str(res), "--", "/bin/sh", "-c", f"{leakrate} 8 1024 0; exit 5")
+    assert r.returncode == 17, r.stderr
+    assert "following pid" in r.stderr
+    doc = json.loads(res.read_text())
+    [b] = doc["budgets"]
+    assert b["status"] == "failed" and b["breach"]["grew"][0]["mapping"] == "[heap]"
+    assert doc["command_exit_status"] == 5

@@ -71,3 +71,18 @@ def test_json_results_carry_every_budget_and_the_command_status():
                                                   "bytes": 10 * MiB}
     assert by["max-pss"]["status"] == "unchecked" and by["max-pss"]["breach"] is None
     assert by["max-growth"]["breach"]["value"] > 20 * MiB / 60
+
+
+def test_result_files_say_unfinished_until_the_verdicts_replace_them(tmp_path):
+    from memtrace.commands.gate import GateOptions, prepare_outputs
+
+    j, res = tmp_path / "j.xml", tmp_path / "r.json"
+    prepare_outputs(GateOptions(Budgets(max_rss=1), str(j), str(res)), "run")
+    suite = ET.parse(j).getroot().find("testsuite")
+    assert suite is not None and suite.get("errors") == "1" and suite.get("failures") == "0"
+    [case] = suite.findall("testcase")
+    err = case.find("error")
+    assert err is not None and "did not finish" in err.get("message", "")
+    doc = json.loads(res.read_text())
+    assert doc["passed"] is False and doc["exit_code"] is None
+    assert doc["budgets"][0]["status"] == "error"
