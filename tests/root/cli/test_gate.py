@@ -109,3 +109,42 @@ def test_the_budget_is_on_the_tree(leakrate, tmp_path):
     [b] = doc["budgets"]
     assert b["status"] == "failed" and b["breach"]["grew"][0]["mapping"] == "[heap]"
     assert doc["command_exit_status"] == 5
+
+
+def _recording(leakrate: Path, tmp_path: Path, name: str, rate_kib: int) -> Path:
+    """A recording of a real run: `run --format json --changed-only` lines are
+    the recording's snapshot lines (docs/recording.md); the header and end line
+    are added here, as memtrace.record.writer writes them (`record` is not
+    part of this branch)."""
+    from memtrace.record.writer import make_header
+
+    jsonl = tmp_path / f"{name}.jsonl"
+    r = memtrace("run", "--format", "json", "--changed-only", "--full-every", "10", "-o",
+                 str(jsonl), "--no-serve", "--heap-interval", "0", "--interval", "0.5",
+                 "--", str(leakrate), "6", str(rate_kib), "0")
+    assert r.returncode == 0, r.stderr
+    header = make_header("run", 0.5, command=[str(leakrate)], full_every=10)
+    out = tmp_path / f"{name}.mtrace"
+    out.write_text(json.dumps(header) + "\n" + jsonl.read_text()
+                   + json.dumps({"end": {"ts": 0, "snapshots": 0, "dropped": 0}}) + "\n")
+    return out
+
+
+def test_check_and_diff_on_real_recordings(leakrate, tmp_path):
+    base = _recording(leakrate, tmp_path, "base", 256)       # 1.5 MiB in 6 s
+    new = _recording(leakrate, tmp_path, "new", 1024)        # 6 MiB in 6 s
+    j = tmp_path / "check.xml"
+    r = memtrace("check", str(new), "--baseline", str(base), "--junit", str(j))
+    assert r.returncode == 17, r.stderr
+    assert "budget: tree RSS peak" in r.stderr and "budget: process leakrate" in r.stderr
+    assert "libc.so.6" not in r.stderr                       # libraries did not grow
+    assert junit(j).get("failures") == "3"                   # tree RSS, PSS, process
+    r = memtrace("check", str(base), "--baseline", str(base))
+    assert r.returncode == 0, r.stderr
+    r = memtrace("diff", "--format", "json", str(base), str(new))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    top = doc["mappings"][0]
+    assert top["name"] == "[heap]" and 3 << 20 <= top["delta_peak_bytes"] <= 6 << 20, top
+    r = memtrace("diff", str(base), str(new))
+    assert max(len(ln) for ln in r.stdout.splitlines()) <= 80
