@@ -208,6 +208,7 @@ class Gate:
         self.last_ts: float | None = None
         self.ticks = 0
         self._start_groups: dict[str, dict[GroupKey, int]] = {}
+        self._start_ts: dict[str, float] = {}
         self._window: deque[_Sample] = deque()
         self._judged_growth = False
 
@@ -220,8 +221,7 @@ class Gate:
         if self.start_ts is None:
             self.start_ts = ts
             self._start_groups["rss_bytes"] = group_totals(snaps)
-            if "max-pss" in self.results:
-                self._start_groups["pss_bytes"] = group_totals(snaps, "pss_bytes")
+            self._start_ts["rss_bytes"] = ts
         self.last_ts = ts
         broke: list[BudgetResult] = []
         rss = sum(int(s.get("rss_bytes") or 0) for s in snaps)
@@ -229,6 +229,10 @@ class Gate:
             broke.append(self.results["max-rss"])
         pss_values = [s.get("pss_bytes") for s in snaps]
         if None not in pss_values:
+            if "max-pss" in self.results and "pss_bytes" not in self._start_groups:
+                # growth is counted from the first tick with PSS figures
+                self._start_groups["pss_bytes"] = group_totals(snaps, "pss_bytes")
+                self._start_ts["pss_bytes"] = ts
             pss = sum(int(v or 0) for v in pss_values)
             if self._total(self.results.get("max-pss"), snaps, ts, pss, "pss_bytes"):
                 broke.append(self.results["max-pss"])
@@ -253,7 +257,7 @@ class Gate:
         result.status = "failed"
         result.breach = Breach(ts, ts - self.start_ts, value, top_held(groups),
                                top_grew(groups, self._start_groups[field_name]),
-                               self.start_ts)
+                               self._start_ts[field_name])
         result.breach.message = describe(result)
         return True
 

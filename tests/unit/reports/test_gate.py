@@ -148,3 +148,13 @@ def test_sustained_slope_needs_points_in_both_halves():
     assert sustained_slope([(float(t), 0.0) for t in range(5)]) is None
     assert sustained_slope([(float(t), 2.0 * t) for t in range(6)]) == pytest.approx(
         (2.0, 2.0, 2.0))
+
+
+def test_pss_growth_counts_from_the_first_tick_with_pss():
+    ticks = series(((1000.0 + t, {"[heap]": (100 + 10 * t) * MiB}) for t in range(10)),
+                   pss=0.5)
+    ticks[0][100]["pss_bytes"] = None       # PSS not computed yet at the first tick
+    _, [r], _ = run(ticks, Budgets(max_pss=80 * MiB))
+    b = r.breach
+    assert b is not None and b.since_ts == 1001.0
+    assert b.grew == [("[heap]", "heap", 30 * MiB)]     # (170 - 110) / 2
