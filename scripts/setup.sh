@@ -243,10 +243,22 @@ if [[ $want != "$have" || ! -x "$VENV/bin/memtrace" ]]; then
     changed+=("installed memtrace into .venv")
 fi
 
+# Bytecode for memtrace's own modules: an editable install compiles none, and
+# where bytecode is not written at import (PYTHONDONTWRITEBYTECODE, a read-only
+# checkout) every start compiled about 60 modules again: 0.45 s to start instead
+# of 0.14 s (measured: `memtrace --version`). Only stale files are rewritten, and
+# Python ignores a .pyc older than its source.
+if ! "$VENV/bin/python" -m compileall -q -j 0 memtrace >/dev/null; then
+    warn "could not write bytecode under memtrace/ (each start compiles it again)"
+fi
+
 # When run via sudo from a user's checkout, leave .venv owned by that user.
 owner="$(stat -c %u "$REPO")"
 if [[ $owner != 0 ]] && ((${#changed[@]})); then
     chown -R "$owner:$(stat -c %g "$REPO")" "$VENV"
+fi
+if [[ $owner != 0 ]]; then
+    find memtrace -name __pycache__ -type d -exec chown -R "$owner:$(stat -c %g "$REPO")" {} +
 fi
 
 # --------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""Command line: memtrace watch | run | record | agent | heap | libs | explain | doctor.
+"""Command line: memtrace watch | run | record | agent | heap | libs | explain |
+doctor | check | diff.
 
 The top-level group gets each subcommand from its module (memtrace/commands/);
 main() runs it and turns what fails into one line on stderr and the exit code
@@ -15,6 +16,8 @@ import click
 
 from memtrace import __version__
 from memtrace.commands.agent import agent
+from memtrace.commands.check import check
+from memtrace.commands.diff import diff
 from memtrace.commands.doctor import doctor
 from memtrace.commands.explain import explain
 from memtrace.commands.heap import heap
@@ -29,7 +32,8 @@ from memtrace.util.log import log
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]},
-             commands=[watch, run, record, agent, heap, libs, explain, doctor, rebuild])
+             commands=[watch, run, record, agent, heap, libs, explain, doctor, rebuild,
+                       check, diff])
 @click.version_option(__version__, prog_name="memtrace")
 def cli() -> None:
     """Exact per-mapping resident memory of processes, from eBPF events."""

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from memtrace.commands.gate import GateOptions, RunGate, gate_options
 from memtrace.commands.live import (
     bind_metrics,
     listen_address_given,
@@ -195,11 +196,12 @@ def _status_to_code(status: int) -> int:
 @table_options
 @stacks_options
 @malloc_options
+@gate_options
 def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval: float,
         no_serve: bool, listen: str, web_config: str | None, max_mapping_series: int,
         output: str | None, heap_interval: float, pss_interval: float,
         table_opts: Any, stacks_opts: StacksOptions | None,
-        malloc_opts: MallocOptions | None) -> None:
+        malloc_opts: MallocOptions | None, gate_opts: GateOptions | None) -> None:
     """Run COMMAND traced from its first instruction; exit with its status.
 
     Put -- before the command: memtrace run -- ./server --port 8080
@@ -228,6 +230,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
     forwarder = _Forwarder(stop)      # before any thread: they inherit its mask
     session = Session(make_reporter(fmt, output, table_opts), interval, reconcile_interval)
     session.stop = stop
+    gate = RunGate(gate_opts, command, session.reporter.message) if gate_opts else None
     session.enable_heap(heap_interval)
     session.enable_pss(pss_interval)
     if stacks_opts is not None:
@@ -250,6 +253,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
                 "not run")
             raise SystemExit(128 + forwarder.early)
         session.add_target(child)
+        if gate is not None:
+            gate.child = child
         # ru_maxrss counts the waiting child (a forked copy of memtrace) too
         pre_exec = None
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -273,9 +278,14 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             status = forwarder.reap(child, os.WNOHANG)
             return status is None
 
+        def observe(snapshots: dict[int, dict[str, Any]]) -> None:
+            peaks.observe(snapshots)
+            if gate is not None:
+                gate.observe(snapshots)
+
         def on_tick(drained: Drained) -> None:
             tree.on_tick(drained)
-            peaks.observe(session.latest_snapshots())
+            observe(session.latest_snapshots())
 
         try:
             try:
@@ -284,7 +294,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
                 raise
             except MemtraceError:
                 pass  # it exited before we read it: its status still counts
-            peaks.observe(session.latest_snapshots())
+            observe(session.latest_snapshots())
             session.loop(child_running, on_tick, quick_start=True)
             if status is None and exited:
                 status = forwarder.reap(child, 0)      # woken by its exit (a zombie now)
@@ -292,7 +302,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
                 duration = (exited[0] if exited else time.monotonic()) - started
                 if session.trackers:    # descendants still running: a final snapshot
                     session.tick()
-                    peaks.observe(session.latest_snapshots())
+                    observe(session.latest_snapshots())
                 rusage = forwarder.rusage
                 summary = build_summary(
                     peaks, command=command, pid=child, status=status, duration=duration,
@@ -320,6 +330,8 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             time.sleep(0.05)
     code = _status_to_code(status)
     log(f"{command[0]} exited with status {code}")
+    if gate is not None:
+        code = gate.finish(code, status)
     if failure is not None:
         raise failure
     sys.exit(code)

@@ -119,10 +119,12 @@ def test_every_subcommand_is_pinned_with_its_options():
     options the docs name are there."""
     tree = json.loads(GOLDEN.read_text(encoding="utf-8"))["memtrace"]
     assert set(tree["commands"]) >= {"watch", "run", "record", "agent", "heap", "libs",
-                                     "explain", "doctor", "rebuild"}
+                                     "explain", "doctor", "rebuild", "check", "diff"}
     opts = {name: {o for p in c["params"] for o in p["opts"]}
             for name, c in tree["commands"].items()}
     assert {"--comm", "--config", "--all", "--min-rss", "--group-by", "--max-processes",
             "--web.listen-address", "--pss-interval", "--heap-interval"} <= opts["agent"]
     assert {"--once", "--count", "--format", "--interval"} <= opts["watch"]
+    assert {"--max-rss", "--max-pss", "--max-growth", "--junit", "--fail-fast"} <= opts["run"]
+    assert {"--baseline", "--max-increase", "--junit", "--results"} <= opts["check"]
     assert {o for p in tree["params"] for o in p["opts"]} >= {"--version"}
