@@ -74,8 +74,11 @@ def make_reporter(fmt: str, output: str | None, table_opts: Any = None,
     OutputStream (views/output.py: never blocks; OutputError on failure); with
     --record FILE, the view and a recording of watch (`pids`) or run."""
     ctx = click.get_current_context(silent=True)
-    view = _make_view(fmt, output, table_opts, ctx)
     record = ctx.meta.get("record") if ctx else None
+    if record and output and os.path.realpath(record) == os.path.realpath(output):
+        raise MemtraceError(f"--record and -o both name {output}: give two files",
+                            ExitCode.USAGE)
+    view = _make_view(fmt, output, table_opts, ctx)
     if record is None:
         return view
     assert ctx is not None

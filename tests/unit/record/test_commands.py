@@ -169,6 +169,8 @@ def test_an_unwritable_recording_is_one_line_exit_14(monkeypatch, capsys, tmp_pa
     (["record", "-o", "", "--no-serve", "--", "/bin/true"], "empty file name"),
     (["watch", "--record", "", "--format", "none", "--no-serve", "1"], "empty file name"),
     (["record", "-o", "x.mtrace"], "Missing argument"),
+    (["run", "--record", "x", "-o", "./x", "--format", "json", "--no-serve", "--", "/bin/true"],
+     "--record and -o both name"),
 ])
 def test_record_usage_errors_are_one_line(monkeypatch, capsys, tmp_path, argv, says):  # type: ignore[no-untyped-def]
     monkeypatch.chdir(tmp_path)
