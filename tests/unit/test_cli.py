@@ -248,7 +248,8 @@ NUMERIC_OPTIONS = _numeric_options()
 # what each subcommand needs after the option so that, if a bad value got
 # through, it would fail fast without BPF (and not with the option's name)
 TAIL = {"watch": [str(free_pid())], "run": ["--", "/nonexistent/cmd"],
-        "agent": ["--user", "no-such-user-memtrace"], "heap": [str(free_pid())]}
+        "agent": ["--user", "no-such-user-memtrace"], "heap": [str(free_pid())],
+        "report": ["/nonexistent/memtrace-report-test.mtrace"]}
 
 
 def test_numeric_options_are_all_found():
