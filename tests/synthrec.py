@@ -5,6 +5,7 @@ real RecordingWriter (changed-only lines, a whole one every `full_every`)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from memtrace.record.writer import RecordingWriter, make_header, open_recording_output
@@ -30,11 +31,14 @@ def _mapping(start: int, kind: str, mapping: str, rss: int, segment: str | None 
 
 def snapshot(pid: int, tick: int, libraries: int = 12, extra_anon: int = 0,
              growth: int = 64 * PAGE, comm: str = "synth", pss: bool = True,
-             heap: bool = True, stacks: bool = True, interval: float = 1.0) -> dict[str, Any]:
+             heap: bool = True, stacks: bool = True, interval: float = 1.0,
+             churn_every: int = 0) -> dict[str, Any]:
     """Snapshot `tick` of process `pid`: a heap and an anon mapping that grow
     (anon grows for 60 of every 90 ticks, then shrinks), a stack, `libraries`
     libraries of 5 segments (the first loaded at tick 5), `extra_anon` quiet
-    anon mappings (to make ~1,000 mappings), one file and one shmem mapping."""
+    anon mappings (to make ~1,000 mappings), one file and one shmem mapping.
+    With `churn_every` N, the PSS of every quiet mapping changes every N ticks
+    (as a PSS refresh can), so that every Nth line lists them all."""
     ts = T0 + tick * interval + pid * 0.001
     maps: list[dict[str, Any]] = []
     addr = 0x10000000 + pid * 0x1000000000
@@ -45,8 +49,10 @@ def snapshot(pid: int, tick: int, libraries: int = 12, extra_anon: int = 0,
     maps.append(_mapping(addr + 0x100000, "heap", "[heap]", heap_rss))
     maps.append(_mapping(addr + 0x1000000, "anon", "[anon]", anon))
     for i in range(extra_anon):
-        maps.append(_mapping(addr + 0x2000000 + i * 0x10000, "anon", "[anon]",
-                             PAGE * (1 + (i + tick // 600) % 3)))
+        rss = PAGE * (1 + (i + tick // 600) % 3)
+        share = 1 + (tick // churn_every) % 2 if churn_every else 1
+        maps.append(_mapping(addr + 0x2000000 + i * 0x10000, "anon", "[anon]", rss,
+                             pss=rss // share))
     for lib in range(libraries):
         if lib == 0 and tick < 5:
             continue
@@ -97,10 +103,12 @@ def snapshot(pid: int, tick: int, libraries: int = 12, extra_anon: int = 0,
     return snap
 
 
-def write(path: str, snaps: list[dict[str, Any]], full_every: int = 600,
-          end: bool = True, interval: float = 1.0) -> None:
-    """A recording of these snapshots (with an end line unless `end` is False)."""
-    pids = sorted({s["pid"] for s in snaps})
+def write(path: str, snaps: Iterable[dict[str, Any]], full_every: int = 600,
+          end: bool = True, interval: float = 1.0, pids: list[int] | None = None) -> None:
+    """A recording of these snapshots (with an end line unless `end` is False);
+    with `pids` given, `snaps` may be a generator (written as it goes)."""
+    snaps = list(snaps) if pids is None else snaps
+    pids = sorted({s["pid"] for s in snaps}) if pids is None else pids  # type: ignore[union-attr]
     writer = RecordingWriter(open_recording_output(path),
                              make_header("watch", interval, pids=pids, full_every=full_every,
                                          options={"stacks": True}))

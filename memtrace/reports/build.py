@@ -117,10 +117,11 @@ def total(g: Gatherer, max_points: int) -> dict[str, Any]:
     count = [0] * n
     kind_at = {k: i for i, k in enumerate(KIND_ORDER)}
     for track in g.tracks.values():
-        rows = track.rows
-        j = 0
+        kinds = [(kind_at.get("library" if k.startswith("lib:") else k, kind_at["special"]), c)
+                 for k, c in track.cols.items()]
+        j, last = 0, len(track.ts) - 1
         for b in range(track.bucket[0], track.bucket[-1] + 1):
-            while j + 1 < len(rows) and track.bucket[j + 1] <= b:
+            while j < last and track.bucket[j + 1] <= b:
                 j += 1
             count[b] += 1
             for mi, m in enumerate(MEASURES):
@@ -128,9 +129,8 @@ def total(g: Gatherer, max_points: int) -> dict[str, Any]:
                     known[m][b] = False
                     continue
                 col = sums[m]
-                for key, c in rows[j].items():
-                    k = "library" if key.startswith("lib:") else key
-                    col[kind_at.get(k, kind_at["special"])][b] += c[mi]
+                for ki, c in kinds:
+                    col[ki][b] += c[mi][j]
     totals: dict[str, list[int | None]] = {
         m: [sum(col[b] for col in sums[m]) if known[m][b] else None for b in range(n)]
         for m in MEASURES}

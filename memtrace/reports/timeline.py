@@ -7,6 +7,7 @@ kept per tick, so a long recording costs little memory."""
 
 from __future__ import annotations
 
+from array import array
 from typing import Any
 
 from memtrace.reports.downsample import argmax, pick, summed, take
@@ -28,7 +29,9 @@ class Track:
         self.key, self.pid, self.comm = key, pid, comm
         self.ts: list[float] = []
         self.bucket: list[int] = []                  # tick index over all processes
-        self.rows: list[dict[str, list[int]]] = []   # category -> [rss, pss, uss]
+        # category -> its rss, pss and uss per tick (arrays: hours of ticks of
+        # many processes stay small)
+        self.cols: dict[str, tuple[array[int], array[int], array[int]]] = {}
         self.totals: dict[str, list[int | None]] = {m: [] for m in MEASURES}
         self.calls: dict[str, list[int]] = {c: [] for c in EVENT_CALLS}
         self._prev_calls: dict[str, int] | None = None
@@ -58,9 +61,18 @@ class Track:
             c[2] += m.get("uss_bytes") or 0
             ident = (kind, m["mapping"])
             idents[ident] = idents.get(ident, 0) + m["rss_bytes"]
+        n = len(self.ts)
+        for key in cats.keys() - self.cols.keys():
+            self.cols[key] = (array("q", bytes(8 * n)), array("q", bytes(8 * n)),
+                              array("q", bytes(8 * n)))
+        zero = [0, 0, 0]
+        for key, col in self.cols.items():
+            got = cats.get(key, zero)
+            col[0].append(got[0])
+            col[1].append(got[1])
+            col[2].append(got[2])
         self.ts.append(ts)
         self.bucket.append(bucket)
-        self.rows.append(cats)
         pss_known = snap.get("pss_bytes") is not None
         self.totals["rss"].append(sum(c[0] for c in cats.values()))
         self.totals["pss"].append(sum(c[1] for c in cats.values()) if pss_known else None)
@@ -110,14 +122,8 @@ class Track:
 
     def categories(self) -> list[str]:
         """Series names in stacking order: kinds, with the top libraries apart."""
-        libs: dict[str, int] = {}
-        kinds: set[str] = set()
-        for row in self.rows:
-            for key, c in row.items():
-                if key.startswith(LIB_PREFIX):
-                    libs[key] = max(libs.get(key, 0), c[0])
-                else:
-                    kinds.add(key)
+        libs = {k: max(c[0]) for k, c in self.cols.items() if k.startswith(LIB_PREFIX)}
+        kinds = {k for k in self.cols if not k.startswith(LIB_PREFIX)}
         top = sorted(libs, key=lambda k: (-libs[k], k))[:TOP_LIBRARIES]
         order: list[str] = []
         for kind in KIND_ORDER:
@@ -132,24 +138,19 @@ class Track:
     def series(self, idx: list[int]) -> dict[str, list[dict[str, Any]]]:
         """Per measure, one stacked series per category at the ticks `idx`."""
         names = self.categories()
-        named = set(names)
+        others = [c for k, c in self.cols.items() if k.startswith(LIB_PREFIX) and k not in names]
         out: dict[str, list[dict[str, Any]]] = {}
         for mi, measure in enumerate(MEASURES):
             known = self.totals[measure]
             columns = []
             for name in names:
-                values: list[int | None] = []
-                for i in idx:
-                    if known[i] is None:
-                        values.append(None)
-                        continue
-                    row = self.rows[i]
-                    if name == OTHER_LIBRARIES:
-                        values.append(sum(c[mi] for k, c in row.items()
-                                          if k.startswith(LIB_PREFIX) and k not in named))
-                    else:
-                        c = row.get(name)
-                        values.append(c[mi] if c else 0)
+                if name == OTHER_LIBRARIES:
+                    values: list[int | None] = [
+                        sum(c[mi][i] for c in others) if known[i] is not None else None
+                        for i in idx]
+                else:
+                    col = self.cols[name][mi]
+                    values = [col[i] if known[i] is not None else None for i in idx]
                 columns.append({"name": _label(name), "kind": _kind(name), "values": values})
             out[measure] = columns
         return out

@@ -213,6 +213,7 @@ def test_the_report_renders_with_the_expected_charts(recording, tmp_path):  # ty
     if os.environ.get("MT_ARTIFACTS"):
         shutil.copy(png_path, Path(os.environ["MT_ARTIFACTS"]) / "report-redis.png")
         shutil.copy(html, Path(os.environ["MT_ARTIFACTS"]) / "report-redis.html")
+        shutil.copy(recording, Path(os.environ["MT_ARTIFACTS"]) / "report-redis.mtrace")
     orange = _over_white((0xfb, 0x8c, 0x00), 0.85)
     cols = {x for y in range(0, shot.height, 2) for x in range(shot.width)
             if _near(shot.pixel(x, y), orange)}
