@@ -287,7 +287,8 @@ SECTIONS: list[Section] = [banner_section, selector_section, total_section,
 def render_html(report: dict[str, Any], extra: Sequence[Section] = ()) -> str:
     """The whole page; `extra` sections come after the built-in ones."""
     body = "".join(section(report) for section in (*SECTIONS, *extra))
-    data = json.dumps(report, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    # no "<" at all in the data: nothing in it can end or restart its <script>
+    data = json.dumps(report, separators=(",", ":"), allow_nan=False).replace("<", "\\u003c")
     title = f"memtrace report: {', '.join(p['comm'] for p in report['processes'][:4])}"
     return (
         "<!DOCTYPE html>\n"
