@@ -13,9 +13,15 @@ from typing import Any
 
 from memtrace import __version__
 from memtrace.record.reader import Recording
-from memtrace.reports.downsample import argmax, pick, take
+from memtrace.reports.downsample import argmax, pick, summed, take
 from memtrace.reports.stackview import SnapshotStacks, StackSource
-from memtrace.reports.timeline import KIND_ORDER, MEASURES, Track
+from memtrace.reports.timeline import (
+    EVENT_CALLS,
+    KIND_ORDER,
+    MAX_LIBRARY_EVENTS,
+    MEASURES,
+    Track,
+)
 
 REPORT_VERSION = 1
 DEFAULT_MAX_POINTS = 2000
@@ -115,6 +121,7 @@ def total(g: Gatherer, max_points: int) -> dict[str, Any]:
     sums = {m: [[0] * n for _ in KIND_ORDER] for m in MEASURES}
     known = {m: [True] * n for m in MEASURES}
     count = [0] * n
+    calls = {c: [0] * n for c in EVENT_CALLS}
     kind_at = {k: i for i, k in enumerate(KIND_ORDER)}
     for track in g.tracks.values():
         kinds = [(kind_at.get("library" if k.startswith("lib:") else k, kind_at["special"]), c)
@@ -124,6 +131,9 @@ def total(g: Gatherer, max_points: int) -> dict[str, Any]:
             while j < last and track.bucket[j + 1] <= b:
                 j += 1
             count[b] += 1
+            if track.bucket[j] == b:            # calls of this tick, counted once
+                for c in EVENT_CALLS:
+                    calls[c][b] += track.calls[c][j]
             for mi, m in enumerate(MEASURES):
                 if track.totals[m][j] is None:
                     known[m][b] = False
@@ -145,6 +155,10 @@ def total(g: Gatherer, max_points: int) -> dict[str, Any]:
         "ts": take(g.bucket_ts, idx),
         "totals": {m: take(totals[m], idx) for m in MEASURES},
         "processes_alive": take(count, idx),
+        "calls": {c: summed(calls[c], idx) for c in EVENT_CALLS},
+        "library_events": sorted((dict(e, pid=t.pid) for t in g.tracks.values()
+                                  for e in t.library_events),
+                                 key=lambda e: e["ts"] or 0)[:MAX_LIBRARY_EVENTS],
         "series": series,
         "peak": {"ts": g.bucket_ts[peak_i] if peak_i is not None else None,
                  "rss_bytes": totals["rss"][peak_i] if peak_i is not None else None,

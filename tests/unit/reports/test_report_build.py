@@ -158,6 +158,10 @@ def test_several_processes_add_up_to_the_total(tmp_path):  # type: ignore[no-unt
         assert t["totals"]["rss"][i] == want
         assert sum(s["values"][i] for s in t["series"]["rss"]) == want
     assert t["peak"]["rss_bytes"] == max(t["totals"]["rss"])
+    for call in ("brk", "mmap"):            # each process's calls, counted once
+        assert sum(t["calls"][call]) == sum(
+            sum(p["calls"][call]) for p in report["processes"]) > 0
+    assert [e["pid"] for e in t["library_events"]] == [1]      # 2 starts after tick 5
 
 
 def test_without_pss_the_pss_series_are_null(tmp_path):  # type: ignore[no-untyped-def]
