@@ -132,8 +132,8 @@ def total(g: Gatherer, max_points: int) -> dict[str, Any]:
                 j += 1
             count[b] += 1
             if track.bucket[j] == b:            # calls of this tick, counted once
-                for c in EVENT_CALLS:
-                    calls[c][b] += track.calls[c][j]
+                for call in EVENT_CALLS:
+                    calls[call][b] += track.calls[call][j]
             for mi, m in enumerate(MEASURES):
                 if track.totals[m][j] is None:
                     known[m][b] = False
