@@ -67,9 +67,12 @@ def main() -> None:
             make(rec, a.ticks, a.mappings, a.churn)
             print(f"recording: {a.ticks} ticks, ~{a.mappings} mappings, "
                   f"{rec.stat().st_size / 1e6:.1f} MB, written in {time.monotonic() - t0:.1f} s")
+        synthetic = a.recording is None
         results: dict[str, object] = {"recording_bytes": rec.stat().st_size,
-                                      "ticks": a.ticks, "mappings": a.mappings,
-                                      "churn": a.churn, "recording": str(a.recording or ""),
+                                      "ticks": a.ticks if synthetic else None,
+                                      "mappings": a.mappings if synthetic else None,
+                                      "churn": a.churn if synthetic else None,
+                                      "recording": str(a.recording or ""),
                                       "load_before": os.getloadavg()}
         for fmt in ("html", "json"):
             out = Path(tmp) / f"report.{fmt}"
