@@ -109,7 +109,9 @@ def write(path: str, snaps: Iterable[dict[str, Any]], full_every: int = 600,
     with `pids` given, `snaps` may be a generator (written as it goes)."""
     snaps = list(snaps) if pids is None else snaps
     pids = sorted({s["pid"] for s in snaps}) if pids is None else pids  # type: ignore[union-attr]
-    writer = RecordingWriter(open_recording_output(path),
+    stream = open_recording_output(path)
+    stream.max_queued = 1 << 40         # a generator outruns the disk: wait, never drop
+    writer = RecordingWriter(stream,
                              make_header("watch", interval, pids=pids, full_every=full_every,
                                          options={"stacks": True}))
     for snap in snaps:
