@@ -110,7 +110,7 @@ SCRIPT = r""""use strict";
     document.querySelectorAll("section.proc").forEach(function (s) {
       s.classList.toggle("shown", s.id === "proc-" + key);
     });
-    var p = byKey(key);
+    var p = byKey(key), started = performance.now();
     summary.view = key;
     summary.charts = {};
     if (!p) return;
@@ -128,6 +128,7 @@ SCRIPT = r""""use strict";
     if (box) memoryChart(box, p, key);
     var hbox = document.getElementById("heap-" + key);
     if (hbox && p.heap) heapChart(hbox, p);
+    summary.draw_ms = Math.round(performance.now() - started);
     writeSummary();
   }
 
