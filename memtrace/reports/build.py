@@ -83,12 +83,13 @@ def build_report(rec: Recording, max_points: int = DEFAULT_MAX_POINTS,
     """Read the whole recording (up to its end, a cut or a corrupt line) and
     make the report's object; `rec.problem` is then set as the reader left it."""
     g = Gatherer()
+    source = stacks or SnapshotStacks()
     for r in rec.records():
         if r.kind == "snapshot":
             g.snapshot(r.data)
         else:
             g.record(r.kind, r.data, r.ts)
-    source = stacks or SnapshotStacks()
+            source.record(r.kind, r.data, r.ts)
     processes = []
     for track in g.tracks.values():
         peak_i = argmax(track.totals["rss"])

@@ -5,7 +5,8 @@ stacks object of the snapshot's shape (docs/output.md, `stacks`: `held` is a
 list of `{bytes, mapping, kind, samples, truncated, frames}`, frames leaf first
 as "function (module)"). `SnapshotStacks`, the default, takes the top stacks
 the peak snapshot carries; a source reading a fuller profile from the
-recording can replace it without touching the rest of the report.
+recording (it sees every non-snapshot line through `record`) can replace it
+without touching the rest of the report.
 `profile_of` turns such an object back into a StackProfile for the flame graph
 (memtrace.views.flamegraph)."""
 
@@ -19,12 +20,19 @@ UNSAMPLED = "[unsampled]"
 
 
 class StackSource(Protocol):
+    def record(self, kind: str, data: Any, ts: float | None) -> None:
+        """Every line of the recording that is not a snapshot, as it is read
+        (a source of fuller profiles keeps what it needs here)."""
+
     def at_peak(self, pid: int, ts: float, snapshot: dict[str, Any]) -> dict[str, Any] | None:
         """The stacks object at the peak of process `pid` (None: none recorded)."""
 
 
 class SnapshotStacks:
     """The top stacks held at the peak, as the peak snapshot has them."""
+
+    def record(self, kind: str, data: Any, ts: float | None) -> None:
+        pass
 
     def at_peak(self, pid: int, ts: float, snapshot: dict[str, Any]) -> dict[str, Any] | None:
         stacks = snapshot.get("stacks")

@@ -36,12 +36,20 @@ def test_extra_sections_come_after_the_built_in_ones(tmp_path):  # type: ignore[
 
 def test_a_stack_source_replaces_the_snapshot_stacks(tmp_path):  # type: ignore[no-untyped-def]
     class Fuller:
+        def __init__(self) -> None:
+            self.kinds: list[str] = []
+
+        def record(self, kind: str, data: Any, ts: float | None) -> None:
+            self.kinds.append(kind)
+
         def at_peak(self, pid: int, ts: float, snapshot: dict[str, Any]) -> dict[str, Any]:
             return {"ts": ts, "source": "a fuller profile", "held_bytes": 8192, "held": [
                 {"bytes": 8192, "mapping": "[heap]", "kind": "heap", "samples": 1,
                  "truncated": False, "frames": ["fuller_leaf (prog)", "main (prog)"]}]}
 
-    report = _report(tmp_path, synthrec.ticks(5), stacks=Fuller())
+    source = Fuller()
+    report = _report(tmp_path, synthrec.ticks(5), stacks=source)
+    assert source.kinds == ["end"]                 # the lines that are not snapshots
     assert report["processes"][0]["stacks"]["source"] == "a fuller profile"
     page = render_html(report)
     assert "fuller_leaf" in page and "a fuller profile" in page
