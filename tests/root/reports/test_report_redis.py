@@ -57,7 +57,7 @@ for i in range(20):
     blocks.extend(bytes(1500) for _ in range(1500))
     time.sleep(0.1)
 ctypes.CDLL("libsqlite3.so.0")
-time.sleep(1.5)
+time.sleep(3)
 del blocks[::2]
 print("freed", flush=True)
 time.sleep(600)
@@ -186,6 +186,14 @@ def test_the_report_renders_with_the_expected_charts(recording, tmp_path):  # ty
     assert calls["mmap"] == sum(redis["calls"]["mmap"]) > 0
     assert any(s["name"].endswith("/libc.so.6") for s in mem["series"])
     assert redis["heap"]["status"] == "unsupported" and "heap" not in drawn["charts"]
+    # the PSS toggle, asked for in the URL: the same series, PSS values
+    drawn = _drawn(tmp_path, html.as_uri() + f"?view={redis['key']}&measure=pss")
+    assert drawn["measure"] == "pss"
+    pss = drawn["charts"]["memory"]
+    for got, want in zip(pss["series"], redis["series"]["pss"]):
+        assert got["name"] == want["name"]
+        assert got["max"] == max(v for v in want["values"] if v is not None)
+    assert pss["peak"] == max(v for v in redis["totals"]["pss"] if v is not None)
 
     # python3: the glibc heap's three states, the dlopen marker, the PNG export
     loads = [e for e in py["library_events"] if e["event"] == "library_load"]
