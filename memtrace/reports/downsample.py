@@ -16,8 +16,26 @@ def pick(n: int, measures: Sequence[Sequence[int | None]], max_points: int) -> l
     global maximum of every measure is always kept."""
     if max_points <= 0 or n <= max_points:
         return list(range(n))
+    peaks = {p for p in (argmax(values) for values in measures) if p is not None}
     per_bucket = 1 + len(measures)              # argmin of the first + argmax of each
     buckets = max(1, max_points // per_bucket)
+    out = sorted(_extremes(n, measures, buckets) | peaks)
+    if len(out) < 0.6 * max_points:             # the extremes often coincide: finer buckets
+        finer = sorted(_extremes(n, measures, int(buckets * 0.9 * max_points / len(out)))
+                       | peaks)
+        if len(finer) <= max_points:
+            out = finer
+    if len(out) > max_points:                   # thin evenly, never the peaks or the ends
+        must = {0, n - 1} | peaks
+        rest = [i for i in out if i not in must]
+        step = len(rest) / max(1, max_points - len(must))
+        thinned = {rest[int(j * step)] for j in range(max_points - len(must))
+                   if int(j * step) < len(rest)}
+        out = sorted(must | thinned)
+    return out
+
+
+def _extremes(n: int, measures: Sequence[Sequence[int | None]], buckets: int) -> set[int]:
     keep: set[int] = {0, n - 1}
     for b in range(buckets):
         lo, hi = b * n // buckets, (b + 1) * n // buckets
@@ -30,16 +48,7 @@ def pick(n: int, measures: Sequence[Sequence[int | None]], max_points: int) -> l
             keep.add(max(window)[1])
             if k == 0:
                 keep.add(min(window)[1])
-    peaks = {p for p in (argmax(values) for values in measures) if p is not None}
-    out = sorted(keep | peaks)
-    if len(out) > max_points:                   # thin evenly, never the peaks or the ends
-        must = {0, n - 1} | peaks
-        rest = [i for i in out if i not in must]
-        step = len(rest) / max(1, max_points - len(must))
-        thinned = {rest[int(j * step)] for j in range(max_points - len(must))
-                   if int(j * step) < len(rest)}
-        out = sorted(must | thinned)
-    return out
+    return keep
 
 
 def argmax(values: Sequence[int | None]) -> int | None:
