@@ -76,6 +76,10 @@ def header_section(report: dict[str, Any]) -> str:
             f"{_e(_duration(span))}; {rec['snapshots']} snapshots of "
             f"{len(report['processes'])} process(es), every "
             f"{_e(rec.get('interval_seconds'))} s; {_e(report['generated_by'])}")
+    run = rec.get("run_summary") or {}
+    if run.get("exit_status") is not None:
+        meta += (f"<br>the command exited with status {_e(run['exit_status'])} after "
+                 f"{_e(_duration(float(run.get('duration_seconds') or 0)))}")
     return (f"<header><h1>memtrace report: {_e(cmd)}</h1>"
             f'<div class="meta">{meta}<br>{_e(rec["path"])}</div></header>')
 

@@ -74,3 +74,17 @@ def test_an_hour_at_one_second_stays_small(tmp_path):  # type: ignore[no-untyped
     data = json.loads(m.group(1))
     assert all(p["points"] <= 2000 and p["snapshots"] == 3600 for p in data["processes"])
     assert data["total"]["points"] <= 2000
+
+
+def test_runs_summary_is_in_the_header(tmp_path):  # type: ignore[no-untyped-def]
+    path = tmp_path / "r.mtrace"
+    synthrec.write(str(path), synthrec.ticks(3), end=False)
+    with open(path, "a") as f:
+        f.write(json.dumps({"summary": {"exit_status": 3, "duration_seconds": 75.0}}) + "\n")
+        f.write(json.dumps({"end": {"ts": synthrec.T0 + 9, "snapshots": 3, "dropped": 0}})
+                + "\n")
+    report = build_report(open_recording(str(path)))
+    assert report["recording"]["run_summary"]["exit_status"] == 3
+    assert report["recording"]["problem"] is None
+    page = render_html(report)
+    assert "exited with status 3 after 1m15s" in page
