@@ -187,7 +187,7 @@ SCRIPT = r""""use strict";
   //        strips: [{label, colour, counts}], peak: {ts, value, label}}
   function stacked(box, spec) {
     box.textContent = "";
-    var W = 1180, LEG = 300, L = 78, T = 34, PW = W - LEG - L - 16, PH = 280;
+    var W = 1180, LEG = 300, L = 78, T = 50, PW = W - LEG - L - 16, PH = 280;
     var stripH = spec.strips.length ? 14 * spec.strips.length + 8 : 0;
     var H = T + PH + 28 + stripH + 12;
     var svg = el(box, "svg", {xmlns: NS, viewBox: "0 0 " + W + " " + H, width: W, height: H,
@@ -261,7 +261,7 @@ SCRIPT = r""""use strict";
       var px = X(spec.peak.ts), py = Y(spec.peak.value);
       el(svg, "circle", {cx: px, cy: py, r: 4, fill: "#000", stroke: "#fff", "stroke-width": 1.5});
       var right = px > L + PW * 0.6;
-      txt(svg, px + (right ? -8 : 8), Math.max(py - 6, T + 12), spec.peak.label,
+      txt(svg, px + (right ? -8 : 8), py - 8, spec.peak.label,        // above the dot
         {"text-anchor": right ? "end" : "start", "font-weight": "bold", fill: "#000",
          stroke: "#fff", "stroke-width": 3, "paint-order": "stroke"});
     }
