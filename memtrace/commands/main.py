@@ -1,5 +1,5 @@
 """Command line: memtrace watch | run | agent | heap | libs | explain | doctor |
-check | diff.
+rebuild | report | check | diff.
 
 The top-level group gets each subcommand from its module (memtrace/commands/);
 main() runs it and turns what fails into one line on stderr and the exit code
@@ -24,6 +24,7 @@ from memtrace.commands.heap import heap
 from memtrace.commands.libs import libs
 from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.commands.rebuild import rebuild
+from memtrace.commands.report import report
 from memtrace.commands.run import run
 from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError, OutputError
@@ -31,7 +32,8 @@ from memtrace.util.log import log
 
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]},
-             commands=[watch, run, agent, heap, libs, explain, doctor, rebuild, check, diff])
+             commands=[watch, run, agent, heap, libs, explain, doctor, rebuild, report, check,
+                       diff])
 @click.version_option(__version__, prog_name="memtrace")
 def cli() -> None:
     """Exact per-mapping resident memory of processes, from eBPF events."""
