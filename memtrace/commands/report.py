@@ -7,12 +7,16 @@ import contextlib
 import json
 import os
 import sys
+from typing import TYPE_CHECKING
 
 import click
 
 from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.util.log import log
+
+if TYPE_CHECKING:
+    from memtrace.reports.diff import RunDiff
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -28,7 +32,12 @@ from memtrace.util.log import log
               help="Points per time series: longer series keep, per stretch of time, "
               "their lowest and highest ticks (the peak is always exact). 0 = every "
               "snapshot. [default: 2000 for html, 0 for json]")
-def report(recording: str, output: str, fmt: str, max_points: int | None) -> None:
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="A recording of an earlier run: the report gains a section comparing "
+              "both runs side by side (as `memtrace diff BASELINE RECORDING`: mappings, "
+              "libraries, stacks and processes at their peaks and ends); JSON: `diff`.")
+def report(recording: str, output: str, fmt: str, max_points: int | None,
+           baseline: str | None) -> None:
     """A report of a recording (.mtrace): resident memory over time by kind and
     library (RSS, PSS, USS), the glibc heap, what grew most, the libraries, the
     peak snapshot and the flame graph at the peak when stacks were recorded;
@@ -44,17 +53,37 @@ def report(recording: str, output: str, fmt: str, max_points: int | None) -> Non
         max_points = DEFAULT_MAX_POINTS if fmt == "html" else 0
     rec = open_recording(recording)
     data = build_report(rec, max_points=max_points)
+    compared = _diff(baseline, recording) if baseline else None
     if fmt == "json":
+        if compared is not None:
+            data["diff"] = compared.as_dict()
         text = json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
     else:
         from memtrace.reports.html import render_html
-        text = render_html(data)
+        extra = []
+        if compared is not None:
+            from memtrace.reports.diffhtml import render_diff_section
+            section = render_diff_section(compared)
+            extra.append(lambda _report: section)
+        text = render_html(data, extra=extra)
     write_whole(output, text)
     if rec.problem and rec.corrupt:
         raise MemtraceError(f"{rec.problem} (report written from the part before it)",
                             ExitCode.RECORDING_UNREADABLE)
     if rec.problem:
         log(f"warning: {rec.problem}")
+
+
+def _diff(baseline: str, recording: str) -> RunDiff:
+    """`memtrace diff BASELINE RECORDING`'s comparison; a baseline cut short or
+    corrupt is compared up to there, with a warning."""
+    from memtrace.reports.diff import diff_profiles
+    from memtrace.reports.profile import build_profile
+
+    base = build_profile(baseline)
+    if base.problem:
+        log(f"warning: baseline: {base.problem}")
+    return diff_profiles(base, build_profile(recording))
 
 
 def write_whole(path: str, text: str) -> None:

@@ -106,3 +106,35 @@ def test_an_unwritable_output_is_exit_14(tmp_path):  # type: ignore[no-untyped-d
     r = memtrace("report", str(rec), "-o", str(tmp_path / "no" / "such" / "dir.html"))
     assert_one_line_error(r, ExitCode.OUTPUT_FAILED, "cannot write")
     assert list(tmp_path.iterdir()) == [rec]
+
+
+def test_baseline_adds_the_diff_section_and_json_key(tmp_path):  # type: ignore[no-untyped-def]
+    base = tmp_path / "base.mtrace"
+    synthrec.write(str(base), synthrec.ticks(20, pids=(10,)))
+    rec = tmp_path / "run.mtrace"
+    synthrec.write(str(rec), synthrec.ticks(20, pids=(10,), extra_anon=3))   # 3 pages more
+    out = tmp_path / "report.html"
+    r = memtrace("report", str(rec), "--baseline", str(base), "-o", str(out))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert 'class="mt-diff"' in out.read_text()
+    r = memtrace("report", str(rec), "--baseline", str(base), "--format", "json")
+    assert r.returncode == 0, r.stderr
+    diff = json.loads(r.stdout)["diff"]
+    assert diff["a"]["path"] == str(base) and diff["b"]["path"] == str(rec)
+    assert diff["delta_peak_rss_bytes"] > 0
+    assert [(m["name"], m["delta_peak_bytes"]) for m in diff["mappings"]] == [
+        ("[anon]", diff["delta_peak_rss_bytes"])]
+    plain = memtrace("report", str(rec), "--format", "json")
+    assert "diff" not in json.loads(plain.stdout)
+    assert 'class="mt-diff"' not in memtrace("report", str(rec)).stdout
+
+
+def test_a_baseline_that_is_not_a_recording_is_exit_16(tmp_path):  # type: ignore[no-untyped-def]
+    rec = tmp_path / "run.mtrace"
+    synthrec.write(str(rec), synthrec.ticks(5, pids=(10,)))
+    bad = tmp_path / "bad.mtrace"
+    bad.write_text("hello\n")
+    r = memtrace("report", str(rec), "--baseline", str(bad), "-o", str(tmp_path / "r.html"))
+    assert_one_line_error(r, ExitCode.RECORDING_UNREADABLE, "bad.mtrace",
+                          "not a memtrace recording")
+    assert not (tmp_path / "r.html").exists()
