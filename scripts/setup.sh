@@ -2,7 +2,7 @@
 # Set up this machine to build, run and test memtrace:  sudo scripts/setup.sh
 #
 # Installs BCC and kernel headers from the distribution (never BCC from PyPI),
-# and the real daemons the tests run (nginx, PostgreSQL, wrk; their services
+# and the real daemons the tests run (nginx, PostgreSQL, wrk, redis; their services
 # are not started: scripts/servers.sh runs private instances),
 # mounts tracefs/debugfs, creates .venv (with system site packages, so that
 # Debian's python3-bpfcc is importable), installs memtrace into it in editable
@@ -89,12 +89,13 @@ PKGS+=(prometheus python3-seccomp)  # tests/unit/deploy: promtool; tests/root/de
 PKGS+=(libjemalloc2 musl-tools)  # tests/root/heap: a jemalloc and a musl program are detected as not glibc
 PKGS+=(chromium golang-go)  # stack views (issue 13): headless Chromium draws the flame graph (tests/root/stacks), `go tool pprof` reads the pprof output (tests/unit/test_stack_pprof_go.py)
 PKGS+=(nginx postgresql wrk)  # real forked daemons (scripts/servers.sh, tests/root/accuracy/test_real_servers.py); their services are not started (below)
+PKGS+=(redis-server redis-tools)  # issue 14: a real program under load for `memtrace report` (tests/root/reports: redis-server under redis-benchmark); its service is not started (below)
 missing=()
 for p in "${PKGS[@]}"; do
     is_installed "$p" || missing+=("$p")
 done
 
-# Packages with services (nginx, postgresql) must not start them: their
+# Packages with services (nginx, postgresql, redis-server) must not start them: their
 # postinst calls invoke-rc.d, which asks /usr/sbin/policy-rc.d; exit 101 there
 # means "do not start". The tests start private instances (scripts/servers.sh)
 # and the system's own ones would hold ports 80 and 5432. An existing

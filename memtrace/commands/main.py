@@ -1,5 +1,5 @@
 """Command line: memtrace watch | run | record | agent | heap | libs | explain |
-doctor | check | diff.
+doctor | rebuild | report | check | diff.
 
 The top-level group gets each subcommand from its module (memtrace/commands/);
 main() runs it and turns what fails into one line on stderr and the exit code
@@ -25,6 +25,7 @@ from memtrace.commands.libs import libs
 from memtrace.commands.options import EXIT_CODES_HELP
 from memtrace.commands.rebuild import rebuild
 from memtrace.commands.record import record
+from memtrace.commands.report import report
 from memtrace.commands.run import run
 from memtrace.commands.watch import watch
 from memtrace.errors import ExitCode, MemtraceError, OutputError
@@ -33,7 +34,7 @@ from memtrace.util.log import log
 
 @click.group(epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]},
              commands=[watch, run, record, agent, heap, libs, explain, doctor, rebuild,
-                       check, diff])
+                       report, check, diff])
 @click.version_option(__version__, prog_name="memtrace")
 def cli() -> None:
     """Exact per-mapping resident memory of processes, from eBPF events."""

@@ -250,7 +250,8 @@ NUMERIC_OPTIONS = _numeric_options()
 TAIL = {"watch": [str(free_pid())], "run": ["--", "/nonexistent/cmd"],
         "record": ["--", "/nonexistent/cmd"],
         "agent": ["--user", "no-such-user-memtrace"], "heap": [str(free_pid())],
-        "check": ["/nonexistent/run.mtrace"]}
+        "check": ["/nonexistent/run.mtrace"],
+        "report": ["/nonexistent/memtrace-report-test.mtrace"]}
 
 
 def test_numeric_options_are_all_found():
