@@ -51,8 +51,10 @@ def report(recording: str, output: str, fmt: str, max_points: int | None,
 
     if max_points is None:
         max_points = DEFAULT_MAX_POINTS if fmt == "html" else 0
+    from memtrace.reports.recstacks import RecordedStacks
+
     rec = open_recording(recording)
-    data = build_report(rec, max_points=max_points)
+    data = build_report(rec, max_points=max_points, stacks=RecordedStacks(rec))
     compared = _diff(baseline, recording) if baseline else None
     if fmt == "json":
         if compared is not None:

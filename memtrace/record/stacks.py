@@ -24,6 +24,7 @@ them back into StackProfiles (profiles_at: at a given time)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -266,6 +267,8 @@ class StackTimeline:
             self._entries[int(sid)] = (stack, str(mapping), str(kind))
         pid = int(data["pid"])
         held = self._pids.get(pid)
+        if held is None and not data.get("whole"):
+            raise KeyError(f"changes to the stacks of pid {pid} before a whole line")
         if held is None or data.get("whole"):
             held = self._pids[pid] = _Held()
         held.comm, held.ts = str(data.get("comm", "")), float(data["ts"])
@@ -307,17 +310,32 @@ class StackTimeline:
                             sample_period_bytes=held.period, samples_lost=held.lost)
 
 
-def profiles_at(path: str, ts: float | None = None) -> dict[int, StackProfile]:
+def profiles_at(path: str, ts: float | None = None,
+                upto_bytes: int | None = None) -> dict[int, StackProfile]:
     """The stack profile of every pid of the recording at `path` as of time
-    `ts` (the last stacks line of each pid at or before it; None: the end or
-    wherever the reading stopped). Empty without --stacks."""
+    `ts` (the last stacks line of each pid at or before it; None: the end).
+    Only the stacks lines are decoded; the reading stops at a line cut short,
+    at a stacks line that does not read, and at `upto_bytes` (where a reader
+    of the whole recording stopped: Recording.bytes_read). Empty without
+    --stacks."""
     from memtrace.record.reader import open_recording
 
+    rec = open_recording(path)      # the header checked
     timeline = StackTimeline()
-    for rec in open_recording(path).records():
-        if rec.kind != "stacks":
-            continue
-        if ts is not None and rec.ts is not None and rec.ts > ts:
-            break
-        timeline.feed(rec.data)
+    offset = rec.bytes_read
+    try:
+        for raw in rec.file:
+            offset += len(raw)
+            if not raw.endswith(b"\n") or (upto_bytes is not None and offset > upto_bytes):
+                break
+            if not raw.startswith(b'{"stacks":'):
+                continue
+            data = json.loads(raw)["stacks"]
+            if ts is not None and float(data["ts"]) > ts:
+                break
+            timeline.feed(data)
+    except (ValueError, KeyError, TypeError, IndexError):
+        pass            # a stacks line that does not read: the profiles before it
+    finally:
+        rec.file.close()
     return {pid: p for pid in timeline.pids() if (p := timeline.profile(pid)) is not None}
