@@ -18,8 +18,8 @@ from memtrace.stacks.profile import StackProfile
 from memtrace.stacks.summary import FRAMES_MAX, frame_text
 
 # stacks kept in the page: the rest of the held bytes are one "[other stacks]"
-# box (profile_of), so that 10k stacks do not make a page of megabytes
-TOP_STACKS = 300
+# box (profile_of): each stack drawn costs the page ~5-10 KB (20 frames)
+TOP_STACKS = 100
 
 
 class RecordedStacks:
