@@ -187,11 +187,15 @@ def main() -> int:
                     help="simulated 1 s ticks (extrapolated to an hour)")
     ap.add_argument("--scenario", default="steady,growing,busy,worst")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--keep", type=Path, help="write the recordings (SCENARIO.mtrace) "
+                    "into this directory and keep them (e.g. for memtrace report)")
     opts = ap.parse_args()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        out = opts.keep or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
         for name in opts.scenario.split(","):
-            r = run(name, opts.mappings, opts.stacks, opts.ticks, Path(tmp))
+            r = run(name, opts.mappings, opts.stacks, opts.ticks, out)
             results.append(r)
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_kind_mb_per_hour"].items()))
             rb = r["read_back"]
