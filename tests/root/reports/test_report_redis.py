@@ -3,8 +3,8 @@ report that renders in headless Chromium with the expected charts.
 
 redis-server (jemalloc) under redis-benchmark, and next to it a python3 that
 fills its glibc heap, loads a library (libsqlite3, by ctypes) and frees half of what
-it allocated, are recorded together by `memtrace watch --stacks` (JSON
-changed-only lines behind a recording header, as the recorder writes them);
+it allocated, are recorded together by `memtrace watch --stacks --record` (the recorder's
+own file: changed-only snapshots and the stack profile's lines);
 `memtrace report` makes the page (timed: <= 10 s). Chromium runs the page's
 script: the charts it drew (read back from the DOM summary) hold the series of
 the report with their largest values, the peak, the calls, the dlopen marker,
@@ -30,7 +30,6 @@ from typing import Any
 
 import pytest
 
-from memtrace.record.writer import make_header
 from tests.root.harness import REPO_ROOT, skip_reason
 from tests.root.stacks.test_flamegraph_render import Screenshot
 
@@ -118,17 +117,17 @@ def recording(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
                              capture_output=True).returncode != 0:
             assert time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.1)
-        out = tmp / "watch.jsonl"
+        rec = tmp / "run.mtrace"
         env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
         watch = subprocess.Popen(
-            [sys.executable, "-m", "memtrace", "watch", "--format", "json", "--changed-only",
-             "--full-every", "600", "--no-serve", "--stacks", "--heap-interval", "1",
-             "--interval", "0.5", "-o", str(out), str(redis.pid), str(py.pid)],
+            [sys.executable, "-m", "memtrace", "watch", "--format", "none", "--record",
+             str(rec), "--no-serve", "--stacks", "--heap-interval", "1",
+             "--interval", "0.5", str(redis.pid), str(py.pid)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(tmp / "watch.err", "wb"), cwd=REPO_ROOT, env=env)  # noqa: SIM115
         procs.append(watch)
         deadline = time.monotonic() + 60 * SCALE
-        while not out.exists() or out.read_bytes().count(b"\n") < 2:
+        while not rec.exists() or rec.read_bytes().count(b'\n{"ts"') < 2:
             assert watch.poll() is None, (tmp / "watch.err").read_text()
             assert time.monotonic() < deadline, "no snapshot from memtrace watch"
             time.sleep(0.1)
@@ -148,13 +147,6 @@ def recording(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    # the recording: a header, the changed-only lines as written, an end line
-    rec = tmp / "run.mtrace"
-    lines = out.read_bytes()
-    header = make_header("watch", 0.5, pids=[redis.pid, py.pid], options={"stacks": True})
-    end = {"end": {"ts": time.time(), "snapshots": lines.count(b"\n"), "dropped": 0}}
-    rec.write_bytes(json.dumps(header).encode() + b"\n" + lines + json.dumps(end).encode()
-                    + b"\n")
     return rec
 
 
@@ -176,6 +168,9 @@ def test_the_report_renders_with_the_expected_charts(recording, tmp_path):  # ty
     # redis: its values (jemalloc: no heap figures, anon memory) as drawn
     anon = next(s for s in redis["series"]["rss"] if s["name"] == "anon")
     assert max(anon["values"]) >= 40 * MIB and redis["stacks"] is not None
+    # the flame graph at the peak: the stack profile the recording kept
+    assert "recorded at the peak" in redis["stacks"]["source"], redis["stacks"]["source"]
+    assert redis["stacks"]["held"] and redis["stacks"]["ts"] <= redis["peak"]["ts"]
     drawn = _drawn(tmp_path, html.as_uri() + f"?view={redis['key']}")
     mem = drawn["charts"]["memory"]
     assert [s["name"] for s in mem["series"]] == [s["name"] for s in redis["series"]["rss"]]
