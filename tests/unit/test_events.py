@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from memtrace.trace.events import (
+    PY_FRAMES,
     CHUNK_SHIFT,
     CHUNK_SIZE,
     NSYS,
@@ -32,7 +33,7 @@ BPF = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF / "memtrace.h").read_text()
 SOURCE = (BPF / "memtrace.bpf.c").read_text()
 CTYPE = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "s64": ctypes.c_int64}
-ARRAY_LENGTHS = {"MT_NSYS": NSYS, "MT_NSYS_SLOTS": NSYS_SLOTS}
+ARRAY_LENGTHS = {"MT_NSYS": NSYS, "MT_NSYS_SLOTS": NSYS_SLOTS, "MT_PY_FRAMES": PY_FRAMES}
 
 
 def c_struct(name: str) -> list[tuple[str, str, int | None]]:
