@@ -19,10 +19,9 @@ import os
 import struct
 from collections.abc import Sequence
 
-from memtrace.stacks.profile import TRUNCATED, Frame, Stack
+from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, Stack
 from memtrace.trace.pyoffsets import PyOffsets
 
-PY_MODULE = "[py]"                       # the module of a Python frame
 EVAL_FRAME = "_PyEval_EvalFrameDefault"
 MAX_TEXT = 1024                          # characters of a name or file name read
 _MAX_CODES = 100_000                     # cached code objects per process

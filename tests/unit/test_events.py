@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from memtrace.trace.events import (
-    PY_FRAMES,
     CHUNK_SHIFT,
     CHUNK_SIZE,
     NSYS,
     NSYS_SLOTS,
+    PY_FRAMES,
     SYSCALL_CLASSES,
     USER_ADDR_MAX,
     X86_64_SYSCALL_NAMES,
