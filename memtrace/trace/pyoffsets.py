@@ -63,8 +63,8 @@ class PyOffsets:
         return asdict(self)
 
 
-# offsetof() against Debian 12's python3.11-dev 3.11.2 headers (x86-64); used
-# for every 3.11 release build (other 3.11.x headers were not compiled here)
+# offsetof() against the 3.11.2 headers of Debian 12's python3.11-dev and
+# pyenv's 3.11.7 (x86-64): the same; used for every 3.11 release build
 PY311_X86_64 = PyOffsets(
     runtime_tstate_current=576, runtime_interp_main=48, interp_threads_head=16,
     tstate_next=8, tstate_native_thread_id=160, tstate_cframe=56, cframe_current_frame=8,

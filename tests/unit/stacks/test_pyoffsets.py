@@ -33,12 +33,21 @@ def test_parse_offsets():
         parse_offsets("frame_code\n")
 
 
-@pytest.mark.skipif(not (HEADERS / "internal" / "pycore_frame.h").is_file()
-                    or shutil.which("cc") is None,
-                    reason="needs a C compiler and python3.11-dev's headers")
-def test_table_matches_offsetof_over_the_headers(tmp_path):
+def header_dirs() -> list[Path]:
+    """Every CPython 3.11 header directory found here: the system's
+    (python3.11-dev) and pyenv's builds."""
+    found = [HEADERS, Path("/usr/local/include/python3.11"),
+             *sorted(Path("/root/.pyenv/versions").glob("3.11*/include/python3.11"))]
+    return [d for d in found if (d / "internal" / "pycore_frame.h").is_file()]
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="needs a C compiler")
+@pytest.mark.parametrize("headers", header_dirs() or [HEADERS], ids=str)
+def test_table_matches_offsetof_over_the_headers(tmp_path, headers):
+    if not (headers / "internal" / "pycore_frame.h").is_file():
+        pytest.skip(f"no CPython 3.11 headers ({headers}: python3.11-dev)")
     exe = tmp_path / "offsets"
-    subprocess.run(["cc", f"-I{HEADERS}", str(HERE / "data" / "py311_offsets.c"), "-o", str(exe)],
+    subprocess.run(["cc", f"-I{headers}", str(HERE / "data" / "py311_offsets.c"), "-o", str(exe)],
                    check=True, capture_output=True)
     got = parse_offsets(subprocess.run([str(exe)], check=True, capture_output=True,
                                        text=True).stdout)

@@ -298,3 +298,45 @@ def test_another_thread_is_found_by_its_native_id():
         done.set()
         t.join()
         r.close()
+
+
+PYENV = Path("/root/.pyenv/versions")
+
+
+@pytest.mark.parametrize(("lib", "version", "supported"), [
+    ("3.11.7/lib/libpython3.11.so.1.0", "CPython 3.11.7", True),
+    ("3.12.1/lib/libpython3.12.so.1.0", "CPython 3.12.1", False),
+    ("3.10.13/lib/libpython3.10.so.1.0", "before 3.11", False),
+])
+def test_pyenv_builds_are_told_apart(lib, version, supported):
+    path = PYENV / lib
+    if not path.exists():
+        pytest.skip(f"{path} absent (pyenv's builds on the development VM)")
+    with open(path, "rb") as f:
+        info = read_pyfile(f)
+    assert info is not None and version in info.version_text() and not info.debug
+    # mapped as the dynamic loader maps a library: its first PT_LOAD at a base
+    base = 0x7F1234500000
+    first, text = info.loads[0], info.loads[1]
+    st = os.stat(path)
+    dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+    maps = (f"{base:x}-{base + 0x1000:x} r--p 00000000 {dev} {st.st_ino} {path}\n"
+            f"{base + text.vaddr:x}-{base + text.vaddr + 0x1000:x} r-xp {text.offset:08x} "
+            f"{dev} {st.st_ino} {path}\n").encode()
+    assert first.vaddr == 0
+    found = PyDetector(proc_root="/proc").check(os.getpid(), parse_maps(maps))
+    assert found.version.startswith(version) or version in found.version
+    if supported:
+        assert found.offsets is OFF and found.runtime == base + info.runtime, found
+    else:
+        assert found.offsets is None and found.reason, found
+
+
+def test_the_system_python_is_found_at_its_fixed_address():
+    path = Path("/usr/bin/python3.11")
+    if not path.exists():
+        pytest.skip("no /usr/bin/python3.11")
+    with open(path, "rb") as f:
+        info = read_pyfile(f)
+    assert info is not None and info.major_minor == (3, 11)
+    assert info.loads[0].vaddr in (0, 0x400000)      # PIE or not: either is handled
