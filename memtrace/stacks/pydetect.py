@@ -111,7 +111,10 @@ def _pyfile(data: mmap.mmap) -> PyFile | None:
 
 
 def _is_candidate(vma: Vma) -> bool:
-    return bool(vma.inode) and b"python" in os.path.basename(vma.path)
+    # checked every tick for processes not found to run CPython: the substring
+    # test (in C) first, the base name only for the few paths that pass it
+    return b"python" in vma.path and bool(vma.inode) \
+        and b"python" in os.path.basename(vma.path)
 
 
 class PyDetector:
