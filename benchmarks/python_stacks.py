@@ -195,16 +195,19 @@ def report(runs: list[dict[str, Any]]) -> None:
     rows = []
     for k in KINDS:
         el, cpu = med(k, "elapsed_s"), med(k, "loop_cpu_s")
-        per_sample = (med(k, "fault_prog_ms") * 1e6 / med(k, "samples")
-                      if k != "baseline" else 0.0)
-        rows.append([k, f"{el:.3f}", f"{el / base:.3f}x", f"{cpu:.3f}",
-                     f"{med(k, 'bpf_ns_per_fault'):.0f}" if k != "baseline" else "-",
-                     f"{per_sample / 1000:.2f}" if k != "baseline" else "-"])
-    print(bc.table(["kind", "loop s (median)", "ratio", "loop CPU s", "BPF ns/fault",
-                    "BPF µs/sample (all fault time / samples)"], rows))
-    extra = (med("python", "fault_prog_ms") - med("stacks", "fault_prog_ms")) * 1e6 \
-        / med("python", "samples")
-    print(f"Python walk: {extra / 1000:.2f} µs per sample (BPF, python - stacks)")
+        spread = [r["elapsed_s"] for r in runs if r["kind"] == k]
+        rows.append([k, f"{el:.3f}", f"{min(spread):.3f}-{max(spread):.3f}",
+                     f"{el / base:.3f}x", f"{cpu:.3f}",
+                     f"{med(k, 'bpf_ns_per_fault'):.1f}" if k != "baseline" else "-",
+                     f"{med(k, 'samples'):.0f}" if k != "baseline" else "-"])
+    print(bc.table(["kind", "loop s (median)", "min-max", "ratio", "loop CPU s",
+                    "fault program ns/fault (median)", "samples"], rows))
+    # the walk's BPF time per sample: the fault program's extra time per fault,
+    # over the samples per fault
+    extra_ns = (med("python", "bpf_ns_per_fault") - med("stacks", "bpf_ns_per_fault")) \
+        * med("python", "faults") / med("python", "samples")
+    print(f"Python walk: {extra_ns / 1000:.2f} µs per sample (BPF time per fault, python "
+          "minus stacks, times faults per sample)")
     py = [r for r in runs if r["kind"] == "python"]
     if py:
         print(f"naming (user space): cold {med('python', 'cold_us'):.1f} µs, warm "

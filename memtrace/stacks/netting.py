@@ -25,7 +25,7 @@ from memtrace.stacks.profile import Frame, Stack, StackIds, StackProfile, StackS
 from memtrace.stacks.python import PyResolver, merge
 from memtrace.stacks.unwind import Unwinder
 from memtrace.trace.attribution import classify, mapping_identity, segments_for
-from memtrace.trace.events import CHUNK_SHIFT, ChunkMark, StackRecord
+from memtrace.trace.events import CHUNK_SHIFT, PY_TRUNCATED, ChunkMark, StackRecord
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import PAGE_SIZE, Vma
 
@@ -89,7 +89,8 @@ class StackTracker:
         mapping_of = _MappingFinder(self, vmas, self._exe_now())
         for r, stack in zip(records, stacks):
             if r.py_frames and self.python is not None:
-                stack = merge(stack, self.python.groups(r.py_frames))
+                stack = merge(stack, self.python.groups(
+                    r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED)))
             sid = self._stacks.intern(stack)
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))

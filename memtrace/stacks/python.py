@@ -23,6 +23,8 @@ from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, Stack
 from memtrace.trace.pyoffsets import PyOffsets
 
 EVAL_FRAME = "_PyEval_EvalFrameDefault"
+PY_TRUNCATED = Frame(0, "[truncated]", PY_MODULE)
+"""The last Python frame read of a deeper Python stack (BPF reads 32)."""
 MAX_TEXT = 1024                          # characters of a name or file name read
 _MAX_CODES = 100_000                     # cached code objects per process
 _LOCATION_NONE, _NO_COLUMNS, _LONG = 15, 13, 14
@@ -183,10 +185,12 @@ class PyResolver:
             self._frames[key] = frame
         return frame
 
-    def groups(self, py_frames: Sequence[tuple[int, int]]) -> list[list[Frame]]:
+    def groups(self, py_frames: Sequence[tuple[int, int]],
+               truncated: bool = False) -> list[list[Frame]]:
         """The frames of one sample split per native eval call, innermost
         first: each group ends at an entry frame (the last may not, when BPF
-        read no further)."""
+        read no further). `truncated` (BPF stopped at its frame limit) ends
+        the last group with PY_TRUNCATED."""
         out: list[list[Frame]] = [[]]
         for tagged, prev_instr in py_frames:
             out[-1].append(self.frame(tagged & ~1, prev_instr))
@@ -194,6 +198,8 @@ class PyResolver:
                 out.append([])
         if not out[-1]:
             out.pop()
+        if truncated and out:
+            out[-1].append(PY_TRUNCATED)
         return out
 
 

@@ -167,6 +167,15 @@ def test_groups_end_at_entry_frames():
     assert FakeResolver().groups([(0x1001, 0)]) == [[Frame(0x1000, "code1000@0", PY_MODULE)]]
 
 
+def test_a_python_stack_cut_by_bpf_says_so():
+    groups = FakeResolver().groups([(0x1000, 1), (0x2000, 2)], truncated=True)
+    assert [f.function for f in groups[-1]] == ["code1000@1", "code2000@2", "[truncated]"]
+    out = merge(native("memset", "_PyEval_EvalFrameDefault", "main"), groups)
+    assert frame_text(out.frames[3].function, out.frames[3].module) == "[truncated] [py]"
+    assert not out.truncated          # the native stack is whole
+    assert FakeResolver().groups([], truncated=True) == []
+
+
 def test_python_frames_in_the_views():
     assert frame_text("build (s.py:7)", PY_MODULE) == "build (s.py:7) [py]"
     assert module_class(PY_MODULE) == "python"
