@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, Stack
 from memtrace.trace.pyoffsets import PyOffsets
@@ -30,7 +30,10 @@ _MAX_CODES = 100_000                     # cached code objects per process
 _LOCATION_NONE, _NO_COLUMNS, _LONG = 15, 13, 14
 
 
-def decode_unicode(header: bytes, read: object, address: int, off: PyOffsets) -> str | None:
+Reader = Callable[[int, int], "bytes | None"]     # (address, size) -> process memory
+
+
+def decode_unicode(header: bytes, read: Reader, address: int, off: PyOffsets) -> str | None:
     """A compact str object (3.11's PyASCIIObject / PyCompactUnicodeObject)
     from its header bytes; `read(addr, n)` reads process memory. None for
     anything else (a legacy, non-compact string)."""
@@ -43,11 +46,15 @@ def decode_unicode(header: bytes, read: object, address: int, off: PyOffsets) ->
         return None
     n = min(length, MAX_TEXT)
     start = address + (off.unicode_ascii_size if ascii_ else off.unicode_compact_size)
-    data = read(start, n * kind)  # type: ignore[operator]
+    data = read(start, n * kind)
     if data is None or len(data) < n * kind:
         return None
     codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
-    return str(data.decode(codec, errors="replace"))
+    return data.decode(codec, errors="replace")
+
+
+def _ptr(raw: bytes, at: int) -> int:
+    return int(struct.unpack_from("<Q", raw, at)[0])
 
 
 def _varint(table: bytes, i: int) -> tuple[int, int]:
@@ -105,7 +112,10 @@ class PyCode:
 
     def line(self, prev_instr: int) -> int:
         addr = prev_instr - self.code_start
-        found = line_of(self.linetable, self.firstlineno, addr) if addr >= 0 else None
+        try:
+            found = line_of(self.linetable, self.firstlineno, addr) if addr >= 0 else None
+        except IndexError:      # a table cut short (read while being replaced)
+            found = None
         return found if found is not None else self.firstlineno
 
 
@@ -157,13 +167,13 @@ class PyResolver:
         raw = self.read(addr, end)
         found = None
         if raw is not None and len(raw) == end:
-            ptr = lambda at: struct.unpack_from("<Q", raw, at)[0]  # noqa: E731
             firstlineno, = struct.unpack_from("<i", raw, o.code_firstlineno)
-            name = self._string(ptr(o.code_qualname)) or self._string(ptr(o.code_name))
-            filename = self._string(ptr(o.code_filename))
+            name = self._string(_ptr(raw, o.code_qualname)) \
+                or self._string(_ptr(raw, o.code_name))
+            filename = self._string(_ptr(raw, o.code_filename))
             if name is not None and filename is not None:
                 found = PyCode(name, filename, firstlineno,
-                               self._bytes(ptr(o.code_linetable)), addr + o.code_adaptive)
+                               self._bytes(_ptr(raw, o.code_linetable)), addr + o.code_adaptive)
         if found is None:
             self.unreadable += 1
         if len(self._codes) >= _MAX_CODES:

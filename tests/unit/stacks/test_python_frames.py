@@ -104,6 +104,13 @@ def test_line_table_matches_co_lines():
                     code.co_name, addr)
 
 
+def test_a_cut_line_table_falls_back_to_the_first_line():
+    from memtrace.stacks.python import PyCode
+    code = PyCode("f", "a.py", 7, bytes([0x80 | (14 << 3), 0x41]), 0x1000)   # varint cut
+    assert code.line(0x1000) == 7
+    assert code.line(0x0FFE) == 7        # a new frame's prev_instr: before the code
+
+
 def test_line_table_by_hand():
     # 3.11 location entries: 0xF8 | (units - 1), short/one-line/no-column/none forms
     table = bytes([0x80 | (10 << 3) | 1, 0, 4,      # one-line form, delta 0, 2 units
