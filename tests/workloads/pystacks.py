@@ -6,7 +6,7 @@ the kernel from merging their mappings with fill_big's or any other anonymous
 memory (obmalloc arenas), so memtrace's exact per-mapping figures split them.
 Then fill_big's blocks are freed (unmapped).
 Arguments: seconds to hold both, seconds to hold after the release, and
-optionally seconds to wait before filling (for a tracer to attach)."""
+optionally `go`: wait for a line on stdin before filling (a tracer attaches)."""
 
 import mmap
 import sys
@@ -25,9 +25,9 @@ def fill_small():
 
 def main():
     hold, after = float(sys.argv[1]), float(sys.argv[2])
-    if len(sys.argv) > 3:
+    if len(sys.argv) > 3:           # "go": wait for a line on stdin (a tracer attached)
         print("started", flush=True)
-        time.sleep(float(sys.argv[3]))
+        sys.stdin.readline()
     big = fill_big()
     guards = [mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ)]
     small = fill_small()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -110,21 +111,35 @@ def test_output_files_show_python_frames(traced):
 
 def test_watch_attached_to_a_running_python(tmp_path):
     """watch: the running process's CPython is found when memtrace attaches."""
-    work = subprocess.Popen([str(PYTHON), str(WORKLOAD), "1.5", "1.5", "3"],
-                            stdout=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    work = subprocess.Popen([str(PYTHON), str(WORKLOAD), "1.5", "1.5", "go"],
+                            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    err_path = tmp_path / "watch.err"
+    watch = None
     try:
         assert work.stdout is not None and work.stdout.readline().strip() == "started"
-        r = subprocess.run(
-            [*MEMTRACE, "watch", "--format", "json", *QUIET, "--interval", "0.5", "--stacks",
-             "--stacks-period", "128K", str(work.pid)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
-            stdin=subprocess.DEVNULL, env=ENV)
+        with open(err_path, "w") as err:
+            watch = subprocess.Popen(
+                [*MEMTRACE, "watch", "--format", "json", *QUIET, "--interval", "0.5",
+                 "--stacks", "--stacks-period", "128K", str(work.pid)],
+                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+                stdin=subprocess.DEVNULL, env=ENV)
+        deadline = time.monotonic() + 120 * TIMEOUT_SCALE
+        while "first snapshot" not in err_path.read_text():
+            assert watch.poll() is None and time.monotonic() < deadline, err_path.read_text()
+            time.sleep(0.1)
+        assert work.stdin is not None
+        work.stdin.write("go\n")
+        work.stdin.flush()
+        out, _ = watch.communicate(timeout=180 * TIMEOUT_SCALE)
     finally:
         work.kill()
         work.wait()
-    assert r.returncode == 0, r.stderr[-2000:]
-    snaps = snapshots(r.stdout)
-    assert snaps[0]["rss_bytes"] < 40 * MiB, "attached after the fill: start-up too slow"
+        if watch is not None and watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err_path.read_text()[-2000:]
+    snaps = snapshots(out)
+    assert snaps[0]["rss_bytes"] < 40 * MiB, "attached after the fill"
     check_split(snaps)
 
 
