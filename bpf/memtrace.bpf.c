@@ -85,6 +85,18 @@ static __always_inline u64 read_reg(u64 regs, u64 off)
 }
 
 #include "stackcopy.h"
+#ifdef MT_PY
+#include "pyframes.h"
+BPF_HASH(py_targets, u32, struct mt_py_target, MT_MAX_TARGETS);
+
+/* Fill s->py_* for a registered process of this image (else leave them 0). */
+static __always_inline void py_frames(struct mt_stack_sample *s, u32 tgid, u32 epoch)
+{
+    struct mt_py_target *py = py_targets.lookup(&tgid);
+    if (py && py->epoch == epoch)
+        py_walk(s, py->runtime);
+}
+#endif
 
 static __always_inline void take_sample(struct mt_fault_cache *fc, u32 tgid, u32 epoch, u64 addr,
                                         u64 regs, u32 flags)
@@ -105,6 +117,11 @@ static __always_inline void take_sample(struct mt_fault_cache *fc, u32 tgid, u32
     s->sp = regs ? read_reg(regs, MT_REGS_SP) : 0;
     s->bp = regs ? read_reg(regs, MT_REGS_BP) : 0;
     s->len = s->sp ? copy_stack(&fc->stack_end, &fc->stack_tgid, tgid, s->stack, s->sp) : 0;
+    s->py_count = 0;
+    s->py_flags = 0;
+#ifdef MT_PY
+    py_frames(s, tgid, epoch);
+#endif
     if (!s->len && st)
         __sync_fetch_and_add(&st->stacks_unread, 1);
     /* Records wake nobody, but every MT_STACKS_WAKE-th of a process wakes

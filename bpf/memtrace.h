@@ -115,6 +115,12 @@ struct mt_event {
 #define MT_STACK_COPY 8192          /* bytes of user stack copied from sp; a power of two */
 #endif
 #define MT_STACK_GAPS 4096          /* pre-drawn exponential gaps, filled by user space */
+#define MT_PY_FRAMES 32             /* CPython frames read per sample, innermost first */
+#define MT_PY_THREADS 64            /* thread states searched for the faulting thread's */
+#define MT_PY_TRUNCATED 1           /* py_flags: more frames than MT_PY_FRAMES */
+#define MT_PY_NO_THREAD 2           /* py_flags: a registered process, but no thread state
+                                       of the faulting thread found (or unreadable) */
+#define MT_PY_READ 4                /* py_flags: the frames were read (maybe 0 of them) */
 #define MT_STACK_FROM_KERNEL 1      /* flags: a kernel-mode fault (read() into a fresh
                                        buffer...): the registers are the user's at
                                        syscall entry */
@@ -128,7 +134,22 @@ struct mt_stack_sample {
     u32 len;                        /* bytes of stack copied: MT_STACK_COPY, less near the
                                        top of a stack mapping, 0 when unreadable */
     u32 flags;                      /* MT_STACK_* */
+    /* CPython 3.11 frames of the faulting thread (registered processes only):
+     * innermost first, the code object's address | 1 for an entry frame (the
+     * first of a _PyEval_EvalFrameDefault call), and its prev_instr */
+    u32 py_count;
+    u32 py_flags;                   /* MT_PY_* */
+    u64 py_code[MT_PY_FRAMES];
+    u64 py_instr[MT_PY_FRAMES];
     u8 stack[MT_STACK_COPY];
+};
+
+/* A process whose CPython 3.11 frames are read at its samples (user space
+ * found _PyRuntime in its executable or libpython). */
+struct mt_py_target {
+    u64 runtime;                    /* address of _PyRuntime */
+    u32 epoch;                      /* the image it was found in (as mt_chunk_key) */
+    u32 pad;
 };
 
 #endif

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memtrace.errors import ExitCode, MemtraceError
@@ -22,19 +22,20 @@ from memtrace.pss.live import LivePss, drop_all
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
-from memtrace.trace.events import ChunkMark, Drained, StackRecord
+from memtrace.trace.events import EPOCH_MASK, ChunkMark, Drained, StackRecord
 from memtrace.trace.mallocevents import MallocRecord
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
-from memtrace.trace.procfs import ProcFS, want_rss_stat_probe
+from memtrace.trace.procfs import ProcFS, Vma, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
-from memtrace.util.log import log
+from memtrace.util.log import debug, log
 
 if TYPE_CHECKING:
     from memtrace.malloc.state import MallocState
     from memtrace.stacks.netting import StackTracker
     from memtrace.stacks.profile import StackProfile
+    from memtrace.stacks.pydetect import PyCheck, PyDetector
     from memtrace.stacks.unwind import Unwinder
 
 
@@ -78,6 +79,7 @@ class Session:
         self._unwinder: Unwinder | None = None
         self._stacks: dict[int, StackTracker] = {}
         self._stack_epochs: dict[int, int] = {}
+        self._pydetector: PyDetector | None = None     # --stacks: CPython targets
         self._profiles: dict[int, StackProfile] = {}   # last one of every process seen
         # pid -> (what its last profile was computed from, its summary)
         self._profile_inputs: dict[int, tuple[tuple[object, ...], dict[str, Any]]] = {}
@@ -195,7 +197,9 @@ class Session:
         _close_fd(self._pidfds.pop(pid, None))
         self._start_times.pop(pid, None)
         self._forget_heap(pid)
-        self._stacks.pop(pid, None)
+        st = self._stacks.pop(pid, None)
+        if st is not None and st.python is not None:
+            st.python.close()
         self._stack_epochs.pop(pid, None)
         self._profile_inputs.pop(pid, None)
         if self.malloc is not None:
@@ -431,6 +435,8 @@ class Session:
         elif self._stack_epochs.get(pid) != tracker.epoch:
             st.forget_exec()          # a new image: its stacks start again
         self._stack_epochs[pid] = tracker.epoch
+        if st.python_epoch != tracker.epoch:
+            self._check_python(st, tracker)
         records = [r for r in records if r.epoch == tracker.epoch]
         marks = [m for m in marks if m.epoch == tracker.epoch and m.faults]
         # Nothing sampled, faulted or rescanned since the last profile (an idle
@@ -459,6 +465,55 @@ class Session:
         """The whole profile to a reporter that keeps it (a recording)."""
         if self.reporter.wants_stack_profiles:
             self.reporter.stack_profile(self._profiles[pid])
+
+    def _check_python(self, st: StackTracker, tracker: ProcessTracker) -> None:
+        """Read the CPython frames of a process running CPython 3.11 at its
+        samples (docs/stacks.md, "Python"); say once why not for another
+        CPython. A process with no CPython mapped is checked again next tick
+        (libpython may be loaded later)."""
+        from memtrace.stacks.python import PyResolver
+
+        found = self._find_python(st.pid, tracker.epoch, tracker.space.vmas)
+        if found is None:
+            st.python_epoch = tracker.epoch
+            return
+        if found.offsets is not None:
+            st.python = PyResolver(st.pid, found.offsets, str(self.procfs.root))
+            debug(f"pid {st.pid}: {found.version} ({found.path}): Python frames, "
+                  f"_PyRuntime at {found.runtime:#x}")
+        elif found.reason is not None:
+            log(f"pid {st.pid}: no Python frames: {found.reason}")
+        else:
+            return
+        st.python_epoch = tracker.epoch
+
+    def _find_python(self, pid: int, epoch: int, vmas: Sequence[Vma]) -> PyCheck | None:
+        """Check pid's image for CPython and register a 3.11 one with BPF;
+        None when the probes read no Python frames at all."""
+        from memtrace.stacks.pydetect import PyDetector
+
+        if self.probes is None or not self.probes.python_frames:
+            return None
+        if self._pydetector is None:
+            self._pydetector = PyDetector(str(self.procfs.root))
+        found = self._pydetector.check(pid, vmas)
+        if found.offsets is not None:
+            self.probes.set_python(pid, epoch, found.runtime)
+        return found
+
+    def python_at_exec(self, pid: int, timeout: float = 0.05) -> None:
+        """`run`: register the command's CPython as soon as its exec is done
+        (BPF counted it), before its first line of Python runs; the tick's
+        check would come after a short script has finished."""
+        if self._unwinder is None or self.probes is None or not self.probes.python_frames:
+            return
+        deadline = time.monotonic() + timeout
+        while (gen := read_stats_of(self.probes, pid).exec_gen) == 0:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.0005)
+        with contextlib.suppress(OSError):
+            self._find_python(pid, gen & EPOCH_MASK, self.procfs.maps(pid))
 
     def stack_profiles(self) -> dict[int, StackProfile]:
         """The last stack profile of every process watched with --stacks,

@@ -87,6 +87,7 @@ PKGS=(bpfcc-tools python3-bpfcc python3-venv gcc libc6-dev make)
 PKGS+=(python3-pyelftools binutils libc6-dbg)  # --stacks: CFI and symbols (pyelftools), c++filt (binutils), libc's local function names (libc6-dbg, by build-id)
 PKGS+=(prometheus python3-seccomp)  # tests/unit/deploy: promtool; tests/root/deploy: seccomp for the unit sandbox test (no service left running: deploy/README.md)
 PKGS+=(libjemalloc2 musl-tools)  # tests/root/heap: a jemalloc and a musl program are detected as not glibc
+PKGS+=(python3.11-dev)  # --stacks Python frames: tests/unit/stacks/test_pyoffsets.py checks the CPython 3.11 offsets against its headers
 PKGS+=(chromium golang-go)  # stack views (issue 13): headless Chromium draws the flame graph (tests/root/stacks), `go tool pprof` reads the pprof output (tests/unit/test_stack_pprof_go.py)
 PKGS+=(nginx postgresql wrk)  # real forked daemons (scripts/servers.sh, tests/root/accuracy/test_real_servers.py); their services are not started (below)
 PKGS+=(redis-server redis-tools)  # issue 14: a real program under load for `memtrace report` (tests/root/reports: redis-server under redis-benchmark); its service is not started (below)

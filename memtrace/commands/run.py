@@ -268,6 +268,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             raise MemtraceError(f"cannot execute {command[0]}: {os.strerror(int(err))}",
                                 ExitCode.CANNOT_EXECUTE)
 
+        session.python_at_exec(child)
         started = time.monotonic()
         exited = _wake_on_exit(child, stop)
         peaks = PeakTracker()

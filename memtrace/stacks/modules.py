@@ -50,7 +50,7 @@ class Module:
         None if it maps none (the file is not what was loaded there)."""
         key = (vma.start, vma.offset)
         if key not in self._bias:
-            self._bias[key] = _bias(self.loads, vma)
+            self._bias[key] = load_bias(self.loads, vma)
         return self._bias[key]
 
     def cfi(self, pc: int) -> tuple[Any, bool] | None:
@@ -63,7 +63,7 @@ class Module:
         return None
 
 
-def _bias(loads: list[ProgramHeader], vma: Vma) -> int | None:
+def load_bias(loads: list[ProgramHeader], vma: Vma) -> int | None:
     """From the PT_LOAD whose file range holds the VMA's offset; of two that
     share that page (an old layout without separate code pages), the one
     whose execute permission matches the VMA's."""

@@ -22,9 +22,10 @@ from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
 from memtrace.stacks.profile import Frame, Stack, StackIds, StackProfile, StackSample
+from memtrace.stacks.python import PyResolver, merge
 from memtrace.stacks.unwind import Unwinder
 from memtrace.trace.attribution import classify, mapping_identity, segments_for
-from memtrace.trace.events import CHUNK_SHIFT, ChunkMark, StackRecord
+from memtrace.trace.events import CHUNK_SHIFT, PY_TRUNCATED, ChunkMark, StackRecord
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import PAGE_SIZE, Vma
 
@@ -72,6 +73,10 @@ class StackTracker:
         self.samples = 0
         self.weight = 0
         self.samples_lost = 0
+        # CPython frames (stacks/python.py): the resolver of this image, and
+        # the image (epoch) whose check is settled
+        self.python: PyResolver | None = None
+        self.python_epoch: int | None = None
 
     # -- samples in -----------------------------------------------------------------
     def add(self, records: Iterable[StackRecord], vmas: Sequence[Vma]) -> None:
@@ -83,6 +88,9 @@ class StackTracker:
             self.pid, vmas, [(r.ip, r.sp, r.bp, r.stack) for r in records])
         mapping_of = _MappingFinder(self, vmas, self._exe_now())
         for r, stack in zip(records, stacks):
+            if r.py_frames and self.python is not None:
+                stack = merge(stack, self.python.groups(
+                    r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED)))
             sid = self._stacks.intern(stack)
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))
@@ -118,6 +126,10 @@ class StackTracker:
         self._chunk_faults.clear()
         self._exe = None
         self.samples = self.weight = self.samples_lost = 0
+        if self.python is not None:
+            self.python.close()
+        self.python = None
+        self.python_epoch = None
 
     def _exe_now(self) -> bytes:
         if self._exe is None:

@@ -26,6 +26,10 @@ class Frame:
     build_id: str | None = None  # GNU build-id of the module, hex
 
 
+PY_MODULE = "[py]"
+"""The module of a CPython frame (stacks/python.py): its function reads
+`qualname (file:line)`, its address is the code object's."""
+
 TRUNCATED = Frame(0, "[truncated]", "[truncated]")
 """The last frame of a stack the unwinder had to cut (depth, stack copy size)."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from memtrace.stacks.profile import StackProfile, StackSample
+from memtrace.stacks.profile import PY_MODULE, StackProfile, StackSample
 
 STACKS_TOP = 10          # stacks per measure in a snapshot
 FRAMES_MAX = 32          # frames per stack in a snapshot (the rest: "[...]")
@@ -14,9 +14,11 @@ FRAMES_MAX = 32          # frames per stack in a snapshot (the rest: "[...]")
 
 def frame_text(function: str, module: str) -> str:
     """`function (module file name)`, the form the JSON uses; a marker frame
-    (`[unsampled]`, `[truncated]`) alone."""
+    (`[unsampled]`, `[truncated]`) alone; a CPython frame `qualname (file:line) [py]`."""
     if not module or function == module:
         return function
+    if module == PY_MODULE:
+        return f"{function} {PY_MODULE}"
     return f"{function} ({os.path.basename(module)})"
 
 

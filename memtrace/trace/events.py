@@ -215,9 +215,17 @@ class StackRecord:
     # a kernel-mode fault (read() into a fresh buffer...): ip, sp and bp are
     # the user's registers at syscall entry, not at the faulting instruction
     from_kernel: bool = False
+    # CPython frames of the faulting thread, innermost first: (code object
+    # address | 1 for an entry frame, prev_instr); only for registered processes
+    py_frames: tuple[tuple[int, int], ...] = ()
+    py_flags: int = 0    # PY_* below
 
 
 STACK_FROM_KERNEL = 1   # mt_stack_sample.flags (MT_STACK_FROM_KERNEL)
+PY_FRAMES = 32          # MT_PY_FRAMES
+PY_TRUNCATED = 1        # py_flags: more frames than PY_FRAMES
+PY_NO_THREAD = 2        # py_flags: no thread state of the faulting thread found
+PY_READ = 4             # py_flags: the frames were read (maybe none)
 
 
 class RawStackHeader(ctypes.Structure):
@@ -232,7 +240,16 @@ class RawStackHeader(ctypes.Structure):
         ("bp", ctypes.c_uint64),
         ("len", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("py_count", ctypes.c_uint32),
+        ("py_flags", ctypes.c_uint32),
+        ("py_code", ctypes.c_uint64 * PY_FRAMES),
+        ("py_instr", ctypes.c_uint64 * PY_FRAMES),
     ]
+
+
+def _py_frames(raw: RawStackHeader) -> tuple[tuple[int, int], ...]:
+    n = min(raw.py_count, PY_FRAMES)
+    return tuple(zip(raw.py_code[:n], raw.py_instr[:n]))
 
 
 def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
@@ -243,7 +260,8 @@ def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
     raw = RawStackHeader.from_buffer_copy(data[:size])
     return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
                        weight=weight, stack=bytes(data[size:size + raw.len]),
-                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL))
+                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL),
+                       py_frames=_py_frames(raw), py_flags=raw.py_flags)
 
 
 def decode_stack_sample_at(address: int, size: int, weight: int) -> StackRecord:
@@ -257,7 +275,9 @@ def decode_stack_sample_at(address: int, size: int, weight: int) -> StackRecord:
     n = max(0, min(raw.len, size - head))
     return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
                        weight=weight, stack=ctypes.string_at(address + head, n),
-                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL))
+                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL),
+                       py_frames=_py_frames(raw) if raw.py_count else (),
+                       py_flags=raw.py_flags)
 
 
 @dataclass

@@ -36,6 +36,7 @@ from memtrace.trace.mallocevents import (
     decode_malloc_free,
     decode_malloc_sample,
 )
+from memtrace.trace.pyoffsets import PY311_X86_64
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
 from memtrace.util.log import debug, log
 
@@ -122,11 +123,15 @@ class Probes:
         self.stack_period = stack_period
         self.stack_weight = 0
         self.stack_mechanism = ""
+        self._python = False
         if stacks:
             if stack_period < 1:
                 raise MemtraceError("the stack sampling period must be at least 1 byte",
                                     ExitCode.USAGE)
             cflags += ["-DMT_STACKS", f"-DMT_STACKS_PAGES={STACKS_PAGES}"]
+            if os.uname().machine == "x86_64":
+                cflags += PY311_X86_64.bpf_defines()     # CPython 3.11 frames
+                self._python = True
             if _kernel_user_regs(bcc):
                 cflags.append("-DMT_STACKS_KERNEL")
                 self.stack_mechanism = "user and kernel-mode faults"
@@ -240,10 +245,31 @@ class Probes:
         for table in (self._targets, self._stats, self._credit, self._tgid_mm):
             with contextlib.suppress(KeyError):
                 del table[table.Key(pid)]
+        self.set_python(pid, 0, 0)
         for k, v in list(self._mm_owner.items()):
             if v.value == pid:
                 with contextlib.suppress(KeyError):
                     del self._mm_owner[k]
+
+    @property
+    def python_frames(self) -> bool:
+        """Whether the program reads CPython 3.11 frames at samples (--stacks, x86-64)."""
+        return self._python
+
+    def set_python(self, pid: int, epoch: int, runtime: int) -> None:
+        """Read the CPython frames of pid's image `epoch` at its samples,
+        with _PyRuntime at `runtime` (0: stop reading them)."""
+        if not self.python_frames:
+            return
+        table = self.bpf["py_targets"]
+        if not runtime:
+            with contextlib.suppress(KeyError):
+                del table[table.Key(pid)]
+            return
+        leaf = table.Leaf()
+        leaf.runtime = runtime
+        leaf.epoch = epoch & 0xFFFFFFFF
+        table[table.Key(pid)] = leaf
 
     def _swap(self) -> None:
         """Start a new drain generation and collect the old one into the carry.

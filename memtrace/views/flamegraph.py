@@ -50,11 +50,13 @@ PALETTES: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = 
     "library": ((50, 60), (160, 50), (195, 45)),
     "kernel": ((165, 40), (165, 40), (165, 40)),
     "truncated": ((150, 30), (100, 25), (215, 35)),
+    "python": ((215, 30), (185, 40), (40, 40)),
     "mapping": ((70, 50), (175, 45), (70, 45)),
     "root": ((215, 0), (215, 0), (205, 0)),
 }
 LEGEND = (("program", "program"), ("library", "libraries"), ("kernel", "kernel, unknown"),
-          ("truncated", "[truncated]"), ("mapping", "mapping"))
+          ("truncated", "[truncated]"), ("mapping", "mapping"), ("python", "Python"))
+OPTIONAL = frozenset({"python"})      # in the legend only when the graph has such frames
 
 
 @dataclass
@@ -158,10 +160,12 @@ def _frame_svg(f: DrawnFrame, height: int, whole: int, measure: str) -> str:
             "</g>")
 
 
-def _legend(y: int) -> Iterator[str]:
+def _legend(y: int, classes: set[str]) -> Iterator[str]:
     """One square per kind of module, in its palette's middle shade."""
     x = float(PAD)
     for cls, label in LEGEND:
+        if cls in OPTIONAL and cls not in classes:
+            continue
         (r, rs), (g, gs), (b, bs) = PALETTES[cls]
         yield (f'<rect class="legend" x="{x:.1f}" y="{y - 10}" width="11" height="11"'
                f' fill="rgb({r + rs // 2},{g + gs // 2},{b + bs // 2})"/>'
@@ -203,7 +207,7 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
            f'<rect class="bg" x="0" y="0" width="{WIDTH}" height="{height}" fill="#f8f8f4"/>',
            f'<text id="title" x="{WIDTH // 2}" y="24" text-anchor="middle">{_x(title)}</text>',
            f'<text id="subtitle" x="{PAD}" y="46">{_x(sub)}</text>',
-           *_legend(TOP - 12),
+           *_legend(TOP - 12, {f.node.cls for f in frames}),
            f'<text id="unzoom" x="{PAD}" y="24" visibility="hidden">Reset zoom'
            "</text>",
            f'<text id="matched" x="{WIDTH - PAD}" y="{height - 10}"'

@@ -29,7 +29,7 @@ from __future__ import annotations
 import gzip
 from dataclasses import dataclass, field
 
-from memtrace.stacks.profile import TRUNCATED, Frame, StackProfile
+from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, StackProfile
 from memtrace.views.stackframes import (
     NO_STACK,
     UNKNOWN,
@@ -102,8 +102,8 @@ class _Tables:
 
     def mapping(self, frame: Frame) -> None:
         """Counts the frame's module in (its id is given once all are seen)."""
-        if frame.module in (UNKNOWN, TRUNCATED.module) or not frame.module:
-            return
+        if frame.module in (UNKNOWN, TRUNCATED.module, PY_MODULE) or not frame.module:
+            return      # no ELF mapping (a CPython frame's address is its code object's)
         key = (frame.module, frame.build_id or "")
         m = self.mappings.get(key)
         if m is None:

@@ -15,8 +15,9 @@
 - Names are text as escape_text leaves it (control characters escaped, so one
   frame is one line); the folded format also escapes `;` (its separator).
 - The kind of module colours a flame graph: "program" (an ELF that is not a
-  shared object), "library" (`*.so*`, `ld-linux*`), "kernel" (`[unknown]`,
-  `[vdso]`, any other bracketed pseudo-module), "truncated".
+  shared object), "library" (`*.so*`, `ld-linux*`), "python" (a CPython
+  frame, module `[py]`), "kernel" (`[unknown]`, `[vdso]`, any other bracketed
+  pseudo-module), "truncated".
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from memtrace.stacks.profile import TRUNCATED, Frame, StackProfile, StackSample
+from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, StackProfile, StackSample
 from memtrace.trace.procfs import escape_text
 
 MEASURES = ("held", "brought")
@@ -65,6 +66,8 @@ def module_class(module: str) -> str:
     """program, library, kernel (kernel, vdso, unknown) or truncated."""
     if module == TRUNCATED.module:
         return "truncated"
+    if module == PY_MODULE:
+        return "python"
     if not module or module.startswith("["):
         return "kernel"
     if _SHARED_OBJECT.search(basename(module)):

@@ -14,6 +14,7 @@ from memtrace.trace.events import (
     CHUNK_SIZE,
     NSYS,
     NSYS_SLOTS,
+    PY_FRAMES,
     SYSCALL_CLASSES,
     USER_ADDR_MAX,
     X86_64_SYSCALL_NAMES,
@@ -32,7 +33,7 @@ BPF = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = (BPF / "memtrace.h").read_text()
 SOURCE = (BPF / "memtrace.bpf.c").read_text()
 CTYPE = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "s64": ctypes.c_int64}
-ARRAY_LENGTHS = {"MT_NSYS": NSYS, "MT_NSYS_SLOTS": NSYS_SLOTS}
+ARRAY_LENGTHS = {"MT_NSYS": NSYS, "MT_NSYS_SLOTS": NSYS_SLOTS, "MT_PY_FRAMES": PY_FRAMES}
 
 
 def c_struct(name: str) -> list[tuple[str, str, int | None]]:

@@ -11,6 +11,10 @@ from pathlib import Path
 import pytest
 
 from memtrace.trace.events import (
+    PY_FRAMES,
+    PY_NO_THREAD,
+    PY_READ,
+    PY_TRUNCATED,
     STACK_FROM_KERNEL,
     RawStackHeader,
     RawStats,
@@ -30,11 +34,20 @@ def header_define(name: str) -> int:
     return int(m.group(1), 0)
 
 
+HEAD = 48 + 8 + 16 * 32         # registers and lengths, py_count/py_flags, py frames
+
+
 def pack_sample(*, tgid=4242, epoch=1, addr=0x7F0000001000, ip=0x7F00DEAD0000,
-                sp=0x7FFC00000F00, bp=0, length=0, flags=0, stack=b"") -> bytes:
+                sp=0x7FFC00000F00, bp=0, length=0, flags=0, stack=b"",
+                py=(), py_flags=0, py_count=None) -> bytes:
     copy = header_define("MT_STACK_COPY")
     body = stack.ljust(copy, b"\xee")[:copy]   # BPF leaves bytes past len unwritten
-    return struct.pack("<IIQQQQII", tgid, epoch, addr, ip, sp, bp, length, flags) + body
+    codes = [c for c, _ in py] + [0xDD] * (PY_FRAMES - len(py))     # unwritten: garbage
+    instrs = [i for _, i in py] + [0xDD] * (PY_FRAMES - len(py))
+    n = len(py) if py_count is None else py_count
+    return (struct.pack("<IIQQQQII", tgid, epoch, addr, ip, sp, bp, length, flags)
+            + struct.pack("<II", n, py_flags) + struct.pack(f"<{PY_FRAMES}Q", *codes)
+            + struct.pack(f"<{PY_FRAMES}Q", *instrs) + body)
 
 
 def test_stack_header_mirrors_the_c_struct():
@@ -43,7 +56,7 @@ def test_stack_header_mirrors_the_c_struct():
     body = re.search(r"struct mt_stack_sample \{(.*?)\};", HEADER, re.S).group(1)
     # the stack bytes follow the header, last, and the header keeps them aligned
     assert body.rstrip().splitlines()[-1].split()[:2] == ["u8", "stack[MT_STACK_COPY];"]
-    assert ctypes.sizeof(RawStackHeader) == 48
+    assert ctypes.sizeof(RawStackHeader) == HEAD
 
 
 def test_stack_constants_match_header():
@@ -52,6 +65,27 @@ def test_stack_constants_match_header():
     assert header_define("MT_STACK_GAPS") == GAP_TABLE_SIZE
     assert GAP_TABLE_SIZE & (GAP_TABLE_SIZE - 1) == 0   # BPF masks a random index
     assert header_define("MT_STACK_FROM_KERNEL") == STACK_FROM_KERNEL
+    assert header_define("MT_PY_FRAMES") == PY_FRAMES
+    assert header_define("MT_PY_TRUNCATED") == PY_TRUNCATED
+    assert header_define("MT_PY_NO_THREAD") == PY_NO_THREAD
+    assert header_define("MT_PY_READ") == PY_READ
+
+
+def test_decode_python_frames_only_up_to_their_count():
+    py = [(0x7F0000A00011, 0x7F0000A000F0), (0x7F0000B00020, 0x7F0000B00100)]
+    for decode in (lambda d: decode_stack_sample(d, 1), decode_in_place):
+        rec = decode(pack_sample(py=py, py_flags=PY_READ))
+        assert rec.py_frames == tuple(py) and rec.py_flags == PY_READ
+        rec = decode(pack_sample(py=py, py_count=1, py_flags=PY_READ | PY_TRUNCATED))
+        assert rec.py_frames == (py[0],) and rec.py_flags & PY_TRUNCATED
+        # a count past the array (never written by BPF) reads the array only
+        assert len(decode(pack_sample(py=py, py_count=1000)).py_frames) == PY_FRAMES
+        assert decode(pack_sample()).py_frames == ()
+
+
+def decode_in_place(data: bytes):
+    buf = ctypes.create_string_buffer(data, len(data))
+    return decode_stack_sample_at(ctypes.addressof(buf), len(data), 1)
 
 
 def test_stats_carry_the_stack_counters():
@@ -91,7 +125,7 @@ def test_decode_never_reads_past_the_record():
     """A length beyond the record (never written by BPF) cannot pull in
     bytes that are not there."""
     data = pack_sample(length=0xFFFFFFFF, stack=b"\x01" * 64)
-    assert decode_stack_sample(data, 1).stack == data[48:]
+    assert decode_stack_sample(data, 1).stack == data[HEAD:]
 
 
 def test_decode_short_buffer_raises():

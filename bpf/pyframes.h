@@ -1,0 +1,77 @@
+/* --stacks: the CPython 3.11 frames of the faulting thread, read at a sample
+ * of a process user space registered in py_targets (docs/stacks.md, "Python").
+ * Only user memory is read (bpf_probe_read_user), at offsets of CPython's own
+ * structs that user space passes at compile time (-DMT_PY_*, from
+ * memtrace/trace/pyoffsets.py): one layout, CPython 3.11's x86-64 release
+ * builds. Without them (MT_PY undefined) nothing here is compiled. The map
+ * py_targets is declared in memtrace.bpf.c (BCC rewrites map calls in its main
+ * file only). */
+#ifndef MT_PYFRAMES_H
+#define MT_PYFRAMES_H
+
+/* The frame fields read, in one read of [MT_PY_FRAME_LO, + MT_PY_FRAME_SPAN) */
+#define MT_PY_FRAME_LO MT_PY_FRAME_CODE
+#define MT_PY_FRAME_SPAN 40
+_Static_assert(MT_PY_FRAME_PREVIOUS - MT_PY_FRAME_LO + 8 <= MT_PY_FRAME_SPAN, "previous");
+_Static_assert(MT_PY_FRAME_INSTR - MT_PY_FRAME_LO + 8 <= MT_PY_FRAME_SPAN, "prev_instr");
+_Static_assert(MT_PY_FRAME_ENTRY - MT_PY_FRAME_LO + 1 <= MT_PY_FRAME_SPAN, "is_entry");
+_Static_assert(((MT_PY_FRAME_PREVIOUS - MT_PY_FRAME_LO) & 7) == 0, "previous aligned");
+_Static_assert(((MT_PY_FRAME_INSTR - MT_PY_FRAME_LO) & 7) == 0, "prev_instr aligned");
+
+static __always_inline u64 py_word(u64 addr)
+{
+    u64 v = 0;
+    if (bpf_probe_read_user(&v, sizeof(v), (void *)addr))
+        return 0;
+    return v;
+}
+
+/* The thread state of thread `tid`: the one holding the GIL if it is tid's
+ * (the usual case: the faulting thread runs Python code), else found in the
+ * main interpreter's list. 0 when none is (a thread that never ran Python). */
+static __always_inline u64 py_thread_state(u64 runtime, u32 tid)
+{
+    u64 ts = py_word(runtime + MT_PY_RT_TSTATE);
+    if (ts && (u32)py_word(ts + MT_PY_TS_TID) == tid)
+        return ts;
+    u64 interp = py_word(runtime + MT_PY_RT_INTERP_MAIN);
+    ts = interp ? py_word(interp + MT_PY_INTERP_THREADS) : 0;
+    for (int i = 0; i < MT_PY_THREADS && ts; i++) {
+        if ((u32)py_word(ts + MT_PY_TS_TID) == tid)
+            return ts;
+        ts = py_word(ts + MT_PY_TS_NEXT);
+    }
+    return 0;
+}
+
+/* Fill s->py_* with the current thread's frames, _PyRuntime at `runtime`. */
+static __always_inline void py_walk(struct mt_stack_sample *s, u64 runtime)
+{
+    u64 ts = py_thread_state(runtime, (u32)bpf_get_current_pid_tgid());
+    if (!ts) {
+        s->py_flags = MT_PY_NO_THREAD;
+        return;
+    }
+    u64 cframe = py_word(ts + MT_PY_TS_CFRAME);
+    u64 f = cframe ? py_word(cframe + MT_PY_CFRAME_FRAME) : 0;
+    u64 buf[MT_PY_FRAME_SPAN / 8];
+    u32 n = 0;
+    s->py_flags = MT_PY_READ;
+    for (int i = 0; i < MT_PY_FRAMES && f; i++) {
+        if (bpf_probe_read_user(buf, sizeof(buf), (void *)(f + MT_PY_FRAME_LO)))
+            break;
+        u64 code = buf[0];
+        u8 entry = ((u8 *)buf)[MT_PY_FRAME_ENTRY - MT_PY_FRAME_LO];
+        if (!code)
+            break;
+        s->py_code[i] = code | (entry ? 1 : 0);
+        s->py_instr[i] = buf[(MT_PY_FRAME_INSTR - MT_PY_FRAME_LO) / 8];
+        n = i + 1;
+        f = buf[(MT_PY_FRAME_PREVIOUS - MT_PY_FRAME_LO) / 8];
+    }
+    if (f && n == MT_PY_FRAMES)
+        s->py_flags |= MT_PY_TRUNCATED;
+    s->py_count = n;
+}
+
+#endif
