@@ -24,10 +24,12 @@ if TYPE_CHECKING:
 @click.option("-o", "--output", "output", type=click.Path(dir_okay=False), default="-",
               show_default=True, help="Write the report to this file (- : stdout). The "
               "file is written whole, then renamed into place.")
-@click.option("--format", "fmt", type=click.Choice(["html", "json"]), default="html",
-              show_default=True, help="html: one self-contained page (charts, tables, the "
-              "flame graph at the peak; no network); json: the same content for scripts, "
-              "time series included.")
+@click.option("--format", "fmt", type=click.Choice(["html", "json", "perfetto"]),
+              default="html", show_default=True, help="html: one self-contained page "
+              "(charts, tables, the flame graph at the peak; no network); json: the same "
+              "content for scripts, time series included; perfetto: the time series as "
+              "Chrome trace-event JSON (counters by kind, totals, calls; library loads), "
+              "which ui.perfetto.dev and chrome://tracing open.")
 @click.option("--max-points", type=click.IntRange(0, 10_000_000), default=None,
               help="Points per time series: longer series keep, per stretch of time, "
               "their lowest and highest ticks (the peak is always exact). 0 = every "
@@ -51,12 +53,17 @@ def report(recording: str, output: str, fmt: str, max_points: int | None,
 
     if max_points is None:
         max_points = DEFAULT_MAX_POINTS if fmt == "html" else 0
+    if baseline and fmt == "perfetto":
+        raise MemtraceError("--baseline needs --format html or json", ExitCode.USAGE)
     from memtrace.reports.recstacks import RecordedStacks
 
     rec = open_recording(recording)
     data = build_report(rec, max_points=max_points, stacks=RecordedStacks(rec))
     compared = _diff(baseline, recording) if baseline else None
-    if fmt == "json":
+    if fmt == "perfetto":
+        from memtrace.reports.perfetto import trace_events
+        text = json.dumps(trace_events(data), separators=(",", ":"), allow_nan=False) + "\n"
+    elif fmt == "json":
         if compared is not None:
             data["diff"] = compared.as_dict()
         text = json.dumps(data, separators=(",", ":"), allow_nan=False) + "\n"
