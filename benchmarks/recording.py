@@ -41,6 +41,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from memtrace.record.gzipped import open_lines  # noqa: E402
 from memtrace.record.reader import open_recording  # noqa: E402
 from memtrace.record.stacks import profiles_at  # noqa: E402
 from memtrace.record.writer import RecordingWriter, make_header, open_recording_output  # noqa: E402
@@ -147,9 +148,12 @@ def run(scenario: str, n_maps: int, n_stacks: int, ticks: int, tmp: Path) -> dic
     by_kind: Counter[str] = Counter()
     stacks_key = 0
     once = 0            # frames and stacks defined: written once per recording
-    with path.open("rb") as f:
-        header = len(f.readline())
-        for line in f:
+    lines = open_lines(str(path))        # the JSON text, decompressed
+    try:
+        header = len(lines.readline())
+        raw = header
+        for line in lines:
+            raw += len(line)
             obj = json.loads(line)
             kind = "snapshot" if "mappings" in obj else next(iter(obj))
             by_kind[kind] += len(line)
@@ -158,7 +162,9 @@ def run(scenario: str, n_maps: int, n_stacks: int, ticks: int, tmp: Path) -> dic
                             for k in ("frames", "new"))
             if kind == "snapshot" and "stacks" in obj:
                 stacks_key += len(json.dumps(obj["stacks"], separators=(",", ":")))
-    size = path.stat().st_size
+    finally:
+        lines.close()
+    size = path.stat().st_size          # gzip: what the disk holds
     t0 = time.monotonic()
     rec = open_recording(str(path))
     snaps = sum(1 for _ in rec.snapshots())
@@ -167,9 +173,12 @@ def run(scenario: str, n_maps: int, n_stacks: int, ticks: int, tmp: Path) -> dic
     last = profiles_at(str(path))[4242]
     profile_s = time.monotonic() - t0
     scale = 3600 / ticks
-    return {"scenario": scenario, "ticks": ticks, "bytes": size, "header": header,
-            "defined_once_mb": once / 1e6,
-            "mb_per_hour": (once + (size - header - once) * scale) / 1e6,
+    text_per_hour = once + (raw - header - once) * scale
+    return {"scenario": scenario, "ticks": ticks, "bytes": size, "text_bytes": raw,
+            "header": header, "defined_once_mb": once / 1e6,
+            # on disk: the text per hour at the compression ratio of this run
+            "mb_per_hour": text_per_hour * size / raw / 1e6,
+            "text_mb_per_hour": text_per_hour / 1e6,
             "by_kind_mb_per_hour": {k: ((v - once) * scale + once if k == "stacks" else
                                         v * scale) / 1e6 for k, v in by_kind.items()},
             "snapshot_stacks_key_mb_per_hour": stacks_key * scale / 1e6,
@@ -199,7 +208,8 @@ def main() -> int:
             results.append(r)
             kinds = ", ".join(f"{k} {v:.1f}" for k, v in sorted(r["by_kind_mb_per_hour"].items()))
             rb = r["read_back"]
-            print(f"{name}: {r['mb_per_hour']:.1f} MB/hour ({r['defined_once_mb']:.1f} MB of "
+            print(f"{name}: {r['mb_per_hour']:.1f} MB/hour on disk (gzip; JSON text "
+                  f"{r['text_mb_per_hour']:.1f} MB/hour: {r['defined_once_mb']:.1f} MB of "
                   f"frames and stacks defined once; by kind: {kinds}; of the "
                   f"snapshots, their "
                   f"top-stacks key {r['snapshot_stacks_key_mb_per_hour']:.1f}); writer CPU "

@@ -104,7 +104,8 @@ def snapshot(pid: int, tick: int, libraries: int = 12, extra_anon: int = 0,
 
 
 def write(path: str, snaps: Iterable[dict[str, Any]], full_every: int = 600,
-          end: bool = True, interval: float = 1.0, pids: list[int] | None = None) -> None:
+          end: bool = True, interval: float = 1.0, pids: list[int] | None = None,
+          compress: bool = True) -> None:
     """A recording of these snapshots (with an end line unless `end` is False);
     with `pids` given, `snaps` may be a generator (written as it goes)."""
     snaps = list(snaps) if pids is None else snaps
@@ -113,7 +114,7 @@ def write(path: str, snaps: Iterable[dict[str, Any]], full_every: int = 600,
     stream.max_queued = 1 << 40         # a generator outruns the disk: wait, never drop
     writer = RecordingWriter(stream,
                              make_header("watch", interval, pids=pids, full_every=full_every,
-                                         options={"stacks": True}))
+                                         options={"stacks": True}), compress=compress)
     for snap in snaps:
         writer.snapshot(snap)
     if end:

@@ -13,6 +13,7 @@ from typing import IO, Any
 
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.record.format import FORMAT_VERSION, MAGIC_KEY, RECORD_KINDS
+from memtrace.record.gzipped import GzipLines, open_lines
 from memtrace.record.stacks import StackNames
 
 
@@ -42,7 +43,7 @@ class Recording:
 
     path: str
     header: dict[str, Any]
-    file: IO[bytes]
+    file: IO[bytes] | GzipLines
     problem: str | None = None
     ended: bool = False
     lines_read: int = 1
@@ -67,6 +68,8 @@ class Recording:
         for raw in self.file:
             self.lines_read += 1
             if not raw.endswith(b"\n"):
+                if self._stream_error():
+                    return
                 self.problem = (f"{self.path}: cut short in line {self.lines_read} "
                                 f"(byte {self.bytes_read}): {self._upto()}")
                 return
@@ -89,8 +92,17 @@ class Recording:
             if record.kind == "end":
                 self.ended = True
                 return
-        if not self.ended:
+        if not self._stream_error() and not self.ended:
             self.problem = f"{self.path}: no end line (the recorder was killed?): {self._upto()}"
+
+    def _stream_error(self) -> bool:
+        """A compressed stream that stopped making sense: corrupt, said so."""
+        error = getattr(self.file, "error", None)
+        if error is None:
+            return False
+        self.corrupt = True
+        self.problem = f"{self.path}: {error} after line {self.lines_read - 1}; {self._upto()}"
+        return True
 
     def _upto(self) -> str:
         if self.last_ts is None:
@@ -150,7 +162,7 @@ def open_recording(path: str) -> Recording:
     """The recording at `path`, its header read; RecordingError when the file
     cannot be opened or does not start with a recording header."""
     try:
-        f = open(path, "rb")  # noqa: SIM115 (closed by Recording.records)
+        f = open_lines(path)        # closed by Recording.records
     except OSError as e:
         raise RecordingError(f"cannot read {path}: {e.strerror or e}") from None
     first = f.readline()
@@ -160,7 +172,9 @@ def open_recording(path: str) -> Recording:
         header = None
     if not isinstance(header, dict) or MAGIC_KEY not in header:
         f.close()
-        what = "empty" if not first else "not a memtrace recording (no header line)"
+        error = getattr(f, "error", None)
+        what = (error if error else "empty" if not first
+                else "not a memtrace recording (no header line)")
         raise RecordingError(f"{path}: {what}")
     if header[MAGIC_KEY] != FORMAT_VERSION:
         f.close()

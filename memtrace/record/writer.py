@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from memtrace import __version__
 from memtrace.errors import ExitCode, MemtraceError, OutputError
 from memtrace.record.format import DEFAULT_FULL_EVERY, FORMAT_VERSION, MAGIC_KEY
+from memtrace.record.gzipped import GzipRecords
 from memtrace.record.stacks import StackLineEncoder
 from memtrace.reporter import Reporter
 from memtrace.snapshot import encode_parts
@@ -72,16 +73,20 @@ class RecordingWriter(JsonReporter):
 
     wants_stack_profiles = True
 
-    def __init__(self, stream: OutputStream, header: dict[str, Any]) -> None:
+    def __init__(self, stream: OutputStream, header: dict[str, Any],
+                 compress: bool = True) -> None:
+        """`compress`: a gzip stream flushed every tick (gzipped.py), as every
+        command writes; False: plain JSON Lines (tests of dropped records)."""
         super().__init__(stream, changed_only=True, full_every=int(header["full_every"]))
-        self.stream_out = stream
+        self.stream_out: OutputStream | GzipRecords = (
+            GzipRecords(stream) if compress else stream)
         self.snapshots = 0
         self.dropped = 0
         self.stack_lines = 0
         self._closed = False
         self._stacks = StackLineEncoder(int(header["full_every"]))
         self._profiles: dict[int, StackProfile] = {}     # this tick's, until its snapshot
-        stream.write_record(_line(header))
+        self.stream_out.write_record(_line(header))
 
     def stack_profile(self, profile: StackProfile) -> None:
         self._profiles[profile.pid] = profile
@@ -120,6 +125,11 @@ class RecordingWriter(JsonReporter):
             return True
         self._stacks.undo(profile.pid, defined)
         return False
+
+    def tick_done(self) -> None:
+        if isinstance(self.stream_out, GzipRecords):
+            self.stream_out.flush()
+        self.stream_out.check()
 
     def detached(self, pid: int, why: str) -> None:
         self._stacks.forget(pid)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from memtrace.record.gzipped import decompressed
 from memtrace.record.reader import open_recording
 from memtrace.record.stacks import profiles_at
 from memtrace.views.jsonl import full_snapshots
@@ -54,7 +55,7 @@ def _record(args: list[str], **kw) -> subprocess.CompletedProcess[str]:  # type:
 
 def _snapshot_lines(path: Path) -> int:
     try:
-        data = path.read_bytes()
+        data = decompressed(str(path))       # a recording being written reads too
     except OSError:
         return 0
     return sum(1 for line in data.splitlines(keepends=True)
@@ -62,12 +63,12 @@ def _snapshot_lines(path: Path) -> int:
 
 
 def _first_pid(path: Path) -> int:
-    return next(int(json.loads(line)["pid"]) for line in path.read_bytes().splitlines()
+    return next(int(json.loads(line)["pid"]) for line in decompressed(str(path)).splitlines()
                 if line.startswith(b'{"ts"'))
 
 
 def _max_rss(path: Path) -> int:
-    return max((int(json.loads(line)["rss_bytes"]) for line in path.read_bytes().splitlines(
+    return max((int(json.loads(line)["rss_bytes"]) for line in decompressed(str(path)).splitlines(
         keepends=True) if line.startswith(b'{"ts"') and line.endswith(b"\n")), default=0)
 
 

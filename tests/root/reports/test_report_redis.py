@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from memtrace.record.gzipped import decompressed
 from tests.root.harness import REPO_ROOT, skip_reason
 from tests.root.stacks.test_flamegraph_render import Screenshot
 
@@ -127,7 +128,7 @@ def recording(tmp_path_factory) -> Path:  # type: ignore[no-untyped-def]
             stderr=open(tmp / "watch.err", "wb"), cwd=REPO_ROOT, env=env)  # noqa: SIM115
         procs.append(watch)
         deadline = time.monotonic() + 60 * SCALE
-        while not rec.exists() or rec.read_bytes().count(b'\n{"ts"') < 2:
+        while not rec.exists() or decompressed(str(rec)).count(b'\n{"ts"') < 2:
             assert watch.poll() is None, (tmp / "watch.err").read_text()
             assert time.monotonic() < deadline, "no snapshot from memtrace watch"
             time.sleep(0.1)
@@ -160,7 +161,7 @@ def test_the_report_renders_with_the_expected_charts(recording, tmp_path):  # ty
     j = _memtrace("report", str(recording), "--format", "json")
     assert j.returncode == 0, j.stderr
     report = json.loads(j.stdout)
-    redis_pid, py_pid = json.loads(recording.read_text().split("\n", 1)[0])["pids"]
+    redis_pid, py_pid = json.loads(decompressed(str(recording)).split(b"\n", 1)[0])["pids"]
     by_pid = {p["pid"]: p for p in report["processes"]}
     redis, py = by_pid[redis_pid], by_pid[py_pid]
     assert redis["comm"] == "redis-server"

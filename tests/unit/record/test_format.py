@@ -4,6 +4,7 @@ line; a corrupt line stops the reading with a sentence naming it."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 
@@ -16,9 +17,11 @@ from memtrace.record.writer import RecordingWriter, make_header, open_recording_
 from ..test_changed_only import _snapshots
 
 
-def _record(path: str, snaps: list[dict], full_every: int = 600) -> None:
+def _record(path: str, snaps: list[dict], full_every: int = 600,
+            compress: bool = True) -> None:
     writer = RecordingWriter(open_recording_output(path),
-                             make_header("watch", 1.0, pids=[1], full_every=full_every))
+                             make_header("watch", 1.0, pids=[1], full_every=full_every),
+                             compress=compress)
     for snap in snaps:
         writer.snapshot(snap)
         writer.tick_done()
@@ -54,7 +57,7 @@ def test_changes_only_are_smaller_than_whole(world, tmp_path):  # type: ignore[n
 def test_a_file_cut_anywhere_reads_its_whole_lines(world, tmp_path):  # type: ignore[no-untyped-def]
     snaps = _snapshots(world)
     path = str(tmp_path / "a.mtrace")
-    _record(path, snaps)
+    _record(path, snaps, compress=False)
     data = (tmp_path / "a.mtrace").read_bytes()
     ends = [i + 1 for i, b in enumerate(data) if b == ord("\n")]
     header_end = ends[0]
@@ -73,7 +76,7 @@ def test_a_file_cut_anywhere_reads_its_whole_lines(world, tmp_path):  # type: ig
 def test_a_corrupt_line_stops_there_and_is_named(world, tmp_path):  # type: ignore[no-untyped-def]
     snaps = _snapshots(world)
     path = str(tmp_path / "a.mtrace")
-    _record(path, snaps)
+    _record(path, snaps, compress=False)
     lines = (tmp_path / "a.mtrace").read_bytes().split(b"\n")
     lines[3] = b'{"pid": 1, "mappings": [' + b"\x00garbage\n"[:-1]
     (tmp_path / "a.mtrace").write_bytes(b"\n".join(lines))
@@ -87,7 +90,7 @@ def test_a_dropped_snapshot_skips_its_changes_until_the_next_whole(world, tmp_pa
     snaps = _snapshots(world)
     path = str(tmp_path / "a.mtrace")
     stream = open_recording_output(path)
-    writer = RecordingWriter(stream, make_header("watch", 1.0, full_every=0))
+    writer = RecordingWriter(stream, make_header("watch", 1.0, full_every=0), compress=False)
     accept = iter([True, False, True, True, True, True])
     real = stream.write_record
     stream.write_record = lambda parts: real(parts) if next(accept) else False  # type: ignore[method-assign]
@@ -123,3 +126,58 @@ def test_a_missing_file_is_one_clear_error(tmp_path):  # type: ignore[no-untyped
     with pytest.raises(RecordingError) as e:
         open_recording(str(tmp_path / "nope.mtrace"))
     assert "cannot read" in e.value.message
+
+
+def test_recordings_are_gzip_and_zcat_reads_them(world, tmp_path):  # type: ignore[no-untyped-def]
+    snaps = _snapshots(world)
+    gz, plain = str(tmp_path / "gz.mtrace"), str(tmp_path / "plain.mtrace")
+    _record(gz, snaps)
+    _record(plain, snaps, compress=False)
+    data = (tmp_path / "gz.mtrace").read_bytes()
+    assert data[:2] == b"\x1f\x8b" and len(data) < os.path.getsize(plain)
+    text = gzip.decompress(data)        # one whole gzip stream, as zcat reads it
+    assert [json.loads(ln) for ln in text.splitlines()][1:-2] == [
+        json.loads(ln) for ln in (tmp_path / "plain.mtrace").read_bytes().splitlines()][1:-2]
+    assert list(open_recording(gz).snapshots()) == _expected(snaps)
+
+
+def test_a_gzip_recording_cut_anywhere_reads_a_prefix(world, tmp_path):  # type: ignore[no-untyped-def]
+    """Killed between two ticks or in the middle of one: every snapshot of the
+    ticks flushed before the cut, nothing made up, no traceback."""
+    snaps = _snapshots(world)
+    path = tmp_path / "a.mtrace"
+    writer = RecordingWriter(open_recording_output(str(path)), make_header("watch", 1.0))
+    for snap in snaps:
+        writer.snapshot(snap)
+        writer.tick_done()
+    writer.close()
+    data = path.read_bytes()
+    expected = _expected(snaps)
+    got_before = -1
+    for cut in range(0, len(data), 7):
+        (tmp_path / "cut.mtrace").write_bytes(data[:cut])
+        try:
+            rec = open_recording(str(tmp_path / "cut.mtrace"))
+        except RecordingError as e:
+            assert e.code == ExitCode.RECORDING_UNREADABLE      # the header not there yet
+            continue
+        got = list(rec.snapshots())
+        # all there but the gzip trailer: read whole, end line included
+        assert got == expected[:len(got)] and (rec.problem is None) == rec.ended
+        assert len(got) >= got_before
+        got_before = len(got)
+    assert got_before == len(snaps)
+
+
+def test_corrupt_gzip_data_is_named_and_the_prefix_read(world, tmp_path):  # type: ignore[no-untyped-def]
+    snaps = _snapshots(world)
+    path = tmp_path / "a.mtrace"
+    _record(str(path), snaps)
+    data = bytearray(path.read_bytes())
+    for i in range(len(data) * 2 // 3, len(data) * 2 // 3 + 40):
+        data[i] ^= 0x5A
+    path.write_bytes(bytes(data))
+    rec = open_recording(str(path))
+    got = list(rec.snapshots())
+    assert got == _expected(snaps)[:len(got)]
+    assert rec.corrupt and rec.problem and ("corrupt" in rec.problem), rec.problem

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from memtrace.record.gzipped import decompressed
 from memtrace.record.reader import open_recording
 from memtrace.record.stacks import CHANGE_FRACTION, StackLineEncoder, moved, profiles_at
 from memtrace.record.writer import RecordingWriter, Tee, make_header, open_recording_output
@@ -82,13 +83,13 @@ def _close_enough(got: StackProfile, want: StackProfile) -> None:
 
 
 def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+    return decompressed(path)
 
 
-def _writer(path: str, full_every: int = 600) -> RecordingWriter:
+def _writer(path: str, full_every: int = 600, compress: bool = True) -> RecordingWriter:
     return RecordingWriter(open_recording_output(path),
-                           make_header("run", 1.0, command=["prog"], full_every=full_every))
+                           make_header("run", 1.0, command=["prog"], full_every=full_every),
+                           compress=compress)
 
 
 def _write(writer: RecordingWriter, profile: StackProfile) -> dict[str, Any]:
@@ -183,7 +184,7 @@ def test_gone_stacks_and_a_new_image(tmp_path):  # type: ignore[no-untyped-def]
 def test_a_stacks_line_not_written_is_made_up_for(tmp_path):  # type: ignore[no-untyped-def]
     path = str(tmp_path / "s.mtrace")
     stream = open_recording_output(path)
-    writer = RecordingWriter(stream, make_header("run", 1.0, full_every=0))
+    writer = RecordingWriter(stream, make_header("run", 1.0, full_every=0), compress=False)
     proc = _Process(10, 40)
     real = stream.write_record
     _write(writer, proc.tick(0))
@@ -209,7 +210,7 @@ def test_a_stacks_line_not_written_is_made_up_for(tmp_path):  # type: ignore[no-
 
 def test_snapshots_read_back_with_their_top_stacks(tmp_path):  # type: ignore[no-untyped-def]
     path = str(tmp_path / "s.mtrace")
-    writer = _writer(path)
+    writer = _writer(path, compress=False)
     proc = _Process(10, 100)
     snaps = [_write(writer, proc.tick(20)) for _ in range(4)]
     writer.close()
@@ -224,7 +225,7 @@ def test_snapshots_read_back_with_their_top_stacks(tmp_path):  # type: ignore[no
 
 def test_an_undefined_stack_is_a_corrupt_line(tmp_path):  # type: ignore[no-untyped-def]
     path = str(tmp_path / "s.mtrace")
-    writer = _writer(path)
+    writer = _writer(path, compress=False)
     proc = _Process(10, 10)
     for _ in range(3):
         _write(writer, proc.tick(5))

@@ -55,11 +55,12 @@ def series(values: Iterable[tuple[float, Mapping[str, int]]], pid: int = 100,
 
 def record(path: str, ticks: Sequence[Mapping[int, dict[str, Any]]], *,
            gone: Mapping[int, int] | None = None, end: bool = True,
-           interval: float = 1.0) -> None:
+           interval: float = 1.0, compress: bool = True) -> None:
     """A recording of these ticks; `gone`: pid -> tick index after which a
-    "pid N exited" message is written; end=False: no end line (killed)."""
+    "pid N exited" message is written; end=False: no end line (killed);
+    compress=False: plain JSON Lines (tests that edit lines)."""
     writer = RecordingWriter(open_recording_output(path),
-                             make_header("run", interval, command=["prog"]))
+                             make_header("run", interval, command=["prog"]), compress=compress)
     for i, tick in enumerate(ticks):
         for s in tick.values():
             writer.snapshot(s)

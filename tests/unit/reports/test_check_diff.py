@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import sys
 import xml.etree.ElementTree as ET
-from pathlib import Path
 
 import pytest
 
 from memtrace.commands.gate import parse_percent, parse_rate
+from memtrace.record.gzipped import decompressed
 from memtrace.record.reader import open_recording
 from memtrace.reports.diff import diff_profiles
 from memtrace.reports.diffhtml import render_diff_section
@@ -133,7 +133,7 @@ def test_diff_html_section_is_self_contained(runs):  # type: ignore[no-untyped-d
 
 def test_diff_of_a_corrupt_recording_is_one_line_and_16(runs, tmp_path, monkeypatch, capsys):  # type: ignore[no-untyped-def]
     bad = tmp_path / "bad.mtrace"
-    lines = Path(runs[1]).read_bytes().split(b"\n")
+    lines = decompressed(runs[1]).split(b"\n")
     lines[5] = b"{garbage"
     bad.write_bytes(b"\n".join(lines))
     code, out, err = _main(monkeypatch, capsys, ["diff", runs[0], str(bad)])
@@ -202,7 +202,7 @@ def test_check_a_recording_without_end_line_warns(runs, tmp_path, monkeypatch, c
 
 @pytest.mark.parametrize("how", ["cut", "corrupt", "not a recording"])
 def test_check_an_unreadable_recording_is_16(runs, tmp_path, monkeypatch, capsys, how):  # type: ignore[no-untyped-def]
-    data = Path(runs[1]).read_bytes()
+    data = decompressed(runs[1])
     bad = tmp_path / "bad.mtrace"
     if how == "cut":
         bad.write_bytes(data[:len(data) // 2])

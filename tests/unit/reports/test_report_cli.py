@@ -78,7 +78,7 @@ def test_a_recording_without_its_end_line(tmp_path):  # type: ignore[no-untyped-
 
 
 def test_a_corrupt_recording_gives_its_prefix_and_exit_16(tmp_path):  # type: ignore[no-untyped-def]
-    rec = _record(tmp_path)
+    rec = _record(tmp_path, compress=False)
     lines = rec.read_bytes().split(b"\n")
     lines[21] = b'{"pid": 10, "mappings": [}'
     rec.write_bytes(b"\n".join(lines))

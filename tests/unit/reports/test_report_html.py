@@ -78,7 +78,7 @@ def test_an_hour_at_one_second_stays_small(tmp_path):  # type: ignore[no-untyped
 
 def test_runs_summary_is_in_the_header(tmp_path):  # type: ignore[no-untyped-def]
     path = tmp_path / "r.mtrace"
-    synthrec.write(str(path), synthrec.ticks(3), end=False)
+    synthrec.write(str(path), synthrec.ticks(3), end=False, compress=False)
     with open(path, "a") as f:
         f.write(json.dumps({"summary": {"exit_status": 3, "duration_seconds": 75.0}}) + "\n")
         f.write(json.dumps({"end": {"ts": synthrec.T0 + 9, "snapshots": 3, "dropped": 0}})
