@@ -195,10 +195,18 @@ def small_disk(tmp_path):  # type: ignore[no-untyped-def]
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+def _fill(disk: Path, leave: int) -> None:
+    """Take all of the disk but `leave` bytes (a recording is gzip: a few KiB
+    hold its first ticks)."""
+    st = os.statvfs(disk)
+    (disk / "filler").write_bytes(b"\0" * (st.f_bavail * st.f_frsize - leave))
+
+
 def test_a_full_disk_is_exit_14_and_a_readable_file(heldstacks, small_disk):  # type: ignore[no-untyped-def]
     path = small_disk / "full.mtrace"
-    # most of the disk taken: the recording fills the rest in a few ticks
-    (small_disk / "filler").write_bytes(b"\0" * (200 << 10))
+    # all of the disk taken but one page: the whole first snapshot fits (gzip:
+    # ~2.5 KB), the ticks that follow fill the rest (the whole run: ~7 KB)
+    _fill(small_disk, 4 << 10)
     r = _record(["-o", str(path), "--interval", "0.05", "--stacks", *QUIET, "--",
                  str(heldstacks), "4", "0"])
     assert r.returncode == 14, r.stderr
@@ -214,7 +222,7 @@ def test_a_full_disk_is_exit_14_and_a_readable_file(heldstacks, small_disk):  # 
 
 def test_watch_on_a_full_disk_stops_with_one_line(heldstacks, small_disk):  # type: ignore[no-untyped-def]
     path = small_disk / "watch.mtrace"
-    (small_disk / "filler").write_bytes(b"\0" * (200 << 10))
+    _fill(small_disk, 12 << 10)
     wl = subprocess.Popen([str(heldstacks), "60", "0"], stdout=subprocess.PIPE,
                           stdin=subprocess.DEVNULL)
     try:
