@@ -67,6 +67,7 @@ asks for one; the summary is on stderr. Exits with the command's status.
 
 Put -- before the command: memtrace record -o run.mtrace -- ./server --port 8080
 
-The recording is safe to kill at any time: its whole lines all read (memtrace
-report, diff, check). A full disk stops the recording with one error (exit 14,
-after the command exits); the file reads up to it.""")
+The recording (gzip-compressed JSON Lines, flushed every tick) is safe to kill
+at any time: it reads up to its last whole tick (memtrace report, diff, check;
+zcat). A full disk stops the recording with one error (exit 14, after the
+command exits); the file reads up to it.""")
