@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import benchcommon as bc
+from bpf_cost import prog_stats
 
 sys.path.insert(0, str(bc.REPO))
 
@@ -49,19 +50,6 @@ KINDS = ("baseline", "stacks", "python")
 PYTHON = "/usr/bin/python3.11"
 WORKLOAD = Path(__file__).parent / "workloads" / "pytouch.py"
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-def prog_stats(bpf: Any) -> dict[str, tuple[int, int]]:
-    """name -> (run_cnt, run_time_ns) of every loaded program of `bpf`."""
-    out = {}
-    for name, fn in bpf.funcs.items():
-        fields = {}
-        for line in Path(f"/proc/self/fdinfo/{fn.fd}").read_text().splitlines():
-            k, _, v = line.partition(":")
-            fields[k.strip()] = v.strip()
-        key = name.decode() if isinstance(name, bytes) else str(name)
-        out[key] = (int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
-    return out
 
 
 class Drainer:
