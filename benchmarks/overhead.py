@@ -1,7 +1,7 @@
 """Slowdown of a workload's own timed loop while memtrace, or its peer, watches it.
 
     sudo .venv/bin/python benchmarks/overhead.py [--reps 5] [--only fault,mmaploop,brk]
-        [--kinds baseline,memtrace,stacks,stackcount] [--warmup 1] [--memtrace-args ...]
+        [--kinds baseline,memtrace,stacks,stackcount,floor] [--warmup 1] [--memtrace-args ...]
 
 For each workload (benchmarks/workloads/overhead.c) it runs every kind of run once
 per round, the order rotated every round (A B C D, B C D A, ...), after --warmup
@@ -17,6 +17,10 @@ uncounted rounds. Kinds:
               against `memtrace` is what recording costs; the recording's bytes
               written during the timed loop are kept (bytes/hour at that rate)
 - record-stacks: `stacks` with `--record FILE`
+- floor:      BPF programs that return at once on the tracepoints memtrace's
+              fault, mmap, munmap and brk paths use (floor_probes.py): what the
+              tracepoints themselves cost, below which no tracer of every fault
+              and call can go
 - stackcount: the peer, `stackcount-bpfcc -U -p PID TRACEPOINT` on the one
               tracepoint the workload hits (PEERS below): a user stack per event
 
@@ -60,9 +64,11 @@ PEERS = {
     "mmaploop": "t:syscalls:sys_enter_mmap",
     "brk": "t:syscalls:sys_enter_brk",
 }
-KINDS = ("baseline", "memtrace", "stacks", "stackcount", "ref", "record", "record-stacks")
-LABELS = {"memtrace": "memtrace", "stacks": "memtrace --stacks", "stackcount": "stackcount (peer)",
-          "ref": "ref", "record": "--record", "record-stacks": "--stacks --record"}
+KINDS = ("baseline", "memtrace", "stacks", "stackcount", "floor", "ref", "record",
+         "record-stacks")
+LABELS = {"floor": "floor (empty programs)", "memtrace": "memtrace",
+          "stacks": "memtrace --stacks", "stackcount": "stackcount (peer)", "ref": "ref",
+          "record": "--record", "record-stacks": "--stacks --record"}
 MEMTRACE_KINDS = ("memtrace", "stacks", "ref", "record", "record-stacks")
 STACKS_GOAL = {"fault": 1.05, "mmaploop": 1.10}     # issue 13, done-when 3
 LOOP_TIMEOUT = 600.0
@@ -71,16 +77,22 @@ ATTACH_TIMEOUT = 180.0
 
 def start_stackcount(pid: int, tracepoint: str, log: Path) -> subprocess.Popen[bytes]:
     """The peer, attached to `pid` only (as memtrace is), once it says it traces."""
+    return start_tracer(["stackcount-bpfcc", "-U", "-p", str(pid), tracepoint], log)
+
+
+def start_tracer(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A tracer process (the peer, or the floor's empty programs), once it prints
+    "Tracing"."""
     out = log.open("wb")
     # SIGINT makes it print its counts: undo an ignored SIGINT inherited from a
     # driver started in the background
-    p = bc.spawn(["stackcount-bpfcc", "-U", "-p", str(pid), tracepoint], stdout=out,
+    p = bc.spawn(argv, stdout=out,
                  stderr=subprocess.STDOUT,
                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + ATTACH_TIMEOUT
     while b"Tracing" not in log.read_bytes():
         if p.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"stackcount did not start: {log.read_text()[-500:]}")
+            raise RuntimeError(f"{argv[0]} did not start: {log.read_text()[-500:]}")
         time.sleep(0.1)
     return p
 
@@ -126,6 +138,10 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
             peer = start_stackcount(pid, PEERS[workload], peer_log)
             res["peer"] = f"stackcount-bpfcc -U -p PID {PEERS[workload]}"
             tool_pid = peer.pid
+        elif kind == "floor":
+            peer = start_tracer([sys.executable, str(Path(__file__).with_name("floor_probes.py"))],
+                                peer_log)
+            tool_pid = peer.pid
         cpu0 = bc.tree_cpu_seconds(tool_pid) if tool_pid else 0.0
         rec0 = recording.stat().st_size if kind.startswith("record") else 0
         watch = bc.Interference([wl.pid] + ([tool_pid] if tool_pid else []))
@@ -147,7 +163,7 @@ def one_run(binary: Path, workload: str, kind: str, memtrace: Path, interval: fl
         f = line.split()
         res["elapsed_s"] = float(f[1])
         res["loop_cpu_s"] = float(f[3])
-        if peer is not None:
+        if peer is not None and kind == "stackcount":
             res["peer_events"] = stop_stackcount(peer, peer_log)
         if mt:
             if mt.proc.poll() is not None:
@@ -363,6 +379,12 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
             verdict = "ahead" if mt["ratio"] <= peer["ratio"] else "BEHIND"
             print(f"{name}: memtrace {mt['ratio']:.3f}x vs {peer['peer']} "
                   f"{peer['ratio']:.3f}x: {verdict}")
+        floor = s["kinds"].get("floor")
+        if floor:
+            over = [f"{LABELS[k]} {s['kinds'][k]['median_s'] / floor['median_s']:.3f}x"
+                    for k in ("memtrace", "stacks", "stackcount") if k in s["kinds"]]
+            print(f"{name}: the tracepoints alone (empty programs) {floor['ratio']:.3f}x; "
+                  f"over that floor: {', '.join(over)}")
         for kind, base in (("record", "memtrace"), ("record-stacks", "stacks")):
             rec, without = s["kinds"].get(kind), s["kinds"].get(base)
             if rec:
@@ -397,7 +419,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1, help="uncounted rounds first")
     ap.add_argument("--only", default="fault,mmaploop,brk", help="comma-separated workloads "
                     f"(of {','.join(WORKLOADS)})")
-    ap.add_argument("--kinds", default="baseline,memtrace,stacks,stackcount",
+    ap.add_argument("--kinds", default="baseline,memtrace,stacks,stackcount,floor",
                     help=f"comma-separated kinds of run (of {','.join(KINDS)})")
     ap.add_argument("--interval", type=float, default=1.0)
     ap.add_argument("--memtrace", type=Path, default=bc.DEFAULT_MEMTRACE)
