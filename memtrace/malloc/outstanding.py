@@ -56,6 +56,7 @@ class MallocTracker:
         self._carried: list[MallocRecord] = []             # frees that matched nothing yet
         self.samples = 0
         self.frees = 0
+        self.untracked = 0       # samples whose free the sampler could not report
 
     def add(self, records: Iterable[MallocRecord], vmas: Sequence[Vma]) -> None:
         """Apply one drain's records (unwinding allocations with this VMA list).
@@ -70,7 +71,11 @@ class MallocTracker:
         for r in records:
             if not r.freed:
                 assert stacks is not None
-                self.alloc(self._stacks.intern(trim_sampler(next(stacks))), r.ptr, r.weight)
+                sid = self._stacks.intern(trim_sampler(next(stacks)))
+                if r.untracked:
+                    self.alloc_untracked(sid, r.weight)
+                else:
+                    self.alloc(sid, r.ptr, r.weight)
             elif not self._free(r.ptr) and id(r) not in carried:
                 self._carried.append(r)
 
@@ -81,6 +86,13 @@ class MallocTracker:
         _add(self._outstanding, sid, weight, 1)
         _add(self._allocated, sid, weight, 1)
         self.samples += 1
+
+    def alloc_untracked(self, sid: int, weight: int) -> None:
+        """A sample the sampler had no room to remember: allocated, but its
+        free will not be seen, so it is not counted outstanding."""
+        _add(self._allocated, sid, weight, 1)
+        self.samples += 1
+        self.untracked += 1
 
     def _free(self, ptr: int) -> bool:
         got = self._live.pop(ptr, None)
@@ -146,6 +158,7 @@ def malloc_summary(tracker: MallocTracker, profile: StackProfile, leaks: list[Le
         "period_bytes": profile.sample_period_bytes,
         "samples": tracker.samples,
         "frees": tracker.frees,
+        "untracked": tracker.untracked,
         "lost": profile.samples_lost,
         "outstanding_bytes": profile.held_total(),
         "allocated_bytes": profile.brought_total(),

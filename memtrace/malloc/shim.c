@@ -5,7 +5,9 @@
  * gap calls memtrace_malloc_sampled(), an empty function memtrace puts a uprobe
  * on. A sampled pointer is remembered in a small lock-free hash, so that its
  * free calls memtrace_malloc_freed() (the other uprobe); any other free is a
- * hash miss. The real allocator is glibc's, through its __libc_* names (no
+ * hash miss. A sample the hash has no room for is still handed over, its
+ * weight marked MT_UNTRACKED: memtrace counts it allocated but cannot see its
+ * free, and says how many there were. The real allocator is glibc's, through its __libc_* names (no
  * dlsym: it may allocate, which would recurse).
  *
  * Built by memtrace at first use: cc -O2 -shared -fPIC (memtrace/malloc/shim.py). */
@@ -48,6 +50,7 @@ EXPORT __attribute__((noinline, used)) void memtrace_malloc_freed(void *ptr)
  * more samples there (counted in `dropped`). */
 #define MT_SLOTS (1u << 17)
 #define MT_PROBES 64
+#define MT_UNTRACKED (1ull << 63)   /* weight flag: not in the table, its free goes unseen */
 #define MT_EMPTY 0
 #define MT_DELETED 1
 static uintptr_t table[MT_SLOTS];
@@ -151,8 +154,9 @@ static __attribute__((noinline)) void sampled(void *ptr, size_t size)
         return;
     double prob = -expm1(-(double)size / (double)p);
     size_t weight = prob > 0 ? (size_t)((double)size / prob + 0.5) : size;
-    if (remember((uintptr_t)ptr))
-        memtrace_malloc_sampled(ptr, size, weight);
+    if (!remember((uintptr_t)ptr))
+        weight |= MT_UNTRACKED;
+    memtrace_malloc_sampled(ptr, size, weight);
 }
 
 static inline void *count(void *ptr, size_t size)

@@ -62,6 +62,10 @@ def leak_report(summaries: dict[int, dict[str, Any]]) -> list[str]:
         leaks = s.get("leaks") or []
         head = (f"--malloc pid {pid}: {s['outstanding_bytes']} bytes outstanding in sampled "
                 f"allocations ({s['samples']} samples, {s['frees']} freed)")
+        if s.get("untracked"):
+            head += (f"; {s['untracked']} samples not tracked (the sampler's table of live "
+                     "samples was full: their frees are not seen, their bytes count as "
+                     "allocated only)")
         if not leaks:
             lines.append(f"{head}; no stack grew across the last {s['leak_intervals']} "
                          "intervals")

@@ -7,6 +7,9 @@ import ctypes
 from dataclasses import dataclass
 
 MALLOC_COUNTS = ("lost", "frees_lost", "unread")   # enum mt_malloc_count, in order
+# A weight with this bit set: the sampler had no room to remember the pointer
+# (memtrace/malloc/shim.c, MT_UNTRACKED), so its free will not be reported.
+UNTRACKED = 1 << 63
 
 
 @dataclass(frozen=True)
@@ -20,6 +23,7 @@ class MallocRecord:
     freed: bool = False
     size: int = 0        # bytes requested
     weight: int = 0      # bytes the sample stands for
+    untracked: bool = False  # its free will not be reported (the sampler's table was full)
     ip: int = 0          # user registers at memtrace_malloc_sampled
     sp: int = 0
     bp: int = 0
@@ -68,7 +72,8 @@ def decode_malloc_sample(data: bytes | int, size: int | None = None) -> MallocRe
         raw = RawMallocHeader.from_buffer_copy(data[:_HEADER])
         stack = bytes(data[_HEADER:_HEADER + raw.len])
     return MallocRecord(tgid=raw.tgid, ts=raw.ts, ptr=raw.ptr, size=raw.size,
-                        weight=raw.weight, ip=raw.ip, sp=raw.sp, bp=raw.bp, stack=stack)
+                        weight=raw.weight & ~UNTRACKED, untracked=bool(raw.weight & UNTRACKED),
+                        ip=raw.ip, sp=raw.sp, bp=raw.bp, stack=stack)
 
 
 def decode_malloc_free(data: bytes | int, size: int | None = None) -> MallocRecord:

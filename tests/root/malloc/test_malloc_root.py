@@ -97,3 +97,24 @@ def test_malloc_output_files(traced):
     assert "churn_blocks" in (out / f"memtrace-{pid}-malloc-allocated.folded").read_text()
     profile = gzip.decompress((out / f"memtrace-{pid}-malloc.pb.gz").read_bytes())
     assert b"outstanding_space" in profile and b"leak_slowly" in profile
+
+
+def test_samples_the_sampler_cannot_remember_are_counted(tmp_path: Path):
+    """200,000 blocks held at once, every one sampled (period 1 byte): more than
+    the sampler's table of live samples holds. What it could not remember is
+    still reported, as `untracked` and in the --malloc line, never silently
+    dropped (samples the ring lost are `lost`)."""
+    prog = build_without_frame_pointers(REPO_ROOT / "tests" / "workloads" / "mallochold.c",
+                                        tmp_path / "mallochold")
+    r = subprocess.run(
+        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--malloc",
+         "--malloc-period", "1", "--", str(prog), "200000", "3"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    snaps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    last = [s for s in snaps if "malloc" in s][-1]["malloc"]
+    assert last["untracked"] > 0, last
+    assert last["samples"] + last["lost"] >= 200_000, last
+    assert last["outstanding_bytes"] < last["allocated_bytes"]
+    assert f"{last['untracked']} samples not tracked" in r.stderr, r.stderr[-2000:]

@@ -3,7 +3,8 @@
  * -rdynamic, so the preloaded shim's calls land here), sums the weights of
  * sampled allocations and nets them on frees. It allocates a known mix of
  * sizes through malloc, calloc, realloc and posix_memalign, frees every other
- * block, and prints: allocated kept sampled_weight outstanding_weight samples frees.
+ * block, and prints: allocated kept sampled_weight outstanding_weight samples frees
+ * untracked. With a second argument N, every block is N bytes (malloc only).
  * The hooks never allocate. */
 #include <stdint.h>
 #include <stdio.h>
@@ -14,7 +15,8 @@
 static uintptr_t keys[SLOTS];
 static size_t vals[SLOTS];
 static double sampled_weight, outstanding;
-static long samples, frees;
+static long samples, frees, untracked;
+#define UNTRACKED (1ull << 63)
 
 static size_t slot(uintptr_t p)
 {
@@ -27,6 +29,11 @@ static size_t slot(uintptr_t p)
 void memtrace_malloc_sampled(void *ptr, size_t size, size_t weight)
 {
     (void)size;
+    if (weight & UNTRACKED) {   /* the shim will not report its free */
+        untracked++;
+        sampled_weight += weight & ~UNTRACKED;
+        return;
+    }
     size_t i = slot((uintptr_t)ptr);
     keys[i] = (uintptr_t)ptr;
     vals[i] = weight;
@@ -51,12 +58,13 @@ static const size_t sizes[] = {24, 100, 512, 4000, 20000, 70000, 300000};
 int main(int argc, char **argv)
 {
     long n = argc > 1 ? atol(argv[1]) : 20000;
+    size_t fixed = argc > 2 ? (size_t)atol(argv[2]) : 0;
     void **blocks = calloc(n, sizeof(void *));
     double allocated = n * sizeof(void *), kept = 0;
     for (long i = 0; i < n; i++) {
-        size_t size = sizes[i % NSIZES];
+        size_t size = fixed ? fixed : sizes[i % NSIZES];
         void *p;
-        switch (i % 4) {
+        switch (fixed ? 0 : i % 4) {
         case 0: p = malloc(size); break;
         case 1: p = calloc(1, size); break;
         case 2: p = realloc(NULL, size); break;
@@ -70,7 +78,7 @@ int main(int argc, char **argv)
     }
     for (long i = 1; i < n; i += 2)
         free(blocks[i]);
-    printf("%.0f %.0f %.0f %.0f %ld %ld\n", allocated, kept + n * sizeof(void *),
-           sampled_weight, outstanding, samples, frees);
+    printf("%.0f %.0f %.0f %.0f %ld %ld %ld\n", allocated, kept + n * sizeof(void *),
+           sampled_weight, outstanding, samples, frees, untracked);
     return 0;
 }

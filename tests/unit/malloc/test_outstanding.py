@@ -187,3 +187,20 @@ def test_records_decode_from_their_bytes():
     assert f.freed and (f.tgid, f.ts, f.ptr) == (7, 9, 0x1234)
     fbuf = ctypes.create_string_buffer(bytes(RawMallocFree(tgid=7, pad=0, ts=9, ptr=0x1234)))
     assert decode_malloc_free(ctypes.addressof(fbuf), 24) == f
+
+
+def test_an_untracked_sample_counts_allocated_not_outstanding_and_is_said():
+    """The sampler's table was full (shim.c MT_UNTRACKED): the sample's bytes
+    are allocated, its free will never come, and the count is reported."""
+    head = RawMallocHeader(tgid=1, len=0, ts=5, ptr=0x50, size=100, weight=(1 << 63) | 600,
+                           ip=2, sp=0, bp=0)
+    rec = decode_malloc_sample(bytes(head))
+    assert rec.untracked and rec.weight == 600
+    state = MallocState(512, FakeUnwinder({1: A, 2: B}))   # type: ignore[arg-type]
+    s = state.update(1, 0, [rec, _alloc(6, 0x60, 400, 1)], [], "prog", 1.0, 0)
+    assert (s["samples"], s["untracked"]) == (2, 1)
+    assert s["outstanding_bytes"] == 400 and s["allocated_bytes"] == 1000
+    assert "1 samples not tracked" in leak_report(state.summaries)[0]
+    tracked = MallocState(512, FakeUnwinder({1: A}))   # type: ignore[arg-type]
+    tracked.update(1, 0, [_alloc(6, 0x60, 400, 1)], [], "prog", 1.0, 0)
+    assert "not tracked" not in leak_report(tracked.summaries)[0]
