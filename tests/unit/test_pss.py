@@ -8,6 +8,7 @@ import json
 import os
 import struct
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -464,3 +465,25 @@ def test_present_pages_outside_the_resident_runs_do_not_count(tmp_path):
         got = r.usage(vmas, [(v.start, v.end) for v in vmas], resident=resident)
     assert got[3] == Usage(2 * P, (2 * P) << PSS_SHIFT, 2 * P, P)
     assert [u.rss for u in got[:3]] == [0, 0, 0]
+
+
+def test_mappings_accounted_in_batches_give_the_same_figures(tmp_path, monkeypatch):
+    """PssReader.usage accounts many VMAs USAGE_BATCH at a time (bounded memory
+    at 60k mappings): with a batch of 1, 2 or 3, runs that span two mappings
+    (PAGEMAP_SCAN coalesces them) and resident runs cut at batch borders give
+    exactly what one pass gives, with and without runs."""
+    import memtrace.pss.reader as reader
+
+    vmas, _ = bss_fixture(tmp_path, 54)
+    spanning = [(BASE, BASE + 5 * P)] + [(BASE + (5 + i) * P, BASE + (6 + i) * P)
+                                         for i in range(0, 13, 3)]
+    resident = [(BASE, BASE + 3 * P), (BASE + 4 * P, BASE + 12 * P)]
+    cases: list[dict[str, Any]] = [{}, {"runs": spanning}, {"runs": spanning,
+                                                              "resident": resident}]
+    with PssReader(54, str(tmp_path), zero_pfns=frozenset({ZERO}), use_scan=False) as r:
+        want = [r.usage(vmas, **kw) for kw in cases]
+        for batch in (1, 2, 3):
+            monkeypatch.setattr(reader, "USAGE_BATCH", batch)
+            assert [r.usage(vmas, **kw) for kw in cases] == want, batch
+    assert want[0][3] == want[1][3] == BSS_WANT
+    assert want[2][0].rss == P and want[2][3].rss == 3 * P     # bss pages 0, 3, 6 resident
