@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import json
 from array import array
+from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from json.encoder import encode_basestring_ascii as _json_str  # type: ignore[attr-defined]
@@ -24,6 +25,7 @@ from memtrace.trace.attribution import Segment, classify, mapping_identity, segm
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import Vma
 from memtrace.trace.tracker import ProcessTracker
+from memtrace.util.ints import shared_int
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 # Keys left out of the generation's fingerprint (the mappings are followed by
@@ -247,7 +249,7 @@ class SnapshotBuilder:
         self._layout = -1
         self._exe = b""
         self._entries: list[_Entry] = []
-        self._index: dict[int, int] = {}        # VMA start -> position in _entries
+        self._starts = array("Q")               # VMA start of each of _entries, in order
         self._totals = [0, 0, 0, 0]             # anon, file, shmem, virtual
         self._pss_totals = [0, 0, 0, 0]         # pss_fixed, uss, swap, missing
         self._generation = 0
@@ -315,18 +317,21 @@ class SnapshotBuilder:
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
         usage = self._pss_usage.get(vma.start) if self._pss_usage is not None else None
-        size = vma.end - vma.start
+        # the figures of many mappings are equal: one int object each (util/ints.py)
+        anon, file, shmem = shared_int(parts.anon), shared_int(parts.file), shared_int(parts.shmem)
+        rss, size = shared_int(parts.total), shared_int(vma.end - vma.start)
         if usage is None:
             mapping = _Record(vma.start, vma.end, vma.perms, vma.offset, path, kind, identity,
-                              segment, parts.total, parts.anon, parts.file, parts.shmem, size,
-                              faults, None, None, None).__dict__
-            return _Entry(vma, seg, cast(MappingRecord, mapping), parts.anon, parts.file,
-                          parts.shmem, size, pss_missing=1)
+                              segment, rss, anon, file, shmem, size, faults, None, None,
+                              None).__dict__
+            return _Entry(vma, seg, cast(MappingRecord, mapping), anon, file, shmem, size,
+                          pss_missing=1)
+        uss, swap = shared_int(usage.uss), shared_int(usage.swap)
         mapping = _Record(vma.start, vma.end, vma.perms, vma.offset, path, kind, identity,
-                          segment, parts.total, parts.anon, parts.file, parts.shmem, size,
-                          faults, usage.pss, usage.uss, usage.swap).__dict__
-        return _Entry(vma, seg, cast(MappingRecord, mapping), parts.anon, parts.file,
-                      parts.shmem, size, usage.pss_fixed, usage.uss, usage.swap)
+                          segment, rss, anon, file, shmem, size, faults,
+                          shared_int(usage.pss), uss, swap).__dict__
+        return _Entry(vma, seg, cast(MappingRecord, mapping), anon, file, shmem, size,
+                      shared_int(usage.pss_fixed), uss, swap)
 
     def _rebuild_all(self, tracker: ProcessTracker, changed: set[int]) -> None:
         # Segment names depend on neighbours (a bss follows its data segment):
@@ -334,13 +339,20 @@ class SnapshotBuilder:
         self._segments = segments_for(tracker.space, tracker.space.vmas, tracker.exe,
                                       tracker.pid, tracker.procfs.root)
         self._names = {}
-        old_index, old_entries, old_texts = self._index, self._entries, self._texts
+        old_starts, old_entries, old_texts = self._starts, self._entries, self._texts
         first = self._space is None
         entries: list[_Entry] = []
         new_at: list[int] = []          # positions of entries new or changed in content
-        for vma in tracker.space.vmas:
-            i = old_index.get(vma.start)
-            prev = old_entries[i] if i is not None else None
+        old_at: list[int] = []          # position of each entry's VMA start in the old list, or -1
+        removed: list[int] = []         # starts of old entries with no VMA now
+        j, n_old = 0, len(old_starts)
+        for vma in tracker.space.vmas:  # both lists are in address order: one walk
+            while j < n_old and old_starts[j] < vma.start:
+                removed.append(old_starts[j])
+                j += 1
+            i = j if j < n_old and old_starts[j] == vma.start else -1
+            old_at.append(i)
+            prev = old_entries[i] if i >= 0 else None
             if (prev is None or not prev.vma.same_identity(vma) or tracker.exe != self._exe
                     or prev.seg != self._segments.get(vma.start)):
                 entry = self._entry(tracker, vma)
@@ -351,18 +363,18 @@ class SnapshotBuilder:
             if prev is None or (entry is not prev and entry.mapping != prev.mapping):
                 new_at.append(len(entries))
             entries.append(entry)
+        removed += old_starts[j:]
         self._entries = entries
         self._mappings = [e.mapping for e in entries]
         self._sums = identity_sums(self._mappings)
-        self._index = {e.mapping["start"]: i for i, e in enumerate(entries)}
+        self._starts = array("Q", (e.mapping["start"] for e in entries))
         if self.json_text:
             fresh = set(new_at)
             self._texts = _TextBlocks(
-                mapping_json(e.mapping) if n in fresh
-                else old_texts.text(old_index[e.mapping["start"]])
+                mapping_json(e.mapping) if n in fresh else old_texts.text(old_at[n])
                 for n, e in enumerate(entries))
-            removed = [] if first else [e.mapping["start"] for e in old_entries
-                                        if e.mapping["start"] not in self._index]
+            if first:
+                removed = []
             self._delta = (None if first else [e.mapping for e in old_entries],
                            new_at, removed)
         self._totals = [sum(e.anon for e in entries), sum(e.file for e in entries),
@@ -381,9 +393,10 @@ class SnapshotBuilder:
         vmas = tracker.space.vmas
         differ: list[int] = []
         entries = self._entries
+        starts = self._starts
         for start in changed:
-            i = self._index.get(start)
-            if i is None:
+            i = bisect_left(starts, start)
+            if i == len(starts) or starts[i] != start:
                 continue
             old = entries[i]
             new = self._entry(tracker, vmas[i], prev=old)

@@ -72,6 +72,7 @@ from memtrace.trace.pagemap import (
     zero_page_pfns,
 )
 from memtrace.trace.procfs import PAGE_SIZE, Vma
+from memtrace.util.ints import shared_int
 from memtrace.util.ranges import merge_ranges
 
 USAGE_BATCH = 4096      # VMAs accounted per pass (PssReader.usage)
@@ -363,6 +364,9 @@ class PssReader:
                 if maybe_plan.slow:
                     memo[key] = piece
                 u.add(piece)
+            # kept per mapping; equal figures share one int (util/ints.py)
+            u.rss, u.pss_fixed = shared_int(u.rss), shared_int(u.pss_fixed)
+            u.uss, u.swap = shared_int(u.uss), shared_int(u.swap)
             out.append(u)
         return out
 

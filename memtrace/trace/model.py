@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from memtrace.trace.events import CHUNK_SHIFT, CHUNK_SIZE
 from memtrace.trace.pagemap import Run
 from memtrace.trace.procfs import Vma
+from memtrace.util.ints import shared_int
 
 
 @dataclass(slots=True)
@@ -173,6 +174,8 @@ class AddressSpace:
                         res.anon += hi - lo
                     else:
                         res.other += hi - lo
+        # kept per VMA; equal figures share one int (util/ints.py)
+        res.anon, res.other = shared_int(res.anon), shared_int(res.other)
         return res
 
     def attribute(self, spans: Iterable[tuple[int, int]], new_vmas: Iterable[Vma] = (),

@@ -1,0 +1,16 @@
+"""memtrace/util/ints.py: equal figures share one int object, in a bounded table."""
+
+from __future__ import annotations
+
+from memtrace.util import ints
+
+
+def test_equal_values_come_back_as_one_object_and_the_table_stays_bounded(monkeypatch):
+    monkeypatch.setattr(ints, "_shared", {})
+    monkeypatch.setattr(ints, "SHARED_MAX", 4)
+    a = ints.shared_int(int("73728"))
+    b = ints.shared_int(int("73728"))     # built apart: a distinct object until shared
+    assert a == b == 73728 and a is b
+    for v in range(10_000, 10_010):
+        assert ints.shared_int(v) == v
+    assert len(ints._shared) <= 4
