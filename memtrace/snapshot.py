@@ -25,7 +25,8 @@ from memtrace.trace.attribution import Segment, classify, mapping_identity, segm
 from memtrace.trace.model import AddressSpace
 from memtrace.trace.procfs import Vma
 from memtrace.trace.tracker import ProcessTracker
-from memtrace.util.ints import shared_int
+from memtrace.util import ints
+from memtrace.util.ints import shared
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 # Keys left out of the generation's fingerprint (the mappings are followed by
@@ -271,6 +272,7 @@ class SnapshotBuilder:
         added its own keys (heap, library events). `pss_usage`: PSS/USS/swap
         per VMA start (memtrace.pss.live), None when PSS is off or unavailable."""
         self._pss_usage = pss_usage
+        ints.trim()
         space = tracker.space
         changed = space.take_changed()
         if (space is not self._space or space.layout_version != self._layout
@@ -317,21 +319,23 @@ class SnapshotBuilder:
         parts = split(tracker.space.resident_of(vma), kind)
         faults = tracker.faults_by_vma.get(vma.start, 0)
         usage = self._pss_usage.get(vma.start) if self._pss_usage is not None else None
-        # the figures of many mappings are equal: one int object each (util/ints.py)
-        anon, file, shmem = shared_int(parts.anon), shared_int(parts.file), shared_int(parts.shmem)
-        rss, size = shared_int(parts.total), shared_int(vma.end - vma.start)
+        # the figures of many mappings are equal: one int object each (util/ints.py;
+        # the model's and PSS's figures are shared already)
+        anon, file, shmem = parts.anon, parts.file, parts.shmem
+        rss, size = parts.total, vma.end - vma.start
+        rss, size = shared(rss, rss), shared(size, size)
         if usage is None:
             mapping = _Record(vma.start, vma.end, vma.perms, vma.offset, path, kind, identity,
                               segment, rss, anon, file, shmem, size, faults, None, None,
                               None).__dict__
             return _Entry(vma, seg, cast(MappingRecord, mapping), anon, file, shmem, size,
                           pss_missing=1)
-        uss, swap = shared_int(usage.uss), shared_int(usage.swap)
+        pss = usage.pss
         mapping = _Record(vma.start, vma.end, vma.perms, vma.offset, path, kind, identity,
-                          segment, rss, anon, file, shmem, size, faults,
-                          shared_int(usage.pss), uss, swap).__dict__
+                          segment, rss, anon, file, shmem, size, faults, shared(pss, pss),
+                          usage.uss, usage.swap).__dict__
         return _Entry(vma, seg, cast(MappingRecord, mapping), anon, file, shmem, size,
-                      shared_int(usage.pss_fixed), uss, swap)
+                      usage.pss_fixed, usage.uss, usage.swap)
 
     def _rebuild_all(self, tracker: ProcessTracker, changed: set[int]) -> None:
         # Segment names depend on neighbours (a bss follows its data segment):

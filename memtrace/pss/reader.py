@@ -72,7 +72,7 @@ from memtrace.trace.pagemap import (
     zero_page_pfns,
 )
 from memtrace.trace.procfs import PAGE_SIZE, Vma
-from memtrace.util.ints import shared_int
+from memtrace.util.ints import shared
 from memtrace.util.ranges import merge_ranges
 
 USAGE_BATCH = 4096      # VMAs accounted per pass (PssReader.usage)
@@ -365,8 +365,8 @@ class PssReader:
                     memo[key] = piece
                 u.add(piece)
             # kept per mapping; equal figures share one int (util/ints.py)
-            u.rss, u.pss_fixed = shared_int(u.rss), shared_int(u.pss_fixed)
-            u.uss, u.swap = shared_int(u.uss), shared_int(u.swap)
+            u.rss, u.pss_fixed = shared(u.rss, u.rss), shared(u.pss_fixed, u.pss_fixed)
+            u.uss, u.swap = shared(u.uss, u.uss), shared(u.swap, u.swap)
             out.append(u)
         return out
 

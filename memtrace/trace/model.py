@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from memtrace.trace.events import CHUNK_SHIFT, CHUNK_SIZE
 from memtrace.trace.pagemap import Run
 from memtrace.trace.procfs import Vma
-from memtrace.util.ints import shared_int
+from memtrace.util.ints import shared
 
 
 @dataclass(slots=True)
@@ -175,7 +175,7 @@ class AddressSpace:
                     else:
                         res.other += hi - lo
         # kept per VMA; equal figures share one int (util/ints.py)
-        res.anon, res.other = shared_int(res.anon), shared_int(res.other)
+        res.anon, res.other = shared(res.anon, res.anon), shared(res.other, res.other)
         return res
 
     def attribute(self, spans: Iterable[tuple[int, int]], new_vmas: Iterable[Vma] = (),
