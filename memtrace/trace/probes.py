@@ -90,7 +90,9 @@ class ChunkBatch:
     into buffers allocated once. (BCC's items_lookup_and_delete_batch allocates
     and zeroes arrays of the map's max_entries at every call: 8 MiB for 262,144
     chunks, ~2 ms a tick, and memory glibc keeps.) Raises OSError where the
-    kernel has no batch operations."""
+    kernel has no batch operations (nothing read yet: the caller reads the map
+    another way); an error after some batches returns what they read, and the
+    rest stays in the map for its next drain."""
 
     KEY = struct.Struct("<IIQ")     # struct mt_chunk_key: tgid, epoch, chunk
     VALUE = struct.Struct("<QQ")    # struct mt_chunk_val: faults, last_addr
@@ -118,8 +120,8 @@ class ChunkBatch:
                 values = self.VALUE.iter_unpack(self._values.raw[:n * self.VALUE.size])
                 out.extend(k + v for k, v in zip(keys, values))
             if res != 0:
-                if err == errno.ENOENT:
-                    return out          # the whole map was read
+                if err == errno.ENOENT or out:
+                    return out          # the whole map was read (or the rest waits)
                 raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH: {os.strerror(err)}")
             first = False
             if n == 0:

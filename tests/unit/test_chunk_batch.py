@@ -17,18 +17,19 @@ from memtrace.trace.probes import ChunkBatch
 
 class FakeMap:
     def __init__(self, entries: list[tuple[int, int, int, int, int]], fail: int = 0,
-                 stall_after: int | None = None) -> None:
+                 stall_after: int | None = None, fail_after: int | None = None) -> None:
         self.entries = list(entries)
         self.fail = fail                # an errno to fail the first call with
+        self.fail_after = fail_after    # calls after which every call fails (EINVAL)
         self.stall_after = stall_after  # calls after which no progress is made
         self.calls: list[int | None] = []
 
     def bpf_lookup_and_delete_batch(self, fd: int, in_batch: Any, out_batch: Any, keys: Any,
                                     values: Any, count: Any) -> int:
         self.calls.append(None if in_batch is None else in_batch._obj.value)
-        if self.fail:
+        if self.fail or (self.fail_after is not None and len(self.calls) > self.fail_after):
             count._obj.value = 0
-            ctypes.set_errno(self.fail)
+            ctypes.set_errno(self.fail or errno.EINVAL)
             return -1
         if self.stall_after is not None and len(self.calls) > self.stall_after:
             count._obj.value = 0
@@ -74,3 +75,9 @@ def test_no_progress_returns_what_was_read():
 def test_no_batch_operations_is_an_oserror_for_the_caller_to_fall_back():
     with pytest.raises(OSError):
         _batch(FakeMap(ENTRIES, fail=errno.EINVAL), 4).drain(3)
+
+
+def test_an_error_after_some_batches_keeps_what_was_read_and_leaves_the_rest():
+    fake = FakeMap(ENTRIES, fail_after=2)
+    assert _batch(fake, 4).drain(3) == ENTRIES[:8]
+    assert fake.entries == ENTRIES[8:]          # still in the map for its next drain
