@@ -8,7 +8,8 @@
 2. Starts `memtrace watch PID --format json --interval 1 --reconcile-interval 0
    --no-serve` and waits for its first snapshot (time to it: wall clock here and
    memtrace's own log line).
-3. Idle window (--idle-seconds, default 5): the workload does nothing; memtrace's
+3. Idle window (--idle-seconds, default 5, from --settle 4 s after the first
+   snapshot): the workload does nothing; memtrace's
    CPU per second is recorded (the floor of its cost on this address space).
 4. Measured window (--seconds, default 20): the workload touches 1% of its
    regions each second (default --mode refault: MADV_DONTNEED then write every
@@ -188,6 +189,7 @@ def _run(opts: argparse.Namespace) -> dict[str, Any]:
                      extra=opts.memtrace_args.split(), keep_lines=changed_only)
     res["memtrace_command"] = mt.command
     res["first_snapshot_wall_s"] = mt.wait_first_snapshot(600)
+    t_first = time.monotonic()
     res["cpu_to_first_snapshot_s"] = bc.tree_cpu_seconds(mt.pid)
     res["memtrace_vm_hwm_kib_first"] = bc.status_kb(mt.pid, "VmHWM")
     res["memtrace_vm_rss_kib_first"] = bc.status_kb(mt.pid, "VmRSS")
@@ -202,7 +204,10 @@ def _run(opts: argparse.Namespace) -> dict[str, Any]:
     if bc.read_line(reader.stdout, 60, "smaps reader") != "ready":
         raise RuntimeError("smaps reader did not get ready")
 
-    # Idle window: nothing changes in the workload.
+    # Idle window: nothing changes in the workload. It starts --settle seconds
+    # after the first snapshot: memtrace's first heap walk and second tick come
+    # right after it, and are start-up work, not the idle cost.
+    time.sleep(max(0.0, opts.settle - (time.monotonic() - t_first)))
     c0, t0 = bc.tree_cpu_seconds(mt.pid), time.monotonic()
     time.sleep(opts.idle_seconds)
     c1, t1 = bc.tree_cpu_seconds(mt.pid), time.monotonic()
@@ -381,6 +386,9 @@ def main() -> int:
     ap.add_argument("--pages", type=int, default=18, help="pages per region")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured window")
     ap.add_argument("--idle-seconds", type=float, default=5.0)
+    ap.add_argument("--settle", type=float, default=4.0,
+                    help="seconds after the first snapshot before the idle window starts "
+                         "(memtrace's first heap walk and second tick are start-up work)")
     ap.add_argument("--mode", choices=["refault", "rewrite"], default="refault")
     ap.add_argument("--parse", choices=sorted(smaps_poll.PARSERS), default="rss")
     ap.add_argument("--interval", type=float, default=1.0)
