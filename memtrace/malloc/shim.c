@@ -7,8 +7,8 @@
  * free calls memtrace_malloc_freed() (the other uprobe); any other free is a
  * hash miss. A sample the hash has no room for is still handed over, its
  * weight marked MT_UNTRACKED: memtrace counts it allocated but cannot see its
- * free, and says how many there were. The real allocator is glibc's, through its __libc_* names (no
- * dlsym: it may allocate, which would recurse).
+ * free, and says how many there were. The real allocator is glibc's, through
+ * its __libc_* names (no dlsym: it may allocate, which would recurse).
  *
  * Built by memtrace at first use: cc -O2 -shared -fPIC (memtrace/malloc/shim.py). */
 #define _GNU_SOURCE

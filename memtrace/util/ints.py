@@ -21,8 +21,3 @@ def trim() -> None:
     """Start the table again if it holds more than SHARED_MAX values."""
     if len(_table) > SHARED_MAX:
         _table.clear()
-
-
-def shared_int(value: int) -> int:
-    """`value`, as the int object earlier calls with an equal value returned."""
-    return shared(value, value)

@@ -10,13 +10,13 @@ def test_equal_values_come_back_as_one_object_and_the_table_stays_bounded(monkey
     monkeypatch.setattr(ints, "_table", table)
     monkeypatch.setattr(ints, "shared", table.setdefault)
     monkeypatch.setattr(ints, "SHARED_MAX", 4)
-    a = ints.shared_int(int("73728"))
-    b = ints.shared_int(int("73728"))     # built apart: a distinct object until shared
+    a = ints.shared(int("73728"), int("73728"))
+    b = ints.shared(int("73728"), int("73728"))     # built apart: a distinct object until shared
     assert a == b == 73728 and a is b
     for v in range(10_000, 10_010):
-        assert ints.shared_int(v) == v
+        assert ints.shared(v, v) == v
     assert len(table) == 11
     ints.trim()
     assert table == {}
     ints.trim()                           # small: kept
-    assert ints.shared_int(5) == 5 and table == {5: 5}
+    assert ints.shared(5, 5) == 5 and table == {5: 5}
