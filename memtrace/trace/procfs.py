@@ -331,18 +331,28 @@ def statm_is_exact(attempts: int = 3) -> bool:
 def _statm_matches_rollup() -> bool:
     import mmap
 
+    # Both files are opened and their buffers made before the pages are touched,
+    # and read with no allocation in between: an allocation of our own between
+    # the two reads (a file object, a new heap page) would change our RSS and
+    # make an exact statm look inexact.
+    statm_buf, rollup_buf = bytearray(512), bytearray(8192)
     region = mmap.mmap(-1, 37 * PAGE_SIZE)
+    fds: list[int] = []
     try:
+        fds = [os.open("/proc/self/statm", os.O_RDONLY),
+               os.open("/proc/self/smaps_rollup", os.O_RDONLY)]
         for page in range(37):
             region[page * PAGE_SIZE] = 1
-        with open("/proc/self/statm", "rb") as f:
-            resident = parse_statm(f.read()).resident_bytes
-        with open("/proc/self/smaps_rollup", "rb") as f:
-            rollup = f.read()
+        n_statm = os.readv(fds[0], [statm_buf])
+        n_rollup = os.readv(fds[1], [rollup_buf])
     except OSError:
         return False
     finally:
+        for fd in fds:
+            os.close(fd)
         region.close()
+    resident = parse_statm(bytes(statm_buf[:n_statm])).resident_bytes
+    rollup = bytes(rollup_buf[:n_rollup])
     for line in rollup.splitlines():
         if line.startswith(b"Rss:"):
             return int(line.split()[1]) * 1024 == resident
