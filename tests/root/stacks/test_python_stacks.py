@@ -1,13 +1,16 @@
 """--stacks on CPython 3.11 (issue 13, done-when 5): Python frames merged into
 the native stack. tests/workloads/pystacks.py makes 64 MiB resident in
 fill_big and 16 MiB in fill_small (each 1 MiB block its own malloc mapping,
-fill_small's fenced off by read-only pages), then frees fill_big's. "held
-now" names both functions with their bytes, then none for fill_big;
-"brought in" keeps both. Bound: 5 %, as for the C program of done-when 1:
-the paths have mappings of their own, so held is memtrace's exact
-per-mapping figure (64.25 and 16.06 MiB: each block maps 1 MiB + 4 KiB) and
-brought is exact per 2 MiB chunk but where the paths share one; measured
-over 7 runs at 128 KiB: held within 1 %, brought within 2.3 %. pyenv's
+fill_small's fenced off by 4 MiB untouched reservations), then frees
+fill_big's. "held now" names both functions with their bytes, then none for
+fill_big; "brought in" keeps both. Bound: 5 %, as for the C program of
+done-when 1: the paths have mappings of their own, so held is memtrace's
+exact per-mapping figure (64.25 and 16.06 MiB: each block maps 1 MiB +
+4 KiB) and brought is exact per 2 MiB chunk but where the paths share one.
+With one-page fences fill_small shared chunks with fill_big and with pages
+faulted before it, and its brought was 3 % off in 20 runs (5.1 % once in
+CI); with the reservations no chunk is shared: 20 runs at 128 KiB, held
+within 0.6 %, brought within 1.7 %. pyenv's
 3.11.7 (shared libpython) and 3.12.1 (told apart, once on stderr) where present."""
 
 from __future__ import annotations
