@@ -314,6 +314,7 @@ class ProcFS:
 
 
 _statm_exact: bool | None = None
+_STATM_TRIES = 20       # comparisons attempted before giving up on a quiet window
 
 
 def statm_is_exact(attempts: int = 3) -> bool:
@@ -321,21 +322,39 @@ def statm_is_exact(attempts: int = 3) -> bool:
     6.2 RSS counters were cached per task, and until the sum-based readers of
     recent kernels they were per-CPU approximations; then statm can differ from
     the page tables. Tried on our own process: touch fresh pages, compare statm
-    with smaps_rollup (a walk of our own small address space)."""
+    with smaps_rollup (a walk of our own small address space), `attempts`
+    times. A comparison counts only when statm read the same before and after
+    the walk: another thread of ours (the /metrics server, a compile) may
+    fault pages in between, which says nothing about the kernel."""
     global _statm_exact
     if _statm_exact is None:
-        _statm_exact = all(_statm_matches_rollup() for _ in range(attempts))
+        _statm_exact = _statm_verdict(attempts)
     return _statm_exact
 
 
-def _statm_matches_rollup() -> bool:
+def _statm_verdict(attempts: int) -> bool:
+    counted = 0
+    for _ in range(_STATM_TRIES):
+        match = _statm_matches_rollup()
+        if match is None:
+            continue
+        if not match:
+            return False
+        counted += 1
+        if counted == attempts:
+            return True
+    return False            # never quiet: trust statm less, not more
+
+
+def _statm_matches_rollup() -> bool | None:
+    """True/False: statm's resident equals smaps_rollup's Rss; None: statm
+    moved while smaps_rollup was read (no verdict)."""
     import mmap
 
     # Both files are opened and their buffers made before the pages are touched,
     # and read with no allocation in between: an allocation of our own between
-    # the two reads (a file object, a new heap page) would change our RSS and
-    # make an exact statm look inexact.
-    statm_buf, rollup_buf = bytearray(512), bytearray(8192)
+    # the reads (a file object, a new heap page) would change our RSS.
+    before, after, rollup_buf = bytearray(512), bytearray(512), bytearray(8192)
     region = mmap.mmap(-1, 37 * PAGE_SIZE)
     fds: list[int] = []
     try:
@@ -343,17 +362,19 @@ def _statm_matches_rollup() -> bool:
                os.open("/proc/self/smaps_rollup", os.O_RDONLY)]
         for page in range(37):
             region[page * PAGE_SIZE] = 1
-        n_statm = os.readv(fds[0], [statm_buf])
+        n_before = os.preadv(fds[0], [before], 0)
         n_rollup = os.readv(fds[1], [rollup_buf])
+        n_after = os.preadv(fds[0], [after], 0)
     except OSError:
         return False
     finally:
         for fd in fds:
             os.close(fd)
         region.close()
-    resident = parse_statm(bytes(statm_buf[:n_statm])).resident_bytes
-    rollup = bytes(rollup_buf[:n_rollup])
-    for line in rollup.splitlines():
+    if before[:n_before] != after[:n_after]:
+        return None
+    resident = parse_statm(bytes(before[:n_before])).resident_bytes
+    for line in bytes(rollup_buf[:n_rollup]).splitlines():
         if line.startswith(b"Rss:"):
             return int(line.split()[1]) * 1024 == resident
     return False

@@ -489,3 +489,18 @@ def test_maps_text_fields_are_shared_between_lines(tricky):
     """Perms and device text: one str per distinct value (memory at 60k mappings)."""
     again = parse_maps((FIXTURES / "maps_tricky").read_bytes())
     assert all(a.perms is b.perms and a.dev is b.dev for a, b in zip(tricky, again))
+
+
+@pytest.mark.parametrize("answers, exact", [
+    ([True, True, True], True),
+    ([None, True, None, None, True, True], True),      # statm moved: not a verdict
+    ([True, False, True, True], False),                 # one real mismatch: inexact
+    ([None] * 25, False),                               # never quiet: not trusted
+])
+def test_statm_verdict_counts_only_quiet_comparisons(monkeypatch, answers, exact):
+    from memtrace.trace import procfs
+
+    it = iter(answers)
+    monkeypatch.setattr(procfs, "_statm_matches_rollup", lambda: next(it))
+    assert procfs._statm_verdict(3) is exact
+
