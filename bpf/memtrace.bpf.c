@@ -645,6 +645,24 @@ TRACEPOINT_PROBE(syscalls, sys_exit_rename) { return names_changed(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_renameat) { return names_changed(args->ret); }
 TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return names_changed(args->ret); }
 
+/* A watched process's own truncate, ftruncate or fallocate (hole punch,
+ * collapse, zero range) of a file it maps drops those pages from its page
+ * tables with no fault and no address-space call, and its rss_stat updates
+ * are its own: counted, for user space to rescan its file mappings. */
+static __always_inline int file_cut(long ret)
+{
+    if (ret != 0)
+        return 0;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct mt_stats *st = stats.lookup(&tgid);
+    if (st)
+        __sync_fetch_and_add(&st->file_cuts, 1);
+    return 0;
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_truncate) { return file_cut(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_ftruncate) { return file_cut(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_fallocate) { return file_cut(args->ret); }
+
 /* A fork (clone without CLONE_VM) of a watched process shares its anonymous
  * pages copy-on-write with the child, changing their PSS with no fault or
  * address-space call: counted (at entry, so a failed fork counts too) for

@@ -76,6 +76,7 @@ struct mt_stats {
     u64 stacks_sampled;             /* --stacks: faults sampled (delivered or not) */
     u64 stacks_lost;                /* --stacks: samples that did not fit the ring buffer */
     u64 stacks_unread;              /* --stacks: samples delivered without any stack bytes */
+    u64 file_cuts;                  /* truncate/ftruncate/fallocate calls that succeeded */
 };
 
 /* Arguments of an address-space syscall in flight, per thread. */

@@ -59,6 +59,7 @@ class RawStats(ctypes.Structure):
         ("stacks_sampled", ctypes.c_uint64),
         ("stacks_lost", ctypes.c_uint64),
         ("stacks_unread", ctypes.c_uint64),
+        ("file_cuts", ctypes.c_uint64),
     ]
 
 
@@ -97,6 +98,7 @@ class Stats:
     stacks_sampled: int = 0     # --stacks: faults sampled, delivered or not
     stacks_lost: int = 0        # --stacks: samples that did not fit the ring buffer
     stacks_unread: int = 0      # --stacks: samples delivered without stack bytes
+    file_cuts: int = 0          # truncates and fallocates: mapped file pages may be gone
 
     @classmethod
     def empty(cls) -> Stats:
@@ -111,7 +113,7 @@ def decode_stats(raw: RawStats) -> Stats:
         full_rescan_requests=raw.full_rescan_requests, ranges_lost=raw.ranges_lost,
         events_lost=raw.events_lost, events_sampled_out=raw.events_sampled_out, brk=raw.brk,
         forks=raw.forks, stacks_sampled=raw.stacks_sampled, stacks_lost=raw.stacks_lost,
-        stacks_unread=raw.stacks_unread,
+        stacks_unread=raw.stacks_unread, file_cuts=raw.file_cuts,
     )
 
 

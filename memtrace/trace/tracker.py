@@ -26,6 +26,9 @@ MAX_DEFERRED_MISMATCHES = 5
 # are spaced so that they cost at most 1/NAMES_REFRESH_COST_FACTOR of a core:
 # immediate for a small process, every ~20 s for a maps read of 60k mappings.
 NAMES_REFRESH_COST_FACTOR = 20
+# The main stack's VMA is among the last few of maps (above it: vvar, vdso,
+# vsyscall); only those are looked at for it every tick.
+STACK_NEAR_TOP = 16
 
 
 @dataclass
@@ -231,7 +234,8 @@ class ProcessTracker:
             self._full_rescan(reason)
         else:
             self._targeted(marks, ranges, layout_changed=new.layout_gen != old.layout_gen
-                           or self._names_refresh_due())
+                           or self._names_refresh_due() or self._stack_grew(marks),
+                           files_cut=new.file_cuts != old.file_cuts)
         self._count_faults(marks)
         self._check(statm_before)
         self._finish(t0)
@@ -282,13 +286,32 @@ class ProcessTracker:
             return "periodic"
         return None
 
+    def _stack_grew(self, marks: list[ChunkMark]) -> bool:
+        """The main stack grows down on a fault, with no address-space call: a
+        fault in the chunk where it ends, or below it where no VMA is, means
+        the VMA list must be read again."""
+        stack = next((v for v in reversed(self.space.vmas[-STACK_NEAR_TOP:])
+                      if v.path == b"[stack]"), None)
+        if stack is None:
+            return False
+        low = stack.start >> CHUNK_SHIFT
+        for m in marks:
+            if not m.faults or m.chunk > low:
+                continue
+            if m.chunk == low or not self.space.vmas_overlapping(m.last_addr, stack.start):
+                return True
+        return False
+
     def _targeted(self, marks: list[ChunkMark], ranges: list[tuple[int, int]],
-                  layout_changed: bool) -> None:
+                  layout_changed: bool, files_cut: bool = False) -> None:
         marked = [(m.chunk, m.chunk + 1) for m in marks if m.faults]
         spans = marked + self._recheck
         self._recheck = marked
         spans += [(m.chunk, m.chunk + 1) for m in marks if not m.faults]
         spans += [chunk_span(s, e) for s, e in ranges if e > s]
+        if files_cut:
+            # a truncate or hole punch: any file this process maps may have lost pages
+            spans += [chunk_span(v.start, v.end) for v in self.space.vmas if v.inode]
         new_vmas: list[Vma] = []
         if layout_changed:
             new_vmas = self.space.set_vmas(self._read_maps())

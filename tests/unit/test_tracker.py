@@ -15,7 +15,7 @@ from memtrace.trace.model import chunk_span
 from memtrace.trace.tracker import MAX_DEFERRED_MISMATCHES, ProcessGone, ProcessTracker
 from memtrace.util.ranges import merge_ranges as merge_spans
 
-from .fakes import ANON, ARENA, CHUNK, PAGE, HookedProcFS, standard_process
+from .fakes import ANON, ARENA, CHUNK, PAGE, SHM, STACK_END, HookedProcFS, standard_process
 
 
 def stats(**kw: int) -> Stats:
@@ -372,6 +372,59 @@ def test_layout_change_rereads_maps_and_scans_new_vmas(world):
     assert not any(s <= 0x555555554000 < e for s, e in scanned)
 
 
+def grow_stack(p, m, new_start: int):
+    """The kernel grows [stack] down to new_start on a fault (no syscall)."""
+    p.vmas.remove(m["stack"])
+    return p.map(new_start, STACK_END, b"[stack]")
+
+
+@pytest.mark.parametrize("new_start, last_addr", [
+    (STACK_END - 0x41000, STACK_END - 0x1000),        # in its chunk; last fault above the old end
+    (STACK_END - 0x300000, STACK_END - 0x300000),     # into the chunk below, where no VMA was
+])
+def test_stack_growth_rereads_maps_without_a_syscall(world, new_start, last_addr):
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    before = tr.space.resident_of(m["stack"]).anon
+    stack = grow_stack(p, m, new_start)
+    p.touch(new_start, new_start + 0x10000)
+    p.sync()
+    tr.update([ChunkMark(new_start >> CHUNK_SHIFT, 16, last_addr)], [], bump(tr))
+    assert tr.counters.maps_reads == 2
+    assert dict(tr.counters.full_rescans) == {"attach": 1}
+    assert_exact(tr, p)
+    assert tr.space.resident_of(stack).anon == before + 0x10000
+
+
+def test_fault_below_the_stack_inside_another_vma_reads_no_maps(world):
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    below = p.map(STACK_END - 0x400000, STACK_END - 0x3FF000)
+    p.sync()
+    tr.update([], [], bump(tr, layout_gen=1))
+    p.touch(below.start, below.end)
+    p.sync()
+    tr.update([ChunkMark(below.start >> CHUNK_SHIFT, 1, below.start)], [], bump(tr))
+    assert tr.counters.maps_reads == 2
+    assert_exact(tr, p)
+
+
+def test_file_cut_rescans_file_mappings_only(world):
+    """ftruncate or a hole punch of a memfd the process maps: no fault, no
+    address-space call; BPF counts the call and the file mappings are rescanned."""
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    n = len(world.scanner.calls)
+    p.drop(SHM, SHM + 0x8000)
+    p.sync()
+    tr.update([], [], bump(tr, file_cuts=1))
+    assert dict(tr.counters.full_rescans) == {"attach": 1}
+    assert_exact(tr, p)
+    scanned = scanned_since(world, n)
+    assert any(s <= SHM < e for s, e in scanned)
+    assert not any(s <= ANON < e for s, e in scanned)
+
+
 def test_no_layout_change_means_no_maps_read(world):
     p, _ = standard_process(world)
     tr = attach(world, p)
@@ -624,3 +677,4 @@ def test_names_checks_fall_back_to_maps_when_map_files_is_refused(world, monkeyp
     reads = tr.counters.maps_reads
     tr.update([], [], None, names_changed=True)
     assert tr.counters.maps_reads == reads + 1 and not tr._map_files_usable
+
