@@ -144,31 +144,58 @@ static __always_inline u64 user_regs(u64 tp_regs, u32 flags)
 #endif
 }
 
+/* A huge page is always sampled. The fault tracepoint fires before the kernel
+ * chooses the page size, so in a process whose faults may map a transparent
+ * huge page (huge_targets: THP "always", or it asked for MADV_HUGEPAGE) the
+ * first fault of a chunk in a generation is sampled outside the countdown
+ * (MT_STACK_FORCED), once per chunk until user space finds the chunk empty
+ * again and deletes its huge_chunks entry. User space weighs such a sample
+ * by what it made resident: a huge page, or one page (docs/stacks.md). */
+BPF_HASH(huge_targets, u32, u8, MT_MAX_TARGETS);
+BPF_TABLE("lru_hash", struct mt_chunk_key, u8, huge_chunks, MT_HUGE_CHUNKS);
+
+static __always_inline int huge_first(u32 tgid, u32 epoch, u64 addr)
+{
+    if (!huge_targets.lookup(&tgid))
+        return 0;
+    struct mt_chunk_key key = {.tgid = tgid, .epoch = epoch, .chunk = addr >> MT_CHUNK_SHIFT};
+    u8 one = 1;
+    /* fails when the chunk was sampled already (or the table is full, and
+     * the countdown decides) */
+    return huge_chunks.insert(&key, &one) == 0;
+}
+
 /* Count one fault down on this CPU's countdown (kept in its fault-cache slot,
- * which the fault path has looked up already); sample when it runs out. */
+ * which the fault path has looked up already); sample when it runs out.
+ * `first`: the first fault of its chunk in this generation (see above). */
 static __always_inline void count_down(struct mt_fault_cache *fc, u32 tgid, u32 epoch, u64 addr,
-                                       u64 tp_regs, u32 flags)
+                                       u64 tp_regs, u32 flags, int first)
 {
 #ifndef MT_STACKS_KERNEL
     if (flags & MT_STACK_FROM_KERNEL)
         return;     /* no way to the user registers: not counted (docs/stacks.md) */
 #endif
-    fc->sample_left -= MT_PAGE_SIZE;
-    if (fc->sample_left > 0)
-        return;
-    u32 i = bpf_get_prandom_u32() & (MT_STACK_GAPS - 1);
-    u64 *gap = stack_gaps.lookup(&i);
-    u64 armed = fc->sample_armed;
-    /* an empty table (user space not ready) takes no sample and arms nothing */
-    fc->sample_left = gap ? (s64)*gap : 0;
-    fc->sample_armed = fc->sample_left > 0;
-    if (armed)
-        take_sample(fc, tgid, epoch, addr, user_regs(tp_regs, flags), flags);
+    if (first && huge_first(tgid, epoch, addr)) {
+        flags |= MT_STACK_FORCED;       /* sampled outside the countdown */
+    } else {
+        fc->sample_left -= MT_PAGE_SIZE;
+        if (fc->sample_left > 0)
+            return;
+        u32 i = bpf_get_prandom_u32() & (MT_STACK_GAPS - 1);
+        u64 *gap = stack_gaps.lookup(&i);
+        u64 armed = fc->sample_armed;
+        /* an empty table (user space not ready) takes no sample and arms nothing */
+        fc->sample_left = gap ? (s64)*gap : 0;
+        fc->sample_armed = fc->sample_left > 0;
+        if (!armed)
+            return;
+    }
+    take_sample(fc, tgid, epoch, addr, user_regs(tp_regs, flags), flags);
 }
-#define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags) \
-    count_down(fc, tgid, epoch, addr, regs, flags)
+#define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags, first) \
+    count_down(fc, tgid, epoch, addr, regs, flags, first)
 #else
-#define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags) do { } while (0)
+#define COUNT_DOWN(fc, tgid, epoch, addr, regs, flags, first) do { (void)(first); } while (0)
 #endif
 
 #define MT_GEN_NONE (~0ULL)     /* no drain generation: a fault-cache slot being rewritten */
@@ -192,7 +219,8 @@ static __always_inline u64 current_execs(void)
     return n ? *n : 0;
 }
 
-static __always_inline void mark_chunk(u32 tgid, u32 epoch, u64 addr, u64 faults, u64 gen)
+/* Returns 1 when `faults` are the first of this chunk in this generation. */
+static __always_inline int mark_chunk(u32 tgid, u32 epoch, u64 addr, u64 faults, u64 gen)
 {
     struct mt_chunk_key key = {.tgid = tgid, .epoch = epoch, .chunk = addr >> MT_CHUNK_SHIFT};
     struct mt_chunk_val zero = {};
@@ -206,12 +234,14 @@ static __always_inline void mark_chunk(u32 tgid, u32 epoch, u64 addr, u64 faults
         struct mt_stats *st = stats.lookup(&tgid);
         if (st)
             __sync_fetch_and_add(&st->full_rescan_requests, 1);
-        return;
+        return 0;
     }
-    if (faults) {
-        __sync_fetch_and_add(&val->faults, faults);
-        val->last_addr = addr;
-    }
+    if (!faults)
+        return 0;
+    int first = val->faults == 0;
+    __sync_fetch_and_add(&val->faults, faults);
+    val->last_addr = addr;
+    return first;
 }
 
 static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
@@ -236,7 +266,7 @@ static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
     if (fc->gen == gen && fc->execs == execs && fc->tgid == tgid && fc->chunk == chunk) {
         fc->pending++;
         fc->last_addr = addr;
-        COUNT_DOWN(fc, tgid, fc->epoch, addr, regs, flags);
+        COUNT_DOWN(fc, tgid, fc->epoch, addr, regs, flags, 0);
         return;
     }
     epoch = targets.lookup(&tgid);
@@ -246,7 +276,7 @@ static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
     if (fc->gen == gen && fc->pending)
         mark_chunk(fc->tgid, fc->epoch, fc->last_addr, fc->pending, gen);
     u32 ep = *epoch;
-    mark_chunk(tgid, ep, addr, 1, gen);
+    int first = mark_chunk(tgid, ep, addr, 1, gen);
     /* Invalid while it is rewritten: a program that preempts this one on this
      * CPU (a preemptible kernel) must not take a half-written slot for a
      * marked chunk (mark_range skips chunks the slot names). */
@@ -260,7 +290,7 @@ static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
     fc->last_addr = addr;
     asm volatile("" ::: "memory");
     fc->gen = gen;
-    COUNT_DOWN(fc, tgid, ep, addr, regs, flags);
+    COUNT_DOWN(fc, tgid, ep, addr, regs, flags, first);
 }
 
 /* Raw tracepoints: the handler gets the tracepoint's arguments
@@ -432,6 +462,7 @@ static __always_inline void stream(u32 tgid, u32 tid, struct mt_inflight *in, s6
 #define MADV_POPULATE_WRITE 23
 #define MADV_DONTNEED_LOCKED 24
 #define MADV_COLLAPSE 25
+#define MADV_HUGEPAGE 14
 
 static __always_inline int madvise_keeps_layout(u64 advice)
 {
@@ -493,6 +524,12 @@ static __always_inline int finish(s64 ret)
     case MT_SYS_MADVISE:
         bytes = a1;
         layout = !madvise_keeps_layout(a2);
+#ifdef MT_STACKS
+        if (ok && a2 == MADV_HUGEPAGE) {
+            u8 one = 1;
+            huge_targets.update(&tgid, &one);
+        }
+#endif
         mark_range(tgid, st, a0, a0 + page_up(a1));
         break;
     case MT_SYS_MREMAP:

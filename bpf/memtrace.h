@@ -125,6 +125,10 @@ struct mt_event {
 #define MT_STACK_FROM_KERNEL 1      /* flags: a kernel-mode fault (read() into a fresh
                                        buffer...): the registers are the user's at
                                        syscall entry */
+#define MT_STACK_FORCED 2           /* flags: the first fault in a chunk of a process whose
+                                       faults may map a huge page, sampled outside the
+                                       countdown: it stands for what it made resident */
+#define MT_HUGE_CHUNKS 65536        /* chunks force-sampled and still resident, all targets */
 struct mt_stack_sample {
     u32 tgid;
     u32 epoch;                      /* as in mt_chunk_key */

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from memtrace.errors import ExitCode, MemtraceError
@@ -22,12 +22,13 @@ from memtrace.pss.live import LivePss, drop_all
 from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, empty_counters
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
+from memtrace.stacks.huge import ForcedChunks
 from memtrace.trace.events import EPOCH_MASK, ChunkMark, Drained, StackRecord
 from memtrace.trace.mallocevents import MallocRecord
 from memtrace.trace.ownmem import shed_compiler_memory
-from memtrace.trace.pagemap import scan_mechanism
+from memtrace.trace.pagemap import huge_page_size, scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
-from memtrace.trace.procfs import ProcFS, Vma, want_rss_stat_probe
+from memtrace.trace.procfs import PAGE_SIZE, ProcFS, Vma, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import debug, log
 
@@ -79,6 +80,7 @@ class Session:
         self._unwinder: Unwinder | None = None
         self._stacks: dict[int, StackTracker] = {}
         self._stack_epochs: dict[int, int] = {}
+        self._forced: ForcedChunks | None = None        # --stacks: huge pages (stacks/huge.py)
         self._pydetector: PyDetector | None = None     # --stacks: CPython targets
         self._profiles: dict[int, StackProfile] = {}   # last one of every process seen
         # pid -> (what its last profile was computed from, its summary)
@@ -200,6 +202,8 @@ class Session:
         st = self._stacks.pop(pid, None)
         if st is not None and st.python is not None:
             st.python.close()
+        if self._forced is not None:
+            self._forced.drop(pid)
         self._stack_epochs.pop(pid, None)
         self._profile_inputs.pop(pid, None)
         if self.malloc is not None:
@@ -418,6 +422,11 @@ class Session:
 
         self.stack_period = period
         self._unwinder = Unwinder(str(self.procfs.root))
+        self._forced = ForcedChunks(self._forget_huge_chunks, PAGE_SIZE, huge_page_size())
+
+    def _forget_huge_chunks(self, pid: int, keys: Iterable[tuple[int, int]]) -> None:
+        if self.probes is not None:
+            self.probes.forget_huge_chunks(pid, keys)
 
     def _add_stacks(self, snap: dict[str, Any], tracker: ProcessTracker,
                     records: list[StackRecord], marks: list[ChunkMark]) -> None:
@@ -439,6 +448,9 @@ class Session:
             self._check_python(st, tracker)
         records = [r for r in records if r.epoch == tracker.epoch]
         marks = [m for m in marks if m.epoch == tracker.epoch and m.faults]
+        if self._forced is not None:
+            self._forced.release(pid, tracker.epoch, tracker.space.chunks)
+            records = self._forced.weigh(pid, tracker.epoch, records, tracker.huge_at)
         # Nothing sampled, faulted or rescanned since the last profile (an idle
         # process): the last profile still holds; only its time moves.
         inputs = (id(tracker.space), tracker.space.version, tracker.epoch, tracker.exe,

@@ -5,7 +5,8 @@ Each sample is unwound when it arrives (its mapping may be gone later) and
 kept as the latest sample of its page: page -> (stack, weight). "Brought in"
 is never netted: per 2 MiB chunk of the address space, the weights of the
 samples in it are scaled to the chunk's exact fault count (BPF counts every
-fault per chunk) times the page size, so a path's brought-in bytes are exact
+fault per chunk) times the page size (a huge page's fault, always sampled:
+the huge page; stacks/huge.py), so a path's brought-in bytes are exact
 up to how the samples split the chunks it shares with other paths. "Held now"
 counts a sampled page only while the address-space model says it is resident,
 so munmap, MADV_DONTNEED/FREE, mremap away and the like net out with no
@@ -68,6 +69,8 @@ class StackTracker:
         # chunk -> (stack, mapping) -> sampled weight, and chunk -> exact faults
         self._chunk_weights: dict[int, dict[tuple[int, MappingKey], int]] = {}
         self._chunk_faults: dict[int, int] = {}
+        # chunk -> bytes its huge-page faults made resident beyond one page each
+        self._chunk_huge: dict[int, int] = {}
         self._gen = 0                   # profiles taken: pages sampled since are kept
         self._exe: bytes | None = None
         self.samples = 0
@@ -94,8 +97,11 @@ class StackTracker:
             sid = self._stacks.intern(stack)
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))
-            in_chunk = self._chunk_weights.setdefault(r.addr >> CHUNK_SHIFT, {})
+            chunk = r.addr >> CHUNK_SHIFT
+            in_chunk = self._chunk_weights.setdefault(chunk, {})
             in_chunk[key] = in_chunk.get(key, 0) + r.weight
+            if r.forced and r.weight > PAGE_SIZE:   # one fault, a huge page
+                self._chunk_huge[chunk] = self._chunk_huge.get(chunk, 0) + r.weight - PAGE_SIZE
             cell = self._brought.get(key)
             if cell is None:
                 self._brought[key] = [r.weight, 1]
@@ -124,6 +130,7 @@ class StackTracker:
         self._brought.clear()
         self._chunk_weights.clear()
         self._chunk_faults.clear()
+        self._chunk_huge.clear()
         self._exe = None
         self.samples = self.weight = self.samples_lost = 0
         if self.python is not None:
@@ -183,12 +190,14 @@ class StackTracker:
 
     def _brought_bytes(self) -> dict[tuple[int, MappingKey], int]:
         """Brought-in bytes per (stack, mapping): per chunk, the samples'
-        weights scaled to the chunk's exact faults x page size (the weights
-        as they are where no fault of the chunk was counted)."""
+        weights scaled to the chunk's exact faults x page size, plus what its
+        huge-page faults made resident beyond one page (the weights as they
+        are where no fault of the chunk was counted)."""
         out: dict[tuple[int, MappingKey], int] = {}
         for chunk, weights in self._chunk_weights.items():
             faults = self._chunk_faults.get(chunk, 0)
-            split = scale(weights, faults * PAGE_SIZE) if faults else weights
+            made = faults * PAGE_SIZE + self._chunk_huge.get(chunk, 0)
+            split = scale(weights, made) if faults else weights
             for key, nbytes in split.items():
                 out[key] = out.get(key, 0) + nbytes
         return out

@@ -221,9 +221,14 @@ class StackRecord:
     # address | 1 for an entry frame, prev_instr); only for registered processes
     py_frames: tuple[tuple[int, int], ...] = ()
     py_flags: int = 0    # PY_* below
+    # the first fault of a chunk in a process whose faults may map a huge page,
+    # sampled outside the countdown: user space sets its weight to what it made
+    # resident (a huge page or one page)
+    forced: bool = False
 
 
 STACK_FROM_KERNEL = 1   # mt_stack_sample.flags (MT_STACK_FROM_KERNEL)
+STACK_FORCED = 2        # mt_stack_sample.flags (MT_STACK_FORCED)
 PY_FRAMES = 32          # MT_PY_FRAMES
 PY_TRUNCATED = 1        # py_flags: more frames than PY_FRAMES
 PY_NO_THREAD = 2        # py_flags: no thread state of the faulting thread found
@@ -263,7 +268,8 @@ def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
     return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
                        weight=weight, stack=bytes(data[size:size + raw.len]),
                        epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL),
-                       py_frames=_py_frames(raw), py_flags=raw.py_flags)
+                       py_frames=_py_frames(raw), py_flags=raw.py_flags,
+                       forced=bool(raw.flags & STACK_FORCED))
 
 
 def decode_stack_sample_at(address: int, size: int, weight: int) -> StackRecord:
@@ -279,7 +285,7 @@ def decode_stack_sample_at(address: int, size: int, weight: int) -> StackRecord:
                        weight=weight, stack=ctypes.string_at(address + head, n),
                        epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL),
                        py_frames=_py_frames(raw) if raw.py_count else (),
-                       py_flags=raw.py_flags)
+                       py_flags=raw.py_flags, forced=bool(raw.flags & STACK_FORCED))
 
 
 @dataclass

@@ -25,6 +25,7 @@ from collections.abc import Callable
 PAGE_IS_FILE = 1 << 2
 PAGE_IS_PRESENT = 1 << 3
 PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
 
 
 class _PmScanArg(ctypes.Structure):
@@ -101,6 +102,16 @@ class PagemapScanner(_PagemapFile):
             return_mask=PAGE_IS_PRESENT | PAGE_IS_FILE)
         self.ioctls += ioctls
         return [(r_start, r_end, not (cats & PAGE_IS_FILE)) for r_start, r_end, cats in regions]
+
+    def huge(self, addr: int) -> bool:
+        """Whether a huge page (a PMD mapping) holds the page at addr."""
+        page = addr & ~4095
+        regions, ioctls = pagemap_scan(
+            self.fd, self.pid, self._arg, self._vec, page, page + 4096,
+            category_mask=PAGE_IS_PRESENT | PAGE_IS_PFNZERO, category_anyof_mask=0,
+            return_mask=PAGE_IS_HUGE)
+        self.ioctls += ioctls
+        return any(cats & PAGE_IS_HUGE for _, _, cats in regions)
 
 
 def pagemap_scan(fd: int, pid: int, arg: _PmScanArg, vec: ctypes.Array[_PageRegion],
@@ -292,6 +303,23 @@ class RawPagemapScanner(_PagemapFile):
                 self._scan_one(lo, hi, runs)
         return runs
 
+    def huge(self, addr: int) -> bool:
+        """Whether a transparent huge page holds the page at addr (its PFN's
+        KPF_THP in /proc/kpageflags; root only, else False)."""
+        try:
+            entry = int.from_bytes(os.pread(self.fd, 8, (addr >> 12) * 8), "little")
+            self.ioctls += 1
+            if not entry & PM_PRESENT or not entry & PM_PFN_MASK:
+                return False
+            fd = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                flags = int.from_bytes(os.pread(fd, 8, (entry & PM_PFN_MASK) * 8), "little")
+            finally:
+                os.close(fd)
+        except OSError:
+            return False
+        return bool(flags & KPF_THP)
+
     def _scan_one(self, start: int, end: int, runs: list[Run]) -> None:
         step = 512 * 64  # pages per read: 256 KiB of entries
         page = start >> 12
@@ -322,6 +350,28 @@ class RawPagemapScanner(_PagemapFile):
 
 
 Scanner = PagemapScanner | RawPagemapScanner
+THP_SYSFS = "/sys/kernel/mm/transparent_hugepage"
+
+
+def thp_mode(sysfs: str = THP_SYSFS) -> str:
+    """Transparent huge pages for anonymous memory: "always", "madvise" or
+    "never" (the bracketed word of `enabled`; "never" when absent)."""
+    try:
+        with open(f"{sysfs}/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "never"
+    start, end = text.find("["), text.find("]")
+    return text[start + 1:end] if 0 <= start < end else "never"
+
+
+def huge_page_size(sysfs: str = THP_SYSFS) -> int:
+    """Bytes of a PMD-mapped transparent huge page (2 MiB on x86-64)."""
+    try:
+        with open(f"{sysfs}/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return HPAGE_PAGES * 4096
 FORCE_FALLBACK_ENV = "MEMTRACE_NO_PAGEMAP_SCAN"
 _mechanism: str | None = None
 _zero_pfns: frozenset[int] | None = None

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -40,6 +41,7 @@ from memtrace.trace.mallocevents import (
     decode_malloc_sample,
 )
 from memtrace.trace.ownmem import shed_compiler_memory
+from memtrace.trace.pagemap import thp_mode
 from memtrace.trace.pyoffsets import PY311_X86_64
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
 from memtrace.util.log import debug, log
@@ -178,6 +180,10 @@ class Probes:
         self.stack_weight = 0
         self.stack_mechanism = ""
         self._python = False
+        self._stacks_on = stacks
+        # THP "always": every target's first fault in a chunk may map a huge
+        # page; "madvise": BPF flags a process when it asks for MADV_HUGEPAGE
+        self._huge_always = stacks and thp_mode() == "always"
         if stacks:
             if stack_period < 1:
                 raise MemtraceError("the stack sampling period must be at least 1 byte",
@@ -292,6 +298,9 @@ class Probes:
         self._credit[self._credit.Key(pid)] = self._credit.Leaf(EVENT_CREDIT)
         # the value is the process's epoch: its execs from now on, as stats.exec_gen
         self._targets[key] = self._targets.Leaf(0)
+        if self._huge_always:
+            table = self.bpf["huge_targets"]
+            table[table.Key(pid)] = table.Leaf(1)
         if self._malloc is not None:
             self._malloc.add(pid)
 
@@ -305,10 +314,26 @@ class Probes:
             with contextlib.suppress(KeyError):
                 del table[table.Key(pid)]
         self.set_python(pid, 0, 0)
+        if self._stacks_on:
+            table = self.bpf["huge_targets"]
+            with contextlib.suppress(KeyError):
+                del table[table.Key(pid)]
         for k, v in list(self._mm_owner.items()):
             if v.value == pid:
                 with contextlib.suppress(KeyError):
                     del self._mm_owner[k]
+
+    def forget_huge_chunks(self, pid: int, keys: Iterable[tuple[int, int]]) -> None:
+        """Let the next fault of these (epoch, chunk)s of pid be force-sampled
+        again (their pages are gone: a new huge page may come)."""
+        if not self._stacks_on:
+            return
+        table = self.bpf["huge_chunks"]
+        for epoch, chunk in keys:
+            key = table.Key()
+            key.tgid, key.epoch, key.chunk = pid, epoch & 0xFFFFFFFF, chunk
+            with contextlib.suppress(KeyError):
+                del table[key]
 
     @property
     def python_frames(self) -> bool:

@@ -115,6 +115,15 @@ class ProcessTracker:
             self._scanner.close()
             self._scanner = None
 
+    def huge_at(self, addr: int) -> bool:
+        """Whether a huge page holds the page at addr now."""
+        if self._scanner is None:
+            return False
+        try:
+            return self._scanner.huge(addr)
+        except OSError:
+            return False
+
     def _vmas_in(self, start: int, end: int) -> list[tuple[int, int, bytes]]:
         return [(v.start, v.end, v.path) for v in self.space.vmas_overlapping(start, end)]
 

@@ -15,6 +15,7 @@ from memtrace.trace.events import (
     PY_NO_THREAD,
     PY_READ,
     PY_TRUNCATED,
+    STACK_FORCED,
     STACK_FROM_KERNEL,
     RawStackHeader,
     RawStats,
@@ -65,6 +66,7 @@ def test_stack_constants_match_header():
     assert header_define("MT_STACK_GAPS") == GAP_TABLE_SIZE
     assert GAP_TABLE_SIZE & (GAP_TABLE_SIZE - 1) == 0   # BPF masks a random index
     assert header_define("MT_STACK_FROM_KERNEL") == STACK_FROM_KERNEL
+    assert header_define("MT_STACK_FORCED") == STACK_FORCED
     assert header_define("MT_PY_FRAMES") == PY_FRAMES
     assert header_define("MT_PY_TRUNCATED") == PY_TRUNCATED
     assert header_define("MT_PY_NO_THREAD") == PY_NO_THREAD
@@ -113,7 +115,13 @@ def test_decode_full_copy_and_kernel_flag():
     stack = bytes(i % 251 for i in range(copy))
     rec = decode_stack_sample(pack_sample(length=copy, stack=stack, flags=STACK_FROM_KERNEL), 7)
     assert rec.stack == stack and len(rec.stack) == copy
-    assert rec.from_kernel
+    assert rec.from_kernel and not rec.forced
+
+
+def test_decode_forced_flag_both_ways():
+    data = pack_sample(length=16, stack=bytes(16), flags=STACK_FORCED | STACK_FROM_KERNEL)
+    assert decode_stack_sample(data, 7).forced
+    assert decode_in_place(data).forced and decode_in_place(data).from_kernel
 
 
 def test_decode_unreadable_stack():

@@ -83,3 +83,16 @@ def test_unknown_pid():
 
 def test_scan_unsupported_is_oserror():
     assert issubclass(ScanUnsupported, OSError)
+
+
+def test_thp_mode_and_huge_page_size_from_sysfs(tmp_path):
+    from memtrace.trace.pagemap import huge_page_size, thp_mode
+
+    (tmp_path / "enabled").write_text("always [madvise] never\n")
+    (tmp_path / "hpage_pmd_size").write_text("2097152\n")
+    assert thp_mode(str(tmp_path)) == "madvise"
+    assert huge_page_size(str(tmp_path)) == 2 << 20
+    (tmp_path / "enabled").write_text("[always] madvise never\n")
+    assert thp_mode(str(tmp_path)) == "always"
+    assert thp_mode(str(tmp_path / "absent")) == "never"
+    assert huge_page_size(str(tmp_path / "absent")) == 2 << 20

@@ -14,7 +14,7 @@ from memtrace.trace.model import AddressSpace
 
 def _tracker() -> SimpleNamespace:
     return SimpleNamespace(pid=7, epoch=0, exe=b"/bin/app", comm="app", space=AddressSpace(),
-                           stats=SimpleNamespace(stacks_lost=0))
+                           stats=SimpleNamespace(stacks_lost=0), huge_at=lambda addr: False)
 
 
 def test_an_idle_process_keeps_its_profile_and_a_change_recomputes_it(world, monkeypatch):

@@ -275,3 +275,34 @@ def test_profile_follows_the_tracker_model_through_dontneed_and_munmap(world, tm
     brought = {(s.stack, s.mapping): s.brought_bytes for s in after.samples}
     assert brought[(PATH_A, "[anon]")] == len(a_pages) * 4 * P
     assert brought[(PATH_B, "[anon:arena]")] == 4 * P
+
+
+def test_a_huge_page_fault_brings_and_holds_its_huge_page(w):
+    """Path C's one fault mapped a huge page over A's first chunk (a forced
+    sample weighing 2 MiB, stacks/huge.py); path A faulted 256 pages of the
+    next chunk, sampled every 8 pages. Brought: the huge page is 512 pages,
+    not the one fault's page."""
+    from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
+
+    w.touch(A, 0, 768)
+    w.sync()
+    huge = StackRecord(PID, A.start + 5 * P, 3, 0, 0, 512 * P, b"", forced=True)
+    w.tracker.add([huge] + w.sample(1, A, range(512, 768, 8), 8 * P), w.vmas)
+    w.tracker.add_faults([ChunkMark(A.start >> CHUNK_SHIFT, 1, A.start + 5 * P),
+                          ChunkMark((A.start >> CHUNK_SHIFT) + 1, 256, A.start + 600 * P)])
+    p = w.profile()
+    assert by_stack(p, "brought_bytes") == {PATH_C: 512 * P, PATH_A: 256 * P}
+    assert by_stack(p, "held_bytes") == {PATH_C: 512 * P, PATH_A: 256 * P}
+    assert p.held_total() == w.space.totals().total
+
+
+def test_a_forced_sample_of_one_page_brings_one_page(w):
+    """A forced sample whose fault mapped one page weighs one page, exactly."""
+    from memtrace.trace.events import CHUNK_SHIFT, ChunkMark
+
+    w.touch(A, 0, 1)
+    w.sync()
+    one = StackRecord(PID, A.start, 3, 0, 0, P, b"", forced=True)
+    w.tracker.add([one], w.vmas)
+    w.tracker.add_faults([ChunkMark(A.start >> CHUNK_SHIFT, 1, A.start)])
+    assert by_stack(w.profile(), "brought_bytes") == {PATH_C: P}
