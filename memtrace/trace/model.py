@@ -144,6 +144,11 @@ class AddressSpace:
             i += 1
         return out
 
+    def vma_from(self, addr: int) -> Vma | None:
+        """The VMA holding addr, else the first one above it (None: neither)."""
+        i = bisect_right(self._ends, addr)
+        return self.vmas[i] if i < len(self.vmas) else None
+
     def vma_at(self, addr: int) -> Vma | None:
         i = bisect_right(self._ends, addr)
         if i < len(self.vmas) and self.vmas[i].start <= addr:

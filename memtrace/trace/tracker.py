@@ -29,6 +29,9 @@ NAMES_REFRESH_COST_FACTOR = 20
 # The main stack's VMA is among the last few of maps (above it: vvar, vdso,
 # vsyscall); only those are looked at for it every tick.
 STACK_NEAR_TOP = 16
+# Faults this far below the stack's end (1 GiB) are looked at for its growth
+# in one tick; mmap'd memory starts at least 128 MiB below the stack anyway.
+STACK_REACH_CHUNKS = 512
 
 
 @dataclass
@@ -304,10 +307,14 @@ class ProcessTracker:
         if stack is None:
             return False
         low = stack.start >> CHUNK_SHIFT
+        reach = low - STACK_REACH_CHUNKS
         for m in marks:
-            if not m.faults or m.chunk > low:
+            if not m.faults or m.chunk > low or m.chunk < reach:
                 continue
-            if m.chunk == low or not self.space.vmas_overlapping(m.last_addr, stack.start):
+            if m.chunk == low:
+                return True
+            above = self.space.vma_from(m.last_addr)     # no VMA between it and the stack?
+            if above is not None and above.start == stack.start > m.last_addr:
                 return True
         return False
 

@@ -157,6 +157,9 @@ def test_vma_lookup():
     assert s.vmas_overlapping(0x4000, 0x8000) == []
     assert s.vmas_overlapping(0, 1 << 48) == vs
     assert s.vmas_overlapping(0x9000, 0xA000) == []
+    assert s.vma_from(0) == vs[0] and s.vma_from(0x2FFF) == vs[0]
+    assert s.vma_from(0x4000) == vs[2] and s.vma_from(0x8FFF) == vs[2]
+    assert s.vma_from(0x9000) is None
 
 
 def test_vma_lookup_random_against_brute_force():

@@ -678,3 +678,17 @@ def test_names_checks_fall_back_to_maps_when_map_files_is_refused(world, monkeyp
     tr.update([], [], None, names_changed=True)
     assert tr.counters.maps_reads == reads + 1 and not tr._map_files_usable
 
+
+
+def test_fault_in_a_hole_with_a_vma_between_it_and_the_stack_reads_no_maps(world):
+    """A fault where no VMA is (a stray access) that the stack could not have
+    grown to: another VMA lies between it and the stack."""
+    p, m = standard_process(world)
+    tr = attach(world, p)
+    hole = m["vdso"].start - 0x300000 - 0x1000000         # below the stack, in no VMA
+    between = p.map(STACK_END - 0x800000, STACK_END - 0x7FF000)
+    p.sync()
+    tr.update([], [], bump(tr, layout_gen=1))
+    assert hole < between.start and tr.space.vma_at(hole) is None
+    tr.update([ChunkMark(hole >> CHUNK_SHIFT, 1, hole)], [], bump(tr))
+    assert tr.counters.maps_reads == 2
