@@ -7,7 +7,8 @@
  *
  * Its own BPF object (probes.py loads it next to memtrace.bpf.c), so that
  * --malloc costs the fault and syscall paths nothing.
- * Compile-time parameters (-D): MT_PAGE_SIZE, MT_MAX_TARGETS, MT_MALLOC_PAGES. */
+ * Compile-time parameters (-D): MT_PAGE_SIZE, MT_MAX_TARGETS, MT_MALLOC_PAGES,
+ * and MT_PY with CPython 3.11's offsets (bpf/pyframes.h) for Python frames. */
 #include <uapi/linux/ptrace.h>
 #include "malloc.h"
 
@@ -36,6 +37,13 @@ static __always_inline void count(u32 which)
 
 #include "stackcopy.h"
 
+#ifdef MT_PY
+/* A process whose CPython 3.11 frames are read at its samples (probes.py
+ * registers it in both BPF objects). */
+BPF_HASH(py_targets, u32, struct mt_py_target, MT_MAX_TARGETS);
+#include "pyframes.h"
+#endif
+
 /* memtrace_malloc_sampled(ptr, size, weight) */
 int on_malloc_sampled(struct pt_regs *ctx)
 {
@@ -60,6 +68,13 @@ int on_malloc_sampled(struct pt_regs *ctx)
     s->len = s->sp && cut ? copy_stack(&cut->end, &cut->tgid, tgid, s->stack, s->sp) : 0;
     if (!s->len)
         count(MT_MALLOC_UNREAD);
+    s->py_count = 0;
+    s->py_flags = 0;
+#ifdef MT_PY
+    struct mt_py_target *py = py_targets.lookup(&tgid);
+    if (py)
+        PY_WALK(s, py->runtime);
+#endif
     malloc_samples.ringbuf_submit(s, 0);
     return 0;
 }

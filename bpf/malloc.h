@@ -17,6 +17,11 @@ struct mt_malloc_sample {
     u64 ip;                         /* user registers at memtrace_malloc_sampled */
     u64 sp;
     u64 bp;
+    /* CPython 3.11 frames of the allocating thread, as in mt_stack_sample */
+    u32 py_count;
+    u32 py_flags;                   /* MT_PY_* */
+    u64 py_code[MT_PY_FRAMES];
+    u64 py_instr[MT_PY_FRAMES];
     u8 stack[MT_STACK_COPY];
 };
 

@@ -94,7 +94,7 @@ static __always_inline void py_frames(struct mt_stack_sample *s, u32 tgid, u32 e
 {
     struct mt_py_target *py = py_targets.lookup(&tgid);
     if (py && py->epoch == epoch)
-        py_walk(s, py->runtime);
+        PY_WALK(s, py->runtime);
 }
 #endif
 

@@ -4,8 +4,8 @@
  * structs that user space passes at compile time (-DMT_PY_*, from
  * memtrace/trace/pyoffsets.py): one layout, CPython 3.11's x86-64 release
  * builds. Without them (MT_PY undefined) nothing here is compiled. The map
- * py_targets is declared in memtrace.bpf.c (BCC rewrites map calls in its main
- * file only). */
+ * py_targets is declared in each main file (memtrace.bpf.c, malloc.bpf.c):
+ * BCC rewrites map calls in its main file only. */
 #ifndef MT_PYFRAMES_H
 #define MT_PYFRAMES_H
 
@@ -44,19 +44,24 @@ static __always_inline u64 py_thread_state(u64 runtime, u32 tid)
     return 0;
 }
 
-/* Fill s->py_* with the current thread's frames, _PyRuntime at `runtime`. */
-static __always_inline void py_walk(struct mt_stack_sample *s, u64 runtime)
+/* The current thread's frames, _PyRuntime at `runtime`, into a sample's
+ * py_count, py_flags, py_code[MT_PY_FRAMES] and py_instr[MT_PY_FRAMES] (a
+ * fault's mt_stack_sample or an allocation's mt_malloc_sample). */
+#define PY_WALK(s, runtime) \
+    py_walk(&(s)->py_count, &(s)->py_flags, (s)->py_code, (s)->py_instr, runtime)
+
+static __always_inline void py_walk(u32 *count, u32 *flags, u64 *codes, u64 *instrs, u64 runtime)
 {
     u64 ts = py_thread_state(runtime, (u32)bpf_get_current_pid_tgid());
     if (!ts) {
-        s->py_flags = MT_PY_NO_THREAD;
+        *flags = MT_PY_NO_THREAD;
         return;
     }
     u64 cframe = py_word(ts + MT_PY_TS_CFRAME);
     u64 f = cframe ? py_word(cframe + MT_PY_CFRAME_FRAME) : 0;
     u64 buf[MT_PY_FRAME_SPAN / 8];
     u32 n = 0;
-    s->py_flags = MT_PY_READ;
+    *flags = MT_PY_READ;
     for (int i = 0; i < MT_PY_FRAMES && f; i++) {
         if (bpf_probe_read_user(buf, sizeof(buf), (void *)(f + MT_PY_FRAME_LO)))
             break;
@@ -64,14 +69,14 @@ static __always_inline void py_walk(struct mt_stack_sample *s, u64 runtime)
         u8 entry = ((u8 *)buf)[MT_PY_FRAME_ENTRY - MT_PY_FRAME_LO];
         if (!code)
             break;
-        s->py_code[i] = code | (entry ? 1 : 0);
-        s->py_instr[i] = buf[(MT_PY_FRAME_INSTR - MT_PY_FRAME_LO) / 8];
+        codes[i] = code | (entry ? 1 : 0);
+        instrs[i] = buf[(MT_PY_FRAME_INSTR - MT_PY_FRAME_LO) / 8];
         n = i + 1;
         f = buf[(MT_PY_FRAME_PREVIOUS - MT_PY_FRAME_LO) / 8];
     }
     if (f && n == MT_PY_FRAMES)
-        s->py_flags |= MT_PY_TRUNCATED;
-    s->py_count = n;
+        *flags |= MT_PY_TRUNCATED;
+    *count = n;
 }
 
 #endif

@@ -33,6 +33,7 @@ from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import debug, log
 
 if TYPE_CHECKING:
+    from memtrace.malloc.outstanding import MallocTracker
     from memtrace.malloc.state import MallocState
     from memtrace.stacks.netting import StackTracker
     from memtrace.stacks.profile import StackProfile
@@ -81,7 +82,8 @@ class Session:
         self._stacks: dict[int, StackTracker] = {}
         self._stack_epochs: dict[int, int] = {}
         self._forced: ForcedChunks | None = None        # --stacks: huge pages (stacks/huge.py)
-        self._pydetector: PyDetector | None = None     # --stacks: CPython targets
+        self._pydetector: PyDetector | None = None     # --stacks, --malloc: CPython targets
+        self._python_said: dict[int, set[str]] = {}     # why not, said once per process
         self._profiles: dict[int, StackProfile] = {}   # last one of every process seen
         # pid -> (what its last profile was computed from, its summary)
         self._profile_inputs: dict[int, tuple[tuple[object, ...], dict[str, Any]]] = {}
@@ -205,6 +207,7 @@ class Session:
         if self._forced is not None:
             self._forced.drop(pid)
         self._stack_epochs.pop(pid, None)
+        self._python_said.pop(pid, None)
         self._profile_inputs.pop(pid, None)
         if self.malloc is not None:
             self.malloc.forget(pid)
@@ -445,7 +448,7 @@ class Session:
             st.forget_exec()          # a new image: its stacks start again
         self._stack_epochs[pid] = tracker.epoch
         if st.python_epoch != tracker.epoch:
-            self._check_python(st, tracker)
+            self._check_python(st, tracker.epoch, tracker.space.vmas)
         records = [r for r in records if r.epoch == tracker.epoch]
         marks = [m for m in marks if m.epoch == tracker.epoch and m.faults]
         if self._forced is not None:
@@ -478,26 +481,29 @@ class Session:
         if self.reporter.wants_stack_profiles:
             self.reporter.stack_profile(self._profiles[pid])
 
-    def _check_python(self, st: StackTracker, tracker: ProcessTracker) -> None:
+    def _check_python(self, st: StackTracker | MallocTracker, epoch: int,
+                      vmas: Sequence[Vma]) -> None:
         """Read the CPython frames of a process running CPython 3.11 at its
-        samples (docs/stacks.md, "Python"); say once why not for another
-        CPython. A process with no CPython mapped is checked again next tick
-        (libpython may be loaded later)."""
+        samples (--stacks) or sampled allocations (--malloc) (docs/stacks.md,
+        "Python"); say once why not for another CPython. A process with no
+        CPython mapped is checked again next tick (libpython may be loaded later)."""
         from memtrace.stacks.python import PyResolver
 
-        found = self._find_python(st.pid, tracker.epoch, tracker.space.vmas)
+        found = self._find_python(st.pid, epoch, vmas)
         if found is None:
-            st.python_epoch = tracker.epoch
+            st.python_epoch = epoch
             return
         if found.offsets is not None:
             st.python = PyResolver(st.pid, found.offsets, str(self.procfs.root))
             debug(f"pid {st.pid}: {found.version} ({found.path}): Python frames, "
                   f"_PyRuntime at {found.runtime:#x}")
         elif found.reason is not None:
-            log(f"pid {st.pid}: no Python frames: {found.reason}")
+            if found.reason not in self._python_said.setdefault(st.pid, set()):
+                self._python_said[st.pid].add(found.reason)
+                log(f"pid {st.pid}: no Python frames: {found.reason}")
         else:
             return
-        st.python_epoch = tracker.epoch
+        st.python_epoch = epoch
 
     def _find_python(self, pid: int, epoch: int, vmas: Sequence[Vma]) -> PyCheck | None:
         """Check pid's image for CPython and register a 3.11 one with BPF;
@@ -517,7 +523,7 @@ class Session:
         """`run`: register the command's CPython as soon as its exec is done
         (BPF counted it), before its first line of Python runs; the tick's
         check would come after a short script has finished."""
-        if self._unwinder is None or self.probes is None or not self.probes.python_frames:
+        if self.probes is None or not self.probes.python_frames:
             return
         deadline = time.monotonic() + timeout
         while (gen := read_stats_of(self.probes, pid).exec_gen) == 0:
@@ -542,7 +548,8 @@ class Session:
         from memtrace.stacks.unwind import Unwinder
 
         self._malloc_shim = shim
-        self.malloc = MallocState(period, self._unwinder or Unwinder(str(self.procfs.root)))
+        self.malloc = MallocState(period, self._unwinder or Unwinder(str(self.procfs.root)),
+                                  check_python=self._check_python)
 
     def _add_malloc(self, snap: dict[str, Any], tracker: ProcessTracker,
                     records: list[MallocRecord], counts: dict[str, int]) -> None:

@@ -20,8 +20,10 @@ from typing import Any
 
 from memtrace.malloc.leaks import LEAK_INTERVALS, Leak
 from memtrace.stacks.profile import Stack, StackIds, StackProfile, StackSample
+from memtrace.stacks.python import PyResolver, merge
 from memtrace.stacks.summary import FRAMES_MAX, frame_text
 from memtrace.stacks.unwind import Unwinder
+from memtrace.trace.events import PY_TRUNCATED
 from memtrace.trace.mallocevents import MallocRecord
 from memtrace.trace.procfs import Vma
 
@@ -46,6 +48,9 @@ class MallocTracker:
     def __init__(self, pid: int, unwinder: Unwinder) -> None:
         self.pid = pid
         self.unwinder = unwinder
+        # CPython frames (stacks/python.py), as StackTracker keeps them
+        self.python: PyResolver | None = None
+        self.python_epoch: int | None = None
         self._reset()
 
     def _reset(self) -> None:
@@ -71,7 +76,11 @@ class MallocTracker:
         for r in records:
             if not r.freed:
                 assert stacks is not None
-                sid = self._stacks.intern(trim_sampler(next(stacks)))
+                stack = trim_sampler(next(stacks))
+                if r.py_frames and self.python is not None:
+                    stack = merge(stack, self.python.groups(
+                        r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED)))
+                sid = self._stacks.intern(stack)
                 if r.untracked:
                     self.alloc_untracked(sid, r.weight)
                 else:
@@ -117,6 +126,13 @@ class MallocTracker:
     def forget_exec(self) -> None:
         """A new program image: nothing sampled before applies to it."""
         self._reset()
+        self.close_python()
+
+    def close_python(self) -> None:
+        if self.python is not None:
+            self.python.close()
+        self.python = None
+        self.python_epoch = None
 
     def profile(self, comm: str, ts: float, period: int, lost: int = 0) -> StackProfile:
         """held_bytes: outstanding now; brought_bytes: allocated since attach."""

@@ -4,7 +4,7 @@ end (docs/malloc.md)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from memtrace.malloc.leaks import LeakDetector
@@ -16,9 +16,13 @@ from memtrace.trace.procfs import Vma
 
 
 class MallocState:
-    def __init__(self, period: int, unwinder: Unwinder) -> None:
+    def __init__(self, period: int, unwinder: Unwinder,
+                 check_python: Callable[[MallocTracker, int, Sequence[Vma]], None] | None = None
+                 ) -> None:
         self.period = period
         self.unwinder = unwinder
+        # sets a tracker's CPython resolver for its image (the session's check)
+        self.check_python = check_python
         self._trackers: dict[int, MallocTracker] = {}
         self._detectors: dict[int, LeakDetector] = {}
         self._epochs: dict[int, int] = {}
@@ -40,6 +44,8 @@ class MallocState:
             detector.clear()
             records = []
         self._epochs[pid] = epoch
+        if self.check_python is not None and tracker.python_epoch != epoch:
+            self.check_python(tracker, epoch, vmas)
         tracker.add(records, vmas)
         profile = tracker.profile(comm, ts, self.period, lost)
         detector.observe(ts, tracker.outstanding())
@@ -49,7 +55,9 @@ class MallocState:
 
     def forget(self, pid: int) -> None:
         """A process detached: its figures stay in profiles and summaries."""
-        self._trackers.pop(pid, None)
+        tracker = self._trackers.pop(pid, None)
+        if tracker is not None:
+            tracker.close_python()
         self._detectors.pop(pid, None)
         self._epochs.pop(pid, None)
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import ctypes
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from memtrace.trace.mallocevents import MallocRecord
 from memtrace.util.units import fmt_bytes
+
+if TYPE_CHECKING:
+    from memtrace.trace.mallocevents import MallocRecord
 
 CHUNK_SHIFT = 21
 CHUNK_SIZE = 1 << CHUNK_SHIFT

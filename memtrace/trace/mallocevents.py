@@ -6,6 +6,8 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass
 
+from memtrace.trace.events import PY_FRAMES
+
 MALLOC_COUNTS = ("lost", "frees_lost", "unread")   # enum mt_malloc_count, in order
 # A weight with this bit set: the sampler had no room to remember the pointer
 # (memtrace/malloc/shim.c, MT_UNTRACKED), so its free will not be reported.
@@ -28,6 +30,9 @@ class MallocRecord:
     sp: int = 0
     bp: int = 0
     stack: bytes = b""   # user memory [sp, sp + len(stack)); may be short
+    # CPython frames of the allocating thread, innermost first, as StackRecord's
+    py_frames: tuple[tuple[int, int], ...] = ()
+    py_flags: int = 0
 
 
 class RawMallocHeader(ctypes.Structure):
@@ -43,6 +48,10 @@ class RawMallocHeader(ctypes.Structure):
         ("ip", ctypes.c_uint64),
         ("sp", ctypes.c_uint64),
         ("bp", ctypes.c_uint64),
+        ("py_count", ctypes.c_uint32),
+        ("py_flags", ctypes.c_uint32),
+        ("py_code", ctypes.c_uint64 * PY_FRAMES),
+        ("py_instr", ctypes.c_uint64 * PY_FRAMES),
     ]
 
 
@@ -71,9 +80,12 @@ def decode_malloc_sample(data: bytes | int, size: int | None = None) -> MallocRe
     else:
         raw = RawMallocHeader.from_buffer_copy(data[:_HEADER])
         stack = bytes(data[_HEADER:_HEADER + raw.len])
+    n_py = min(raw.py_count, PY_FRAMES)
     return MallocRecord(tgid=raw.tgid, ts=raw.ts, ptr=raw.ptr, size=raw.size,
                         weight=raw.weight & ~UNTRACKED, untracked=bool(raw.weight & UNTRACKED),
-                        ip=raw.ip, sp=raw.sp, bp=raw.bp, stack=stack)
+                        ip=raw.ip, sp=raw.sp, bp=raw.bp, stack=stack,
+                        py_frames=tuple(zip(raw.py_code[:n_py], raw.py_instr[:n_py])),
+                        py_flags=raw.py_flags)
 
 
 def decode_malloc_free(data: bytes | int, size: int | None = None) -> MallocRecord:

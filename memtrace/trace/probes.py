@@ -192,6 +192,9 @@ class Probes:
             if os.uname().machine == "x86_64":
                 cflags += PY311_X86_64.bpf_defines()     # CPython 3.11 frames
                 self._python = True
+        self._python_in_stacks = self._python
+        if malloc_shim is not None and os.uname().machine == "x86_64":
+            self._python = True         # --malloc reads them too (its own object)
             if _kernel_user_regs(bcc):
                 cflags.append("-DMT_STACKS_KERNEL")
                 self.stack_mechanism = "user and kernel-mode faults"
@@ -246,7 +249,7 @@ class Probes:
             self._start_stacks(stack_period)
         self._malloc: _MallocProbes | None = None
         if malloc_shim is not None:
-            self._malloc = _MallocProbes(bcc, src, malloc_shim)
+            self._malloc = _MallocProbes(bcc, src, malloc_shim, python=self._python)
 
     def _start_stacks(self, period: int) -> None:
         """Fill the gap table BPF draws from, and collect the sampled stacks."""
@@ -337,7 +340,7 @@ class Probes:
 
     @property
     def python_frames(self) -> bool:
-        """Whether the program reads CPython 3.11 frames at samples (--stacks, x86-64)."""
+        """Whether CPython 3.11 frames are read at samples (--stacks, --malloc; x86-64)."""
         return self._python
 
     def set_python(self, pid: int, epoch: int, runtime: int) -> None:
@@ -345,15 +348,18 @@ class Probes:
         with _PyRuntime at `runtime` (0: stop reading them)."""
         if not self.python_frames:
             return
-        table = self.bpf["py_targets"]
-        if not runtime:
-            with contextlib.suppress(KeyError):
-                del table[table.Key(pid)]
-            return
-        leaf = table.Leaf()
-        leaf.runtime = runtime
-        leaf.epoch = epoch & 0xFFFFFFFF
-        table[table.Key(pid)] = leaf
+        tables = [self.bpf["py_targets"]] if self._python_in_stacks else []
+        if self._malloc is not None and self._malloc.python:
+            tables.append(self._malloc.bpf["py_targets"])
+        for table in tables:
+            if not runtime:
+                with contextlib.suppress(KeyError):
+                    del table[table.Key(pid)]
+                continue
+            leaf = table.Leaf()
+            leaf.runtime = runtime
+            leaf.epoch = epoch & 0xFFFFFFFF
+            table[table.Key(pid)] = leaf
 
     def _swap(self) -> None:
         """Start a new drain generation and collect the old one into the carry.
@@ -448,10 +454,13 @@ class _MallocProbes:
     uprobes on the preloaded sampler's two probed functions; a reader thread
     empties its rings as they fill (a burst of samples between two drains)."""
 
-    def __init__(self, bcc: Any, src: Path, shim: str) -> None:
+    def __init__(self, bcc: Any, src: Path, shim: str, python: bool = False) -> None:
         cflags = [f"-I{src}", f"-DMT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
                   f"-DMT_MAX_TARGETS={MAX_TARGETS}", f"-DMT_MALLOC_PAGES={MALLOC_PAGES}",
                   "-Wno-macro-redefined"]
+        self.python = python
+        if python:
+            cflags += PY311_X86_64.bpf_defines()         # CPython 3.11 frames
         try:
             self.bpf = bcc.BPF(src_file=str(src / "malloc.bpf.c").encode(), cflags=cflags)
             for sym, fn in ((b"memtrace_malloc_sampled", b"on_malloc_sampled"),

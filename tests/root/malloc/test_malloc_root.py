@@ -118,3 +118,35 @@ def test_samples_the_sampler_cannot_remember_are_counted(tmp_path: Path):
     assert last["samples"] + last["lost"] >= 200_000, last
     assert last["outstanding_bytes"] < last["allocated_bytes"]
     assert f"{last['untracked']} samples not tracked" in r.stderr, r.stderr[-2000:]
+
+
+PYTHON = Path("/usr/bin/python3.11")
+
+
+@pytest.mark.skipif(not PYTHON.exists(), reason=f"{PYTHON} is absent (Debian 12's CPython 3.11)")
+def test_python_frames_name_the_leaking_python_function(tmp_path: Path):
+    """--malloc on CPython 3.11: the sampled allocations carry the Python
+    frames of the allocating thread, merged into the native stack as
+    --stacks does; the leak names leak_py, and its bytes are the kept ones."""
+    r = subprocess.run(
+        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
+         "--malloc-period", "16K", "--", str(PYTHON),
+         str(REPO_ROOT / "tests" / "workloads" / "pymalloc.py"), "60"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    leaked = int(re.search(r"leaked (\d+)", r.stdout).group(1))     # type: ignore[union-attr]
+    snaps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    last = [s for s in snaps if "summary" not in s and "malloc" in s][-1]["malloc"]
+
+    def held_by(function: str) -> int:
+        return sum(s["bytes"] for s in last["outstanding"]
+                   if any(f.startswith(f"{function} (pymalloc.py:") and f.endswith("[py]")
+                          for f in s["frames"]))
+
+    # each 256 KiB block is sampled at a 16 KiB period (chance 1 - e^-16)
+    assert held_by("leak_py") == pytest.approx(leaked, rel=0.02), last["outstanding"]
+    # none of churn_py's blocks is outstanding (what the interpreter itself
+    # keeps from inside it, ~20 KB of caches, may be)
+    assert held_by("churn_py") < 256 << 10, last["outstanding"]
+    assert "leak_py (pymalloc.py:" in r.stderr, r.stderr[-2000:]

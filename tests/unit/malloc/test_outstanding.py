@@ -204,3 +204,48 @@ def test_an_untracked_sample_counts_allocated_not_outstanding_and_is_said():
     tracked = MallocState(512, FakeUnwinder({1: A}))   # type: ignore[arg-type]
     tracked.update(1, 0, [_alloc(6, 0x60, 400, 1)], [], "prog", 1.0, 0)
     assert "not tracked" not in leak_report(tracked.summaries)[0]
+
+
+def test_sample_header_mirrors_malloc_h():
+    """RawMallocHeader is struct mt_malloc_sample up to its stack bytes."""
+    import re
+    from pathlib import Path
+
+    from memtrace.trace.events import PY_FRAMES
+
+    text = (Path(__file__).parents[3] / "bpf" / "malloc.h").read_text()
+    body = re.search(r"struct mt_malloc_sample \{(.*?)\};", text, re.S)
+    assert body
+    fields = [(m.group(2), m.group(1), m.group(3)) for m in
+              re.finditer(r"^\s*(u64|u32)\s+(\w+)(?:\[(\w+)\])?;", body.group(1), re.M)]
+    ctype = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32}
+    lengths = {"MT_PY_FRAMES": PY_FRAMES}
+    expected = [(n, ctype[t] if k is None else ctype[t] * lengths[k]) for n, t, k in fields]
+    assert [(n, t) for n, t in RawMallocHeader._fields_] == expected
+
+
+def test_python_frames_decode_and_merge_into_the_allocating_stack():
+    from memtrace.stacks.python import EVAL_FRAME
+
+    head = RawMallocHeader(tgid=7, len=0, ts=5, ptr=0x1234, size=100, weight=600, ip=3)
+    head.py_count, head.py_flags = 2, 4
+    head.py_code[0], head.py_instr[0] = 0xC0DE | 1, 0x10
+    head.py_code[1], head.py_instr[1] = 0xC0DF, 0x20
+    rec = decode_malloc_sample(bytes(head))
+    assert rec.py_frames == ((0xC0DE | 1, 0x10), (0xC0DF, 0x20)) and rec.py_flags == 4
+
+    class Resolver:
+        def groups(self, frames, truncated=False):
+            assert frames == rec.py_frames and not truncated
+            return [[Frame(0, "leak_py (app.py:3) [py]", "app.py")]]
+
+        def close(self) -> None:
+            pass
+
+    native = _stack("memtrace_malloc_sampled", "malloc", "PyBytes_New", EVAL_FRAME, "main")
+    t = MallocTracker(1, FakeUnwinder({3: native}))   # type: ignore[arg-type]
+    t.python = Resolver()                              # type: ignore[assignment]
+    t.add([rec], [])
+    (sid,) = t.outstanding()
+    assert [f.function for f in t.stack(sid).frames] == [
+        "malloc", "PyBytes_New", "leak_py (app.py:3) [py]", EVAL_FRAME, "main"]
