@@ -686,12 +686,15 @@ TRACEPOINT_PROBE(syscalls, sys_exit_renameat2) { return names_changed(args->ret)
  * collapse, zero range) of a file it maps drops those pages from its page
  * tables with no fault and no address-space call, and its rss_stat updates
  * are its own: counted, for user space to rescan its file mappings. */
+static __always_inline struct mt_stats *own_stats(void)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    return stats.lookup(&tgid);         /* NULL: not a watched process */
+}
+
 static __always_inline int file_cut(long ret)
 {
-    if (ret != 0)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct mt_stats *st = stats.lookup(&tgid);
+    struct mt_stats *st = ret == 0 ? own_stats() : NULL;
     if (st)
         __sync_fetch_and_add(&st->file_cuts, 1);
     return 0;
@@ -707,10 +710,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_fallocate) { return file_cut(args->ret); }
 #define MT_CLONE_VM 0x00000100ULL
 static __always_inline int count_fork(u64 clone_flags)
 {
-    if (clone_flags & MT_CLONE_VM)
-        return 0;
-    u32 tgid = bpf_get_current_pid_tgid() >> 32;
-    struct mt_stats *st = stats.lookup(&tgid);
+    struct mt_stats *st = clone_flags & MT_CLONE_VM ? NULL : own_stats();
     if (st)
         __sync_fetch_and_add(&st->forks, 1);
     return 0;
