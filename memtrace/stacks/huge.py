@@ -28,7 +28,6 @@ class ForcedChunks:
         self.page_size = page_size
         self.huge_size = huge_size
         self._chunks: dict[int, set[tuple[int, int]]] = {}    # pid -> {(epoch, chunk)}
-        self.huge_samples = 0
 
     def weigh(self, pid: int, epoch: int, records: list[StackRecord],
               huge_at: Callable[[int], bool]) -> list[StackRecord]:
@@ -40,9 +39,8 @@ class ForcedChunks:
         out = []
         for r in records:
             if r.forced:
-                huge = huge_at(r.addr)
-                self.huge_samples += huge
-                r = dataclasses.replace(r, weight=self.huge_size if huge else self.page_size)
+                weight = self.huge_size if huge_at(r.addr) else self.page_size
+                r = dataclasses.replace(r, weight=weight)
                 chunks.add((epoch, r.addr >> CHUNK_SHIFT))
             out.append(r)
         return out

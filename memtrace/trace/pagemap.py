@@ -232,13 +232,18 @@ def _pfn_of_own_page(addr: int) -> int:
     return entry & PM_PFN_MASK if entry & PM_PRESENT else 0
 
 
-def _is_zero_pfn(pfn: int) -> bool:
+def _page_flags(pfn: int) -> int:
+    """The page's /proc/kpageflags word (root only; 0 when unreadable)."""
     try:
         with open("/proc/kpageflags", "rb") as f:
             f.seek(pfn * 8)
-            return bool(int.from_bytes(f.read(8), "little") & KPF_ZERO_PAGE)
+            return int.from_bytes(f.read(8), "little")
     except OSError:
-        return False
+        return 0
+
+
+def _is_zero_pfn(pfn: int) -> bool:
+    return bool(_page_flags(pfn) & KPF_ZERO_PAGE)
 
 
 def learn_zero_pfns() -> frozenset[int]:
@@ -308,17 +313,11 @@ class RawPagemapScanner(_PagemapFile):
         KPF_THP in /proc/kpageflags; root only, else False)."""
         try:
             entry = int.from_bytes(os.pread(self.fd, 8, (addr >> 12) * 8), "little")
-            self.ioctls += 1
-            if not entry & PM_PRESENT or not entry & PM_PFN_MASK:
-                return False
-            fd = os.open("/proc/kpageflags", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                flags = int.from_bytes(os.pread(fd, 8, (entry & PM_PFN_MASK) * 8), "little")
-            finally:
-                os.close(fd)
         except OSError:
             return False
-        return bool(flags & KPF_THP)
+        self.ioctls += 1
+        pfn = entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+        return bool(pfn and _page_flags(pfn) & KPF_THP)
 
     def _scan_one(self, start: int, end: int, runs: list[Run]) -> None:
         step = 512 * 64  # pages per read: 256 KiB of entries
