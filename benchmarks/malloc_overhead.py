@@ -8,6 +8,8 @@ malloc+free pair; every mode below runs the same binary:
   shim           the --malloc sampler preloaded (LD_PRELOAD), no memtrace, no probes
   run            memtrace run (no --malloc)
   run --malloc   memtrace run --malloc: the sampler, its uprobes, the unwinding
+  watch --malloc memtrace watch --malloc PID, attached while the loop waits: the
+                 sampler put into the running loop (ptrace, dlopen, GOT slots)
   memleak        bcc's memleak-bpfcc -p PID (uprobes on every libc allocation
                  call and free), attached while the loop waits
   uprobe ...     an empty BPF program on libc's malloc entry (push: emulated),
@@ -22,6 +24,7 @@ Run as root: sudo .venv/bin/python benchmarks/malloc_overhead.py
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -64,10 +67,32 @@ def memtrace_run(loop: Path, steps: int, malloc: bool) -> float:
     r = subprocess.run([str(DEFAULT_MEMTRACE), "run", *QUIET, *fmt, *extra, "--", str(loop),
                         str(steps), "0", TOUCH], capture_output=True, text=True, check=True)
     if malloc:
-        last = [line for line in r.stdout.splitlines() if '"malloc"' in line][-1]
-        m = re.search(r'"samples":\s*(\d+),\s*"frees":\s*\d+,\s*"lost":\s*(\d+)', last)
-        SAMPLES.append(f"{m.group(1)} sampled, {m.group(2)} lost" if m else "?")
+        snaps = [json.loads(line) for line in r.stdout.splitlines() if '"malloc"' in line]
+        last = [s["malloc"] for s in snaps if "malloc" in s][-1]
+        SAMPLES.append(f"{last['samples']} sampled, {last['lost']} lost")
     return _ns(r.stdout)
+
+
+def memtrace_watch(loop: Path, steps: int, delay: float) -> float:
+    """watch --malloc PID on the loop while it waits `delay` s; a run whose
+    sampler was not in place before the loop started is an error."""
+    p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE)
+    started = time.monotonic()
+    w = spawn([str(DEFAULT_MEMTRACE), "watch", *QUIET, "--malloc", "--malloc-period",
+               str(PERIOD), str(p.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        out, _ = p.communicate(timeout=3600)
+    finally:
+        kill(w, term_first=True)
+        kill(p)
+    err = w.stderr.read().decode() if w.stderr else ""
+    m = re.search(r"sampler loaded into pid \d+: .*held ([0-9.]+) ms", err)
+    if not m:
+        raise RuntimeError(f"watch --malloc did not load its sampler: {err[-500:]!r}")
+    SAMPLES.append(f"watch: one thread held {m.group(1)} ms")
+    if time.monotonic() - started < delay:
+        raise RuntimeError("the loop ended before its delay")
+    return _ns(out.decode())
 
 
 def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
@@ -121,6 +146,7 @@ def main() -> None:
         "shim (LD_PRELOAD only)": lambda: bare(loop, args.steps, shim_env),
         "memtrace run": lambda: memtrace_run(loop, args.steps, False),
         "memtrace run --malloc": lambda: memtrace_run(loop, args.steps, True),
+        "memtrace watch --malloc": lambda: memtrace_watch(loop, args.steps, args.delay),
         "uprobe malloc+0, free+9 (emulated push)": lambda: attached(
             loop, args.slow_steps, args.delay / 3, None, [("malloc", 0), ("free", 9)]),
         "uprobe malloc+0, free+0 (free single-stepped)": lambda: attached(

@@ -28,6 +28,7 @@ class ExitCode(enum.IntEnum):
     NO_COMPILER = 15
     RECORDING_UNREADABLE = 16
     BUDGET_EXCEEDED = 17
+    MALLOC_INJECT = 18
 
     @property
     def description(self) -> str:
@@ -55,6 +56,7 @@ DESCRIPTIONS = {
     ExitCode.NO_COMPILER: "no C compiler to build the --malloc sampler",
     ExitCode.RECORDING_UNREADABLE: "recording unreadable, cut short or corrupt",
     ExitCode.BUDGET_EXCEEDED: "memory budget exceeded",
+    ExitCode.MALLOC_INJECT: "watch --malloc: the sampler could not be loaded",
 }
 
 

@@ -165,9 +165,9 @@ class Session:
         self._add_heap(snap, tracker)
         self._add_pss(snap, tracker)
         self._add_stacks(snap, tracker, [], [])
-        self._add_malloc(snap, tracker, [], {})
         self._libevents[pid] = LibraryEvents()
         self._library_events(pid, snap, tracker.space.vmas)
+        self._add_malloc(snap, tracker, [], {})
         self._builders[pid].stamp(snap)
         self._snapshots[pid] = snap
         self._attach_seconds[pid] = time.time() - tracker.attached_at
@@ -268,8 +268,8 @@ class Session:
             self._add_pss(snap, tracker)
             self._add_stacks(snap, tracker, drained.stacks.get(pid, []),
                               drained.chunks.get(pid, []))
-            self._add_malloc(snap, tracker, drained.malloc.get(pid, []), drained.malloc_counts)
             self._library_events(pid, snap, tracker.space.vmas)
+            self._add_malloc(snap, tracker, drained.malloc.get(pid, []), drained.malloc_counts)
             self._builders[pid].stamp(snap)
             self._snapshots[pid] = snap
             self.reporter.snapshot(snap)
@@ -557,6 +557,7 @@ class Session:
             snap["malloc"] = self.malloc.update(
                 tracker.pid, tracker.epoch, records, tracker.space.vmas, tracker.comm,
                 snap["ts"], counts.get("lost", 0) + counts.get("frees_lost", 0))
+            self.malloc.libraries_loaded(tracker.pid, snap["library_events"])   # watch
 
     def close(self) -> None:
         if self.heap is not None:
@@ -564,6 +565,8 @@ class Session:
         if self.pss is not None:
             self.pss.close()
             self.pss = None
+        if self.malloc is not None:
+            self.malloc.close()         # watch --malloc: glibc's functions back
         for pid in list(self.trackers):
             tracker = self.trackers.pop(pid)
             tracker.close()

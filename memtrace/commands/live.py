@@ -19,6 +19,7 @@ from memtrace.util.log import log
 from memtrace.views.summary import render_summary
 
 if TYPE_CHECKING:
+    from memtrace.commands.options import MallocOptions
     from memtrace.stacks.profile import StackProfile
 
 
@@ -219,12 +220,24 @@ def _write(path: str, data: bytes) -> str:
 
 
 def close_live(session: Session, server: MetricsServer | None,
-               stacks_output: str | None) -> None:
+               stacks_output: str | None, malloc_opts: MallocOptions | None = None) -> None:
     """The end of watch and agent: stop serving, detach, then write the stack
-    profiles if --stacks-output asked for them."""
+    profiles if --stacks-output asked for them, and --malloc's report."""
     if server:
         server.close()
     session.close()
     if stacks_output is not None:
         write_stack_outputs(session.stack_profiles(), stacks_output)
+    if malloc_opts is not None and session.malloc is not None:
+        report_malloc(session, malloc_opts)
+
+
+def report_malloc(session: Session, opts: MallocOptions) -> None:
+    """--malloc at the end of run and watch: the leak report on stderr, the files."""
+    from memtrace.malloc.state import leak_report
+
+    assert session.malloc is not None
+    for line in leak_report(session.malloc.summaries):
+        log(line)
+    write_malloc_outputs(session.malloc.profiles, opts.output)
 

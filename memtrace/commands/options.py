@@ -18,7 +18,8 @@ from memtrace.exporter.web import DEFAULT_LISTEN, listen_problem
 from memtrace.stacks.summary import STACKS_TOP
 
 # The codes on each line of the epilog (a `\b` paragraph: click keeps its lines).
-EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,), (15,), (16, 17))
+EXIT_CODE_LINES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9), (10, 11, 12), (13,), (14,), (15,), (16, 17),
+                   (18,))
 EXIT_CODES_HELP = "\b\nExit codes: " + ";\n".join(
     "; ".join(f"{c} {ExitCode(c).description}" for c in line) for line in EXIT_CODE_LINES
 ) + """.
@@ -349,7 +350,7 @@ def stacks_options(f: Any) -> Any:
 
 
 
-# ---- --malloc (run; watch refuses it; docs/malloc.md): one `malloc_opts`.
+# ---- --malloc (run, watch; docs/malloc.md): one `malloc_opts`.
 
 DEFAULT_MALLOC_PERIOD = 512 * 1024
 
@@ -370,9 +371,11 @@ def malloc_options(f: Any) -> Any:
                      help="Sample allocations by bytes (malloc, calloc, realloc, "
                      "memalign...) and net them against their frees: each snapshot names "
                      "the stacks whose allocations are still outstanding, and a leak report "
-                     "the stacks whose outstanding bytes keep growing. `run` only: a sampler "
-                     "is preloaded into the command (built with the C compiler at first "
-                     "use; docs/malloc.md)."),
+                     "the stacks whose outstanding bytes keep growing. A sampler (built with "
+                     "the C compiler at first use) is preloaded into run's command; watch "
+                     "loads it into the running process, one thread stopped for a few "
+                     "ms (ptrace), and gives glibc's functions back at exit "
+                     "(docs/malloc.md)."),
         click.option("--malloc-period", type=Size(),
                      default=f"{DEFAULT_MALLOC_PERIOD // 1024}K", show_default=True,
                      help="With --malloc: mean bytes allocated between two samples "

@@ -21,8 +21,8 @@ from memtrace.commands.live import (
     bind_metrics,
     listen_address_given,
     make_reporter,
+    report_malloc,
     serve_metrics,
-    write_malloc_outputs,
     write_stack_outputs,
 )
 from memtrace.commands.options import (
@@ -174,16 +174,6 @@ def _wake_on_exit(pid: int, stop: threading.Event) -> list[float]:
     return exited
 
 
-def _report_malloc(session: Session, opts: MallocOptions) -> None:
-    """--malloc at the end of run: the leak report on stderr, the files."""
-    from memtrace.malloc.state import leak_report
-
-    assert session.malloc is not None
-    for line in leak_report(session.malloc.summaries):
-        log(line)
-    write_malloc_outputs(session.malloc.profiles, opts.output)
-
-
 def _status_to_code(status: int) -> int:
     if os.WIFSIGNALED(status):
         return 128 + os.WTERMSIG(status)
@@ -322,7 +312,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
             if stacks_opts is not None:
                 write_stack_outputs(session.stack_profiles(), stacks_opts.output)
             if malloc_opts is not None and session.malloc is not None:
-                _report_malloc(session, malloc_opts)
+                report_malloc(session, malloc_opts)
         except OutputError as e:
             failure = failure or e
     while status is None:  # output failed: wait for the command (signals still forwarded)

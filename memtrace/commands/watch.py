@@ -57,11 +57,6 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
     A PID that exits (or exits while being attached) is reported and the others
     are still watched. Exits 0 when every watched process has exited, or after
     --once / --count snapshots; 6 when none of the processes could be attached."""
-    if malloc_opts is not None:
-        # no sampler can be put into a running process; uprobes on every call
-        # of libc's malloc and free would cost it far more (docs/malloc.md)
-        raise MemtraceError("--malloc needs its sampler loaded when the program starts: "
-                            "use memtrace run --malloc -- CMD", ExitCode.USAGE)
     if once and count is not None and count != 1:
         raise MemtraceError("--once and --count N disagree: give one of them", ExitCode.USAGE)
     snapshots = 1 if once else count
@@ -75,6 +70,8 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
     session.enable_pss(pss_interval)
     if stacks_opts is not None:
         session.enable_stacks(stacks_opts.period)
+    if malloc_opts is not None:
+        _enable_malloc(session, malloc_opts)
     session.install_signal_handlers()
     ticks = 0
 
@@ -93,6 +90,8 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
             session.add_target(pid)
             try:
                 session.attach(pid)
+                if session.malloc is not None and session.malloc.interposer is not None:
+                    session.malloc.interpose(pid)
             except MemtraceError as e:
                 if e.code != ExitCode.NO_SUCH_PROCESS:
                     raise
@@ -102,7 +101,22 @@ def watch(targets: tuple[str, ...], once: bool, count: int | None, fmt: str, int
                                 ExitCode.NO_SUCH_PROCESS)
         session.loop(keep_going, on_tick)
     finally:
-        close_live(session, server, stacks_opts.output if stacks_opts else None)
+        close_live(session, server, stacks_opts.output if stacks_opts else None, malloc_opts)
+
+
+def _enable_malloc(session: Session, opts: MallocOptions) -> None:
+    """watch --malloc: the sampler, built before anything is loaded (as a user,
+    loading the probes refuses first, exit 3, rather than the cache
+    directory), and put into each process once it is attached."""
+    import os
+
+    from memtrace.malloc.inject import Interposer
+    from memtrace.malloc.shim import build_shim
+
+    shim = str(build_shim()) if os.geteuid() == 0 else ""
+    session.enable_malloc(opts.period, shim)
+    assert session.malloc is not None
+    session.malloc.interposer = Interposer(session.procfs, shim, opts.period)
 
 
 def _existing_targets(procfs: ProcFS, pids: tuple[int, ...]) -> tuple[int, ...]:

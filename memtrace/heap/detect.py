@@ -54,7 +54,9 @@ def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
     libc = next((p for p in paths if _is_libc(p)), b"")
     for p in paths:
         base = p.rsplit(b"/", 1)[-1]
-        if _is_libc(p) or base.startswith((b"ld-linux", b"libc_malloc_debug")):
+        # memtrace's --malloc sampler defines malloc but hands every call to glibc's
+        if _is_libc(p) or base.startswith((b"ld-linux", b"libc_malloc_debug",
+                                           b"libmemtrace-malloc-")):
             continue
         data = space.file_bytes(p, 64 << 20)
         info = elf_info(data) if data else None

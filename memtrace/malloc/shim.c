@@ -18,6 +18,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 extern void *__libc_malloc(size_t);
 extern void *__libc_calloc(size_t, size_t);
@@ -102,21 +103,23 @@ static inline int forget(uintptr_t p)
 }
 
 /* ---- the byte countdown: one per thread, exponential gaps of mean `period`. */
-static long period;                 /* 0 until read from the environment */
+/* 0 until read from the environment; `watch --malloc` writes it into a
+ * process it loads the sampler into, before any call reaches the sampler */
+EXPORT long memtrace_malloc_period;
 static TLS long bytes_left;         /* bytes until this thread's next sample */
 static TLS int armed;               /* a first gap was drawn for this thread */
 static TLS uint64_t rng;
 
 static long read_period(void)
 {
-    long p = __atomic_load_n(&period, __ATOMIC_RELAXED);
+    long p = __atomic_load_n(&memtrace_malloc_period, __ATOMIC_RELAXED);
     if (LIKELY(p))
         return p;
     const char *s = getenv("MEMTRACE_MALLOC_PERIOD");   /* getenv does not allocate */
     p = s ? strtol(s, NULL, 10) : 0;
     if (p <= 0)
         p = 512 * 1024;
-    __atomic_store_n(&period, p, __ATOMIC_RELAXED);
+    __atomic_store_n(&memtrace_malloc_period, p, __ATOMIC_RELAXED);
     return p;
 }
 
@@ -254,4 +257,41 @@ EXPORT void *valloc(size_t size)
 EXPORT void *pvalloc(size_t size)
 {
     return count(__libc_pvalloc(size), size);
+}
+
+/* ---- `watch --malloc` (memtrace/malloc/inject.py): memtrace loads this file
+ * into a running process with dlopen, called from a thread it has stopped at a
+ * safe point, then calls this function from the same thread. Each slot is a
+ * GOT entry through which one of the process's objects calls a glibc
+ * allocation function; it gets `value` (the sampler's function, or glibc's
+ * again at detach) if it still holds `expect`, with one atomic
+ * compare-and-swap: never a torn pointer for a thread calling through it, and
+ * never a slot the program changed since memtrace read it. Its page is made
+ * writable for that when `prot` is not -1 and given `prot` back after. Frees
+ * come first in `slots`: a block is never sampled by a path whose free goes
+ * around the sampler. Returns the slots stored. */
+struct mt_slot {
+    uintptr_t addr;
+    uintptr_t expect;
+    uintptr_t value;
+    long prot;
+};
+
+EXPORT long memtrace_malloc_interpose(long period, const struct mt_slot *slots, long n)
+{
+    if (period > 0)
+        __atomic_store_n(&memtrace_malloc_period, period, __ATOMIC_RELAXED);
+    long done = 0;
+    for (long i = 0; i < n; i++) {
+        void *page = (void *)(slots[i].addr & ~(uintptr_t)4095);
+        if (slots[i].prot != -1 && mprotect(page, 4096, PROT_READ | PROT_WRITE) != 0)
+            continue;
+        uintptr_t expect = slots[i].expect;
+        done += __atomic_compare_exchange_n((uintptr_t *)slots[i].addr, &expect,
+                                            slots[i].value, 0, __ATOMIC_ACQ_REL,
+                                            __ATOMIC_RELAXED);
+        if (slots[i].prot != -1)
+            mprotect(page, 4096, (int)slots[i].prot);
+    }
+    return done;
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from memtrace.errors import MemtraceError
+from memtrace.malloc.inject import Interposer
 from memtrace.malloc.leaks import LeakDetector
 from memtrace.malloc.outstanding import MallocTracker, malloc_summary
 from memtrace.stacks.profile import StackProfile
@@ -28,6 +30,8 @@ class MallocState:
         self._epochs: dict[int, int] = {}
         self.profiles: dict[int, StackProfile] = {}       # the last one of every process seen
         self.summaries: dict[int, dict[str, Any]] = {}    # likewise, the snapshot's object
+        # watch --malloc: the processes the sampler was put into (inject.py)
+        self.interposer: Interposer | None = None
 
     def update(self, pid: int, epoch: int, records: list[MallocRecord], vmas: Sequence[Vma],
                comm: str, ts: float, lost: int) -> dict[str, Any]:
@@ -53,8 +57,31 @@ class MallocState:
         summary = self.summaries[pid] = malloc_summary(tracker, profile, detector.leaks())
         return summary
 
+    def interpose(self, pid: int) -> None:
+        """watch --malloc: put the sampler into pid. If that fails, pid has no
+        figures to report (its attach snapshot's empty ones are dropped)."""
+        assert self.interposer is not None
+        try:
+            self.interposer.add(pid)
+        except MemtraceError:
+            self.summaries.pop(pid, None)
+            self.profiles.pop(pid, None)
+            raise
+
+    def libraries_loaded(self, pid: int, events: list[dict[str, Any]]) -> None:
+        """A tick's library events of pid: a library it loaded (dlopen) calls
+        glibc's functions until its GOT slots point at the sampler too."""
+        if self.interposer is not None and any(e["event"] == "library_load" for e in events):
+            self.interposer.extend(pid)
+
+    def close(self) -> None:
+        if self.interposer is not None:
+            self.interposer.withdraw_all()
+
     def forget(self, pid: int) -> None:
         """A process detached: its figures stay in profiles and summaries."""
+        if self.interposer is not None:
+            self.interposer.withdraw(pid)
         tracker = self._trackers.pop(pid, None)
         if tracker is not None:
             tracker.close_python()

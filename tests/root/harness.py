@@ -180,11 +180,11 @@ def c_compiler() -> str:
     return cc
 
 
-def build_without_frame_pointers(source: Path, out: Path) -> Path:
+def build_without_frame_pointers(source: Path, out: Path, *flags: str) -> Path:
     """Compile one C workload -O2 without frame pointers (as Debian builds libc),
-    for the tests whose stacks must unwind through CFI."""
-    subprocess.run([c_compiler(), "-O2", "-fomit-frame-pointer", "-o", str(out), str(source)],
-                   check=True)
+    for the tests whose stacks must unwind through CFI; `flags` added."""
+    subprocess.run([c_compiler(), "-O2", "-fomit-frame-pointer", *flags, "-o", str(out),
+                    str(source)], check=True)
     return out
 
 

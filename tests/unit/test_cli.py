@@ -402,7 +402,8 @@ Exit codes: 0 ok; 1 internal error (a bug); 2 usage; 3 not root; 4 BCC missing;
 13 heap: no consistent walk or unverified glibc layout;
 14 output cannot be written (disk full, I/O error; a closed pipe quietly);
 15 no C compiler to build the --malloc sampler;
-16 recording unreadable, cut short or corrupt; 17 memory budget exceeded.
+16 recording unreadable, cut short or corrupt; 17 memory budget exceeded;
+18 watch --malloc: the sampler could not be loaded.
 `run` otherwise exits with the command's status (128+N if killed by signal N).
 SIGINT, SIGTERM, SIGHUP: watch and agent detach and exit 0; run passes them on
 to the command and exits with its status."""

@@ -314,6 +314,17 @@ def test_detects_glibc():
     assert (info.allocator, info.supported, info.libc_path) == ("glibc", True, LIBC)
 
 
+def test_memtrace_sampler_is_not_another_allocator():
+    """--malloc's sampler defines malloc but hands every call to glibc's: the
+    heap is still glibc's (it was reported as another allocator's)."""
+    shim = b"/var/cache/memtrace/libmemtrace-malloc-0123456789abcdef.so"
+    s = _space_with([b"/usr/bin/app", shim, LIBC])
+    s.files[shim] = _elf_defining(b"malloc", b"free")
+    s.files[b"/usr/bin/app"] = _elf_defining(b"main")
+    info = detect_allocator(s, b"/usr/bin/app")
+    assert (info.allocator, info.supported) == ("glibc", True)
+
+
 def test_table_renders():
     img = build([Chunk(0x100), Chunk(4 << 20, "free"), Chunk(0xD0)], heap_size=5 << 20)
     r = analyse(img)

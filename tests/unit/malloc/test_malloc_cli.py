@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
-
 from tests.unit.test_cli import assert_one_line_error, memtrace
 
 
-def test_watch_refuses_malloc_and_says_to_use_run():
-    r = memtrace("watch", "--malloc", str(os.getpid()))
-    assert_one_line_error(r, 2, "use memtrace run --malloc -- CMD")
+def test_watch_malloc_of_a_missing_pid_is_one_line():
+    r = memtrace("watch", "--malloc", "4194304")      # above pid_max's ceiling
+    assert_one_line_error(r, 6, "4194304")
 
 
 def test_malloc_output_needs_malloc():

@@ -1,0 +1,568 @@
+"""`watch --malloc`: the sampler put into a process that is already running
+(docs/malloc.md, "watch --malloc"). What LD_PRELOAD does for `run` at exec,
+done once at attach:
+
+1. one thread of the process, stopped with ptrace at a safe point (in user code
+   outside libc and the dynamic loader, or blocked in a system call malloc
+   never makes), calls dlopen(sampler) and then the sampler's
+   memtrace_malloc_interpose(), which stores the sampler's functions in the
+   GOT slots through which every loaded object calls glibc's allocation
+   functions (the slots the dynamic linker would have bound to a preloaded
+   library); its registers are then put back and it goes on. The other
+   threads are never stopped.
+2. At detach the same call puts glibc's functions back (the sampler stays
+   loaded, unused).
+
+The x86-64 ptrace and calling conventions only."""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import random
+import signal
+import struct
+import time
+from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
+from dataclasses import dataclass
+from pathlib import Path
+
+from memtrace.errors import ExitCode, MemtraceError
+from memtrace.trace.procfs import ProcFS, Vma
+from memtrace.util.elf import (
+    PT_LOAD,
+    dynamic_symbol_values,
+    program_headers,
+    symbol_slots,
+)
+from memtrace.util.log import log
+
+# The functions the sampler interposes. Frees first: while the slots are being
+# stored, no block is sampled by a path whose free still goes around the sampler.
+RELEASERS = (b"free", b"realloc")
+ALLOCATORS = (b"malloc", b"calloc", b"memalign", b"aligned_alloc", b"posix_memalign",
+              b"valloc", b"pvalloc")
+INTERPOSED = RELEASERS + ALLOCATORS
+
+_PTRACE_CONT = 7
+_PTRACE_GETREGS = 12
+_PTRACE_SETREGS = 13
+_PTRACE_DETACH = 17
+_PTRACE_SEIZE = 0x4206
+_PTRACE_INTERRUPT = 0x4207
+_WALL = 0x40000000
+_RTLD_NOW = 2
+_RESTART_SYSCALL = 219
+
+# System calls glibc's malloc and free never make (they make brk, mmap, munmap,
+# mremap, madvise, mprotect, futex, getrandom): a thread blocked in one of these
+# holds no allocator lock (x86-64 numbers). The kernel restarts the first ones
+# after a ptrace stop, unseen by the program; the others fail with EINTR after
+# any stop (signal(7)), so their threads are stopped only when no other is found.
+RESTARTING_SYSCALLS = frozenset({
+    0, 1, 7, 17, 18, 19, 20, 23, 35, 43, 44, 45, 46, 47, 61, 230, 247, 270, 271, 288, 299,
+    307,
+})
+EINTR_SYSCALLS = frozenset({34, 128, 130, 232, 281, 441})
+SAFE_SYSCALLS = RESTARTING_SYSCALLS | EINTR_SYSCALLS
+# How long to look for a safe point, and to wait for the injected calls.
+FIND_SECONDS = 5.0
+CALL_SECONDS = 30.0
+
+_REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
+              "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
+              "fs_base", "gs_base", "ds", "es", "fs", "gs")
+
+
+class _Regs(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_ulonglong) for name in _REG_NAMES]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_ptrace = _libc.ptrace
+_ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
+_ptrace.restype = ctypes.c_long
+
+
+class InjectError(MemtraceError):
+    def __init__(self, message: str) -> None:
+        super().__init__(f"--malloc: {message}", ExitCode.MALLOC_INJECT)
+
+
+def _pt(request: int, tid: int, addr: int = 0, data: int | ctypes.c_void_p | None = 0) -> None:
+    if _ptrace(request, tid, addr, data) == -1:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _getregs(tid: int) -> _Regs:
+    regs = _Regs()
+    _pt(_PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    return regs
+
+
+def _setregs(tid: int, regs: _Regs) -> None:
+    _pt(_PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+@dataclass(frozen=True)
+class Slot:
+    """A GOT slot of a loaded object: its address, the value memtrace stores
+    there, the value it held, and the protection to give its page back (-1:
+    the page is writable already)."""
+    addr: int
+    value: int
+    old: int
+    prot: int
+
+
+@dataclass
+class Interposition:
+    """The sampler in a process: where it is loaded, its functions there, the
+    slots it took and the objects (path, load bias) they belong to."""
+    pid: int
+    shim_base: int
+    funcs: dict[bytes, int]
+    setter: int                     # memtrace_malloc_interpose in the process
+    slots: list[Slot]
+    objects: set[tuple[bytes, int]]
+    skipped: int = 0                # slots left alone (another allocator's function)
+    held_seconds: float = 0.0       # how long one thread was stopped, all calls
+
+
+# ---- where things are in the target ----
+
+def _objects(vmas: list[Vma]) -> dict[bytes, tuple[int, Vma]]:
+    """Each file mapped from offset 0: path -> (lowest start, that mapping)."""
+    out: dict[bytes, tuple[int, Vma]] = {}
+    for v in vmas:
+        if v.offset == 0 and v.path.startswith(b"/") and (v.path not in out
+                                                          or v.start < out[v.path][0]):
+            out[v.path] = (v.start, v)
+    return out
+
+
+def _read_object(procfs: ProcFS, pid: int, vma: Vma) -> bytes | None:
+    """The file behind a mapping, through map_files (the very file, even in
+    another mount namespace or deleted), else through the process's root."""
+    tries = (procfs.root / str(pid) / "map_files" / f"{vma.start:x}-{vma.end:x}",
+             procfs.root / str(pid) / "root" / os.fsdecode(vma.path).lstrip("/"))
+    for path in tries:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError:
+            continue
+    return None
+
+
+def _load_bias(data: bytes, start: int) -> int | None:
+    """Where the object's address 0 is in the process, from the start of its
+    mapping at offset 0."""
+    loads = [h for h in program_headers(data) or () if h.type == PT_LOAD]
+    if not loads:
+        return None
+    return start - (min(h.vaddr for h in loads) & ~0xFFF)
+
+
+def _is_loader(path: bytes) -> bool:
+    return os.path.basename(path).startswith((b"ld-linux", b"ld-musl", b"ld.so"))
+
+
+def _is_libc(path: bytes) -> bool:
+    return os.path.basename(path).startswith(b"libc.so")
+
+
+def _find_dlopen(procfs: ProcFS, pid: int, vmas: list[Vma]) -> tuple[int, list[tuple[int, int]]]:
+    """dlopen's address in the process (glibc >= 2.34 has it in libc, older
+    ones __libc_dlopen_mode, same arguments), and the executable ranges of
+    libc and the loader (a thread stopped there may hold their locks)."""
+    unsafe = [(v.start, v.end) for v in vmas
+              if "x" in v.perms and (_is_libc(v.path) or _is_loader(v.path))]
+    for path, (start, vma) in _objects(vmas).items():
+        if not _is_libc(path):
+            continue
+        data = _read_object(procfs, pid, vma)
+        bias = _load_bias(data, start) if data else None
+        if data is None or bias is None:
+            continue
+        syms = dynamic_symbol_values(data, {b"dlopen", b"__libc_dlopen_mode"})
+        fn = syms.get(b"dlopen") or syms.get(b"__libc_dlopen_mode")
+        if fn:
+            return bias + fn, unsafe
+    raise InjectError(f"pid {pid} has no glibc (libc.so.6 with dlopen) loaded: the "
+                      "sampler cannot be put into it")
+
+
+def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
+               shim_funcs: dict[bytes, int], done: AbstractSet[tuple[bytes, int]] = frozenset(),
+               ) -> tuple[list[Slot], int, set[tuple[bytes, int]]]:
+    """The GOT slots to point at the sampler's functions (`shim_funcs`: name ->
+    address in the process): in every loaded object but the sampler, the
+    loader and those `done` ((path, load bias) each), the slots that hold
+    glibc's function of that name (or, bound lazily, not yet resolved: an
+    address inside the object). Frees first. Also the number of slots left
+    alone (another allocator's function), and the objects looked at."""
+    libc_funcs: dict[bytes, int] = {}
+    objects: list[tuple[bytes, int, Vma, bytes]] = []
+    for path, (start, vma) in _objects(vmas).items():
+        if path == shim or _is_loader(path):
+            continue
+        data = _read_object(procfs, pid, vma)
+        bias = _load_bias(data, start) if data else None
+        if data is None or bias is None:
+            continue
+        if _is_libc(path):
+            libc_funcs = {name: bias + value for name, value in
+                          dynamic_symbol_values(data, set(INTERPOSED)).items()}
+        if (path, bias) not in done:
+            objects.append((path, bias, vma, data))
+    spans = {path: [(v.start, v.end, v.perms) for v in vmas if v.path == path]
+             for path, _, _, _ in objects}
+    slots: list[Slot] = []
+    # (name, value) of slots that hold another object's address: taken by
+    # that object's own slot when it is a stub of its PLT (a non-PIE program's
+    # canonical address of malloc jumps through the program's slot), else
+    # another allocator's function, left alone
+    elsewhere: list[tuple[bytes, int]] = []
+    with open(procfs.root / str(pid) / "mem", "rb", buffering=0) as mem:
+        for path, bias, _vma, data in objects:
+            for offset, name in symbol_slots(data, set(INTERPOSED)):
+                addr = bias + offset
+                perms = next((p for s, e, p in spans[path] if s <= addr < e), None)
+                if perms is None or name not in shim_funcs:
+                    continue
+                old, = struct.unpack("<Q", os.pread(mem.fileno(), 8, addr))
+                own = any(s <= old < e for s, e, _ in spans[path])
+                if old != libc_funcs.get(name) and not own:
+                    elsewhere.append((name, old))
+                    continue
+                prot = -1 if "w" in perms else _prot(perms)
+                slots.append(Slot(addr, shim_funcs[name], old, prot))
+    stubs = _stub_ranges(slots, shim_funcs, spans)
+    skipped = sum(1 for name, old in elsewhere
+                  if not any(n == name and lo <= old < hi for n, lo, hi in stubs))
+    order = {name: i for i, name in enumerate(INTERPOSED)}
+    by_value = {v: k for k, v in shim_funcs.items()}
+    slots.sort(key=lambda s: order.get(by_value.get(s.value, b""), 99))
+    return slots, skipped, {(path, bias) for path, bias, _, _ in objects}
+
+
+def _stub_ranges(slots: list[Slot], shim_funcs: dict[bytes, int],
+                 spans: dict[bytes, list[tuple[int, int, str]]]) -> list[tuple[bytes, int, int]]:
+    """(name, start, end) of the executable mappings of each object whose slot
+    for that name is taken: a PLT stub there jumps through the taken slot."""
+    by_value = {v: k for k, v in shim_funcs.items()}
+    out = []
+    for slot in slots:
+        for ranges in spans.values():
+            if any(lo <= slot.addr < hi for lo, hi, _ in ranges):
+                out += [(by_value[slot.value], lo, hi) for lo, hi, perms in ranges
+                        if "x" in perms]
+    return out
+
+
+def _prot(perms: str) -> int:
+    return (1 if "r" in perms else 0) | (2 if "w" in perms else 0) | (4 if "x" in perms else 0)
+
+
+# ---- a call made by a stopped thread ----
+
+def _is_safe(regs: _Regs, unsafe: list[tuple[int, int]], wchan: Path) -> bool:
+    nr = _signed(regs.orig_rax)
+    if nr == _RESTART_SYSCALL:
+        # a sleep restarted after a stop (ours too) or a futex wait with a
+        # timeout: the kernel function it waits in tells them apart
+        try:
+            return b"futex" not in wchan.read_bytes()
+        except OSError:
+            return False
+    if nr >= 0:
+        return nr in SAFE_SYSCALLS
+    return not any(s <= regs.rip < e for s, e in unsafe)
+
+
+def _wait_stop(tid: int, deadline: float) -> int:
+    """The next stop of tid: its wait status. InjectError when it exits or
+    the deadline passes."""
+    while True:
+        got, status = os.waitpid(tid, os.WNOHANG | _WALL)
+        if got == tid:
+            if os.WIFEXITED(status) or os.WIFSIGNALED(status):
+                raise InjectError(f"thread {tid} ended while the sampler was being loaded")
+            return status
+        if time.monotonic() > deadline:
+            raise InjectError(f"thread {tid} did not stop within the time allowed")
+        time.sleep(0.0005)
+
+
+def _seize_stopped(tid: int) -> bool:
+    """Seize tid and stop it (PTRACE_INTERRUPT). False if it is gone, or a
+    signal came first; InjectError if ptrace is refused (another tracer, no
+    permission)."""
+    try:
+        _pt(_PTRACE_SEIZE, tid)
+    except OSError as e:
+        if e.errno == errno.EPERM:
+            raise InjectError(f"thread {tid} cannot be traced: another tracer (a debugger, "
+                              "strace) holds it, or ptrace is not permitted "
+                              "(CAP_SYS_PTRACE, kernel.yama.ptrace_scope)") from None
+        if e.errno == errno.ESRCH:
+            return False
+        raise
+    try:
+        _pt(_PTRACE_INTERRUPT, tid)
+        status = _wait_stop(tid, time.monotonic() + 2.0)
+    except (OSError, InjectError):
+        return False        # it exited meanwhile
+    if status >> 16 != 0 or os.WSTOPSIG(status) == signal.SIGTRAP:
+        return True
+    # a signal arrived first: let it be delivered and try this thread later
+    _pt(_PTRACE_DETACH, tid, 0, os.WSTOPSIG(status))
+    return False
+
+
+def _call(tid: int, mem: int, saved: _Regs, fn: int, args: tuple[int, ...],
+          data: bytes) -> int:
+    """Make the stopped thread tid call fn(*args) (up to 3 integer arguments;
+    `data` is copied below its stack's red zone first and DATA in args stands
+    for its address) and return what fn returned. The call returns to address
+    0: the fault stops the thread, which is how memtrace knows it is done."""
+    sp = saved.rsp - 4096       # the red zone (128 bytes) and then some, untouched
+    where = (sp - len(data)) & ~0xF
+    ret = ((where - 64) & ~0xF) - 8          # at a call, rsp + 8 is 16-byte aligned
+    os.pwrite(mem, data, where)
+    os.pwrite(mem, b"\0" * 8, ret)
+    regs = _Regs.from_buffer_copy(saved)
+    for name, value in zip(("rdi", "rsi", "rdx"), args, strict=False):
+        setattr(regs, name, where if value is DATA else value)
+    regs.rip, regs.rsp, regs.rax = fn, ret, 0
+    regs.orig_rax = (1 << 64) - 1            # no system call to restart while we call
+    _setregs(tid, regs)
+    _pt(_PTRACE_CONT, tid)
+    deadline = time.monotonic() + CALL_SECONDS
+    while True:
+        status = _wait_stop(tid, deadline)
+        sig = os.WSTOPSIG(status)
+        if status >> 16:                     # a group stop or another event: go on
+            _pt(_PTRACE_CONT, tid)
+            continue
+        if sig == signal.SIGSEGV:
+            now = _getregs(tid)
+            if now.rip == 0:
+                return int(now.rax)
+        _pt(_PTRACE_CONT, tid, 0, sig)       # the process's own signal: delivered
+
+
+class _Data:
+    """Stands for the address of the data copied with a call."""
+
+
+DATA: int = _Data()  # type: ignore[assignment]
+
+
+def _threads(procfs: ProcFS, pid: int) -> list[int]:
+    try:
+        return sorted(int(t) for t in os.listdir(procfs.root / str(pid) / "task"))
+    except OSError:
+        raise MemtraceError(f"pid {pid} is gone", ExitCode.NO_SUCH_PROCESS) from None
+
+
+def candidate_rank(syscall_text: bytes, wchan: bytes) -> int | None:
+    """How good a thread looks before it is stopped, from its
+    /proc/PID/task/TID/syscall and wchan: 0 running (stopped, then its
+    instruction pointer decides), 1 blocked in a system call that restarts
+    unseen, 2 blocked in one that would fail with EINTR after a stop, None
+    blocked where malloc may be (futex, mmap, ...): not stopped at all."""
+    first = syscall_text.split(b" ", 1)[0].strip()
+    if first == b"running":
+        return 0
+    try:
+        nr = int(first)
+    except ValueError:
+        return None
+    if nr == _RESTART_SYSCALL:
+        return None if b"futex" in wchan else 1
+    if nr in RESTARTING_SYSCALLS:
+        return 1
+    return 2 if nr in EINTR_SYSCALLS else None
+
+
+def _candidates(procfs: ProcFS, pid: int, worst: int) -> list[int]:
+    """Threads worth stopping, best first, none ranked above `worst`."""
+    ranked = []
+    for tid in _threads(procfs, pid):
+        task = procfs.root / str(pid) / "task" / str(tid)
+        try:
+            rank = candidate_rank((task / "syscall").read_bytes(), (task / "wchan").read_bytes())
+        except OSError:
+            continue
+        if rank is not None and rank <= worst:
+            ranked.append((rank, tid))
+    return [tid for _, tid in sorted(ranked)]
+
+
+def _with_safe_thread(procfs: ProcFS, pid: int, unsafe: list[tuple[int, int]],
+                      calls: list[tuple[int, tuple[int, ...], bytes]]) -> tuple[list[int], float]:
+    """Find a thread at a safe point, make it run `calls` ((fn, args, data)
+    each) one after the other, put it back as it was. Their return values,
+    and how long that thread was held stopped."""
+    started = time.monotonic()
+    with open(procfs.root / str(pid) / "mem", "r+b", buffering=0) as mem:
+        while (now := time.monotonic()) < started + FIND_SECONDS:
+            # threads whose system call would see EINTR only in the second half
+            for tid in _candidates(procfs, pid, 1 if now < started + FIND_SECONDS / 2 else 2):
+                if not _seize_stopped(tid):
+                    continue
+                saved = _getregs(tid)
+                wchan = procfs.root / str(pid) / "task" / str(tid) / "wchan"
+                if not _is_safe(saved, unsafe, wchan):
+                    _pt(_PTRACE_DETACH, tid)
+                    continue
+                held = time.monotonic()
+                try:
+                    results = [_call(tid, mem.fileno(), saved, fn, args, data)
+                               for fn, args, data in calls]
+                finally:
+                    _setregs(tid, saved)
+                    _pt(_PTRACE_DETACH, tid)
+                return results, time.monotonic() - held
+            time.sleep(random.uniform(0.001, 0.005))
+    raise InjectError(f"no thread of pid {pid} reached a safe point to load the sampler "
+                      f"in {FIND_SECONDS:g} s (each was inside libc or the loader)")
+
+
+def _slot_table(slots: Iterable[tuple[int, int, int, int]]) -> bytes:
+    """struct mt_slot (shim.c) of each (addr, expect, value, prot)."""
+    return b"".join(struct.pack("<QQQq", a, e, v, p) for a, e, v, p in slots)
+
+
+def _store(procfs: ProcFS, got: Interposition, unsafe: list[tuple[int, int]],
+           slots: list[Slot], period: int) -> None:
+    """Point `slots` at the sampler, in a thread of the process."""
+    table = _slot_table((s.addr, s.old, s.value, s.prot) for s in slots)
+    (stored,), held = _with_safe_thread(procfs, got.pid, unsafe,
+                                        [(got.setter, (period, DATA, len(slots)), table)])
+    got.held_seconds += held
+    if stored != len(slots):
+        log(f"--malloc: pid {got.pid}: {len(slots) - stored} of {len(slots)} GOT slots "
+            "changed under memtrace and were left alone")
+
+
+def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition:
+    """Load the sampler `shim` into pid and point the GOT slots of its loaded
+    objects at it (docs/malloc.md). InjectError if it cannot be done."""
+    vmas = procfs.maps(pid)
+    dlopen, unsafe = _find_dlopen(procfs, pid, vmas)
+    path = shim.encode() + b"\0"
+    (handle,), held = _with_safe_thread(procfs, pid, unsafe,
+                                        [(dlopen, (DATA, _RTLD_NOW), path)])
+    if handle == 0:
+        raise InjectError(f"dlopen of the sampler failed in pid {pid}")
+    vmas = procfs.maps(pid)
+    objects = _objects(vmas)
+    if shim.encode() not in objects:
+        raise InjectError(f"the sampler is not mapped in pid {pid} after dlopen")
+    start, _ = objects[shim.encode()]
+    data = Path(shim).read_bytes()
+    bias = _load_bias(data, start) or 0
+    names = {*INTERPOSED, b"memtrace_malloc_interpose"}
+    funcs = {k: bias + v for k, v in dynamic_symbol_values(data, names).items()}
+    setter = funcs.pop(b"memtrace_malloc_interpose")
+    slots, skipped, done = plan_slots(procfs, pid, vmas, shim.encode(), funcs)
+    got = Interposition(pid, bias, funcs, setter, slots, done, skipped, held)
+    _store(procfs, got, unsafe, slots, period)
+    return got
+
+
+def _sampler_in_place(got: Interposition, shim: str, vmas: list[Vma]) -> bool:
+    """The sampler is still mapped where it was loaded (not so after an exec)."""
+    found = _objects(vmas).get(shim.encode())
+    return found is not None and _load_bias(Path(shim).read_bytes(), found[0]) == got.shim_base
+
+
+def extend(procfs: ProcFS, got: Interposition, shim: str) -> int:
+    """Objects loaded since (dlopen) bind to glibc's functions: point their
+    slots at the sampler too. The number of slots taken."""
+    vmas = procfs.maps(got.pid)
+    if not _sampler_in_place(got, shim, vmas):
+        return 0
+    slots, skipped, done = plan_slots(procfs, got.pid, vmas, shim.encode(), got.funcs,
+                                      got.objects)
+    got.objects |= done
+    got.skipped += skipped
+    if slots:
+        _, unsafe = _find_dlopen(procfs, got.pid, vmas)
+        _store(procfs, got, unsafe, slots, 0)
+        got.slots += slots
+    return len(slots)
+
+
+def withdraw(procfs: ProcFS, got: Interposition, shim: str) -> None:
+    """Put glibc's functions back in the slots that still hold the sampler's
+    (allocators first); the sampler stays loaded. Nothing if the process is
+    gone or no longer has the sampler where it was (an exec)."""
+    if not procfs.alive(got.pid):
+        return
+    vmas = procfs.maps(got.pid)
+    if not _sampler_in_place(got, shim, vmas):
+        return
+    _, unsafe = _find_dlopen(procfs, got.pid, vmas)
+    back = [(s.addr, s.value, s.old, s.prot) for s in reversed(got.slots)]
+    _with_safe_thread(procfs, got.pid, unsafe,
+                      [(got.setter, (0, DATA, len(back)), _slot_table(back))])
+
+
+class Interposer:
+    """watch --malloc for a session: the processes the sampler was put into;
+    failures after the first one are said, not raised (the process is still
+    watched)."""
+
+    def __init__(self, procfs: ProcFS, shim: str, period: int) -> None:
+        self.procfs, self.shim, self.period = procfs, shim, period
+        self.done: dict[int, Interposition] = {}
+
+    def add(self, pid: int) -> None:
+        """Put the sampler into pid (InjectError if it cannot be done)."""
+        try:
+            got = interpose(self.procfs, pid, self.shim, self.period)
+        except OSError as e:        # it exited meanwhile, or /proc refused
+            raise InjectError(f"pid {pid}: {e.strerror or e}") from None
+        self.done[pid] = got
+        log(f"--malloc: sampler loaded into pid {pid}: {len(got.slots)} GOT slots point at it"
+            f"{f', {got.skipped} left to another allocator' if got.skipped else ''}; one "
+            f"thread held {got.held_seconds * 1000:.1f} ms")
+
+    def extend(self, pid: int) -> None:
+        """A library was loaded in pid (dlopen): its slots bind to glibc's
+        functions; point them at the sampler too."""
+        got = self.done.get(pid)
+        if got is None:
+            return
+        try:
+            taken = extend(self.procfs, got, self.shim)
+        except (MemtraceError, OSError) as e:
+            log(f"--malloc: pid {pid}: a library loaded since attach is not sampled: {e}")
+            return
+        if taken:
+            log(f"--malloc: pid {pid}: {taken} GOT slots of libraries loaded since attach "
+                "point at the sampler")
+
+    def withdraw(self, pid: int) -> None:
+        got = self.done.pop(pid, None)
+        if got is None:
+            return
+        try:
+            withdraw(self.procfs, got, self.shim)
+        except (MemtraceError, OSError) as e:
+            log(f"--malloc: pid {pid}: glibc's functions not put back: {e}")
+
+    def withdraw_all(self) -> None:
+        for pid in list(self.done):
+            self.withdraw(pid)
