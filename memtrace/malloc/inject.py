@@ -535,9 +535,9 @@ class Interposer:
         except OSError as e:        # it exited meanwhile, or /proc refused
             raise InjectError(f"pid {pid}: {e.strerror or e}") from None
         self.done[pid] = got
+        other = f", {got.skipped} left to another allocator (not sampled)" if got.skipped else ""
         log(f"--malloc: sampler loaded into pid {pid}: {len(got.slots)} GOT slots point at it"
-            f"{f', {got.skipped} left to another allocator' if got.skipped else ''}; one "
-            f"thread held {got.held_seconds * 1000:.1f} ms")
+            f"{other}; one thread held {got.held_seconds * 1000:.1f} ms")
 
     def extend(self, pid: int) -> None:
         """A library was loaded in pid (dlopen): its slots bind to glibc's
