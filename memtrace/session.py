@@ -4,8 +4,6 @@ snapshots out to a reporter, every interval."""
 from __future__ import annotations
 
 import contextlib
-import os
-import select
 import signal
 import sys
 import threading
@@ -31,6 +29,7 @@ from memtrace.trace.probes import Probes, read_stats_of
 from memtrace.trace.procfs import PAGE_SIZE, ProcFS, Vma, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
 from memtrace.util.log import debug, log
+from memtrace.util.pidfd import close_fd, pidfd_exited, pidfd_open
 
 if TYPE_CHECKING:
     from memtrace.malloc.outstanding import MallocTracker
@@ -130,20 +129,20 @@ class Session:
         assert self.probes is not None
         tracker = ProcessTracker(pid, self.procfs, self.reconcile_interval)
         tracker.stats = read_stats_of(self.probes, pid)
-        pidfd = _pidfd_open(pid)
+        pidfd = pidfd_open(pid)
         try:
             tracker.start()
-            if pidfd is not None and _pidfd_exited(pidfd):
+            if pidfd is not None and pidfd_exited(pidfd):
                 # exited (or its pid was reused) while we read it
                 raise ProcessGone(pid)
         except ProcessGone:
-            _close_fd(pidfd)
+            close_fd(pidfd)
             tracker.close()
             self.probes.remove_target(pid)
             raise MemtraceError(f"process {pid} exited while attaching",
                                 ExitCode.NO_SUCH_PROCESS) from None
         except PermissionError as e:
-            _close_fd(pidfd)
+            close_fd(pidfd)
             tracker.close()
             self.probes.remove_target(pid)
             raise MemtraceError(
@@ -198,7 +197,7 @@ class Session:
         self.group_of.pop(pid, None)
         self.container_of.pop(pid, None)
         self._attach_seconds.pop(pid, None)
-        _close_fd(self._pidfds.pop(pid, None))
+        close_fd(self._pidfds.pop(pid, None))
         self._start_times.pop(pid, None)
         self._forget_heap(pid)
         st = self._stacks.pop(pid, None)
@@ -250,6 +249,7 @@ class Session:
             # Before, the pidfd alone says it (no /proc read); the full check,
             # which also reads the fault counters, runs once, after.
             if not self._still_there(tracker):
+                self._last_malloc(tracker, drained)
                 self.detach(pid, "exited")
                 continue
             try:
@@ -291,7 +291,7 @@ class Session:
         poll, no /proc read), else the full _same_process check."""
         pidfd = self._pidfds.get(tracker.pid)
         if pidfd is not None:
-            return not _pidfd_exited(pidfd)
+            return not pidfd_exited(pidfd)
         return self._same_process(tracker)
 
     def _same_process(self, tracker: ProcessTracker) -> bool:
@@ -301,7 +301,7 @@ class Session:
         attach must still be the pid's. An exec keeps both: tracker.start() after
         an exec re-reads start_time, so the attach-time value is the one compared."""
         pidfd = self._pidfds.get(tracker.pid)
-        if pidfd is not None and _pidfd_exited(pidfd):
+        if pidfd is not None and pidfd_exited(pidfd):
             return False
         try:
             st = self.procfs.stat(tracker.pid)
@@ -559,6 +559,17 @@ class Session:
                 snap["ts"], counts.get("lost", 0) + counts.get("frees_lost", 0))
             self.malloc.libraries_loaded(tracker.pid, snap["library_events"])   # watch
 
+    def _last_malloc(self, tracker: ProcessTracker, drained: Drained) -> None:
+        """--malloc: what a process sampled after its last tick, until it exited,
+        still counts in its figures (run's report, --malloc-output), though it
+        gets no snapshot."""
+        records = drained.malloc.get(tracker.pid)
+        if self.malloc is not None and records:
+            counts = drained.malloc_counts
+            self.malloc.update(tracker.pid, tracker.epoch, records, tracker.space.vmas,
+                               tracker.comm, time.time(),
+                               counts.get("lost", 0) + counts.get("frees_lost", 0))
+
     def close(self) -> None:
         if self.heap is not None:
             self.heap.close()
@@ -571,30 +582,9 @@ class Session:
             tracker = self.trackers.pop(pid)
             tracker.close()
         for fd in self._pidfds.values():
-            _close_fd(fd)
+            close_fd(fd)
         self._pidfds.clear()
         if self.probes:
             self.probes.close()
             self.probes = None
         self.reporter.close()
-
-
-def _pidfd_open(pid: int) -> int | None:
-    """A pidfd for pid (None where the kernel or Python has none, or it is gone)."""
-    try:
-        return os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        return None
-
-
-def _pidfd_exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited (zombie included)."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _close_fd(fd: int | None) -> None:
-    if fd is not None:
-        with contextlib.suppress(OSError):
-            os.close(fd)

@@ -13,6 +13,7 @@ every 64-bit process)."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 from collections import OrderedDict
@@ -205,7 +206,23 @@ class ModuleCache:
                     return parse_module(f)
             except OSError as e:
                 error = e
+        # the process has exited (its samples of the last moments are unwound
+        # after): the path as memtrace sees it, if it is the very same file
+        if vma.path.startswith(b"/") and _same_file(vma.path, vma):
+            with contextlib.suppress(OSError), open(vma.path, "rb") as f:
+                return parse_module(f)
         raise error or FileNotFoundError(vma.display_path)
+
+
+def _same_file(path: bytes, vma: Vma) -> bool:
+    """path names the file vma maps: same inode, same device (maps gives it
+    as major:minor in hex)."""
+    try:
+        st = os.stat(path)
+        major, minor = (int(x, 16) for x in vma.dev.split(":"))
+    except (OSError, ValueError):
+        return False
+    return st.st_ino == vma.inode and (os.major(st.st_dev), os.minor(st.st_dev)) == (major, minor)
 
 
 def _vdso() -> Module | None:

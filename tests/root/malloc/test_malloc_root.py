@@ -150,3 +150,23 @@ def test_python_frames_name_the_leaking_python_function(tmp_path: Path):
     # keeps from inside it, ~20 KB of caches, may be)
     assert held_by("churn_py") < 256 << 10, last["outstanding"]
     assert "leak_py (pymalloc.py:" in r.stderr, r.stderr[-2000:]
+
+
+def test_a_command_shorter_than_an_interval_still_has_its_figures(program: Path,
+                                                                  tmp_path: Path):
+    """The command exits before memtrace's first tick after attach: what it
+    sampled until it exited still counts (the report and --malloc-output),
+    though no snapshot follows. Before, both were empty."""
+    r = subprocess.run(
+        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "5", "--malloc",
+         "--malloc-period", "4K", "--malloc-output", str(tmp_path), "--",
+         str(program), "0.6", "0"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    leaked = int(re.search(r"leaked (\d+)", r.stdout).group(1))     # type: ignore[union-attr]
+    folded = next(tmp_path.glob("memtrace-*-malloc-outstanding.folded")).read_text()
+    kept = sum(int(line.rsplit(" ", 1)[1]) for line in folded.splitlines()
+               if ";leak_slowly;" in line)
+    assert kept == pytest.approx(leaked, rel=0.15), folded
+    assert "churn_blocks" not in folded
