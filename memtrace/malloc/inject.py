@@ -17,6 +17,7 @@ The x86-64 ptrace and calling conventions only."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
@@ -34,6 +35,7 @@ from memtrace.trace.procfs import ProcFS, Vma
 from memtrace.util.elf import (
     PT_LOAD,
     dynamic_symbol_values,
+    is_elf64le,
     program_headers,
     symbol_slots,
 )
@@ -70,6 +72,7 @@ SAFE_SYSCALLS = RESTARTING_SYSCALLS | EINTR_SYSCALLS
 # How long to look for a safe point, and to wait for the injected calls.
 FIND_SECONDS = 5.0
 CALL_SECONDS = 30.0
+SLOTS_PER_CALL = 16             # GOT slots stored per call (32 bytes each on its stack)
 
 _REG_NAMES = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
               "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss",
@@ -139,23 +142,30 @@ class Interposition:
 # ---- where things are in the target ----
 
 def _objects(vmas: list[Vma]) -> dict[bytes, tuple[int, Vma]]:
-    """Each file mapped from offset 0: path -> (lowest start, that mapping)."""
+    """Each file with code mapped (an executable mapping of it), by its mapping
+    at offset 0: path -> (lowest start, that mapping). Data files a process
+    maps (databases...) are not objects and are never read."""
+    with_code = {v.path for v in vmas if "x" in v.perms}
     out: dict[bytes, tuple[int, Vma]] = {}
     for v in vmas:
-        if v.offset == 0 and v.path.startswith(b"/") and (v.path not in out
-                                                          or v.start < out[v.path][0]):
+        if (v.offset == 0 and v.path.startswith(b"/") and v.path in with_code
+                and (v.path not in out or v.start < out[v.path][0])):
             out[v.path] = (v.start, v)
     return out
 
 
 def _read_object(procfs: ProcFS, pid: int, vma: Vma) -> bytes | None:
-    """The file behind a mapping, through map_files (the very file, even in
-    another mount namespace or deleted), else through the process's root."""
+    """The ELF file behind a mapping, through map_files (the very file, even
+    in another mount namespace or deleted), else through the process's root;
+    None if it cannot be read or is not a 64-bit little-endian ELF file."""
     tries = (procfs.root / str(pid) / "map_files" / f"{vma.start:x}-{vma.end:x}",
              procfs.root / str(pid) / "root" / os.fsdecode(vma.path).lstrip("/"))
     for path in tries:
         try:
             with open(path, "rb") as f:
+                if not is_elf64le(f.read(64)):
+                    return None
+                f.seek(0)
                 return f.read()
         except OSError:
             continue
@@ -334,7 +344,7 @@ def _call(tid: int, mem: int, saved: _Regs, fn: int, args: tuple[int, ...],
     `data` is copied below its stack's red zone first and DATA in args stands
     for its address) and return what fn returned. The call returns to address
     0: the fault stops the thread, which is how memtrace knows it is done."""
-    sp = saved.rsp - 4096       # the red zone (128 bytes) and then some, untouched
+    sp = saved.rsp - 256        # below the red zone (128 bytes): nothing of the thread's
     where = (sp - len(data)) & ~0xF
     ret = ((where - 64) & ~0xF) - 8          # at a call, rsp + 8 is 16-byte aligned
     os.pwrite(mem, data, where)
@@ -430,8 +440,10 @@ def _with_safe_thread(procfs: ProcFS, pid: int, unsafe: list[tuple[int, int]],
                     results = [_call(tid, mem.fileno(), saved, fn, args, data)
                                for fn, args, data in calls]
                 finally:
-                    _setregs(tid, saved)
-                    _pt(_PTRACE_DETACH, tid)
+                    # (if the process died meanwhile, the error said so already)
+                    with contextlib.suppress(OSError):
+                        _setregs(tid, saved)
+                        _pt(_PTRACE_DETACH, tid)
                 return results, time.monotonic() - held
             time.sleep(random.uniform(0.001, 0.005))
     raise InjectError(f"no thread of pid {pid} reached a safe point to load the sampler "
@@ -443,12 +455,24 @@ def _slot_table(slots: Iterable[tuple[int, int, int, int]]) -> bytes:
     return b"".join(struct.pack("<QQQq", a, e, v, p) for a, e, v, p in slots)
 
 
+def _setter_calls(setter: int, period: int, rows: list[tuple[int, int, int, int]],
+                  ) -> list[tuple[int, tuple[int, ...], bytes]]:
+    """Calls of memtrace_malloc_interpose storing `rows` ((addr, expect,
+    value, prot) each), SLOTS_PER_CALL at a time: each call's table is written
+    just below the stopped thread's red zone, a few hundred bytes at most, so
+    it stays inside the stack mapping however deep the thread is."""
+    return [(setter, (period, DATA, len(rows[i:i + SLOTS_PER_CALL])),
+             _slot_table(rows[i:i + SLOTS_PER_CALL]))
+            for i in range(0, len(rows), SLOTS_PER_CALL)]
+
+
 def _store(procfs: ProcFS, got: Interposition, unsafe: list[tuple[int, int]],
            slots: list[Slot], period: int) -> None:
     """Point `slots` at the sampler, in a thread of the process."""
-    table = _slot_table((s.addr, s.old, s.value, s.prot) for s in slots)
-    (stored,), held = _with_safe_thread(procfs, got.pid, unsafe,
-                                        [(got.setter, (period, DATA, len(slots)), table)])
+    rows = [(s.addr, s.old, s.value, s.prot) for s in slots]
+    results, held = _with_safe_thread(procfs, got.pid, unsafe,
+                                      _setter_calls(got.setter, period, rows))
+    stored = sum(results)
     got.held_seconds += held
     if stored != len(slots):
         log(f"--malloc: pid {got.pid}: {len(slots) - stored} of {len(slots)} GOT slots "
@@ -458,6 +482,8 @@ def _store(procfs: ProcFS, got: Interposition, unsafe: list[tuple[int, int]],
 def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition:
     """Load the sampler `shim` into pid and point the GOT slots of its loaded
     objects at it (docs/malloc.md). InjectError if it cannot be done."""
+    if os.uname().machine != "x86_64":
+        raise InjectError("watch --malloc is x86-64 only (use memtrace run --malloc)")
     vmas = procfs.maps(pid)
     dlopen, unsafe = _find_dlopen(procfs, pid, vmas)
     path = shim.encode() + b"\0"
@@ -515,8 +541,7 @@ def withdraw(procfs: ProcFS, got: Interposition, shim: str) -> None:
         return
     _, unsafe = _find_dlopen(procfs, got.pid, vmas)
     back = [(s.addr, s.value, s.old, s.prot) for s in reversed(got.slots)]
-    _with_safe_thread(procfs, got.pid, unsafe,
-                      [(got.setter, (0, DATA, len(back)), _slot_table(back))])
+    _with_safe_thread(procfs, got.pid, unsafe, _setter_calls(got.setter, 0, back))
 
 
 class Interposer:

@@ -64,31 +64,9 @@ def defined_dynamic_symbols(data: bytes) -> set[bytes]:
     """Names of the symbols of SHT_DYNSYM that the file defines (st_shndx not
     SHN_UNDEF); empty if data does not hold the whole section header table
     (data is then cut short: the sections come at the end of the file)."""
-    if not is_elf64le(data):
-        return set()
-    shoff, = struct.unpack_from("<Q", data, 40)
-    shentsize, shnum = struct.unpack_from("<HH", data, 58)
-    sections = []
-    for i in range(shnum):
-        off = shoff + i * shentsize
-        if off + 64 > len(data):
-            return set()
-        sh_type, = struct.unpack_from("<I", data, off + 4)
-        sh_offset, sh_size = struct.unpack_from("<QQ", data, off + 24)
-        sh_link, = struct.unpack_from("<I", data, off + 40)
-        sections.append((sh_type, sh_offset, sh_size, sh_link))
-    names: set[bytes] = set()
-    for sh_type, sh_offset, sh_size, sh_link in sections:
-        if sh_type != SHT_DYNSYM or sh_link >= len(sections):
-            continue
-        _, str_off, str_size, _ = sections[sh_link]
-        strtab = data[str_off:str_off + str_size]
-        for off in range(sh_offset, min(sh_offset + sh_size, len(data)) - 23, _SYM.size):
-            st_name, _, _, st_shndx, _, _ = _SYM.unpack_from(data, off)
-            if st_shndx != 0 and st_name < len(strtab):
-                end = strtab.find(b"\0", st_name)
-                names.add(strtab[st_name:end if end >= 0 else len(strtab)])
-    return names
+    sections = _sections(data)
+    return {name for sec in sections if sec.type == SHT_DYNSYM
+            for name, _, shndx in _symbols(data, sections, sec) if shndx != 0}
 
 
 SHT_RELA = 4

@@ -14,16 +14,20 @@ from pathlib import Path
 import pytest
 
 from memtrace.malloc.inject import (
+    DATA,
     INTERPOSED,
     RELEASERS,
+    SLOTS_PER_CALL,
     _is_safe,
+    _objects,
     _Regs,
+    _setter_calls,
     _slot_table,
     candidate_rank,
     plan_slots,
 )
 from memtrace.malloc.shim import build_shim
-from memtrace.trace.procfs import ProcFS
+from memtrace.trace.procfs import ProcFS, Vma
 from memtrace.util.elf import dynamic_symbol_values, symbol_slots
 
 CC = shutil.which("cc") or shutil.which("gcc")
@@ -167,3 +171,23 @@ def test_slots_planned_in_this_process_hold_glibcs_functions_frees_first():
     first_allocator = next(i for i, n in enumerate(names) if n not in RELEASERS)
     assert all(n not in RELEASERS for n in names[first_allocator:])
     assert any(path.endswith(b"/libc.so.6") for path, _ in objects)
+
+
+def test_slot_tables_are_cut_into_calls_that_stay_near_the_stack_pointer():
+    rows = [(0x1000 + 8 * i, 1, 2, -1) for i in range(SLOTS_PER_CALL * 2 + 3)]
+    calls = _setter_calls(0xABC, 4096, rows)
+    assert [c[1][2] for c in calls] == [SLOTS_PER_CALL, SLOTS_PER_CALL, 3]
+    assert all(fn == 0xABC and args[0] == 4096 and args[1] is DATA for fn, args, _ in calls)
+    assert b"".join(table for _, _, table in calls) == _slot_table(rows)
+    assert max(len(table) for _, _, table in calls) <= 512
+
+
+def test_only_files_with_code_are_objects():
+    def vma(start: int, perms: str, offset: int, path: bytes) -> Vma:
+        return Vma(start, start + 0x1000, perms, offset, "08:01", 7, path)
+
+    vmas = [vma(0x1000, "r--p", 0, b"/usr/lib/libz.so.1"),
+            vma(0x2000, "r-xp", 0x1000, b"/usr/lib/libz.so.1"),
+            vma(0x9000, "rw-s", 0, b"/var/lib/db/data.mdb"),    # a database, mapped whole
+            vma(0xA000, "r--p", 0, b"[vdso]")]
+    assert list(_objects(vmas)) == [b"/usr/lib/libz.so.1"]
