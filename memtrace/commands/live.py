@@ -189,11 +189,13 @@ def write_stack_outputs(profiles: dict[int, StackProfile], directory: str | None
 
 
 def write_malloc_outputs(profiles: dict[int, StackProfile], directory: str | None) -> list[str]:
-    """--malloc-output DIR: per process, folded stacks of the bytes outstanding
-    and allocated, and one pprof profile with both (outstanding_space,
-    allocated_space); the paths written. OutputError (exit 14) as above."""
+    """--malloc-output DIR: per process, folded stacks and an HTML flame graph
+    of the bytes outstanding and allocated, and one pprof profile with both
+    (outstanding_space, allocated_space); the paths written. OutputError
+    (exit 14) as above."""
     if directory is None:
         return []
+    from memtrace.views.flamegraph import render_flamegraph
     from memtrace.views.folded import render_folded
     from memtrace.views.pprof import MALLOC_SAMPLE_TYPES, render_pprof
 
@@ -205,6 +207,8 @@ def write_malloc_outputs(profiles: dict[int, StackProfile], directory: str | Non
             for measure, name in (("held", "outstanding"), ("brought", "allocated")):
                 written.append(_write(f"{base}-{name}.folded", render_folded(
                     profile, measure, by_mapping=False).encode()))
+                written.append(_write(f"{base}-{name}.html", render_flamegraph(
+                    profile, measure, by_mapping=False, kind="malloc").encode()))
             written.append(_write(f"{base}.pb.gz", render_pprof(
                 profile, "held", MALLOC_SAMPLE_TYPES, "--malloc")))
     except OSError as e:

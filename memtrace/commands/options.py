@@ -382,8 +382,8 @@ def malloc_options(f: Any) -> Any:
                      "(exponential gaps; each sample stands for its expected bytes)."),
         click.option("--malloc-output", type=click.Path(file_okay=False), default=None,
                      help="With --malloc: at exit, write each process's stacks to this "
-                     "directory: folded stacks and pprof (outstanding_space, "
-                     "allocated_space)."),
+                     "directory: folded stacks, HTML flame graphs and pprof "
+                     "(outstanding_space, allocated_space)."),
     ]
 
     @functools.wraps(f)

@@ -43,6 +43,11 @@ BOTTOM = 30           # px below `all`: the details line
 MIN_WIDTH = 0.1       # px, narrower frames are left out
 MAX_FRAMES = 30_000   # beyond, the narrowest are left out too (a browser stays quick)
 MEASURE_TITLE = {"held": "held now", "brought": "brought in since attach"}
+# what a graph shows: resident bytes (--stacks) or sampled allocations (--malloc,
+# where "held" is the bytes still outstanding and "brought" those allocated)
+KINDS = {"resident": ("Resident bytes by call stack", MEASURE_TITLE),
+         "malloc": ("Allocations by call stack",
+                    {"held": "outstanding now", "brought": "allocated since attach"})}
 
 PALETTES: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = {
     # kind: (red, green, blue) as (base, spread); the shade comes from the name
@@ -138,22 +143,22 @@ def _x(text: str) -> str:
     return escape(text, quote=True)
 
 
-def _tooltip(f: DrawnFrame, whole: int, measure: str) -> str:
+def _tooltip(f: DrawnFrame, whole: int, measure: str, kind: str) -> str:
     share = 100.0 * f.value / whole if whole else 0.0
     where = {"mapping": "mapping", "root": ""}.get(f.node.cls, "module")
     lines = [f.node.function if f.node.cls not in ("mapping", "root") else f.node.text]
     if where and f.node.module:
         lines.append(f"{where}: {f.node.module}")
     lines.append(f"{fmt_bytes(f.value)} ({f.value} bytes), {share:.2f}% of "
-                 f"{MEASURE_TITLE[measure]}")
+                 f"{KINDS[kind][1][measure]}")
     return "\n".join(lines)
 
 
-def _frame_svg(f: DrawnFrame, height: int, whole: int, measure: str) -> str:
+def _frame_svg(f: DrawnFrame, height: int, whole: int, measure: str, kind: str) -> str:
     y = height - BOTTOM - (f.depth + 1) * ROW
     return (f'<g class="f" id="{f.id}" data-n="{_x(f.node.text)}" data-m="{_x(f.node.module)}"'
             f' data-c="{f.node.cls}" data-v="{f.value}" data-d="{f.depth}">'
-            f"<title>{_x(_tooltip(f, whole, measure))}</title>"
+            f"<title>{_x(_tooltip(f, whole, measure, kind))}</title>"
             f'<rect x="{f.x:.3f}" y="{y}" width="{f.width:.3f}" height="{ROW - 1}"'
             f' rx="2" ry="2" fill="{colour(f.node)}"/>'
             f'<text x="{f.x + 3:.3f}" y="{y + ROW - 4.5}">{_x(fit(f.node.text, f.width))}</text>'
@@ -174,7 +179,7 @@ def _legend(y: int, classes: set[str]) -> Iterator[str]:
 
 
 def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool = True,
-                 standalone: bool = True) -> str:
+                 standalone: bool = True, kind: str = "resident") -> str:
     """The flame graph's <svg> element (with an XML declaration when standalone)."""
     check_measure(measure)
     frames = layout(build_tree(profile, measure, by_mapping))
@@ -186,7 +191,8 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
     whole = total(profile, measure)
     depth = max((f.depth for f in frames), default=0)
     height = TOP + (depth + 1) * ROW + BOTTOM
-    title = f"Resident bytes by call stack: {MEASURE_TITLE[measure]}"
+    heading, measures = KINDS[kind]
+    title = f"{heading}: {measures[measure]}"
     sub = (f"pid {profile.pid} ({clean(profile.comm)}), total {fmt_bytes(whole)}"
            f" ({whole} bytes); {len(profile.samples)} stacks")
     if profile.sample_period_bytes:
@@ -214,21 +220,23 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
            ' text-anchor="end"> </text>',
            f'<text id="details" x="{PAD}" y="{height - 10}"> </text>',
            '<g id="frames">',
-           *(_frame_svg(f, height, whole, measure) for f in frames),
+           *(_frame_svg(f, height, whole, measure, kind) for f in frames),
            "</g></svg>\n"]
     return "".join(out)
 
 
-def render_svg(profile: StackProfile, measure: str = "held", by_mapping: bool = True) -> str:
+def render_svg(profile: StackProfile, measure: str = "held", by_mapping: bool = True,
+               kind: str = "resident") -> str:
     """The flame graph as one SVG file (no script: tooltips and hover only)."""
-    return svg_document(profile, measure, by_mapping, standalone=True)
+    return svg_document(profile, measure, by_mapping, standalone=True, kind=kind)
 
 
-def render_html(profile: StackProfile, measure: str = "held", by_mapping: bool = True) -> str:
+def render_html(profile: StackProfile, measure: str = "held", by_mapping: bool = True,
+                kind: str = "resident") -> str:
     """The flame graph as one self-contained HTML file (zoom, search, details)."""
-    svg = svg_document(profile, measure, by_mapping, standalone=False)
+    svg = svg_document(profile, measure, by_mapping, standalone=False, kind=kind)
     title = (f"memtrace: pid {profile.pid} ({clean(profile.comm)}), "
-             f"{MEASURE_TITLE[check_measure(measure)]}")
+             f"{KINDS[kind][1][check_measure(measure)]}")
     return (
         "<!DOCTYPE html>\n"
         '<html lang="en"><head><meta charset="utf-8">\n'
@@ -244,10 +252,10 @@ def render_html(profile: StackProfile, measure: str = "held", by_mapping: bool =
 
 
 def render_flamegraph(profile: StackProfile, measure: str = "held", fmt: str = "html",
-                      by_mapping: bool = True) -> str:
-    """The flame graph as "html" or "svg"."""
+                      by_mapping: bool = True, kind: str = "resident") -> str:
+    """The flame graph as "html" or "svg" (`kind`: see KINDS)."""
     if fmt == "svg":
-        return render_svg(profile, measure, by_mapping)
+        return render_svg(profile, measure, by_mapping, kind)
     if fmt == "html":
-        return render_html(profile, measure, by_mapping)
+        return render_html(profile, measure, by_mapping, kind)
     raise ValueError(f"format must be html or svg, not {fmt!r}")

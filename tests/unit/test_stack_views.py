@@ -373,6 +373,20 @@ def test_flame_graph_html_is_well_formed_self_contained_and_escaped():
     assert f"total 23.0 MiB ({p.held_total()} bytes)" in (sub.text or "")
 
 
+def test_malloc_flame_graph_says_it_shows_allocations():
+    """--malloc-output's flame graphs: the same drawing, titled as allocations
+    (outstanding, allocated), never as resident bytes."""
+    p = two_paths()
+    for measure, words in (("held", "outstanding now"), ("brought", "allocated since attach")):
+        html = flamegraph.render_flamegraph(p, measure, by_mapping=False, kind="malloc")
+        svg = html[html.index("<svg"):html.index("</svg>") + len("</svg>")]
+        title = ET.fromstring(svg).find(f"{SVG}text[@id='title']")
+        assert title is not None and title.text == f"Allocations by call stack: {words}"
+        assert "Resident" not in html and "held now" not in html
+        assert f"of {words}" in html              # each frame's tooltip
+        assert len(_frames(svg)) == len(_frames(flamegraph.render_svg(p, measure, False)))
+
+
 def test_flame_graph_of_nothing_and_bad_arguments():
     empty = StackProfile(7, "idle", 0.0, [])
     svg = flamegraph.render_svg(empty, "held")

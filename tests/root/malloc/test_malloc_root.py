@@ -95,6 +95,9 @@ def test_malloc_output_files(traced):
     outstanding = (out / f"memtrace-{pid}-malloc-outstanding.folded").read_text()
     assert "leak_slowly" in outstanding and "churn_blocks" not in outstanding
     assert "churn_blocks" in (out / f"memtrace-{pid}-malloc-allocated.folded").read_text()
+    graph = (out / f"memtrace-{pid}-malloc-outstanding.html").read_text()
+    assert "Allocations by call stack: outstanding now" in graph and "leak_slowly" in graph
+    assert "churn_blocks" in (out / f"memtrace-{pid}-malloc-allocated.html").read_text()
     profile = gzip.decompress((out / f"memtrace-{pid}-malloc.pb.gz").read_bytes())
     assert b"outstanding_space" in profile and b"leak_slowly" in profile
 
