@@ -568,7 +568,7 @@ class Session:
             counts = drained.malloc_counts
             self.malloc.update(tracker.pid, tracker.epoch, records, tracker.space.vmas,
                                tracker.comm, time.time(),
-                               counts.get("lost", 0) + counts.get("frees_lost", 0))
+                               counts.get("lost", 0) + counts.get("frees_lost", 0), exited=True)
 
     def close(self) -> None:
         if self.heap is not None:

@@ -34,8 +34,12 @@ class MallocState:
         self.interposer: Interposer | None = None
 
     def update(self, pid: int, epoch: int, records: list[MallocRecord], vmas: Sequence[Vma],
-               comm: str, ts: float, lost: int) -> dict[str, Any]:
-        """Apply a tick's records of one process; its `malloc` snapshot object."""
+               comm: str, ts: float, lost: int, exited: bool = False) -> dict[str, Any]:
+        """Apply a tick's records of one process; its `malloc` snapshot object.
+        `exited`: the last records, taken after the process exited; they count
+        in its figures, but the leak rule keeps the readings of its life (what
+        a program frees as it exits, destructors, an interpreter's teardown,
+        does not unmake a leak seen while it ran)."""
         tracker = self._trackers.get(pid)
         detector = self._detectors.get(pid)
         if tracker is None or detector is None:
@@ -52,7 +56,8 @@ class MallocState:
             self.check_python(tracker, epoch, vmas)
         tracker.add(records, vmas)
         profile = tracker.profile(comm, ts, self.period, lost)
-        detector.observe(ts, tracker.outstanding())
+        if not exited:
+            detector.observe(ts, tracker.outstanding())
         self.profiles[pid] = profile
         summary = self.summaries[pid] = malloc_summary(tracker, profile, detector.leaks())
         return summary

@@ -165,6 +165,20 @@ def test_summary_and_leak_report():
     assert "growing" in lines[0] and "leak (prog)" in lines[1] and "churn" not in "".join(lines)
 
 
+def test_frees_at_exit_count_in_the_figures_but_do_not_unmake_a_leak():
+    """The records taken after the process exited (its teardown freeing what
+    it held) update outstanding bytes, and the leak seen while it ran stays."""
+    state = MallocState(512, FakeUnwinder({1: A, 2: B}))   # type: ignore[arg-type]
+    for tick in range(7):
+        state.update(1, 0, [_alloc(tick * 10, 0x1000 + tick, 1000, 2)], [], "prog",
+                     float(tick), 0)
+    teardown = [_free(100 + tick, 0x1000 + tick) for tick in range(7)]
+    s = state.update(1, 0, teardown, [], "prog", 7.5, 0, exited=True)
+    assert s["outstanding_bytes"] == 0 and s["allocated_bytes"] == 7000
+    assert [lk["frames"][1] for lk in s["leaks"]] == ["leak (prog)"]
+    assert "leak (prog)" in "".join(leak_report(state.summaries))
+
+
 def test_malloc_summary_is_bounded():
     t = MallocTracker(1, FakeUnwinder({i: _stack("malloc", f"f{i}", "main")
                                        for i in range(30)}))   # type: ignore[arg-type]
