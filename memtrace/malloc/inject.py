@@ -52,10 +52,15 @@ _PTRACE_CONT = 7
 _PTRACE_GETREGS = 12
 _PTRACE_SETREGS = 13
 _PTRACE_DETACH = 17
+_PTRACE_GETREGSET = 0x4204
+_PTRACE_SETREGSET = 0x4205
 _PTRACE_SEIZE = 0x4206
 _PTRACE_INTERRUPT = 0x4207
 _WALL = 0x40000000
 _RTLD_NOW = 2
+_NT_PRFPREG = 2             # x87 and SSE registers (FXSAVE area)
+_NT_X86_XSTATE = 0x202      # all of them, AVX and AVX-512 included (XSAVE area)
+_XSTATE_MAX = 1 << 14
 _RESTART_SYSCALL = 219
 
 # System calls glibc's malloc and free never make (they make brk, mmap, munmap,
@@ -108,6 +113,32 @@ def _getregs(tid: int) -> _Regs:
 
 def _setregs(tid: int, regs: _Regs) -> None:
     _pt(_PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
+def _get_vector_state(tid: int) -> tuple[int, bytes]:
+    """The thread's floating-point and vector registers (XSAVE area, else the
+    FXSAVE one): what the called functions (dlopen's memcpy and strlen use
+    AVX registers) may change and the interrupted code may still hold."""
+    for note in (_NT_X86_XSTATE, _NT_PRFPREG):
+        buf = ctypes.create_string_buffer(_XSTATE_MAX)
+        iov = _IoVec(ctypes.addressof(buf), _XSTATE_MAX)
+        try:
+            _pt(_PTRACE_GETREGSET, tid, note, ctypes.addressof(iov))
+        except OSError:
+            continue
+        return note, buf.raw[:iov.len]
+    raise InjectError(f"thread {tid}: its vector registers cannot be saved")
+
+
+def _set_vector_state(tid: int, state: tuple[int, bytes]) -> None:
+    note, data = state
+    buf = ctypes.create_string_buffer(data, len(data))
+    iov = _IoVec(ctypes.addressof(buf), len(data))
+    _pt(_PTRACE_SETREGSET, tid, note, ctypes.addressof(iov))
 
 
 def _signed(v: int) -> int:
@@ -233,8 +264,11 @@ def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
                           dynamic_symbol_values(data, set(INTERPOSED)).items()}
         if (path, bias) not in done:
             objects.append((path, bias, vma, data))
-    spans = {path: [(v.start, v.end, v.perms) for v in vmas if v.path == path]
-             for path, _, _, _ in objects}
+    wanted = {path for path, _, _, _ in objects}
+    spans: dict[bytes, list[tuple[int, int, str]]] = {path: [] for path in wanted}
+    for v in vmas:          # one pass: a process may have 60k mappings
+        if v.path in wanted:
+            spans[v.path].append((v.start, v.end, v.perms))
     slots: list[Slot] = []
     # (name, value) of slots that hold another object's address: taken by
     # that object's own slot when it is a stub of its PLT (a non-PIE program's
@@ -437,12 +471,20 @@ def _with_safe_thread(procfs: ProcFS, pid: int, unsafe: list[tuple[int, int]],
                     continue
                 held = time.monotonic()
                 try:
+                    vector = _get_vector_state(tid)
+                except InjectError:
+                    _pt(_PTRACE_DETACH, tid)
+                    raise
+                try:
                     results = [_call(tid, mem.fileno(), saved, fn, args, data)
                                for fn, args, data in calls]
                 finally:
-                    # (if the process died meanwhile, the error said so already)
+                    # the thread goes on exactly as it was stopped: general and
+                    # vector registers (if the process died meanwhile, the
+                    # error said so already)
                     with contextlib.suppress(OSError):
                         _setregs(tid, saved)
+                        _set_vector_state(tid, vector)
                         _pt(_PTRACE_DETACH, tid)
                 return results, time.monotonic() - held
             time.sleep(random.uniform(0.001, 0.005))

@@ -191,3 +191,28 @@ def test_a_process_another_tracer_holds_is_refused_with_one_line(tmp_path: Path)
         if pid is not None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid), signal.SIGKILL)
+
+
+def test_the_borrowed_thread_keeps_its_vector_registers(tmp_path: Path):
+    """The program's only thread, borrowed to call dlopen and to store the
+    slots (and again at detach), holds known values in xmm0..xmm15 all along;
+    dlopen's code uses those registers, so memtrace saves and restores them
+    (ptrace's XSTATE register set) besides the general ones. Without that the
+    program sees a register changed and exits 1."""
+    prog = build_without_frame_pointers(WORKLOADS / "vecregs.c", tmp_path / "vecregs",
+                                        "-mgeneral-regs-only",
+                                        "-fno-tree-loop-distribute-patterns")
+    target = subprocess.Popen([str(prog), str(int(15 * TIMEOUT_SCALE))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        r = subprocess.run(
+            [*MEMTRACE, "watch", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
+             "--count", "3", str(target.pid)],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
+            stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "sampler loaded into pid" in r.stderr
+        printed, _ = target.communicate(timeout=60 * TIMEOUT_SCALE)
+        assert (printed.strip(), target.returncode) == ("vector registers unchanged", 0)
+    finally:
+        target.kill()
