@@ -220,10 +220,18 @@ def _is_libc(path: bytes) -> bool:
     return os.path.basename(path).startswith(b"libc.so")
 
 
-def _find_dlopen(procfs: ProcFS, pid: int, vmas: list[Vma]) -> tuple[int, list[tuple[int, int]]]:
-    """dlopen's address in the process (glibc >= 2.34 has it in libc, older
-    ones __libc_dlopen_mode, same arguments), and the executable ranges of
-    libc and the loader (a thread stopped there may hold their locks)."""
+@dataclass(frozen=True)
+class _Libc:
+    """What a borrowed thread needs of the process's glibc: dlopen (in libc
+    since 2.34; __libc_dlopen_mode before, same arguments), __errno_location,
+    and the executable ranges of libc and the loader (a thread stopped there
+    may hold their locks)."""
+    dlopen: int
+    errno_location: int
+    unsafe: list[tuple[int, int]]
+
+
+def _find_libc(procfs: ProcFS, pid: int, vmas: list[Vma]) -> _Libc:
     unsafe = [(v.start, v.end) for v in vmas
               if "x" in v.perms and (_is_libc(v.path) or _is_loader(v.path))]
     for path, (start, vma) in _objects(vmas).items():
@@ -233,10 +241,11 @@ def _find_dlopen(procfs: ProcFS, pid: int, vmas: list[Vma]) -> tuple[int, list[t
         bias = _load_bias(data, start) if data else None
         if data is None or bias is None:
             continue
-        syms = dynamic_symbol_values(data, {b"dlopen", b"__libc_dlopen_mode"})
+        syms = dynamic_symbol_values(data, {b"dlopen", b"__libc_dlopen_mode",
+                                            b"__errno_location"})
         fn = syms.get(b"dlopen") or syms.get(b"__libc_dlopen_mode")
-        if fn:
-            return bias + fn, unsafe
+        if fn and b"__errno_location" in syms:
+            return _Libc(bias + fn, bias + syms[b"__errno_location"], unsafe)
     raise InjectError(f"pid {pid} has no glibc (libc.so.6 with dlopen) loaded: the "
                       "sampler cannot be put into it")
 
@@ -452,11 +461,12 @@ def _candidates(procfs: ProcFS, pid: int, worst: int) -> list[int]:
     return [tid for _, tid in sorted(ranked)]
 
 
-def _with_safe_thread(procfs: ProcFS, pid: int, unsafe: list[tuple[int, int]],
+def _with_safe_thread(procfs: ProcFS, pid: int, libc: _Libc,
                       calls: list[tuple[int, tuple[int, ...], bytes]]) -> tuple[list[int], float]:
     """Find a thread at a safe point, make it run `calls` ((fn, args, data)
-    each) one after the other, put it back as it was. Their return values,
-    and how long that thread was held stopped."""
+    each) one after the other, put it back as it was: its general and vector
+    registers, and its errno (the interrupted code may not have read it yet).
+    Their return values, and how long that thread was held stopped."""
     started = time.monotonic()
     with open(procfs.root / str(pid) / "mem", "r+b", buffering=0) as mem:
         while (now := time.monotonic()) < started + FIND_SECONDS:
@@ -466,7 +476,7 @@ def _with_safe_thread(procfs: ProcFS, pid: int, unsafe: list[tuple[int, int]],
                     continue
                 saved = _getregs(tid)
                 wchan = procfs.root / str(pid) / "task" / str(tid) / "wchan"
-                if not _is_safe(saved, unsafe, wchan):
+                if not _is_safe(saved, libc.unsafe, wchan):
                     _pt(_PTRACE_DETACH, tid)
                     continue
                 held = time.monotonic()
@@ -475,14 +485,18 @@ def _with_safe_thread(procfs: ProcFS, pid: int, unsafe: list[tuple[int, int]],
                 except InjectError:
                     _pt(_PTRACE_DETACH, tid)
                     raise
+                errno_at, errno_was = 0, b""
                 try:
+                    errno_at = _call(tid, mem.fileno(), saved, libc.errno_location, (), b"")
+                    errno_was = os.pread(mem.fileno(), 4, errno_at)
                     results = [_call(tid, mem.fileno(), saved, fn, args, data)
                                for fn, args, data in calls]
                 finally:
-                    # the thread goes on exactly as it was stopped: general and
-                    # vector registers (if the process died meanwhile, the
-                    # error said so already)
+                    # the thread goes on exactly as it was stopped (if the
+                    # process died meanwhile, the error said so already)
                     with contextlib.suppress(OSError):
+                        if len(errno_was) == 4:
+                            os.pwrite(mem.fileno(), errno_was, errno_at)
                         _setregs(tid, saved)
                         _set_vector_state(tid, vector)
                         _pt(_PTRACE_DETACH, tid)
@@ -508,11 +522,11 @@ def _setter_calls(setter: int, period: int, rows: list[tuple[int, int, int, int]
             for i in range(0, len(rows), SLOTS_PER_CALL)]
 
 
-def _store(procfs: ProcFS, got: Interposition, unsafe: list[tuple[int, int]],
-           slots: list[Slot], period: int) -> None:
+def _store(procfs: ProcFS, got: Interposition, libc: _Libc, slots: list[Slot],
+           period: int) -> None:
     """Point `slots` at the sampler, in a thread of the process."""
     rows = [(s.addr, s.old, s.value, s.prot) for s in slots]
-    results, held = _with_safe_thread(procfs, got.pid, unsafe,
+    results, held = _with_safe_thread(procfs, got.pid, libc,
                                       _setter_calls(got.setter, period, rows))
     stored = sum(results)
     got.held_seconds += held
@@ -527,10 +541,10 @@ def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition
     if os.uname().machine != "x86_64":
         raise InjectError("watch --malloc is x86-64 only (use memtrace run --malloc)")
     vmas = procfs.maps(pid)
-    dlopen, unsafe = _find_dlopen(procfs, pid, vmas)
+    libc = _find_libc(procfs, pid, vmas)
     path = shim.encode() + b"\0"
-    (handle,), held = _with_safe_thread(procfs, pid, unsafe,
-                                        [(dlopen, (DATA, _RTLD_NOW), path)])
+    (handle,), held = _with_safe_thread(procfs, pid, libc,
+                                        [(libc.dlopen, (DATA, _RTLD_NOW), path)])
     if handle == 0:
         raise InjectError(f"dlopen of the sampler failed in pid {pid}")
     vmas = procfs.maps(pid)
@@ -545,7 +559,7 @@ def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition
     setter = funcs.pop(b"memtrace_malloc_interpose")
     slots, skipped, done = plan_slots(procfs, pid, vmas, shim.encode(), funcs)
     got = Interposition(pid, bias, funcs, setter, slots, done, skipped, held)
-    _store(procfs, got, unsafe, slots, period)
+    _store(procfs, got, libc, slots, period)
     return got
 
 
@@ -566,8 +580,7 @@ def extend(procfs: ProcFS, got: Interposition, shim: str) -> int:
     got.objects |= done
     got.skipped += skipped
     if slots:
-        _, unsafe = _find_dlopen(procfs, got.pid, vmas)
-        _store(procfs, got, unsafe, slots, 0)
+        _store(procfs, got, _find_libc(procfs, got.pid, vmas), slots, 0)
         got.slots += slots
     return len(slots)
 
@@ -581,9 +594,9 @@ def withdraw(procfs: ProcFS, got: Interposition, shim: str) -> None:
     vmas = procfs.maps(got.pid)
     if not _sampler_in_place(got, shim, vmas):
         return
-    _, unsafe = _find_dlopen(procfs, got.pid, vmas)
     back = [(s.addr, s.value, s.old, s.prot) for s in reversed(got.slots)]
-    _with_safe_thread(procfs, got.pid, unsafe, _setter_calls(got.setter, 0, back))
+    _with_safe_thread(procfs, got.pid, _find_libc(procfs, got.pid, vmas),
+                      _setter_calls(got.setter, 0, back))
 
 
 class Interposer:

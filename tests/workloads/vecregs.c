@@ -5,8 +5,11 @@
  * then for SECONDS seconds stores them to memory and compares, in a loop that
  * calls nothing (time from a raw system call, which keeps them). Built with
  * -mgeneral-regs-only, so the C code never touches a vector register.
+ * Sets errno to 4242 first and checks it too (a library call in the borrowed
+ * thread may set it; the program may not have read it yet).
  * Prints "vector registers unchanged" and exits 0, or names the first register
- * that changed and exits 1. Usage: vecregs [SECONDS] */
+ * that changed (or errno) and exits 1. Usage: vecregs [SECONDS] */
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -43,10 +46,16 @@ int main(int argc, char **argv)
     for (int i = 0; i < 16 * W; i++)
         pattern[i] = (unsigned char)(i * 7 + 1);
     __asm__ volatile(ALL(LOAD, 0) : : "r"(pattern) : "memory");
+    int *err = &errno;          /* its address once: no call in the loop */
+    *err = 4242;
     long end = now() + seconds;
     while (now() < end) {
         for (int k = 0; k < 100000; k++) {
             __asm__ volatile(ALL(STORE, 0) : : "r"(seen) : "memory");
+            if (*err != 4242) {
+                printf("errno changed to %d\n", *err);
+                return 1;
+            }
             for (int i = 0; i < 16 * W; i++) {
                 if (seen[i] != pattern[i]) {
                     printf("%s%d changed\n", REG, i / W);
