@@ -25,7 +25,7 @@ import random
 import signal
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
@@ -461,12 +461,17 @@ def _candidates(procfs: ProcFS, pid: int, worst: int) -> list[int]:
     return [tid for _, tid in sorted(ranked)]
 
 
-def _with_safe_thread(procfs: ProcFS, pid: int, libc: _Libc,
-                      calls: list[tuple[int, tuple[int, ...], bytes]]) -> tuple[list[int], float]:
+Calls = list[tuple[int, tuple[int, ...], bytes]]
+
+
+def _with_safe_thread(procfs: ProcFS, pid: int, libc: _Libc, calls: Calls,
+                      then: Callable[[list[int], int], Calls] | None = None,
+                      ) -> tuple[list[int], float]:
     """Find a thread at a safe point, make it run `calls` ((fn, args, data)
-    each) one after the other, put it back as it was: its general and vector
-    registers, and its errno (the interrupted code may not have read it yet).
-    Their return values, and how long that thread was held stopped."""
+    each) one after the other, then those `then(their results, a /proc/PID/mem
+    fd)` gives, and put it back as it was: its general and vector registers,
+    and its errno (the interrupted code may not have read it yet). The return
+    values, and how long that thread was held stopped."""
     started = time.monotonic()
     with open(procfs.root / str(pid) / "mem", "r+b", buffering=0) as mem:
         while (now := time.monotonic()) < started + FIND_SECONDS:
@@ -491,6 +496,9 @@ def _with_safe_thread(procfs: ProcFS, pid: int, libc: _Libc,
                     errno_was = os.pread(mem.fileno(), 4, errno_at)
                     results = [_call(tid, mem.fileno(), saved, fn, args, data)
                                for fn, args, data in calls]
+                    if then is not None:
+                        results += [_call(tid, mem.fileno(), saved, fn, args, data)
+                                    for fn, args, data in then(results, mem.fileno())]
                 finally:
                     # the thread goes on exactly as it was stopped (if the
                     # process died meanwhile, the error said so already)
@@ -511,8 +519,7 @@ def _slot_table(slots: Iterable[tuple[int, int, int, int]]) -> bytes:
     return b"".join(struct.pack("<QQQq", a, e, v, p) for a, e, v, p in slots)
 
 
-def _setter_calls(setter: int, period: int, rows: list[tuple[int, int, int, int]],
-                  ) -> list[tuple[int, tuple[int, ...], bytes]]:
+def _setter_calls(setter: int, period: int, rows: list[tuple[int, int, int, int]]) -> Calls:
     """Calls of memtrace_malloc_interpose storing `rows` ((addr, expect,
     value, prot) each), SLOTS_PER_CALL at a time: each call's table is written
     just below the stopped thread's red zone, a few hundred bytes at most, so
@@ -537,29 +544,39 @@ def _store(procfs: ProcFS, got: Interposition, libc: _Libc, slots: list[Slot],
 
 def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition:
     """Load the sampler `shim` into pid and point the GOT slots of its loaded
-    objects at it (docs/malloc.md). InjectError if it cannot be done."""
+    objects at it (docs/malloc.md), in one stop of one thread: the slots are
+    planned before (with the sampler's functions as offsets in its file), and
+    where dlopen put it is read from the link_map dlopen returns (l_addr, its
+    first field). InjectError if it cannot be done."""
     if os.uname().machine != "x86_64":
         raise InjectError("watch --malloc is x86-64 only (use memtrace run --malloc)")
     vmas = procfs.maps(pid)
     libc = _find_libc(procfs, pid, vmas)
-    path = shim.encode() + b"\0"
-    (handle,), held = _with_safe_thread(procfs, pid, libc,
-                                        [(libc.dlopen, (DATA, _RTLD_NOW), path)])
-    if handle == 0:
-        raise InjectError(f"dlopen of the sampler failed in pid {pid}")
-    vmas = procfs.maps(pid)
-    objects = _objects(vmas)
-    if shim.encode() not in objects:
-        raise InjectError(f"the sampler is not mapped in pid {pid} after dlopen")
-    start, _ = objects[shim.encode()]
-    data = Path(shim).read_bytes()
-    bias = _load_bias(data, start) or 0
     names = {*INTERPOSED, b"memtrace_malloc_interpose"}
-    funcs = {k: bias + v for k, v in dynamic_symbol_values(data, names).items()}
-    setter = funcs.pop(b"memtrace_malloc_interpose")
-    slots, skipped, done = plan_slots(procfs, pid, vmas, shim.encode(), funcs)
-    got = Interposition(pid, bias, funcs, setter, slots, done, skipped, held)
-    _store(procfs, got, libc, slots, period)
+    offsets = dynamic_symbol_values(Path(shim).read_bytes(), names)
+    setter_offset = offsets.pop(b"memtrace_malloc_interpose")
+    planned, skipped, done = plan_slots(procfs, pid, vmas, shim.encode(), offsets)
+    where: list[int] = []
+
+    def store(results: list[int], mem: int) -> list[tuple[int, tuple[int, ...], bytes]]:
+        if results[0] == 0:
+            return []
+        where.append(struct.unpack("<Q", os.pread(mem, 8, results[0]))[0])   # l_addr
+        rows = [(s.addr, s.old, where[0] + s.value, s.prot) for s in planned]
+        return _setter_calls(where[0] + setter_offset, period, rows)
+
+    path = shim.encode() + b"\0"
+    results, held = _with_safe_thread(procfs, pid, libc,
+                                      [(libc.dlopen, (DATA, _RTLD_NOW), path)], then=store)
+    if results[0] == 0 or not where:
+        raise InjectError(f"dlopen of the sampler failed in pid {pid}")
+    bias = where[0]
+    slots = [Slot(s.addr, bias + s.value, s.old, s.prot) for s in planned]
+    got = Interposition(pid, bias, {k: bias + v for k, v in offsets.items()},
+                        bias + setter_offset, slots, done, skipped, held)
+    if sum(results[1:]) != len(slots):
+        log(f"--malloc: pid {pid}: {len(slots) - sum(results[1:])} of {len(slots)} GOT slots "
+            "changed under memtrace and were left alone")
     return got
 
 
