@@ -28,21 +28,34 @@ class ForcedChunks:
         self.page_size = page_size
         self.huge_size = huge_size
         self._chunks: dict[int, set[tuple[int, int]]] = {}    # pid -> {(epoch, chunk)}
+        # pid -> forced samples whose page was not mapped yet when first weighed
+        self._waiting: dict[int, list[StackRecord]] = {}
 
     def weigh(self, pid: int, epoch: int, records: list[StackRecord],
-              huge_at: Callable[[int], bool]) -> list[StackRecord]:
+              huge_at: Callable[[int], bool | None]) -> list[StackRecord]:
         """The records with each forced sample weighed by what its fault made
-        resident; the chunks they name are remembered."""
-        if not any(r.forced for r in records):
+        resident (`huge_at(addr)`: True a huge page, False one page, None no
+        page yet); the chunks they name are remembered. The tracepoint fires
+        as the fault begins, and clearing a huge page takes a while: a sample
+        whose page is not mapped yet waits for the next call, once; still no
+        page then (released already), it weighs one page."""
+        waiting = [r for r in self._waiting.pop(pid, []) if r.epoch == epoch]
+        if not waiting and not any(r.forced for r in records):
             return records
         chunks = self._chunks.setdefault(pid, set())
         out = []
-        for r in records:
+        later = []
+        for k, r in enumerate([*waiting, *records]):
             if r.forced:
-                weight = self.huge_size if huge_at(r.addr) else self.page_size
-                r = dataclasses.replace(r, weight=weight)
+                huge = huge_at(r.addr)
+                if huge is None and k >= len(waiting):      # not waited for yet
+                    later.append(r)
+                    continue
+                r = dataclasses.replace(r, weight=self.huge_size if huge else self.page_size)
                 chunks.add((epoch, r.addr >> CHUNK_SHIFT))
             out.append(r)
+        if later:
+            self._waiting[pid] = later
         return out
 
     def release(self, pid: int, epoch: int, resident_chunks: Container[int]) -> None:
@@ -57,6 +70,7 @@ class ForcedChunks:
             self._forget(pid, gone)
 
     def drop(self, pid: int) -> None:
+        self._waiting.pop(pid, None)
         chunks = self._chunks.pop(pid, None)
         if chunks:
             self._forget(pid, chunks)

@@ -103,14 +103,17 @@ class PagemapScanner(_PagemapFile):
         self.ioctls += ioctls
         return [(r_start, r_end, not (cats & PAGE_IS_FILE)) for r_start, r_end, cats in regions]
 
-    def huge(self, addr: int) -> bool:
-        """Whether a huge page (a PMD mapping) holds the page at addr."""
+    def huge(self, addr: int) -> bool | None:
+        """Whether a huge page (a PMD mapping) holds the page at addr; None if
+        no page is mapped there."""
         page = addr & ~4095
         regions, ioctls = pagemap_scan(
             self.fd, self.pid, self._arg, self._vec, page, page + 4096,
             category_mask=PAGE_IS_PRESENT | PAGE_IS_PFNZERO, category_anyof_mask=0,
             return_mask=PAGE_IS_HUGE)
         self.ioctls += ioctls
+        if not regions:
+            return None
         return any(cats & PAGE_IS_HUGE for _, _, cats in regions)
 
 
@@ -308,15 +311,18 @@ class RawPagemapScanner(_PagemapFile):
                 self._scan_one(lo, hi, runs)
         return runs
 
-    def huge(self, addr: int) -> bool:
+    def huge(self, addr: int) -> bool | None:
         """Whether a transparent huge page holds the page at addr (its PFN's
-        KPF_THP in /proc/kpageflags; root only, else False)."""
+        KPF_THP in /proc/kpageflags; root only, else False); None if no page
+        is mapped there."""
         try:
             entry = int.from_bytes(os.pread(self.fd, 8, (addr >> 12) * 8), "little")
         except OSError:
             return False
         self.ioctls += 1
-        pfn = entry & PM_PFN_MASK if entry & PM_PRESENT else 0
+        if not entry & PM_PRESENT:
+            return None
+        pfn = entry & PM_PFN_MASK
         return bool(pfn and _page_flags(pfn) & KPF_THP)
 
     def _scan_one(self, start: int, end: int, runs: list[Run]) -> None:

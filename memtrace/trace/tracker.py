@@ -118,8 +118,9 @@ class ProcessTracker:
             self._scanner.close()
             self._scanner = None
 
-    def huge_at(self, addr: int) -> bool:
-        """Whether a huge page holds the page at addr now."""
+    def huge_at(self, addr: int) -> bool | None:
+        """Whether a huge page holds the page at addr now; None if no page is
+        mapped there (yet: a fault in progress, or no longer)."""
         if self._scanner is None:
             return False
         try:

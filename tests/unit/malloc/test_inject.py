@@ -13,17 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from memtrace.malloc.borrow import DATA, _is_safe, _Regs, candidate_rank
 from memtrace.malloc.inject import (
-    DATA,
     INTERPOSED,
     RELEASERS,
     SLOTS_PER_CALL,
-    _is_safe,
     _objects,
-    _Regs,
     _setter_calls,
     _slot_table,
-    candidate_rank,
     plan_slots,
 )
 from memtrace.malloc.shim import build_shim

@@ -53,3 +53,24 @@ def test_empty_chunks_and_old_images_are_forgotten_in_bpf():
     assert forget.calls[-1] == (PID, {(1, c0)})
     forced.drop(PID)                                     # nothing left: no call
     assert len(forget.calls) == 3
+
+
+def test_a_sample_whose_page_is_not_mapped_yet_waits_one_call():
+    """The tracepoint fires as the fault begins; a huge page takes a while to
+    clear: weighed while its page is not mapped yet, the sample would count one
+    page for a huge one (the flake of test_huge_stacks). It waits for the next
+    call; a page still missing then (released already) weighs one page."""
+    forced = ForcedChunks(Forgotten(), P, HUGE)
+    state: dict[int, bool | None] = {BASE: None, BASE + HUGE: True}
+    first = forced.weigh(PID, 0, [rec(BASE, True), rec(BASE + HUGE, True)], state.get)
+    assert [(r.addr, r.weight) for r in first] == [(BASE + HUGE, HUGE)]
+    state[BASE] = True                                   # the fault finished: a huge page
+    second = forced.weigh(PID, 0, [], state.get)
+    assert [(r.addr, r.weight) for r in second] == [(BASE, HUGE)]
+    assert forced.weigh(PID, 0, [], state.get) == []     # weighed once
+    state[BASE + 2 * HUGE] = None
+    forced.weigh(PID, 0, [rec(BASE + 2 * HUGE, True)], state.get)
+    last = forced.weigh(PID, 0, [], state.get)           # still nothing: one page
+    assert [(r.addr, r.weight) for r in last] == [(BASE + 2 * HUGE, P)]
+    forced.weigh(PID, 0, [rec(BASE + 3 * HUGE, True)], lambda a: None)
+    assert forced.weigh(PID, 1, [], lambda a: True) == []   # an exec: the old image's go
