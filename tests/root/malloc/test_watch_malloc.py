@@ -39,6 +39,13 @@ WORKLOADS = REPO_ROOT / "tests" / "workloads"
 QUIET = ["--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
 
 
+def _watch_malloc(pid: int, *options: str) -> subprocess.CompletedProcess[str]:
+    """memtrace watch --malloc PID, JSON on stdout, PSS and heap walks off."""
+    return subprocess.run([*MEMTRACE, "watch", "--format", "json", *QUIET, "--malloc",
+                           *options, str(pid)], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120 * TIMEOUT_SCALE, stdin=subprocess.DEVNULL)
+
+
 def _bytes_of(entries: list[dict[str, Any]], function: str) -> int:
     return sum(e["bytes"] for e in entries
                if any(f.split(" (")[0] == function for f in e["frames"]))
@@ -54,11 +61,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     target = subprocess.Popen([str(prog), str(lib), str(wait), "4", "8", "3"],
                               stdout=subprocess.PIPE, text=True)
     try:
-        r = subprocess.run(
-            [*MEMTRACE, "watch", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
-             "--malloc-period", "16K", str(target.pid)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
-            stdin=subprocess.DEVNULL)
+        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K")
         printed, _ = target.communicate(timeout=60 * TIMEOUT_SCALE)
     finally:
         target.kill()
@@ -124,11 +127,8 @@ def test_glibc_is_put_back_when_watch_ends_and_the_process_goes_on(tmp_path: Pat
         time.sleep(0.5)
         lo, hi = _libc_range(target.pid)
         assert lo <= _exe_malloc_slot(target.pid, prog) < hi
-        r = subprocess.run(
-            [*MEMTRACE, "watch", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
-             "--malloc-period", "16K", "--count", "6", str(target.pid)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
-            stdin=subprocess.DEVNULL)
+        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K",
+                          "--count", "6")
         assert r.returncode == 0, r.stderr[-2000:]
         assert "sampler loaded into pid" in r.stderr
         last = [json.loads(x) for x in r.stdout.splitlines() if '"malloc"' in x][-1]["malloc"]
@@ -153,10 +153,7 @@ def test_a_process_without_glibc_is_refused_with_one_line(tmp_path: Path):
         pytest.skip(f"no static libc to build with: {built.stderr[-200:]}")
     target = subprocess.Popen([str(prog)])
     try:
-        r = subprocess.run([*MEMTRACE, "watch", *QUIET, "--format", "json", "--malloc",
-                            "--count", "2", str(target.pid)], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
-                           stdin=subprocess.DEVNULL)
+        r = _watch_malloc(target.pid, "--count", "2")
         assert r.returncode == 18, r.stderr[-2000:]
         errors = [x for x in r.stderr.splitlines() if "--malloc:" in x]
         assert len(errors) == 1 and "no glibc" in errors[0], r.stderr[-2000:]
@@ -179,9 +176,7 @@ def test_a_process_another_tracer_holds_is_refused_with_one_line(tmp_path: Path)
             pid = next(iter(kids.read_text().split()), None)
             time.sleep(0.05)
         assert pid is not None
-        r = subprocess.run([*MEMTRACE, "watch", *QUIET, "--format", "json", "--malloc",
-                            "--count", "2", pid], cwd=REPO_ROOT, capture_output=True,
-                           text=True, timeout=120 * TIMEOUT_SCALE, stdin=subprocess.DEVNULL)
+        r = _watch_malloc(int(pid), "--count", "2")
         assert r.returncode == 18, r.stderr[-2000:]
         lines = [x for x in r.stderr.splitlines() if "--malloc" in x]
         assert len(lines) == 1 and "another tracer" in lines[0], r.stderr[-2000:]
@@ -205,11 +200,7 @@ def test_the_borrowed_thread_keeps_its_vector_registers(tmp_path: Path):
     target = subprocess.Popen([str(prog), str(int(15 * TIMEOUT_SCALE))],
                               stdout=subprocess.PIPE, text=True)
     try:
-        r = subprocess.run(
-            [*MEMTRACE, "watch", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
-             "--count", "3", str(target.pid)],
-            cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
-            stdin=subprocess.DEVNULL)
+        r = _watch_malloc(target.pid, "--interval", "0.5", "--count", "3")
         assert r.returncode == 0, r.stderr[-2000:]
         assert "sampler loaded into pid" in r.stderr
         printed, _ = target.communicate(timeout=60 * TIMEOUT_SCALE)
