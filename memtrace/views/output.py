@@ -17,10 +17,16 @@ OUTPUT_FAILED; quiet for a closed pipe). See docs/output.md.
 
 from __future__ import annotations
 
+import array
 import collections
+import contextlib
 import errno
+import fcntl
 import os
+import select
+import stat
 import sys
+import termios
 import threading
 import time
 from collections.abc import Iterable
@@ -34,6 +40,36 @@ STALL_SECONDS = 2.0
 IOV_MAX = 1024  # pieces per writev(2) (the kernel's UIO_MAXIOV)
 WRITE_MAX = 64 << 10  # bytes per write(2): a blocking write to a pipe returns only
 # when all of it is taken, so progress (last_progress) is seen at this grain
+PIPE_SIZE = 1 << 20   # a pipe we write to is grown to this (F_SETPIPE_SZ), never shrunk
+PIPE_WAIT = 0.002     # seconds between looks at a pipe with too little room
+_F_SETPIPE_SZ, _F_GETPIPE_SZ = 1031, 1032
+
+
+def pipe_capacity(fd: int) -> int | None:
+    """The size of the pipe `fd` writes to, grown to PIPE_SIZE when the kernel
+    lets us; None when fd is not a pipe."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return None
+        size = fcntl.fcntl(fd, _F_GETPIPE_SZ)
+        if size < PIPE_SIZE:
+            # refused above fs.pipe-max-size without CAP_SYS_RESOURCE
+            with contextlib.suppress(OSError):
+                size = fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+        return int(size)
+    except OSError:
+        return None
+
+
+class _Abandoned(Exception):
+    """close() gave up waiting for the reader: the writer thread stops."""
+
+
+def _unread(fd: int) -> int:
+    """Bytes in the pipe not read yet (FIONREAD works on either end)."""
+    got = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, got, True)
+    return got[0]
 
 
 def output_error(err: OSError, name: str) -> OutputError:
@@ -53,6 +89,14 @@ class OutputStream:
         self.max_queued = max_queued
         self.stall_seconds = stall_seconds
         self._owns_fd = owns_fd
+        # A pipe is written only where it has room (see _room): a large record
+        # to a reader that takes 8 KiB a read (Python's readline) would
+        # otherwise wake this thread once per read: ~2,000 times per 17 MB line.
+        self._pipe_size = pipe_capacity(fd)
+        # its own descriptor of the pipe: between two looks, `fd` may be closed
+        # and its number given to another file (tests do)
+        self._write_fd = os.dup(fd) if self._pipe_size else fd
+        self._abandoned = False       # close() gave up on the rest: stop writing
         self._queue: collections.deque[list[bytes]] = collections.deque()
         self._queued_bytes = 0
         self._cond = threading.Condition()
@@ -110,6 +154,7 @@ class OutputStream:
             left = list(self._queue)
             self._queue.clear()
             in_flight = self._busy
+            self._abandoned = True
         lost_records = len(left) + (1 if in_flight and self.error is None else 0)
         lost_bytes = sum(len(p) for r in left for p in r)
         if lost_records and self.error is None:
@@ -119,6 +164,8 @@ class OutputStream:
         if self.dropped_records:
             log(f"{self.name}: {self.dropped_records} record(s) ({self.dropped_bytes} "
                  "bytes) dropped while the reader was behind")
+        if self._write_fd != self.fd and not in_flight:
+            os.close(self._write_fd)
         if self._owns_fd and not in_flight:
             try:
                 os.close(self.fd)
@@ -139,6 +186,10 @@ class OutputStream:
                 self._busy = True
             try:
                 self._write(record)
+            except _Abandoned:
+                if self._write_fd != self.fd:
+                    os.close(self._write_fd)     # close() left it to this thread
+                return
             except OSError as e:
                 with self._cond:
                     self.error = e
@@ -155,17 +206,20 @@ class OutputStream:
         bytes a call: a whole JSON snapshot of 60k mappings (17 MB) is never
         copied into one buffer, nor into 1 MB ones."""
         views = [memoryview(p) for p in record if p]
+        left = sum(map(len, views))
         i = 0
         while i < len(views):
+            limit = self._room(left) if self._pipe_size else WRITE_MAX
             batch: list[memoryview] = []
             size = 0
             j = i
-            while j < len(views) and size < WRITE_MAX and len(batch) < IOV_MAX:
-                piece = views[j][:WRITE_MAX - size]
+            while j < len(views) and size < limit and len(batch) < IOV_MAX:
+                piece = views[j][:limit - size]
                 batch.append(piece)
                 size += len(piece)
                 j += 1
-            n = os.writev(self.fd, batch)
+            n = os.writev(self._write_fd, batch)
+            left -= n
             self.written_bytes += n
             self.last_progress = time.monotonic()
             while n:            # drop what was written, part of a piece maybe
@@ -175,6 +229,28 @@ class OutputStream:
                 else:
                     views[i] = views[i][n:]
                     n = 0
+
+
+    def _room(self, left: int) -> int:
+        """Bytes to write next to the pipe: once it has room for the rest of
+        the record or for half its size, all of that room (a write that does
+        not block). Until then, looks again every PIPE_WAIT seconds; a reader
+        that went away ends the wait (the write then fails with EPIPE)."""
+        assert self._pipe_size is not None
+        want = min(left, self._pipe_size // 2)
+        poller = select.poll()
+        poller.register(self._write_fd, 0)  # POLLERR (no reader left) is always reported
+        while True:
+            if self._abandoned:
+                raise _Abandoned
+            try:
+                room = self._pipe_size - _unread(self._write_fd)
+            except OSError:
+                return WRITE_MAX              # not a pipe we can measure: block as before
+            if room >= want:
+                return room
+            if poller.poll(PIPE_WAIT * 1000):
+                return max(room, 1)
 
 
 class TextOutput:

@@ -184,3 +184,47 @@ def test_a_record_of_many_pieces_is_written_as_it_is(capsys):
     assert bytes(got) == b"".join(pieces)
     assert stream.written_bytes == len(got)
     assert capsys.readouterr().err == ""
+
+
+def test_a_pipe_is_written_where_it_has_room(monkeypatch):
+    """A large record to a reader taking 8 KiB a read (as Python's readline
+    does) is written in a few writes of at least half the pipe, each into
+    room the pipe has (not ~one blocked write per read), and arrives whole."""
+    from memtrace.views import output
+
+    r, w = os.pipe()
+    writes: list[int] = []
+    real_writev = os.writev
+
+    def counting_writev(fd: int, buffers: list[memoryview]) -> int:
+        size = sum(map(len, buffers))
+        writes.append(size)
+        assert size <= output.PIPE_SIZE - output._unread(fd)   # never blocks
+        return real_writev(fd, buffers)
+
+    monkeypatch.setattr(output.os, "writev", counting_writev)
+    got = bytearray()
+
+    def read_small() -> None:
+        while chunk := os.read(r, 8192):
+            got.extend(chunk)
+
+    reader = threading.Thread(target=read_small)
+    reader.start()
+    stream = OutputStream(w, "stdout", stall_seconds=5.0, owns_fd=True)
+    assert stream._pipe_size == output.PIPE_SIZE          # grown from 64 KiB
+    record = [bytes([65 + i % 26]) * 70000 for i in range(60)] + [b"\n"]   # ~4 MB
+    stream.write_record(record)
+    stream.close()
+    reader.join(10)
+    assert bytes(got) == b"".join(record)
+    assert len(writes) <= 2 * len(got) // (output.PIPE_SIZE // 2) + 2, writes
+    assert min(writes[:-1]) >= output.PIPE_SIZE // 2 - 70000, writes
+
+
+def test_pipe_capacity_of_other_files(tmp_path):
+    from memtrace.views.output import pipe_capacity
+
+    with open(tmp_path / "f", "wb") as f:
+        assert pipe_capacity(f.fileno()) is None
+    assert pipe_capacity(-1) is None

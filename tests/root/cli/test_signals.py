@@ -11,6 +11,7 @@ the kernel (looked up by ID with the bpf(2) syscall) once it has exited.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import errno
@@ -292,7 +293,12 @@ def test_stdout_nobody_reads_does_not_hold_shutdown(sleeper):
                       str(sleeper.pid)], stdout=w)
         os.close(w)
         m.wait_for("first snapshot")
-        time.sleep(2)               # ~40 snapshots of ~13 kB: the pipe (64 kB) is full
+        # snapshots of ~13 kB every 0.05 s until the pipe (grown to 1 MiB by
+        # memtrace, views/output.py) is full, then more wait in the queue
+        deadline = time.monotonic() + 30
+        while _unread(r) < fcntl.fcntl(r, 1032) and time.monotonic() < deadline:   # F_GETPIPE_SZ
+            time.sleep(0.1)
+        time.sleep(1)
         t0 = time.monotonic()
         m.proc.send_signal(signal.SIGTERM)
         assert m.wait() == 0, m.stderr
@@ -303,6 +309,12 @@ def test_stdout_nobody_reads_does_not_hold_shutdown(sleeper):
     finally:
         m.kill()
         os.close(r)
+
+
+def _unread(fd: int) -> int:
+    got = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, got, True)
+    return got[0]
 
 
 def _one_error_line(m: Memtrace) -> str:
