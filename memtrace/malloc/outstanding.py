@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from memtrace.malloc.leaks import LEAK_INTERVALS, Leak
-from memtrace.stacks.profile import Stack, StackIds, StackProfile, StackSample
+from memtrace.stacks.profile import Frame, Stack, StackIds, StackProfile, StackSample
 from memtrace.stacks.python import PyResolver, merge
 from memtrace.stacks.summary import FRAMES_MAX, frame_text
 from memtrace.stacks.unwind import Unwinder
@@ -30,6 +30,8 @@ from memtrace.trace.procfs import Vma
 SHIM_PREFIX = "libmemtrace-malloc"       # the built sampler's file name (shim.py)
 MAPPING = "[malloc]"                     # the mapping and kind a StackSample needs
 MALLOC_TOP = 10                          # stacks per list in a snapshot
+# the stack of samples memtrace kept without their stack copy (SampleBacklog)
+STACK_DROPPED = Stack((Frame(0, "[stack dropped]", "[stack dropped]"),))
 
 
 def trim_sampler(stack: Stack) -> Stack:
@@ -62,31 +64,37 @@ class MallocTracker:
         self.samples = 0
         self.frees = 0
         self.untracked = 0       # samples whose free the sampler could not report
+        self.stacks_dropped = 0  # samples kept without their stack (mallocevents.SampleBacklog)
 
     def add(self, records: Iterable[MallocRecord], vmas: Sequence[Vma]) -> None:
         """Apply one drain's records (unwinding allocations with this VMA list).
         Frees that match nothing are applied again with the next drain's
         records, in timestamp order with them, then dropped."""
         records = sorted([*self._carried, *records], key=lambda r: r.ts)
-        allocs = [r for r in records if not r.freed]
+        allocs = [r for r in records if not r.freed and not r.stack_dropped]
         stacks = iter(self.unwinder.unwind_many(
             self.pid, vmas, [(r.ip, r.sp, r.bp, r.stack) for r in allocs])) if allocs else None
         carried = {id(r) for r in self._carried}      # applied twice now: dropped if unmatched
         self._carried = []
         for r in records:
-            if not r.freed:
+            if r.stack_dropped:
+                self.stacks_dropped += 1
+                self._alloc_sampled(r, self._stacks.intern(STACK_DROPPED))
+            elif not r.freed:
                 assert stacks is not None
                 stack = trim_sampler(next(stacks))
                 if r.py_frames and self.python is not None:
                     stack = merge(stack, self.python.groups(
                         r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED)))
-                sid = self._stacks.intern(stack)
-                if r.untracked:
-                    self.alloc_untracked(sid, r.weight)
-                else:
-                    self.alloc(sid, r.ptr, r.weight)
+                self._alloc_sampled(r, self._stacks.intern(stack))
             elif not self._free(r.ptr) and id(r) not in carried:
                 self._carried.append(r)
+
+    def _alloc_sampled(self, r: MallocRecord, sid: int) -> None:
+        if r.untracked:
+            self.alloc_untracked(sid, r.weight)
+        else:
+            self.alloc(sid, r.ptr, r.weight)
 
     def alloc(self, sid: int, ptr: int, weight: int) -> None:
         if ptr in self._live:       # its free was lost: the address is in use again
@@ -175,6 +183,7 @@ def malloc_summary(tracker: MallocTracker, profile: StackProfile, leaks: list[Le
         "samples": tracker.samples,
         "frees": tracker.frees,
         "untracked": tracker.untracked,
+        "stacks_dropped": tracker.stacks_dropped,
         "lost": profile.samples_lost,
         "outstanding_bytes": profile.held_total(),
         "allocated_bytes": profile.brought_total(),

@@ -4,6 +4,7 @@ recorded bytes (docs/malloc.md)."""
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from dataclasses import dataclass
 
 from memtrace.trace.events import PY_FRAMES
@@ -33,6 +34,7 @@ class MallocRecord:
     # CPython frames of the allocating thread, innermost first, as StackRecord's
     py_frames: tuple[tuple[int, int], ...] = ()
     py_flags: int = 0
+    stack_dropped: bool = False  # kept without its stack: memtrace's backlog was full
 
 
 class RawMallocHeader(ctypes.Structure):
@@ -69,13 +71,15 @@ class RawMallocFree(ctypes.Structure):
 _HEADER = ctypes.sizeof(RawMallocHeader)
 
 
-def decode_malloc_sample(data: bytes | int, size: int | None = None) -> MallocRecord:
+def decode_malloc_sample(data: bytes | int, size: int | None = None,
+                         with_stack: bool = True) -> MallocRecord:
     """A sampled allocation as BPF wrote it: bytes, or the address of a ring
     record and its size (then only the header and the `len` stack bytes BPF
-    copied are read, not the whole fixed-size record)."""
+    copied are read, not the whole fixed-size record; none without
+    `with_stack`)."""
     if isinstance(data, int):
         raw = RawMallocHeader.from_buffer_copy(ctypes.string_at(data, _HEADER))
-        n = min(raw.len, (size or _HEADER) - _HEADER)
+        n = min(raw.len, (size or _HEADER) - _HEADER) if with_stack else 0
         stack = ctypes.string_at(data + _HEADER, n) if n > 0 else b""
     else:
         raw = RawMallocHeader.from_buffer_copy(data[:_HEADER])
@@ -93,3 +97,49 @@ def decode_malloc_free(data: bytes | int, size: int | None = None) -> MallocReco
     raw = RawMallocFree.from_buffer_copy(
         ctypes.string_at(data, n) if isinstance(data, int) else data[:n])
     return MallocRecord(tgid=raw.tgid, ts=raw.ts, ptr=raw.ptr, freed=True)
+
+
+RECORD_OVERHEAD = 400   # bytes a decoded record costs besides its stack copy (object, tuple)
+
+
+class SampleBacklog:
+    """What the reader thread decoded since the last take(), by process, with
+    bounded memory when a program samples faster than memtrace unwinds. Frees
+    are always kept (a lost free would leave its block outstanding). Sampled
+    allocations are kept whole up to `max_bytes` (their stack copies and
+    records); beyond, up to `max_samples` more are kept without their stack
+    (`stack_dropped`: their bytes count, under one `[stack dropped]` stack);
+    beyond that they are dropped and counted, lost like those a full ring
+    drops."""
+
+    def __init__(self, max_bytes: int, max_samples: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_samples = max_samples
+        self.dropped = 0            # samples dropped, since the start
+        self._records: dict[int, list[MallocRecord]] = {}
+        self._bytes = 0
+        self._stackless = 0
+
+    def stacks_full(self) -> bool:
+        """Samples from now on are kept without their stack, if at all."""
+        return self._bytes >= self.max_bytes
+
+    def add(self, rec: MallocRecord) -> bool:
+        """Keep rec (without its stack once stacks_full()); False if it was a
+        sample dropped for want of room."""
+        if not rec.freed:
+            if self._bytes < self.max_bytes:
+                self._bytes += len(rec.stack) + RECORD_OVERHEAD
+            elif self._stackless < self.max_samples:
+                self._stackless += 1
+                rec = dataclasses.replace(rec, stack=b"", stack_dropped=True)
+            else:
+                self.dropped += 1
+                return False
+        self._records.setdefault(rec.tgid, []).append(rec)
+        return True
+
+    def take(self) -> dict[int, list[MallocRecord]]:
+        records, self._records = self._records, {}
+        self._bytes = self._stackless = 0
+        return records

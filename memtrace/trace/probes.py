@@ -37,6 +37,7 @@ from memtrace.trace.events import (
 from memtrace.trace.mallocevents import (
     MALLOC_COUNTS,
     MallocRecord,
+    SampleBacklog,
     decode_malloc_free,
     decode_malloc_sample,
 )
@@ -56,6 +57,10 @@ STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
 STACKS_READER_PAUSE = 0.05  # s: the stack reader's rest after each read (at most 20 reads/s)
 MALLOC_PAGES = 8192     # 32 MiB: ~4000 sampled allocations (8 KiB of stack each) between reads
 MALLOC_READER_PAUSE = 0.01  # s: the --malloc reader's rest after each read
+# sampled allocations held between two ticks (mallocevents.SampleBacklog):
+# with their stack copies up to these bytes, then this many without
+MALLOC_BACKLOG_BYTES = 128 << 20
+MALLOC_BACKLOG_STACKLESS = 250_000
 
 
 def bpf_source_dir() -> Path:
@@ -471,7 +476,7 @@ class _MallocProbes:
                                 ExitCode.BPF_LOAD_FAILED) from None
         self._targets = self.bpf["malloc_targets"]
         self._counts = self.bpf["malloc_counts"]
-        self._records: dict[int, list[MallocRecord]] = defaultdict(list)
+        self._backlog = SampleBacklog(MALLOC_BACKLOG_BYTES, MALLOC_BACKLOG_STACKLESS)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         fds = []
@@ -484,8 +489,10 @@ class _MallocProbes:
         self._reader.start()
 
     def _on_record(self, decode: Any, _ctx: Any, data: Any, size: int) -> None:
-        rec = decode(data, size)
-        self._records[rec.tgid].append(rec)
+        if decode is decode_malloc_sample and self._backlog.stacks_full():
+            self._backlog.add(decode(data, size, with_stack=False))   # no copy of its stack
+            return
+        self._backlog.add(decode(data, size))
 
     def _read(self, fds: list[int]) -> None:
         poller = select.poll()
@@ -509,8 +516,10 @@ class _MallocProbes:
         counters (totals since load)."""
         with self._lock:
             self.bpf.ring_buffer_consume()
-            records, self._records = dict(self._records), defaultdict(list)
+            records = self._backlog.take()
+            dropped = self._backlog.dropped
         counts = {name: int(self._counts[i].value) for i, name in enumerate(MALLOC_COUNTS)}
+        counts["lost"] += dropped
         return records, counts
 
     def close(self) -> None:
