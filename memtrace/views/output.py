@@ -230,7 +230,6 @@ class OutputStream:
                     views[i] = views[i][n:]
                     n = 0
 
-
     def _room(self, left: int) -> int:
         """Bytes to write next to the pipe: once it has room for the rest of
         the record or for half its size, all of that room (a write that does
