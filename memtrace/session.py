@@ -28,6 +28,7 @@ from memtrace.trace.pagemap import huge_page_size, scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
 from memtrace.trace.procfs import PAGE_SIZE, ProcFS, Vma, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
+from memtrace.util.gcpause import gc_paused
 from memtrace.util.log import debug, log
 from memtrace.util.pidfd import close_fd, pidfd_exited, pidfd_open
 
@@ -126,6 +127,10 @@ class Session:
 
     def attach(self, pid: int) -> None:
         """Read pid's address space from scratch and emit its first snapshot."""
+        with gc_paused():       # millions of objects made, none garbage (util/gcpause.py)
+            self._attach(pid)
+
+    def _attach(self, pid: int) -> None:
         assert self.probes is not None
         tracker = ProcessTracker(pid, self.procfs, self.reconcile_interval)
         tracker.stats = read_stats_of(self.probes, pid)
