@@ -28,7 +28,7 @@ from memtrace.trace.pagemap import huge_page_size, scan_mechanism
 from memtrace.trace.probes import Probes, read_stats_of
 from memtrace.trace.procfs import PAGE_SIZE, ProcFS, Vma, want_rss_stat_probe
 from memtrace.trace.tracker import ProcessGone, ProcessTracker
-from memtrace.util.gcpause import gc_paused
+from memtrace.util.gcpause import Freezer, gc_paused
 from memtrace.util.log import debug, log
 from memtrace.util.pidfd import close_fd, pidfd_exited, pidfd_open
 
@@ -90,6 +90,7 @@ class Session:
         # agent: processes come and go for days; their profiles go with them
         self.keep_exited_profiles = True
         self.malloc: MallocState | None = None     # --malloc: see enable_malloc
+        self.freezer = Freezer()
         self._malloc_shim: str | None = None
 
     def load(self, watch_execs: bool = False) -> Probes:
@@ -129,6 +130,7 @@ class Session:
         """Read pid's address space from scratch and emit its first snapshot."""
         with gc_paused():       # millions of objects made, none garbage (util/gcpause.py)
             self._attach(pid)
+        self.freezer.freeze()   # and kept: no full collection walks them again
 
     def _attach(self, pid: int) -> None:
         assert self.probes is not None
@@ -280,6 +282,7 @@ class Session:
             self.reporter.snapshot(snap)
         if self.pss is not None:
             self.pss.end_tick()
+        self.freezer.tick()
         self._last_tick_seconds = time.perf_counter() - t0
         self.publish()
         self.reporter.tick_done()
