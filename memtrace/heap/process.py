@@ -43,6 +43,8 @@ class ProcessSpace:
         self.proc_root = proc_root
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._maps: list[Vma] | None = None
+        self._maps_text = b""           # what _maps was parsed from
+        self._parsed: list[Vma] = []
         self._cache: dict[int, bytes] = {}
         self.reads = 0
         self.bytes_read = 0
@@ -59,12 +61,17 @@ class ProcessSpace:
         self._cache = {}
 
     def maps(self) -> list[Vma]:
+        """The mappings as of the last refresh(); read again after it, parsed
+        again only if they changed (60k mappings: a 3 MB read, 0.1 s of parsing)."""
         if self._maps is None:
             try:
                 with open(f"{self.proc_root}/{self.pid}/maps", "rb") as f:
-                    self._maps = parse_maps(f.read())
+                    text = f.read()
             except FileNotFoundError:
                 raise HeapError(f"process {self.pid} has gone", "gone") from None
+            if text != self._maps_text or not self._parsed:
+                self._maps_text, self._parsed = text, parse_maps(text)
+            self._maps = self._parsed
         return self._maps
 
     def _readv(self, buf: Any, segs: list[tuple[int, int, int]]) -> None:
