@@ -11,8 +11,9 @@ up to how the samples split the chunks it shares with other paths. "Held now"
 counts a sampled page only while the address-space model says it is resident,
 so munmap, MADV_DONTNEED/FREE, mremap away and the like net out with no
 per-syscall bookkeeping. Per VMA, the weights of the held samples are scaled
-so that they add up to the VMA's exact resident bytes; a VMA with resident
-bytes and no live sample gives them to the one-frame stack `[unsampled]`.
+so that they add up to the VMA's exact resident bytes less what may still be
+pages from before attach (no stack made those); those, and the bytes of a VMA
+with no live sample, go to the one-frame stack `[unsampled]`.
 The profile's held total is then the process's resident total exactly."""
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ class StackTracker:
         # chunk -> bytes its huge-page faults made resident beyond one page each
         self._chunk_huge: dict[int, int] = {}
         self._gen = 0                   # profiles taken: pages sampled since are kept
+        # VMA start -> (VMA, its bytes resident since before attach, at most): set
+        # by a first profile taken before any sample (attach), then never more
+        # than the VMA holds
+        self._before: dict[int, tuple[Vma, int]] | None = None
         self._exe: bytes | None = None
         self.samples = 0
         self.weight = 0
@@ -131,6 +136,7 @@ class StackTracker:
         self._chunk_weights.clear()
         self._chunk_faults.clear()
         self._chunk_huge.clear()
+        self._before = {}               # the new image's pages all came after attach
         self._exe = None
         self.samples = self.weight = self.samples_lost = 0
         if self.python is not None:
@@ -157,17 +163,29 @@ class StackTracker:
         held = self._held_by_vma(space, vmas)
         out: dict[tuple[int, MappingKey], StackSample] = {}
         unsampled: dict[MappingKey, int] = {}
+        # the first profile, before any sample or fault was fed in: attach
+        attach = self._before is None and not self.samples and not self._chunk_faults
+        before = self._before or {}
+        still: dict[int, tuple[Vma, int]] = {}
         for vma in vmas:
             resident = space.resident_of(vma).total
             if not resident:
                 continue
-            key = mapping_of.of_vma(vma)
             weights = held.get(vma.start)
-            if not weights:
+            sampled = sum(weights.values()) if weights else 0
+            pre = resident if attach else _before_attach(before.get(vma.start), vma,
+                                                         resident - sampled)
+            if pre:
+                still[vma.start] = (vma, pre)
+            key = mapping_of.of_vma(vma)
+            if not weights or pre == resident:
                 unsampled[key] = unsampled.get(key, 0) + resident
                 continue
-            for sid, nbytes in scale(weights, resident).items():
+            if pre:         # no stack made those: a sample after attach is not scaled onto them
+                unsampled[key] = unsampled.get(key, 0) + pre
+            for sid, nbytes in scale(weights, resident - pre).items():
                 self._sample(out, sid, key).held_bytes += nbytes
+        self._before = still
         for (sid, key), nbytes in self._brought_bytes().items():
             self._sample(out, sid, key).brought_bytes += nbytes
         for (sid, key), (_, n) in self._brought.items():
@@ -222,6 +240,20 @@ class StackTracker:
             by_stack = held.setdefault(vmas[i].start, {})
             by_stack[sid] = by_stack.get(sid, 0) + weight
         return held
+
+
+def _before_attach(was: tuple[Vma, int] | None, vma: Vma, unsampled: int) -> int:
+    """Bytes of `vma` that may still be pages resident before attach: what the
+    same mapping (start, file, offset; its end may have moved) held then (or at
+    the last profile), at most its resident bytes less the weights of its live
+    samples (`unsampled`, an estimate of the bytes no sample stands for): pages
+    it gave back never come back as such."""
+    if was is None or unsampled <= 0:
+        return 0
+    then, pre = was
+    if then.inode != vma.inode or then.offset != vma.offset or then.path != vma.path:
+        return 0
+    return min(pre, unsampled)
 
 
 class _MappingFinder:

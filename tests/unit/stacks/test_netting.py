@@ -306,3 +306,39 @@ def test_a_forced_sample_of_one_page_brings_one_page(w):
     w.tracker.add([one], w.vmas)
     w.tracker.add_faults([ChunkMark(A.start >> CHUNK_SHIFT, 1, A.start)])
     assert by_stack(w.profile(), "brought_bytes") == {PATH_C: P}
+
+
+def test_pages_resident_before_attach_stay_unsampled(w):
+    # watch attaches to a process whose mapping A holds 300 pages already: the
+    # first profile, before any sample, is attach
+    w.touch(A, 0, 300)
+    w.sync()
+    assert by_stack(w.profile(), "held_bytes") == {UNSAMPLED: 300 * P}
+    # after attach path B faults 20 pages into the same mapping, 2 of them sampled:
+    # they hold those 20 pages, not the 300 no stack of theirs made resident
+    w.touch(A, 300, 20)
+    w.sync()
+    w.tracker.add(w.sample(2, A, range(300, 320, 10), 10 * P), w.vmas)
+    held = by_stack(w.profile(), "held_bytes")
+    assert held == {UNSAMPLED: 300 * P, PATH_B: 20 * P}
+    # 200 of the old pages go: what may be left of before attach is 100 pages at most
+    w.drop(A.start, A.start + 200 * P)
+    w.sync()
+    held = by_stack(w.profile(), "held_bytes")
+    assert held == {UNSAMPLED: 100 * P, PATH_B: 20 * P}
+    # and it never grows back: 50 pages faulted by B again are B's
+    w.touch(A, 0, 50)
+    w.sync()
+    w.tracker.add(w.sample(2, A, range(0, 50, 10), 10 * P), w.vmas)
+    held = by_stack(w.profile(), "held_bytes")
+    assert held == {UNSAMPLED: 100 * P, PATH_B: 70 * P}
+    assert sum(held.values()) == w.space.totals().total
+
+
+def test_a_new_image_after_exec_has_nothing_from_before_attach(w):
+    w.touch(A, 0, 300)
+    w.sync()
+    w.profile()                                 # attach
+    w.tracker.forget_exec()
+    w.tracker.add(w.sample(1, A, range(0, 300, 10), 10 * P), w.vmas)
+    assert by_stack(w.profile(), "held_bytes") == {PATH_A: 300 * P}
