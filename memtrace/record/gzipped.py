@@ -20,7 +20,7 @@ from memtrace.views.output import OutputStream
 GZIP_MAGIC = b"\x1f\x8b"
 LEVEL = 6                   # zlib's default: ~25 MB/s of JSON here, far above any tick
 READ_CHUNK = 1 << 16
-FEED = 1 << 10              # compressed bytes per decompress call (see GzipLines._more)
+FEED = 1 << 6               # compressed bytes per decompress call (see GzipLines._more)
 
 
 class GzipRecords:
@@ -85,6 +85,7 @@ class GzipLines:
         self._z = zlib.decompressobj(31)
         self._buf = b""
         self._in = b""
+        self._at = 0                    # in self._in: the next byte to decompress
         self._eof = False
 
     def _more(self) -> bool:
@@ -92,12 +93,13 @@ class GzipLines:
         input goes in small pieces: at a corrupt byte, zlib gives nothing of
         the piece it was handed, so the lines before it are kept."""
         while not self._eof:
-            if not self._in:
-                self._in = self.f.read(READ_CHUNK)
+            if self._at >= len(self._in):
+                self._in, self._at = self.f.read(READ_CHUNK), 0
                 if not self._in:
                     self._eof = True
                     return False
-            piece, self._in = self._in[:FEED], self._in[FEED:]
+            piece = self._in[self._at:self._at + FEED]
+            self._at += FEED
             try:
                 out = self._z.decompress(piece)
             except zlib.error as e:
@@ -105,7 +107,7 @@ class GzipLines:
                 self._eof = True
                 return False
             if self._z.eof and self._z.unused_data:     # the next gzip member
-                self._in = self._z.unused_data + self._in
+                self._in, self._at = self._z.unused_data + self._in[self._at:], 0
                 self._z = zlib.decompressobj(31)
             if out:
                 self._buf += out
