@@ -8,9 +8,10 @@ first PSS pass took 0.43 s with it and 0.23-0.24 s without, the scan 0.24 and
 0.21 s (`gc_paused`).
 
 Those objects then stay for the life of the process, and every full collection
-walked them again: at 60k mappings with 1 % of them changing each second, two
-full collections in 39 s of ~40 ms each, half of the collector's 3.4 ms a second
-(`Freezer`: they are moved to the permanent generation once built).
+walked them again: at 60k mappings with 1 % of them changing each second, one
+full collection in ~38 s took 38-67 ms, as much as all the younger collections
+of those seconds together; frozen, it takes ~1 ms (`Freezer`: they are moved to
+the permanent generation once built).
 
 Reference counting still frees every object that is not in a cycle, frozen or
 not; cycles are what only the collector frees: those made while it is paused
