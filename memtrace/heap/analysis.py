@@ -5,8 +5,10 @@ synthetic heap images."""
 
 from __future__ import annotations
 
+import bisect
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from memtrace.heap.cached import ChunkIndex, read_fastbins, read_tcache
@@ -36,6 +38,23 @@ from memtrace.trace.procfs import Vma
 from memtrace.util.ranges import merge_ranges
 
 
+@dataclass
+class WalkMemo:
+    """What one walk of a process leaves for the next (the background walker
+    walks the same processes every 30 s): the maps text and its parse (reused
+    while the text is the same: 0.1 s at 60k mappings) and where the mmapped
+    chunks were (looked at first: found there, the search of every mapping,
+    0.2 s at 60k, is not needed). Hints only: every chunk is read again."""
+    maps_text: bytes = b""
+    maps: list[Vma] = field(default_factory=list)
+    mmapped_at: list[int] = field(default_factory=list)
+    # (executable, mapped file paths) -> what was learnt from reading those files
+    # (the allocator, glibc's version): read again only when the files mapped change
+    files_key: tuple[bytes, tuple[bytes, ...]] | None = None
+    files_learnt: Any = None
+    files_key_of: list[Vma] | None = None      # the maps files_key was made from
+
+
 def _align_chunk(addr: int) -> int:
     """First chunk at or after addr whose user pointer is MALLOC_ALIGNMENT aligned."""
     mis = (addr + CHUNK_HDR_SZ) & (MALLOC_ALIGNMENT - 1)
@@ -49,8 +68,10 @@ def _reader(space: AddressSpace, res: ResidentMap) -> Callable[[int, int], bytes
     return lambda addr, n: read_resident(addr, n, res.runs_in(addr, addr + n))  # type: ignore[no-any-return]
 
 
-def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict[str, Any]:
-    """One consistent read of every arena; raises HeapError if anything disagrees."""
+def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes,
+                  memo: WalkMemo | None = None) -> dict[str, Any]:
+    """One consistent read of every arena; raises HeapError if anything disagrees.
+    `memo`: where the last walk found mmapped chunks (updated)."""
     page = space.page_size
     vmas = space.maps()
     regions = libc_data_regions(vmas, libc)
@@ -135,7 +156,9 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes) -> dict
     heap_ranges = [(h[0], h[0] + HEAP_MAX_SIZE) for r in reports if r.kind == "thread"
                    for h in r.heaps]
     mmapped = find_mmapped_chunks(space, vmas, heap_ranges, mp.n_mmaps if mp else None,
-                                  smallest_chunk(mp))
+                                  smallest_chunk(mp), memo.mmapped_at if memo else ())
+    if memo is not None:
+        memo.mmapped_at = [p for p, _, _ in mmapped]
     return {
         "allocator": "glibc",
         "supported": True,
@@ -239,9 +262,13 @@ def _heads(space: AddressSpace, addrs: list[int]) -> list[bytes | None]:
     return out
 
 
+def _vma_start(v: Vma) -> int:
+    return v.start
+
+
 def find_mmapped_chunks(space: AddressSpace, vmas: list[Vma], exclude: list[tuple[int, int]],
-                        expected: int | None = None,
-                        likely_size: int = 0) -> list[tuple[int, int, int]]:
+                        expected: int | None = None, likely_size: int = 0,
+                        hints: Sequence[int] = ()) -> list[tuple[int, int, int]]:
     """Chunks served by their own mmap: (address, size, resident bytes). A chunk
     starts a page with prev_size 0 and flags exactly IS_MMAPPED, its size a page
     multiple within the mapping. Adjacent anonymous mappings merge into one VMA,
@@ -251,8 +278,11 @@ def find_mmapped_chunks(space: AddressSpace, vmas: list[Vma], exclude: list[tupl
     resident and their heads read in batches: at 60k mappings, one scan and
     ~30 reads rather than 60k of each."""
     page = space.page_size
-    anon = [v for v in vmas if not v.path and not v.inode and v.perms == "rw-p"
-            and not any(s <= v.start < e for s, e in exclude)]
+
+    def is_anon(v: Vma) -> bool:
+        return (not v.path and not v.inode and v.perms == "rw-p"
+                and not any(s <= v.start < e for s, e in exclude))
+
     found: dict[int, tuple[int, int]] = {}
 
     def chunk_at(p: int, head: bytes | None, v: Vma) -> int:
@@ -277,6 +307,24 @@ def find_mmapped_chunks(space: AddressSpace, vmas: list[Vma], exclude: list[tupl
             found[p] = (size, ResidentMap(space.resident_runs(p, p + size)).bytes_in(p, p + size))
             p += size
 
+    if expected == 0:
+        return []
+    if hints:
+        hinted = []
+        for p in sorted(set(hints)):
+            k = bisect.bisect_right(vmas, p, key=_vma_start) - 1
+            if k >= 0 and p < vmas[k].end and is_anon(vmas[k]):
+                hinted.append((p, vmas[k]))
+        live = _resident_in(space, [(p, p + page) for p, _ in hinted])
+        hinted = [(p, v) for p, v in hinted if live.bytes_in(p, p + page)]
+        for (p, v), head in zip(hinted, _heads(space, [p for p, _ in hinted])):
+            if p not in found and chunk_at(p, head, v):
+                follow(p, v)
+        if expected is not None and len(found) >= expected:
+            return sorted((p, s, r) for p, (s, r) in found.items())
+    anon = [v for v in vmas if not v.path and not v.inode and v.perms == "rw-p"]
+    if exclude:
+        anon = [v for v in anon if is_anon(v)]
     # VMA starts: the resident ones whose head reads as a chunk are followed
     firsts = _resident_in(space, [(v.start, v.start + page) for v in anon])
     at_start = [v for v in anon if firsts.bytes_in(v.start, v.start + page)]

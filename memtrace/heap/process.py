@@ -13,8 +13,8 @@ import signal
 import time
 from typing import Any
 
-from memtrace.heap.analysis import analyse_glibc
-from memtrace.heap.detect import detect_allocator
+from memtrace.heap.analysis import WalkMemo, analyse_glibc
+from memtrace.heap.detect import AllocatorInfo, detect_allocator
 from memtrace.heap.figures import totals, verdict
 from memtrace.heap.layout import HEAP_MAX_SIZE, HeapError, layout_for, parse_glibc_version
 from memtrace.heap.memory import ResidentMap
@@ -36,15 +36,14 @@ IOV_MAX = 1024
 class ProcessSpace:
     """A live process: maps, process_vm_readv, PAGEMAP_SCAN."""
 
-    def __init__(self, pid: int, proc_root: str = "/proc") -> None:
+    def __init__(self, pid: int, proc_root: str = "/proc", memo: WalkMemo | None = None) -> None:
         from memtrace.trace.pagemap import open_scanner
 
         self.pid = pid
         self.proc_root = proc_root
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._maps: list[Vma] | None = None
-        self._maps_text = b""           # what _maps was parsed from
-        self._parsed: list[Vma] = []
+        self.memo = memo or WalkMemo()  # the parse is kept here (across walks, if given)
         self._cache: dict[int, bytes] = {}
         self.reads = 0
         self.bytes_read = 0
@@ -69,9 +68,10 @@ class ProcessSpace:
                     text = f.read()
             except FileNotFoundError:
                 raise HeapError(f"process {self.pid} has gone", "gone") from None
-            if text != self._maps_text or not self._parsed:
-                self._maps_text, self._parsed = text, parse_maps(text)
-            self._maps = self._parsed
+            memo = self.memo
+            if text != memo.maps_text or not memo.maps:
+                memo.maps_text, memo.maps = text, parse_maps(text)
+            self._maps = memo.maps
         return self._maps
 
     def _readv(self, buf: Any, segs: list[tuple[int, int, int]]) -> None:
@@ -303,24 +303,43 @@ def stopped(pid: int, proc_root: str = "/proc") -> Any:
         info["pause_seconds"] = time.monotonic() - t0
 
 
+def _read_files(space: ProcessSpace, exe: bytes) -> tuple[AllocatorInfo, tuple[int, int] | None]:
+    """The allocator and glibc's version, from the mapped files; kept in the memo
+    while the same files are mapped (a replaced file maps as "... (deleted)")."""
+    memo = space.memo
+    maps = space.maps()
+    if memo.files_key_of is maps and memo.files_key is not None and memo.files_key[0] == exe:
+        key = memo.files_key            # the same maps text: the same files
+    else:
+        key = (exe, tuple(dict.fromkeys(v.path for v in maps if v.path.startswith(b"/"))))
+        memo.files_key_of = maps
+    if memo.files_key != key:
+        alloc = detect_allocator(space, exe)
+        version = None
+        if alloc.supported:
+            version = parse_glibc_version(space.file_bytes(alloc.libc_path, 64 << 20) or b"")
+        memo.files_key, memo.files_learnt = key, (alloc, version)
+    return memo.files_learnt  # type: ignore[no-any-return]
+
+
 def analyse_process(pid: int, stop: bool = False, retries: int = 5,
-                    proc_root: str = "/proc", comm: str = "") -> dict[str, Any]:
+                    proc_root: str = "/proc", comm: str = "",
+                    memo: WalkMemo | None = None) -> dict[str, Any]:
     """The report for a live process. Not stopped, a walk that meets a changing
     heap is retried (`retries` times); with `stop`, the process is paused with
-    SIGSTOP for one exact snapshot and `pause_seconds` says for how long."""
+    SIGSTOP for one exact snapshot and `pause_seconds` says for how long.
+    `memo`: what the last walk of this process left (kept up to date)."""
     t_start = time.monotonic()
     exe = b""
     with contextlib.suppress(OSError):
         exe = os.readlink(os.fsencode(f"{proc_root}/{pid}/exe"))
-    space = ProcessSpace(pid, proc_root)
+    space = ProcessSpace(pid, proc_root, memo)
     try:
-        alloc = detect_allocator(space, exe)
+        alloc, version = _read_files(space, exe)
         base: dict[str, Any] = {"pid": pid, "comm": comm}
         if not alloc.supported:
             return {**base, "allocator": alloc.allocator, "supported": False,
                     "reason": alloc.reason}
-        data = space.file_bytes(alloc.libc_path, 64 << 20) or b""
-        version = parse_glibc_version(data)
         if version is None:
             return {**base, "allocator": "glibc", "supported": False,
                     "reason": "unsupported glibc layout: cannot read the glibc version of "
@@ -335,7 +354,8 @@ def analyse_process(pid: int, stop: bool = False, retries: int = 5,
         report: dict[str, Any] | None = None
         while attempts <= retries and report is None:
             attempts += 1
-            space.refresh()
+            if attempts > 1:
+                space.refresh()
             info: dict[str, Any] = {}
             try:
                 if stop:
@@ -355,11 +375,11 @@ def analyse_process(pid: int, stop: bool = False, retries: int = 5,
                     finally:
                         pause = info.get("pause_seconds")
                     try:
-                        report = analyse_glibc(snap, layout, alloc.libc_path)
+                        report = analyse_glibc(snap, layout, alloc.libc_path, space.memo)
                     finally:
                         snap.close()
                 else:
-                    report = analyse_glibc(space, layout, alloc.libc_path)
+                    report = analyse_glibc(space, layout, alloc.libc_path, space.memo)
             except HeapError as e:
                 if e.kind == "gone":
                     raise

@@ -12,6 +12,7 @@ import signal
 import sys
 from typing import Any
 
+from memtrace.heap.analysis import WalkMemo
 from memtrace.heap.layout import HeapError
 from memtrace.heap.process import analyse_process
 
@@ -22,6 +23,10 @@ KIND_FIELDS = ("size_bytes", "resident_bytes", "in_use_bytes", "malloc_in_use_by
                "top_chunk_bytes", "trimmable_bytes")
 ARENA_KINDS = ("main", "thread")
 SAMPLER_RETRIES = 3
+# Processes whose last walk is remembered, least recent forgotten first; and the
+# most maps text they may hold (a parse costs ~6x its text: 60k mappings, 3 MB).
+MEMOS_KEPT = 256
+MEMO_TEXT_BYTES = 16 << 20
 
 
 def heap_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -50,11 +55,12 @@ def heap_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sample_once(pid: int, retries: int = SAMPLER_RETRIES) -> dict[str, Any]:
+def sample_once(pid: int, retries: int = SAMPLER_RETRIES,
+                memo: WalkMemo | None = None) -> dict[str, Any]:
     """One walk of a live process, never stopped; the summary, or why there is none
-    (`status`: ok, unsupported, failed, gone)."""
+    (`status`: ok, unsupported, failed, gone). `memo`: the last walk's (updated)."""
     try:
-        return heap_summary(analyse_process(pid, stop=False, retries=retries))
+        return heap_summary(analyse_process(pid, stop=False, retries=retries, memo=memo))
     except HeapError as e:
         return {"status": "gone" if e.kind == "gone" else "failed", "reason": e.message}
     except OSError as e:
@@ -73,10 +79,24 @@ def worker_main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(19)
+    memos: dict[int, WalkMemo] = {}
     for line in sys.stdin:
         try:
             pid = int(line)
         except ValueError:
             continue
-        sys.stdout.write(json.dumps(sample_once(pid)) + "\n")
+        summary = sample_once(pid, memo=_memo_for(memos, pid))
+        if summary["status"] != "ok":
+            memos.pop(pid, None)
+        sys.stdout.write(json.dumps(summary) + "\n")
         sys.stdout.flush()
+
+
+def _memo_for(memos: dict[int, WalkMemo], pid: int) -> WalkMemo:
+    """pid's memo, made most recent (a reused pid's is harmless: hints only)."""
+    memo = memos.pop(pid, None) or WalkMemo()
+    memos[pid] = memo
+    while len(memos) > 1 and (len(memos) > MEMOS_KEPT or sum(
+            len(m.maps_text) for m in memos.values()) > MEMO_TEXT_BYTES):
+        del memos[next(iter(memos))]
+    return memo

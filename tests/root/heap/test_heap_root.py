@@ -157,6 +157,29 @@ def test_large_allocation_has_its_own_mmap(prog) -> None:
     assert main_arena(r)["size_bytes"] < 1 << 20  # not in the heap
 
 
+def test_a_walk_with_the_last_walks_memo_is_the_same_and_reads_less(prog, monkeypatch) -> None:
+    """The background walker's memo: the same report, mmapped chunks found at
+    last walk's addresses, the mapped files not read again while unchanged."""
+    import memtrace.heap.process as hp
+    from memtrace.heap.analysis import WalkMemo
+
+    p = prog("big")
+    memo = WalkMemo()
+    detects = []
+    real_detect = hp.detect_allocator
+    monkeypatch.setattr(hp, "detect_allocator", lambda *a: detects.append(1) or real_detect(*a))
+    first = analyse_process(p.pid, memo=memo)
+    assert len(memo.mmapped_at) == 2 and memo.maps
+    memo.mmapped_at.append(memo.maps[0].start)      # a stale hint is read and dropped
+    again = analyse_process(p.pid, memo=memo)
+    plain = analyse_process(p.pid)
+    assert len(detects) == 2                        # the memo's walk did not detect again
+    for r in (again, plain):
+        assert r["mmapped"] == first["mmapped"] and r["totals"] == first["totals"]
+    assert sorted(memo.mmapped_at) == sorted(c["address"] for c in first["mmapped"]["largest"])
+    assert again["bytes_read"] < plain["bytes_read"]
+
+
 def test_threads_have_arenas(prog) -> None:
     p = prog("threads", "4")
     r = analyse_process(p.pid, stop=True)

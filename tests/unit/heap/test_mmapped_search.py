@@ -79,3 +79,30 @@ def test_a_chunk_inside_a_merged_mapping_is_looked_for_there_first():
     space2, _ = many_maps(5000, merged_at=4000)
     assert find_mmapped_chunks(space2, space2.vmas, [], expected=2) == found
     assert space2.heads_read > 4000 * SMALL // PAGE
+
+
+def test_where_chunks_were_last_time_is_looked_at_first():
+    space, inside = many_maps(5000, merged_at=4000)
+    first = find_mmapped_chunks(space, space.vmas, [], expected=2, likely_size=32 * PAGE)
+    again = CountingSpace()
+    again.regions, again.vmas = space.regions, space.vmas
+    hints = [p for p, _, _ in first]
+    assert find_mmapped_chunks(again, again.vmas, [], expected=2, hints=hints) == first
+    assert again.heads_read == 2            # the two hints, not 5,000 mapping starts
+    assert again.scans <= 8             # one per hint and the follows of both
+
+
+def test_a_stale_hint_is_read_again_and_the_search_goes_on():
+    space, inside = many_maps(5000, merged_at=4000)
+    first = find_mmapped_chunks(space, space.vmas, [], expected=2, likely_size=32 * PAGE)
+    stale = space.vmas[10].start            # no chunk there (any more)
+    found = find_mmapped_chunks(space, space.vmas, [], expected=2, likely_size=32 * PAGE,
+                                hints=[stale, inside, 1 << 60])
+    assert found == first
+    assert stale not in [p for p, _, _ in found]
+
+
+def test_no_mmapped_chunk_expected_reads_nothing():
+    space, _ = many_maps(5000, merged_at=None)
+    assert find_mmapped_chunks(space, space.vmas, [], expected=0) == []
+    assert space.heads_read == space.scans == space.reads == 0
