@@ -47,6 +47,17 @@ BPF_PERCPU_ARRAY(fault_cache, struct mt_fault_cache, 2);
 BPF_ARRAY(drain_gen, u64, 1);                  /* bumped by user space before each drain */
 BPF_ARRAY(exec_count, u64, 1);                 /* bumped by every exec of a target: a cached
                                                   chunk of the old image is not the new one's */
+/* The last process this CPU's fault path found not to be a target, valid while
+ * targets_gen (bumped by user space after each target it adds) is unchanged:
+ * faults of other processes come in runs, and an array read is cheaper than
+ * the hash lookup in targets. */
+struct mt_not_target {
+    u32 tgid;
+    u32 pad;
+    u64 targets_gen;
+};
+BPF_ARRAY(targets_gen, u64, 1);
+BPF_PERCPU_ARRAY(not_target, struct mt_not_target, 1);
 BPF_HASH(mm_owner, u64, u32, MT_MAX_TARGETS);   /* mm -> tgid */
 BPF_HASH(tgid_mm, u32, u64, MT_MAX_TARGETS);   /* tgid -> its current mm */
 BPF_ARRAY(names_gen, u64, 1);                  /* bumped by any unlink or rename */
@@ -207,6 +218,23 @@ static __always_inline int is_target(u32 tgid)
     return targets.lookup(&tgid) != NULL;
 }
 
+/* targets' value for tgid (its epoch), or NULL; remembers a miss per CPU. */
+static __always_inline u32 *target_epoch(u32 tgid)
+{
+    int zero = 0;
+    u64 *tg = targets_gen.lookup(&zero);
+    u64 gen = tg ? *tg : 0;
+    struct mt_not_target *nt = not_target.lookup(&zero);
+    if (nt && nt->tgid == tgid && nt->targets_gen == gen)
+        return NULL;
+    u32 *epoch = targets.lookup(&tgid);
+    if (!epoch && nt) {
+        nt->tgid = tgid;
+        nt->targets_gen = gen;
+    }
+    return epoch;
+}
+
 static __always_inline u64 current_gen(void)
 {
     int zero = 0;
@@ -271,7 +299,7 @@ static __always_inline void on_fault(u64 addr, u64 regs, u32 flags)
         COUNT_DOWN(fc, tgid, fc->epoch, addr, regs, flags, 0);
         return;
     }
-    epoch = targets.lookup(&tgid);
+    epoch = target_epoch(tgid);
     if (!epoch)
         return;
     /* A slot of an older generation was collected by user space already. */

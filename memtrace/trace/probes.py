@@ -306,6 +306,10 @@ class Probes:
         self._credit[self._credit.Key(pid)] = self._credit.Leaf(EVENT_CREDIT)
         # the value is the process's epoch: its execs from now on, as stats.exec_gen
         self._targets[key] = self._targets.Leaf(0)
+        # after the insert: a fault path that remembered pid as not a target
+        # (before it was one) sees a new generation and looks again
+        gen = self.bpf["targets_gen"]
+        gen[gen.Key(0)] = gen.Leaf(gen[gen.Key(0)].value + 1)
         if self._huge_always:
             table = self.bpf["huge_targets"]
             table[table.Key(pid)] = table.Leaf(1)
