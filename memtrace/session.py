@@ -262,8 +262,8 @@ class Session:
             try:
                 tracker.update(drained.chunks.get(pid, []), drained.ranges.get(pid, []),
                                drained.stats.get(pid), names_changed)
-            except ProcessGone:
-                self.detach(pid, "exited")
+            except ProcessGone as gone:
+                self.detach(pid, gone.why)
                 continue
             if not self._same_process(tracker):
                 self.detach(pid, "exited")

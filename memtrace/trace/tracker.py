@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from memtrace.trace.attribution import Segment, classify, mapping_identity, segments_for
 from memtrace.trace.events import CHUNK_SHIFT, EPOCH_MASK, USER_ADDR_MAX, ChunkMark, Stats
@@ -15,6 +17,8 @@ from memtrace.trace.pagemap import Scanner, open_scanner
 from memtrace.trace.procfs import ProcFS, Statm, Vma, statm_is_exact
 from memtrace.util.log import DEBUG, debug
 from memtrace.util.ranges import merge_ranges
+
+T = TypeVar("T")
 
 # Mismatches with statm while the process is changing are expected (it runs
 # while we scan); after this many in a row we rescan anyway.
@@ -46,7 +50,11 @@ class TrackerCounters:
 
 
 class ProcessGone(Exception):
-    pass
+    """The process can no longer be watched; `why` completes "pid N ..."."""
+
+    def __init__(self, pid: int, why: str = "exited") -> None:
+        super().__init__(pid, why)
+        self.why = why
 
 
 class ProcessTracker:
@@ -139,10 +147,7 @@ class ProcessTracker:
     def _read_maps(self) -> list[Vma]:
         self.counters.maps_reads += 1
         t0 = time.perf_counter()
-        try:
-            vmas = self.procfs.maps(self.pid)
-        except OSError as e:
-            raise ProcessGone(self.pid) from e
+        vmas = self._read_or_gone(self.procfs.maps, "maps")
         self._maps_read_seconds = time.perf_counter() - t0
         self._last_maps_read = time.monotonic()
         self._names_stale = False
@@ -185,10 +190,22 @@ class ProcessTracker:
         return False
 
     def _read_statm(self) -> Statm:
-        try:
-            return self.procfs.statm(self.pid)
-        except OSError as e:
-            raise ProcessGone(self.pid) from e
+        return self._read_or_gone(self.procfs.statm, "statm")
+
+    def _read_or_gone(self, read: Callable[[int], T], name: str) -> T:
+        """read(pid); ProcessGone if it fails and the process has exited. A
+        failure while it is alive is tried once more, then ends the watch of it
+        with the error said (never passed off as an exit)."""
+        for attempt in (1, 2):
+            try:
+                return read(self.pid)
+            except OSError as e:
+                if not self.procfs.alive(self.pid):
+                    raise ProcessGone(self.pid) from e
+                if attempt == 2:
+                    raise ProcessGone(self.pid, f"is alive but /proc/{self.pid}/{name} "
+                                      f"cannot be read ({e}): no longer watched") from e
+        raise AssertionError("unreachable")
 
     def _scan_spans(self, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Rescan chunk spans; return those whose runs are the same as before."""

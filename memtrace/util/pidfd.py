@@ -16,10 +16,13 @@ def pidfd_open(pid: int) -> int | None:
 
 
 def pidfd_exited(pidfd: int) -> bool:
-    """A pidfd polls readable once its process has exited (zombie included)."""
+    """A pidfd polls readable once its process has exited (zombie included).
+    An fd number that is not open (POLLNVAL, a bug elsewhere) says nothing of
+    the process, so not "exited": the callers' /proc check decides then."""
     poller = select.poll()
     poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(0))
+    events = poller.poll(0)
+    return bool(events) and not events[0][1] & select.POLLNVAL
 
 
 def close_fd(fd: int | None) -> None:

@@ -692,3 +692,39 @@ def test_fault_in_a_hole_with_a_vma_between_it_and_the_stack_reads_no_maps(world
     assert hole < between.start and tr.space.vma_at(hole) is None
     tr.update([ChunkMark(hole >> CHUNK_SHIFT, 1, hole)], [], bump(tr))
     assert tr.counters.maps_reads == 2
+
+
+def test_a_statm_read_that_fails_once_while_alive_is_tried_again(world):
+    p, _ = standard_process(world)
+    fs = HookedProcFS(world.root)
+    tr = attach(world, p, procfs=fs)
+    failed = []
+
+    def fail_once(n: int) -> None:
+        if not failed:
+            failed.append(n)
+            raise OSError(errno.EAGAIN, "transient")
+
+    fs.before_statm = fail_once
+    tr.update([], [], bump(tr))         # no ProcessGone: the second read worked
+    assert failed and tr.statm is not None
+    assert_exact(tr, p)
+
+
+def test_a_process_alive_whose_statm_cannot_be_read_is_not_said_to_have_exited(world):
+    p, _ = standard_process(world)
+    fs = HookedProcFS(world.root)
+    tr = attach(world, p, procfs=fs)
+
+    def fail(n: int) -> None:
+        raise OSError(errno.EIO, "broken")
+
+    fs.before_statm = fail
+    with pytest.raises(ProcessGone) as gone:
+        tr.update([], [], bump(tr))
+    assert "alive" in gone.value.why and "statm" in gone.value.why and "broken" in gone.value.why
+    p.state = "Z"
+    p.sync()
+    with pytest.raises(ProcessGone) as gone:
+        tr.update([], [], bump(tr))
+    assert gone.value.why == "exited"
