@@ -27,6 +27,7 @@ from memtrace.trace.procfs import Vma
 from memtrace.trace.tracker import ProcessTracker
 from memtrace.util import ints
 from memtrace.util.ints import shared
+from memtrace.util.recycle import RecycledLists
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
 # Keys left out of the generation's fingerprint (the mappings are followed by
@@ -257,6 +258,7 @@ class SnapshotBuilder:
         self._fingerprint = ""
         self._content_changed = False
         self._mappings: list[MappingRecord] = []             # e.mapping of _entries
+        self._versions = RecycledLists()        # the lists _mappings was, to reuse
         self._segments: dict[int, Segment] = {}              # by VMA start
         # (path, shared without inode) -> kind, identity, display path: per VMA list
         self._names: dict[tuple[bytes, bool], tuple[str, str, str]] = {}
@@ -370,6 +372,7 @@ class SnapshotBuilder:
         removed += old_starts[j:]
         self._entries = entries
         self._mappings = [e.mapping for e in entries]
+        self._versions.reset()
         self._sums = identity_sums(self._mappings)
         self._starts = array("Q", (e.mapping["start"] for e in entries))
         if self.json_text:
@@ -407,7 +410,7 @@ class SnapshotBuilder:
             if new.mapping == old.mapping and new.pss_fixed == old.pss_fixed:
                 continue        # rescanned, same figures: the old entry stays
             if not differ:      # a snapshot already handed out keeps its list and sums
-                mappings = list(self._mappings)
+                mappings = self._versions.new_version(self._mappings)
                 sums = {key: list(g) for key, g in self._sums.items()}
             differ.append(i)
             if self.json_text:
@@ -426,6 +429,7 @@ class SnapshotBuilder:
             p[2] += new.swap - old.swap
             p[3] += new.pss_missing - old.pss_missing
         if differ:
+            self._versions.retired(self._mappings, differ)
             self._mappings = mappings
             self._sums = sums
         self._delta = (base, sorted(differ), [])

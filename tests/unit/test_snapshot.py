@@ -237,6 +237,30 @@ def test_builder_reuses_unchanged_mappings_and_keeps_old_snapshots_intact(world)
     assert grown == PAGE
 
 
+def test_builder_recycles_released_mapping_lists_and_never_a_held_one(world):
+    """After a few ticks that each change a mapping, the builder writes into a
+    list no snapshot holds any more (util/recycle.py) rather than copy; every
+    snapshot still equals a fresh one, and one kept aside never changes."""
+    from memtrace.snapshot import SnapshotBuilder
+
+    p, m, tr = tracked(world)
+    builder = SnapshotBuilder()
+    builder.stamp(builder.build(tr, 1.0))
+    anon = m["anon"]
+    kept = None
+    for n in range(8):
+        at = anon.start + (n + 4) * PAGE
+        p.touch(at, at + PAGE)
+        p.sync()
+        tr.update([ChunkMark(anon.start >> CHUNK_SHIFT, 1, at)], [], None)
+        snap = builder.stamp(builder.build(tr, 2.0 + n))
+        assert _plain(snap) == _plain(snapshot(tr, 2.0 + n))
+        if n == 2:
+            kept, kept_seen = snap, [dict(x) for x in snap["mappings"]]
+    assert builder._versions.recycled >= 4
+    assert [dict(x) for x in kept["mappings"]] == kept_seen
+
+
 def test_builder_generation_follows_counters_too(world):
     from memtrace.snapshot import SnapshotBuilder
 
