@@ -412,7 +412,7 @@ class Session:
     def _add_heap(self, snap: dict[str, Any], tracker: ProcessTracker) -> None:
         if self.heap is None:
             return
-        self.heap.track(tracker.pid, tracker.start_time)
+        self.heap.track(tracker.pid, tracker.start_time, tracker.space.layout_token)
         heap = snap["heap"] = self.heap.latest(tracker.pid, tracker.start_time)
         status = heap["status"]
         if status in ("unsupported", "failed") and self._heap_status.get(tracker.pid) != status:

@@ -36,7 +36,8 @@ IOV_MAX = 1024
 class ProcessSpace:
     """A live process: maps, process_vm_readv, PAGEMAP_SCAN."""
 
-    def __init__(self, pid: int, proc_root: str = "/proc", memo: WalkMemo | None = None) -> None:
+    def __init__(self, pid: int, proc_root: str = "/proc", memo: WalkMemo | None = None,
+                 layout: int = 0) -> None:
         from memtrace.trace.pagemap import open_scanner
 
         self.pid = pid
@@ -44,6 +45,7 @@ class ProcessSpace:
         self.page_size = os.sysconf("SC_PAGE_SIZE")
         self._maps: list[Vma] | None = None
         self.memo = memo or WalkMemo()  # the parse is kept here (across walks, if given)
+        self._layout = layout           # the watch loop's token of the VMA list, or 0
         self._cache: dict[int, bytes] = {}
         self.reads = 0
         self.bytes_read = 0
@@ -56,21 +58,26 @@ class ProcessSpace:
         return [(v.start, v.end, v.path) for v in self.maps() if v.start < end and v.end > start]
 
     def refresh(self) -> None:
+        """Read everything again, the maps included (a retry after a changing heap)."""
         self._maps = None
         self._cache = {}
+        self._layout = 0
 
     def maps(self) -> list[Vma]:
         """The mappings as of the last refresh(); read again after it, parsed
         again only if they changed (60k mappings: a 3 MB read, 0.1 s of parsing)."""
+        memo = self.memo
+        if self._maps is None and self._layout and memo.layout == self._layout and memo.maps:
+            self._maps = memo.maps      # the watch loop has seen no layout change since
         if self._maps is None:
             try:
                 with open(f"{self.proc_root}/{self.pid}/maps", "rb") as f:
                     text = f.read()
             except FileNotFoundError:
                 raise HeapError(f"process {self.pid} has gone", "gone") from None
-            memo = self.memo
             if text != memo.maps_text or not memo.maps:
                 memo.maps_text, memo.maps = text, parse_maps(text)
+            memo.layout = self._layout
             self._maps = memo.maps
         return self._maps
 
@@ -324,16 +331,17 @@ def _read_files(space: ProcessSpace, exe: bytes) -> tuple[AllocatorInfo, tuple[i
 
 def analyse_process(pid: int, stop: bool = False, retries: int = 5,
                     proc_root: str = "/proc", comm: str = "",
-                    memo: WalkMemo | None = None) -> dict[str, Any]:
+                    memo: WalkMemo | None = None, layout_token: int = 0) -> dict[str, Any]:
     """The report for a live process. Not stopped, a walk that meets a changing
     heap is retried (`retries` times); with `stop`, the process is paused with
     SIGSTOP for one exact snapshot and `pause_seconds` says for how long.
-    `memo`: what the last walk of this process left (kept up to date)."""
+    `memo`: what the last walk of this process left (kept up to date);
+    `layout_token`: the watch loop's token of the VMA list (maps not read again while the same)."""
     t_start = time.monotonic()
     exe = b""
     with contextlib.suppress(OSError):
         exe = os.readlink(os.fsencode(f"{proc_root}/{pid}/exe"))
-    space = ProcessSpace(pid, proc_root, memo)
+    space = ProcessSpace(pid, proc_root, memo, layout_token)
     try:
         alloc, version = _read_files(space, exe)
         base: dict[str, Any] = {"pid": pid, "comm": comm}

@@ -36,6 +36,7 @@ class HeapSampler:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._targets: dict[int, int] = {}           # pid -> start time (identity)
+        self._layouts: dict[int, int] = {}           # pid -> its layout token
         self._due: dict[int, float] = {}
         self._latest: dict[int, tuple[int, dict[str, Any]]] = {}
         self._rechecked: set[int] = set()
@@ -46,8 +47,12 @@ class HeapSampler:
 
     # ---- called from the watch loop (cheap, never blocks on a walk)
 
-    def track(self, pid: int, start_time: int) -> None:
+    def track(self, pid: int, start_time: int, layout: int = 0) -> None:
+        """Walk pid (every interval). `layout`: a token of its VMA list as the
+        watch loop knows it (model.AddressSpace.layout_token; 0: unknown), with
+        which the walker reuses its last read of the maps while it is the same."""
         with self._lock:
+            self._layouts[pid] = layout
             if self._targets.get(pid) != start_time:
                 self._targets[pid] = start_time
                 self._due[pid] = self._clock()
@@ -58,6 +63,7 @@ class HeapSampler:
     def forget(self, pid: int) -> None:
         with self._lock:
             self._targets.pop(pid, None)
+            self._layouts.pop(pid, None)
             self._due.pop(pid, None)
             self._latest.pop(pid, None)
             self._rechecked.discard(pid)
@@ -87,8 +93,8 @@ class HeapSampler:
 
     # ---- the sampler thread
 
-    def _next(self) -> tuple[int, int] | float:
-        """(pid, start_time) of the walk due now, or seconds to wait."""
+    def _next(self) -> tuple[int, int, int] | float:
+        """(pid, start_time, layout token) of the walk due now, or seconds to wait."""
         with self._lock:
             if not self._due:
                 return 1.0
@@ -96,7 +102,7 @@ class HeapSampler:
             wait = self._due[pid] - self._clock()
             if wait > 0:
                 return min(wait, 1.0)
-            return pid, self._targets[pid]
+            return pid, self._targets[pid], self._layouts.get(pid, 0)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -105,9 +111,9 @@ class HeapSampler:
                 self._wake.wait(nxt)
                 self._wake.clear()
                 continue
-            pid, start_time = nxt
+            pid, start_time, layout = nxt
             t0 = self._clock()
-            result = self._walk(pid)
+            result = self._walk(pid, layout)
             took = self._clock() - t0
             result = {**result, "ts": round(time.time(), 6)}
             with self._lock:
@@ -131,13 +137,13 @@ class HeapSampler:
                               "reason": result["reason"], "failed_ts": result["ts"]}
                 self._latest[pid] = (start_time, result)
 
-    def _walk(self, pid: int) -> dict[str, Any]:
+    def _walk(self, pid: int, layout: int = 0) -> dict[str, Any]:
         if self._walker is not None:
             return self._walker(pid)
         for _ in range(2):  # restart a worker that died once
             try:
                 proc = self._worker()
-                proc.stdin.write(f"{pid}\n")
+                proc.stdin.write(f"{pid} {layout}\n")
                 proc.stdin.flush()
                 line = proc.stdout.readline()
                 if line:

@@ -55,12 +55,14 @@ def heap_summary(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def sample_once(pid: int, retries: int = SAMPLER_RETRIES,
-                memo: WalkMemo | None = None) -> dict[str, Any]:
+def sample_once(pid: int, retries: int = SAMPLER_RETRIES, memo: WalkMemo | None = None,
+                layout: int = 0) -> dict[str, Any]:
     """One walk of a live process, never stopped; the summary, or why there is none
-    (`status`: ok, unsupported, failed, gone). `memo`: the last walk's (updated)."""
+    (`status`: ok, unsupported, failed, gone). `memo`: the last walk's (updated);
+    `layout`: the watch loop's token of the VMA list (SnapshotBuilder's layout_token)."""
     try:
-        return heap_summary(analyse_process(pid, stop=False, retries=retries, memo=memo))
+        return heap_summary(analyse_process(pid, stop=False, retries=retries, memo=memo,
+                                            layout_token=layout))
     except HeapError as e:
         return {"status": "gone" if e.kind == "gone" else "failed", "reason": e.message}
     except OSError as e:
@@ -74,18 +76,18 @@ def sample_once(pid: int, retries: int = SAMPLER_RETRIES,
 
 
 def worker_main() -> None:
-    """The walker process: one pid a line on stdin, one JSON summary a line on
-    stdout. Runs at nice 19 so that walks yield the CPU to the targets."""
+    """The walker process: "pid [layout token]" a line on stdin, one JSON summary
+    a line on stdout. Runs at nice 19 so that walks yield the CPU to the targets."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     with contextlib.suppress(OSError):
         os.nice(19)
     memos: dict[int, WalkMemo] = {}
     for line in sys.stdin:
         try:
-            pid = int(line)
+            pid, layout = (int(x) for x in (line.split() + ["0"])[:2])
         except ValueError:
             continue
-        summary = sample_once(pid, memo=_memo_for(memos, pid))
+        summary = sample_once(pid, memo=_memo_for(memos, pid), layout=layout)
         if summary["status"] != "ok":
             memos.pop(pid, None)
         sys.stdout.write(json.dumps(summary) + "\n")

@@ -8,6 +8,7 @@ what changed, not the size of the process."""
 
 from __future__ import annotations
 
+import itertools
 from bisect import bisect_right
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from memtrace.trace.events import CHUNK_SHIFT, CHUNK_SIZE
 from memtrace.trace.pagemap import Run
 from memtrace.trace.procfs import Vma
 from memtrace.util.ints import shared
+
+_LAYOUT_TOKENS = itertools.count(1)
 
 
 @dataclass(slots=True)
@@ -53,6 +56,9 @@ class AddressSpace:
         # For incremental views: bumped whenever the VMA list is replaced, and
         # the starts of VMAs whose figures changed since take_changed().
         self.layout_version = 0
+        # unique across every AddressSpace of this memtrace: names one VMA list
+        # (the heap walker reuses its parse of /proc/PID/maps while it is the same)
+        self.layout_token = 0
         self.changed: set[int] = set()
         # Bumped by every change of what the model holds (scans, VMAs,
         # figures): a reader whose last look saw this version needs no new one.
@@ -129,6 +135,7 @@ class AddressSpace:
         old = {v.identity for v in self.vmas}
         self.vmas = vmas
         self.layout_version += 1
+        self.layout_token = next(_LAYOUT_TOKENS)
         self.version += 1
         self._ends = [v.end for v in self.vmas]
         starts = {v.start for v in self.vmas}

@@ -291,16 +291,19 @@ def test_session_puts_the_latest_summary_under_heap_and_says_why_once():
         def message(self, text: str) -> None:
             self.messages.append(text)
 
+    class Space:
+        layout_token = 77
+
     class Tracker:
-        pid, start_time = 42, 1234
+        pid, start_time, space = 42, 1234, Space()
 
     class Fixed:
         def __init__(self, h: dict[str, Any]) -> None:
             self.h = h
-            self.tracked: list[tuple[int, int]] = []
+            self.tracked: list[tuple[int, int, int]] = []
 
-        def track(self, pid: int, start: int) -> None:
-            self.tracked.append((pid, start))
+        def track(self, pid: int, start: int, layout: int = 0) -> None:
+            self.tracked.append((pid, start, layout))
 
         def latest(self, pid: int, start: int) -> dict[str, Any]:
             return self.h
@@ -321,6 +324,7 @@ def test_session_puts_the_latest_summary_under_heap_and_says_why_once():
     for _ in range(3):
         session._add_heap(snap, Tracker())  # type: ignore[arg-type]
     assert snap["heap"] is h
+    assert session.heap.tracked[-1] == (42, 1234, 77)     # the layout token goes along
     assert rep.messages == ["pid 42: no heap figures: musl"]
     session.publish()
     state: TickState = session.exporter_box.get()
