@@ -340,7 +340,7 @@ class Memtrace:
 
     def unexpected_stderr(self) -> list[str]:
         """stderr lines other than memtrace's normal progress messages."""
-        normal = ("probes loaded in", "first snapshot", "exited")
+        normal = ("probes loaded in", "first snapshot", "exited", "--changed-only writes")
         return [ln for ln in self.stderr if not any(n in ln for n in normal)]
 
 

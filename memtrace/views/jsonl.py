@@ -15,6 +15,9 @@ from memtrace.util.log import log
 from memtrace.views.output import OutputStream
 
 _encode = json.JSONEncoder(separators=(",", ":")).encode
+# A whole snapshot bigger than this gets one hint, once, that --changed-only exists
+# (60k mappings: 17 MB a snapshot, 61 GB an hour at --interval 1).
+BIG_SNAPSHOT_BYTES = 1 << 20
 
 
 class JsonReporter(Reporter):
@@ -35,6 +38,7 @@ class JsonReporter(Reporter):
         # snapshots written since its last whole one
         self._last: dict[int, list[dict[str, Any]]] = {}
         self._since_whole: dict[int, int] = {}
+        self._hinted = changed_only
         self.stream: OutputStream | None = None
         self.out: IO[str] | None = None
         if out is None:
@@ -47,6 +51,8 @@ class JsonReporter(Reporter):
     def snapshot(self, snap: dict[str, Any]) -> None:
         parts = self._changes(snap) if self.changed_only else encode_parts(snap)
         parts.append(b"\n")
+        if not self._hinted:
+            self._hint(snap, sum(map(len, parts)))
         if self.stream is not None:
             self.stream.write_record(parts)     # JSON is ASCII: bytes as they are
         else:
@@ -82,6 +88,13 @@ class JsonReporter(Reporter):
             removed = [start for start in old if start not in now]
         return [head[:-1], b',"mappings":[', b",".join(texts), b'],"removed_starts":',
                 _encode(removed).encode("ascii"), b',"changed_only":true}']
+
+    def _hint(self, snap: dict[str, Any], size: int) -> None:
+        if size > BIG_SNAPSHOT_BYTES:
+            self._hinted = True
+            log(f"pid {snap['pid']}: a JSON snapshot of {len(snap['mappings'])} mappings is "
+                f"{size / 1e6:.1f} MB; --changed-only writes only the mappings that changed "
+                "(`memtrace rebuild` gives the whole snapshots back)")
 
     def events(self, events: list[SyscallEvent]) -> None:
         pass

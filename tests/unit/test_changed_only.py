@@ -175,3 +175,21 @@ def test_memtrace_rebuild_writes_the_whole_output_byte_for_byte(world, tmp_path)
     bad = runner.invoke(cli, ["rebuild"], input="\n".join(delta[1:]) + "\n")
     assert isinstance(bad.exception, MemtraceError)      # main() makes it exit 2
     assert bad.exception.code == ExitCode.USAGE
+
+
+@pytest.mark.parametrize("changed_only", [False, True])
+def test_big_whole_snapshots_get_one_hint_of_changed_only(capsys, changed_only):
+    mapping = {"start": 0, "end": 4096, "path": "x" * 300}
+    snap = {"pid": 7, "mappings": [dict(mapping, start=n) for n in range(4000)]}
+    rep = JsonReporter(io.StringIO(), changed_only=changed_only)
+    small = {"pid": 8, "mappings": [mapping]}
+    rep.snapshot(small)
+    assert capsys.readouterr().err == ""            # small: nothing said
+    for _ in range(2):
+        rep.snapshot(dict(snap))
+    err = capsys.readouterr().err
+    if changed_only:
+        assert err == ""
+    else:
+        assert err.count("--changed-only") == 1
+        assert "pid 7: a JSON snapshot of 4000 mappings is 1.3 MB" in err
