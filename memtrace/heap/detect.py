@@ -54,7 +54,8 @@ def detect_allocator(space: AddressSpace, exe: bytes) -> AllocatorInfo:
     libc = next((p for p in paths if _is_libc(p)), b"")
     for p in paths:
         base = p.rsplit(b"/", 1)[-1]
-        # memtrace's --malloc sampler defines malloc but hands every call to glibc's
+        # memtrace's --malloc sampler defines malloc but hands every call to the
+        # allocator after it (glibc's, or the library found further on)
         if _is_libc(p) or base.startswith((b"ld-linux", b"libc_malloc_debug",
                                            b"libmemtrace-malloc-")):
             continue

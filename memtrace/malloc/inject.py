@@ -2,15 +2,16 @@
 (docs/malloc.md, "watch --malloc"). What LD_PRELOAD does for `run` at exec,
 done once at attach:
 
-1. the GOT slots through which every loaded object calls glibc's allocation
-   functions (the slots the dynamic linker would have bound to a preloaded
-   library) are read from the objects' files;
+1. the GOT slots through which every loaded object calls the process's
+   allocation functions (glibc's, or those of the library that provides
+   malloc instead, as jemalloc; the slots the dynamic linker would have bound
+   to a preloaded library) are read from the objects' files;
 2. one thread of the process, borrowed at a safe point (memtrace/malloc/
-   borrow.py), calls dlopen(sampler) and then the sampler's
-   memtrace_malloc_interpose(), which stores the sampler's functions in those
+   borrow.py), calls dlopen(sampler), the sampler's memtrace_malloc_real()
+   (the allocator it is to call) and memtrace_malloc_interpose(), which stores the sampler's functions in those
    slots; the thread is put back as it was and goes on;
 3. libraries loaded later get the same (extend), and at detach the same call
-   puts glibc's functions back (the sampler stays loaded, unused).
+   puts back the functions the slots held (the sampler stays loaded, unused).
 
 x86-64 only."""
 
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from memtrace.errors import MemtraceError
 from memtrace.malloc.borrow import DATA, Calls, InjectError, Libc, with_safe_thread
-from memtrace.trace.procfs import ProcFS, Vma
+from memtrace.trace.procfs import ProcFS, Vma, escape_name
 from memtrace.util.elf import (
     PT_LOAD,
     dynamic_symbol_values,
@@ -56,6 +57,23 @@ class Slot:
 
 
 @dataclass
+class Plan:
+    """What plan_slots found: the slots to take, the number left alone
+    (another allocator's function), the objects looked at, and the allocator
+    whose functions the sampler calls (None: glibc's)."""
+    slots: list[Slot]
+    skipped: int
+    objects: set[tuple[bytes, int]]
+    allocator: bytes | None
+    allocator_funcs: dict[bytes, int]
+
+
+# the order of memtrace_malloc_real's table (shim.c)
+REAL_ORDER = (b"malloc", b"calloc", b"realloc", b"free", b"memalign", b"aligned_alloc",
+              b"posix_memalign", b"valloc", b"pvalloc")
+
+
+@dataclass
 class Interposition:
     """The sampler in a process: where it is loaded, its functions there, the
     slots it took and the objects (path, load bias) they belong to."""
@@ -67,6 +85,7 @@ class Interposition:
     objects: set[tuple[bytes, int]]
     skipped: int = 0                # slots left alone (another allocator's function)
     held_seconds: float = 0.0       # how long one thread was stopped, all calls
+    allocator: bytes | None = None  # the library whose malloc the sampler calls (None: glibc)
 
 
 # ---- where things are in the target ----
@@ -140,14 +159,15 @@ def _find_libc(procfs: ProcFS, pid: int, vmas: list[Vma]) -> Libc:
 
 def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
                shim_funcs: dict[bytes, int], done: AbstractSet[tuple[bytes, int]] = frozenset(),
-               ) -> tuple[list[Slot], int, set[tuple[bytes, int]]]:
+               ) -> Plan:
     """The GOT slots to point at the sampler's functions (`shim_funcs`: name ->
     address in the process): in every loaded object but the sampler, the
-    loader and those `done` ((path, load bias) each), the slots that hold
-    glibc's function of that name (or, bound lazily, not yet resolved: an
-    address inside the object). Frees first. Also the number of slots left
-    alone (another allocator's function), and the objects looked at."""
-    libc_funcs: dict[bytes, int] = {}
+    loader and those `done` ((path, load bias) each), the slots that hold the
+    process's allocator's function of that name (or, bound lazily, not yet
+    resolved: an address inside the object, which would bind to it). The
+    allocator is glibc's, or the library that provides malloc instead
+    (allocator_funcs). Frees first."""
+    defined: dict[bytes, dict[bytes, int]] = {}   # path -> INTERPOSED it defines, in pid
     objects: list[tuple[bytes, int, Vma, bytes]] = []
     for path, (start, vma) in _objects(vmas).items():
         if path == shim or _is_loader(path):
@@ -156,9 +176,8 @@ def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
         bias = _load_bias(data, start) if data else None
         if data is None or bias is None:
             continue
-        if _is_libc(path):
-            libc_funcs = {name: bias + value for name, value in
-                          dynamic_symbol_values(data, set(INTERPOSED)).items()}
+        if values := dynamic_symbol_values(data, set(INTERPOSED)):
+            defined[path] = {name: bias + value for name, value in values.items()}
         if (path, bias) not in done:
             objects.append((path, bias, vma, data))
     wanted = {path for path, _, _, _ in objects}
@@ -166,33 +185,55 @@ def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
     for v in vmas:          # one pass: a process may have 60k mappings
         if v.path in wanted:
             spans[v.path].append((v.start, v.end, v.perms))
+    # (path, slot address, name, value, its page's perms) of every slot
+    found: list[tuple[bytes, int, bytes, int, str]] = []
+    with open(procfs.root / str(pid) / "mem", "rb", buffering=0) as mem:
+        for path, bias, _vma, data in objects:
+            for offset, name in symbol_slots(data, set(INTERPOSED)):
+                addr = bias + offset
+                perms = next((p for s, e, p in spans[path] if s <= addr < e), None)
+                if perms is not None and name in shim_funcs:
+                    old, = struct.unpack("<Q", os.pread(mem.fileno(), 8, addr))
+                    found.append((path, addr, name, old, perms))
+    libc_funcs = next((f for path, f in defined.items() if _is_libc(path)), {})
+    provider = _allocator(defined, [(name, old) for _, _, name, old, _ in found])
+    allocator_funcs = defined[provider] if provider else {}
+    funcs = {**libc_funcs, **allocator_funcs}
     slots: list[Slot] = []
     # (name, value) of slots that hold another object's address: taken by
     # that object's own slot when it is a stub of its PLT (a non-PIE program's
     # canonical address of malloc jumps through the program's slot), else
     # another allocator's function, left alone
     elsewhere: list[tuple[bytes, int]] = []
-    with open(procfs.root / str(pid) / "mem", "rb", buffering=0) as mem:
-        for path, bias, _vma, data in objects:
-            for offset, name in symbol_slots(data, set(INTERPOSED)):
-                addr = bias + offset
-                perms = next((p for s, e, p in spans[path] if s <= addr < e), None)
-                if perms is None or name not in shim_funcs:
-                    continue
-                old, = struct.unpack("<Q", os.pread(mem.fileno(), 8, addr))
-                own = any(s <= old < e for s, e, _ in spans[path])
-                if old != libc_funcs.get(name) and not own:
-                    elsewhere.append((name, old))
-                    continue
-                prot = -1 if "w" in perms else _prot(perms)
-                slots.append(Slot(addr, shim_funcs[name], old, prot))
+    for path, addr, name, old, perms in found:
+        own = any(s <= old < e for s, e, _ in spans[path])
+        if old != funcs.get(name) and not own:
+            elsewhere.append((name, old))
+            continue
+        prot = -1 if "w" in perms else _prot(perms)
+        slots.append(Slot(addr, shim_funcs[name], old, prot))
     stubs = _stub_ranges(slots, shim_funcs, spans)
     skipped = sum(1 for name, old in elsewhere
                   if not any(n == name and lo <= old < hi for n, lo, hi in stubs))
     order = {name: i for i, name in enumerate(INTERPOSED)}
     by_value = {v: k for k, v in shim_funcs.items()}
     slots.sort(key=lambda s: order.get(by_value.get(s.value, b""), 99))
-    return slots, skipped, {(path, bias) for path, bias, _, _ in objects}
+    return Plan(slots, skipped, {(path, bias) for path, bias, _, _ in objects},
+                provider, allocator_funcs)
+
+
+def _allocator(defined: dict[bytes, dict[bytes, int]],
+               slot_values: list[tuple[bytes, int]]) -> bytes | None:
+    """The object other than libc that provides the process's malloc (linked
+    before libc, as redis-server's libjemalloc, or preloaded), None for glibc's:
+    of the objects that define malloc, the one the process's bound malloc
+    slots point at, else the first (memtrace.heap.detect's rule)."""
+    candidates = [path for path, funcs in defined.items()
+                  if b"malloc" in funcs and not _is_libc(path)
+                  and not os.path.basename(path).startswith(b"libmemtrace-malloc-")]
+    bound = {old for name, old in slot_values if name == b"malloc"}
+    return next((p for p in candidates if defined[p][b"malloc"] in bound),
+                candidates[0] if candidates else None)
 
 
 def _stub_ranges(slots: list[Slot], shim_funcs: dict[bytes, int],
@@ -251,10 +292,14 @@ def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition
         raise InjectError("watch --malloc is x86-64 only (use memtrace run --malloc)")
     vmas = procfs.maps(pid)
     libc = _find_libc(procfs, pid, vmas)
-    names = {*INTERPOSED, b"memtrace_malloc_interpose"}
+    names = {*INTERPOSED, b"memtrace_malloc_interpose", b"memtrace_malloc_real"}
     offsets = dynamic_symbol_values(Path(shim).read_bytes(), names)
     setter_offset = offsets.pop(b"memtrace_malloc_interpose")
-    planned, skipped, done = plan_slots(procfs, pid, vmas, shim.encode(), offsets)
+    real_offset = offsets.pop(b"memtrace_malloc_real")
+    plan = plan_slots(procfs, pid, vmas, shim.encode(), offsets)
+    planned = plan.slots
+    real_table = b"".join(struct.pack("<Q", plan.allocator_funcs.get(name, 0))
+                          for name in REAL_ORDER)
     where: list[int] = []
 
     def store(results: list[int], mem: int) -> list[tuple[int, tuple[int, ...], bytes]]:
@@ -262,7 +307,9 @@ def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition
             return []
         where.append(struct.unpack("<Q", os.pread(mem, 8, results[0]))[0])   # l_addr
         rows = [(s.addr, s.old, where[0] + s.value, s.prot) for s in planned]
-        return _setter_calls(where[0] + setter_offset, period, rows)
+        # the allocator the sampler calls, before any slot points at it
+        return [(where[0] + real_offset, (DATA,), real_table),
+                *_setter_calls(where[0] + setter_offset, period, rows)]
 
     path = shim.encode() + b"\0"
     results, held = with_safe_thread(procfs, pid, libc,
@@ -272,9 +319,11 @@ def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition
     bias = where[0]
     slots = [Slot(s.addr, bias + s.value, s.old, s.prot) for s in planned]
     got = Interposition(pid, bias, {k: bias + v for k, v in offsets.items()},
-                        bias + setter_offset, slots, done, skipped, held)
-    if sum(results[1:]) != len(slots):
-        log(f"--malloc: pid {pid}: {len(slots) - sum(results[1:])} of {len(slots)} GOT slots "
+                        bias + setter_offset, slots, plan.objects, plan.skipped, held,
+                        plan.allocator)
+    stored = sum(results[2:])       # [dlopen, memtrace_malloc_real, setter calls...]
+    if stored != len(slots):
+        log(f"--malloc: pid {pid}: {len(slots) - stored} of {len(slots)} GOT slots "
             "changed under memtrace and were left alone")
     return got
 
@@ -286,15 +335,15 @@ def _sampler_in_place(got: Interposition, shim: str, vmas: list[Vma]) -> bool:
 
 
 def extend(procfs: ProcFS, got: Interposition, shim: str) -> int:
-    """Objects loaded since (dlopen) bind to glibc's functions: point their
+    """Objects loaded since (dlopen) bind to the allocator's functions: point their
     slots at the sampler too. The number of slots taken."""
     vmas = procfs.maps(got.pid)
     if not _sampler_in_place(got, shim, vmas):
         return 0
-    slots, skipped, done = plan_slots(procfs, got.pid, vmas, shim.encode(), got.funcs,
-                                      got.objects)
-    got.objects |= done
-    got.skipped += skipped
+    plan = plan_slots(procfs, got.pid, vmas, shim.encode(), got.funcs, got.objects)
+    slots = plan.slots
+    got.objects |= plan.objects
+    got.skipped += plan.skipped
     if slots:
         _store(procfs, got, _find_libc(procfs, got.pid, vmas), slots, 0)
         got.slots += slots
@@ -302,7 +351,7 @@ def extend(procfs: ProcFS, got: Interposition, shim: str) -> int:
 
 
 def withdraw(procfs: ProcFS, got: Interposition, shim: str) -> None:
-    """Put glibc's functions back in the slots that still hold the sampler's
+    """Put the functions the slots held back in the slots that still hold the sampler's
     (allocators first); the sampler stays loaded. Nothing if the process is
     gone or no longer has the sampler where it was (an exec)."""
     if not procfs.alive(got.pid):
@@ -332,11 +381,13 @@ class Interposer:
             raise InjectError(f"pid {pid}: {e.strerror or e}") from None
         self.done[pid] = got
         other = f", {got.skipped} left to another allocator (not sampled)" if got.skipped else ""
+        calls = (f"; it calls {escape_name(got.allocator)}'s malloc" if got.allocator
+                 else "")
         log(f"--malloc: sampler loaded into pid {pid}: {len(got.slots)} GOT slots point at it"
-            f"{other}; one thread held {got.held_seconds * 1000:.1f} ms")
+            f"{other}{calls}; one thread held {got.held_seconds * 1000:.1f} ms")
 
     def extend(self, pid: int) -> None:
-        """A library was loaded in pid (dlopen): its slots bind to glibc's
+        """A library was loaded in pid (dlopen): its slots bind to the allocator's
         functions; point them at the sampler too."""
         got = self.done.get(pid)
         if got is None:
@@ -357,7 +408,7 @@ class Interposer:
         try:
             withdraw(self.procfs, got, self.shim)
         except (MemtraceError, OSError) as e:
-            log(f"--malloc: pid {pid}: glibc's functions not put back: {e}")
+            log(f"--malloc: pid {pid}: the allocator's functions not put back: {e}")
 
     def withdraw_all(self) -> None:
         for pid in list(self.done):

@@ -7,11 +7,19 @@
  * free calls memtrace_malloc_freed() (the other uprobe); any other free is a
  * hash miss. A sample the hash has no room for is still handed over, its
  * weight marked MT_UNTRACKED: memtrace counts it allocated but cannot see its
- * free, and says how many there were. The real allocator is glibc's, through
- * its __libc_* names (no dlsym: it may allocate, which would recurse).
+ * free, and says how many there were.
+ *
+ * The real allocator: preloaded (`run`), the one the program would have used
+ * without the sampler, the next definition in the loader's search order
+ * (dlsym RTLD_NEXT: glibc's, or jemalloc's that redis-server links, or a
+ * tcmalloc preloaded after the sampler); looked up at the first call, through
+ * stubs the function pointers start as. Loaded into a running process
+ * (`watch`), glibc's __libc_* functions: memtrace only hands over GOT slots
+ * that held glibc's.
  *
  * Built by memtrace at first use: cc -O2 -shared -fPIC (memtrace/malloc/shim.py). */
 #define _GNU_SOURCE
+#include <dlfcn.h>
 #include <errno.h>
 #include <math.h>
 #include <stddef.h>
@@ -46,6 +54,199 @@ EXPORT __attribute__((noinline, used)) void memtrace_malloc_freed(void *ptr)
     __asm__ volatile("nop" : : "r"(ptr) : "memory");
 }
 
+/* ---- the real allocator's functions: stubs until the first call looks
+ * them up (resolve). A thread that allocates while it is looking them up
+ * (dlsym may allocate, on some glibc versions) is served from `arena`, whose
+ * blocks are never given back (free ignores them: see release_slow). */
+typedef void *(*malloc_fn)(size_t);
+typedef void *(*calloc_fn)(size_t, size_t);
+typedef void *(*realloc_fn)(void *, size_t);
+typedef void (*free_fn)(void *);
+typedef void *(*memalign_fn)(size_t, size_t);
+typedef int (*posix_memalign_fn)(void **, size_t, size_t);
+
+static void *first_malloc(size_t);
+static void *first_calloc(size_t, size_t);
+static void *first_realloc(void *, size_t);
+static void first_free(void *);
+static void *first_memalign(size_t, size_t);
+static void *first_aligned_alloc(size_t, size_t);
+static int first_posix_memalign(void **, size_t, size_t);
+static void *first_valloc(size_t);
+static void *first_pvalloc(size_t);
+
+static malloc_fn real_malloc = first_malloc;
+static calloc_fn real_calloc = first_calloc;
+static realloc_fn real_realloc = first_realloc;
+static free_fn real_free = first_free;
+static memalign_fn real_memalign = first_memalign;
+static memalign_fn real_aligned_alloc = first_aligned_alloc;
+static posix_memalign_fn real_posix_memalign = first_posix_memalign;
+static malloc_fn real_valloc = first_valloc;
+static malloc_fn real_pvalloc = first_pvalloc;
+
+static int glibc_aligned_alloc(void **out, size_t align, size_t size);
+static void *glibc_aligned(size_t align, size_t size) { return __libc_memalign(align, size); }
+
+#define ARENA_SIZE (64 * 1024)
+static _Alignas(16) char arena[ARENA_SIZE];
+static size_t arena_used;
+static TLS int resolving;                       /* this thread is in resolve() */
+EXPORT unsigned long memtrace_malloc_arena_blocks;   /* blocks served from arena */
+static unsigned long live;          /* sampled pointers in the table (and arena: 1) */
+
+static inline int in_arena(const void *p)
+{
+    return (uintptr_t)p - (uintptr_t)arena < ARENA_SIZE;
+}
+
+static void *arena_alloc(size_t size, size_t align)
+{
+    if (align < 16)
+        align = 16;
+    size_t at = __atomic_load_n(&arena_used, __ATOMIC_RELAXED), start;
+    do {
+        start = (at + align - 1) & ~(align - 1);
+        if (start + size > ARENA_SIZE || start + size < start)
+            return NULL;
+    } while (!__atomic_compare_exchange_n(&arena_used, &at, start + size, 0,
+                                          __ATOMIC_ACQ_REL, __ATOMIC_RELAXED));
+    if (__atomic_fetch_add(&memtrace_malloc_arena_blocks, 1, __ATOMIC_RELAXED) == 0)
+        __atomic_add_fetch(&live, 1, __ATOMIC_RELAXED);   /* every free looks (release) */
+    return arena + start;
+}
+
+static void *next_or(const char *name, void *glibc)
+{
+    void *fn = dlsym(RTLD_NEXT, name);
+    return fn ? fn : glibc;
+}
+
+static void set_glibc(void)
+{
+    __atomic_store_n(&real_malloc, __libc_malloc, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_calloc, __libc_calloc, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_realloc, __libc_realloc, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_free, __libc_free, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_memalign, __libc_memalign, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_aligned_alloc, glibc_aligned, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_posix_memalign, glibc_aligned_alloc, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_valloc, __libc_valloc, __ATOMIC_RELEASE);
+    __atomic_store_n(&real_pvalloc, __libc_pvalloc, __ATOMIC_RELEASE);
+}
+
+/* Looked up together, stored one by one: a thread that sees one pointer set
+ * and another still a stub looks them all up again (same answers). */
+static void resolve(void)
+{
+    resolving = 1;
+    void *fns[9] = {
+        next_or("malloc", (void *)__libc_malloc),
+        next_or("calloc", (void *)__libc_calloc),
+        next_or("realloc", (void *)__libc_realloc),
+        next_or("free", (void *)__libc_free),
+        next_or("memalign", (void *)__libc_memalign),
+        next_or("aligned_alloc", (void *)glibc_aligned),
+        next_or("posix_memalign", (void *)glibc_aligned_alloc),
+        next_or("valloc", (void *)__libc_valloc),
+        next_or("pvalloc", (void *)__libc_pvalloc),
+    };
+    __atomic_store_n(&real_malloc, (malloc_fn)fns[0], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_calloc, (calloc_fn)fns[1], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_realloc, (realloc_fn)fns[2], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_free, (free_fn)fns[3], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_memalign, (memalign_fn)fns[4], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_aligned_alloc, (memalign_fn)fns[5], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_posix_memalign, (posix_memalign_fn)fns[6], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_valloc, (malloc_fn)fns[7], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_pvalloc, (malloc_fn)fns[8], __ATOMIC_RELEASE);
+    resolving = 0;
+}
+
+static void *first_malloc(size_t size)
+{
+    if (resolving)
+        return arena_alloc(size, 16);
+    resolve();
+    return real_malloc(size);
+}
+
+static void *first_calloc(size_t n, size_t size)
+{
+    if (resolving) {
+        if (size && n > (size_t)-1 / size)
+            return NULL;
+        return arena_alloc(n * size, 16);   /* static: already zero */
+    }
+    resolve();
+    return real_calloc(n, size);
+}
+
+static void *first_realloc(void *ptr, size_t size)
+{
+    if (resolving)
+        return ptr ? NULL : arena_alloc(size, 16);
+    resolve();
+    return real_realloc(ptr, size);
+}
+
+static void first_free(void *ptr)
+{
+    if (resolving || !ptr)
+        return;
+    resolve();
+    real_free(ptr);
+}
+
+static void *first_memalign(size_t align, size_t size)
+{
+    if (resolving)
+        return arena_alloc(size, align);
+    resolve();
+    return real_memalign(align, size);
+}
+
+static void *first_aligned_alloc(size_t align, size_t size)
+{
+    if (resolving)
+        return arena_alloc(size, align);
+    resolve();
+    return real_aligned_alloc(align, size);
+}
+
+static int first_posix_memalign(void **out, size_t align, size_t size)
+{
+    if (resolving)
+        return (*out = arena_alloc(size, align)) ? 0 : ENOMEM;
+    resolve();
+    return real_posix_memalign(out, align, size);
+}
+
+static void *first_valloc(size_t size)
+{
+    if (resolving)
+        return arena_alloc(size, 4096);
+    resolve();
+    return real_valloc(size);
+}
+
+static void *first_pvalloc(size_t size)
+{
+    if (resolving)
+        return arena_alloc((size + 4095) & ~(size_t)4095, 4096);
+    resolve();
+    return real_pvalloc(size);
+}
+
+static int glibc_aligned_alloc(void **out, size_t align, size_t size)
+{
+    void *p = __libc_memalign(align, size);
+    if (!p)
+        return ENOMEM;
+    *out = p;
+    return 0;
+}
+
 /* ---- sampled pointers: open addressing, linear probing, CAS; 0 empty, 1 deleted.
  * Probes are bounded: a table that has no room within MT_PROBES slots takes no
  * more samples there (counted in `dropped`). */
@@ -55,7 +256,6 @@ EXPORT __attribute__((noinline, used)) void memtrace_malloc_freed(void *ptr)
 #define MT_EMPTY 0
 #define MT_DELETED 1
 static uintptr_t table[MT_SLOTS];
-static unsigned long live;          /* sampled pointers in the table */
 EXPORT unsigned long memtrace_malloc_dropped;   /* samples with no room in the table */
 
 static inline uint32_t slot_of(uintptr_t p)
@@ -170,34 +370,41 @@ static inline void *count(void *ptr, size_t size)
     return ptr;
 }
 
-static __attribute__((noinline)) void release_slow(void *ptr)
+/* Says the free of a sampled block; 1 if ptr is an arena block, which is
+ * never given to the real allocator. */
+static __attribute__((noinline)) int release_slow(void *ptr)
 {
+    if (UNLIKELY(in_arena(ptr)))
+        return 1;
     if (ptr && forget((uintptr_t)ptr))
         memtrace_malloc_freed(ptr);
+    return 0;
 }
 
-static inline void release(void *ptr)
+/* Before the real free: the address may be handed out again at once. */
+static inline int release(void *ptr)
 {
     if (UNLIKELY(__atomic_load_n(&live, __ATOMIC_RELAXED) != 0))
-        release_slow(ptr);
+        return release_slow(ptr);
+    return 0;
 }
 
 static __attribute__((noinline)) void *malloc_sampled(size_t size)
 {
-    void *p = __libc_malloc(size);
+    void *p = real_malloc(size);
     sampled(p, size);
     return p;
 }
 
 /* ---- the interposed functions. malloc and free stay a few instructions and
- * a tail call to glibc unless this allocation is sampled or a sampled block
- * is live (then free looks its pointer up). */
+ * a tail call to the real allocator unless this allocation is sampled or a
+ * sampled block is live (then free looks its pointer up). */
 EXPORT void *malloc(size_t size)
 {
     long left = bytes_left - (long)size;
     bytes_left = left;
     if (LIKELY(left > 0))
-        return __libc_malloc(size);
+        return real_malloc(size);
     void *p = malloc_sampled(size);
     /* no tail call here: the sampled stack keeps this frame, named malloc */
     __asm__ volatile("" : : : "memory");
@@ -206,57 +413,65 @@ EXPORT void *malloc(size_t size)
 
 EXPORT void free(void *ptr)
 {
-    release(ptr);       /* before the real free: the address may be handed out again */
-    __libc_free(ptr);
+    if (release(ptr))
+        return;
+    real_free(ptr);
 }
 
 EXPORT void *calloc(size_t n, size_t size)
 {
-    void *p = __libc_calloc(n, size);
+    void *p = real_calloc(n, size);
     return p ? count(p, n * size) : p;   /* calloc failed on an overflow */
+}
+
+static __attribute__((noinline)) void *realloc_arena(void *ptr, size_t size)
+{
+    void *q = malloc(size);
+    size_t room = (size_t)(arena + ARENA_SIZE - (char *)ptr);
+    if (q)
+        memcpy(q, ptr, size < room ? size : room);
+    return q;
 }
 
 EXPORT void *realloc(void *ptr, size_t size)
 {
     /* A sampled block that moves or shrinks is freed and allocated again, as
      * far as the sampler goes. Its free is said before the real realloc: the
-     * old address may be handed out to another thread as soon as glibc lets
-     * it go. (Should realloc fail, the block stays but is no longer sampled;
-     * realloc(p, 0) frees p and returns NULL.) */
-    release(ptr);
-    void *q = __libc_realloc(ptr, size);
+     * old address may be handed out to another thread as soon as the
+     * allocator lets it go. (Should realloc fail, the block stays but is no
+     * longer sampled; realloc(p, 0) frees p and returns NULL.) */
+    if (release(ptr))
+        return realloc_arena(ptr, size);
+    void *q = real_realloc(ptr, size);
     return q ? count(q, size) : q;
 }
 
 EXPORT void *memalign(size_t align, size_t size)
 {
-    return count(__libc_memalign(align, size), size);
+    return count(real_memalign(align, size), size);
 }
 
 EXPORT void *aligned_alloc(size_t align, size_t size)
 {
-    return count(__libc_memalign(align, size), size);
+    return count(real_aligned_alloc(align, size), size);
 }
 
 EXPORT int posix_memalign(void **out, size_t align, size_t size)
 {
-    if (align % sizeof(void *) != 0 || (align & (align - 1)) != 0 || align == 0)
-        return EINVAL;
-    void *p = __libc_memalign(align, size);
-    if (!p)
-        return ENOMEM;
-    *out = count(p, size);
-    return 0;
+    int err = real_posix_memalign(out, align, size);
+    if (err == 0)
+        count(*out, size);
+    return err;
 }
 
 EXPORT void *valloc(size_t size)
 {
-    return count(__libc_valloc(size), size);
+    return count(real_valloc(size), size);
 }
 
 EXPORT void *pvalloc(size_t size)
 {
-    return count(__libc_pvalloc(size), size);
+    return count(real_pvalloc(size), size);
 }
 
 /* ---- `watch --malloc` (memtrace/malloc/inject.py): memtrace loads this file
@@ -276,6 +491,31 @@ struct mt_slot {
     uintptr_t value;
     long prot;
 };
+
+/* `watch --malloc`, before the slots are stored: the process's allocator,
+ * whose functions the slots held (memtrace reads them from the objects'
+ * symbols): glibc's, or, for a process whose malloc another library provides
+ * (redis-server's jemalloc), that library's. fns: malloc, calloc, realloc,
+ * free, memalign, aligned_alloc, posix_memalign, valloc, pvalloc; 0 for
+ * glibc's. Returns 0 (memtrace sums what the calls of a stop return). */
+EXPORT long memtrace_malloc_real(const uintptr_t *fns)
+{
+    set_glibc();
+    if (!fns)
+        return 0;
+#define MT_USE(i, var, type) if (fns[i]) __atomic_store_n(&var, (type)fns[i], __ATOMIC_RELEASE)
+    MT_USE(0, real_malloc, malloc_fn);
+    MT_USE(1, real_calloc, calloc_fn);
+    MT_USE(2, real_realloc, realloc_fn);
+    MT_USE(3, real_free, free_fn);
+    MT_USE(4, real_memalign, memalign_fn);
+    MT_USE(5, real_aligned_alloc, memalign_fn);
+    MT_USE(6, real_posix_memalign, posix_memalign_fn);
+    MT_USE(7, real_valloc, malloc_fn);
+    MT_USE(8, real_pvalloc, malloc_fn);
+#undef MT_USE
+    return 0;
+}
 
 EXPORT long memtrace_malloc_interpose(long period, const struct mt_slot *slots, long n)
 {

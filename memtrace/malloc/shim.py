@@ -84,9 +84,9 @@ def build_shim(env: Mapping[str, str] | None = None) -> Path:
 
 def child_env(env: Mapping[str, str], shim: str, period: int) -> dict[str, str]:
     """The command's environment: the shim first in LD_PRELOAD, an existing
-    preload kept after it (docs/malloc.md: a preloaded allocator is bypassed,
-    the shim calls glibc's), and the period. memtrace's own environment is
-    left alone."""
+    preload kept after it (a preloaded allocator stays the program's: the shim
+    calls the next definition of each function), and the period. memtrace's
+    own environment is left alone."""
     out = dict(env)
     rest = [p for p in out.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != shim]
     out["LD_PRELOAD"] = ":".join([shim, *rest])

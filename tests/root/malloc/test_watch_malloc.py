@@ -207,3 +207,36 @@ def test_the_borrowed_thread_keeps_its_vector_registers(tmp_path: Path):
         assert (printed.strip(), target.returncode) == ("vector registers unchanged", 0)
     finally:
         target.kill()
+
+
+def test_a_process_whose_malloc_is_another_library_keeps_it(tmp_path: Path):
+    """Debian's redis-server links jemalloc: its malloc is not glibc's. The
+    sampler must call that allocator, and take the slots that hold its
+    functions and the lazily bound ones (which would bind to it): the first
+    version took the lazy slots and called glibc's, and a block glibc handed
+    out was later freed by the other allocator (toyalloc aborts there, as
+    jemalloc crashes)."""
+    cc = shutil.which("cc") or "gcc"
+    toy = tmp_path / "libtoyalloc.so"
+    prog = tmp_path / "otheralloc"
+    subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", str(toy),
+                    str(WORKLOADS / "toyalloc.c")], check=True)
+    subprocess.run([cc, "-O2", "-fomit-frame-pointer", "-Wl,-z,lazy", "-o", str(prog),
+                    str(WORKLOADS / "otheralloc.c"), f"-L{tmp_path}", "-ltoyalloc",
+                    f"-Wl,-rpath,{tmp_path}"], check=True)
+    target = subprocess.Popen([str(prog), str(5 * TIMEOUT_SCALE), "4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert target.stdout is not None and target.stdout.readline() == "ready\n"
+        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K")
+        printed, errors = target.communicate(timeout=60 * TIMEOUT_SCALE)
+    finally:
+        target.kill()
+    assert target.returncode == 0, errors[-2000:]        # toyalloc never saw a foreign pointer
+    assert "steps" in printed and "toyalloc" in errors
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"it calls {toy}'s malloc" in r.stderr, r.stderr[-2000:]
+    last = [json.loads(x) for x in r.stdout.splitlines() if '"malloc"' in x][-1]["malloc"]
+    assert last["samples"] > 100 and last["frees"] > 0, last
+    for function in ("malloc", "calloc", "realloc"):     # calloc, realloc: lazy slots
+        assert _bytes_of(last["allocated"], function) > 0, (function, last["allocated"])

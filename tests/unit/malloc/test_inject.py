@@ -152,7 +152,9 @@ def test_slots_planned_in_this_process_hold_glibcs_functions_frees_first():
     procfs = ProcFS()
     pid = os.getpid()
     fake = {name: 0x1000 + 16 * i for i, name in enumerate(INTERPOSED)}
-    slots, skipped, objects = plan_slots(procfs, pid, procfs.maps(pid), b"/nonexistent", fake)
+    plan = plan_slots(procfs, pid, procfs.maps(pid), b"/nonexistent", fake)
+    slots, skipped, objects = plan.slots, plan.skipped, plan.objects
+    assert plan.allocator is None and plan.allocator_funcs == {}    # glibc's malloc
     glibc = _libc_definitions(pid, ("malloc", "free"))
     by_value = {v: k for k, v in fake.items()}
     names = [by_value[s.value] for s in slots]

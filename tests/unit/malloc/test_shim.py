@@ -17,6 +17,7 @@ from memtrace.malloc.shim import PERIOD_ENV, build_shim, child_env, source_hash
 from memtrace.trace.sampling import sample_weight
 
 HOOKS = Path(__file__).with_name("hooks.c")
+TOYALLOC = Path(__file__).parents[2] / "workloads" / "toyalloc.c"
 CC = shutil.which("cc") or shutil.which("gcc")
 needs_cc = pytest.mark.skipif(CC is None, reason="no C compiler")
 
@@ -69,6 +70,33 @@ def test_samples_beyond_the_table_are_handed_over_marked_untracked(built):
 
 
 SIZES = (24, 100, 512, 4000, 20000, 70000, 300000)     # hooks.c's, in turn
+
+
+@needs_cc
+def test_a_program_linked_with_another_allocator_keeps_it(built, tmp_path):
+    """A program linked with its own allocator (as Debian's redis-server with
+    jemalloc) gets its blocks from that allocator through the sampler, which
+    looks up the next definition of each function (RTLD_NEXT), not glibc's:
+    toyalloc.c aborts on a pointer it did not hand out (the first sampler,
+    calling glibc's, crashed redis-server at its first free). The samples
+    still estimate the bytes."""
+    assert CC is not None
+    shim, _ = built
+    toy = tmp_path / "libtoyalloc.so"
+    prog = tmp_path / "hooks-toy"
+    subprocess.run([CC, "-O2", "-shared", "-fPIC", "-o", str(toy), str(TOYALLOC)], check=True)
+    subprocess.run([CC, "-O2", "-rdynamic", "-o", str(prog), str(HOOKS),
+                    f"-L{tmp_path}", "-ltoyalloc", f"-Wl,-rpath,{tmp_path}"], check=True)
+    env = child_env({"PATH": os.defpath}, str(shim), 16 * 1024)
+    r = subprocess.run([str(prog), "20000"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    handed_out = int(r.stderr.split("toyalloc ")[-1])
+    assert handed_out >= 20000             # every block of hooks.c came from toyalloc
+    allocated, kept, weight, outstanding, samples, frees, _ = map(float, r.stdout.split())
+    assert samples > 1000 and 0 < frees < samples
+    assert weight == pytest.approx(allocated, rel=0.05)
+    assert outstanding == pytest.approx(kept, rel=0.05)
 
 
 @needs_cc
