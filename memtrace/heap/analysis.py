@@ -71,6 +71,23 @@ def _reader(space: AddressSpace, res: ResidentMap) -> Callable[[int, int], bytes
     return lambda addr, n: read_resident(addr, n, res.runs_in(addr, addr + n))  # type: ignore[no-any-return]
 
 
+def brk_heap(vmas: list[Vma]) -> tuple[int, int] | None:
+    """(start, end) of the brk heap: the first [heap] VMA and the ones right
+    after it. The kernel may split [heap] into VMAs of the same permissions
+    (Debian's nginx workers have two), and the main arena runs across them."""
+    start = end = None
+    for v in vmas:
+        if v.path != b"[heap]":
+            continue
+        if start is None:
+            start, end = v.start, v.end
+        elif v.start == end:
+            end = v.end
+        else:
+            break
+    return None if start is None or end is None else (start, end)
+
+
 def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes,
                   memo: WalkMemo | None = None) -> dict[str, Any]:
     """One consistent read of every arena; raises HeapError if anything disagrees.
@@ -83,8 +100,8 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes,
                         "unsupported")
     main_addr = find_main_arena(space, layout, regions)
     arenas = arena_chain(space, layout, main_addr)
-    heap_vma = next((v for v in vmas if v.path == b"[heap]"), None)
-    mp = find_mp(space, layout, regions, heap_vma.start if heap_vma else None)
+    heap_vma = brk_heap(vmas)
+    mp = find_mp(space, layout, regions, heap_vma[0] if heap_vma else None)
     max_count = mp.tcache_count if mp else 65535
     counts_fmt = struct.Struct(
         f"<{layout.tcache_bins}{'H' if layout.tcache_count_size == 2 else 'B'}")
@@ -99,13 +116,13 @@ def analyse_glibc(space: AddressSpace, layout: GlibcLayout, libc: bytes,
         if a.main:
             if a.top == a.addr + layout.top:  # initial_top: the main heap was never used
                 continue
-            if heap_vma is None or not heap_vma.start <= a.top < heap_vma.end:
+            if heap_vma is None or not heap_vma[0] <= a.top < heap_vma[1]:
                 raise HeapError(f"main arena top {a.top:#x} is not in [heap] "
                                 "(non-contiguous main arena)", "unsupported")
-            base = mp.sbrk_base if mp else heap_vma.start
+            base = mp.sbrk_base if mp else heap_vma[0]
             first = _align_chunk(base)
             end = base + a.system_mem
-            res = ResidentMap(space.resident_runs(heap_vma.start, heap_vma.end))
+            res = ResidentMap(space.resident_runs(*heap_vma))
             w = walk_segment(_reader(space, res), first, end, a.top, True, space.read,
                              tcache_size, tcache_like)
             segs = [(base, end)]

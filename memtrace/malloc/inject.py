@@ -8,8 +8,8 @@ done once at attach:
    to a preloaded library) are read from the objects' files;
 2. one thread of the process, borrowed at a safe point (memtrace/malloc/
    borrow.py), calls dlopen(sampler), the sampler's memtrace_malloc_real()
-   (the allocator it is to call) and memtrace_malloc_interpose(), which stores the sampler's functions in those
-   slots; the thread is put back as it was and goes on;
+   (the allocator it is to call) and memtrace_malloc_interpose(), which
+   stores the sampler's functions in those slots; the thread is put back as it was and goes on;
 3. libraries loaded later get the same (extend), and at detach the same call
    puts back the functions the slots held (the sampler stays loaded, unused).
 

@@ -10,6 +10,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 static void say(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -136,6 +137,24 @@ int main(int argc, char **argv) {
             memset(v[i], 4, sz);
         }
         for (long i = 0; i < n; i += 3) free(v[i]);
+    } else if (!strcmp(mode, "forked")) {
+        /* the heap used, then a fork whose child grows it (n chunks of 1 KiB):
+         * the child's [heap] is two VMAs (the kernel does not merge the
+         * growth into a VMA whose anon_vma is shared with the parent's), as
+         * in Debian's nginx workers. The child goes on as the program (READY
+         * says its pid); the parent waits for it. */
+        v = malloc(sizeof(void *) * 64);
+        for (int i = 0; i < 64; i++) { v[i] = malloc(1024); memset(v[i], 5, 1024); }
+        pid_t child = fork();
+        if (child < 0) return 2;
+        if (child > 0) {
+            int status;
+            waitpid(child, &status, 0);
+            return 0;
+        }
+        v = malloc(sizeof(void *) * n);
+        for (long i = 0; i < n; i++) { v[i] = malloc(1024); memset(v[i], 6, 1024); }
+        for (long i = 0; i < n; i += 4) free(v[i]);
     } else {
         say("ERROR unknown mode %s\n", mode);
         return 2;

@@ -109,6 +109,26 @@ def test_hole_below_a_live_chunk_and_trim_prediction(prog, stop: bool) -> None:
     assert after["resident_bytes"] == p.heap_rss()
 
 
+def test_a_heap_the_kernel_split_in_two_vmas_is_walked_whole(prog) -> None:
+    """A forked child that grows its heap has [heap] in two VMAs (so have
+    Debian's nginx workers): the main arena runs across both. memtrace heap
+    said "main arena top is not in [heap]" and gave no figures."""
+    p = prog("forked", "4000")
+    child = int(p.ready.split()[1])
+    with open(f"/proc/{child}/maps") as f:
+        heaps = [line for line in f if line.rstrip().endswith("[heap]")]
+    assert len(heaps) == 2, heaps            # the case this test is about
+    p.pid = child
+    mi = p.mallinfo()
+    r = analyse_process(child, stop=True)
+    assert r["supported"], r.get("reason")
+    t = r["totals"]
+    assert t["malloc_in_use_bytes"] == mi["uordblks"]
+    assert t["in_use_bytes"] + t["tcache_bytes"] + t["arena_overhead_bytes"] == mi["uordblks"]
+    assert t["size_bytes"] == mi["arena"]
+    assert t["in_use_bytes"] > 3000 * 1024      # 3,000 of the child's chunks and the parent's 64
+
+
 def test_process_runs_again_after_stop(prog) -> None:
     p = prog("hole", "1000")
     analyse_process(p.pid, stop=True)

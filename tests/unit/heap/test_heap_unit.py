@@ -441,3 +441,20 @@ def test_free_chunk_right_before_the_top_is_a_free_in_progress():
     with pytest.raises(HeapError) as e:
         analyse(img)
     assert e.value.kind == "inconsistent" and "before the top" in e.value.message
+
+
+def test_the_brk_heap_is_every_heap_vma_right_after_the_first() -> None:
+    """The kernel may split [heap] (a forked child that grows it; Debian's
+    nginx workers): the main arena runs across the pieces."""
+    from memtrace.heap.analysis import brk_heap
+    from memtrace.trace.procfs import Vma
+
+    def vma(start: int, end: int, path: bytes) -> Vma:
+        return Vma(start, end, "rw-p", 0, "00:00", 0, path)
+
+    assert brk_heap([vma(0x1000, 0x2000, b"/bin/x")]) is None
+    assert brk_heap([vma(0x1000, 0x2000, b"/bin/x"), vma(0x5000, 0x9000, b"[heap]"),
+                     vma(0x9000, 0xC000, b"[heap]"), vma(0xC000, 0xD000, b"")]) == (0x5000, 0xC000)
+    # a [heap] VMA that is not adjacent is not part of it
+    assert brk_heap([vma(0x5000, 0x9000, b"[heap]"),
+                     vma(0xA000, 0xC000, b"[heap]")]) == (0x5000, 0x9000)
