@@ -633,3 +633,70 @@ def test_agent_follows_reloaded_nginx_workers(daemons, agent, tmp_path):
         f"agent did not attach to {len(missing)} of {len(new)} nginx workers made by the "
         f"reload within {AGENT_FOLLOW_TIMEOUT:.0f} s: {missing}; pids in its output: {seen}\n"
         f"{agent.stderr_tail(10)}")
+
+
+def _heap_vmas(pid: int) -> int:
+    with open(f"/proc/{pid}/maps", "rb") as f:
+        return sum(1 for line in f if line.rstrip().endswith(b"[heap]"))
+
+
+def test_heap_figures_of_the_workers_and_backends(daemons, tmp_path):
+    """`memtrace heap` on every nginx worker and pgbench backend after they
+    served load: a forked process that grows its heap has [heap] in two VMAs
+    (the kernel keeps the growth apart from the VMA it shares an anon_vma
+    with the parent through), and memtrace read only the first ("main arena
+    top is not in [heap]": no heap figures for nginx's workers)."""
+    srv = daemons
+    with _load(srv, tmp_path, 10):
+        time.sleep(3)
+        pids = srv.nginx_pids()[1:] + srv.backends()
+        r = {pid: subprocess.run([sys.executable, "-m", "memtrace", "heap", str(pid),
+                                  "--format", "json"], capture_output=True, text=True,
+                                 timeout=120, cwd=str(REPO_ROOT)) for pid in pids}
+        split = {pid: _heap_vmas(pid) for pid in pids}
+    bad = {pid: (c.returncode, c.stderr[-300:]) for pid, c in r.items()
+           if c.returncode != 0 or not json.loads(c.stdout).get("supported")}
+    assert not bad, f"[heap] VMAs per pid {split}: {bad}"
+    for pid, c in r.items():
+        assert json.loads(c.stdout)["totals"]["in_use_bytes"] > 0, (pid, split[pid])
+
+
+def test_watch_malloc_on_a_postgres_backend(daemons):
+    """`watch --malloc` on a live PostgreSQL backend (glibc malloc under its
+    memory contexts): the sampler goes in, the queries' allocations are
+    sampled and netted, and the backend answers after memtrace detached."""
+    env = daemons.env
+    psql = subprocess.Popen([f"{env['PG_BINDIR']}/psql", "-h", env["PG_SOCKDIR"], "-p",
+                             env["PG_PORT"], "-U", env["PG_USER"], "-At", "-q",
+                             env["PG_DATABASE"]], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    assert psql.stdin is not None and psql.stdout is not None
+
+    def query(sql: str) -> str:
+        assert psql.stdin is not None and psql.stdout is not None
+        psql.stdin.write(sql + "\n")
+        psql.stdin.flush()
+        return psql.stdout.readline().strip()
+
+    try:
+        backend = int(query("select pg_backend_pid();"))
+        watch = subprocess.Popen([sys.executable, "-m", "memtrace", "watch", "--format", "json",
+                                  "--no-serve", "--interval", "0.5", "--count", "12",
+                                  "--heap-interval", "0", "--pss-interval", "0", "--malloc",
+                                  "--malloc-period", "64K", str(backend)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 cwd=str(REPO_ROOT))
+        time.sleep(3 * TIMEOUT_SCALE)
+        for _ in range(4):
+            assert query("select count(*) from (select md5(g::text) from "
+                         "generate_series(1, 200000) g order by 1) s;") == "200000"
+        out, err = watch.communicate(timeout=120 * TIMEOUT_SCALE)
+        assert watch.returncode == 0, err[-2000:]
+        assert f"sampler loaded into pid {backend}" in err, err[-2000:]
+        last = [json.loads(x) for x in out.splitlines() if '"malloc"' in x][-1]["malloc"]
+        assert last["samples"] > 10 and last["frees"] > 0 and last["lost"] == 0, last
+        assert query("select 41 + 1;") == "42"                  # the backend goes on
+    finally:
+        if psql.stdin is not None:
+            psql.stdin.close()
+        psql.wait(timeout=30)
