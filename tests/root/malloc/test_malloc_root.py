@@ -12,6 +12,7 @@ import json
 import os
 import re
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +174,49 @@ def test_a_command_shorter_than_an_interval_still_has_its_figures(program: Path,
                if ";leak_slowly;" in line)
     assert kept == pytest.approx(leaked, rel=0.15), folded
     assert "churn_blocks" not in folded
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.skipif(not all(os.path.exists(p) for p in ("/usr/bin/redis-server",
+                                                        "/usr/bin/redis-benchmark")),
+                    reason="redis-server and redis-benchmark are installed by scripts/setup.sh")
+def test_redis_server_with_jemalloc_runs_under_the_sampler(tmp_path: Path):
+    """Debian's redis-server links jemalloc: under the first sampler (which
+    called glibc's malloc) it died of SIGSEGV before serving anything. Now it
+    serves redis-benchmark, its allocations are sampled and netted, and it
+    exits 0 on SHUTDOWN."""
+    port = str(_free_port())
+    run = subprocess.Popen(
+        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
+         "--malloc-period", "16K", "--", "/usr/bin/redis-server", "--port", port,
+         "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    try:
+        bench = ["/usr/bin/redis-benchmark", "-p", port, "-n", "20000", "-q", "-t",
+                 "set,lpush"]
+        for _ in range(int(60 * TIMEOUT_SCALE)):
+            ok = subprocess.run(["/usr/bin/redis-cli", "-p", port, "ping"],
+                                capture_output=True, text=True)
+            if ok.stdout.strip() == "PONG" or run.poll() is not None:
+                break
+            time.sleep(0.5)
+        assert run.poll() is None, run.communicate()[1][-2000:]
+        b = subprocess.run(bench, capture_output=True, text=True, timeout=120)
+        assert b.returncode == 0 and "requests per second" in b.stdout, b.stdout + b.stderr
+        time.sleep(1.5)         # a tick or more with the load's samples
+        subprocess.run(["/usr/bin/redis-cli", "-p", port, "shutdown", "nosave"],
+                       capture_output=True, timeout=30)
+        out, err = run.communicate(timeout=120 * TIMEOUT_SCALE)
+    finally:
+        run.kill()
+    assert run.returncode == 0, err[-2000:]
+    assert "exited with status 0" in err, err[-2000:]
+    reports = [json.loads(x)["malloc"] for x in out.splitlines() if '"malloc"' in x]
+    assert reports and reports[-1]["samples"] > 100 and reports[-1]["frees"] > 0, reports[-1:]
