@@ -102,6 +102,9 @@ def leak_report(summaries: dict[int, dict[str, Any]]) -> list[str]:
         leaks = s.get("leaks") or []
         head = (f"--malloc pid {pid}: {s['outstanding_bytes']} bytes outstanding in sampled "
                 f"allocations ({s['samples']} samples, {s['frees']} freed)")
+        if s.get("lost"):
+            head += (f"; {s['lost']} samples or frees lost (the rings were full: a lost "
+                     "free leaves its block outstanding)")
         if s.get("untracked"):
             head += (f"; {s['untracked']} samples not tracked (the sampler's table of live "
                      "samples was full: their frees are not seen, their bytes count as "

@@ -263,3 +263,12 @@ def test_python_frames_decode_and_merge_into_the_allocating_stack():
     (sid,) = t.outstanding()
     assert [f.function for f in t.stack(sid).frames] == [
         "malloc", "PyBytes_New", "leak_py (app.py:3) [py]", EVAL_FRAME, "main"]
+
+
+def test_the_leak_report_says_what_the_rings_lost():
+    summary = {"outstanding_bytes": 10, "samples": 3, "frees": 1, "leaks": [],
+               "leak_intervals": 5, "lost": 7}
+    line, = leak_report({42: summary})
+    assert "(3 samples, 1 freed); 7 samples or frees lost" in line
+    line, = leak_report({42: {**summary, "lost": 0}})
+    assert "lost" not in line
