@@ -58,8 +58,9 @@ def one(mode: str, parts: list[bytes], records: int, gap: float) -> float:
     os.close(r)
     try:
         if mode == "stream":
+            before_threads = set(threading.enumerate())
             stream = OutputStream(w, "pipe")
-            tid = next(t.native_id for t in threading.enumerate()
+            tid = next(t.native_id for t in set(threading.enumerate()) - before_threads
                        if t.name.startswith("memtrace-output"))
             assert tid is not None
             before = thread_cpu(tid)
