@@ -374,7 +374,7 @@ def malloc_options(f: Any) -> Any:
                      "the stacks whose outstanding bytes keep growing. A sampler (built with "
                      "the C compiler at first use) is preloaded into run's command; watch "
                      "loads it into the running process, one thread stopped for a few "
-                     "ms (ptrace), and gives glibc's functions back at exit "
+                     "ms (ptrace), and puts the allocator's functions back at exit "
                      "(docs/malloc.md)."),
         click.option("--malloc-period", type=Size(),
                      default=f"{DEFAULT_MALLOC_PERIOD // 1024}K", show_default=True,
