@@ -159,14 +159,15 @@ def _find_libc(procfs: ProcFS, pid: int, vmas: list[Vma]) -> Libc:
 
 def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
                shim_funcs: dict[bytes, int], done: AbstractSet[tuple[bytes, int]] = frozenset(),
-               ) -> Plan:
+               attached: Interposition | None = None) -> Plan:
     """The GOT slots to point at the sampler's functions (`shim_funcs`: name ->
     address in the process): in every loaded object but the sampler, the
     loader and those `done` ((path, load bias) each), the slots that hold the
     process's allocator's function of that name (or, bound lazily, not yet
     resolved: an address inside the object, which would bind to it). The
     allocator is glibc's, or the library that provides malloc instead
-    (allocator_funcs). Frees first."""
+    (allocator_funcs); for a process the sampler is in (`attached`), the one
+    it was told at attach. Frees first."""
     defined: dict[bytes, dict[bytes, int]] = {}   # path -> INTERPOSED it defines, in pid
     objects: list[tuple[bytes, int, Vma, bytes]] = []
     for path, (start, vma) in _objects(vmas).items():
@@ -196,8 +197,9 @@ def plan_slots(procfs: ProcFS, pid: int, vmas: list[Vma], shim: bytes,
                     old, = struct.unpack("<Q", os.pread(mem.fileno(), 8, addr))
                     found.append((path, addr, name, old, perms))
     libc_funcs = next((f for path, f in defined.items() if _is_libc(path)), {})
-    provider = _allocator(defined, [(name, old) for _, _, name, old, _ in found])
-    allocator_funcs = defined[provider] if provider else {}
+    provider = (attached.allocator if attached is not None
+                else _allocator(defined, [(name, old) for _, _, name, old, _ in found]))
+    allocator_funcs = defined.get(provider, {}) if provider else {}
     funcs = {**libc_funcs, **allocator_funcs}
     slots: list[Slot] = []
     # (name, value) of slots that hold another object's address: taken by
@@ -340,7 +342,7 @@ def extend(procfs: ProcFS, got: Interposition, shim: str) -> int:
     vmas = procfs.maps(got.pid)
     if not _sampler_in_place(got, shim, vmas):
         return 0
-    plan = plan_slots(procfs, got.pid, vmas, shim.encode(), got.funcs, got.objects)
+    plan = plan_slots(procfs, got.pid, vmas, shim.encode(), got.funcs, got.objects, got)
     slots = plan.slots
     got.objects |= plan.objects
     got.skipped += plan.skipped

@@ -190,3 +190,19 @@ def test_only_files_with_code_are_objects():
             vma(0x9000, "rw-s", 0, b"/var/lib/db/data.mdb"),    # a database, mapped whole
             vma(0xA000, "r--p", 0, b"[vdso]")]
     assert list(_objects(vmas)) == [b"/usr/lib/libz.so.1"]
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="no readelf")
+def test_later_plans_keep_the_allocator_told_at_attach():
+    """extend() plans the slots of libraries loaded after attach with the
+    allocator the sampler was told then, not one decided again (a library
+    dlopened later may define malloc too)."""
+    from memtrace.malloc.inject import Interposition
+    procfs = ProcFS()
+    pid = os.getpid()
+    fake = {name: 0x1000 + 16 * i for i, name in enumerate(INTERPOSED)}
+    here = plan_slots(procfs, pid, procfs.maps(pid), b"/nonexistent", fake)
+    attached = Interposition(pid, 0, fake, 0, [], set(), allocator=b"/lib/other-malloc.so")
+    later = plan_slots(procfs, pid, procfs.maps(pid), b"/nonexistent", fake, attached=attached)
+    assert later.allocator == b"/lib/other-malloc.so" and later.allocator_funcs == {}
+    assert [s.addr for s in later.slots] == [s.addr for s in here.slots]
