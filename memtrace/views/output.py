@@ -155,6 +155,7 @@ class OutputStream:
             self._queue.clear()
             in_flight = self._busy
             self._abandoned = True
+            self._cond.notify_all()
         lost_records = len(left) + (1 if in_flight and self.error is None else 0)
         lost_bytes = sum(len(p) for r in left for p in r)
         if lost_records and self.error is None:
@@ -180,6 +181,8 @@ class OutputStream:
         while True:
             with self._cond:
                 while not self._queue:
+                    if self._abandoned:     # closed with nothing left: the thread ends
+                        return
                     self._cond.wait()
                 record = self._queue.popleft()
                 self._queued_bytes -= sum(map(len, record))

@@ -228,3 +228,24 @@ def test_pipe_capacity_of_other_files(tmp_path):
     with open(tmp_path / "f", "wb") as f:
         assert pipe_capacity(f.fileno()) is None
     assert pipe_capacity(-1) is None
+
+
+@pytest.mark.parametrize("kind", ["pipe", "file"])
+def test_the_writer_thread_ends_at_close(kind, tmp_path):
+    """A closed stream leaves no thread behind (it used to wait for records
+    forever: one idle thread per stream ever opened)."""
+    if kind == "pipe":
+        r, w = os.pipe()
+        stream = OutputStream(w, "pipe", owns_fd=True)
+    else:
+        r = -1
+        stream = open_output(str(tmp_path / "out"))
+    writer = stream._thread
+    stream.write_record([b"x" * 1000, b"\n"])
+    if r >= 0:
+        assert os.read(r, 2000) == b"x" * 1000 + b"\n"
+    stream.close()
+    writer.join(5)
+    assert not writer.is_alive()
+    if r >= 0:
+        os.close(r)
