@@ -15,6 +15,7 @@ from memtrace.stacks.profile import StackProfile
 from memtrace.stacks.unwind import Unwinder
 from memtrace.trace.mallocevents import MallocRecord
 from memtrace.trace.procfs import Vma
+from memtrace.util.log import log
 
 
 class MallocState:
@@ -32,6 +33,7 @@ class MallocState:
         self.summaries: dict[int, dict[str, Any]] = {}    # likewise, the snapshot's object
         # watch --malloc: the processes the sampler was put into (inject.py)
         self.interposer: Interposer | None = None
+        self._said_lost = False
 
     def update(self, pid: int, epoch: int, records: list[MallocRecord], vmas: Sequence[Vma],
                comm: str, ts: float, lost: int, exited: bool = False) -> dict[str, Any]:
@@ -52,6 +54,11 @@ class MallocState:
             detector.clear()
             records = []
         self._epochs[pid] = epoch
+        if lost and not self._said_lost:
+            self._said_lost = True
+            log(f"--malloc: {lost} sampled allocations or frees lost so far (more than "
+                "memtrace reads between two ticks; counted in malloc.lost): a larger "
+                f"--malloc-period (now {self.period}) takes fewer samples")
         if self.check_python is not None and tracker.python_epoch != epoch:
             self.check_python(tracker, epoch, vmas)
         tracker.add(records, vmas)

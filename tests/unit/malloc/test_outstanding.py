@@ -272,3 +272,14 @@ def test_the_leak_report_says_what_the_rings_lost():
     assert "(3 samples, 1 freed); 7 samples or frees lost" in line
     line, = leak_report({42: {**summary, "lost": 0}})
     assert "lost" not in line
+
+
+def test_the_first_loss_is_said_once_on_stderr(capsys):
+    state = MallocState(4096, FakeUnwinder({1: A}))   # type: ignore[arg-type]
+    state.update(1, 0, [_alloc(1, 0x1000, 100, 1)], [], "prog", 1.0, 0)
+    assert capsys.readouterr().err == ""
+    state.update(1, 0, [], [], "prog", 2.0, 5)
+    state.update(1, 0, [], [], "prog", 3.0, 9)
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "5 sampled allocations or frees lost" in err[0]
+    assert "--malloc-period (now 4096)" in err[0]
