@@ -104,9 +104,11 @@ static void *arena_alloc(size_t size, size_t align)
 {
     if (align < 16)
         align = 16;
+    uintptr_t base = (uintptr_t)arena;
     size_t at = __atomic_load_n(&arena_used, __ATOMIC_RELAXED), start;
     do {
-        start = (at + align - 1) & ~(align - 1);
+        /* aligned as an address, not as an offset in the arena */
+        start = ((base + at + align - 1) & ~(uintptr_t)(align - 1)) - base;
         if (start + size > ARENA_SIZE || start + size < start)
             return NULL;
     } while (!__atomic_compare_exchange_n(&arena_used, &at, start + size, 0,
