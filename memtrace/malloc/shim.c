@@ -118,23 +118,33 @@ static void *arena_alloc(size_t size, size_t align)
     return arena + start;
 }
 
-static void *next_or(const char *name, void *glibc)
-{
-    void *fn = dlsym(RTLD_NEXT, name);
-    return fn ? fn : glibc;
-}
+/* The functions of one allocator, in this order (memtrace_malloc_real's too). */
+#define MT_NFUNCS 9
+static const char *const func_names[MT_NFUNCS] = {
+    "malloc", "calloc", "realloc", "free", "memalign", "aligned_alloc", "posix_memalign",
+    "valloc", "pvalloc",
+};
 
-static void set_glibc(void)
+/* Points the real_* pointers at fns, glibc's function where an entry is NULL. */
+static void use(void *const fns[MT_NFUNCS])
 {
-    __atomic_store_n(&real_malloc, __libc_malloc, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_calloc, __libc_calloc, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_realloc, __libc_realloc, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_free, __libc_free, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_memalign, __libc_memalign, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_aligned_alloc, glibc_aligned, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_posix_memalign, glibc_aligned_alloc, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_valloc, __libc_valloc, __ATOMIC_RELEASE);
-    __atomic_store_n(&real_pvalloc, __libc_pvalloc, __ATOMIC_RELEASE);
+    void *const glibc[MT_NFUNCS] = {
+        (void *)__libc_malloc, (void *)__libc_calloc, (void *)__libc_realloc,
+        (void *)__libc_free, (void *)__libc_memalign, (void *)glibc_aligned,
+        (void *)glibc_aligned_alloc, (void *)__libc_valloc, (void *)__libc_pvalloc,
+    };
+    void *f[MT_NFUNCS];
+    for (int i = 0; i < MT_NFUNCS; i++)
+        f[i] = fns && fns[i] ? fns[i] : glibc[i];
+    __atomic_store_n(&real_malloc, (malloc_fn)f[0], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_calloc, (calloc_fn)f[1], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_realloc, (realloc_fn)f[2], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_free, (free_fn)f[3], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_memalign, (memalign_fn)f[4], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_aligned_alloc, (memalign_fn)f[5], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_posix_memalign, (posix_memalign_fn)f[6], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_valloc, (malloc_fn)f[7], __ATOMIC_RELEASE);
+    __atomic_store_n(&real_pvalloc, (malloc_fn)f[8], __ATOMIC_RELEASE);
 }
 
 /* Looked up together, stored one by one: a thread that sees one pointer set
@@ -142,26 +152,10 @@ static void set_glibc(void)
 static void resolve(void)
 {
     resolving = 1;
-    void *fns[9] = {
-        next_or("malloc", (void *)__libc_malloc),
-        next_or("calloc", (void *)__libc_calloc),
-        next_or("realloc", (void *)__libc_realloc),
-        next_or("free", (void *)__libc_free),
-        next_or("memalign", (void *)__libc_memalign),
-        next_or("aligned_alloc", (void *)glibc_aligned),
-        next_or("posix_memalign", (void *)glibc_aligned_alloc),
-        next_or("valloc", (void *)__libc_valloc),
-        next_or("pvalloc", (void *)__libc_pvalloc),
-    };
-    __atomic_store_n(&real_malloc, (malloc_fn)fns[0], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_calloc, (calloc_fn)fns[1], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_realloc, (realloc_fn)fns[2], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_free, (free_fn)fns[3], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_memalign, (memalign_fn)fns[4], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_aligned_alloc, (memalign_fn)fns[5], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_posix_memalign, (posix_memalign_fn)fns[6], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_valloc, (malloc_fn)fns[7], __ATOMIC_RELEASE);
-    __atomic_store_n(&real_pvalloc, (malloc_fn)fns[8], __ATOMIC_RELEASE);
+    void *fns[MT_NFUNCS];
+    for (int i = 0; i < MT_NFUNCS; i++)
+        fns[i] = dlsym(RTLD_NEXT, func_names[i]);
+    use(fns);
     resolving = 0;
 }
 
@@ -502,20 +496,10 @@ struct mt_slot {
  * glibc's. Returns 0 (memtrace sums what the calls of a stop return). */
 EXPORT long memtrace_malloc_real(const uintptr_t *fns)
 {
-    set_glibc();
-    if (!fns)
-        return 0;
-#define MT_USE(i, var, type) if (fns[i]) __atomic_store_n(&var, (type)fns[i], __ATOMIC_RELEASE)
-    MT_USE(0, real_malloc, malloc_fn);
-    MT_USE(1, real_calloc, calloc_fn);
-    MT_USE(2, real_realloc, realloc_fn);
-    MT_USE(3, real_free, free_fn);
-    MT_USE(4, real_memalign, memalign_fn);
-    MT_USE(5, real_aligned_alloc, memalign_fn);
-    MT_USE(6, real_posix_memalign, posix_memalign_fn);
-    MT_USE(7, real_valloc, malloc_fn);
-    MT_USE(8, real_pvalloc, malloc_fn);
-#undef MT_USE
+    void *f[MT_NFUNCS] = {0};
+    for (int i = 0; fns && i < MT_NFUNCS; i++)
+        f[i] = (void *)fns[i];
+    use(f);
     return 0;
 }
 
