@@ -505,6 +505,48 @@ static __always_inline int madvise_keeps_layout(u64 advice)
     return 0;
 }
 
+/* Advice after which the pages' next fault is a new use of the address */
+static __always_inline int madvise_gives_back(u64 advice)
+{
+    return advice == MADV_DONTNEED || advice == MADV_FREE || advice == MADV_REMOVE ||
+           advice == MADV_DONTNEED_LOCKED;
+}
+
+#ifdef MT_STACKS
+/* Tell user space, in order with the samples, that [start, end) was given
+ * back (or moved to [to, to_end)): the samples taken there before no longer
+ * hold those pages (docs/stacks.md, "Netting"). Not sent for a process
+ * never sampled, nor again for a range inside the last one sent when no
+ * sample of the process was taken since (the same buffer mapped, touched and
+ * unmapped over and over) — a move always is. */
+static __always_inline void release_samples(u32 tgid, struct mt_stats *st, u64 start, u64 end,
+                                            u64 to, u64 to_end)
+{
+    u64 seen = st->stacks_sampled;
+    if (end <= start || !seen)
+        return;
+    if (!to && seen == st->rel_seen && start >= st->rel_start && end <= st->rel_end)
+        return;
+    struct mt_stack_release *r = stack_samples.ringbuf_reserve(sizeof(*r));
+    if (!r) {
+        __sync_fetch_and_add(&st->stacks_lost, 1);
+        return;
+    }
+    r->tgid = tgid;
+    r->epoch = (u32)st->exec_gen;
+    r->start = start;
+    r->end = end;
+    r->to = to;
+    r->to_end = to_end;
+    r->len = 0;
+    r->flags = MT_STACK_RELEASE;
+    stack_samples.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    st->rel_start = start;
+    st->rel_end = end;
+    st->rel_seen = seen;
+}
+#endif
+
 #define MT_MAP_FIXED 0x10
 #define MT_MREMAP_FIXED 2
 
@@ -538,6 +580,8 @@ static __always_inline int finish(s64 ret)
      * one inlined mark_range per call site made finish_exit 4,000 instructions
      * and most of the compile. An empty range marks nothing. */
     u64 start0 = 0, end0 = 0, start1 = 0, end1 = 0;
+    /* --stacks: what the call gave back [rel0, rel1) or moved to [to0, to1) */
+    u64 rel0 = 0, rel1 = 0, to0 = 0, to1 = 0;
 
     /* A failed call may have changed part of its range before failing (mprotect,
      * mlock or madvise over a hole: ENOMEM after the mapped part; a MAP_FIXED
@@ -554,8 +598,20 @@ static __always_inline int finish(s64 ret)
             start0 = a0;
             end0 = a0 + page_up(a1);
         }
+        if (in->args[3] & MT_MAP_FIXED) {   /* what was mapped there is gone */
+            rel0 = start0;
+            rel1 = end0;
+        }
         break;
     case MT_SYS_MUNMAP:
+        bytes = a1;
+        start0 = a0;
+        end0 = a0 + page_up(a1);
+        if (ok) {
+            rel0 = start0;
+            rel1 = end0;
+        }
+        break;
     case MT_SYS_MPROTECT:
     case MT_SYS_MLOCK:
     case MT_SYS_MUNLOCK:
@@ -574,6 +630,10 @@ static __always_inline int finish(s64 ret)
 #endif
         start0 = a0;
         end0 = a0 + page_up(a1);
+        if (ok && madvise_gives_back(a2)) {
+            rel0 = start0;
+            rel1 = end0;
+        }
         break;
     case MT_SYS_MREMAP:
         start0 = a0;
@@ -582,6 +642,15 @@ static __always_inline int finish(s64 ret)
             bytes = a2;
             start1 = (u64)ret;
             end1 = (u64)ret + page_up(a2);
+            if ((u64)ret != a0) {           /* moved: the pages go with it */
+                rel0 = start0;
+                rel1 = end0;
+                to0 = start1;
+                to1 = end1;
+            } else if (a2 < a1) {           /* shrunk in place */
+                rel0 = a0 + page_up(a2);
+                rel1 = end0;
+            }
         } else if (in->args[3] & MT_MREMAP_FIXED) {
             /* the target is unmapped before the move is tried */
             start1 = in->args[4];
@@ -599,6 +668,10 @@ static __always_inline int finish(s64 ret)
             start0 = lo & ~MT_PAGE_MASK;
             end0 = page_up(hi);
             layout = 1;
+            if (cur < old) {                /* the heap shrank */
+                rel0 = page_up(cur);
+                rel1 = end0;
+            }
         } else if (!old) {
             start0 = cur & ~MT_PAGE_MASK;
             end0 = page_up(cur) + 1;
@@ -645,6 +718,11 @@ static __always_inline int finish(s64 ret)
     }
     mark_range(tgid, st, start0, end0);
     mark_range(tgid, st, start1, end1);
+#ifdef MT_STACKS
+    release_samples(tgid, st, rel0, rel1, to0, to1);
+#else
+    (void)rel0; (void)rel1; (void)to0; (void)to1;
+#endif
     u32 slot = sys & (MT_NSYS_SLOTS - 1);
     __sync_fetch_and_add(&st->calls[slot], 1);
     __sync_fetch_and_add(&st->bytes[slot], bytes);

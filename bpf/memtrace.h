@@ -77,6 +77,12 @@ struct mt_stats {
     u64 stacks_lost;                /* --stacks: samples that did not fit the ring buffer */
     u64 stacks_unread;              /* --stacks: samples delivered without any stack bytes */
     u64 file_cuts;                  /* truncate/ftruncate/fallocate calls that succeeded */
+    /* --stacks: the last release record of this process (mt_stack_release) and
+     * stacks_sampled when it was sent: a release inside it with no sample since
+     * has nothing left to take back and is not sent again (mmap churn) */
+    u64 rel_start;
+    u64 rel_end;
+    u64 rel_seen;
 };
 
 /* Arguments of an address-space syscall in flight, per thread. */
@@ -128,6 +134,7 @@ struct mt_event {
 #define MT_STACK_FORCED 2           /* flags: the first fault in a chunk of a process whose
                                        faults may map a huge page, sampled outside the
                                        countdown: it stands for what it made resident */
+#define MT_STACK_RELEASE 4          /* flags: not a sample but a release (mt_stack_release) */
 #define MT_HUGE_CHUNKS 65536        /* chunks force-sampled and still resident, all targets */
 struct mt_stack_sample {
     u32 tgid;
@@ -147,6 +154,23 @@ struct mt_stack_sample {
     u64 py_code[MT_PY_FRAMES];
     u64 py_instr[MT_PY_FRAMES];
     u8 stack[MT_STACK_COPY];
+};
+
+/* --stacks: pages a call gave back (munmap, MAP_FIXED over a mapping, madvise
+ * DONTNEED/FREE/REMOVE, a shrinking brk or mremap) or moved (mremap to a new
+ * address), sent in the samples' ring so that user space sees them in order
+ * with the samples: a sample taken before its page was given back no longer
+ * holds it, even when the address is faulted again before the next profile.
+ * The first fields are mt_stack_sample's, flags MT_STACK_RELEASE. */
+struct mt_stack_release {
+    u32 tgid;
+    u32 epoch;
+    u64 start;                      /* [start, end) given back, or moved... */
+    u64 end;
+    u64 to;                         /* ... to [to, to_end) (mremap); 0 when given back */
+    u64 to_end;
+    u32 len;                        /* 0 */
+    u32 flags;                      /* MT_STACK_RELEASE */
 };
 
 /* A process whose CPython 3.11 frames are read at its samples (user space

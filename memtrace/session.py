@@ -21,7 +21,7 @@ from memtrace.published import NO_CONTAINER, StateBox, TickState, add_counters, 
 from memtrace.reporter import Reporter
 from memtrace.snapshot import SnapshotBuilder
 from memtrace.stacks.huge import ForcedChunks
-from memtrace.trace.events import EPOCH_MASK, ChunkMark, Drained, StackRecord
+from memtrace.trace.events import EPOCH_MASK, ChunkMark, Drained, SampleRecord
 from memtrace.trace.mallocevents import MallocRecord
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import huge_page_size, scan_mechanism
@@ -440,7 +440,7 @@ class Session:
             self.probes.forget_huge_chunks(pid, keys)
 
     def _add_stacks(self, snap: dict[str, Any], tracker: ProcessTracker,
-                    records: list[StackRecord], marks: list[ChunkMark]) -> None:
+                    records: list[SampleRecord], marks: list[ChunkMark]) -> None:
         """Feed this tick's sampled faults of `tracker`'s process to its
         StackTracker and put the top stacks in the snapshot."""
         if self._unwinder is None:

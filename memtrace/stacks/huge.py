@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Container, Iterable
 
-from memtrace.trace.events import CHUNK_SHIFT, StackRecord
+from memtrace.trace.events import CHUNK_SHIFT, SampleRecord, StackRecord
 
 Forget = Callable[[int, Iterable[tuple[int, int]]], None]   # (pid, [(epoch, chunk)])
 
@@ -29,24 +29,28 @@ class ForcedChunks:
         self.huge_size = huge_size
         self._chunks: dict[int, set[tuple[int, int]]] = {}    # pid -> {(epoch, chunk)}
         # pid -> forced samples whose page was not mapped yet when first weighed
-        self._waiting: dict[int, list[StackRecord]] = {}
+        self._waiting: dict[int, list[SampleRecord]] = {}
 
-    def weigh(self, pid: int, epoch: int, records: list[StackRecord],
-              huge_at: Callable[[int], bool | None]) -> list[StackRecord]:
+    def weigh(self, pid: int, epoch: int, records: list[SampleRecord],
+              huge_at: Callable[[int], bool | None]) -> list[SampleRecord]:
         """The records with each forced sample weighed by what its fault made
         resident (`huge_at(addr)`: True a huge page, False one page, None no
         page yet); the chunks they name are remembered. The tracepoint fires
         as the fault begins, and clearing a huge page takes a while: a sample
-        whose page is not mapped yet waits for the next call, once; still no
-        page then (released already), it weighs one page."""
+        whose page is not mapped yet waits for the next call, once, and the
+        records after it with it (a release must come after the samples it
+        takes back); still no page then (released already), it weighs one page."""
         waiting = [r for r in self._waiting.pop(pid, []) if r.epoch == epoch]
-        if not waiting and not any(r.forced for r in records):
+        if not waiting and not any(isinstance(r, StackRecord) and r.forced for r in records):
             return records
         chunks = self._chunks.setdefault(pid, set())
-        out = []
-        later = []
+        out: list[SampleRecord] = []
+        later: list[SampleRecord] = []
         for k, r in enumerate([*waiting, *records]):
-            if r.forced:
+            if later:
+                later.append(r)
+                continue
+            if isinstance(r, StackRecord) and r.forced:
                 huge = huge_at(r.addr)
                 if huge is None and k >= len(waiting):      # not waited for yet
                     later.append(r)

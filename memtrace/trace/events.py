@@ -63,6 +63,9 @@ class RawStats(ctypes.Structure):
         ("stacks_lost", ctypes.c_uint64),
         ("stacks_unread", ctypes.c_uint64),
         ("file_cuts", ctypes.c_uint64),
+        ("rel_start", ctypes.c_uint64),
+        ("rel_end", ctypes.c_uint64),
+        ("rel_seen", ctypes.c_uint64),
     ]
 
 
@@ -230,8 +233,28 @@ class StackRecord:
     forced: bool = False
 
 
+@dataclass(frozen=True)
+class ReleaseRecord:
+    """Pages a call of the process gave back (munmap, MAP_FIXED over a mapping,
+    madvise DONTNEED/FREE/REMOVE, a shrinking brk or mremap) or moved
+    (mremap), delivered in order with the samples (--stacks; struct
+    mt_stack_release): the samples taken in [start, end) before it no longer
+    hold those pages, or now hold them at [to, to_end)."""
+
+    tgid: int
+    start: int
+    end: int
+    to: int = 0          # moved to [to, to_end); 0: given back
+    to_end: int = 0
+    epoch: int = 0       # as StackRecord.epoch
+
+
+SampleRecord = StackRecord | ReleaseRecord
+"""What the samples' ring delivers, in the order BPF wrote it."""
+
 STACK_FROM_KERNEL = 1   # mt_stack_sample.flags (MT_STACK_FROM_KERNEL)
 STACK_FORCED = 2        # mt_stack_sample.flags (MT_STACK_FORCED)
+STACK_RELEASE = 4       # mt_stack_release.flags (MT_STACK_RELEASE)
 PY_FRAMES = 32          # MT_PY_FRAMES
 PY_TRUNCATED = 1        # py_flags: more frames than PY_FRAMES
 PY_NO_THREAD = 2        # py_flags: no thread state of the faulting thread found
@@ -257,15 +280,39 @@ class RawStackHeader(ctypes.Structure):
     ]
 
 
+class RawStackRelease(ctypes.Structure):
+    """struct mt_stack_release: its fields up to `flags` lie where
+    mt_stack_sample's do."""
+
+    _fields_ = [
+        ("tgid", ctypes.c_uint32),
+        ("epoch", ctypes.c_uint32),
+        ("start", ctypes.c_uint64),
+        ("end", ctypes.c_uint64),
+        ("to", ctypes.c_uint64),
+        ("to_end", ctypes.c_uint64),
+        ("len", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+def _release(raw: RawStackRelease) -> ReleaseRecord:
+    return ReleaseRecord(tgid=raw.tgid, start=raw.start, end=raw.end, to=raw.to,
+                         to_end=raw.to_end, epoch=raw.epoch)
+
+
 def _py_frames(raw: RawStackHeader) -> tuple[tuple[int, int], ...]:
     n = min(raw.py_count, PY_FRAMES)
     return tuple(zip(raw.py_code[:n], raw.py_instr[:n]))
 
 
-def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
-    """A sampled fault as BPF wrote it; `weight` is the bytes each sample
-    stands for (memtrace.trace.sampling.sample_weight). Only the `len` bytes
-    BPF copied are kept (never more than the record holds)."""
+def decode_stack_sample(data: bytes, weight: int) -> SampleRecord:
+    """A sampled fault as BPF wrote it (or a release); `weight` is the bytes
+    each sample stands for (memtrace.trace.sampling.sample_weight). Only the
+    `len` bytes BPF copied are kept (never more than the record holds)."""
+    rel = RawStackRelease.from_buffer_copy(data[:ctypes.sizeof(RawStackRelease)])
+    if rel.flags & STACK_RELEASE:
+        return _release(rel)
     size = ctypes.sizeof(RawStackHeader)
     raw = RawStackHeader.from_buffer_copy(data[:size])
     return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
@@ -275,10 +322,15 @@ def decode_stack_sample(data: bytes, weight: int) -> StackRecord:
                        forced=bool(raw.flags & STACK_FORCED))
 
 
-def decode_stack_sample_at(address: int, size: int, weight: int) -> StackRecord:
+def decode_stack_sample_at(address: int, size: int, weight: int) -> SampleRecord:
     """decode_stack_sample of a record in place (a ring buffer's memory, valid
     during its callback): copies only the header's fields and the `len` bytes
     of stack BPF wrote, not the whole 8 KiB record first."""
+    if size < ctypes.sizeof(RawStackRelease):
+        raise ValueError(f"stack record of {size} bytes")
+    rel = RawStackRelease.from_address(address)
+    if rel.flags & STACK_RELEASE:
+        return _release(rel)
     head = ctypes.sizeof(RawStackHeader)
     if size < head:
         raise ValueError(f"stack record of {size} bytes")
@@ -305,8 +357,8 @@ class Drained:
     forks: list[int] = field(default_factory=list)
     # agent mode: exec and fork notices that did not fit their ring (totals)
     notices_lost: dict[str, int] = field(default_factory=dict)
-    # --stacks: sampled faults with their user stacks, by process
-    stacks: dict[int, list[StackRecord]] = field(default_factory=dict)
+    # --stacks: sampled faults with their user stacks, and releases, by process
+    stacks: dict[int, list[SampleRecord]] = field(default_factory=dict)
     # --malloc: sampled allocations and frees of sampled pointers, by process
     # (memtrace.trace.mallocevents.MallocRecord), and the BPF side's loss counters
     malloc: dict[int, list[MallocRecord]] = field(default_factory=dict)

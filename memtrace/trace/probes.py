@@ -26,7 +26,7 @@ from memtrace.trace.events import (
     ChunkMark,
     Drained,
     RawStats,
-    StackRecord,
+    SampleRecord,
     Stats,
     SyscallEvent,
     decode_event,
@@ -245,7 +245,7 @@ class Probes:
             self.bpf["execs"].open_ring_buffer(self._on_exec)
             self.bpf["forks"].open_ring_buffer(self._on_fork)
             self._notices_lost = self.bpf["notices_lost"]
-        self._stacks: dict[int, list[StackRecord]] = defaultdict(list)
+        self._stacks: dict[int, list[SampleRecord]] = defaultdict(list)
         # ring callbacks run in drain() and, with --stacks, in the stack reader
         self._rings_lock = threading.Lock()
         self._reader_stop = threading.Event()

@@ -17,8 +17,11 @@ from memtrace.trace.events import (
     PY_TRUNCATED,
     STACK_FORCED,
     STACK_FROM_KERNEL,
+    STACK_RELEASE,
     RawStackHeader,
+    RawStackRelease,
     RawStats,
+    ReleaseRecord,
     decode_stack_sample,
     decode_stack_sample_at,
     decode_stats,
@@ -67,6 +70,7 @@ def test_stack_constants_match_header():
     assert GAP_TABLE_SIZE & (GAP_TABLE_SIZE - 1) == 0   # BPF masks a random index
     assert header_define("MT_STACK_FROM_KERNEL") == STACK_FROM_KERNEL
     assert header_define("MT_STACK_FORCED") == STACK_FORCED
+    assert header_define("MT_STACK_RELEASE") == STACK_RELEASE
     assert header_define("MT_PY_FRAMES") == PY_FRAMES
     assert header_define("MT_PY_TRUNCATED") == PY_TRUNCATED
     assert header_define("MT_PY_NO_THREAD") == PY_NO_THREAD
@@ -92,7 +96,8 @@ def decode_in_place(data: bytes):
 
 def test_stats_carry_the_stack_counters():
     names = [n for n, _, _ in c_struct("mt_stats")]
-    assert names[-4:-1] == ["stacks_sampled", "stacks_lost", "stacks_unread"]
+    i = names.index("stacks_sampled")
+    assert names[i:i + 3] == ["stacks_sampled", "stacks_lost", "stacks_unread"]
     raw = RawStats()
     raw.stacks_sampled, raw.stacks_lost, raw.stacks_unread, raw.forks = 300, 12, 3, 1
     s = decode_stats(RawStats.from_buffer_copy(bytes(raw)))
@@ -165,3 +170,34 @@ def test_decode_in_place_equals_decode_of_a_copy(length):
     assert at == decode_stack_sample(data, 5)
     with pytest.raises(ValueError):
         decode_stack_sample_at(ctypes.addressof(buf), 40, 5)
+
+
+# -- release records (struct mt_stack_release), in the samples' ring ------------------
+
+
+def test_release_record_mirrors_the_c_struct_and_shares_the_sample_prefix():
+    fields = c_struct("mt_stack_release")
+    assert [(n, CTYPE[t], k) for n, t, k in fields] == py_struct(RawStackRelease)
+    assert ctypes.sizeof(RawStackRelease) == 48
+    # len and flags where a sample has them: one read of flags tells them apart
+    assert RawStackRelease.flags.offset == RawStackHeader.flags.offset
+    assert RawStackRelease.len.offset == RawStackHeader.len.offset
+
+
+def pack_release(start: int, end: int, to: int = 0, to_end: int = 0) -> bytes:
+    return struct.pack("<IIQQQQII", 4242, 3, start, end, to, to_end, 0, STACK_RELEASE)
+
+
+@pytest.mark.parametrize("to", [0, 0x7F0000800000])
+def test_decode_release_both_ways(to):
+    data = pack_release(0x7F0000000000, 0x7F0000100000, to, to + 0x80000 if to else 0)
+    want = ReleaseRecord(4242, 0x7F0000000000, 0x7F0000100000, to,
+                         to + 0x80000 if to else 0, epoch=3)
+    assert decode_stack_sample(data, 99) == want
+    buf = ctypes.create_string_buffer(data, len(data))
+    assert decode_stack_sample_at(ctypes.addressof(buf), len(data), 99) == want
+
+
+def test_a_sample_is_not_taken_for_a_release():
+    rec = decode_stack_sample(pack_sample(flags=STACK_FORCED | STACK_FROM_KERNEL), 5)
+    assert not isinstance(rec, ReleaseRecord)

@@ -4,7 +4,7 @@ fault made resident; chunks forgotten in BPF once empty."""
 from __future__ import annotations
 
 from memtrace.stacks.huge import ForcedChunks
-from memtrace.trace.events import CHUNK_SHIFT, StackRecord
+from memtrace.trace.events import CHUNK_SHIFT, ReleaseRecord, StackRecord
 
 P, HUGE = 4096, 2 << 20
 PID = 9
@@ -59,14 +59,15 @@ def test_a_sample_whose_page_is_not_mapped_yet_waits_one_call():
     """The tracepoint fires as the fault begins; a huge page takes a while to
     clear: weighed while its page is not mapped yet, the sample would count one
     page for a huge one (the flake of test_huge_stacks). It waits for the next
-    call; a page still missing then (released already) weighs one page."""
+    call (the records after it with it: order is kept, for the releases); a
+    page still missing then (released already) weighs one page."""
     forced = ForcedChunks(Forgotten(), P, HUGE)
     state: dict[int, bool | None] = {BASE: None, BASE + HUGE: True}
     first = forced.weigh(PID, 0, [rec(BASE, True), rec(BASE + HUGE, True)], state.get)
-    assert [(r.addr, r.weight) for r in first] == [(BASE + HUGE, HUGE)]
+    assert first == []
     state[BASE] = True                                   # the fault finished: a huge page
     second = forced.weigh(PID, 0, [], state.get)
-    assert [(r.addr, r.weight) for r in second] == [(BASE, HUGE)]
+    assert [(r.addr, r.weight) for r in second] == [(BASE, HUGE), (BASE + HUGE, HUGE)]
     assert forced.weigh(PID, 0, [], state.get) == []     # weighed once
     state[BASE + 2 * HUGE] = None
     forced.weigh(PID, 0, [rec(BASE + 2 * HUGE, True)], state.get)
@@ -74,3 +75,16 @@ def test_a_sample_whose_page_is_not_mapped_yet_waits_one_call():
     assert [(r.addr, r.weight) for r in last] == [(BASE + 2 * HUGE, P)]
     forced.weigh(PID, 0, [rec(BASE + 3 * HUGE, True)], lambda a: None)
     assert forced.weigh(PID, 1, [], lambda a: True) == []   # an exec: the old image's go
+
+
+def test_a_release_after_a_waiting_sample_stays_after_it():
+    """A sample that waits a call takes the records after it along: a release
+    of its page that came after it must not be applied before it."""
+    forced = ForcedChunks(Forgotten(), P, HUGE)
+    gone = ReleaseRecord(PID, BASE, BASE + HUGE)
+    first = forced.weigh(PID, 0, [rec(BASE + HUGE, False), rec(BASE, True), gone],
+                         lambda a: None)
+    assert [r.addr for r in first] == [BASE + HUGE]
+    second = forced.weigh(PID, 0, [rec(BASE + 2 * HUGE, False)], lambda a: None)
+    assert [type(r).__name__ for r in second] == ["StackRecord", "ReleaseRecord", "StackRecord"]
+    assert second[0].addr == BASE and second[0].weight == P and second[1] == gone

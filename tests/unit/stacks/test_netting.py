@@ -10,7 +10,7 @@ import pytest
 
 from memtrace.stacks.netting import UNSAMPLED, StackTracker, scale
 from memtrace.stacks.profile import Frame, Stack
-from memtrace.trace.events import StackRecord
+from memtrace.trace.events import ReleaseRecord, StackRecord
 from memtrace.trace.model import AddressSpace, chunk_span
 from memtrace.trace.procfs import PAGE_SIZE, Vma
 
@@ -342,3 +342,79 @@ def test_a_new_image_after_exec_has_nothing_from_before_attach(w):
     w.tracker.forget_exec()
     w.tracker.add(w.sample(1, A, range(0, 300, 10), 10 * P), w.vmas)
     assert by_stack(w.profile(), "held_bytes") == {PATH_A: 300 * P}
+
+
+# -- releases in order with the samples (struct mt_stack_release) -------------------
+
+
+def held_now(w: World) -> dict[Stack, int]:
+    return {k: v for k, v in by_stack(w.profile(), "held_bytes").items() if v}
+
+
+def test_address_given_back_and_faulted_again_by_other_code_is_not_held_by_the_first(w):
+    """munmap and a new mapping at the same address faulted by other code, all
+    before the next profile: the model sees the pages resident throughout, so
+    only the release record, between the two paths' samples, tells them apart."""
+    w.touch(A, 0, 512)
+    w.sync()
+    first = w.sample(1, A, range(0, 512, 4), 4 * P)              # path A fills
+    released = [ReleaseRecord(PID, A.start, A.start + 512 * P)]  # given back
+    second = w.sample(3, A, range(2, 512, 16), 16 * P)           # C faults it again
+    w.tracker.add(first + released + second, w.vmas)
+    held = held_now(w)
+    assert held == {PATH_C: 512 * P}
+
+
+def test_without_the_release_record_the_first_path_keeps_what_it_gave_back(w):
+    """The same, without the record: what the model alone can say (the bug the
+    record fixes: path A keeps its samples, half the weight, half the bytes)."""
+    w.touch(A, 0, 512)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 512, 4), 4 * P)
+                  + w.sample(3, A, range(2, 512, 16), 16 * P), w.vmas)
+    assert held_now(w) == {PATH_A: 256 * P, PATH_C: 256 * P}
+
+
+def test_a_sample_after_the_release_is_kept(w):
+    w.touch(A, 0, 64)
+    w.sync()
+    w.tracker.add([ReleaseRecord(PID, A.start, A.start + 64 * P)]
+                  + w.sample(2, A, range(0, 64, 8), 8 * P), w.vmas)
+    assert held_now(w) == {PATH_B: 64 * P}
+
+
+def test_a_release_elsewhere_leaves_the_samples(w):
+    w.touch(A, 0, 64)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 64, 8), 8 * P), w.vmas)
+    w.tracker.add([ReleaseRecord(PID, A.start + 64 * P, A.end),     # the rest of A
+                   ReleaseRecord(PID, B.start, B.end)], w.vmas)
+    assert held_now(w) == {PATH_A: 64 * P}
+
+
+def test_a_large_release_takes_back_only_its_range(w):
+    """A range of more pages than there are samples is matched the other way
+    round (each sample against the range): same outcome."""
+    w.touch(A, 0, 1024)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 512, 8), 8 * P)
+                  + w.sample(2, A, range(512, 1024, 8), 8 * P), w.vmas)
+    w.tracker.add([ReleaseRecord(PID, A.start - (1 << 30), A.start + 512 * P)]
+                  + w.sample(3, A, range(4, 512, 8), 8 * P), w.vmas)
+    assert held_now(w) == {PATH_B: 512 * P, PATH_C: 512 * P}
+
+
+def test_mremap_moves_the_samples_with_the_pages(w):
+    """mremap to a new address: the samples follow their pages; what the new
+    size cuts off is given back."""
+    w.touch(A, 0, 64)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 64, 8), 8 * P), w.vmas)
+    to = B.start
+    w.tracker.add([ReleaseRecord(PID, A.start, A.start + 64 * P, to, to + 32 * P)], w.vmas)
+    w.drop(A.start, A.end)
+    w.touch(B, 0, 32)
+    w.sync()
+    assert held_now(w) == {PATH_A: 32 * P}
+    assert len(w.tracker._pages) == 4 and all(B.start <= p < B.start + 32 * P
+                                              for p in w.tracker._pages)
