@@ -655,6 +655,8 @@ static __always_inline int finish(s64 ret)
             /* the target is unmapped before the move is tried */
             start1 = in->args[4];
             end1 = in->args[4] + page_up(a2);
+            rel0 = start1;
+            rel1 = end1;
         }
         break;
     case MT_SYS_BRK: {

@@ -139,17 +139,23 @@ class StackTracker:
         """The samples of pages in [r.start, r.end) no longer hold them: their
         pages were given back before any later fault there (which, sampled,
         comes after this record). Moved by mremap, they hold them at the new
-        address. Only "held now" changes: "brought in" is never netted."""
-        pages = self._pages
-        if not pages or r.end <= r.start:
-            return
-        if (r.end - r.start) // PAGE_SIZE <= len(pages):
-            hit = [p for p in range(r.start & _PAGE_MASK, r.end, PAGE_SIZE) if p in pages]
-        else:
-            hit = [p for p in pages if r.start <= p < r.end]
-        moved = [(r.to + p - r.start, pages.pop(p)) for p in hit]
+        address, where whatever was mapped before is gone (MREMAP_FIXED).
+        Only "held now" changes: "brought in" is never netted."""
+        moved = [(r.to + p - r.start, v) for p, v in self._take(r.start, r.end)]
         if r.to:
-            pages.update((p, v) for p, v in moved if p < r.to_end)
+            self._take(r.to, r.to_end)
+            self._pages.update((p, v) for p, v in moved if p < r.to_end)
+
+    def _take(self, start: int, end: int) -> list[tuple[int, tuple[int, int, int]]]:
+        """Remove and return the sampled pages in [start, end)."""
+        pages = self._pages
+        if not pages or end <= start:
+            return []
+        if (end - start) // PAGE_SIZE <= len(pages):
+            hit = [p for p in range(start & _PAGE_MASK, end, PAGE_SIZE) if p in pages]
+        else:
+            hit = [p for p in pages if start <= p < end]
+        return [(p, pages.pop(p)) for p in hit]
 
     def add_faults(self, marks: Iterable[ChunkMark]) -> None:
         """The exact fault counts of this image's chunks, drained with the

@@ -418,3 +418,17 @@ def test_mremap_moves_the_samples_with_the_pages(w):
     assert held_now(w) == {PATH_A: 32 * P}
     assert len(w.tracker._pages) == 4 and all(B.start <= p < B.start + 32 * P
                                               for p in w.tracker._pages)
+
+
+def test_mremap_onto_sampled_pages_replaces_them(w):
+    """MREMAP_FIXED onto a range that held sampled pages: those are gone, the
+    moved samples take their place (none left where nothing moved)."""
+    w.touch(A, 0, 64)
+    w.touch(B, 0, 64)
+    w.sync()
+    w.tracker.add(w.sample(1, A, range(0, 16, 8), 8 * P)
+                  + w.sample(2, B, range(0, 64, 8), 8 * P), w.vmas)
+    w.tracker.add([ReleaseRecord(PID, A.start, A.start + 16 * P, B.start, B.start + 64 * P)],
+                  w.vmas)
+    assert sorted(w.tracker._pages) == [B.start, B.start + 8 * P]
+    assert {w.tracker._stacks[sid] for sid, _, _ in w.tracker._pages.values()} == {PATH_A}
