@@ -119,12 +119,12 @@ class Drainer:
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):
-            self.samples += sum(len(v) for v in self.probes.drain().stacks.values())
+            self.samples += self.probes.drain().sample_count()
 
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
-        self.samples += sum(len(v) for v in self.probes.drain().stacks.values())
+        self.samples += self.probes.drain().sample_count()
 
 
 def one_run(binary: Path, workload: str, kind: str, period: int) -> dict[str, Any]:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(bc.REPO))
 
 from memtrace.stacks.pydetect import PyDetector  # noqa: E402
 from memtrace.stacks.python import PyResolver  # noqa: E402
+from memtrace.trace.events import StackRecord  # noqa: E402
 from memtrace.trace.probes import Probes  # noqa: E402
 from memtrace.trace.procfs import ProcFS  # noqa: E402
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD  # noqa: E402
@@ -64,7 +65,7 @@ class Drainer:
 
     def _drain(self) -> None:
         for recs in self.probes.drain().stacks.values():
-            self.records.extend(recs)
+            self.records.extend(r for r in recs if isinstance(r, StackRecord))
 
     def _run(self) -> None:
         while not self._stop.wait(1.0):

@@ -65,7 +65,7 @@ class Drainer:
 
     def _drain(self) -> None:
         d = self.probes.drain()
-        self.samples += sum(len(v) for v in d.stacks.values())
+        self.samples += d.sample_count()
         self.last = d
 
     def stop(self) -> None:

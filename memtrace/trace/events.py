@@ -363,3 +363,7 @@ class Drained:
     # (memtrace.trace.mallocevents.MallocRecord), and the BPF side's loss counters
     malloc: dict[int, list[MallocRecord]] = field(default_factory=dict)
     malloc_counts: dict[str, int] = field(default_factory=dict)
+
+    def sample_count(self) -> int:
+        """Sampled faults in `stacks` (release records not counted)."""
+        return sum(isinstance(r, StackRecord) for recs in self.stacks.values() for r in recs)

@@ -201,3 +201,13 @@ def test_decode_release_both_ways(to):
 def test_a_sample_is_not_taken_for_a_release():
     rec = decode_stack_sample(pack_sample(flags=STACK_FORCED | STACK_FROM_KERNEL), 5)
     assert not isinstance(rec, ReleaseRecord)
+
+
+def test_a_drain_counts_its_samples_not_its_releases():
+    from memtrace.trace.events import Drained
+
+    sample = decode_stack_sample(pack_sample(), 5)
+    release = decode_stack_sample(pack_release(0x1000, 0x2000), 5)
+    d = Drained(chunks={}, ranges={}, events=[], stats={},
+                stacks={1: [sample, release, sample], 2: [release]})
+    assert d.sample_count() == 2
