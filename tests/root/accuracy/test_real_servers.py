@@ -647,13 +647,17 @@ def test_heap_figures_of_the_workers_and_backends(daemons, tmp_path):
     with the parent through), and memtrace read only the first ("main arena
     top is not in [heap]": no heap figures for nginx's workers)."""
     srv = daemons
-    with _load(srv, tmp_path, 10):
+    # the load lasts until the block ends (at most 120 s): with 10 s, six heap
+    # walks on a loaded CI machine outlasted it and the backends were gone
+    with _load(srv, tmp_path, 120):
         time.sleep(3)
         pids = srv.nginx_pids()[1:] + srv.backends()
-        r = {pid: subprocess.run([sys.executable, "-m", "memtrace", "heap", str(pid),
-                                  "--format", "json"], capture_output=True, text=True,
-                                 timeout=120, cwd=str(REPO_ROOT)) for pid in pids}
-        split = {pid: _heap_vmas(pid) for pid in pids}
+        r, split = {}, {}
+        for pid in pids:
+            r[pid] = subprocess.run([sys.executable, "-m", "memtrace", "heap", str(pid),
+                                     "--format", "json"], capture_output=True, text=True,
+                                    timeout=120, cwd=str(REPO_ROOT))
+            split[pid] = _heap_vmas(pid)
     bad = {pid: (c.returncode, c.stderr[-300:]) for pid, c in r.items()
            if c.returncode != 0 or not json.loads(c.stdout).get("supported")}
     assert not bad, f"[heap] VMAs per pid {split}: {bad}"
