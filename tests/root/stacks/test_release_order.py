@@ -43,12 +43,12 @@ def held_by(snap: dict[str, Any], function: str) -> int:
                if any(f.split(" (")[0] == function for f in s["frames"]))
 
 
-def last_profile(program: Path, mode: str, out_dir: Path) -> dict[str, Any]:
+def last_profile(command: list[str], out_dir: Path, *options: str) -> dict[str, Any]:
+    """The last snapshot of `memtrace run --stacks [options] -- command`."""
     # a 1 s interval: the give-back and the new faults fall between two profiles
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--stacks",
-         "--stacks-period", "16K", "--stacks-output", str(out_dir), "--", str(program), mode,
-         "1.5"],
+         *options, "--stacks-output", str(out_dir), "--", *command],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -62,7 +62,7 @@ def last_profile(program: Path, mode: str, out_dir: Path) -> dict[str, Any]:
 
 @pytest.mark.parametrize("mode", ["munmap", "madvise", "brk"])
 def test_given_back_and_refaulted_by_other_code(program, mode, tmp_path):
-    last = last_profile(program, mode, tmp_path)
+    last = last_profile([str(program), mode, "1.5"], tmp_path, "--stacks-period", "16K")
     assert held_by(last, "first_user") == 0, last["stacks"]["held"]
     assert held_by(last, "second_user") == pytest.approx(8 * MiB, rel=0.05), last["stacks"]
 
@@ -70,7 +70,7 @@ def test_given_back_and_refaulted_by_other_code(program, mode, tmp_path):
 def test_mremap_moves_the_stack_with_the_pages(program, tmp_path):
     """first_user's mapping moved elsewhere, second_user's at its old address:
     8 MiB each (before: the moved pages lost first_user, the old address kept it)."""
-    last = last_profile(program, "mremap", tmp_path)
+    last = last_profile([str(program), "mremap", "1.5"], tmp_path, "--stacks-period", "16K")
     assert held_by(last, "first_user") == pytest.approx(8 * MiB, rel=0.05), last["stacks"]
     assert held_by(last, "second_user") == pytest.approx(8 * MiB, rel=0.05), last["stacks"]
 
@@ -83,14 +83,7 @@ def test_cpython_churn_then_keep(tmp_path):
     """Debian's CPython, at the default period: churn() allocates and frees a
     32 MiB bytearray 5 times, keep() then holds one at the same addresses.
     Before the release records churn() held 25.9 MiB of it and keep() 6.7."""
-    r = subprocess.run(
-        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--stacks",
-         "--stacks-output", str(tmp_path), "--", str(PYTHON),
-         str(REPO_ROOT / "tests" / "workloads" / "pychurn.py"), "5", "2"],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
-        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
-    assert r.returncode == 0, r.stderr[-2000:]
-    snaps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-    last = [s for s in snaps if "summary" not in s and "stacks" in s][-1]
+    last = last_profile([str(PYTHON), str(REPO_ROOT / "tests" / "workloads" / "pychurn.py"),
+                         "5", "2"], tmp_path)
     assert held_by(last, "churn") == 0, last["stacks"]["held"]
     assert held_by(last, "keep") == pytest.approx(32 * MiB, rel=0.05), last["stacks"]
