@@ -44,7 +44,7 @@ BPF_HASH(py_targets, u32, struct mt_py_target, MT_MAX_TARGETS);
 #include "pyframes.h"
 #endif
 
-/* memtrace_malloc_sampled(ptr, size, weight) */
+/* memtrace_malloc_sampled(ptr, size, weight, period) */
 int on_malloc_sampled(struct pt_regs *ctx)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
@@ -60,6 +60,7 @@ int on_malloc_sampled(struct pt_regs *ctx)
     s->ptr = PT_REGS_PARM1(ctx);
     s->size = PT_REGS_PARM2(ctx);
     s->weight = PT_REGS_PARM3(ctx);
+    s->period = PT_REGS_PARM4(ctx);
     s->ip = ctx->ip;
     s->sp = ctx->sp;
     s->bp = ctx->bp;

@@ -14,6 +14,7 @@ struct mt_malloc_sample {
     u64 ptr;
     u64 size;                       /* bytes requested */
     u64 weight;                     /* bytes the sample stands for, from the sampler */
+    u64 period;                     /* the mean gap it ended (the sampler's rate cap may raise it) */
     u64 ip;                         /* user registers at memtrace_malloc_sampled */
     u64 sp;
     u64 bp;

@@ -353,16 +353,18 @@ def stacks_options(f: Any) -> Any:
 # ---- --malloc (run, watch; docs/malloc.md): one `malloc_opts`.
 
 DEFAULT_MALLOC_PERIOD = 512 * 1024
+DEFAULT_MALLOC_MAX_RATE = 10_000     # samples a second per process (docs/malloc.md, the rate cap)
 
 
 @dataclass(frozen=True)
 class MallocOptions:
     period: int                 # mean bytes allocated between samples
     output: str | None          # --malloc-output DIR
+    max_rate: int = DEFAULT_MALLOC_MAX_RATE     # samples a second per process; 0: no cap
 
 
 def malloc_options(f: Any) -> Any:
-    """--malloc, --malloc-period, --malloc-output. The command gets them as one
+    """--malloc, --malloc-period, --malloc-max-rate, --malloc-output. The command gets them as one
     `malloc_opts`: a MallocOptions, or None when --malloc is off."""
     import functools
 
@@ -380,6 +382,12 @@ def malloc_options(f: Any) -> Any:
                      default=f"{DEFAULT_MALLOC_PERIOD // 1024}K", show_default=True,
                      help="With --malloc: mean bytes allocated between two samples "
                      "(exponential gaps; each sample stands for its expected bytes)."),
+        click.option("--malloc-max-rate", type=click.IntRange(min=0, max=10_000_000),
+                     default=DEFAULT_MALLOC_MAX_RATE, show_default=True,
+                     help="With --malloc: samples a second per process at most. A program "
+                     "that allocates faster has its period raised until it is back under "
+                     "the cap, and lowered again after (weights stay unbiased; the "
+                     "snapshot says the largest period used); 0: no cap."),
         click.option("--malloc-output", type=click.Path(file_okay=False), default=None,
                      help="With --malloc: at exit, write each process's stacks to this "
                      "directory: folded stacks, HTML flame graphs and pprof "
@@ -388,13 +396,13 @@ def malloc_options(f: Any) -> Any:
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        on, period, output = (kwargs.pop(k) for k in ("malloc_on", "malloc_period",
-                                                      "malloc_output"))
+        on, period, max_rate, output = (kwargs.pop(k) for k in (
+            "malloc_on", "malloc_period", "malloc_max_rate", "malloc_output"))
         if not on and output is not None:
             raise MemtraceError("--malloc-output needs --malloc", ExitCode.USAGE)
         if on and not 1 <= period <= 1 << 30:
             raise MemtraceError("--malloc-period: from 1 byte to 1 GiB", ExitCode.USAGE)
-        kwargs["malloc_opts"] = MallocOptions(period, output) if on else None
+        kwargs["malloc_opts"] = MallocOptions(period, output, max_rate) if on else None
         return f(*args, **kwargs)
 
     for option in reversed(options):

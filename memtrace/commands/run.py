@@ -214,7 +214,7 @@ def run(command: tuple[str, ...], fmt: str, interval: float, reconcile_interval:
         from memtrace.malloc.shim import build_shim, child_env
 
         shim = str(build_shim())
-        spawn_env = child_env(os.environ, shim, malloc_opts.period)
+        spawn_env = child_env(os.environ, shim, malloc_opts.period, malloc_opts.max_rate)
     web_cfg = None if no_serve else load_web_config(web_config)
     stop = threading.Event()
     forwarder = _Forwarder(stop)      # before any thread: they inherit its mask

@@ -116,7 +116,7 @@ def _enable_malloc(session: Session, opts: MallocOptions) -> None:
     shim = str(build_shim()) if os.geteuid() == 0 else ""
     session.enable_malloc(opts.period, shim)
     assert session.malloc is not None
-    session.malloc.interposer = Interposer(session.procfs, shim, opts.period)
+    session.malloc.interposer = Interposer(session.procfs, shim, opts.period, opts.max_rate)
 
 
 def _existing_targets(procfs: ProcFS, pids: tuple[int, ...]) -> tuple[int, ...]:

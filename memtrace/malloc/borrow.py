@@ -184,7 +184,7 @@ def _seize_stopped(tid: int) -> bool:
 
 def _call(tid: int, mem: int, saved: _Regs, fn: int, args: tuple[int, ...],
           data: bytes) -> int:
-    """Make the stopped thread tid call fn(*args) (up to 3 integer arguments;
+    """Make the stopped thread tid call fn(*args) (up to 4 integer arguments;
     `data` is copied below its stack's red zone first and DATA in args stands
     for its address) and return what fn returned. The call returns to address
     0: the fault stops the thread, which is how memtrace knows it is done."""
@@ -194,7 +194,7 @@ def _call(tid: int, mem: int, saved: _Regs, fn: int, args: tuple[int, ...],
     os.pwrite(mem, data, where)
     os.pwrite(mem, b"\0" * 8, ret)
     regs = _Regs.from_buffer_copy(saved)
-    for name, value in zip(("rdi", "rsi", "rdx"), args, strict=False):
+    for name, value in zip(("rdi", "rsi", "rdx", "rcx"), args, strict=False):
         setattr(regs, name, where if value is DATA else value)
     regs.rip, regs.rsp, regs.rax = fn, ret, 0
     regs.orig_rax = (1 << 64) - 1            # no system call to restart while we call

@@ -261,12 +261,14 @@ def _slot_table(slots: Iterable[tuple[int, int, int, int]]) -> bytes:
     return b"".join(struct.pack("<QQQq", a, e, v, p) for a, e, v, p in slots)
 
 
-def _setter_calls(setter: int, period: int, rows: list[tuple[int, int, int, int]]) -> Calls:
+def _setter_calls(setter: int, period: int, rows: list[tuple[int, int, int, int]],
+                  max_rate: int = -1) -> Calls:
     """Calls of memtrace_malloc_interpose storing `rows` ((addr, expect,
-    value, prot) each), SLOTS_PER_CALL at a time: each call's table is written
+    value, prot) each) and setting the period and rate cap (0 and -1 leave
+    them), SLOTS_PER_CALL at a time: each call's table is written
     just below the stopped thread's red zone, a few hundred bytes at most, so
     it stays inside the stack mapping however deep the thread is."""
-    return [(setter, (period, DATA, len(rows[i:i + SLOTS_PER_CALL])),
+    return [(setter, (period, DATA, len(rows[i:i + SLOTS_PER_CALL]), max_rate),
              _slot_table(rows[i:i + SLOTS_PER_CALL]))
             for i in range(0, len(rows), SLOTS_PER_CALL)]
 
@@ -284,7 +286,8 @@ def _store(procfs: ProcFS, got: Interposition, libc: Libc, slots: list[Slot],
             "changed under memtrace and were left alone")
 
 
-def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition:
+def interpose(procfs: ProcFS, pid: int, shim: str, period: int,
+              max_rate: int = -1) -> Interposition:
     """Load the sampler `shim` into pid and point the GOT slots of its loaded
     objects at it (docs/malloc.md), in one stop of one thread: the slots are
     planned before (with the sampler's functions as offsets in its file), and
@@ -311,7 +314,7 @@ def interpose(procfs: ProcFS, pid: int, shim: str, period: int) -> Interposition
         rows = [(s.addr, s.old, where[0] + s.value, s.prot) for s in planned]
         # the allocator the sampler calls, before any slot points at it
         return [(where[0] + real_offset, (DATA,), real_table),
-                *_setter_calls(where[0] + setter_offset, period, rows)]
+                *_setter_calls(where[0] + setter_offset, period, rows, max_rate)]
 
     path = shim.encode() + b"\0"
     results, held = with_safe_thread(procfs, pid, libc,
@@ -371,14 +374,14 @@ class Interposer:
     failures after the first one are said, not raised (the process is still
     watched)."""
 
-    def __init__(self, procfs: ProcFS, shim: str, period: int) -> None:
-        self.procfs, self.shim, self.period = procfs, shim, period
+    def __init__(self, procfs: ProcFS, shim: str, period: int, max_rate: int = -1) -> None:
+        self.procfs, self.shim, self.period, self.max_rate = procfs, shim, period, max_rate
         self.done: dict[int, Interposition] = {}
 
     def add(self, pid: int) -> None:
         """Put the sampler into pid (InjectError if it cannot be done)."""
         try:
-            got = interpose(self.procfs, pid, self.shim, self.period)
+            got = interpose(self.procfs, pid, self.shim, self.period, self.max_rate)
         except OSError as e:        # it exited meanwhile, or /proc refused
             raise InjectError(f"pid {pid}: {e.strerror or e}") from None
         self.done[pid] = got

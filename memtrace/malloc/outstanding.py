@@ -65,6 +65,7 @@ class MallocTracker:
         self.frees = 0
         self.untracked = 0       # samples whose free the sampler could not report
         self.stacks_dropped = 0  # samples kept without their stack (mallocevents.SampleBacklog)
+        self.period_max = 0      # the largest mean gap of a sample (the rate cap raises it)
 
     def add(self, records: Iterable[MallocRecord], vmas: Sequence[Vma]) -> None:
         """Apply one drain's records (unwinding allocations with this VMA list).
@@ -91,6 +92,7 @@ class MallocTracker:
                 self._carried.append(r)
 
     def _alloc_sampled(self, r: MallocRecord, sid: int) -> None:
+        self.period_max = max(self.period_max, r.period)
         if r.untracked:
             self.alloc_untracked(sid, r.weight)
         else:
@@ -180,6 +182,7 @@ def malloc_summary(tracker: MallocTracker, profile: StackProfile, leaks: list[Le
 
     out: dict[str, Any] = {
         "period_bytes": profile.sample_period_bytes,
+        "period_max_bytes": max(tracker.period_max, profile.sample_period_bytes),
         "samples": tracker.samples,
         "frees": tracker.frees,
         "untracked": tracker.untracked,

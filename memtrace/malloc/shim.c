@@ -3,7 +3,10 @@
  * bytes each thread allocates down from an exponential gap (mean
  * MEMTRACE_MALLOC_PERIOD bytes), and only for the allocation that exhausts the
  * gap calls memtrace_malloc_sampled(), an empty function memtrace puts a uprobe
- * on. A sampled pointer is remembered in a small lock-free hash, so that its
+ * on. A rate cap (MEMTRACE_MALLOC_MAX_RATE samples a second in the process)
+ * raises the period while a program allocates faster than that allows, and
+ * lowers it back after: each sample's weight uses the mean of the gap it ended,
+ * so the estimates stay unbiased. A sampled pointer is remembered in a small lock-free hash, so that its
  * free calls memtrace_malloc_freed() (the other uprobe); any other free is a
  * hash miss. A sample the hash has no room for is still handed over, its
  * weight marked MT_UNTRACKED: memtrace counts it allocated but cannot see its
@@ -27,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 extern void *__libc_malloc(size_t);
 extern void *__libc_calloc(size_t, size_t);
@@ -42,11 +46,13 @@ extern void *__libc_pvalloc(size_t);
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 
 /* The probed functions: empty, never inlined, first instruction a `nop`, which
- * the kernel emulates (no single-step). The arguments are in rdi, rsi, rdx. */
+ * the kernel emulates (no single-step). The arguments are in rdi, rsi, rdx, rcx:
+ * `period` is the mean gap the sample ended (above the one asked for while the
+ * rate cap holds it up). */
 EXPORT __attribute__((noinline, used)) void memtrace_malloc_sampled(void *ptr, size_t size,
-                                                                    size_t weight)
+                                                                    size_t weight, size_t period)
 {
-    __asm__ volatile("nop" : : "r"(ptr), "r"(size), "r"(weight) : "memory");
+    __asm__ volatile("nop" : : "r"(ptr), "r"(size), "r"(weight), "r"(period) : "memory");
 }
 
 EXPORT __attribute__((noinline, used)) void memtrace_malloc_freed(void *ptr)
@@ -302,7 +308,11 @@ static inline int forget(uintptr_t p)
 /* 0 until read from the environment; `watch --malloc` writes it into a
  * process it loads the sampler into, before any call reaches the sampler */
 EXPORT long memtrace_malloc_period;
+/* samples a second in the process at most (0: no cap); -1 until read from the
+ * environment; written like the period by `watch --malloc` */
+EXPORT long memtrace_malloc_max_rate = -1;
 static TLS long bytes_left;         /* bytes until this thread's next sample */
+static TLS long gap_mean;           /* the mean of the gap bytes_left counts down */
 static TLS int armed;               /* a first gap was drawn for this thread */
 static TLS uint64_t rng;
 
@@ -316,6 +326,81 @@ static long read_period(void)
     if (p <= 0)
         p = 512 * 1024;
     __atomic_store_n(&memtrace_malloc_period, p, __ATOMIC_RELAXED);
+    return p;
+}
+
+static long read_max_rate(void)
+{
+    long r = __atomic_load_n(&memtrace_malloc_max_rate, __ATOMIC_RELAXED);
+    if (LIKELY(r >= 0))
+        return r;
+    const char *s = getenv("MEMTRACE_MALLOC_MAX_RATE");
+    r = s ? strtol(s, NULL, 10) : 0;
+    if (r < 0)
+        r = 0;
+    __atomic_store_n(&memtrace_malloc_max_rate, r, __ATOMIC_RELAXED);
+    return r;
+}
+
+/* ---- the rate cap. Samples are counted in windows of MT_WINDOW_NS. A window
+ * that holds more than its share of the cap before it ends, or whose first
+ * MT_RATE_SAMPLES or more came at over twice the cap, multiplies the period
+ * new gaps are drawn with by the ratio of its rate to the cap (at least 2) and
+ * starts a new window; a window that ends below a quarter of the cap
+ * halves it, never below the period asked for. Gaps are exponential (no
+ * memory), so a thread's gap drawn before a change is as good as one drawn
+ * after: each sample is weighed with the mean of its own gap (gap_mean). */
+#define MT_WINDOW_NS 25000000L
+#define MT_RATE_SAMPLES 16
+#define MT_PERIOD_MAX (1L << 40)
+static long period_now;             /* the period new gaps are drawn with, if above the asked */
+static long window_start_ns;
+static long window_samples;
+
+static long current_period(long asked)
+{
+    long p = __atomic_load_n(&period_now, __ATOMIC_RELAXED);
+    return p > asked ? p : asked;
+}
+
+static long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);    /* vDSO: no call into the kernel */
+    return (long)ts.tv_sec * 1000000000L + ts.tv_nsec;
+}
+
+/* A sample was taken: the period the next gap is drawn with. */
+static long pace(long asked)
+{
+    long cap = read_max_rate();
+    if (cap <= 0)
+        return asked;
+    long share = cap / (1000000000L / MT_WINDOW_NS);
+    if (share < 1)
+        share = 1;
+    long now = now_ns();
+    long start = __atomic_load_n(&window_start_ns, __ATOMIC_RELAXED);
+    long n = __atomic_add_fetch(&window_samples, 1, __ATOMIC_RELAXED);
+    long p = current_period(asked);
+    long elapsed = now - start;
+    int ended = elapsed >= MT_WINDOW_NS;
+    double rate = (double)n * 1e9 / (double)(elapsed > 0 ? elapsed : 1);   /* per second */
+    int over = !ended && (n > share || (n >= MT_RATE_SAMPLES && rate > 2.0 * (double)cap));
+    if ((ended || over) &&
+        __atomic_compare_exchange_n(&window_start_ns, &start, now, 0, __ATOMIC_RELAXED,
+                                    __ATOMIC_RELAXED)) {
+        __atomic_store_n(&window_samples, 0, __ATOMIC_RELAXED);
+        if (over) {
+            double factor = rate / (double)cap;
+            factor = factor < 2 ? 2 : factor > 1024 ? 1024 : factor;
+            double raised = (double)p * factor;
+            p = raised > (double)MT_PERIOD_MAX ? MT_PERIOD_MAX : (long)raised;
+        } else if (rate * 4 < (double)cap && p > asked) {
+            p = p / 2 > asked ? p / 2 : asked;
+        }
+        __atomic_store_n(&period_now, p, __ATOMIC_RELAXED);
+    }
     return p;
 }
 
@@ -337,25 +422,28 @@ static long draw_gap(long p)
 }
 
 /* The slow path: the countdown ran out at an allocation of `size` bytes (or the
- * thread has none yet). Its weight is size / P(sampled), P = 1 - exp(-size/period):
- * the heapprofd/tcmalloc weight; memtrace recomputes it from size and period. */
+ * thread has none yet). Its weight is size / P(sampled), P = 1 - exp(-size/mean),
+ * mean the mean of the gap that ran out: the heapprofd/tcmalloc weight. */
 static __attribute__((noinline)) void sampled(void *ptr, size_t size)
 {
-    long p = read_period();
+    long asked = read_period();
     if (UNLIKELY(!armed)) {         /* a new thread draws its first gap */
         armed = 1;
-        bytes_left = draw_gap(p) - (long)size;
+        gap_mean = current_period(asked);
+        bytes_left = draw_gap(gap_mean) - (long)size;
         if (bytes_left > 0)
             return;
     }
-    bytes_left = draw_gap(p);
+    long mean = gap_mean > 0 ? gap_mean : asked;      /* of the gap that ran out */
+    gap_mean = ptr ? pace(asked) : current_period(asked);
+    bytes_left = draw_gap(gap_mean);
     if (!ptr)
         return;
-    double prob = -expm1(-(double)size / (double)p);
+    double prob = -expm1(-(double)size / (double)mean);
     size_t weight = prob > 0 ? (size_t)((double)size / prob + 0.5) : size;
     if (!remember((uintptr_t)ptr))
         weight |= MT_UNTRACKED;
-    memtrace_malloc_sampled(ptr, size, weight);
+    memtrace_malloc_sampled(ptr, size, weight, (size_t)mean);
 }
 
 static inline void *count(void *ptr, size_t size)
@@ -503,10 +591,13 @@ EXPORT long memtrace_malloc_real(const uintptr_t *fns)
     return 0;
 }
 
-EXPORT long memtrace_malloc_interpose(long period, const struct mt_slot *slots, long n)
+EXPORT long memtrace_malloc_interpose(long period, const struct mt_slot *slots, long n,
+                                     long max_rate)
 {
     if (period > 0)
         __atomic_store_n(&memtrace_malloc_period, period, __ATOMIC_RELAXED);
+    if (max_rate >= 0)
+        __atomic_store_n(&memtrace_malloc_max_rate, max_rate, __ATOMIC_RELAXED);
     long done = 0;
     for (long i = 0; i < n; i++) {
         void *page = (void *)(slots[i].addr & ~(uintptr_t)4095);

@@ -17,6 +17,7 @@ from memtrace.errors import ExitCode, MemtraceError
 
 SOURCE = Path(__file__).with_name("shim.c")
 PERIOD_ENV = "MEMTRACE_MALLOC_PERIOD"    # read by shim.c: mean bytes between samples
+MAX_RATE_ENV = "MEMTRACE_MALLOC_MAX_RATE"  # read by shim.c: samples a second at most (0: no cap)
 CACHE_ENV = "MEMTRACE_CACHE_DIR"         # where built shims go (default below)
 DEFAULT_CACHE = "/var/cache/memtrace"
 # -fcf-protection=none: no endbr64 before the probed functions' first `nop` (an
@@ -82,13 +83,15 @@ def build_shim(env: Mapping[str, str] | None = None) -> Path:
     return target
 
 
-def child_env(env: Mapping[str, str], shim: str, period: int) -> dict[str, str]:
+def child_env(env: Mapping[str, str], shim: str, period: int,
+              max_rate: int = 0) -> dict[str, str]:
     """The command's environment: the shim first in LD_PRELOAD, an existing
     preload kept after it (a preloaded allocator stays the program's: the shim
-    calls the next definition of each function), and the period. memtrace's
+    calls the next definition of each function), the period and the rate cap. memtrace's
     own environment is left alone."""
     out = dict(env)
     rest = [p for p in out.get("LD_PRELOAD", "").replace(" ", ":").split(":") if p and p != shim]
     out["LD_PRELOAD"] = ":".join([shim, *rest])
     out[PERIOD_ENV] = str(period)
+    out[MAX_RATE_ENV] = str(max_rate)
     return out

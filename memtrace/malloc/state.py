@@ -58,7 +58,8 @@ class MallocState:
             self._said_lost = True
             log(f"--malloc: {lost} sampled allocations or frees lost so far (more than "
                 "memtrace reads between two ticks; counted in malloc.lost): a larger "
-                f"--malloc-period (now {self.period}) takes fewer samples")
+                f"--malloc-period (now {self.period}) or a lower --malloc-max-rate takes "
+                "fewer samples")
         if self.check_python is not None and tracker.python_epoch != epoch:
             self.check_python(tracker, epoch, vmas)
         tracker.add(records, vmas)
@@ -112,6 +113,9 @@ def leak_report(summaries: dict[int, dict[str, Any]]) -> list[str]:
         if s.get("lost"):
             head += (f"; {s['lost']} samples or frees lost (the rings were full: a lost "
                      "free leaves its block outstanding)")
+        if s.get("period_max_bytes", 0) > s.get("period_bytes", 0):
+            head += (f"; the rate cap (--malloc-max-rate) raised the period up to "
+                     f"{s['period_max_bytes']} bytes")
         if s.get("untracked"):
             head += (f"; {s['untracked']} samples not tracked (the sampler's table of live "
                      "samples was full: their frees are not seen, their bytes count as "

@@ -26,6 +26,7 @@ class MallocRecord:
     freed: bool = False
     size: int = 0        # bytes requested
     weight: int = 0      # bytes the sample stands for
+    period: int = 0      # the mean gap it ended (raised above --malloc-period by the rate cap)
     untracked: bool = False  # its free will not be reported (the sampler's table was full)
     ip: int = 0          # user registers at memtrace_malloc_sampled
     sp: int = 0
@@ -47,6 +48,7 @@ class RawMallocHeader(ctypes.Structure):
         ("ptr", ctypes.c_uint64),
         ("size", ctypes.c_uint64),
         ("weight", ctypes.c_uint64),
+        ("period", ctypes.c_uint64),
         ("ip", ctypes.c_uint64),
         ("sp", ctypes.c_uint64),
         ("bp", ctypes.c_uint64),
@@ -87,6 +89,7 @@ def decode_malloc_sample(data: bytes | int, size: int | None = None,
     n_py = min(raw.py_count, PY_FRAMES)
     return MallocRecord(tgid=raw.tgid, ts=raw.ts, ptr=raw.ptr, size=raw.size,
                         weight=raw.weight & ~UNTRACKED, untracked=bool(raw.weight & UNTRACKED),
+                        period=raw.period,
                         ip=raw.ip, sp=raw.sp, bp=raw.bp, stack=stack,
                         py_frames=tuple(zip(raw.py_code[:n_py], raw.py_instr[:n_py])),
                         py_flags=raw.py_flags)

@@ -107,12 +107,13 @@ def test_samples_the_sampler_cannot_remember_are_counted(tmp_path: Path):
     """200,000 blocks held at once, every one sampled (period 1 byte): more than
     the sampler's table of live samples holds. What it could not remember is
     still reported, as `untracked` and in the --malloc line, never silently
-    dropped (samples the ring lost are `lost`)."""
+    dropped (samples the ring lost are `lost`). No rate cap: it would raise
+    the period and sample a few of them."""
     prog = build_without_frame_pointers(REPO_ROOT / "tests" / "workloads" / "mallochold.c",
                                         tmp_path / "mallochold")
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--malloc",
-         "--malloc-period", "1", "--", str(prog), "200000", "3"],
+         "--malloc-period", "1", "--malloc-max-rate", "0", "--", str(prog), "200000", "3"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -122,6 +123,36 @@ def test_samples_the_sampler_cannot_remember_are_counted(tmp_path: Path):
     assert last["samples"] + last["lost"] >= 200_000, last
     assert last["outstanding_bytes"] < last["allocated_bytes"]
     assert f"{last['untracked']} samples not tracked" in r.stderr, r.stderr[-2000:]
+
+
+def test_the_rate_cap_holds_a_fast_allocator_to_its_samples_a_second(tmp_path: Path):
+    """mallocfast allocates tens of GB a second: at 64 KiB it would take some
+    500,000 samples a second. With --malloc-max-rate 2000 the sampler raises
+    its period until its samples come at most that fast; the period it went
+    to reaches the snapshot (each sample carries it through its uprobe) and
+    run's --malloc line, nothing is lost, and the weights, taken with each
+    sample's own period, still estimate the bytes allocated (~6,000 samples:
+    1.3 % relative standard deviation; 10 % asked)."""
+    prog = build_without_frame_pointers(REPO_ROOT / "tests" / "workloads" / "mallocfast.c",
+                                        tmp_path / "mallocfast")
+    cap, seconds = 2000, 3.0
+    r = subprocess.run(
+        [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--malloc",
+         "--malloc-period", "64K", "--malloc-max-rate", str(cap), "--", str(prog),
+         str(seconds), "2.5"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    allocated = int(re.search(r"allocated (\d+)", r.stdout).group(1))  # type: ignore[union-attr]
+    snaps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    last = [s for s in snaps if "summary" not in s and "malloc" in s][-1]["malloc"]
+    assert last["period_bytes"] == 64 << 10
+    assert last["period_max_bytes"] > 16 * last["period_bytes"], last
+    assert 0.25 * cap * seconds < last["samples"] < 1.5 * cap * seconds + 200, last
+    assert last["lost"] == 0 and last["untracked"] == 0, last
+    assert last["allocated_bytes"] == pytest.approx(allocated, rel=0.10)
+    assert f"raised the period up to {last['period_max_bytes']} bytes" in r.stderr, \
+        r.stderr[-2000:]
 
 
 PYTHON = Path("/usr/bin/python3.11")

@@ -209,6 +209,30 @@ def test_the_borrowed_thread_keeps_its_vector_registers(tmp_path: Path):
         target.kill()
 
 
+def test_the_rate_cap_reaches_a_running_process(tmp_path: Path):
+    """watch --malloc hands the cap to the sampler it loads (the fourth
+    argument of memtrace_malloc_interpose): mallocfast, tens of GB a second,
+    would take ~500,000 samples a second at 64 KiB; under a cap of 1,000 its
+    period is raised and its samples stay under the cap over the watch."""
+    prog = build_without_frame_pointers(WORKLOADS / "mallocfast.c", tmp_path / "mallocfast")
+    target = subprocess.Popen([str(prog), str(60 * TIMEOUT_SCALE)], stdout=subprocess.DEVNULL)
+    try:
+        time.sleep(0.5)
+        started = time.monotonic()
+        r = _watch_malloc(target.pid, "--interval", "1", "--count", "4", "--malloc-period",
+                          "64K", "--malloc-max-rate", "1000")
+        elapsed = time.monotonic() - started
+    finally:
+        target.kill()
+        target.wait()
+    assert r.returncode == 0, r.stderr[-2000:]
+    snaps = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    last = [s["malloc"] for s in snaps if "malloc" in s][-1]
+    assert last["period_max_bytes"] > 16 * last["period_bytes"], last
+    assert 100 < last["samples"] < 1.5 * 1000 * elapsed + 200, (last, elapsed)
+    assert last["lost"] == 0, last
+
+
 def test_a_process_whose_malloc_is_another_library_keeps_it(tmp_path: Path):
     """Debian's redis-server links jemalloc: its malloc is not glibc's. The
     sampler must call that allocator, and take the slots that hold its

@@ -4,18 +4,21 @@
  * sampled allocations and nets them on frees. It allocates a known mix of
  * sizes through malloc, calloc, realloc and posix_memalign, frees every other
  * block, and prints: allocated kept sampled_weight outstanding_weight samples frees
- * untracked. With a second argument N, every block is N bytes (malloc only).
+ * untracked largest_period seconds (of the allocation loop). With a second
+ * argument N, every block is N bytes (malloc only).
  * The hooks never allocate. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #define SLOTS (1 << 20)
 static uintptr_t keys[SLOTS];
 static size_t vals[SLOTS];
 static double sampled_weight, outstanding;
 static long samples, frees, untracked;
+static size_t period_max;
 #define UNTRACKED (1ull << 63)
 
 static size_t slot(uintptr_t p)
@@ -26,9 +29,11 @@ static size_t slot(uintptr_t p)
     return i;
 }
 
-void memtrace_malloc_sampled(void *ptr, size_t size, size_t weight)
+void memtrace_malloc_sampled(void *ptr, size_t size, size_t weight, size_t period)
 {
     (void)size;
+    if (period > period_max)
+        period_max = period;
     if (weight & UNTRACKED) {   /* the shim will not report its free */
         untracked++;
         sampled_weight += weight & ~UNTRACKED;
@@ -61,6 +66,8 @@ int main(int argc, char **argv)
     size_t fixed = argc > 2 ? (size_t)atol(argv[2]) : 0;
     void **blocks = calloc(n, sizeof(void *));
     double allocated = n * sizeof(void *), kept = 0;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
     for (long i = 0; i < n; i++) {
         size_t size = fixed ? fixed : sizes[i % NSIZES];
         void *p;
@@ -76,9 +83,11 @@ int main(int argc, char **argv)
         if (i % 2 == 0)
             kept += size;
     }
+    clock_gettime(CLOCK_MONOTONIC, &t1);
     for (long i = 1; i < n; i += 2)
         free(blocks[i]);
-    printf("%.0f %.0f %.0f %.0f %ld %ld %ld\n", allocated, kept + n * sizeof(void *),
-           sampled_weight, outstanding, samples, frees, untracked);
+    printf("%.0f %.0f %.0f %.0f %ld %ld %ld %zu %.6f\n", allocated, kept + n * sizeof(void *),
+           sampled_weight, outstanding, samples, frees, untracked, period_max,
+           (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
     return 0;
 }

@@ -174,9 +174,11 @@ def test_slots_planned_in_this_process_hold_glibcs_functions_frees_first():
 
 def test_slot_tables_are_cut_into_calls_that_stay_near_the_stack_pointer():
     rows = [(0x1000 + 8 * i, 1, 2, -1) for i in range(SLOTS_PER_CALL * 2 + 3)]
-    calls = _setter_calls(0xABC, 4096, rows)
+    calls = _setter_calls(0xABC, 4096, rows, 2000)
     assert [c[1][2] for c in calls] == [SLOTS_PER_CALL, SLOTS_PER_CALL, 3]
-    assert all(fn == 0xABC and args[0] == 4096 and args[1] is DATA for fn, args, _ in calls)
+    assert all(fn == 0xABC and args[0] == 4096 and args[1] is DATA and args[3] == 2000
+               for fn, args, _ in calls)
+    assert all(args[3] == -1 for _, args, _ in _setter_calls(0xABC, 0, rows))   # left as is
     assert b"".join(table for _, _, table in calls) == _slot_table(rows)
     assert max(len(table) for _, _, table in calls) <= 512
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from memtrace.errors import ExitCode, MemtraceError
-from memtrace.malloc.shim import PERIOD_ENV, build_shim, child_env, source_hash
+from memtrace.malloc.shim import MAX_RATE_ENV, PERIOD_ENV, build_shim, child_env, source_hash
 from memtrace.trace.sampling import sample_weight
 
 HOOKS = Path(__file__).with_name("hooks.c")
@@ -34,9 +34,10 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return shim, prog
 
 
-def _run(built: tuple[Path, Path], period: int, n: int = 20000, size: int = 0) -> list[float]:
+def _run(built: tuple[Path, Path], period: int, n: int = 20000, size: int = 0,
+         max_rate: int = 0) -> list[float]:
     shim, prog = built
-    env = child_env({"PATH": os.defpath}, str(shim), period)
+    env = child_env({"PATH": os.defpath}, str(shim), period, max_rate)
     argv = [str(prog), str(n), *([str(size)] if size else [])]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True,
                          timeout=60).stdout
@@ -45,7 +46,7 @@ def _run(built: tuple[Path, Path], period: int, n: int = 20000, size: int = 0) -
 
 @needs_cc
 def test_sampled_weights_estimate_allocated_and_outstanding_bytes(built):
-    allocated, kept, weight, outstanding, samples, frees, untracked = _run(built, 16 * 1024)
+    allocated, kept, weight, outstanding, samples, frees, untracked, *_ = _run(built, 16 * 1024)
     # ~1.2 GB in ~73k samples of 16 KiB: the relative standard deviation of
     # the sum is under 1 %; 5 % is far outside chance
     assert samples > 1000
@@ -62,7 +63,7 @@ def test_samples_beyond_the_table_are_handed_over_marked_untracked(built):
     cannot remember still reach the probe, flagged, so their bytes count as
     allocated and their number is known; none is lost silently."""
     n = 300_000
-    allocated, kept, weight, outstanding, samples, frees, untracked = _run(built, 1, n, 16)
+    allocated, kept, weight, outstanding, samples, frees, untracked, *_ = _run(built, 1, n, 16)
     assert untracked > 0
     assert samples + untracked == n + 1         # and hooks.c's array of pointers
     assert weight == pytest.approx(allocated, rel=1e-3)
@@ -93,7 +94,7 @@ def test_a_program_linked_with_another_allocator_keeps_it(built, tmp_path):
     assert r.returncode == 0, r.stderr
     handed_out = int(r.stderr.split("toyalloc ")[-1])
     assert handed_out >= 20000             # every block of hooks.c came from toyalloc
-    allocated, kept, weight, outstanding, samples, frees, _ = map(float, r.stdout.split())
+    allocated, kept, weight, outstanding, samples, frees, *_ = map(float, r.stdout.split())
     assert samples > 1000 and 0 < frees < samples
     assert weight == pytest.approx(allocated, rel=0.05)
     assert outstanding == pytest.approx(kept, rel=0.05)
@@ -107,6 +108,26 @@ def test_the_period_comes_from_the_environment(built):
     for period in (16 * 1024, 256 * 1024):
         want = sum(-math.expm1(-SIZES[i % len(SIZES)] / period) for i in range(n))
         assert _run(built, period, n)[4] == pytest.approx(want, rel=0.1), period
+
+
+@needs_cc
+def test_the_rate_cap_raises_the_period_and_the_estimates_stay_unbiased(built):
+    """3,000,000 blocks of 64 B at a period of 1 KiB would be ~190,000 samples
+    in a fraction of a second; a cap of 50,000 a second raises the period
+    while the loop runs (measured: 35,000-44,000 a second). Each sample is
+    weighed with the mean of its own gap, so the sums still estimate the bytes
+    (~7,000 samples: a relative standard deviation under 2 %, 8 % is four
+    deviations; measured within 3 %); with no cap nothing is raised."""
+    n, size, period, cap = 3_000_000, 64, 1024, 50_000
+    allocated, kept, weight, outstanding, samples, _, _, largest, seconds = _run(
+        built, period, n, size, max_rate=cap)
+    assert largest > 8 * period
+    assert samples < 1.5 * cap * seconds + 500      # the first few samples come uncapped
+    assert samples > 1000
+    assert weight == pytest.approx(allocated, rel=0.08)
+    assert outstanding == pytest.approx(kept, rel=0.08)
+    uncapped = _run(built, period, 200_000, size)
+    assert uncapped[7] == period and uncapped[4] > 10_000
 
 
 @needs_cc
@@ -130,6 +151,8 @@ def test_child_env_preloads_the_shim_first_and_keeps_an_existing_preload():
     env = child_env(parent, "/c/shim.so", 4096)
     assert env["LD_PRELOAD"] == "/c/shim.so:/lib/a.so:/lib/b.so"
     assert env[PERIOD_ENV] == "4096" and env["HOME"] == "/root"
+    assert env[MAX_RATE_ENV] == "0"         # no cap unless asked
+    assert child_env({}, "/c/shim.so", 4096, 2000)[MAX_RATE_ENV] == "2000"
     assert parent == {"LD_PRELOAD": "/lib/a.so /lib/b.so", "HOME": "/root"}   # untouched
     assert child_env({}, "/c/shim.so", 1)["LD_PRELOAD"] == "/c/shim.so"
     assert child_env(env, "/c/shim.so", 1)["LD_PRELOAD"].count("shim.so") == 1
