@@ -197,15 +197,15 @@ class Probes:
             if os.uname().machine == "x86_64":
                 cflags += PY311_X86_64.bpf_defines()     # CPython 3.11 frames
                 self._python = True
-        self._python_in_stacks = self._python
-        if malloc_shim is not None and os.uname().machine == "x86_64":
-            self._python = True         # --malloc reads them too (its own object)
             if _kernel_user_regs(bcc):
                 cflags.append("-DMT_STACKS_KERNEL")
                 self.stack_mechanism = "user and kernel-mode faults"
             else:
                 self.stack_mechanism = ("user-mode faults only (kernel-mode faults: the kernel "
                                         "refuses the BTF task helpers)")
+        self._python_in_stacks = self._python
+        if malloc_shim is not None and os.uname().machine == "x86_64":
+            self._python = True         # --malloc reads them too (its own object)
         try:
             self.bpf = bcc.BPF(src_file=str(src / "memtrace.bpf.c").encode(), cflags=cflags)
         except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
