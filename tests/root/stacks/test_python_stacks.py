@@ -75,7 +75,15 @@ def check_split(snaps: list[dict[str, Any]]) -> None:
     assert bytes_of(held, "fill_big") == pytest.approx(64 * MiB, rel=0.05), held
     assert bytes_of(held, "fill_small") == pytest.approx(16 * MiB, rel=0.05), held
     last = after[-1]["stacks"]
-    assert bytes_of(last["held"], "fill_big") == 0, last
+    # fill_big's 64 buffers are gone. What it may still hold is a page of an
+    # obmalloc arena its bytearray objects were allocated in (PyType_GenericAlloc),
+    # made resident by fill_big and kept by the interpreter: when the countdown
+    # samples that one fault (~3 % of runs), its share of the arena's mapping
+    # (133,131 and 139,264 bytes seen) stays fill_big's, rightly. None of it
+    # may be a buffer's (filled by memset).
+    kept = [s for s in last["held"] if py_frame(s["frames"], "fill_big")]
+    assert sum(s["bytes"] for s in kept) < 2 * MiB, kept
+    assert not any(f.startswith("__memset") for s in kept for f in s["frames"]), kept
     assert bytes_of(last["held"], "fill_small") == pytest.approx(16 * MiB, rel=0.05), last
     assert bytes_of(last["brought"], "fill_big") == pytest.approx(64 * MiB, rel=0.05), last
     assert bytes_of(last["brought"], "fill_small") == pytest.approx(16 * MiB, rel=0.05), last
