@@ -100,11 +100,10 @@ class Session:
                              stream_events=self.reporter.wants_events,
                              stacks=self.stack_period > 0, stack_period=self.stack_period,
                              malloc_shim=self._malloc_shim)
-        stacks = (f"; stacks sampled at {self.probes.stack_mechanism}"
-                  if self.probes.stack_mechanism else "")
-        log(f"probes loaded in {time.monotonic() - self.started:.1f}s; "
-            f"resident pages: {scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}"
-            f"{stacks}")
+        faults = self.probes.stack_mechanism
+        stacks = faults and f"; stacks sampled at {faults}"
+        log(f"probes loaded in {time.monotonic() - self.started:.1f}s; resident pages: "
+            f"{scan_mechanism()}; remote changes: {self.probes.rss_stat_mechanism}{stacks}")
         shed_compiler_memory()    # the compiler is not needed again (memtrace/trace/ownmem.py)
         return self.probes
 

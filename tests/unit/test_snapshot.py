@@ -371,6 +371,7 @@ def test_only_the_table_gets_syscall_records_and_only_json_gets_text(monkeypatch
 
     class FakeProbes:
         rss_stat_mechanism = "fake"
+        stack_mechanism = ""
 
         def __init__(self, **kw: bool) -> None:
             seen.append(kw["stream_events"])
