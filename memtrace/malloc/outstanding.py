@@ -154,7 +154,7 @@ class MallocTracker:
             out[sid].held_bytes = nbytes
         ranked = sorted(out.values(), key=lambda s: (-s.held_bytes, -s.brought_bytes))
         return StackProfile(self.pid, comm, ts, ranked, sample_period_bytes=period,
-                            samples_lost=lost)
+                            samples_lost=lost, sample_period_max_bytes=self.period_max)
 
 
 def _add(table: dict[int, list[int]], sid: int, nbytes: int, n: int) -> None:

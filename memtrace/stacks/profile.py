@@ -89,6 +89,7 @@ class StackProfile:
     samples: list[StackSample] = field(default_factory=list)
     sample_period_bytes: int = 0     # mean bytes between samples
     samples_lost: int = 0            # ring full, stack unreadable, ...
+    sample_period_max_bytes: int = 0  # --malloc: the largest mean gap (the rate cap raises it)
 
     def held_total(self) -> int:
         return sum(s.held_bytes for s in self.samples)

@@ -197,6 +197,9 @@ def svg_document(profile: StackProfile, measure: str = "held", by_mapping: bool 
            f" ({whole} bytes); {len(profile.samples)} stacks")
     if profile.sample_period_bytes:
         sub += f", one sample per {fmt_bytes(profile.sample_period_bytes)} on average"
+        if profile.sample_period_max_bytes > profile.sample_period_bytes:
+            sub += (f" (up to {fmt_bytes(profile.sample_period_max_bytes)} while the rate cap "
+                    "held the samples down)")
     if profile.samples_lost:
         sub += f", {profile.samples_lost} samples lost"
     if dropped:

@@ -283,3 +283,21 @@ def test_the_first_loss_is_said_once_on_stderr(capsys):
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "5 sampled allocations or frees lost" in err[0]
     assert "--malloc-period (now 4096)" in err[0]
+
+
+def test_a_period_raised_by_the_rate_cap_is_said_everywhere():
+    """Samples carry the mean gap they ended; the largest reaches the summary
+    (period_max_bytes), run's --malloc line and the flame graph's subtitle.
+    Below the asked period (no sample raised) the summary says the asked one."""
+    from memtrace.views.flamegraph import render_svg
+
+    state = MallocState(512, FakeUnwinder({1: A, 2: B}))   # type: ignore[arg-type]
+    quiet = state.update(1, 0, [_alloc(1, 0x10, 600, 2)], [], "prog", 1.0, 0)
+    assert quiet["period_max_bytes"] == 512
+    assert "rate cap" not in leak_report(state.summaries)[0]
+    raised = MallocRecord(tgid=1, ts=2, ptr=0x20, size=100, weight=8192, period=8192, ip=2)
+    s = state.update(1, 0, [raised], [], "prog", 2.0, 0)
+    assert s["period_bytes"] == 512 and s["period_max_bytes"] == 8192
+    assert "raised the period up to 8192 bytes" in leak_report(state.summaries)[0]
+    svg = render_svg(state.profiles[1], "held", kind="malloc")
+    assert "up to 8.0 KiB while the rate cap held the samples down" in svg
