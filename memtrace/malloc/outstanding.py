@@ -182,7 +182,7 @@ def malloc_summary(tracker: MallocTracker, profile: StackProfile, leaks: list[Le
 
     out: dict[str, Any] = {
         "period_bytes": profile.sample_period_bytes,
-        "period_max_bytes": max(tracker.period_max, profile.sample_period_bytes),
+        "period_max_bytes": max(profile.sample_period_max_bytes, profile.sample_period_bytes),
         "samples": tracker.samples,
         "frees": tracker.frees,
         "untracked": tracker.untracked,

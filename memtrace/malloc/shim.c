@@ -6,11 +6,11 @@
  * on. A rate cap (MEMTRACE_MALLOC_MAX_RATE samples a second in the process)
  * raises the period while a program allocates faster than that allows, and
  * lowers it back after: each sample's weight uses the mean of the gap it ended,
- * so the estimates stay unbiased. A sampled pointer is remembered in a small lock-free hash, so that its
- * free calls memtrace_malloc_freed() (the other uprobe); any other free is a
- * hash miss. A sample the hash has no room for is still handed over, its
- * weight marked MT_UNTRACKED: memtrace counts it allocated but cannot see its
- * free, and says how many there were.
+ * so the estimates stay unbiased. A sampled pointer is remembered in a small
+ * lock-free hash, so that its free calls memtrace_malloc_freed() (the other
+ * uprobe); any other free is a hash miss. A sample the hash has no room for
+ * is still handed over, its weight marked MT_UNTRACKED: memtrace counts it
+ * allocated but cannot see its free, and says how many there were.
  *
  * The real allocator: preloaded (`run`), the one the program would have used
  * without the sampler, the next definition in the loader's search order
@@ -434,7 +434,7 @@ static __attribute__((noinline)) void sampled(void *ptr, size_t size)
         if (bytes_left > 0)
             return;
     }
-    long mean = gap_mean > 0 ? gap_mean : asked;      /* of the gap that ran out */
+    long mean = gap_mean;           /* of the gap that ran out (set with `armed`) */
     gap_mean = ptr ? pace(asked) : current_period(asked);
     bytes_left = draw_gap(gap_mean);
     if (!ptr)
