@@ -30,6 +30,10 @@ PY_MODULE = "[py]"
 """The module of a CPython frame (stacks/python.py): its function reads
 `qualname (file:line)`, its address is the code object's."""
 
+JIT_MODULE = "[jit]"
+"""The module of JIT-compiled code named from the process's perf map
+(stacks/perfmap.py): its function is the name the runtime wrote there."""
+
 TRUNCATED = Frame(0, "[truncated]", "[truncated]")
 """The last frame of a stack the unwinder had to cut (depth, stack copy size)."""
 

@@ -13,10 +13,14 @@ TRUNCATED where it cannot go on: depth, the end of the copy, a mapping with no
 ELF file (JIT code), no CFI for the address, a rule over a register the copy
 cannot restore (only rsp, rbp and rip are known), or no progress.
 
-A function without an FDE (hand-written assembly with no CFI) is unwound only
-as the leaf and only at its first instruction (CFA = rsp + 8: the call just
-happened); anywhere else it ends the stack with TRUNCATED. PLT stubs have
-FDEs (with an expression, which is evaluated)."""
+Code with no CFI (JIT code in memory with no ELF file, V8's builtins, Go, hand-
+written assembly) is unwound by its frame pointer, as perf does: the caller's
+rbp at [rbp], its return address at [rbp + 8], its sp = rbp + 16; accepted only
+when rbp lies at or above sp and the return address is in executable memory,
+else TRUNCATED. A function without an FDE at its first instruction is unwound
+as the call just left it (CFA = rsp + 8). PLT stubs have FDEs (with an
+expression, which is evaluated). JIT code is named from the process's perf map
+(perfmap.py)."""
 
 from __future__ import annotations
 
@@ -26,7 +30,8 @@ from dataclasses import dataclass
 
 from memtrace.stacks.cfi import RBP, RIP, RSP, Read, Row, Rule, evaluate
 from memtrace.stacks.modules import Module, ModuleCache
-from memtrace.stacks.profile import TRUNCATED, Frame, Stack
+from memtrace.stacks.perfmap import PerfMaps
+from memtrace.stacks.profile import JIT_MODULE, TRUNCATED, Frame, Stack
 from memtrace.stacks.symbols import UNKNOWN, Demangler
 from memtrace.trace.procfs import Vma
 
@@ -42,6 +47,7 @@ class RawFrame:
     vma: Vma | None
     module: Module | None
     bias: int | None
+    jit: tuple[str, int] | None = None     # JIT code: (name, start) from the perf map
 
 
 _Walk = tuple[list[RawFrame], bool]
@@ -74,6 +80,7 @@ class Unwinder:
         self.proc_root = proc_root
         self.max_depth = max_depth
         self.modules = ModuleCache(proc_root)
+        self.perf_maps = PerfMaps(proc_root)
         self.demangler = Demangler()
         self._vmas: Sequence[Vma] | None = None
         self._ends: list[int] = []
@@ -93,6 +100,7 @@ class Unwinder:
         an earlier walk's, and whose copy holds the same words where that walk
         read, gets that walk without unwinding again."""
         memo: dict[tuple[int, int, int], list[tuple[_Reads, _Walk]]] = {}
+        self.perf_maps.new_batch()
         walks = [self._walk_memo(memo, pid, vmas, ip, sp, bp, stack)
                  for ip, sp, bp, stack in regs]
         unique = list({id(w): w for w in walks}.values())
@@ -144,16 +152,20 @@ class Unwinder:
             # a signal trampoline is named at the return address itself: the
             # byte before it (where its FDE starts) belongs to no function
             named_at = ip if found is not None and found[1] else lookup
-            frames.append(RawFrame(ip, named_at, vma, module, bias))
+            jit = None
+            if module is None and vma is not None and "x" in vma.perms:
+                jit = self.perf_maps.lookup(pid, lookup)
+            frames.append(RawFrame(ip, named_at, vma, module, bias, jit))
+            step: tuple[int, int, int | None] | _End | None
             if module is None or bias is None:
-                return frames, True
-            if found is not None:
-                row, signal = found
+                step = self._frame_pointer_step(vmas, regs, read)
+            elif found is not None:
+                step = _step(found[0], regs, read)
             elif len(frames) == 1 and _at_entry(module, lookup - bias):
-                row, signal = _ENTRY_ROW, False
+                step = _step(_ENTRY_ROW, regs, read)
             else:
-                return frames, True
-            step = _step(row, regs, read)
+                step = self._frame_pointer_step(vmas, regs, read)
+            signal = found is not None and found[1]
             if step is _END:
                 return frames, False
             if not isinstance(step, tuple):
@@ -164,6 +176,22 @@ class Unwinder:
             regs = {RSP: cfa, RBP: rbp, RIP: ip}
             exact = signal
         return frames, True
+
+    def _frame_pointer_step(self, vmas: Sequence[Vma], regs: Regs,
+                            read: Read) -> tuple[int, int, int | None] | None:
+        """The caller by the frame-pointer chain, for code with no CFI; None
+        unless rbp can be a frame pointer here (8-aligned, at or above sp) and
+        the return address it gives lies in executable memory."""
+        rbp, rsp = regs.get(RBP), regs.get(RSP)
+        if not rbp or rsp is None or rbp < rsp or rbp & 7:
+            return None
+        ra = read(rbp + 8)
+        if not ra:
+            return None
+        caller = self._vma_at(vmas, ra - 1)
+        if caller is None or "x" not in caller.perms:
+            return None
+        return ra, rbp + 16, read(rbp)
 
     def _vma_at(self, vmas: Sequence[Vma], addr: int) -> Vma | None:
         if vmas is not self._vmas:
@@ -180,11 +208,13 @@ class Unwinder:
         v = f.vma
         if v is None:
             return (f.address, f.lookup)
-        return (f.address, f.lookup, v.start, v.offset, v.inode, v.path)
+        return (f.address, f.lookup, v.start, v.offset, v.inode, v.path, f.jit)
 
     @staticmethod
     def _raw_name(f: RawFrame) -> tuple[str, int]:
         """(symbol name, symbol start in the process) or ([unknown], 0)."""
+        if f.jit is not None:
+            return f.jit
         if f.module is None or f.bias is None:
             return UNKNOWN, 0
         found = f.module.symbols.lookup(f.lookup - f.bias)
@@ -197,7 +227,8 @@ class Unwinder:
         frame = self._frames.get(key)
         if frame is None:
             name, start = self._raw_name(f)
-            module = UNKNOWN if f.vma is None else f.vma.display_path or "[anon]"
+            module = JIT_MODULE if f.jit is not None else \
+                UNKNOWN if f.vma is None else f.vma.display_path or "[anon]"
             frame = Frame(f.address, self.demangler(name), module,
                           f.address - start if start else 0,
                           f.module.build_id if f.module is not None else None)

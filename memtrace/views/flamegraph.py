@@ -9,8 +9,9 @@ siblings sorted by name; frames narrower than MIN_WIDTH pixels are left out
 subtitle says how many and below which width). With by_mapping, the row above `all` is the mappings
 (`[heap]`, `[anon]`, ...). Colours tell the kind of module: the program (red to
 orange), libraries (blue-green), kernel/vdso/unknown (grey), `[truncated]`
-(purple), mappings (green); the shade within a kind comes from the name, so a
-frame has the same colour in every graph. Frame text is cut to fit (`..`).
+(purple), mappings (green), Python (yellow) and JIT code (cyan) where there are;
+the shade within a kind comes from the name, so a frame has the same colour in
+every graph. Frame text is cut to fit (`..`).
 
 Without script: each frame's tooltip (SVG <title>) gives function, module,
 bytes and share of the total; hovering outlines a frame (CSS). With script
@@ -56,12 +57,14 @@ PALETTES: dict[str, tuple[tuple[int, int], tuple[int, int], tuple[int, int]]] = 
     "kernel": ((165, 40), (165, 40), (165, 40)),
     "truncated": ((150, 30), (100, 25), (215, 35)),
     "python": ((215, 30), (185, 40), (40, 40)),
+    "jit": ((40, 40), (185, 40), (185, 40)),
     "mapping": ((70, 50), (175, 45), (70, 45)),
     "root": ((215, 0), (215, 0), (205, 0)),
 }
 LEGEND = (("program", "program"), ("library", "libraries"), ("kernel", "kernel, unknown"),
-          ("truncated", "[truncated]"), ("mapping", "mapping"), ("python", "Python"))
-OPTIONAL = frozenset({"python"})      # in the legend only when the graph has such frames
+          ("truncated", "[truncated]"), ("mapping", "mapping"), ("python", "Python"),
+          ("jit", "JIT (perf map)"))
+OPTIONAL = frozenset({"python", "jit"})      # in the legend only when the graph has such frames
 
 
 @dataclass

@@ -16,7 +16,8 @@
   frame is one line); the folded format also escapes `;` (its separator).
 - The kind of module colours a flame graph: "program" (an ELF that is not a
   shared object), "library" (`*.so*`, `ld-linux*`), "python" (a CPython
-  frame, module `[py]`), "kernel" (`[unknown]`, `[vdso]`, any other bracketed
+  frame, module `[py]`), "jit" (JIT code named from a perf map, module
+  `[jit]`), "kernel" (`[unknown]`, `[vdso]`, any other bracketed
   pseudo-module), "truncated".
 """
 
@@ -27,7 +28,14 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, StackProfile, StackSample
+from memtrace.stacks.profile import (
+    JIT_MODULE,
+    PY_MODULE,
+    TRUNCATED,
+    Frame,
+    StackProfile,
+    StackSample,
+)
 from memtrace.trace.procfs import escape_text
 
 MEASURES = ("held", "brought")
@@ -63,11 +71,13 @@ def basename(module: str) -> str:
 
 
 def module_class(module: str) -> str:
-    """program, library, kernel (kernel, vdso, unknown) or truncated."""
+    """program, library, python, jit, kernel (kernel, vdso, unknown) or truncated."""
     if module == TRUNCATED.module:
         return "truncated"
     if module == PY_MODULE:
         return "python"
+    if module == JIT_MODULE:
+        return "jit"
     if not module or module.startswith("["):
         return "kernel"
     if _SHARED_OBJECT.search(basename(module)):

@@ -84,8 +84,10 @@ def test_frame_names_and_module_kinds():
     assert namer.mapping("[heap]").text == "[heap]"
     assert namer.mapping(LIBC).text == "libc.so.6"
     assert [module_class(m) for m in (PROG, LIBC, LIBHELPER, "[vdso]", "[unknown]",
-                                      "[truncated]", "/lib64/ld-linux-x86-64.so.2")] == [
-        "program", "library", "library", "kernel", "kernel", "truncated", "library"]
+                                      "[truncated]", "/lib64/ld-linux-x86-64.so.2", "[py]",
+                                      "[jit]", "[anon]")] == [
+        "program", "library", "library", "kernel", "kernel", "truncated", "library", "python",
+        "jit", "kernel"]
     always = FrameNamer(p, modules="always").frame(p.samples[1].stack.frames[1])
     assert always.text == "alloc_small [twopaths]"
     with pytest.raises(ValueError):
@@ -418,3 +420,16 @@ def test_flame_graph_keeps_the_widest_frames_beyond_its_cap(monkeypatch):
             k["depth"] == f["depth"] - 1 and k["x"] <= f["x"] + 0.01
             and f["x"] + f["w"] <= k["x"] + k["w"] + 0.01 for k in kept)
     assert f"{len(every) - len(kept)} frames narrower than" in svg
+
+
+def test_jit_frames_have_their_own_colour_and_legend_entry_only_when_present():
+    from memtrace.stacks.profile import JIT_MODULE, Frame, Stack, StackSample
+    plain = two_paths()
+    assert "JIT (perf map)" not in flamegraph.render_svg(plain, "held")
+    jit = Frame(0x7F0000001000, "JS:*step /app/server.js:3:14", JIT_MODULE, 0x40)
+    plain.samples.append(StackSample(Stack((jit, *plain.samples[0].stack.frames[1:])),
+                                     "[anon]", "anon", 1 * MIB, 1 * MIB, 2))
+    svg = flamegraph.render_svg(plain, "held")
+    assert "JIT (perf map)" in svg
+    by_name = {f["name"]: f for f in _frames(svg)}
+    assert by_name["JS:*step /app/server.js:3:14"]["cls"] == "jit"

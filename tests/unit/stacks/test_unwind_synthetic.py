@@ -173,3 +173,73 @@ def test_a_batch_reuses_a_walk_only_where_the_words_it_read_agree(setup):
     assert [fr.function for fr in batch[1].frames] == ["inner", "main"]
     assert batch[1] == unwinder.unwind(PID, vmas, ip, f.sp, 0, bytes(moved))
     assert batch[2] is batch[0]
+
+
+# -- code with no CFI: the frame-pointer chain, and JIT names from perf maps ------
+
+JIT_PC = 0x7F0000000100       # in _vmas' file-less rwxp mapping
+
+
+def _below(f: Frames, ra: int, saved_rbp: int = 0x4321) -> tuple[int, int, bytes]:
+    """(sp, rbp, copy) of a frame-pointer frame called by inner's body: its
+    rbp points at [saved rbp][return address into inner], and the caller's sp
+    (rbp + 16) is where f's stack starts."""
+    sp, rbp = f.sp - 0x30, f.sp - 0x10
+    frame = bytearray(0x30)
+    struct.pack_into("<QQ", frame, rbp - sp, saved_rbp, ra)
+    return sp, rbp, bytes(frame) + f.stack
+
+
+def test_jit_code_is_unwound_by_its_frame_pointer_into_code_with_cfi(setup):
+    unwinder, vmas, f = setup
+    sp, rbp, copy = _below(f, BIAS + f.pcs["inner"] + 1)
+    stack = unwinder.unwind(PID, vmas, JIT_PC, sp, rbp, copy)
+    assert [(fr.function, fr.module) for fr in stack.frames][:1] == [("[unknown]", "[anon]")]
+    assert [fr.function for fr in stack.frames] == ["[unknown]", "inner", "outer", "main"]
+    assert not stack.truncated
+
+
+def test_a_function_without_cfi_is_unwound_by_its_frame_pointer_past_its_entry(setup, prog):
+    unwinder, vmas, f = setup
+    nocfi, _ = nm_functions(prog)["nocfi"]
+    sp, rbp, copy = _below(f, BIAS + f.pcs["inner"] + 1)
+    stack = unwinder.unwind(PID, vmas, BIAS + nocfi + 1, sp, rbp, copy)
+    assert [fr.function for fr in stack.frames] == ["nocfi", "inner", "outer", "main"]
+
+
+@pytest.mark.parametrize("why", ["rbp below sp", "rbp unaligned", "return into data",
+                                 "return address 0"])
+def test_a_frame_pointer_that_cannot_be_one_truncates(setup, why):
+    unwinder, vmas, f = setup
+    ra = {"return into data": STACK_TOP - 0x100, "return address 0": 0}.get(
+        why, BIAS + f.pcs["inner"] + 1)
+    sp, rbp, copy = _below(f, ra)
+    if why == "rbp below sp":
+        rbp = sp - 0x10
+    elif why == "rbp unaligned":
+        rbp += 4
+    stack = unwinder.unwind(PID, vmas, JIT_PC, sp, rbp, copy)
+    assert [fr.function for fr in stack.frames] == ["[unknown]", "[truncated]"]
+
+
+def test_jit_code_is_named_from_the_process_perf_map(prog, tmp_path):
+    """The map is read through /proc/PID/root (here a directory holding it and
+    a link to the program), at the pid the process has in its namespace."""
+    proc = tmp_path / "proc"
+    rootfs = tmp_path / "rootfs"
+    (rootfs / "tmp").mkdir(parents=True)
+    exe_in_root = rootfs / str(prog).lstrip("/")
+    exe_in_root.parent.mkdir(parents=True)
+    exe_in_root.symlink_to(prog)
+    (proc / str(PID)).mkdir(parents=True)
+    (proc / str(PID) / "root").symlink_to(rootfs)
+    (proc / str(PID) / "status").write_text(f"Pid:\t{PID}\nNSpid:\t{PID}\t1\n")
+    (rootfs / "tmp" / "perf-1.map").write_text(
+        f"{JIT_PC - 0x40:x} 80 JS:*hot /app/server.js:12:3\n")
+    unwinder, vmas, f = Unwinder(str(proc)), _vmas(prog), Frames(prog)
+    sp, rbp, copy = _below(f, BIAS + f.pcs["inner"] + 1)
+    stack = unwinder.unwind(PID, vmas, JIT_PC, sp, rbp, copy)
+    leaf = stack.frames[0]
+    assert (leaf.function, leaf.module, leaf.offset) == ("JS:*hot /app/server.js:12:3",
+                                                         "[jit]", 0x40)
+    assert [fr.function for fr in stack.frames[1:]] == ["inner", "outer", "main"]
