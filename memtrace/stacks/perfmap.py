@@ -10,7 +10,8 @@ names the code that now lives there. It is read as the process sees it
 namespace), incrementally: only the bytes appended since the last read, at
 most once per batch of samples. At most MAX_BYTES of a file are read (a
 runtime that writes a line per compiled function for days can write GBs);
-what lies beyond is counted in `skipped_bytes`, and its code stays unnamed.
+what lies beyond is counted in `skipped_bytes` (and said once on stderr), and
+its code stays unnamed.
 The maps of the MAX_PROCESSES processes looked up last are kept (an exited
 process's map goes when others push it out).
 """
@@ -21,7 +22,10 @@ import os
 from bisect import bisect_right
 from dataclasses import dataclass, field
 
-MAX_BYTES = 64 << 20
+from memtrace.util.log import log
+
+MAX_BYTES = 16 << 20      # ~170,000 lines: ~35 MB of names and bounds in memtrace
+READ_PIECE = 1 << 20
 MAX_PROCESSES = 64
 
 
@@ -35,6 +39,7 @@ class _Map:
     starts: list[int] = field(default_factory=list)
     sorted_ok: bool = True
     skipped_bytes: int = 0
+    said: bool = False                   # the bound was named on stderr
 
 
 def parse_line(line: bytes) -> tuple[int, int, str] | None:
@@ -122,21 +127,23 @@ class PerfMaps:
             if st.st_ino != m.inode or st.st_size < m.offset:
                 # a new file (the pid reused, or the runtime started over)
                 m = self._maps[pid] = _Map(m.path, inode=st.st_ino)
-            room = self.max_bytes - m.offset
-            want = st.st_size - m.offset
-            if want <= 0:
-                return
-            if room <= 0:
-                m.skipped_bytes = want
-                return
-            data = os.pread(fd, min(want, room), m.offset)
+            end = min(st.st_size, self.max_bytes)
+            while m.offset < end:       # in pieces: a big file is not held twice
+                data = os.pread(fd, min(end - m.offset, READ_PIECE), m.offset)
+                if not data:
+                    break
+                m.offset += len(data)
+                self._add(m, m.partial + data)
+            m.skipped_bytes = max(0, st.st_size - m.offset)
         except OSError:
             return
         finally:
             os.close(fd)
-        m.offset += len(data)
-        m.skipped_bytes = max(0, want - len(data))
-        self._add(m, m.partial + data)
+        if m.skipped_bytes and not m.said:
+            m.said = True
+            log(f"pid {pid}: JIT code names: only the first {self.max_bytes:,} bytes of "
+                f"{m.path} read ({m.skipped_bytes:,} more left unread; code named there "
+                "shows as [unknown])")
 
     @staticmethod
     def _add(m: _Map, data: bytes) -> None:

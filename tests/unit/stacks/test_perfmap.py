@@ -78,7 +78,7 @@ def test_a_new_file_replaces_the_old_names(tmp_path):
     assert maps.lookup(PID, 0x2000) == ("after", 0x2000)
 
 
-def test_reading_is_bounded_and_what_is_left_is_counted(tmp_path):
+def test_reading_is_bounded_and_what_is_left_is_counted_and_said_once(tmp_path, capsys):
     proc, path = _proc(tmp_path)
     lines = b"".join(b"%x 10 f%d\n" % (0x1000 + 0x10 * i, i) for i in range(100))
     path.write_bytes(lines)
@@ -89,6 +89,10 @@ def test_reading_is_bounded_and_what_is_left_is_counted(tmp_path):
     maps.new_batch()
     maps.lookup(PID, 0x1000)
     assert maps.skipped_bytes(PID) == len(lines) - 200
+    said = capsys.readouterr().err.splitlines()
+    assert said == [f"memtrace: pid {PID}: JIT code names: only the first 200 bytes of "
+                    f"{proc}/{PID}/root/tmp/perf-{PID}.map read ({len(lines) - 200:,} more "
+                    "left unread; code named there shows as [unknown])"]
 
 
 @pytest.mark.parametrize("content", [b"", b"not a map\n"])
