@@ -453,7 +453,7 @@ class Session:
         pid = tracker.pid
         st = self._stacks.get(pid)
         if st is None:
-            st = self._stacks[pid] = StackTracker(pid, self._unwinder)
+            st = self._stacks[pid] = StackTracker(pid, self._unwinder, from_start=tracker.epoch > 0)
         elif self._stack_epochs.get(pid) != tracker.epoch:
             st.forget_exec()          # a new image: its stacks start again
         self._stack_epochs[pid] = tracker.epoch

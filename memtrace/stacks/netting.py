@@ -73,7 +73,8 @@ def scale(weights: dict[K, int], total: int) -> dict[K, int]:
 class StackTracker:
     """The --stacks state of one process."""
 
-    def __init__(self, pid: int, unwinder: Unwinder, top: int = 20) -> None:
+    def __init__(self, pid: int, unwinder: Unwinder, top: int = 20,
+                 from_start: bool = False) -> None:
         self.pid = pid
         self.unwinder = unwinder
         self.top = top                  # stacks a view shows; the profile keeps all
@@ -88,8 +89,10 @@ class StackTracker:
         self._gen = 0                   # profiles taken: pages sampled since are kept
         # VMA start -> (VMA, its bytes resident since before attach, at most): set
         # by a first profile taken before any sample (attach), then never more
-        # than the VMA holds
-        self._before: dict[int, tuple[Vma, int]] | None = None
+        # than the VMA holds. An image exec'd while traced (its epoch > 0: `run`) has none:
+        # its first profile may come after it faulted (the scan saw pages whose
+        # samples the next drain brings), and those pages are not from before.
+        self._before: dict[int, tuple[Vma, int]] | None = {} if from_start else None
         self._exe: bytes | None = None
         self.samples = 0
         self.weight = 0
