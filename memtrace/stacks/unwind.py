@@ -20,7 +20,8 @@ when rbp lies at or above sp and the return address is in executable memory,
 else TRUNCATED. A function without an FDE at its first instruction is unwound
 as the call just left it (CFA = rsp + 8). PLT stubs have FDEs (with an
 expression, which is evaluated). JIT code is named from the process's perf map
-(perfmap.py)."""
+(perfmap.py); CPython's perf trampolines (`-X perf`, 3.12+), which keep no
+frame pointer, are unwound by their fixed layout once their code is checked."""
 
 from __future__ import annotations
 
@@ -36,6 +37,12 @@ from memtrace.stacks.symbols import UNKNOWN, Demangler
 from memtrace.trace.procfs import Vma
 
 _ENTRY_ROW = Row(RSP, 8, None, None, ("o", -8))
+# CPython 3.12+'s perf trampoline (Python/asm_trampoline.S, x86-64), copied for
+# each code object under `-X perf` and named `py::...` in the perf map: it
+# keeps no frame pointer, so its frame is unwound by its known layout instead.
+_PY_TRAMPOLINE = bytes.fromhex("4883ec08" "ffd1" "4883c408" "c3")  # sub $8,%rsp; call *%rcx; ...
+_PY_TRAMPOLINE_RETURN = 6          # the return address of its call, from its start
+_PY_TRAMPOLINE_ROW = Row(RSP, 16, None, None, ("o", -8))
 _OUTERMOST = frozenset({"_start"})
 Regs = dict[int, "int | None"]
 
@@ -81,6 +88,7 @@ class Unwinder:
         self.max_depth = max_depth
         self.modules = ModuleCache(proc_root)
         self.perf_maps = PerfMaps(proc_root)
+        self._trampolines: dict[tuple[int, int], bool] = {}   # (pid, start): CPython's?
         self.demangler = Demangler()
         self._vmas: Sequence[Vma] | None = None
         self._ends: list[int] = []
@@ -157,7 +165,9 @@ class Unwinder:
                 jit = self.perf_maps.lookup(pid, lookup)
             frames.append(RawFrame(ip, named_at, vma, module, bias, jit))
             step: tuple[int, int, int | None] | _End | None
-            if module is None or bias is None:
+            if jit is not None and not exact and self._py_trampoline(pid, jit, ip):
+                step = _step(_PY_TRAMPOLINE_ROW, regs, read)
+            elif module is None or bias is None:
                 step = self._frame_pointer_step(vmas, regs, read)
             elif found is not None:
                 step = _step(found[0], regs, read)
@@ -176,6 +186,29 @@ class Unwinder:
             regs = {RSP: cfa, RBP: rbp, RIP: ip}
             exact = signal
         return frames, True
+
+    def _py_trampoline(self, pid: int, jit: tuple[str, int], ip: int) -> bool:
+        """Whether ip returns into the call of a CPython perf trampoline (its
+        name in the perf map and its code, read once, say so)."""
+        name, start = jit
+        if not name.startswith("py::") or ip - start != _PY_TRAMPOLINE_RETURN:
+            return False
+        known = self._trampolines.get((pid, start))
+        if known is None:
+            known = self.read_code(pid, start, len(_PY_TRAMPOLINE)) == _PY_TRAMPOLINE
+            if len(self._trampolines) >= self.MAX_FRAMES:
+                self._trampolines.clear()
+            self._trampolines[(pid, start)] = known
+        return known
+
+    def read_code(self, pid: int, addr: int, size: int) -> bytes | None:
+        """size bytes of the process's memory at addr (None if unreadable)."""
+        try:
+            with open(f"{self.proc_root}/{pid}/mem", "rb", buffering=0) as mem:
+                mem.seek(addr)
+                return mem.read(size)
+        except (OSError, OverflowError, ValueError):
+            return None
 
     def _frame_pointer_step(self, vmas: Sequence[Vma], regs: Regs,
                             read: Read) -> tuple[int, int, int | None] | None:

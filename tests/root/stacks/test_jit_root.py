@@ -10,7 +10,12 @@ tests/workloads/jitstacks.js fills 64 buffers of 1 MiB in the JavaScript
 function fillOutsideTheHeap (the pages made resident by memset under
 Buffer.prototype.fill) and keeps them: "held now" must give them to stacks
 that name that function, from `_start` down to memset (a few pages to
-malloc's chunk headers), not cut."""
+malloc's chunk headers), not cut.
+
+And CPython 3.12+ under `-X perf` (pyenv's, where there is one): its perf
+trampolines keep no frame pointer and are unwound by their layout, so
+tests/workloads/pystacks.py's Python functions name their bytes, outermost
+first, from `_start`."""
 
 from __future__ import annotations
 
@@ -90,3 +95,50 @@ def test_its_stacks_run_from_start_to_memset_through_the_builtins(held):
     # the pages themselves by memset (a few by malloc's chunk headers)
     by_memset = sum(w for frames, w in mine if "memset" in frames[-1])
     assert by_memset >= 0.9 * FILLED_MIB * MiB, [(f[-3:], w) for f, w in mine]
+
+
+# ---- CPython 3.12+ under `-X perf`: its perf trampolines name Python functions ----
+
+def _python_with_perf_trampolines() -> str | None:
+    """A CPython 3.12 or newer on this machine (PATH, or pyenv's versions)."""
+    import glob
+
+    found = [shutil.which(n) for n in ("python3.13", "python3.12")]
+    found += sorted(glob.glob(os.path.expanduser("~/.pyenv/versions/3.1[2-9]*/bin/python3.1[2-9]")))
+    for exe in filter(None, found):
+        r = subprocess.run([exe, "-c", "import sys; print(sys.version_info >= (3, 12))"],
+                           capture_output=True, text=True)
+        if r.returncode == 0 and r.stdout.strip() == "True":
+            return exe
+    return None
+
+
+PY312 = _python_with_perf_trampolines()
+
+
+@pytest.mark.skipif(PY312 is None, reason="no CPython 3.12+ here")
+def test_cpython_perf_trampolines_name_python_functions_to_the_top(tmp_path):
+    """tests/workloads/pystacks.py under `-X perf`: fill_big's 64 MiB and
+    fill_small's 16 MiB go to stacks `_start ... py::<module> -> py::main ->
+    py::fill_big ... memset`: the trampolines (no frame pointer) are unwound by
+    their layout, each Python function named from the perf map."""
+    r = subprocess.run(
+        [*MEMTRACE, "run", "--format", "none", "--no-serve", "--pss-interval", "0",
+         "--heap-interval", "0", "--interval", "0.5", "--stacks", "--stacks-period", "128K",
+         "--stacks-output", str(tmp_path), "--", str(PY312), "-X", "perf",
+         str(REPO_ROOT / "tests" / "workloads" / "pystacks.py"), "2", "1"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
+        stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
+    assert r.returncode == 0, r.stderr[-2000:]
+    files = list(tmp_path.glob("memtrace-*-brought.folded"))
+    assert len(files) == 1, (files, r.stderr[-2000:])
+    Path(f"/tmp/perf-{files[0].name.split('-')[1]}.map").unlink(missing_ok=True)
+    brought = _folded(files[0])
+    for function, mib in (("fill_big", 64), ("fill_small", 16)):
+        mine = [(frames, w) for frames, w in brought
+                if any(f.startswith(f"py::{function}:") for f in frames)]
+        assert sum(w for _, w in mine) == pytest.approx(mib * MiB, rel=0.10), (function, mine)
+        for frames, _ in mine:
+            assert frames[0] == "_start" and "[truncated]" not in frames, frames
+            py = [f.split(":")[2] for f in frames if f.startswith("py::")]
+            assert py[:2] == ["<module>", "main"] and py[-1] == function, frames

@@ -225,8 +225,20 @@ def test_a_frame_pointer_that_cannot_be_one_truncates(setup, why):
 def test_jit_code_is_named_from_the_process_perf_map(prog, tmp_path):
     """The map is read through /proc/PID/root (here a directory holding it and
     a link to the program), at the pid the process has in its namespace."""
-    proc = tmp_path / "proc"
-    rootfs = tmp_path / "rootfs"
+    line = f"{JIT_PC - 0x40:x} 80 JS:*hot /app/server.js:12:3\n"
+    proc = _proc_with_perf_map(prog, tmp_path, line)
+    unwinder, vmas, f = Unwinder(proc), _vmas(prog), Frames(prog)
+    sp, rbp, copy = _below(f, BIAS + f.pcs["inner"] + 1)
+    stack = unwinder.unwind(PID, vmas, JIT_PC, sp, rbp, copy)
+    leaf = stack.frames[0]
+    assert (leaf.function, leaf.module, leaf.offset) == ("JS:*hot /app/server.js:12:3",
+                                                         "[jit]", 0x40)
+    assert [fr.function for fr in stack.frames[1:]] == ["inner", "outer", "main"]
+
+
+def _proc_with_perf_map(prog: Path, tmp_path: Path, line: str) -> str:
+    """A fake /proc whose PID/root holds the program (a link) and a perf map."""
+    proc, rootfs = tmp_path / "proc", tmp_path / "rootfs"
     (rootfs / "tmp").mkdir(parents=True)
     exe_in_root = rootfs / str(prog).lstrip("/")
     exe_in_root.parent.mkdir(parents=True)
@@ -234,12 +246,37 @@ def test_jit_code_is_named_from_the_process_perf_map(prog, tmp_path):
     (proc / str(PID)).mkdir(parents=True)
     (proc / str(PID) / "root").symlink_to(rootfs)
     (proc / str(PID) / "status").write_text(f"Pid:\t{PID}\nNSpid:\t{PID}\t1\n")
-    (rootfs / "tmp" / "perf-1.map").write_text(
-        f"{JIT_PC - 0x40:x} 80 JS:*hot /app/server.js:12:3\n")
-    unwinder, vmas, f = Unwinder(str(proc)), _vmas(prog), Frames(prog)
-    sp, rbp, copy = _below(f, BIAS + f.pcs["inner"] + 1)
-    stack = unwinder.unwind(PID, vmas, JIT_PC, sp, rbp, copy)
-    leaf = stack.frames[0]
-    assert (leaf.function, leaf.module, leaf.offset) == ("JS:*hot /app/server.js:12:3",
-                                                         "[jit]", 0x40)
-    assert [fr.function for fr in stack.frames[1:]] == ["inner", "outer", "main"]
+    (rootfs / "tmp" / "perf-1.map").write_text(line)
+    return str(proc)
+
+
+@pytest.mark.parametrize("code_is_cpythons", [True, False])
+def test_a_cpython_perf_trampoline_is_unwound_by_its_layout(prog, tmp_path, code_is_cpythons):
+    """inner returns into a `py::` trampoline (sub $8,%rsp; call *%rcx: no frame
+    pointer), which returns into outer: CFA = its sp + 16, checked against its
+    code in the process's memory (a JIT region that only looks like one: rbp
+    is no frame pointer there, so the stack ends)."""
+    tramp = 0x7F0000000200
+    proc = _proc_with_perf_map(prog, tmp_path, f"{tramp:x} b py::handler:/app/views.py\n")
+    unwinder, vmas, f = Unwinder(proc), _vmas(prog), Frames(prog)
+    code = bytes.fromhex("4883ec08ffd14883c408c3") if code_is_cpythons else bytes(11)
+    unwinder.read_code = lambda pid, addr, size: code if addr == tramp else None  # type: ignore
+    off = [f.cfas[0] - f.sp, f.cfas[1] - f.cfas[0], f.cfas[2] - f.cfas[1]]
+    sp = f.sp
+    mem = {}
+    inner_cfa = sp + off[0]
+    mem[inner_cfa - 8] = tramp + 6                  # inner returns into the trampoline
+    mem[inner_cfa + 8] = BIAS + f.pcs["outer"] + 1  # the trampoline's return address
+    outer_cfa = inner_cfa + 16 + off[1]
+    mem[outer_cfa - 8] = BIAS + f.pcs["main"] + 1
+    mem[outer_cfa + off[2] - 8] = 0
+    buf = bytearray(outer_cfa + off[2] - sp)
+    for addr, value in mem.items():
+        struct.pack_into("<Q", buf, addr - sp, value)
+    stack = unwinder.unwind(PID, vmas, BIAS + f.pcs["inner"], sp, 0, bytes(buf))
+    names = [fr.function for fr in stack.frames]
+    if code_is_cpythons:
+        assert names == ["inner", "py::handler:/app/views.py", "outer", "main"]
+        assert stack.frames[1].module == "[jit]" and not stack.truncated
+    else:
+        assert names == ["inner", "py::handler:/app/views.py", "[truncated]"]
