@@ -9,9 +9,10 @@ sp = CFA. A caller's row is looked up at return address - 1 (the call, not
 the instruction after it), except after a signal frame, whose saved ip is
 exact. The walk ends cleanly where the CFI says the return address is
 undefined (`_start`, a thread's first frame) or where it reads 0, and with
-TRUNCATED where it cannot go on: depth, the end of the copy, a mapping with no
-ELF file (JIT code), no CFI for the address, a rule over a register the copy
-cannot restore (only rsp, rbp and rip are known), or no progress.
+TRUNCATED where it cannot go on: depth, the end of the copy, an address in no
+executable mapping, code with neither CFI nor a frame pointer (below), a rule
+over a register the copy cannot restore (only rsp, rbp and rip are known), or
+no progress.
 
 Code with no CFI (JIT code in memory with no ELF file, V8's builtins, Go, hand-
 written assembly) is unwound by its frame pointer, as perf does: the caller's
