@@ -90,7 +90,7 @@ PKGS+=(libjemalloc2 musl-tools)  # tests/root/heap: a jemalloc and a musl progra
 PKGS+=(python3.11-dev)  # --stacks Python frames: tests/unit/stacks/test_pyoffsets.py checks the CPython 3.11 offsets against its headers
 PKGS+=(chromium golang-go)  # stack views (issue 13): headless Chromium draws the flame graph (tests/root/stacks), `go tool pprof` reads the pprof output (tests/unit/test_stack_pprof_go.py)
 PKGS+=(nginx postgresql wrk)  # real forked daemons (scripts/servers.sh, tests/root/accuracy/test_real_servers.py); their services are not started (below)
-PKGS+=(nodejs)  # --stacks through JIT code: tests/root/stacks/test_jit_root.py (V8's frame pointers, node --perf-basic-prof)
+PKGS+=(nodejs openjdk-17-jdk-headless)  # managed runtimes: test_jit_root.py (V8's frame pointers, node --perf-basic-prof), test_real_runtimes.py (a JVM with ZGC, node)
 PKGS+=(redis-server redis-tools)  # issue 14: a real program under load for `memtrace report` (tests/root/reports: redis-server under redis-benchmark); its service is not started (below)
 missing=()
 for p in "${PKGS[@]}"; do
