@@ -36,8 +36,7 @@ class _Map:
     offset: int = 0                      # bytes of the file read so far
     partial: bytes = b""                 # a last line not yet ended by "\n"
     by_start: dict[int, tuple[int, str]] = field(default_factory=dict)
-    starts: list[int] = field(default_factory=list)
-    sorted_ok: bool = True
+    starts: list[int] | None = None      # by_start's keys sorted, rebuilt after a new one
     skipped_bytes: int = 0
     said: bool = False                   # the bound was named on stderr
 
@@ -87,9 +86,8 @@ class PerfMaps:
         m = self._maps.get(pid)
         if m is None or not m.by_start:
             return None
-        if not m.sorted_ok:
+        if m.starts is None:
             m.starts = sorted(m.by_start)
-            m.sorted_ok = True
         i = bisect_right(m.starts, addr) - 1
         if i < 0:
             return None
@@ -149,16 +147,11 @@ class PerfMaps:
     def _add(m: _Map, data: bytes) -> None:
         lines = data.split(b"\n")
         m.partial = lines.pop()
-        last = m.starts[-1] if m.starts and m.sorted_ok else -1
         for line in lines:
             entry = parse_line(line)
             if entry is None:
                 continue
             start, size, name = entry
             if start not in m.by_start:
-                if m.sorted_ok and start > last:
-                    m.starts.append(start)
-                    last = start
-                else:
-                    m.sorted_ok = False
+                m.starts = None
             m.by_start[start] = (start + size, name)

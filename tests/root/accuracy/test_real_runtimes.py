@@ -15,10 +15,7 @@ the stopped process (SIGSTOP, every thread in T):
 
 from __future__ import annotations
 
-import contextlib
-import os
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -27,9 +24,10 @@ from pathlib import Path
 import pytest
 
 from tests import groundtruth as gt
-from tests.root.harness import REPO_ROOT, Memtrace, skip_reason, wait_stopped
+from tests.root.harness import REPO_ROOT, Memtrace, skip_reason
 
 from .test_pss import _compare_once, _libs, _process_key, _rollup, _rollup_key
+from .test_real_servers import _stopped
 
 _SKIP = skip_reason()
 pytestmark = [pytest.mark.root, pytest.mark.skipif(_SKIP is not None, reason=_SKIP or "")]
@@ -38,17 +36,6 @@ WORKLOADS = REPO_ROOT / "tests" / "workloads"
 SECONDS = 60            # the runtime's own deadline (it is killed before)
 ROUNDS = 3
 ATTEMPTS = 5
-
-
-@contextlib.contextmanager
-def _stopped(pid: int) -> Iterator[None]:
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        wait_stopped(pid)
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
 
 
 def _jvm(tmp: Path) -> list[str] | None:
@@ -90,7 +77,7 @@ def test_watch_follows_every_mapping_exactly(runtime, tmp_path):
         bad = []
         for i in range(ROUNDS):
             time.sleep(2.0)             # memtrace follows the churn
-            with _stopped(pid):
+            with _stopped([pid]):
                 snap = mt.stream.wait_snapshot(pid, time.time() + 1.5, 30,
                                                context=mt.stderr_tail)
                 diffs = gt.compare_snapshot(snap, gt.read_smaps(pid), gt.read_statm(pid),
@@ -105,7 +92,7 @@ def test_watch_follows_every_mapping_exactly(runtime, tmp_path):
 def test_pss_walk_and_libs_totals_equal_smaps(runtime):
     pid = runtime
     time.sleep(1.0)
-    with _stopped(pid):
+    with _stopped([pid]):
         last = ""
         for _ in range(ATTEMPTS):
             diffs, compared, unstable = _compare_once(pid, use_scan=True)
