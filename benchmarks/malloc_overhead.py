@@ -5,7 +5,9 @@ step frees the oldest and mallocs 16 B .. 4 KiB) and prints ns per
 malloc+free pair; every mode below runs the same binary:
 
   bare           the loop alone
-  shim           the --malloc sampler preloaded (LD_PRELOAD), no memtrace, no probes
+  shim           the --malloc sampler preloaded (LD_PRELOAD), no memtrace, no probes,
+                 with memtrace's rate cap (--max-rate)
+  shim ref       the same with another build of the sampler (--ref-shim PATH.so)
   run            memtrace run (no --malloc)
   run --malloc   memtrace run --malloc: the sampler, its uprobes, the unwinding
   watch --malloc memtrace watch --malloc PID, attached while the loop waits: the
@@ -35,11 +37,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.benchcommon import DEFAULT_MEMTRACE, build, kill, median, spawn, table  # noqa: E402
+from memtrace.commands.options import DEFAULT_MALLOC_MAX_RATE  # noqa: E402
 from memtrace.malloc.shim import build_shim, child_env  # noqa: E402
 
 LIBC = "/usr/lib/x86_64-linux-gnu/libc.so.6"
 QUIET = ["--format", "none", "--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
 PERIOD = 512 * 1024
+MAX_RATE = DEFAULT_MALLOC_MAX_RATE
 
 
 def _ns(out: str) -> float:
@@ -61,7 +65,8 @@ SAMPLES: list[str] = []     # run --malloc: samples taken and lost, per run
 
 
 def memtrace_run(loop: Path, steps: int, malloc: bool) -> float:
-    extra = ["--malloc", "--malloc-period", str(PERIOD)] if malloc else []
+    extra = (["--malloc", "--malloc-period", str(PERIOD), "--malloc-max-rate", str(MAX_RATE)]
+             if malloc else [])
     fmt = ["--format", "json"] if malloc else []
     r = subprocess.run([str(DEFAULT_MEMTRACE), "run", *QUIET, *fmt, *extra, "--", str(loop),
                         str(steps), "0", TOUCH], capture_output=True, text=True, check=True)
@@ -81,7 +86,8 @@ def memtrace_watch(loop: Path, steps: int, delay: float) -> float:
     p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE)
     started = time.monotonic()
     w = spawn([str(DEFAULT_MEMTRACE), "watch", *QUIET, "--malloc", "--malloc-period",
-               str(PERIOD), str(p.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+               str(PERIOD), "--malloc-max-rate", str(MAX_RATE), str(p.pid)],
+              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         out, _ = p.communicate(timeout=3600)
     finally:
@@ -125,7 +131,7 @@ def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
 
 
 def main() -> None:
-    global TOUCH, PERIOD
+    global TOUCH, PERIOD, MAX_RATE
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=30_000_000)
     ap.add_argument("--slow-steps", type=int, default=200_000,
@@ -135,17 +141,24 @@ def main() -> None:
                     help="seconds the loop waits for memleak or the uprobes to attach")
     ap.add_argument("--touch", action="store_true", help="the loop writes each block whole")
     ap.add_argument("--period", type=int, default=PERIOD, help="--malloc-period in bytes")
+    ap.add_argument("--max-rate", type=int, default=MAX_RATE,
+                    help="--malloc-max-rate (samples a second; 0: no cap), also for the shim modes")
+    ap.add_argument("--ref-shim", default="",
+                    help="another build of the sampler (.so), run as mode 'shim ref'")
     ap.add_argument("--only", default="", help="comma-separated mode names (prefixes) to run")
     args = ap.parse_args()
     TOUCH = "1" if args.touch else "0"
     PERIOD = args.period
+    MAX_RATE = args.max_rate
     loop = build("mallocloop")
     shim = str(build_shim())
-    shim_env = child_env(os.environ, shim, args.period)
+    shim_env = child_env(os.environ, shim, args.period, args.max_rate)
     memleak = shutil.which("memleak-bpfcc")
     modes = {
         "bare": lambda: bare(loop, args.steps),
         "shim (LD_PRELOAD only)": lambda: bare(loop, args.steps, shim_env),
+        **({"shim ref": lambda: bare(loop, args.steps, child_env(
+            os.environ, args.ref_shim, args.period, args.max_rate))} if args.ref_shim else {}),
         "memtrace run": lambda: memtrace_run(loop, args.steps, False),
         "memtrace run --malloc": lambda: memtrace_run(loop, args.steps, True),
         "memtrace watch --malloc": lambda: memtrace_watch(loop, args.steps, args.delay),
@@ -171,7 +184,7 @@ def main() -> None:
              " ".join(f"{x:.1f}" for x in v)) for name, v in results.items()]
     print(table(["mode", "ns per malloc+free (median)", "vs bare", "runs"], rows))
     print(f"run --malloc samples per run: {'; '.join(SAMPLES)} (steps {args.steps}, "
-          f"period {PERIOD}, touch {TOUCH})")
+          f"period {PERIOD}, max rate {MAX_RATE}, touch {TOUCH})")
     print(f"load average: {os.getloadavg()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
 
 

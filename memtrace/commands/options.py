@@ -353,7 +353,7 @@ def stacks_options(f: Any) -> Any:
 # ---- --malloc (run, watch; docs/malloc.md): one `malloc_opts`.
 
 DEFAULT_MALLOC_PERIOD = 512 * 1024
-DEFAULT_MALLOC_MAX_RATE = 10_000     # samples a second per process (docs/malloc.md, the rate cap)
+DEFAULT_MALLOC_MAX_RATE = 1_000      # samples a second per process (docs/malloc.md, the rate cap)
 
 
 @dataclass(frozen=True)

@@ -99,7 +99,8 @@ static _Alignas(16) char arena[ARENA_SIZE];
 static size_t arena_used;
 static TLS int resolving;                       /* this thread is in resolve() */
 EXPORT unsigned long memtrace_malloc_arena_blocks;   /* blocks served from arena */
-static unsigned long live;          /* sampled pointers in the table (and arena: 1) */
+/* sampled pointers in the table (and arena: 1); named for free's fast path in asm */
+static unsigned long live __asm__("mt_live") __attribute__((used));
 
 static inline int in_arena(const void *p)
 {
@@ -131,6 +132,8 @@ static const char *const func_names[MT_NFUNCS] = {
     "valloc", "pvalloc",
 };
 
+static void forward_directly(void);
+
 /* Points the real_* pointers at fns, glibc's function where an entry is NULL. */
 static void use(void *const fns[MT_NFUNCS])
 {
@@ -151,6 +154,7 @@ static void use(void *const fns[MT_NFUNCS])
     __atomic_store_n(&real_posix_memalign, (posix_memalign_fn)f[6], __ATOMIC_RELEASE);
     __atomic_store_n(&real_valloc, (malloc_fn)f[7], __ATOMIC_RELEASE);
     __atomic_store_n(&real_pvalloc, (malloc_fn)f[8], __ATOMIC_RELEASE);
+    forward_directly();
 }
 
 /* Looked up together, stored one by one: a thread that sees one pointer set
@@ -311,7 +315,8 @@ EXPORT long memtrace_malloc_period;
 /* samples a second in the process at most (0: no cap); -1 until read from the
  * environment; written like the period by `watch --malloc` */
 EXPORT long memtrace_malloc_max_rate = -1;
-static TLS long bytes_left;         /* bytes until this thread's next sample */
+/* bytes until this thread's next sample; named for malloc's fast path in asm */
+static TLS long bytes_left __asm__("mt_bytes_left") __attribute__((used));
 static TLS long gap_mean;           /* the mean of the gap bytes_left counts down */
 static TLS int armed;               /* a first gap was drawn for this thread */
 static TLS uint64_t rng;
@@ -456,7 +461,8 @@ static inline void *count(void *ptr, size_t size)
 
 /* Says the free of a sampled block; 1 if ptr is an arena block, which is
  * never given to the real allocator. */
-static __attribute__((noinline)) int release_slow(void *ptr)
+static __attribute__((noinline, used)) int release_slow(void *ptr) __asm__("mt_release_slow");
+static int release_slow(void *ptr)
 {
     if (UNLIKELY(in_arena(ptr)))
         return 1;
@@ -473,7 +479,8 @@ static inline int release(void *ptr)
     return 0;
 }
 
-static __attribute__((noinline)) void *malloc_sampled(size_t size)
+static __attribute__((noinline, used)) void *malloc_sampled(size_t size) __asm__("mt_malloc_sampled");
+static void *malloc_sampled(size_t size)
 {
     void *p = real_malloc(size);
     sampled(p, size);
@@ -483,6 +490,104 @@ static __attribute__((noinline)) void *malloc_sampled(size_t size)
 /* ---- the interposed functions. malloc and free stay a few instructions and
  * a tail call to the real allocator unless this allocation is sampled or a
  * sampled block is live (then free looks its pointer up). */
+#ifdef __x86_64__
+/* malloc and free in assembly, so that each ends in a jump of its own to the
+ * real function: `jmp rel32` in an 8-byte aligned slot (malloc_jmp, free_jmp),
+ * first to mt_ind_* (a jump through real_*), rewritten into a direct jump to
+ * the real function once it is known (forward_directly). A chain of jumps per
+ * call, direct or not, is what made the sampler cost ~1.1x on a loop of glibc's
+ * malloc and free (docs/malloc.md); one direct jump costs next to nothing. Both
+ * functions are alone on their page, the only page of this file that is ever
+ * written: memtrace's uprobes are on other pages. The same logic as the C
+ * versions below (other architectures). */
+__asm__(".pushsection .text.memtrace_hot,\"ax\",@progbits\n"
+        ".p2align 12\n"
+        ".globl malloc\n.type malloc,@function\nmalloc:\n"
+        ".cfi_startproc\n"
+        "    movq mt_bytes_left@gottpoff(%rip), %rdx\n"
+        "    movq %fs:(%rdx), %rax\n"
+        "    subq %rdi, %rax\n"
+        "    movq %rax, %fs:(%rdx)\n"
+        "    testq %rax, %rax\n"
+        "    jle 1f\n"
+        "    .p2align 3\n"
+        "mt_malloc_jmp:\n"
+        "    .byte 0xe9\n    .long mt_ind_malloc - . - 4\n    .byte 0x0f, 0x1f, 0x00\n"
+        "1:  subq $8, %rsp\n"           /* the sampled stack keeps this frame, named malloc */
+        ".cfi_adjust_cfa_offset 8\n"
+        "    call mt_malloc_sampled\n"
+        "    addq $8, %rsp\n"
+        ".cfi_adjust_cfa_offset -8\n"
+        "    ret\n"
+        ".cfi_endproc\n"
+        ".size malloc, .-malloc\n"
+        ".p2align 4\n"
+        ".globl free\n.type free,@function\nfree:\n"
+        ".cfi_startproc\n"
+        "    cmpq $0, mt_live(%rip)\n"
+        "    jne 2f\n"
+        "    .p2align 3\n"
+        "mt_free_jmp:\n"
+        "    .byte 0xe9\n    .long mt_ind_free - . - 4\n    .byte 0x0f, 0x1f, 0x00\n"
+        "2:  pushq %rdi\n"
+        ".cfi_adjust_cfa_offset 8\n"
+        "    call mt_release_slow\n"
+        "    popq %rdi\n"
+        ".cfi_adjust_cfa_offset -8\n"
+        "    testl %eax, %eax\n"
+        "    je mt_free_jmp\n"
+        "    ret\n"
+        ".cfi_endproc\n"
+        ".size free, .-free\n"
+        ".p2align 12\n"
+        ".popsection\n");
+
+extern char mt_malloc_jmp[] __attribute__((visibility("hidden")));
+extern char mt_free_jmp[] __attribute__((visibility("hidden")));
+
+/* Where the slots jump until they are rewritten (or if they cannot be). */
+static __attribute__((noinline, used)) void *ind_malloc(size_t size) __asm__("mt_ind_malloc");
+static void *ind_malloc(size_t size) { return real_malloc(size); }
+static __attribute__((noinline, used)) void ind_free(void *ptr) __asm__("mt_ind_free");
+static void ind_free(void *ptr) { real_free(ptr); }
+
+EXPORT unsigned long memtrace_malloc_direct;   /* slots that jump directly (of 2) */
+static int patching;
+
+static int point_slot(char *slot, void *target)
+{
+    intptr_t rel = (intptr_t)target - ((intptr_t)slot + 5);
+    if (rel != (intptr_t)(int32_t)rel)
+        return 0;
+    uint64_t word = __atomic_load_n((uint64_t *)slot, __ATOMIC_RELAXED);
+    int32_t rel32 = (int32_t)rel;
+    memcpy((char *)&word + 1, &rel32, sizeof(rel32));
+    /* one aligned store: a thread in the slot runs the old jump or the new */
+    __atomic_store_n((uint64_t *)slot, word, __ATOMIC_RELEASE);
+    return 1;
+}
+
+/* Rewrites the slots into direct jumps to real_malloc and real_free: one thread
+ * at a time; where the page cannot be made writable and executable (W^X
+ * enforced) or a function is over 2 GiB away, its slot keeps jumping through
+ * the pointer. */
+static void forward_directly(void)
+{
+    int idle = 0;
+    if (!__atomic_compare_exchange_n(&patching, &idle, 1, 0, __ATOMIC_ACQUIRE, __ATOMIC_RELAXED))
+        return;
+    void *page = (void *)((uintptr_t)mt_malloc_jmp & ~(uintptr_t)4095);
+    if (mprotect(page, 4096, PROT_READ | PROT_WRITE | PROT_EXEC) == 0) {
+        unsigned long direct = point_slot(mt_malloc_jmp, (void *)real_malloc) +
+                               point_slot(mt_free_jmp, (void *)real_free);
+        mprotect(page, 4096, PROT_READ | PROT_EXEC);
+        __atomic_store_n(&memtrace_malloc_direct, direct, __ATOMIC_RELAXED);
+    }
+    __atomic_store_n(&patching, 0, __ATOMIC_RELEASE);
+}
+#else
+static void forward_directly(void) {}
+
 EXPORT void *malloc(size_t size)
 {
     long left = bytes_left - (long)size;
@@ -501,6 +606,7 @@ EXPORT void free(void *ptr)
         return;
     real_free(ptr);
 }
+#endif
 
 EXPORT void *calloc(size_t n, size_t size)
 {

@@ -42,10 +42,13 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def traced(program: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     out_dir = tmp_path_factory.mktemp("malloc-out")
-    # 16 KiB between samples: ~500 samples of leak_slowly's 8 MiB (4.4 % RSD)
+    # 16 KiB between samples: ~500 samples of leak_slowly's 8 MiB (4.4 % RSD); the
+    # whole program then takes ~8,300 samples a second, so the cap is raised above
+    # that (the default, 1,000, would raise the period eightfold: ~13 % RSD)
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--malloc",
-         "--malloc-period", "16K", "--malloc-output", str(out_dir), "--",
+         "--malloc-period", "16K", "--malloc-max-rate", "10000",
+         "--malloc-output", str(out_dir), "--",
          str(program), "8", "3"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
@@ -191,10 +194,11 @@ def test_a_command_shorter_than_an_interval_still_has_its_figures(program: Path,
                                                                   tmp_path: Path):
     """The command exits before memtrace's first tick after attach: what it
     sampled until it exited still counts (the report and --malloc-output),
-    though no snapshot follows. Before, both were empty."""
+    though no snapshot follows. Before, both were empty. (Period 4 KiB and no
+    cap: ~150 samples of the 0.6 s's leak, among ~20,000.)"""
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "5", "--malloc",
-         "--malloc-period", "4K", "--malloc-output", str(tmp_path), "--",
+         "--malloc-period", "4K", "--malloc-max-rate", "0", "--malloc-output", str(tmp_path), "--",
          str(program), "0.6", "0"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))

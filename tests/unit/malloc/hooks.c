@@ -4,9 +4,13 @@
  * sampled allocations and nets them on frees. It allocates a known mix of
  * sizes through malloc, calloc, realloc and posix_memalign, frees every other
  * block, and prints: allocated kept sampled_weight outstanding_weight samples frees
- * untracked largest_period seconds (of the allocation loop). With a second
+ * untracked largest_period seconds (of the allocation loop) direct (the shim's
+ * memtrace_malloc_direct: its malloc and free jumping directly to the real
+ * allocator, of 2; -1 without the shim). With a second
  * argument N, every block is N bytes (malloc only).
  * The hooks never allocate. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,8 +90,10 @@ int main(int argc, char **argv)
     clock_gettime(CLOCK_MONOTONIC, &t1);
     for (long i = 1; i < n; i += 2)
         free(blocks[i]);
-    printf("%.0f %.0f %.0f %.0f %ld %ld %ld %zu %.6f\n", allocated, kept + n * sizeof(void *),
+    const unsigned long *direct = dlsym(RTLD_DEFAULT, "memtrace_malloc_direct");
+    printf("%.0f %.0f %.0f %.0f %ld %ld %ld %zu %.6f %ld\n", allocated, kept + n * sizeof(void *),
            sampled_weight, outstanding, samples, frees, untracked, period_max,
-           (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9);
+           (double)(t1.tv_sec - t0.tv_sec) + (t1.tv_nsec - t0.tv_nsec) / 1e9,
+           direct ? (long)*direct : -1L);
     return 0;
 }

@@ -27,7 +27,7 @@ def test_malloc_max_rate_is_not_negative():
 
 def test_malloc_max_rate_reaches_the_options():
     """The cap rides with the period to the command's sampler (run) or the
-    process's (watch); its default is 10,000 samples a second."""
+    process's (watch); its default is 1,000 samples a second."""
     import click
 
     from memtrace.commands.options import DEFAULT_MALLOC_MAX_RATE, MallocOptions, malloc_options
@@ -45,4 +45,4 @@ def test_malloc_max_rate_reaches_the_options():
     cmd.main([], standalone_mode=False)
     assert seen == [MallocOptions(512 << 10, None, DEFAULT_MALLOC_MAX_RATE),
                     MallocOptions(64 << 10, None, 0), None]
-    assert DEFAULT_MALLOC_MAX_RATE == 10_000
+    assert DEFAULT_MALLOC_MAX_RATE == 1_000

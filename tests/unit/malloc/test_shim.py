@@ -4,10 +4,12 @@ shim's samples and frees land there; and the environment and build helpers."""
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -35,12 +37,12 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _run(built: tuple[Path, Path], period: int, n: int = 20000, size: int = 0,
-         max_rate: int = 0) -> list[float]:
+         max_rate: int = 0, preexec: Callable[[], None] | None = None) -> list[float]:
     shim, prog = built
     env = child_env({"PATH": os.defpath}, str(shim), period, max_rate)
     argv = [str(prog), str(n), *([str(size)] if size else [])]
     out = subprocess.run(argv, env=env, capture_output=True, text=True, check=True,
-                         timeout=60).stdout
+                         timeout=60, preexec_fn=preexec).stdout
     return [float(x) for x in out.split()]
 
 
@@ -74,6 +76,38 @@ def test_samples_beyond_the_table_are_handed_over_marked_untracked(built):
 
 
 SIZES = (24, 100, 512, 4000, 20000, 70000, 300000)     # hooks.c's, in turn
+PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN = 65, 1
+
+
+@needs_cc
+def test_malloc_and_free_jump_directly_to_the_real_allocator(built):
+    """Once the real functions are known, the slots at the end of malloc and
+    free are rewritten into direct jumps (docs/malloc.md, "What it costs")."""
+    assert _run(built, 16 * 1024)[9] == 2
+
+
+def _deny_write_execute() -> None:
+    """In the child before exec: no mapping may become writable and executable
+    (prctl PR_SET_MDWE, Linux 6.3+; kept across execve), as systemd's
+    MemoryDenyWriteExecute= asks of a service."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN, 0, 0, 0) != 0:
+        os._exit(97)
+
+
+@needs_cc
+def test_where_write_execute_is_denied_the_jumps_stay_indirect_and_sampling_holds(built):
+    try:
+        allocated, kept, weight, outstanding, samples, frees, _, _, _, direct = _run(
+            built, 16 * 1024, preexec=_deny_write_execute)
+    except subprocess.CalledProcessError as e:
+        if e.returncode == 97:
+            pytest.skip("this kernel has no PR_SET_MDWE")
+        raise
+    assert direct == 0
+    assert samples > 1000 and 0 < frees < samples
+    assert weight == pytest.approx(allocated, rel=0.05)
+    assert outstanding == pytest.approx(kept, rel=0.05)
 
 
 @needs_cc
@@ -122,7 +156,7 @@ def test_the_rate_cap_raises_the_period_and_the_estimates_stay_unbiased(built):
     (~7,000 samples: a relative standard deviation under 2 %, 8 % is four
     deviations; measured within 3 %); with no cap nothing is raised."""
     n, size, period, cap = 3_000_000, 64, 1024, 50_000
-    allocated, kept, weight, outstanding, samples, _, _, largest, seconds = _run(
+    allocated, kept, weight, outstanding, samples, _, _, largest, seconds, _ = _run(
         built, period, n, size, max_rate=cap)
     assert largest > 8 * period
     assert samples < 1.5 * cap * seconds + 500      # the first few samples come uncapped
