@@ -7,6 +7,7 @@ happened and where, and everything before it was read."""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -69,6 +70,15 @@ class Recording:
             self.lines_read += 1
             if not raw.endswith(b"\n"):
                 if self._stream_error():
+                    return
+                if not _could_be_cut_json(raw):
+                    # a corrupt length in a compressed stream reads as a long
+                    # run of stored bytes to the end of the file: no error,
+                    # but no line of a recording either
+                    self.corrupt = True
+                    self.problem = (f"{self.path}: corrupt data in line {self.lines_read} "
+                                    f"(byte {self.bytes_read}), not a line cut short; "
+                                    f"{self._upto()}")
                     return
                 self.problem = (f"{self.path}: cut short in line {self.lines_read} "
                                 f"(byte {self.bytes_read}): {self._upto()}")
@@ -151,6 +161,33 @@ class Recording:
             maps = self._current[pid] = {m["start"]: m for m in snap["mappings"]}
         snap["mappings"] = sorted(maps.values(), key=lambda m: m["start"])
         return snap
+
+
+_CONTROL = re.compile(rb"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def _could_be_cut_json(raw: bytes) -> bool:
+    """Whether `raw` may be a line memtrace wrote (compact JSON, UTF-8, no control
+    characters) cut short: a valid start of JSON up to its last few bytes (a cut
+    number, literal or escape; a multibyte character may be cut too)."""
+    if _CONTROL.search(raw):
+        return False
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.reason != "unexpected end of data" or e.end != len(raw):
+            return False
+        text = raw[:e.start].decode("utf-8", errors="replace")
+    try:
+        json.loads(text)
+    except json.JSONDecodeError as e:
+        # the first error: all before it was read as JSON. A cut string, or a
+        # cut number, literal or escape in the last few bytes; never a whole
+        # value with more after it
+        if e.msg.startswith("Unterminated string"):
+            return True
+        return e.msg != "Extra data" and e.pos >= len(text) - 8
+    return True
 
 
 def _short(e: Exception) -> str:
