@@ -31,6 +31,9 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(_SKIP is not None, reason=_SK
 
 WORKLOAD = REPO_ROOT / "tests" / "workloads" / "mallocleak.c"
 QUIET = ["--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
+# The tests pick a small --malloc-period for precision; the default cap (1,000
+# samples a second) would raise it while a program allocates fast.
+CAP = ["--malloc-max-rate", "10000"]
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +50,7 @@ def traced(program: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str,
     # that (the default, 1,000, would raise the period eightfold: ~13 % RSD)
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "1", "--malloc",
-         "--malloc-period", "16K", "--malloc-max-rate", "10000",
-         "--malloc-output", str(out_dir), "--",
+         "--malloc-period", "16K", *CAP, "--malloc-output", str(out_dir), "--",
          str(program), "8", "3"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=180 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
@@ -168,7 +170,7 @@ def test_python_frames_name_the_leaking_python_function(tmp_path: Path):
     --stacks does; the leak names leak_py, and its bytes are the kept ones."""
     r = subprocess.run(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
-         "--malloc-period", "16K", "--", str(PYTHON),
+         "--malloc-period", "16K", *CAP, "--", str(PYTHON),
          str(REPO_ROOT / "tests" / "workloads" / "pymalloc.py"), "60"],
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120 * TIMEOUT_SCALE,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))
@@ -229,7 +231,7 @@ def test_redis_server_with_jemalloc_runs_under_the_sampler(tmp_path: Path):
     port = str(_free_port())
     run = subprocess.Popen(
         [*MEMTRACE, "run", "--format", "json", *QUIET, "--interval", "0.5", "--malloc",
-         "--malloc-period", "16K", "--", "/usr/bin/redis-server", "--port", port,
+         "--malloc-period", "16K", *CAP, "--", "/usr/bin/redis-server", "--port", port,
          "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(tmp_path)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO_ROOT)))

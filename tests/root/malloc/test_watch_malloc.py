@@ -37,6 +37,9 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(_SKIP is not None, reason=_SK
 
 WORKLOADS = REPO_ROOT / "tests" / "workloads"
 QUIET = ["--no-serve", "--pss-interval", "0", "--heap-interval", "0"]
+# The tests pick a small --malloc-period for precision; the default cap (1,000
+# samples a second) would raise it while a program allocates fast.
+CAP = ("--malloc-max-rate", "10000")
 
 
 def _watch_malloc(pid: int, *options: str) -> subprocess.CompletedProcess[str]:
@@ -61,7 +64,7 @@ def watched(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     target = subprocess.Popen([str(prog), str(lib), str(wait), "4", "8", "3"],
                               stdout=subprocess.PIPE, text=True)
     try:
-        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K")
+        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K", *CAP)
         printed, _ = target.communicate(timeout=60 * TIMEOUT_SCALE)
     finally:
         target.kill()
@@ -128,7 +131,7 @@ def test_glibc_is_put_back_when_watch_ends_and_the_process_goes_on(tmp_path: Pat
         lo, hi = _libc_range(target.pid)
         assert lo <= _exe_malloc_slot(target.pid, prog) < hi
         r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K",
-                          "--count", "6")
+                          *CAP, "--count", "6")
         assert r.returncode == 0, r.stderr[-2000:]
         assert "sampler loaded into pid" in r.stderr
         last = [json.loads(x) for x in r.stdout.splitlines() if '"malloc"' in x][-1]["malloc"]
@@ -252,7 +255,7 @@ def test_a_process_whose_malloc_is_another_library_keeps_it(tmp_path: Path):
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert target.stdout is not None and target.stdout.readline() == "ready\n"
-        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K")
+        r = _watch_malloc(target.pid, "--interval", "0.5", "--malloc-period", "16K", *CAP)
         printed, errors = target.communicate(timeout=60 * TIMEOUT_SCALE)
     finally:
         target.kill()
