@@ -38,9 +38,14 @@ def program(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_without_frame_pointers(WORKLOAD, out)
 
 
-def held_by(snap: dict[str, Any], function: str) -> int:
+def held_by(snap: dict[str, Any], function: str, kinds: tuple[str, ...] = ()) -> int:
+    """Bytes held by stacks through `function`, in mappings of `kinds` (all if empty)."""
     return sum(s["bytes"] for s in snap["stacks"]["held"]
-               if any(f.split(" (")[0] == function for f in s["frames"]))
+               if (not kinds or s["kind"] in kinds)
+               and any(f.split(" (")[0] == function for f in s["frames"]))
+
+
+REUSED = ("anon", "heap")   # the kinds of the range given back and used again
 
 
 def last_profile(command: list[str], out_dir: Path, *options: str) -> dict[str, Any]:
@@ -63,7 +68,9 @@ def last_profile(command: list[str], out_dir: Path, *options: str) -> dict[str, 
 @pytest.mark.parametrize("mode", ["munmap", "madvise", "brk"])
 def test_given_back_and_refaulted_by_other_code(program, mode, tmp_path):
     last = last_profile([str(program), mode, "1.5"], tmp_path, "--stacks-period", "16K")
-    assert held_by(last, "first_user") == 0, last["stacks"]["held"]
+    # first_user may keep a page of libc it faulted in (memset's code, mapped at
+    # its first call): that one it did bring in and nobody gave back (CI saw 157 kB)
+    assert held_by(last, "first_user", REUSED) == 0, last["stacks"]["held"]
     assert held_by(last, "second_user") == pytest.approx(8 * MiB, rel=0.05), last["stacks"]
 
 
