@@ -72,9 +72,9 @@ class Recording:
                 if self._stream_error():
                     return
                 if not _could_be_cut_json(raw):
-                    # a corrupt length in a compressed stream reads as a long
-                    # run of stored bytes to the end of the file: no error,
-                    # but no line of a recording either
+                    # garbled compressed data can leave zlib waiting to the end
+                    # of the file with no error, its output text copied by
+                    # back-references: printable, but no line of a recording
                     self.corrupt = True
                     self.problem = (f"{self.path}: corrupt data in line {self.lines_read} "
                                     f"(byte {self.bytes_read}), not a line cut short; "
