@@ -8,6 +8,10 @@ malloc+free pair; every mode below runs the same binary:
   shim           the --malloc sampler preloaded (LD_PRELOAD), no memtrace, no probes,
                  with memtrace's rate cap (--max-rate)
   shim ref       the same with another build of the sampler (--ref-shim PATH.so)
+  shim + empty uprobes  the sampler, and empty BPF programs on its two probed
+                 functions (attached while the loop waits): the uprobe hits alone
+  shim + malloc.bpf     the sampler, and memtrace's --malloc BPF object with its
+                 reader thread, in this process: no unwinding, no ticks
   run            memtrace run (no --malloc)
   run --malloc   memtrace run --malloc: the sampler, its uprobes, the unwinding
   watch --malloc memtrace watch --malloc PID, attached while the loop waits: the
@@ -19,19 +23,22 @@ malloc+free pair; every mode below runs the same binary:
                  (test %rdi,%rdi: single-stepped): what `watch --malloc` would
                  pay per call with probes in libc, before any work
 
-Modes are interleaved, REPEAT rounds; the median of each is reported.
+Modes are interleaved, REPEAT rounds; the median of each is reported, and the
+median of its per-round ratios to the bare loop of the same round ("paired").
 Run as root: sudo .venv/bin/python benchmarks/malloc_overhead.py
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -64,8 +71,9 @@ def bare(loop: Path, steps: int, env: dict[str, str] | None = None) -> float:
 SAMPLES: list[str] = []     # run --malloc: samples taken and lost, per run
 
 
-def memtrace_run(loop: Path, steps: int, malloc: bool) -> float:
-    extra = (["--malloc", "--malloc-period", str(PERIOD), "--malloc-max-rate", str(MAX_RATE)]
+def memtrace_run(loop: Path, steps: int, malloc: bool, max_rate: int | None = None) -> float:
+    rate = MAX_RATE if max_rate is None else max_rate
+    extra = (["--malloc", "--malloc-period", str(PERIOD), "--malloc-max-rate", str(rate)]
              if malloc else [])
     fmt = ["--format", "json"] if malloc else []
     r = subprocess.run([str(DEFAULT_MEMTRACE), "run", *QUIET, *fmt, *extra, "--", str(loop),
@@ -104,10 +112,11 @@ def memtrace_watch(loop: Path, steps: int, delay: float) -> float:
 
 
 def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
-             probes: list[tuple[str, int]] | None = None) -> float:
+             probes: list[tuple[str, int]] | None = None, library: str = LIBC,
+             env: dict[str, str] | None = None) -> float:
     """The loop, waiting `delay` s before it starts, with a tracer command
-    (-p PID appended) or empty uprobes (bcc) on libc at (symbol, offset)."""
-    p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE)
+    (-p PID appended) or empty uprobes (bcc) on `library` at (symbol, offset)."""
+    p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE, env=env)
     t = bpf = None
     try:
         if tracer is not None:
@@ -118,7 +127,7 @@ def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
 
             bpf = bcc.BPF(text=b"int empty(void *ctx) { return 0; }")
             for sym, off in probes or []:
-                bpf.attach_uprobe(name=LIBC.encode(), sym=sym.encode(), sym_off=off,
+                bpf.attach_uprobe(name=library.encode(), sym=sym.encode(), sym_off=off,
                                   fn_name=b"empty", pid=p.pid)
         out, _ = p.communicate(timeout=3600)
         return _ns(out.decode())
@@ -127,6 +136,31 @@ def attached(loop: Path, steps: int, delay: float, tracer: list[str] | None,
             kill(t, term_first=True)
         if bpf is not None:
             bpf.cleanup()
+        kill(p)
+
+
+def with_malloc_probes(loop: Path, steps: int, delay: float, shim: str,
+                       env: dict[str, str]) -> float:
+    """The loop with the sampler preloaded and memtrace's --malloc BPF object
+    (bpf/malloc.bpf.c, its reader thread) attached in this process: what
+    `run --malloc` costs without the rest of memtrace (no unwinding, no ticks)."""
+    import bcc
+
+    from memtrace.trace.probes import _MallocProbes
+
+    p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE, env=env)
+    probes = None
+    try:
+        probes = _MallocProbes(bcc, Path(__file__).resolve().parents[1] / "bpf", shim)
+        probes.add(p.pid)
+        out, _ = p.communicate(timeout=3600)
+        records, counts = probes.take()
+        SAMPLES.append(f"malloc.bpf: {sum(map(len, records.values()))} records, "
+                       f"{counts['lost']} lost")
+        return _ns(out.decode())
+    finally:
+        if probes is not None:
+            probes.close()
         kill(p)
 
 
@@ -143,6 +177,8 @@ def main() -> None:
     ap.add_argument("--period", type=int, default=PERIOD, help="--malloc-period in bytes")
     ap.add_argument("--max-rate", type=int, default=MAX_RATE,
                     help="--malloc-max-rate (samples a second; 0: no cap), also for the shim modes")
+    ap.add_argument("--more-rates", default="",
+                    help="comma-separated other caps: a mode 'run --malloc, cap N' each")
     ap.add_argument("--ref-shim", default="",
                     help="another build of the sampler (.so), run as mode 'shim ref'")
     ap.add_argument("--only", default="", help="comma-separated mode names (prefixes) to run")
@@ -154,13 +190,21 @@ def main() -> None:
     shim = str(build_shim())
     shim_env = child_env(os.environ, shim, args.period, args.max_rate)
     memleak = shutil.which("memleak-bpfcc")
-    modes = {
+    modes: dict[str, Callable[[], float]] = {
         "bare": lambda: bare(loop, args.steps),
         "shim (LD_PRELOAD only)": lambda: bare(loop, args.steps, shim_env),
         **({"shim ref": lambda: bare(loop, args.steps, child_env(
             os.environ, args.ref_shim, args.period, args.max_rate))} if args.ref_shim else {}),
+        "shim + empty uprobes": lambda: attached(
+            loop, args.steps, args.delay / 3, None,
+            [("memtrace_malloc_sampled", 0), ("memtrace_malloc_freed", 0)], shim, shim_env),
+        "shim + malloc.bpf": lambda: with_malloc_probes(loop, args.steps, args.delay / 3, shim,
+                                                         shim_env),
         "memtrace run": lambda: memtrace_run(loop, args.steps, False),
         "memtrace run --malloc": lambda: memtrace_run(loop, args.steps, True),
+        **{f"memtrace run --malloc, cap {n}": functools.partial(memtrace_run, loop, args.steps,
+                                                                True, n)
+           for n in (int(x) for x in args.more_rates.split(",") if x)},
         "memtrace watch --malloc": lambda: memtrace_watch(loop, args.steps, args.delay),
         "uprobe malloc+0, free+9 (emulated push)": lambda: attached(
             loop, args.slow_steps, args.delay / 3, None, [("malloc", 0), ("free", 9)]),
@@ -180,9 +224,13 @@ def main() -> None:
             results[name].append(fn())
             print(f"round {r + 1} {name}: {results[name][-1]:.2f} ns/pair", flush=True)
     base = median(results["bare"])
-    rows = [(name, f"{median(v):.2f}", f"{median(v) / base:.2f}x",
+    # Each round's bare loop ran next to its other modes: the median of the
+    # per-round ratios cancels much of the host's slower stretches, which move
+    # the medians of whole columns by more than the few per cent sought.
+    rows = [(name, f"{median(v):.2f}", f"{median(v) / base:.3f}x",
+             f"{median([x / b for x, b in zip(v, results['bare'])]):.3f}x",
              " ".join(f"{x:.1f}" for x in v)) for name, v in results.items()]
-    print(table(["mode", "ns per malloc+free (median)", "vs bare", "runs"], rows))
+    print(table(["mode", "ns per malloc+free (median)", "vs bare", "paired", "runs"], rows))
     print(f"run --malloc samples per run: {'; '.join(SAMPLES)} (steps {args.steps}, "
           f"period {PERIOD}, max rate {MAX_RATE}, touch {TOUCH})")
     print(f"load average: {os.getloadavg()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
