@@ -284,6 +284,15 @@ def print_run(name: str, r: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
+def _paired(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
+    """The median of each round's ratio to that round's baseline: the kinds of one
+    round ran minutes apart at most, so a slower stretch of the host moves them
+    together, where it moves one column's median alone."""
+    base_by_rep = {r["rep"]: r["elapsed_s"] for r in base}
+    ratios = [r["elapsed_s"] / base_by_rep[r["rep"]] for r in runs if r["rep"] in base_by_rep]
+    return bc.median(ratios) if ratios else None
+
+
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     by_kind: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
@@ -302,6 +311,7 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         cpu = bc.median([r["loop_cpu_s"] for r in rs])
         k: dict[str, Any] = {
             "n": len(rs), "median_s": med, "ratio": med / base_s,
+            "paired_ratio": _paired(rs, base),
             "median_loop_cpu_s": cpu, "cpu_ratio": cpu / base_cpu,
             "disturbed_kept": sum(1 for r in rs if r["disturbed"]),
             "median_tool_cpu_loop_s": bc.median([r["cpu_loop_s"] for r in rs]),
@@ -361,14 +371,16 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
                 continue
             goal = f" (<= {k['goal']:.2f}x {'met' if k['ratio'] <= k['goal'] else 'MISSED'})" \
                 if "goal" in k else ""
-            row.append(f"{fmt(k['median_s'])} = {k['ratio']:.3f}x{goal}; tool CPU "
+            paired = f" (paired {k['paired_ratio']:.3f}x)" if k.get("paired_ratio") else ""
+            row.append(f"{fmt(k['median_s'])} = {k['ratio']:.3f}x{paired}{goal}; tool CPU "
                        f"{fmt(k['median_tool_cpu_loop_s'], 2)}")
         rows.append(row)
     shown = [k for k in KINDS[1:] if any(k in s.get("kinds", {}) for s in summary.values())]
     rows = [[row[0], row[1]] + [row[2 + KINDS[1:].index(k)] for k in shown] for row in rows]
     print(bc.table(["workload", "baseline s"] + [LABELS[k] for k in shown], rows))
     print()
-    print("Medians over the kept runs. Ratio = median elapsed / baseline median. 'tool CPU'")
+    print("Medians over the kept runs. Ratio = median elapsed / baseline median; paired = "
+          "median of each round's elapsed / that round's baseline. 'tool CPU'")
     print("is the tool's own CPU (user+sys, with children) during the timed loop; BPF")
     print("programs run in the workload's context and are counted in its time.")
     for name, s in summary.items():
