@@ -5,12 +5,17 @@ benchmarks/README.md).
 once per free of a sampled block. benchmarks/workloads/uprobeloop.c runs
 mallocloop's malloc/free loop and every EVERY steps calls such a function
 (`nop; ret`), with or without an empty BPF program on a uprobe there, or makes
-a getppid system call instead. Modes, interleaved, REPEAT rounds:
+a getppid system call instead, or copies 8 KiB of its stack as a sampler
+without uprobes would (process_vm_readv of its own process, or memcpy into
+shared memory). Modes, interleaved, REPEAT rounds:
 
   no probe          the calls, nothing attached
   probe, no hit     an empty uprobe program attached, the function never called
   N hits            an empty uprobe program, hit N times in the loop
   N getppid         N system calls instead (a kernel entry without a uprobe)
+  N process_vm_readv  N copies of 8 KiB of the stack by the kernel (safe at an
+                    unmapped page)
+  N memcpy          N copies of 8 KiB of the stack into a MAP_SHARED page
 
 Reported: ns per step (median), the median of per-round ratios to "no probe",
 the loop time lost per hit, and the mean time one call takes with its hit
@@ -76,6 +81,8 @@ def main() -> None:
     for n in counts:
         modes[f"{n} hits"] = (n, 1, True)
     modes[f"{max(counts)} getppid"] = (max(counts), 2, False)
+    modes[f"{max(counts)} process_vm_readv"] = (max(counts), 3, False)
+    modes[f"{max(counts)} memcpy"] = (max(counts), 4, False)
     ns: dict[str, list[float]] = {m: [] for m in modes}
     us: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(args.repeat):

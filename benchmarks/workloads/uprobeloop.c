@@ -2,19 +2,44 @@
  * (benchmarks/uprobe_hits.py): mallocloop's malloc/free loop (a window of 64
  * blocks, 16 B .. 4 KiB), which every EVERY steps calls an empty function
  * (`nop; ret`: the kernel emulates the nop, no single-step) that a tracer may
- * probe, or makes a getppid system call instead (MODE 2). Waits DELAY seconds
+ * probe, or makes a getppid system call instead (MODE 2), or copies the 8 KiB
+ * of its own stack above the call with process_vm_readv (MODE 3: how a sampler
+ * could copy a stack without a uprobe, safe at an unmapped page) or with
+ * memcpy into shared memory (MODE 4: the same without a system call, where
+ * the stack's end is known). Waits DELAY seconds
  * first (the tracer attaches by PID), then prints "ns_per_step N" for the loop
  * and, on stderr, the mean time of one call with its hit ("in_call_us N").
- * Usage: uprobeloop STEPS EVERY MODE(1 call, 2 syscall) DELAY */
+ * Usage: uprobeloop STEPS EVERY MODE(1 call, 2 getppid, 3 process_vm_readv, 4 memcpy) DELAY */
+#define _GNU_SOURCE
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
 __attribute__((noinline, used)) void uprobeloop_mark(long step)
 {
     __asm__ volatile("nop" : : "r"(step) : "memory");
+}
+
+#define COPY 8192
+static char copy_to[COPY];
+static char *shared;
+
+/* The COPY bytes of the stack from this frame up (main keeps COPY bytes of
+ * its own frame above it, so they are mapped). */
+static __attribute__((noinline)) long copy_stack(int mode)
+{
+    const char *sp = __builtin_frame_address(0);
+    if (mode == 3) {
+        struct iovec to = {copy_to, COPY}, from = {(void *)sp, COPY};
+        return process_vm_readv(getpid(), &to, 1, &from, 1, 0);
+    }
+    memcpy(shared, sp, COPY);
+    return COPY;
 }
 
 static double now(void)
@@ -35,8 +60,14 @@ int main(int argc, char **argv)
     double delay = atof(argv[4]);
     static const size_t sizes[] = {16, 32, 48, 64, 128, 256, 512, 1024, 2048, 4096};
     void *window[64] = {0};
+    volatile char frame[COPY];      /* the stack copy_stack copies */
+    __asm__ volatile("" : : "r"(frame) : "memory");
     long next = every, calls = 0;
     double in_call = 0;
+    shared = mmap(NULL, COPY, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (shared == MAP_FAILED)
+        return 1;
+    memset(shared, 0, COPY);
     if (delay > 0)
         usleep((useconds_t)(delay * 1e6));
     double t0 = now();
@@ -50,7 +81,9 @@ int main(int argc, char **argv)
             double a = now();
             if (mode == 2)
                 syscall(SYS_getppid);
-            else
+            else if (mode >= 3 && copy_stack(mode) <= 0)
+                return 1;
+            else if (mode == 1)
                 uprobeloop_mark(i);
             in_call += now() - a;
             calls++;
