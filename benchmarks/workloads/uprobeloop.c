@@ -79,12 +79,12 @@ int main(int argc, char **argv)
         if (i == next) {
             next += every;
             double a = now();
-            if (mode == 2)
-                syscall(SYS_getppid);
-            else if (mode >= 3 && copy_stack(mode) <= 0)
-                return 1;
-            else if (mode == 1)
+            if (mode == 1)
                 uprobeloop_mark(i);
+            else if (mode == 2)
+                syscall(SYS_getppid);
+            else if (copy_stack(mode) <= 0)
+                return 1;
             in_call += now() - a;
             calls++;
         }
