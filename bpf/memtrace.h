@@ -148,7 +148,8 @@ struct mt_stack_sample {
     u32 flags;                      /* MT_STACK_* */
     /* CPython 3.11 frames of the faulting thread (registered processes only):
      * innermost first, the code object's address | 1 for an entry frame (the
-     * first of a _PyEval_EvalFrameDefault call), and its prev_instr */
+     * first of a _PyEval_EvalFrameDefault call), and py_instr_word's word:
+     * prev_instr's offset in the code object | its fingerprint << 32 */
     u32 py_count;
     u32 py_flags;                   /* MT_PY_* */
     u64 py_code[MT_PY_FRAMES];

@@ -9,6 +9,34 @@
 #ifndef MT_PYFRAMES_H
 #define MT_PYFRAMES_H
 
+/* The code object's fields read for its fingerprint, in one read of
+ * [MT_PY_CODE_LO, + MT_PY_CODE_SPAN): co_firstlineno and co_qualname */
+#define MT_PY_CODE_LO MT_PY_CODE_FIRSTLINENO
+#define MT_PY_CODE_SPAN 64
+_Static_assert(MT_PY_CODE_QUALNAME - MT_PY_CODE_LO + 8 <= MT_PY_CODE_SPAN, "co_qualname");
+_Static_assert(((MT_PY_CODE_QUALNAME - MT_PY_CODE_LO) & 7) == 0, "co_qualname aligned");
+#define MT_PY_OFFSET_UNKNOWN 0xFFFFFFFFULL
+
+/* What a frame's py_instr holds: the byte offset of prev_instr in its code
+ * object (MT_PY_OFFSET_UNKNOWN when outside 32 bits) in the low half, and the
+ * code object's fingerprint, read now, in the high half: user space names the
+ * code object at that address later, and checks it is still the one sampled
+ * (stacks/python.py code_fingerprint: the same formula; 0 when unreadable). */
+static __always_inline u64 py_instr_word(u64 code, u64 prev_instr)
+{
+    u64 off = prev_instr - code;
+    if (prev_instr < code || off > MT_PY_OFFSET_UNKNOWN)
+        off = MT_PY_OFFSET_UNKNOWN;
+    u64 fields[MT_PY_CODE_SPAN / 8];
+    u32 fp = 0;
+    if (bpf_probe_read_user(fields, sizeof(fields), (void *)(code + MT_PY_CODE_LO)) == 0) {
+        u32 firstlineno = (u32)fields[0];
+        u64 qualname = fields[(MT_PY_CODE_QUALNAME - MT_PY_CODE_LO) / 8];
+        fp = (u32)(qualname >> 4) ^ (firstlineno * 0x9E3779B1U);
+    }
+    return off | ((u64)fp << 32);
+}
+
 /* The frame fields read, in one read of [MT_PY_FRAME_LO, + MT_PY_FRAME_SPAN) */
 #define MT_PY_FRAME_LO MT_PY_FRAME_CODE
 #define MT_PY_FRAME_SPAN 40
@@ -70,7 +98,7 @@ static __always_inline void py_walk(u32 *count, u32 *flags, u64 *codes, u64 *ins
         if (!code)
             break;
         codes[i] = code | (entry ? 1 : 0);
-        instrs[i] = buf[(MT_PY_FRAME_INSTR - MT_PY_FRAME_LO) / 8];
+        instrs[i] = py_instr_word(code, buf[(MT_PY_FRAME_INSTR - MT_PY_FRAME_LO) / 8]);
         n = i + 1;
         f = buf[(MT_PY_FRAME_PREVIOUS - MT_PY_FRAME_LO) / 8];
     }

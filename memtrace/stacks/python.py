@@ -3,11 +3,15 @@
 At a sample of a registered process BPF records the faulting thread's
 interpreter frames, innermost first: each frame's code object address (| 1
 for an entry frame, the first one a call of `_PyEval_EvalFrameDefault`
-runs) and its `prev_instr`. Here a code object is named from the process's
-memory (/proc/PID/mem): `co_qualname`, `co_filename` and the line of
-`prev_instr` in `co_linetable` (else `co_firstlineno`). Names are cached by
-code object address per process: a code object freed and another allocated
-at its address keeps the first one's name (a known limit).
+runs) and a word holding the offset of its `prev_instr` in the code object
+(low 32 bits) and the code object's fingerprint read at the sample (high 32
+bits, `code_fingerprint`). Here, later, a code object is named from the
+process's memory (/proc/PID/mem): `co_qualname`, `co_filename` and the line
+of `prev_instr` in `co_linetable` (else `co_firstlineno`), if its
+fingerprint is still the sampled one: a code object freed since, and another
+allocated at its address, reads as `[unknown]` (counted in `stale`), not
+under the newer one's name. Names are cached per process by address and
+fingerprint.
 
 Merging: native `_PyEval_EvalFrameDefault` frames and groups of interpreter
 frames (each ending at an entry frame) pair up innermost first; each group
@@ -28,6 +32,8 @@ PY_TRUNCATED = Frame(0, "[truncated]", PY_MODULE)
 MAX_TEXT = 1024                          # characters of a name or file name read
 _MAX_CODES = 100_000                     # cached code objects per process
 _LOCATION_NONE, _NO_COLUMNS, _LONG = 15, 13, 14
+OFFSET_UNKNOWN = 0xFFFFFFFF              # bpf/pyframes.h MT_PY_OFFSET_UNKNOWN
+_U32 = 0xFFFFFFFF
 
 
 Reader = Callable[[int, int], "bytes | None"]     # (address, size) -> process memory
@@ -51,6 +57,19 @@ def decode_unicode(header: bytes, read: Reader, address: int, off: PyOffsets) ->
         return None
     codec = {1: "latin-1", 2: "utf-16-le", 4: "utf-32-le"}[kind]
     return data.decode(codec, errors="replace")
+
+
+def code_fingerprint(firstlineno: int, qualname: int) -> int:
+    """What BPF reads of a code object at a sample to tell it from a later one
+    at the same address (bpf/pyframes.h py_instr_word: the same formula):
+    its `co_firstlineno` and the address of its `co_qualname` string."""
+    return ((qualname >> 4) & _U32) ^ (((firstlineno & _U32) * 0x9E3779B1) & _U32)
+
+
+def split_instr(word: int) -> tuple[int, int]:
+    """A frame's py_instr word: (prev_instr's byte offset in its code object,
+    or OFFSET_UNKNOWN; the code object's fingerprint, 0 when BPF could not read it)."""
+    return word & _U32, (word >> 32) & _U32
 
 
 def _ptr(raw: bytes, at: int) -> int:
@@ -100,18 +119,20 @@ def line_of(table: bytes, firstlineno: int, addr: int) -> int | None:
 class PyCode:
     """What naming a frame of one code object needs."""
 
-    __slots__ = ("qualname", "filename", "firstlineno", "linetable", "code_start")
+    __slots__ = ("qualname", "filename", "firstlineno", "linetable", "units_at", "fingerprint")
 
     def __init__(self, qualname: str, filename: str, firstlineno: int, linetable: bytes,
-                 code_start: int) -> None:
+                 units_at: int, fingerprint: int) -> None:
         self.qualname = qualname
         self.filename = filename
         self.firstlineno = firstlineno
         self.linetable = linetable
-        self.code_start = code_start
+        self.units_at = units_at          # offset of co_code_adaptive in the object
+        self.fingerprint = fingerprint
 
-    def line(self, prev_instr: int) -> int:
-        addr = prev_instr - self.code_start
+    def line(self, offset: int) -> int:
+        """The line of the instruction at byte `offset` in the code object."""
+        addr = offset - self.units_at if offset != OFFSET_UNKNOWN else -1
         try:
             found = line_of(self.linetable, self.firstlineno, addr) if addr >= 0 else None
         except IndexError:      # a table cut short (read while being replaced)
@@ -130,6 +151,7 @@ class PyResolver:
         self._codes: dict[int, PyCode | None] = {}
         self._frames: dict[tuple[int, int], Frame] = {}
         self.unreadable = 0          # code objects that could not be read
+        self.stale = 0               # code objects freed since their sample (another there)
 
     def close(self) -> None:
         if self._fd is not None:
@@ -159,9 +181,30 @@ class PyResolver:
             return b""
         return self.read(addr + self.off.bytes_data, size) or b""
 
-    def code(self, addr: int) -> PyCode | None:
+    def code(self, addr: int, fingerprint: int = 0) -> PyCode | None:
+        """The code object at addr, if it is the one with that fingerprint (0:
+        any). One read per address while its object stays the same."""
         if addr in self._codes:
-            return self._codes[addr]
+            known = self._codes[addr]
+            if known is None or not fingerprint or known.fingerprint == fingerprint:
+                return known
+            found = self._read_code(addr)      # another object there since
+            if found is not None and found.fingerprint == fingerprint:
+                self._codes[addr] = found
+                return found
+            self.stale += 1
+            return None
+        found = self._read_code(addr)
+        if len(self._codes) >= _MAX_CODES:
+            self._codes.clear()
+            self._frames.clear()
+        self._codes[addr] = found
+        if found is not None and fingerprint and found.fingerprint != fingerprint:
+            self.stale += 1
+            return None
+        return found
+
+    def _read_code(self, addr: int) -> PyCode | None:
         o = self.off
         end = max(o.code_filename, o.code_name, o.code_qualname, o.code_linetable) + 8
         raw = self.read(addr, end)
@@ -173,24 +216,23 @@ class PyResolver:
             filename = self._string(_ptr(raw, o.code_filename))
             if name is not None and filename is not None:
                 found = PyCode(name, filename, firstlineno,
-                               self._bytes(_ptr(raw, o.code_linetable)), addr + o.code_adaptive)
+                               self._bytes(_ptr(raw, o.code_linetable)), o.code_adaptive,
+                               code_fingerprint(firstlineno, _ptr(raw, o.code_qualname)))
         if found is None:
             self.unreadable += 1
-        if len(self._codes) >= _MAX_CODES:
-            self._codes.clear()
-            self._frames.clear()
-        self._codes[addr] = found
         return found
 
-    def frame(self, code_addr: int, prev_instr: int) -> Frame:
-        key = (code_addr, prev_instr)
+    def frame(self, code_addr: int, instr: int) -> Frame:
+        """A frame from its code object's address and its py_instr word."""
+        key = (code_addr, instr)
         frame = self._frames.get(key)
         if frame is None:
-            code = self.code(code_addr)
+            offset, fingerprint = split_instr(instr)
+            code = self.code(code_addr, fingerprint)
             if code is None:
                 frame = Frame(code_addr, "[unknown]", PY_MODULE)
             else:
-                where = f"{os.path.basename(code.filename)}:{code.line(prev_instr)}"
+                where = f"{os.path.basename(code.filename)}:{code.line(offset)}"
                 frame = Frame(code_addr, f"{code.qualname} ({where})", PY_MODULE)
             self._frames[key] = frame
         return frame
@@ -202,8 +244,8 @@ class PyResolver:
         read no further). `truncated` (BPF stopped at its frame limit) ends
         the last group with PY_TRUNCATED."""
         out: list[list[Frame]] = [[]]
-        for tagged, prev_instr in py_frames:
-            out[-1].append(self.frame(tagged & ~1, prev_instr))
+        for tagged, instr in py_frames:
+            out[-1].append(self.frame(tagged & ~1, instr))
             if tagged & 1:
                 out.append([])
         if not out[-1]:

@@ -224,7 +224,8 @@ class StackRecord:
     # the user's registers at syscall entry, not at the faulting instruction
     from_kernel: bool = False
     # CPython frames of the faulting thread, innermost first: (code object
-    # address | 1 for an entry frame, prev_instr); only for registered processes
+    # address | 1 for an entry frame, prev_instr's offset | the code object's
+    # fingerprint << 32: stacks/python.py split_instr); only for registered processes
     py_frames: tuple[tuple[int, int], ...] = ()
     py_flags: int = 0    # PY_* below
     # the first fault of a chunk in a process whose faults may map a huge page,

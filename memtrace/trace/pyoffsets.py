@@ -57,6 +57,8 @@ class PyOffsets:
             f"-DMT_PY_FRAME_PREVIOUS={self.frame_previous}",
             f"-DMT_PY_FRAME_INSTR={self.frame_prev_instr}",
             f"-DMT_PY_FRAME_ENTRY={self.frame_is_entry}",
+            f"-DMT_PY_CODE_FIRSTLINENO={self.code_firstlineno}",
+            f"-DMT_PY_CODE_QUALNAME={self.code_qualname}",
         ]
 
     def as_dict(self) -> dict[str, int]:

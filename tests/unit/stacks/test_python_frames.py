@@ -17,7 +17,14 @@ import pytest
 
 from memtrace.stacks.profile import PY_MODULE, TRUNCATED, Frame, Stack
 from memtrace.stacks.pydetect import PyDetector, PyFile, read_pyfile
-from memtrace.stacks.python import PyResolver, decode_unicode, line_of, merge
+from memtrace.stacks.python import (
+    OFFSET_UNKNOWN,
+    PyResolver,
+    code_fingerprint,
+    decode_unicode,
+    line_of,
+    merge,
+)
 from memtrace.stacks.summary import frame_text
 from memtrace.trace.procfs import parse_maps
 from memtrace.trace.pyoffsets import PY311_X86_64 as OFF
@@ -106,9 +113,11 @@ def test_line_table_matches_co_lines():
 
 def test_a_cut_line_table_falls_back_to_the_first_line():
     from memtrace.stacks.python import PyCode
-    code = PyCode("f", "a.py", 7, bytes([0x80 | (14 << 3), 0x41]), 0x1000)   # varint cut
-    assert code.line(0x1000) == 7
-    assert code.line(0x0FFE) == 7        # a new frame's prev_instr: before the code
+    units = OFF.code_adaptive
+    code = PyCode("f", "a.py", 7, bytes([0x80 | (14 << 3), 0x41]), units, 0)   # varint cut
+    assert code.line(units) == 7
+    assert code.line(units - 2) == 7         # a new frame's prev_instr: before the code
+    assert code.line(OFFSET_UNKNOWN) == 7    # BPF found prev_instr outside the object
 
 
 def test_line_table_by_hand():
@@ -162,8 +171,8 @@ class FakeResolver(PyResolver):
     def __init__(self) -> None:
         super().__init__(0, OFF, "/nonexistent")
 
-    def frame(self, code_addr: int, prev_instr: int) -> Frame:
-        return Frame(code_addr, f"code{code_addr:x}@{prev_instr}", PY_MODULE)
+    def frame(self, code_addr: int, instr: int) -> Frame:
+        return Frame(code_addr, f"code{code_addr:x}@{instr}", PY_MODULE)
 
 
 def test_groups_end_at_entry_frames():
@@ -186,6 +195,55 @@ def test_a_python_stack_cut_by_bpf_says_so():
 def test_python_frames_in_the_views():
     assert frame_text("build (s.py:7)", PY_MODULE) == "build (s.py:7) [py]"
     assert module_class(PY_MODULE) == "python"
+
+
+class MemoryResolver(PyResolver):
+    """A PyResolver over fixture memory: {address: an object's bytes}."""
+
+    def __init__(self, memory: dict[int, bytes]) -> None:
+        super().__init__(0, OFF, "/nonexistent")
+        self.memory = memory
+
+    def read(self, addr: int, n: int) -> bytes | None:
+        for base, data in self.memory.items():
+            if base <= addr and addr + n <= base + len(data):
+                return data[addr - base:addr - base + n]
+        return None
+
+
+def code_object(qualname_at: int, filename_at: int, firstlineno: int) -> bytes:
+    """A 3.11 code object's bytes with the fields PyResolver reads (no line table)."""
+    raw = bytearray(OFF.code_adaptive + 16)
+    struct.pack_into("<i", raw, OFF.code_firstlineno, firstlineno)
+    for at, ptr in ((OFF.code_qualname, qualname_at), (OFF.code_name, qualname_at),
+                    (OFF.code_filename, filename_at), (OFF.code_linetable, 0)):
+        struct.pack_into("<Q", raw, at, ptr)
+    return bytes(raw)
+
+
+def test_a_code_object_replaced_at_its_address_is_not_named_as_the_new_one():
+    """A sample's code object freed before the drain and another allocated at
+    its address: the sample's frame reads [unknown] (the fingerprint BPF read
+    at the sample differs), not the newer function's name; the newer one's own
+    samples are named. Before, names went by address alone."""
+    code, old_name, new_name, path = 0x7F0000100000, 0x7F0000200000, 0x7F0000200100, 0x7F0000300000
+    memory = {old_name: unicode_object("old_fn", 1, True).ljust(96, b"\0"),
+              new_name: unicode_object("new_fn", 1, True).ljust(96, b"\0"),
+              path: unicode_object("app.py", 1, True).ljust(96, b"\0"),
+              code: code_object(old_name, path, 10)}
+    old_sample = OFFSET_UNKNOWN | code_fingerprint(10, old_name) << 32
+    new_sample = OFFSET_UNKNOWN | code_fingerprint(20, new_name) << 32
+    early = MemoryResolver(memory)
+    assert early.frame(code, old_sample).function == "old_fn (app.py:10)"
+    memory[code] = code_object(new_name, path, 20)
+    late = MemoryResolver(memory)          # the old sample drained only now
+    assert late.frame(code, old_sample).function == "[unknown]" and late.stale == 1
+    assert late.frame(code, new_sample).function == "new_fn (app.py:20)"
+    # the resolver that named the old one names the new one's samples too
+    assert early.frame(code, new_sample).function == "new_fn (app.py:20)"
+    assert early.frame(code, old_sample).function == "old_fn (app.py:10)"
+    # a fingerprint BPF could not read (0): whatever is there
+    assert late.frame(code, OFFSET_UNKNOWN).function == "new_fn (app.py:20)"
 
 
 def test_an_unreadable_code_object_is_unknown():
@@ -255,7 +313,12 @@ def walk_like_bpf(r: PyResolver, runtime: int, tid: int) -> list[tuple[int, int]
     while f and len(out) < 200:
         code = word(r, f + OFF.frame_code)
         entry = (r.read(f + OFF.frame_is_entry, 1) or b"\0")[0]
-        out.append((code | (1 if entry else 0), word(r, f + OFF.frame_prev_instr)))
+        prev_instr = word(r, f + OFF.frame_prev_instr)
+        # py_instr_word: prev_instr's offset in the code object, its fingerprint
+        first = int.from_bytes(r.read(code + OFF.code_firstlineno, 4) or b"", "little")
+        fp = code_fingerprint(first, word(r, code + OFF.code_qualname))
+        offset = prev_instr - code if 0 <= prev_instr - code < OFFSET_UNKNOWN else OFFSET_UNKNOWN
+        out.append((code | (1 if entry else 0), offset | fp << 32))
         f = word(r, f + OFF.frame_previous)
     return out
 
