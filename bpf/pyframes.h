@@ -15,13 +15,25 @@
 #define MT_PY_CODE_SPAN 64
 _Static_assert(MT_PY_CODE_QUALNAME - MT_PY_CODE_LO + 8 <= MT_PY_CODE_SPAN, "co_qualname");
 _Static_assert(((MT_PY_CODE_QUALNAME - MT_PY_CODE_LO) & 7) == 0, "co_qualname aligned");
+/* The qualname string's fields read, in one read of [MT_PY_UNICODE_LENGTH, + 40):
+ * its length, its state (bit 6: ASCII) and an ASCII string's first 8 bytes */
+#define MT_PY_STR_SPAN 40
+_Static_assert(MT_PY_UNICODE_ASCII_SIZE - MT_PY_UNICODE_LENGTH + 8 <= MT_PY_STR_SPAN, "data");
+_Static_assert(MT_PY_UNICODE_STATE - MT_PY_UNICODE_LENGTH + 4 <= MT_PY_STR_SPAN, "state");
+_Static_assert(((MT_PY_UNICODE_ASCII_SIZE - MT_PY_UNICODE_LENGTH) & 7) == 0, "data aligned");
+_Static_assert(((MT_PY_UNICODE_STATE - MT_PY_UNICODE_LENGTH) & 7) == 0, "state aligned");
 #define MT_PY_OFFSET_UNKNOWN 0xFFFFFFFFULL
 
 /* What a frame's py_instr holds: the byte offset of prev_instr in its code
  * object (MT_PY_OFFSET_UNKNOWN when outside 32 bits) in the low half, and the
  * code object's fingerprint, read now, in the high half: user space names the
  * code object at that address later, and checks it is still the one sampled
- * (stacks/python.py code_fingerprint: the same formula; 0 when unreadable). */
+ * (stacks/python.py code_fingerprint: the same formula; 0 when unreadable).
+ * The fingerprint folds co_firstlineno, the address of co_qualname, and that
+ * string's length and (ASCII) first 8 characters: a code object allocated
+ * where a freed one was, its name where the freed name was, still differs
+ * unless the names begin alike. Only fields that never change in a live
+ * object are read (not the string's hash, computed lazily). */
 static __always_inline u64 py_instr_word(u64 code, u64 prev_instr)
 {
     u64 off = prev_instr - code;
@@ -32,7 +44,19 @@ static __always_inline u64 py_instr_word(u64 code, u64 prev_instr)
     if (bpf_probe_read_user(fields, sizeof(fields), (void *)(code + MT_PY_CODE_LO)) == 0) {
         u32 firstlineno = (u32)fields[0];
         u64 qualname = fields[(MT_PY_CODE_QUALNAME - MT_PY_CODE_LO) / 8];
-        fp = (u32)(qualname >> 4) ^ (firstlineno * 0x9E3779B1U);
+        u64 str[MT_PY_STR_SPAN / 8] = {};
+        u64 len = 0, text = 0;
+        if (qualname && bpf_probe_read_user(str, sizeof(str),
+                                            (void *)(qualname + MT_PY_UNICODE_LENGTH)) == 0) {
+            len = str[0];
+            if ((str[(MT_PY_UNICODE_STATE - MT_PY_UNICODE_LENGTH) / 8] >> 6) & 1) {
+                text = str[(MT_PY_UNICODE_ASCII_SIZE - MT_PY_UNICODE_LENGTH) / 8];
+                if (len < 8)
+                    text &= (1ULL << (len * 8)) - 1;
+            }
+        }
+        fp = (u32)(qualname >> 4) ^ (firstlineno * 0x9E3779B1U) ^ ((u32)len * 0x85EBCA6BU)
+             ^ (u32)text ^ (u32)(text >> 32);
     }
     return off | ((u64)fp << 32);
 }

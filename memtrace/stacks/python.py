@@ -5,7 +5,8 @@ interpreter frames, innermost first: each frame's code object address (| 1
 for an entry frame, the first one a call of `_PyEval_EvalFrameDefault`
 runs) and a word holding the offset of its `prev_instr` in the code object
 (low 32 bits) and the code object's fingerprint read at the sample (high 32
-bits, `code_fingerprint`). Here, later, a code object is named from the
+bits: `co_firstlineno`, the `co_qualname` string's address, length and first
+8 characters, `code_fingerprint`). Here, later, a code object is named from the
 process's memory (/proc/PID/mem): `co_qualname`, `co_filename` and the line
 of `prev_instr` in `co_linetable` (else `co_firstlineno`), if its
 fingerprint is still the sampled one: a code object freed since, and another
@@ -59,11 +60,22 @@ def decode_unicode(header: bytes, read: Reader, address: int, off: PyOffsets) ->
     return data.decode(codec, errors="replace")
 
 
-def code_fingerprint(firstlineno: int, qualname: int) -> int:
+def code_fingerprint(firstlineno: int, qualname: int, str_header: bytes,
+                     off: PyOffsets) -> int:
     """What BPF reads of a code object at a sample to tell it from a later one
-    at the same address (bpf/pyframes.h py_instr_word: the same formula):
-    its `co_firstlineno` and the address of its `co_qualname` string."""
-    return ((qualname >> 4) & _U32) ^ (((firstlineno & _U32) * 0x9E3779B1) & _U32)
+    at the same address (bpf/pyframes.h py_instr_word: the same formula): its
+    `co_firstlineno`, the address of its `co_qualname` string, and from that
+    string's header bytes its length and, if ASCII, its first 8 bytes."""
+    length = text = 0
+    if len(str_header) >= off.unicode_ascii_size + 8:
+        length, = struct.unpack_from("<Q", str_header, off.unicode_length)
+        state, = struct.unpack_from("<I", str_header, off.unicode_state)
+        if (state >> 6) & 1:
+            text, = struct.unpack_from("<Q", str_header, off.unicode_ascii_size)
+            if length < 8:
+                text &= (1 << (length * 8)) - 1
+    return ((qualname >> 4) & _U32) ^ (((firstlineno & _U32) * 0x9E3779B1) & _U32) \
+        ^ (((length & _U32) * 0x85EBCA6B) & _U32) ^ (text & _U32) ^ (text >> 32)
 
 
 def split_instr(word: int) -> tuple[int, int]:
@@ -167,10 +179,16 @@ class PyResolver:
             return None
 
     def _string(self, addr: int) -> str | None:
+        return self._string_and_header(addr)[0]
+
+    def _string_and_header(self, addr: int) -> tuple[str | None, bytes]:
         if not addr:
-            return None
-        header = self.read(addr, self.off.unicode_compact_size)
-        return decode_unicode(header, self.read, addr, self.off) if header else None
+            return None, b""
+        # an ASCII string's header and first 8 bytes where the whole compact
+        # header cannot be read (the end of a mapping): what BPF reads of it
+        header = self.read(addr, self.off.unicode_compact_size) \
+            or self.read(addr, self.off.unicode_ascii_size + 8) or b""
+        return (decode_unicode(header, self.read, addr, self.off) if header else None), header
 
     def _bytes(self, addr: int) -> bytes:
         head = self.read(addr, self.off.bytes_data) if addr else None
@@ -211,13 +229,14 @@ class PyResolver:
         found = None
         if raw is not None and len(raw) == end:
             firstlineno, = struct.unpack_from("<i", raw, o.code_firstlineno)
-            name = self._string(_ptr(raw, o.code_qualname)) \
-                or self._string(_ptr(raw, o.code_name))
+            qualname = _ptr(raw, o.code_qualname)
+            name, head = self._string_and_header(qualname)
+            name = name or self._string(_ptr(raw, o.code_name))
             filename = self._string(_ptr(raw, o.code_filename))
             if name is not None and filename is not None:
                 found = PyCode(name, filename, firstlineno,
                                self._bytes(_ptr(raw, o.code_linetable)), o.code_adaptive,
-                               code_fingerprint(firstlineno, _ptr(raw, o.code_qualname)))
+                               code_fingerprint(firstlineno, qualname, head, o))
         if found is None:
             self.unreadable += 1
         return found

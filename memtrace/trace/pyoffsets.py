@@ -59,6 +59,9 @@ class PyOffsets:
             f"-DMT_PY_FRAME_ENTRY={self.frame_is_entry}",
             f"-DMT_PY_CODE_FIRSTLINENO={self.code_firstlineno}",
             f"-DMT_PY_CODE_QUALNAME={self.code_qualname}",
+            f"-DMT_PY_UNICODE_LENGTH={self.unicode_length}",
+            f"-DMT_PY_UNICODE_STATE={self.unicode_state}",
+            f"-DMT_PY_UNICODE_ASCII_SIZE={self.unicode_ascii_size}",
         ]
 
     def as_dict(self) -> dict[str, int]:

@@ -231,8 +231,10 @@ def test_a_code_object_replaced_at_its_address_is_not_named_as_the_new_one():
               new_name: unicode_object("new_fn", 1, True).ljust(96, b"\0"),
               path: unicode_object("app.py", 1, True).ljust(96, b"\0"),
               code: code_object(old_name, path, 10)}
-    old_sample = OFFSET_UNKNOWN | code_fingerprint(10, old_name) << 32
-    new_sample = OFFSET_UNKNOWN | code_fingerprint(20, new_name) << 32
+    def sample(first: int, name: int) -> int:
+        return OFFSET_UNKNOWN | code_fingerprint(first, name, memory[name], OFF) << 32
+
+    old_sample, new_sample = sample(10, old_name), sample(20, new_name)
     early = MemoryResolver(memory)
     assert early.frame(code, old_sample).function == "old_fn (app.py:10)"
     memory[code] = code_object(new_name, path, 20)
@@ -244,6 +246,14 @@ def test_a_code_object_replaced_at_its_address_is_not_named_as_the_new_one():
     assert early.frame(code, old_sample).function == "old_fn (app.py:10)"
     # a fingerprint BPF could not read (0): whatever is there
     assert late.frame(code, OFFSET_UNKNOWN).function == "new_fn (app.py:20)"
+    # the newer code object's name string also where the old one's was (the
+    # same allocations again, as in a loop of exec): its text tells them apart
+    memory[code] = code_object(old_name, path, 10)
+    first = sample(10, old_name)
+    memory[old_name] = unicode_object("old_fx", 1, True).ljust(96, b"\0")
+    again = MemoryResolver(memory)
+    assert again.frame(code, first).function == "[unknown]" and again.stale == 1
+    assert again.frame(code, sample(10, old_name)).function == "old_fx (app.py:10)"
 
 
 def test_an_unreadable_code_object_is_unknown():
@@ -316,7 +326,9 @@ def walk_like_bpf(r: PyResolver, runtime: int, tid: int) -> list[tuple[int, int]
         prev_instr = word(r, f + OFF.frame_prev_instr)
         # py_instr_word: prev_instr's offset in the code object, its fingerprint
         first = int.from_bytes(r.read(code + OFF.code_firstlineno, 4) or b"", "little")
-        fp = code_fingerprint(first, word(r, code + OFF.code_qualname))
+        qualname = word(r, code + OFF.code_qualname)
+        fp = code_fingerprint(first, qualname, r.read(qualname, OFF.unicode_compact_size) or b"",
+                              OFF)
         offset = prev_instr - code if 0 <= prev_instr - code < OFFSET_UNKNOWN else OFFSET_UNKNOWN
         out.append((code | (1 if entry else 0), offset | fp << 32))
         f = word(r, f + OFF.frame_previous)
