@@ -28,7 +28,8 @@ _Static_assert(((MT_PY_UNICODE_STATE - MT_PY_UNICODE_LENGTH) & 7) == 0, "state a
  * object (MT_PY_OFFSET_UNKNOWN when outside 32 bits) in the low half, and the
  * code object's fingerprint, read now, in the high half: user space names the
  * code object at that address later, and checks it is still the one sampled
- * (stacks/python.py code_fingerprint: the same formula; 0 when unreadable).
+ * (stacks/python.py code_fingerprint: the same formula; 0 when the code
+ * object or its name could not be read: then any object there is taken).
  * The fingerprint folds co_firstlineno, the address of co_qualname, and that
  * string's length and (ASCII) first 8 characters: a code object allocated
  * where a freed one was, its name where the freed name was, still differs
@@ -45,18 +46,20 @@ static __always_inline u64 py_instr_word(u64 code, u64 prev_instr)
         u32 firstlineno = (u32)fields[0];
         u64 qualname = fields[(MT_PY_CODE_QUALNAME - MT_PY_CODE_LO) / 8];
         u64 str[MT_PY_STR_SPAN / 8] = {};
-        u64 len = 0, text = 0;
+        /* a name string BPF cannot read (its page swapped out: BPF does not
+         * fault pages in) leaves the fingerprint 0, "not checked", rather
+         * than one user space, which reads it, would not match */
         if (qualname && bpf_probe_read_user(str, sizeof(str),
                                             (void *)(qualname + MT_PY_UNICODE_LENGTH)) == 0) {
-            len = str[0];
+            u64 len = str[0], text = 0;
             if ((str[(MT_PY_UNICODE_STATE - MT_PY_UNICODE_LENGTH) / 8] >> 6) & 1) {
                 text = str[(MT_PY_UNICODE_ASCII_SIZE - MT_PY_UNICODE_LENGTH) / 8];
                 if (len < 8)
                     text &= (1ULL << (len * 8)) - 1;
             }
+            fp = (u32)(qualname >> 4) ^ (firstlineno * 0x9E3779B1U) ^ ((u32)len * 0x85EBCA6BU)
+                 ^ (u32)text ^ (u32)(text >> 32);
         }
-        fp = (u32)(qualname >> 4) ^ (firstlineno * 0x9E3779B1U) ^ ((u32)len * 0x85EBCA6BU)
-             ^ (u32)text ^ (u32)(text >> 32);
     }
     return off | ((u64)fp << 32);
 }
