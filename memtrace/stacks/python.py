@@ -201,19 +201,14 @@ class PyResolver:
 
     def code(self, addr: int, fingerprint: int = 0) -> PyCode | None:
         """The code object at addr, if it is the one with that fingerprint (0:
-        any). One read per address while its object stays the same."""
-        if addr in self._codes:
-            known = self._codes[addr]
-            if known is None or not fingerprint or known.fingerprint == fingerprint:
-                return known
-            found = self._read_code(addr)      # another object there since
-            if found is not None and found.fingerprint == fingerprint:
-                self._codes[addr] = found
-                return found
-            self.stale += 1
-            return None
+        any). Read again only when a sample's fingerprint is not the cached
+        object's (another object there since); the cache keeps what is there now."""
+        known = self._codes.get(addr)
+        if addr in self._codes and (known is None or not fingerprint
+                                    or known.fingerprint == fingerprint):
+            return known
         found = self._read_code(addr)
-        if len(self._codes) >= _MAX_CODES:
+        if addr not in self._codes and len(self._codes) >= _MAX_CODES:
             self._codes.clear()
             self._frames.clear()
         self._codes[addr] = found
