@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import math
 import os
 import re
 import signal
@@ -346,6 +347,26 @@ class Memtrace:
 
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def median_ci(xs: Sequence[float], level: float = 0.90) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of xs: the order
+    statistics x_(k) and x_(n-k+1) with the largest k for which
+    P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so that the interval holds
+    the true median with probability >= level whatever the distribution.
+    None when n is too small for that level (n < 5 at 90 %)."""
+    n = len(xs)
+    tail = (1 - level) / 2
+    k, below = 0, 0.0           # below: P(Binomial(n, 1/2) < k + 1)
+    while k < n // 2:
+        below += math.comb(n, k) / 2 ** n
+        if below > tail:
+            break
+        k += 1
+    if k == 0:
+        return None
+    ordered = sorted(xs)
+    return ordered[k - 1], ordered[n - k]
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -31,6 +31,12 @@ times its own loop and prints the elapsed seconds. Also recorded per tool run:
 the tool's CPU (user+sys from /proc/PID/stat) during the timed loop, and for
 memtrace from its start to the first snapshot, its peak RSS (VmHWM) at the end
 of the loop, and the start-to-first-snapshot time.
+
+Verdicts: each kind's paired ratio (the median of each round's time over that
+round's baseline) comes with a 90 % distribution-free interval (order
+statistics, benchcommon.median_ci; from 5 rounds). A goal is "met" or "MISSED"
+only when the whole interval lies on one side of it, else "not decided"; memtrace
+against the peer likewise, from each round's memtrace time over the peer's.
 """
 
 from __future__ import annotations
@@ -284,13 +290,31 @@ def print_run(name: str, r: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
+def _round_ratios(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[float]:
+    """Each round's elapsed time over that round's baseline (or other kind's)."""
+    base_by_rep = {r["rep"]: r["elapsed_s"] for r in base}
+    return [r["elapsed_s"] / base_by_rep[r["rep"]] for r in runs if r["rep"] in base_by_rep]
+
+
 def _paired(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
     """The median of each round's ratio to that round's baseline: the kinds of one
     round ran minutes apart at most, so a slower stretch of the host moves them
     together, where it moves one column's median alone."""
-    base_by_rep = {r["rep"]: r["elapsed_s"] for r in base}
-    ratios = [r["elapsed_s"] / base_by_rep[r["rep"]] for r in runs if r["rep"] in base_by_rep]
+    ratios = _round_ratios(runs, base)
     return bc.median(ratios) if ratios else None
+
+
+def verdict(ci: tuple[float, float] | None, ratio: float, goal: float) -> str:
+    """met / MISSED when the 90 % interval of the paired ratio lies on one side
+    of the goal; "not decided" when it holds the goal (the rounds' spread is
+    wider than the margin); by the ratio alone without an interval."""
+    if ci is None:
+        return "met" if ratio <= goal else "MISSED"
+    if ci[1] <= goal:
+        return "met"
+    if ci[0] > goal:
+        return "MISSED"
+    return "not decided"
 
 
 def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -312,6 +336,7 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
         k: dict[str, Any] = {
             "n": len(rs), "median_s": med, "ratio": med / base_s,
             "paired_ratio": _paired(rs, base),
+            "paired_ci90": bc.median_ci(_round_ratios(rs, base)),
             "median_loop_cpu_s": cpu, "cpu_ratio": cpu / base_cpu,
             "disturbed_kept": sum(1 for r in rs if r["disturbed"]),
             "median_tool_cpu_loop_s": bc.median([r["cpu_loop_s"] for r in rs]),
@@ -340,7 +365,26 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             k["peer_events"] = [r.get("peer_events") for r in rs]
         out["kinds"][kind] = k
     out["median_foreign_cpu_s"] = bc.median([r["foreign_cpu_s"] for r in runs])
+    if "memtrace" in by_kind and "stackcount" in by_kind:
+        # memtrace's time over the peer's in the same round
+        over = _round_ratios(by_kind["memtrace"], by_kind["stackcount"])
+        out["memtrace_over_peer"] = {"paired": bc.median(over) if over else None,
+                                     "ci90": bc.median_ci(over)}
     return out
+
+
+def _against_peer(s: dict[str, Any]) -> str:
+    """memtrace over the peer, round by round: its median and 90 % interval, and
+    whether that interval says ahead, behind or neither."""
+    o = s.get("memtrace_over_peer")
+    if not o or o["paired"] is None:
+        return ""
+    ci = o["ci90"]
+    text = f"; paired memtrace/peer {o['paired']:.3f}"
+    if ci is None:
+        return text
+    side = "ahead" if ci[1] < 1 else "BEHIND" if ci[0] > 1 else "level within the rounds' spread"
+    return f"{text} (90 % {ci[0]:.3f}-{ci[1]:.3f}): {side}"
 
 
 def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[Any]],
@@ -369,9 +413,11 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
             if k is None:
                 row.append("-")
                 continue
-            goal = f" (<= {k['goal']:.2f}x {'met' if k['ratio'] <= k['goal'] else 'MISSED'})" \
-                if "goal" in k else ""
-            paired = f" (paired {k['paired_ratio']:.3f}x)" if k.get("paired_ratio") else ""
+            ci = k.get("paired_ci90")
+            goal = f" (<= {k['goal']:.2f}x " \
+                f"{verdict(ci, k['paired_ratio'] or k['ratio'], k['goal'])})" if "goal" in k else ""
+            paired = f" (paired {k['paired_ratio']:.3f}x" if k.get("paired_ratio") else ""
+            paired += f", 90 % {ci[0]:.3f}-{ci[1]:.3f})" if ci else (")" if paired else "")
             row.append(f"{fmt(k['median_s'])} = {k['ratio']:.3f}x{paired}{goal}; tool CPU "
                        f"{fmt(k['median_tool_cpu_loop_s'], 2)}")
         rows.append(row)
@@ -380,7 +426,9 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
     print(bc.table(["workload", "baseline s"] + [LABELS[k] for k in shown], rows))
     print()
     print("Medians over the kept runs. Ratio = median elapsed / baseline median; paired = "
-          "median of each round's elapsed / that round's baseline. 'tool CPU'")
+          "median of each round's elapsed / that round's baseline, with its 90 % "
+          "distribution-free interval (order statistics); a goal is met or missed when "
+          "that interval lies on one side of it, else not decided. 'tool CPU'")
     print("is the tool's own CPU (user+sys, with children) during the timed loop; BPF")
     print("programs run in the workload's context and are counted in its time.")
     for name, s in summary.items():
@@ -388,9 +436,9 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
             continue
         mt, peer = s["kinds"].get("memtrace"), s["kinds"].get("stackcount")
         if mt and peer:
-            verdict = "ahead" if mt["ratio"] <= peer["ratio"] else "BEHIND"
+            side = "ahead" if mt["ratio"] <= peer["ratio"] else "BEHIND"
             print(f"{name}: memtrace {mt['ratio']:.3f}x vs {peer['peer']} "
-                  f"{peer['ratio']:.3f}x: {verdict}")
+                  f"{peer['ratio']:.3f}x: {side}{_against_peer(s)}")
         floor = s["kinds"].get("floor")
         if floor:
             over = [f"{LABELS[k]} {s['kinds'][k]['median_s'] / floor['median_s']:.3f}x"
