@@ -24,7 +24,8 @@ malloc+free pair; every mode below runs the same binary:
                  pay per call with probes in libc, before any work
 
 Modes are interleaved, REPEAT rounds; the median of each is reported, and the
-median of its per-round ratios to the bare loop of the same round ("paired").
+median of its per-round ratios to the bare loop of the same round ("paired", with
+its 90 % distribution-free interval from 5 rounds: benchcommon.median_ci).
 Run as root: sudo .venv/bin/python benchmarks/malloc_overhead.py
 """
 
@@ -43,7 +44,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.benchcommon import DEFAULT_MEMTRACE, build, kill, median, spawn, table  # noqa: E402
+from benchmarks.benchcommon import (  # noqa: E402
+    DEFAULT_MEMTRACE,
+    build,
+    kill,
+    median,
+    median_ci,
+    spawn,
+    table,
+)
 from memtrace.commands.options import DEFAULT_MALLOC_MAX_RATE  # noqa: E402
 from memtrace.malloc.shim import build_shim, child_env  # noqa: E402
 
@@ -228,12 +237,21 @@ def main() -> None:
     # per-round ratios cancels much of the host's slower stretches, which move
     # the medians of whole columns by more than the few per cent sought.
     rows = [(name, f"{median(v):.2f}", f"{median(v) / base:.3f}x",
-             f"{median([x / b for x, b in zip(v, results['bare'])]):.3f}x",
-             " ".join(f"{x:.1f}" for x in v)) for name, v in results.items()]
-    print(table(["mode", "ns per malloc+free (median)", "vs bare", "paired", "runs"], rows))
+             _paired(v, results["bare"]), " ".join(f"{x:.1f}" for x in v))
+            for name, v in results.items()]
+    print(table(["mode", "ns per malloc+free (median)", "vs bare", "paired (90 %)", "runs"],
+                rows))
     print(f"run --malloc samples per run: {'; '.join(SAMPLES)} (steps {args.steps}, "
           f"period {PERIOD}, max rate {MAX_RATE}, touch {TOUCH})")
     print(f"load average: {os.getloadavg()}; {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+
+def _paired(times: list[float], bare: list[float]) -> str:
+    """The median of the per-round ratios to the bare loop, with its 90 %
+    distribution-free interval (benchcommon.median_ci) from 5 rounds."""
+    ratios = [x / b for x, b in zip(times, bare)]
+    ci = median_ci(ratios)
+    return f"{median(ratios):.3f}x" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
 
 
 if __name__ == "__main__":
