@@ -369,6 +369,11 @@ def median_ci(xs: Sequence[float], level: float = 0.90) -> tuple[float, float] |
     return ordered[k - 1], ordered[n - k]
 
 
+def ratio_text(ratio: float, ci: tuple[float, float] | None, unit: str = "x") -> str:
+    """"1.040x, 90 % 1.037-1.066": a paired ratio and its interval (median_ci)."""
+    return f"{ratio:.3f}{unit}" + (f", 90 % {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]

@@ -50,6 +50,7 @@ from benchmarks.benchcommon import (  # noqa: E402
     kill,
     median,
     median_ci,
+    ratio_text,
     spawn,
     table,
 )
@@ -250,8 +251,7 @@ def _paired(times: list[float], bare: list[float]) -> str:
     """The median of the per-round ratios to the bare loop, with its 90 %
     distribution-free interval (benchcommon.median_ci) from 5 rounds."""
     ratios = [x / b for x, b in zip(times, bare)]
-    ci = median_ci(ratios)
-    return f"{median(ratios):.3f}x" + (f" ({ci[0]:.3f}-{ci[1]:.3f})" if ci else "")
+    return ratio_text(median(ratios), median_ci(ratios))
 
 
 if __name__ == "__main__":

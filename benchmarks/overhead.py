@@ -290,18 +290,15 @@ def print_run(name: str, r: dict[str, Any]) -> None:
           file=sys.stderr, flush=True)
 
 
-def _round_ratios(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> list[float]:
-    """Each round's elapsed time over that round's baseline (or other kind's)."""
+def _paired(runs: list[dict[str, Any]],
+            base: list[dict[str, Any]]) -> tuple[float | None, tuple[float, float] | None]:
+    """The median of each round's elapsed time over that round's baseline (or
+    another kind's), and its 90 % interval: the kinds of one round ran minutes
+    apart at most, so a slower stretch of the host moves them together, where it
+    moves one column's median alone."""
     base_by_rep = {r["rep"]: r["elapsed_s"] for r in base}
-    return [r["elapsed_s"] / base_by_rep[r["rep"]] for r in runs if r["rep"] in base_by_rep]
-
-
-def _paired(runs: list[dict[str, Any]], base: list[dict[str, Any]]) -> float | None:
-    """The median of each round's ratio to that round's baseline: the kinds of one
-    round ran minutes apart at most, so a slower stretch of the host moves them
-    together, where it moves one column's median alone."""
-    ratios = _round_ratios(runs, base)
-    return bc.median(ratios) if ratios else None
+    ratios = [r["elapsed_s"] / base_by_rep[r["rep"]] for r in runs if r["rep"] in base_by_rep]
+    return (bc.median(ratios) if ratios else None), bc.median_ci(ratios)
 
 
 def verdict(ci: tuple[float, float] | None, ratio: float, goal: float) -> str:
@@ -333,10 +330,10 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         med = bc.median([r["elapsed_s"] for r in rs])
         cpu = bc.median([r["loop_cpu_s"] for r in rs])
+        paired, ci = _paired(rs, base)
         k: dict[str, Any] = {
             "n": len(rs), "median_s": med, "ratio": med / base_s,
-            "paired_ratio": _paired(rs, base),
-            "paired_ci90": bc.median_ci(_round_ratios(rs, base)),
+            "paired_ratio": paired, "paired_ci90": ci,
             "median_loop_cpu_s": cpu, "cpu_ratio": cpu / base_cpu,
             "disturbed_kept": sum(1 for r in rs if r["disturbed"]),
             "median_tool_cpu_loop_s": bc.median([r["cpu_loop_s"] for r in rs]),
@@ -367,9 +364,8 @@ def summarise(name: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
     out["median_foreign_cpu_s"] = bc.median([r["foreign_cpu_s"] for r in runs])
     if "memtrace" in by_kind and "stackcount" in by_kind:
         # memtrace's time over the peer's in the same round
-        over = _round_ratios(by_kind["memtrace"], by_kind["stackcount"])
-        out["memtrace_over_peer"] = {"paired": bc.median(over) if over else None,
-                                     "ci90": bc.median_ci(over)}
+        paired, ci = _paired(by_kind["memtrace"], by_kind["stackcount"])
+        out["memtrace_over_peer"] = {"paired": paired, "ci90": ci}
     return out
 
 
@@ -380,11 +376,11 @@ def _against_peer(s: dict[str, Any]) -> str:
     if not o or o["paired"] is None:
         return ""
     ci = o["ci90"]
-    text = f"; paired memtrace/peer {o['paired']:.3f}"
+    text = f"; paired memtrace/peer {bc.ratio_text(o['paired'], ci, unit='')}"
     if ci is None:
         return text
     side = "ahead" if ci[1] < 1 else "BEHIND" if ci[0] > 1 else "level within the rounds' spread"
-    return f"{text} (90 % {ci[0]:.3f}-{ci[1]:.3f}): {side}"
+    return f"{text}: {side}"
 
 
 def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[Any]],
@@ -416,8 +412,8 @@ def report(all_runs: dict[str, list[dict[str, Any]]], discarded: dict[str, list[
             ci = k.get("paired_ci90")
             goal = f" (<= {k['goal']:.2f}x " \
                 f"{verdict(ci, k['paired_ratio'] or k['ratio'], k['goal'])})" if "goal" in k else ""
-            paired = f" (paired {k['paired_ratio']:.3f}x" if k.get("paired_ratio") else ""
-            paired += f", 90 % {ci[0]:.3f}-{ci[1]:.3f})" if ci else (")" if paired else "")
+            paired = f" (paired {bc.ratio_text(k['paired_ratio'], ci)})" \
+                if k.get("paired_ratio") else ""
             row.append(f"{fmt(k['median_s'])} = {k['ratio']:.3f}x{paired}{goal}; tool CPU "
                        f"{fmt(k['median_tool_cpu_loop_s'], 2)}")
         rows.append(row)
