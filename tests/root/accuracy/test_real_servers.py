@@ -435,12 +435,10 @@ class PssTally:
             else:
                 self.differs[start] = (f"{start:x}-{m['end']:x} {m['perms']} {m['path']}: watch "
                                        f"(pss, uss, swap) kB {_got(m)} != smaps {want}")
-        if not self.total_ok and roll_before == roll_after:
+        if not self.total_ok and _rollup_key(roll_before) == _rollup_key(roll_after):
             got = (snap["pss_bytes"] // 1024, snap["uss_bytes"] // 1024,
                    snap["swap_bytes"] // 1024)
-            want_total = (roll_before["Pss"],
-                          roll_before["Private_Clean"] + roll_before["Private_Dirty"],
-                          roll_before["Swap"])
+            want_total = _rollup_key(roll_before)[1:]
             self.total_ok = got == want_total
             self.total_diff = f"process (pss, uss, swap) kB {got} != smaps_rollup {want_total}"
 
