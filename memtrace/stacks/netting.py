@@ -113,15 +113,20 @@ class StackTracker:
         unwound = iter(self.unwinder.unwind_many(
             self.pid, vmas, [(r.ip, r.sp, r.bp, r.stack) for r in samples]) if samples else ())
         mapping_of = _MappingFinder(self, vmas, self._exe_now())
+        # unwind_many gives one Stack object to all samples of one walk, and
+        # `unwound` keeps them alive: their ids name them during this batch
+        sid_of: dict[int, int] = {}
         for r in records:
             if isinstance(r, ReleaseRecord):
                 self._release(r)
                 continue
             stack = next(unwound)
             if r.py_frames and self.python is not None:
-                stack = merge(stack, self.python.groups(
-                    r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED)))
-            sid = self._stacks.intern(stack)
+                sid = self._stacks.intern(merge(stack, self.python.groups(
+                    r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED))))
+            else:
+                found = sid_of.get(id(stack))
+                sid = sid_of[id(stack)] = self._stacks.intern(stack) if found is None else found
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))
             chunk = r.addr >> CHUNK_SHIFT
@@ -310,6 +315,7 @@ class _MappingFinder:
         self.ends = [v.end for v in self.vmas]
         self.segments = segments_for(owner, self.vmas, exe, owner.pid,
                                      owner.unwinder.proc_root)
+        self._by_index: dict[int, MappingKey] = {}
 
     def of_vma(self, vma: Vma) -> MappingKey:
         seg = self.segments.get(vma.start)
@@ -321,5 +327,8 @@ class _MappingFinder:
     def __call__(self, addr: int) -> MappingKey:
         i = bisect_right(self.ends, addr)
         if i < len(self.vmas) and self.vmas[i].start <= addr:
-            return self.of_vma(self.vmas[i])
+            key = self._by_index.get(i)
+            if key is None:
+                key = self._by_index[i] = self.of_vma(self.vmas[i])
+            return key
         return UNMAPPED

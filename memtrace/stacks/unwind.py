@@ -26,9 +26,12 @@ frame pointer, are unwound by their fixed layout once their code is checked."""
 
 from __future__ import annotations
 
+import sys
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any
 
 from memtrace.stacks.cfi import RBP, RIP, RSP, Read, Row, Rule, evaluate
 from memtrace.stacks.modules import Module, ModuleCache
@@ -59,8 +62,32 @@ class RawFrame:
 
 
 _Walk = tuple[list[RawFrame], bool]
-_Reads = tuple[tuple[int, "int | None"], ...]
 _MEMO_PER_REGS = 8      # distinct stacks remembered per (ip, sp, bp) in one batch
+_LITTLE = sys.byteorder == "little"    # a copy cast to native words reads as the walk does
+
+
+class _Check:
+    """Whether another copy of the same length taken at the same sp holds the
+    words one walk read. With the same sp and length a read outside the copy
+    is outside it again, so only the words inside are compared: in one C-level
+    gather (`itemgetter` over the copy as 64-bit words) when every read is
+    word-aligned in a copy of whole words, else word by word."""
+
+    def __init__(self, sp: int, size: int, log: list[tuple[int, int | None]]) -> None:
+        inside = sorted({(addr - sp, value) for addr, value in log if value is not None})
+        self.offsets = [off for off, _ in inside]
+        self.values = [value for _, value in inside]
+        self.gather: Callable[[memoryview], Any] | None = None
+        if (_LITTLE and size % 8 == 0 and self.offsets
+                and all(off % 8 == 0 for off in self.offsets)):
+            self.gather = itemgetter(*(off // 8 for off in self.offsets))
+            self.want: object = tuple(self.values) if len(self.values) > 1 else self.values[0]
+
+    def holds(self, stack: bytes) -> bool:
+        if self.gather is not None:
+            return bool(self.gather(memoryview(stack).cast("Q")) == self.want)
+        return all(int.from_bytes(stack[off:off + 8], "little") == value
+                   for off, value in zip(self.offsets, self.values))
 
 
 def _word(stack: bytes, base: int, addr: int) -> int | None:
@@ -108,7 +135,7 @@ class Unwinder:
         (ip, sp, bp) and the words it read, so a sample whose registers match
         an earlier walk's, and whose copy holds the same words where that walk
         read, gets that walk without unwinding again."""
-        memo: dict[tuple[int, int, int], list[tuple[_Reads, _Walk]]] = {}
+        memo: dict[tuple[int, int, int, int], list[tuple[_Check, _Walk]]] = {}
         self.perf_maps.new_batch()
         walks = [self._walk_memo(memo, pid, vmas, ip, sp, bp, stack)
                  for ip, sp, bp, stack in regs]
@@ -120,17 +147,17 @@ class Unwinder:
         built = {id(w): self._stack(*w) for w in unique}
         return [built[id(w)] for w in walks]
 
-    def _walk_memo(self, memo: dict[tuple[int, int, int], list[tuple[_Reads, _Walk]]],
+    def _walk_memo(self, memo: dict[tuple[int, int, int, int], list[tuple[_Check, _Walk]]],
                    pid: int, vmas: Sequence[Vma], ip: int, sp: int, bp: int,
                    stack: bytes) -> _Walk:
-        seen = memo.setdefault((ip, sp, bp), [])
-        for reads, walk in seen:
-            if all(_word(stack, sp, addr) == value for addr, value in reads):
+        seen = memo.setdefault((ip, sp, bp, len(stack)), [])
+        for check, walk in seen:
+            if check.holds(stack):
                 return walk
         log: list[tuple[int, int | None]] = []
         walk = self.walk(pid, vmas, ip, sp, bp, stack, log)
         if len(seen) < _MEMO_PER_REGS:
-            seen.append((tuple(log), walk))
+            seen.append((_Check(sp, len(stack), log), walk))
         return walk
 
     # -- unwinding -------------------------------------------------------------

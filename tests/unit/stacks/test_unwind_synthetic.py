@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from memtrace.stacks.profile import TRUNCATED
-from memtrace.stacks.unwind import Unwinder
+from memtrace.stacks.unwind import Unwinder, _Check
 from memtrace.trace.procfs import Vma
 from memtrace.util.elf import PT_LOAD, program_headers
 
@@ -280,3 +280,25 @@ def test_a_cpython_perf_trampoline_is_unwound_by_its_layout(prog, tmp_path, code
         assert stack.frames[1].module == "[jit]" and not stack.truncated
     else:
         assert names == ["inner", "py::handler:/app/views.py", "[truncated]"]
+
+
+@pytest.mark.parametrize("size, offsets",
+                         [(64, (8, 24)), (64, (16,)), (60, (8, 24)), (64, (4, 24))])
+def test_a_memo_check_compares_the_words_read_inside_the_copy(size, offsets):
+    """_Check gathers aligned words of a whole-word copy at once and falls
+    back to word by word otherwise (odd length, unaligned read); reads past
+    the copy (None) are not compared; any other word may differ."""
+    sp = 0x7FFD0000
+    copy = bytearray(range(size))
+    log = [(sp + off, int.from_bytes(copy[off:off + 8], "little")) for off in offsets]
+    log.append((sp + 4096, None))
+    check = _Check(sp, size, log)
+    assert (check.gather is not None) == (size % 8 == 0 and all(o % 8 == 0 for o in offsets))
+    assert check.holds(bytes(copy))
+    other = bytearray(copy)
+    other[0] ^= 0xFF                  # no read covers byte 0
+    assert check.holds(bytes(other))
+    for off in offsets:
+        changed = bytearray(copy)
+        changed[off + 3] ^= 0x01
+        assert not check.holds(bytes(changed))
