@@ -156,12 +156,14 @@ def with_malloc_probes(loop: Path, steps: int, delay: float, shim: str,
     `run --malloc` costs without the rest of memtrace (no unwinding, no ticks)."""
     import bcc
 
-    from memtrace.trace.probes import _MallocProbes
+    from memtrace.trace.mallocprobes import MallocProbes
+    from memtrace.trace.probes import MAX_TARGETS
 
     p = spawn([str(loop), str(steps), str(delay), TOUCH], stdout=subprocess.PIPE, env=env)
     probes = None
     try:
-        probes = _MallocProbes(bcc, Path(__file__).resolve().parents[1] / "bpf", shim)
+        probes = MallocProbes(bcc, Path(__file__).resolve().parents[1] / "bpf", shim,
+                              MAX_TARGETS)
         probes.add(p.pid)
         out, _ = p.communicate(timeout=3600)
         records, counts = probes.take()

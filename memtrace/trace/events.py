@@ -5,7 +5,9 @@ is tested on recorded bytes."""
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -297,51 +299,46 @@ class RawStackRelease(ctypes.Structure):
     ]
 
 
-def _release(raw: RawStackRelease) -> ReleaseRecord:
-    return ReleaseRecord(tgid=raw.tgid, start=raw.start, end=raw.end, to=raw.to,
-                         to_end=raw.to_end, epoch=raw.epoch)
+# Both stack records begin with these fields (tgid, epoch, then mt_stack_sample's
+# addr, ip, sp, bp where mt_stack_release has start, end, to, to_end; len,
+# flags); a sample goes on with py_count, py_flags and the two CPython arrays.
+_STACK_COMMON = struct.Struct("=IIQQQQII")
+_PY_HEAD = struct.Struct("=II")
+_PY_ARRAYS = struct.Struct(f"={PY_FRAMES}Q{PY_FRAMES}Q")
+_STACK_HEAD_SIZE = _STACK_COMMON.size + _PY_HEAD.size + _PY_ARRAYS.size
+Buffer = bytes | bytearray | memoryview | mmap.mmap
 
 
-def _py_frames(raw: RawStackHeader) -> tuple[tuple[int, int], ...]:
-    n = min(raw.py_count, PY_FRAMES)
-    return tuple(zip(raw.py_code[:n], raw.py_instr[:n]))
+def decode_stack_sample_in(buf: Buffer, offset: int, size: int, weight: int) -> SampleRecord:
+    """decode_stack_sample of the `size` bytes at `offset` in `buf` (a ring
+    read in place, memtrace.trace.ringbuf): unpacks only the header's fields
+    and copies only the `len` bytes of stack BPF wrote."""
+    if size < _STACK_COMMON.size:
+        raise ValueError(f"stack record of {size} bytes")
+    tgid, epoch, addr, ip, sp, bp, length, flags = _STACK_COMMON.unpack_from(buf, offset)
+    if flags & STACK_RELEASE:
+        return ReleaseRecord(tgid=tgid, start=addr, end=ip, to=sp, to_end=bp, epoch=epoch)
+    if size < _STACK_HEAD_SIZE:
+        raise ValueError(f"stack record of {size} bytes")
+    py_count, py_flags = _PY_HEAD.unpack_from(buf, offset + _STACK_COMMON.size)
+    py_frames: tuple[tuple[int, int], ...] = ()
+    if py_count:
+        arrays = _PY_ARRAYS.unpack_from(buf, offset + _STACK_COMMON.size + _PY_HEAD.size)
+        n = min(py_count, PY_FRAMES)
+        py_frames = tuple(zip(arrays[:n], arrays[PY_FRAMES:PY_FRAMES + n]))
+    start = offset + _STACK_HEAD_SIZE
+    n = max(0, min(length, size - _STACK_HEAD_SIZE))
+    return StackRecord(tgid=tgid, addr=addr, ip=ip, sp=sp, bp=bp, weight=weight,
+                       stack=bytes(buf[start:start + n]), epoch=epoch,
+                       from_kernel=bool(flags & STACK_FROM_KERNEL), py_frames=py_frames,
+                       py_flags=py_flags, forced=bool(flags & STACK_FORCED))
 
 
 def decode_stack_sample(data: bytes, weight: int) -> SampleRecord:
     """A sampled fault as BPF wrote it (or a release); `weight` is the bytes
     each sample stands for (memtrace.trace.sampling.sample_weight). Only the
     `len` bytes BPF copied are kept (never more than the record holds)."""
-    rel = RawStackRelease.from_buffer_copy(data[:ctypes.sizeof(RawStackRelease)])
-    if rel.flags & STACK_RELEASE:
-        return _release(rel)
-    size = ctypes.sizeof(RawStackHeader)
-    raw = RawStackHeader.from_buffer_copy(data[:size])
-    return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
-                       weight=weight, stack=bytes(data[size:size + raw.len]),
-                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL),
-                       py_frames=_py_frames(raw), py_flags=raw.py_flags,
-                       forced=bool(raw.flags & STACK_FORCED))
-
-
-def decode_stack_sample_at(address: int, size: int, weight: int) -> SampleRecord:
-    """decode_stack_sample of a record in place (a ring buffer's memory, valid
-    during its callback): copies only the header's fields and the `len` bytes
-    of stack BPF wrote, not the whole 8 KiB record first."""
-    if size < ctypes.sizeof(RawStackRelease):
-        raise ValueError(f"stack record of {size} bytes")
-    rel = RawStackRelease.from_address(address)
-    if rel.flags & STACK_RELEASE:
-        return _release(rel)
-    head = ctypes.sizeof(RawStackHeader)
-    if size < head:
-        raise ValueError(f"stack record of {size} bytes")
-    raw = RawStackHeader.from_address(address)
-    n = max(0, min(raw.len, size - head))
-    return StackRecord(tgid=raw.tgid, addr=raw.addr, ip=raw.ip, sp=raw.sp, bp=raw.bp,
-                       weight=weight, stack=ctypes.string_at(address + head, n),
-                       epoch=raw.epoch, from_kernel=bool(raw.flags & STACK_FROM_KERNEL),
-                       py_frames=_py_frames(raw) if raw.py_count else (),
-                       py_flags=raw.py_flags, forced=bool(raw.flags & STACK_FORCED))
+    return decode_stack_sample_in(data, 0, len(data), weight)
 
 
 @dataclass

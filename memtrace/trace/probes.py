@@ -23,6 +23,7 @@ from typing import Any
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.trace import btf
 from memtrace.trace.events import (
+    Buffer,
     ChunkMark,
     Drained,
     RawStats,
@@ -31,19 +32,14 @@ from memtrace.trace.events import (
     SyscallEvent,
     decode_event,
     decode_range,
-    decode_stack_sample_at,
+    decode_stack_sample_in,
     decode_stats,
 )
-from memtrace.trace.mallocevents import (
-    MALLOC_COUNTS,
-    MallocRecord,
-    SampleBacklog,
-    decode_malloc_free,
-    decode_malloc_sample,
-)
+from memtrace.trace.mallocprobes import MallocProbes
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import thp_mode
 from memtrace.trace.pyoffsets import PY311_X86_64
+from memtrace.trace.ringbuf import RingReader
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
 from memtrace.util.log import debug, log
 
@@ -55,12 +51,6 @@ EVENTS_PAGES = 256      # 1 MiB: ~14k event records per drain
 EVENT_CREDIT = 2000     # event records streamed per process per drain; the rest only counted
 STACKS_PAGES = 2048     # 8 MiB: ~1000 sampled stacks (8 KiB each) per drain
 STACKS_READER_PAUSE = 0.05  # s: the stack reader's rest after each read (at most 20 reads/s)
-MALLOC_PAGES = 8192     # 32 MiB: ~4000 sampled allocations (8 KiB of stack each) between reads
-MALLOC_READER_PAUSE = 0.01  # s: the --malloc reader's rest after each read
-# sampled allocations held between two ticks (mallocevents.SampleBacklog):
-# with their stack copies up to these bytes, then this many without
-MALLOC_BACKLOG_BYTES = 128 << 20
-MALLOC_BACKLOG_STACKLESS = 250_000
 
 
 def bpf_source_dir() -> Path:
@@ -250,11 +240,13 @@ class Probes:
         self._rings_lock = threading.Lock()
         self._reader_stop = threading.Event()
         self._reader: threading.Thread | None = None
+        self._stack_ring: RingReader | None = None    # read in place, not through bcc
         if stacks:
             self._start_stacks(stack_period)
-        self._malloc: _MallocProbes | None = None
+        self._malloc: MallocProbes | None = None
         if malloc_shim is not None:
-            self._malloc = _MallocProbes(bcc, src, malloc_shim, python=self._python)
+            self._malloc = MallocProbes(bcc, src, malloc_shim, MAX_TARGETS,
+                                        python=self._python)
 
     def _start_stacks(self, period: int) -> None:
         """Fill the gap table BPF draws from, and collect the sampled stacks."""
@@ -263,12 +255,16 @@ class Probes:
             gaps[gaps.Key(i)] = gaps.Leaf(gap)
         self.stack_weight = sample_weight(period, os.sysconf("SC_PAGE_SIZE"))
         ring = self.bpf["stack_samples"]
-        ring.open_ring_buffer(self._on_stack)
-        self._reader = threading.Thread(target=self._read_stacks, args=(ring.map_fd,),
+        try:
+            reader = self._stack_ring = RingReader.of_map(ring.map_fd, ring.max_entries)
+        except (OSError, ValueError) as e:
+            raise MemtraceError(f"mapping the stack samples' ring failed: {e}",
+                                ExitCode.BPF_LOAD_FAILED) from None
+        self._reader = threading.Thread(target=self._read_stacks, args=(ring.map_fd, reader),
                                         name="memtrace-stacks", daemon=True)
         self._reader.start()
 
-    def _read_stacks(self, ring_fd: int) -> None:
+    def _read_stacks(self, ring_fd: int, reader: RingReader) -> None:
         """Read the rings whenever BPF wakes us (every MT_STACKS_WAKE-th sample
         of a process): a burst of faults between two drains would otherwise
         fill the stack ring. A poll on a ring's fd returns while it holds data,
@@ -278,11 +274,11 @@ class Probes:
         while not self._reader_stop.is_set():
             if poller.poll(200):
                 with self._rings_lock:
-                    self.bpf.ring_buffer_consume()
+                    reader.consume(self._on_stack)
                 self._reader_stop.wait(STACKS_READER_PAUSE)
 
-    def _on_stack(self, _ctx: Any, data: Any, size: int) -> None:
-        rec = decode_stack_sample_at(data, size, self.stack_weight)
+    def _on_stack(self, buf: Buffer, offset: int, size: int) -> None:
+        rec = decode_stack_sample_in(buf, offset, size, self.stack_weight)
         self._stacks[rec.tgid].append(rec)
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
@@ -410,6 +406,8 @@ class Probes:
         self._swap()
         with self._rings_lock:
             self.bpf.ring_buffer_consume()
+            if self._stack_ring is not None:
+                self._stack_ring.consume(self._on_stack)
             ranges, self._ranges = dict(self._ranges), defaultdict(list)
             events, self._events = self._events, []
             execs, self._execs = self._execs, []
@@ -440,6 +438,9 @@ class Probes:
         if self._reader is not None:
             self._reader_stop.set()
             self._reader.join()
+        if self._stack_ring is not None:
+            self._stack_ring.close()
+            self._stack_ring = None
         if self._malloc is not None:
             self._malloc.close()
             self._malloc = None
@@ -456,83 +457,6 @@ class Probes:
             self.bpf.cleanup()
         except Exception as e:  # detaching must never turn into a traceback at exit
             log(f"warning: detaching probes: {e}")
-
-
-class _MallocProbes:
-    """--malloc (docs/malloc.md): bpf/malloc.bpf.c, its own BPF object, with
-    uprobes on the preloaded sampler's two probed functions; a reader thread
-    empties its rings as they fill (a burst of samples between two drains)."""
-
-    def __init__(self, bcc: Any, src: Path, shim: str, python: bool = False) -> None:
-        cflags = [f"-I{src}", f"-DMT_PAGE_SIZE={os.sysconf('SC_PAGE_SIZE')}",
-                  f"-DMT_MAX_TARGETS={MAX_TARGETS}", f"-DMT_MALLOC_PAGES={MALLOC_PAGES}",
-                  "-Wno-macro-redefined"]
-        self.python = python
-        if python:
-            cflags += PY311_X86_64.bpf_defines()         # CPython 3.11 frames
-        try:
-            self.bpf = bcc.BPF(src_file=str(src / "malloc.bpf.c").encode(), cflags=cflags)
-            for sym, fn in ((b"memtrace_malloc_sampled", b"on_malloc_sampled"),
-                            (b"memtrace_malloc_freed", b"on_malloc_freed")):
-                self.bpf.attach_uprobe(name=shim.encode(), sym=sym, fn_name=fn)
-        except Exception as e:  # bcc raises bare Exception on compile/load/attach failure
-            raise MemtraceError(f"loading the --malloc probes failed: {e}",
-                                ExitCode.BPF_LOAD_FAILED) from None
-        self._targets = self.bpf["malloc_targets"]
-        self._counts = self.bpf["malloc_counts"]
-        self._backlog = SampleBacklog(MALLOC_BACKLOG_BYTES, MALLOC_BACKLOG_STACKLESS)
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        fds = []
-        for ring, decode in (("malloc_samples", decode_malloc_sample),
-                             ("malloc_frees", decode_malloc_free)):
-            self.bpf[ring].open_ring_buffer(functools.partial(self._on_record, decode))
-            fds.append(self.bpf[ring].map_fd)
-        self._reader = threading.Thread(target=self._read, args=(fds,),
-                                        name="memtrace-malloc", daemon=True)
-        self._reader.start()
-
-    def _on_record(self, decode: Any, _ctx: Any, data: Any, size: int) -> None:
-        if decode is decode_malloc_sample and self._backlog.stacks_full():
-            self._backlog.add(decode(data, size, with_stack=False))   # no copy of its stack
-            return
-        self._backlog.add(decode(data, size))
-
-    def _read(self, fds: list[int]) -> None:
-        poller = select.poll()
-        for fd in fds:
-            poller.register(fd, select.POLLIN)
-        while not self._stop.is_set():
-            if poller.poll(200):
-                with self._lock:
-                    self.bpf.ring_buffer_consume()
-                self._stop.wait(MALLOC_READER_PAUSE)
-
-    def add(self, pid: int) -> None:
-        self._targets[self._targets.Key(pid)] = self._targets.Leaf(1)
-
-    def remove(self, pid: int) -> None:
-        with contextlib.suppress(KeyError):
-            del self._targets[self._targets.Key(pid)]
-
-    def take(self) -> tuple[dict[int, list[MallocRecord]], dict[str, int]]:
-        """The records read since the last take, by process, and the loss
-        counters (totals since load)."""
-        with self._lock:
-            self.bpf.ring_buffer_consume()
-            records = self._backlog.take()
-            dropped = self._backlog.dropped
-        counts = {name: int(self._counts[i].value) for i, name in enumerate(MALLOC_COUNTS)}
-        counts["lost"] += dropped
-        return records, counts
-
-    def close(self) -> None:
-        self._stop.set()
-        self._reader.join()
-        try:
-            self.bpf.cleanup()
-        except Exception as e:  # detaching must never turn into a traceback at exit
-            log(f"warning: detaching the --malloc probes: {e}")
 
 
 # A raw-tracepoint program that reads the task's saved user registers the way

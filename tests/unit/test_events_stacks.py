@@ -22,8 +22,9 @@ from memtrace.trace.events import (
     RawStackRelease,
     RawStats,
     ReleaseRecord,
+    StackRecord,
     decode_stack_sample,
-    decode_stack_sample_at,
+    decode_stack_sample_in,
     decode_stats,
 )
 from memtrace.trace.sampling import GAP_TABLE_SIZE
@@ -63,6 +64,23 @@ def test_stack_header_mirrors_the_c_struct():
     assert ctypes.sizeof(RawStackHeader) == HEAD
 
 
+def test_decoder_reads_each_field_where_the_c_struct_has_it():
+    """decode_stack_sample_in's struct formats against RawStackHeader and
+    RawStackRelease (which mirror bpf/memtrace.h): every field distinct."""
+    raw = RawStackHeader(tgid=11, epoch=12, addr=0x1300, ip=0x1400, sp=0x1500, bp=0x1600,
+                         len=5, flags=STACK_FORCED, py_count=2, py_flags=PY_READ)
+    raw.py_code[0], raw.py_code[1], raw.py_instr[0], raw.py_instr[1] = 21, 22, 31, 32
+    rec = decode_stack_sample_in(in_ring(bytes(raw) + b"abcdefgh"), 24,
+                                 ctypes.sizeof(raw) + 8, 9)
+    assert rec == StackRecord(tgid=11, addr=0x1300, ip=0x1400, sp=0x1500, bp=0x1600, weight=9,
+                              stack=b"abcde", epoch=12, from_kernel=False,
+                              py_frames=((21, 31), (22, 32)), py_flags=PY_READ, forced=True)
+    rel = RawStackRelease(tgid=41, epoch=42, start=0x4300, end=0x4400, to=0x4500,
+                          to_end=0x4600, len=0, flags=STACK_RELEASE)
+    assert decode_stack_sample_in(in_ring(bytes(rel)), 24, ctypes.sizeof(rel), 9) == \
+        ReleaseRecord(41, 0x4300, 0x4400, 0x4500, 0x4600, epoch=42)
+
+
 def test_stack_constants_match_header():
     copy = header_define("MT_STACK_COPY")
     assert copy >= 4096 and copy & (copy - 1) == 0     # BPF masks lengths with copy - 1
@@ -89,9 +107,13 @@ def test_decode_python_frames_only_up_to_their_count():
         assert decode(pack_sample()).py_frames == ()
 
 
+def in_ring(data: bytes, offset: int = 24) -> bytearray:
+    """`data` at `offset` in a larger buffer, as a ring holds a record."""
+    return bytearray(b"\xAA" * offset + data + b"\xBB" * 64)
+
+
 def decode_in_place(data: bytes):
-    buf = ctypes.create_string_buffer(data, len(data))
-    return decode_stack_sample_at(ctypes.addressof(buf), len(data), 1)
+    return decode_stack_sample_in(in_ring(data), 24, len(data), 1)
 
 
 def test_stats_carry_the_stack_counters():
@@ -165,11 +187,13 @@ def test_decode_in_place_equals_decode_of_a_copy(length):
     """The ring callback decodes the record where it lies: the same record as
     from a copy, and never more than the record's bytes."""
     data = pack_sample(length=length, stack=bytes(range(256)) * 40, flags=STACK_FROM_KERNEL)
-    buf = ctypes.create_string_buffer(data, len(data))
-    at = decode_stack_sample_at(ctypes.addressof(buf), len(data), 5)
+    at = decode_stack_sample_in(in_ring(data), 24, len(data), 5)
     assert at == decode_stack_sample(data, 5)
+    assert isinstance(at, StackRecord) and len(at.stack) == min(length, len(data) - HEAD)
     with pytest.raises(ValueError):
-        decode_stack_sample_at(ctypes.addressof(buf), 40, 5)
+        decode_stack_sample_in(in_ring(data), 24, 40, 5)
+    with pytest.raises(ValueError):     # the common fields, but not a sample's header
+        decode_stack_sample_in(in_ring(data), 24, ctypes.sizeof(RawStackHeader) - 8, 5)
 
 
 # -- release records (struct mt_stack_release), in the samples' ring ------------------
@@ -194,8 +218,7 @@ def test_decode_release_both_ways(to):
     want = ReleaseRecord(4242, 0x7F0000000000, 0x7F0000100000, to,
                          to + 0x80000 if to else 0, epoch=3)
     assert decode_stack_sample(data, 99) == want
-    buf = ctypes.create_string_buffer(data, len(data))
-    assert decode_stack_sample_at(ctypes.addressof(buf), len(data), 99) == want
+    assert decode_stack_sample_in(in_ring(data), 24, len(data), 99) == want
 
 
 def test_a_sample_is_not_taken_for_a_release():
