@@ -5,7 +5,6 @@ is tested on recorded bytes."""
 from __future__ import annotations
 
 import ctypes
-import mmap
 import os
 import struct
 from dataclasses import dataclass, field
@@ -306,13 +305,13 @@ _STACK_COMMON = struct.Struct("=IIQQQQII")
 _PY_HEAD = struct.Struct("=II")
 _PY_ARRAYS = struct.Struct(f"={PY_FRAMES}Q{PY_FRAMES}Q")
 _STACK_HEAD_SIZE = _STACK_COMMON.size + _PY_HEAD.size + _PY_ARRAYS.size
-Buffer = bytes | bytearray | memoryview | mmap.mmap
+Buffer = bytes | bytearray | memoryview
 
 
 def decode_stack_sample_in(buf: Buffer, offset: int, size: int, weight: int) -> SampleRecord:
-    """decode_stack_sample of the `size` bytes at `offset` in `buf` (a ring
-    read in place, memtrace.trace.ringbuf): unpacks only the header's fields
-    and copies only the `len` bytes of stack BPF wrote."""
+    """decode_stack_sample of the `size` bytes at `offset` in `buf` (a view of
+    a ring buffer's record, valid during its callback): unpacks only the
+    header's fields and copies only the `len` bytes of stack BPF wrote."""
     if size < _STACK_COMMON.size:
         raise ValueError(f"stack record of {size} bytes")
     tgid, epoch, addr, ip, sp, bp, length, flags = _STACK_COMMON.unpack_from(buf, offset)

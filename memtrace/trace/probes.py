@@ -23,7 +23,6 @@ from typing import Any
 from memtrace.errors import ExitCode, MemtraceError
 from memtrace.trace import btf
 from memtrace.trace.events import (
-    Buffer,
     ChunkMark,
     Drained,
     RawStats,
@@ -39,7 +38,6 @@ from memtrace.trace.mallocprobes import MallocProbes
 from memtrace.trace.ownmem import shed_compiler_memory
 from memtrace.trace.pagemap import thp_mode
 from memtrace.trace.pyoffsets import PY311_X86_64
-from memtrace.trace.ringbuf import RingReader
 from memtrace.trace.sampling import DEFAULT_STACK_PERIOD, exponential_gaps, sample_weight
 from memtrace.util.log import debug, log
 
@@ -240,7 +238,6 @@ class Probes:
         self._rings_lock = threading.Lock()
         self._reader_stop = threading.Event()
         self._reader: threading.Thread | None = None
-        self._stack_ring: RingReader | None = None    # read in place, not through bcc
         if stacks:
             self._start_stacks(stack_period)
         self._malloc: MallocProbes | None = None
@@ -255,16 +252,12 @@ class Probes:
             gaps[gaps.Key(i)] = gaps.Leaf(gap)
         self.stack_weight = sample_weight(period, os.sysconf("SC_PAGE_SIZE"))
         ring = self.bpf["stack_samples"]
-        try:
-            reader = self._stack_ring = RingReader.of_map(ring.map_fd, ring.max_entries)
-        except (OSError, ValueError) as e:
-            raise MemtraceError(f"mapping the stack samples' ring failed: {e}",
-                                ExitCode.BPF_LOAD_FAILED) from None
-        self._reader = threading.Thread(target=self._read_stacks, args=(ring.map_fd, reader),
+        ring.open_ring_buffer(self._on_stack)
+        self._reader = threading.Thread(target=self._read_stacks, args=(ring.map_fd,),
                                         name="memtrace-stacks", daemon=True)
         self._reader.start()
 
-    def _read_stacks(self, ring_fd: int, reader: RingReader) -> None:
+    def _read_stacks(self, ring_fd: int) -> None:
         """Read the rings whenever BPF wakes us (every MT_STACKS_WAKE-th sample
         of a process): a burst of faults between two drains would otherwise
         fill the stack ring. A poll on a ring's fd returns while it holds data,
@@ -274,11 +267,13 @@ class Probes:
         while not self._reader_stop.is_set():
             if poller.poll(200):
                 with self._rings_lock:
-                    reader.consume(self._on_stack)
+                    self.bpf.ring_buffer_consume()
                 self._reader_stop.wait(STACKS_READER_PAUSE)
 
-    def _on_stack(self, buf: Buffer, offset: int, size: int) -> None:
-        rec = decode_stack_sample_in(buf, offset, size, self.stack_weight)
+    def _on_stack(self, _ctx: Any, data: Any, size: int) -> None:
+        # a view of the record where it lies in the ring: no copy of its 8 KiB
+        view = memoryview((ctypes.c_char * size).from_address(data))
+        rec = decode_stack_sample_in(view, 0, size, self.stack_weight)
         self._stacks[rec.tgid].append(rec)
 
     def _on_range(self, _ctx: Any, data: Any, size: int) -> None:
@@ -406,8 +401,6 @@ class Probes:
         self._swap()
         with self._rings_lock:
             self.bpf.ring_buffer_consume()
-            if self._stack_ring is not None:
-                self._stack_ring.consume(self._on_stack)
             ranges, self._ranges = dict(self._ranges), defaultdict(list)
             events, self._events = self._events, []
             execs, self._execs = self._execs, []
@@ -438,9 +431,6 @@ class Probes:
         if self._reader is not None:
             self._reader_stop.set()
             self._reader.join()
-        if self._stack_ring is not None:
-            self._stack_ring.close()
-            self._stack_ring = None
         if self._malloc is not None:
             self._malloc.close()
             self._malloc = None

@@ -107,9 +107,11 @@ def test_decode_python_frames_only_up_to_their_count():
         assert decode(pack_sample()).py_frames == ()
 
 
-def in_ring(data: bytes, offset: int = 24) -> bytearray:
-    """`data` at `offset` in a larger buffer, as a ring holds a record."""
-    return bytearray(b"\xAA" * offset + data + b"\xBB" * 64)
+def in_ring(data: bytes, offset: int = 24) -> memoryview:
+    """`data` at `offset` in a larger buffer, as a ring holds a record, seen
+    as probes.py sees a record: a memoryview of a ctypes char array."""
+    raw = b"\xAA" * offset + data + b"\xBB" * 64
+    return memoryview(ctypes.create_string_buffer(raw, len(raw)))
 
 
 def decode_in_place(data: bytes):
