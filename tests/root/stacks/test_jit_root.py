@@ -87,11 +87,21 @@ def test_the_javascript_function_is_named_and_holds_what_it_filled(held):
 
 
 def test_its_stacks_run_from_start_to_memset_through_the_builtins(held):
+    """From `_start`, through V8's builtins, to memset. node's stack under
+    fillOutsideTheHeap comes within a few hundred bytes of the 8 KiB a sample
+    copies, so now and then (about one run in ten) a sample taken a little
+    deeper is cut above node::Start, as docs/stacks.md says a walk ends at
+    the end of the copy: such stacks may hold a small share, never the bulk."""
     mine = [(frames, w) for frames, w in held if any("fillOutsideTheHeap" in f for f in frames)]
     assert mine
+    whole = [(frames, w) for frames, w in mine if frames[0] == "_start"]
+    for frames, _ in whole:
+        assert "[truncated]" not in frames, frames
     for frames, _ in mine:
-        assert frames[0] == "_start" and "[truncated]" not in frames, frames
         assert any(f.startswith("Builtins_") for f in frames), frames
+        # cut only at the outer end (the copy's), never between the JS and memset
+        assert "[truncated]" not in frames[1:], frames
+    assert sum(w for _, w in whole) >= 0.9 * sum(w for _, w in mine), mine
     # the pages themselves by memset (a few by malloc's chunk headers)
     by_memset = sum(w for frames, w in mine if "memset" in frames[-1])
     assert by_memset >= 0.9 * FILLED_MIB * MiB, [(f[-3:], w) for f, w in mine]
