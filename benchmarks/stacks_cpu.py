@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
@@ -190,8 +191,6 @@ def main() -> int:
 
 
 def pickle_pid(batches: Path) -> int:
-    import pickle
-
     with open(batches, "rb") as f:
         data = pickle.load(f)
     if not data:

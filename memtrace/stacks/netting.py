@@ -125,8 +125,10 @@ class StackTracker:
                 sid = self._stacks.intern(merge(stack, self.python.groups(
                     r.py_frames, truncated=bool(r.py_flags & PY_TRUNCATED))))
             else:
-                found = sid_of.get(id(stack))
-                sid = sid_of[id(stack)] = self._stacks.intern(stack) if found is None else found
+                known = sid_of.get(id(stack))
+                if known is None:
+                    known = sid_of[id(stack)] = self._stacks.intern(stack)
+                sid = known
             self._pages[r.addr & _PAGE_MASK] = (sid, r.weight, self._gen)
             key = (sid, mapping_of(r.addr))
             chunk = r.addr >> CHUNK_SHIFT
